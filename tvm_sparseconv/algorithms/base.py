@@ -1,0 +1,120 @@
+"""What every algorithm provides: its stages as TIR PrimFuncs, build-time constants, storage.
+
+An algorithm computes one layer as a short pipeline of destination-passing PrimFuncs
+(``Stage``), e.g. ``encode`` then ``multiply``. Buffers are named: ``x`` is the NCHW
+activation, the names returned by :meth:`Algorithm.constants` are re-laid-out weights
+(made once, at build time), every stage output is a new named buffer, and the last
+stage writes ``y`` (N x M x Oh x Ow). All shapes are static: data-dependent buffers
+are allocated for the worst case (every element non-zero), so the same pipeline runs
+as plain ``call_tir`` bindings inside a Relax module and an exported library.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import tvm
+
+from ..conv import Conv2DSpec, Epilogue
+from ..reference.storage import Storage
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One PrimFunc of a pipeline. Its parameters are ``inputs`` (by name) then ``outputs``."""
+
+    name: str
+    kind: str  # "encode" (lowering or encoding the activation) or "multiply"
+    func: tvm.tirx.PrimFunc
+    inputs: tuple[str, ...]
+    outputs: tuple[Buffer, ...]
+    tunable: bool = False  # static loops from TE: MetaSchedule may schedule it
+
+
+class KnobError(ValueError):
+    """An unknown knob or a knob value the algorithm cannot use."""
+
+
+class Algorithm:
+    """Base class; subclasses are stateless singletons registered in ``algorithms``."""
+
+    name: str = ""
+    sparse: bool = False
+    knob_defaults: Mapping[str, object] = {}
+
+    # -- what the layer may be ------------------------------------------------------------
+    def check(self, spec: Conv2DSpec) -> None:
+        """Raise UnsupportedConvError naming the attribute this algorithm cannot compute."""
+        spec.require(self.name)
+
+    def knobs(self, spec: Conv2DSpec, knobs: Mapping | None = None) -> dict:
+        """Defaults merged with ``knobs``; unknown names are refused."""
+        out = dict(self.default_knobs(spec))
+        for k, v in (knobs or {}).items():
+            if k not in out:
+                raise KnobError(f"{self.name} has no knob {k!r} (knobs: {sorted(out)})")
+            out[k] = v
+        return out
+
+    def default_knobs(self, spec: Conv2DSpec) -> dict:
+        return dict(self.knob_defaults)
+
+    # -- the compiled pipeline -------------------------------------------------------------
+    def constants(self, spec: Conv2DSpec, weight: np.ndarray, bias: np.ndarray | None,
+                  knobs: Mapping) -> dict[str, np.ndarray]:
+        """Build-time re-layout of the OIHW weight (and bias) into the arrays the stages read."""
+        raise NotImplementedError
+
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs: Mapping) -> list[Stage]:
+        raise NotImplementedError
+
+    # -- memory accounting ---------------------------------------------------------------
+    def storage(self, spec: Conv2DSpec, knobs: Mapping, produced: Mapping[str, np.ndarray]) -> Storage:
+        """Stored elements/bytes of the representation, read from what the compiled stages produced."""
+        raise NotImplementedError
+
+    def reference_storage(self, spec: Conv2DSpec, knobs: Mapping, x: np.ndarray) -> Storage:
+        """The same count from the NumPy reference encoder (must agree with :meth:`storage`)."""
+        raise NotImplementedError
+
+    def reference(self, spec: Conv2DSpec, knobs: Mapping, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The output computed by the NumPy reference of this algorithm's format."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<algorithm {self.name}>"
+
+
+def epilogue_value(v, m, bias_buf, epilogue: Epilogue):
+    """TIR expression: accumulator ``v`` of output channel ``m`` after bias and ReLU.
+
+    ReLU is select(v < 0, 0, v) so that NaN propagates (max() would drop it).
+    """
+    if epilogue.bias:
+        v = v + bias_buf[m]
+    if epilogue.relu:
+        v = tvm.tirx.Select(v < tvm.tirx.const(0.0, "float32"), tvm.tirx.const(0.0, "float32"), v)
+    return v
+
+
+def bias_constant(spec: Conv2DSpec, bias: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The ``bias`` constant (M float32) when there is one."""
+    if bias is None:
+        return {}
+    bias = np.asarray(bias, np.float32).reshape(-1)
+    if bias.shape != (spec.out_channels,):
+        raise ValueError(f"bias must have {spec.out_channels} values, got shape {bias.shape}")
+    return {"bias": bias}
+
+
+def prim(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """A generated PrimFunc with the attributes every stage carries."""
+    return func.with_attr("tirx.noalias", True)

@@ -1,0 +1,121 @@
+"""Compile one layer with one algorithm and run or time it on TVM tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import tvm
+
+from .algorithms import get_algorithm
+from .algorithms.base import Algorithm, Stage
+from .conv import Conv2DSpec, Epilogue, ConvSpecError
+from .reference.storage import Storage
+from .target import make_target
+
+
+def stage_symbol(algorithm: Algorithm, stage: Stage) -> str:
+    return f"{algorithm.name}_{stage.name}"
+
+
+def stage_module(algorithm: Algorithm, stages: list[Stage]) -> tvm.IRModule:
+    """An IRModule with every stage as a public PrimFunc named ``<algorithm>_<stage>``."""
+    funcs = {}
+    for st in stages:
+        sym = stage_symbol(algorithm, st)
+        funcs[sym] = st.func.with_attr("global_symbol", sym)
+    return tvm.IRModule(funcs)
+
+
+@dataclass
+class Timing:
+    """Median milliseconds per stage kind."""
+
+    encode_ms: float
+    multiply_ms: float
+    stages_ms: dict
+
+    @property
+    def total_ms(self) -> float:
+        return self.encode_ms + self.multiply_ms
+
+
+class CompiledLayer:
+    """One conv layer compiled with one algorithm.
+
+    ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow.
+    Constants (re-laid-out weights) are uploaded once; intermediate buffers are
+    allocated once at their worst-case size and reused.
+    """
+
+    def __init__(self, algorithm: str | Algorithm, spec: Conv2DSpec, weight: np.ndarray,
+                 bias: np.ndarray | None = None, relu: bool = False, target=None,
+                 knobs: Mapping | None = None, database=None):
+        self.algorithm = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
+        self.spec = spec
+        self.algorithm.check(spec)
+        weight = np.asarray(weight, np.float32)
+        if weight.shape != spec.w_shape:
+            raise ConvSpecError(f"weight shape {weight.shape} does not match the layer's {spec.w_shape}")
+        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu))
+        self.knobs = self.algorithm.knobs(spec, knobs)
+        self.target = make_target(target)
+        self.stages = self.algorithm.stages(spec, self.epilogue, self.knobs)
+        mod = stage_module(self.algorithm, self.stages)
+        if database is not None:
+            from .tune.metaschedule import apply_database
+            mod = apply_database(mod, self.stages, self.algorithm, database, self.target)
+        self.executable = tvm.compile(mod, target=self.target)
+        self.dev = tvm.cpu(0)
+        consts = self.algorithm.constants(spec, weight, bias, self.knobs)
+        self.buffers: dict[str, tvm.runtime.Tensor] = {
+            k: tvm.runtime.tensor(np.ascontiguousarray(v), self.dev) for k, v in consts.items()}
+        for st in self.stages:
+            for b in st.outputs:
+                self.buffers[b.name] = tvm.runtime.empty(b.shape, b.dtype, self.dev)
+        self.buffers["x"] = tvm.runtime.empty(spec.x_shape, "float32", self.dev)
+
+    def _args(self, st: Stage):
+        return [self.buffers[n] for n in st.inputs] + [self.buffers[b.name] for b in st.outputs]
+
+    def set_input(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.shape != self.spec.x_shape:
+            raise ConvSpecError(f"input shape {x.shape} does not match the layer's {self.spec.x_shape}")
+        self.buffers["x"].copyfrom(np.ascontiguousarray(x, dtype=np.float32))
+
+    def run(self) -> None:
+        for st in self.stages:
+            self.executable[stage_symbol(self.algorithm, st)](*self._args(st))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.set_input(x)
+        self.run()
+        return self.buffers["y"].numpy()
+
+    def produced(self) -> dict[str, np.ndarray]:
+        """Every stage output of the last run, as NumPy arrays."""
+        return {b.name: self.buffers[b.name].numpy() for st in self.stages for b in st.outputs}
+
+    def storage(self) -> Storage:
+        """Stored elements/bytes of the representation the compiled stages built on the last run."""
+        return self.algorithm.storage(self.spec, self.knobs, self.produced())
+
+    def time(self, x: np.ndarray | None = None, repeat: int = 7, min_repeat_ms: float = 40) -> Timing:
+        """Median time per stage with time_evaluator (first call discarded), in ms."""
+        if x is not None:
+            self.set_input(x)
+        per = {}
+        enc = mul = 0.0
+        for st in self.stages:
+            fe = self.executable.mod.time_evaluator(stage_symbol(self.algorithm, st), self.dev, number=1,
+                                                    repeat=repeat, min_repeat_ms=min_repeat_ms)
+            ms = float(np.median(fe(*self._args(st)).results)) * 1e3
+            per[st.name] = ms
+            if st.kind == "encode":
+                enc += ms
+            else:
+                mul += ms
+        # leave the buffers holding the result of this input
+        self.run()
+        return Timing(enc, mul, per)

@@ -1,0 +1,45 @@
+"""Dense conv2d in NumPy: the oracle every algorithm is tested against."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..conv import Conv2DSpec
+
+
+def is_nonzero(a: np.ndarray) -> np.ndarray:
+    """The non-zero test every encoder uses: -0.0 is zero, NaN and Inf are non-zeros."""
+    return a != 0
+
+
+def pad_input(spec: Conv2DSpec, x: np.ndarray) -> np.ndarray:
+    """N x C x H x W -> N x C x Hp x Wp with zeros (padding is top, left, bottom, right)."""
+    pt, pl, pb, pr = spec.padding
+    return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+
+
+def dense_conv2d(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None,
+                 relu: bool = False) -> np.ndarray:
+    """Direct convolution, accumulated in float64, returned as float32 N x M x Oh x Ow.
+
+    x: N x C x H x W, w: M x C/G x Kh x Kw, bias: M. NaN and Inf propagate as in any
+    dense convolution (0 * Inf = NaN where a padded or zero input meets an Inf weight).
+    """
+    assert x.shape == spec.x_shape and w.shape == spec.w_shape, (x.shape, w.shape, spec)
+    xp = pad_input(spec, x.astype(np.float64))
+    (sh, sw), (dh, dw), g = spec.stride, spec.dilation, spec.groups
+    oh, ow = spec.out_h, spec.out_w
+    cg, mg = spec.in_channels // g, spec.out_channels // g
+    y = np.zeros((spec.batch, spec.out_channels, oh, ow), np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for gi in range(g):
+            xs = xp[:, gi * cg:(gi + 1) * cg]
+            ws = w[gi * mg:(gi + 1) * mg].astype(np.float64)
+            for l in range(spec.kernel_h):
+                for q in range(spec.kernel_w):
+                    patch = xs[:, :, l * dh: l * dh + (oh - 1) * sh + 1: sh, q * dw: q * dw + (ow - 1) * sw + 1: sw]
+                    y[:, gi * mg:(gi + 1) * mg] += np.einsum("nchw,mc->nmhw", patch, ws[:, :, l, q])
+        if bias is not None:
+            y += bias.astype(np.float64)[None, :, None, None]
+        if relu:
+            y = np.where(y < 0, 0.0, y)  # NaN stays NaN, as select(v < 0, 0, v) in the kernels
+        return y.astype(np.float32)
