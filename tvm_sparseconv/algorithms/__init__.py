@@ -1,6 +1,7 @@
 """The convolution algorithms, by name.
 
-direct   TVM's own conv2d (topi), the dense baseline
+direct   TVM's own conv2d (topi), the dense baseline MetaSchedule tunes
+dense    register-tiled direct conv in TIR: the dense path at the peers' rate
 im2col   lowering + GEMM
 mec      MEC's compact lowering + Oh small GEMMs
 cpo      Compressed Pattern Overlap: store each non-zero once, scatter it
@@ -14,7 +15,7 @@ import importlib
 
 from .base import Algorithm, Buffer, Stage, KnobError
 
-ALGORITHMS = ("direct", "im2col", "mec", "cpo", "cps", "im2csr", "halo")
+ALGORITHMS = ("direct", "dense", "im2col", "mec", "cpo", "cps", "im2csr", "halo")
 SPARSE = ("cpo", "cps", "im2csr", "halo")
 
 _cache: dict[str, Algorithm] = {}

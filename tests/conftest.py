@@ -1,0 +1,58 @@
+"""Shared test helpers: the layer grid, activations and the float tolerance."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np
+import pytest
+
+from tvm_sparseconv.conv import Conv2DSpec
+from tvm_sparseconv.layer import synthesize_activation, synthesize_weight
+
+DENSITIES = (0.0, 0.05, 0.3, 0.7, 1.0)
+
+# (x shape, M, kernel, stride, padding, dilation): every kernel size, strides 1 and 2,
+# symmetric and asymmetric padding, batch 1 and 2, dilation 2
+GRID = [
+    ((1, 8, 10, 10), 16, (1, 1), 1, 0, 1),
+    ((1, 8, 10, 10), 16, (3, 3), 1, 1, 1),
+    ((2, 6, 9, 11), 20, (3, 3), 2, (1, 0, 2, 1), 1),
+    ((1, 5, 12, 12), 16, (5, 5), 1, 2, 1),
+    ((1, 3, 15, 15), 16, (7, 7), 2, 3, 1),
+    ((1, 8, 9, 13), 16, (1, 7), 1, (0, 3), 1),
+    ((1, 8, 13, 9), 16, (7, 1), 1, (3, 0), 1),
+    ((1, 8, 12, 12), 32, (3, 3), 1, 2, 2),
+    ((2, 4, 8, 8), 8, (1, 1), 2, 0, 1),
+]
+
+
+def grid_spec(case) -> Conv2DSpec:
+    xs, m, (kh, kw), stride, pad, dil = case
+    return Conv2DSpec.from_shapes(xs, (m, xs[1], kh, kw), stride, pad, dil)
+
+
+def grid_id(case) -> str:
+    xs, m, k, s, p, d = case
+    return f"x{'x'.join(map(str, xs))}-m{m}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}".replace(" ", "")
+
+
+def activation(spec: Conv2DSpec, density: float, seed: int = 0) -> np.ndarray:
+    return synthesize_activation(spec.x_shape, density, seed)
+
+
+def weight(spec: Conv2DSpec, seed: int = 1) -> np.ndarray:
+    return synthesize_weight(spec, seed)
+
+
+def assert_conv_close(y: np.ndarray, ref: np.ndarray, spec: Conv2DSpec) -> None:
+    """Float32 sums in another order: tolerance grows with the reduction length."""
+    red = (spec.in_channels // spec.groups) * spec.kernel_h * spec.kernel_w
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * np.sqrt(red) * max(1.0, np.abs(ref).max()),
+                               equal_nan=True)
+
+
+@pytest.fixture(params=GRID, ids=grid_id)
+def grid_case(request):
+    return grid_spec(request.param)

@@ -1,0 +1,29 @@
+"""TE helpers shared by the dense lowerings (im2col, MEC): padded reads, placeholders, epilogue."""
+from __future__ import annotations
+
+import tvm
+from tvm import te
+
+from ..conv import Conv2DSpec, Epilogue
+from .base import epilogue_value
+
+
+def padded_read(spec: Conv2DSpec, x: te.Tensor, n, c, ih, iw):
+    """x at padded coordinates (ih, iw), 0 in the padding."""
+    pt, pl = spec.padding[0], spec.padding[1]
+    inside = tvm.tirx.all(ih >= pt, ih < pt + spec.height, iw >= pl, iw < pl + spec.width)
+    return tvm.tirx.if_then_else(inside, x[n, c, ih - pt, iw - pl], tvm.tirx.const(0.0, "float32"))
+
+
+def te_epilogue(y: te.Tensor, bias: te.Tensor | None, epilogue: Epilogue) -> te.Tensor:
+    """Bias + ReLU on an N x M x Oh x Ow TE tensor, as one elementwise stage."""
+    if not (epilogue.bias or epilogue.relu):
+        return y
+    return te.compute(y.shape, lambda n, m, h, w: epilogue_value(y[n, m, h, w], m, bias, epilogue), name="y")
+
+
+def te_bias(spec: Conv2DSpec, epilogue: Epilogue) -> tuple[list, tuple]:
+    """The bias placeholder list and input-name tuple (both empty without a bias)."""
+    if not epilogue.bias:
+        return [], ()
+    return [te.placeholder((spec.out_channels,), "float32", name="bias")], ("bias",)

@@ -1,0 +1,139 @@
+"""One conv layer through every algorithm: correctness, time, memory, side by side.
+
+This is what ``tvm-sparseconv layer`` prints; the tuner reuses ``measure_algorithm``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, asdict, field
+
+import numpy as np
+
+from .algorithms import ALGORITHMS, get_algorithm
+from .build import CompiledLayer
+from .conv import Conv2DSpec, Epilogue, UnsupportedConvError
+from .reference import dense_conv2d, im2col_lower, compression_ratios
+
+
+def synthesize_activation(shape, density: float, seed: int = 0, zero_channels: float = 0.05) -> np.ndarray:
+    """ReLU-like NCHW activation with exactly round(density * size) non-zeros (ties aside).
+
+    Smoothed noise thresholded at its (1 - density) quantile, so zeros are spatially
+    clustered as after a real ReLU; a share of channels is all zero, as in real CNNs.
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    rng = np.random.default_rng(seed)
+    n, c, h, w = shape
+    z = rng.standard_normal(shape)
+    for axis in (2, 3):  # a 3-tap box filter along each spatial axis
+        z = (z + np.roll(z, 1, axis) + np.roll(z, -1, axis)) / 3.0
+    dead = rng.random(c) < (zero_channels if density < 1 else 0.0)
+    z[:, dead] = -np.inf
+    k = int(round(density * z.size))
+    if k == 0:
+        return np.zeros(shape, np.float32)
+    thr = np.partition(z.reshape(-1), z.size - k)[z.size - k]
+    x = np.where(z >= thr, z - thr + 0.05, 0.0)
+    return x.astype(np.float32)
+
+
+def synthesize_weight(spec: Conv2DSpec, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    fan_in = spec.w_shape[1] * spec.kernel_h * spec.kernel_w
+    return (rng.standard_normal(spec.w_shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def max_abs_error(y: np.ndarray, ref: np.ndarray) -> float:
+    """Largest |y - ref| over finite entries; inf when NaN/Inf do not sit where the reference has them."""
+    fin = np.isfinite(ref)
+    if not np.array_equal(np.isnan(y), np.isnan(ref)) or not np.array_equal(y[~fin & ~np.isnan(ref)],
+                                                                               ref[~fin & ~np.isnan(ref)]):
+        return float("inf")
+    return float(np.max(np.abs(y[fin] - ref[fin]), initial=0.0))
+
+
+def nonzero_macs(spec: Conv2DSpec, x: np.ndarray) -> int:
+    """Multiply-accumulates with a non-zero activation: nnz(im2col(x)) * M (groups=1)."""
+    if spec.groups != 1:
+        return spec.macs  # not defined per group here; the dense count is the honest bound
+    return int(np.count_nonzero(im2col_lower(spec, x))) * spec.out_channels
+
+
+@dataclass
+class Record:
+    algorithm: str
+    max_abs_error: float | None = None
+    time_ms: float | None = None
+    encode_ms: float | None = None
+    multiply_ms: float | None = None
+    effective_gflops: float | None = None
+    dense_gflops: float | None = None
+    stored_elements: int | None = None
+    stored_bytes: int | None = None
+    cr_vs_im2col: float | None = None
+    cr_vs_mec: float | None = None
+    knobs: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_algorithm(name: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, ref: np.ndarray,
+                      nz_macs: int, target=None, knobs=None, trials: int = 0, work_dir: str | None = None,
+                      repeat: int = 7, log=lambda s: None) -> Record:
+    """Compile, check against ``ref``, time and account one algorithm on one layer."""
+    algo = get_algorithm(name)
+    try:
+        algo.check(spec)
+    except UnsupportedConvError as e:
+        return Record(name, error=str(e))
+    database = None
+    if trials > 0 and any(st.tunable for st in algo.stages(spec, Epilogue(), algo.knobs(spec, knobs))):
+        from .tune.metaschedule import tune_stages
+        from .target import make_target
+
+        work_dir = os.path.join(work_dir or tempfile.mkdtemp(prefix="tvms-ms-"), name)
+        log(f"tuning {name} with MetaSchedule ({trials} trials) in {work_dir}")
+        database = tune_stages(algo.stages(spec, Epilogue(), algo.knobs(spec, knobs)), make_target(target),
+                               work_dir, trials)
+    layer = CompiledLayer(algo, spec, w, target=target, knobs=knobs, database=database)
+    y = layer(x)
+    t = layer.time(x, repeat=repeat)
+    st = layer.storage()
+    # algorithms that read the activation in place store nothing: no ratio to report
+    cr = compression_ratios(spec, st) if st.elements else {"cr_vs_im2col": None, "cr_vs_mec": None}
+    return Record(name, max_abs_error(y, ref), t.total_ms, t.encode_ms, t.multiply_ms,
+                  2e-6 * nz_macs / t.total_ms, 2e-6 * spec.macs / t.total_ms, st.elements, st.bytes,
+                  cr["cr_vs_im2col"], cr["cr_vs_mec"], dict(layer.knobs))
+
+
+def measure_peer(peer: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, threads: int, repeat: int = 7) -> Record:
+    from .peers import run_peer
+
+    y, ms = run_peer(peer, spec, x, w, threads, repeat)
+    return Record(peer, max_abs_error(y, ref), ms, None, ms, 2e-6 * nz_macs / ms, 2e-6 * spec.macs / ms)
+
+
+def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORITHMS, target=None,
+              threads: int = 0, trials: int = 0, work_dir: str | None = None, peers=(), repeat: int = 7,
+              log=lambda s: None) -> dict:
+    """Every algorithm (and peer) on one layer; returns {"layer", "density", ..., "results": [...]}."""
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    if x.shape != spec.x_shape or w.shape != spec.w_shape:
+        raise ValueError(f"input {x.shape} / weight {w.shape} do not match {spec.x_shape} / {spec.w_shape}")
+    ref = dense_conv2d(spec, x, w)
+    nz = nonzero_macs(spec, x)
+    results = []
+    for name in algorithms:
+        log(f"{name} ...")
+        results.append(measure_algorithm(name, spec, x, w, ref, nz, target, None, trials, work_dir, repeat, log))
+    for p in peers:
+        log(f"{p} ...")
+        results.append(measure_peer(p, spec, x, w, ref, nz, threads, repeat))
+    return {"layer": spec.to_dict(), "density": float(np.count_nonzero(x)) / x.size, "nonzero_macs": nz,
+            "dense_macs": spec.macs, "threads": threads, "trials": trials,
+            "results": [r.to_dict() for r in results]}
