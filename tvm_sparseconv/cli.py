@@ -88,7 +88,7 @@ def cmd_layer(args) -> int:
             raise ValueError(f"unknown algorithm {a!r}; choose from {', '.join(ALGORITHMS)}")
     peers = available_peers() if args.peers else []
     report = run_layer(spec, x, w, algorithms, args.target, args.threads, args.trials, args.work_dir, peers,
-                       args.repeat, log=_log if not args.quiet else (lambda s: None))
+                       args.repeat, log=_log if not args.quiet else (lambda s: None), database=args.database)
     report["target"] = args.target_str
     if args.json:
         print(json.dumps(report, indent=1))
@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--target", default=None, help='JSON dict, e.g. \'{"kind":"llvm","mcpu":"znver4","num-cores":2}\'')
     lay.add_argument("--threads", type=int, default=0, help="TVM / peer threads (default: all cores)")
     lay.add_argument("--trials", type=int, default=0, help="MetaSchedule trials per dense algorithm (0 = untuned)")
-    lay.add_argument("--work-dir", default=None, help="where MetaSchedule databases go")
+    lay.add_argument("--work-dir", default=None, help="where --trials puts the MetaSchedule databases "
+                     "(one folder per algorithm)")
+    lay.add_argument("--database", default=None, help="a --work-dir of an earlier run: apply its tuned schedules")
     lay.add_argument("--repeat", type=int, default=7, help="timed repeats (median reported)")
     lay.add_argument("--peers", action="store_true", help="also run onnxruntime and PyTorch")
     lay.add_argument("--json", action="store_true", help="print one JSON object")

@@ -83,14 +83,21 @@ class Record:
 
 def measure_algorithm(name: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, ref: np.ndarray,
                       nz_macs: int, target=None, knobs=None, trials: int = 0, work_dir: str | None = None,
-                      repeat: int = 7, log=lambda s: None) -> Record:
-    """Compile, check against ``ref``, time and account one algorithm on one layer."""
+                      repeat: int = 7, log=lambda s: None, database: str | None = None) -> Record:
+    """Compile, check against ``ref``, time and account one algorithm on one layer.
+
+    With ``trials`` > 0 its tunable stages are tuned into ``work_dir/<algorithm>``; with
+    ``database`` (a folder made that way earlier), ``database/<algorithm>`` is applied if present.
+    """
     algo = get_algorithm(name)
     try:
         algo.check(spec)
     except UnsupportedConvError as e:
         return Record(name, error=str(e))
     database = None
+    if database_dir := (database and os.path.join(database, name)):
+        if os.path.isdir(database_dir):
+            database = database_dir
     if trials > 0 and any(st.tunable for st in algo.stages(spec, Epilogue(), algo.knobs(spec, knobs))):
         from .tune.metaschedule import tune_stages
         from .target import make_target
@@ -119,7 +126,7 @@ def measure_peer(peer: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, threads: 
 
 def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORITHMS, target=None,
               threads: int = 0, trials: int = 0, work_dir: str | None = None, peers=(), repeat: int = 7,
-              log=lambda s: None) -> dict:
+              log=lambda s: None, database: str | None = None) -> dict:
     """Every algorithm (and peer) on one layer; returns {"layer", "density", ..., "results": [...]}."""
     x = np.asarray(x, np.float32)
     w = np.asarray(w, np.float32)
@@ -130,7 +137,8 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
     results = []
     for name in algorithms:
         log(f"{name} ...")
-        results.append(measure_algorithm(name, spec, x, w, ref, nz, target, None, trials, work_dir, repeat, log))
+        results.append(measure_algorithm(name, spec, x, w, ref, nz, target, None, trials, work_dir, repeat, log,
+                                         database))
     for p in peers:
         log(f"{p} ...")
         results.append(measure_peer(p, spec, x, w, ref, nz, threads, repeat))

@@ -6,7 +6,9 @@ cannot tune, and are hand-scheduled with knobs instead.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Iterable
 
 import tvm
@@ -34,20 +36,35 @@ def open_database(database) -> ms.database.Database:
         raise ValueError(f"cannot read the MetaSchedule database in {path}: {e}") from e
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """MetaSchedule logs to stdout (from C++ too): keep stdout for results such as --json."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, seed: int = 0):
     """Tune every tunable stage with ``trials`` trials in all; returns the database (or None)."""
     funcs = {f"t{i}_{st.name}": st.func for i, st in enumerate(stages) if st.tunable}
     if not funcs or trials <= 0:
         return None
     os.makedirs(work_dir, exist_ok=True)
-    return ms.tune_tir(
-        tvm.IRModule(funcs), target, work_dir, max_trials_global=trials,
-        num_trials_per_iter=min(16, trials),
-        # LocalBuilder's 30 s default kills builds on 2 loaded cores
-        builder=ms.builder.LocalBuilder(timeout_sec=300),
-        cost_model=ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
-                                          adaptive_training=True),
-        database="json", num_tuning_cores=int(target.attrs.get("num-cores", 1)), seed=seed)
+    with stdout_to_stderr():
+        return ms.tune_tir(
+            tvm.IRModule(funcs), target, work_dir, max_trials_global=trials,
+            num_trials_per_iter=min(16, trials),
+            # LocalBuilder's 30 s default kills builds on 2 loaded cores
+            builder=ms.builder.LocalBuilder(timeout_sec=300),
+            cost_model=ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
+                                              adaptive_training=True),
+            database="json", num_tuning_cores=int(target.attrs.get("num-cores", 1)), seed=seed)
 
 
 def schedule_stage(func: tvm.tirx.PrimFunc, database, target) -> tvm.tirx.PrimFunc:

@@ -1,0 +1,132 @@
+"""Import a CNN as a Relax IRModule: an ONNX file, a torch.export program, or a Relax module.
+
+ONNX graphs with dynamic dims (e.g. a free batch size that feeds Shape -> Reshape, which
+TVM's importer rejects) are made static first: the input shape is fixed (the user's, or
+the file's with free dims set to 1) and onnxruntime's basic graph optimisation folds the
+constants. Weights become Relax constants and constant expressions are folded, so each
+conv's bias is a plain constant the rewrite pass can fuse.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import tvm
+from tvm import relax
+
+
+class ModelError(ValueError):
+    """The model file is missing, corrupt, or cannot be imported."""
+
+
+@dataclass
+class Model:
+    """A model ready for profiling and compiling.
+
+    ``mod`` has one Relax function ``main`` taking one input of ``input_shape`` in
+    ``layout`` (NHWC for Keras/tf2onnx exports, else NCHW); ``onnx_path`` is the static
+    ONNX file the module was imported from (for onnxruntime comparisons), if any.
+    """
+
+    mod: tvm.IRModule
+    input_name: str
+    input_shape: tuple[int, ...]
+    layout: str
+    source: str
+    onnx_path: str | None = None
+
+
+def guess_layout(shape: Sequence[int]) -> str:
+    """NHWC when the last dim looks like image channels and the second does not."""
+    if len(shape) == 4 and shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        return "NHWC"
+    return "NCHW"
+
+
+def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: str | None = None):
+    """Fix the input shape and fold constants; returns (static .onnx path, input name, shape)."""
+    import onnx
+    import onnxruntime as ort
+
+    if not os.path.isfile(path):
+        raise ModelError(f"model file not found: {path}")
+    try:
+        model = onnx.load(path)
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable ONNX model: {e}") from e
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelError(f"{path}: expected one graph input, found {[i.name for i in inputs]}")
+    inp = inputs[0]
+    dims = inp.type.tensor_type.shape.dim
+    declared = [d.dim_value if d.dim_value > 0 else None for d in dims]
+    if input_shape is None:
+        shape = tuple(v or 1 for v in declared)
+    else:
+        shape = tuple(int(v) for v in input_shape)
+        bad = len(shape) != len(declared) or any(d is not None and d != s for d, s in zip(declared, shape))
+        if bad:
+            raise ModelError(f"{path}: input {inp.name!r} is declared {tuple(d or '?' for d in declared)}, "
+                             f"cannot use shape {shape}")
+    for d, v in zip(dims, shape):
+        d.ClearField("dim_param")
+        d.dim_value = v
+    out_dir = out_dir or tempfile.mkdtemp(prefix="tvms-onnx-")
+    out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".static.onnx")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = out
+    try:
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelError(f"onnxruntime cannot load {path}: {e}") from e
+    return out, inp.name, shape
+
+
+def fold(mod: tvm.IRModule) -> tvm.IRModule:
+    """Fold constant expressions (reshape(bias) -> bias) so patterns see plain constants."""
+    return relax.transform.FoldConstant()(mod)
+
+
+def load_model(model, input_shape: Sequence[int] | None = None, layout: str | None = None) -> Model:
+    """An ONNX path, a torch ExportedProgram or a Relax IRModule -> :class:`Model`."""
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise ModelError(f"model file not found: {path}")
+        if not path.endswith(".onnx"):
+            raise ModelError(f"{path}: only ONNX files are read from disk (pass a torch ExportedProgram or a "
+                             "Relax IRModule through the Python API)")
+        static, name, shape = static_onnx(path, input_shape)
+        import onnx
+        from tvm.relax.frontend.onnx import from_onnx
+
+        try:
+            mod = from_onnx(onnx.load(static), shape_dict={name: list(shape)}, keep_params_in_input=False)
+        except Exception as e:
+            raise ModelError(f"TVM cannot import {path}: {e}") from e
+        return Model(fold(mod), name, shape, layout or guess_layout(shape), path, static)
+    if isinstance(model, tvm.IRModule):
+        return _from_relax(model, "<relax>", layout)
+    if type(model).__name__ == "ExportedProgram":
+        from tvm.relax.frontend.torch import from_exported_program
+
+        mod = from_exported_program(model, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+        return _from_relax(mod, "<torch.export>", layout)
+    raise ModelError(f"cannot load a model from {type(model).__name__}: give an .onnx path, a torch "
+                     "ExportedProgram or a Relax IRModule")
+
+
+def _from_relax(mod: tvm.IRModule, source: str, layout: str | None) -> Model:
+    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        raise ModelError(f"{source}: the module has no Relax function 'main'")
+    params = mod["main"].params
+    if len(params) != 1:
+        raise ModelError(f"{source}: main must take one input (bind the weights as constants); it takes "
+                         f"{len(params)}")
+    p = params[0]
+    shape = tuple(int(v) for v in p.ty.shape)
+    return Model(fold(mod), p.name_hint, shape, layout or guess_layout(shape), source)

@@ -1,0 +1,155 @@
+"""Find the conv2d layers of a Relax ``main`` and what can be fused into them.
+
+A layer's key is ``conv<NNN>``, its position among the conv2d calls in binding order:
+stable across re-imports of the same model, and always checked against the layer's
+shapes and attributes before a plan is applied.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .conv import Conv2DSpec
+
+CONV = tvm.ir.Op.get("relax.nn.conv2d")
+ADD = tvm.ir.Op.get("relax.add")
+RELU = tvm.ir.Op.get("relax.nn.relu")
+
+# data_layout -> axes that turn it into NCHW; kernel_layout -> axes that turn it into OIHW
+_TO_NCHW = {"NCHW": None, "NHWC": (0, 3, 1, 2)}
+_TO_OIHW = {"OIHW": None, "HWIO": (3, 2, 0, 1), "OHWI": (0, 3, 1, 2), "HWOI": (2, 3, 0, 1)}
+
+
+@dataclass
+class ConvSite:
+    """One conv2d call, with the bias add and ReLU that directly and only consume it.
+
+    ``weight`` is the OIHW weight when it is a constant (else None); ``root`` is the last
+    var of the fused chain (conv, + bias, ReLU) whose value a rewrite replaces; ``absorbed``
+    the earlier vars of the chain that then disappear. ``why_dense`` says why the layer can
+    only take TVM's own conv2d (None when any algorithm may take it).
+    """
+
+    index: int
+    key: str
+    spec: Conv2DSpec
+    data_layout: str
+    conv_var: relax.Var
+    root: relax.Var
+    absorbed: tuple = ()
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    relu: bool = False
+    why_dense: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        s = self.spec
+        return {"key": self.key, "spec": s.to_dict(), "bias": self.bias is not None, "relu": self.relu,
+                "data_layout": self.data_layout, "why_dense": self.why_dense}
+
+
+def _const_value(e):
+    if isinstance(e, tvm.ir.expr.Constant):
+        return e.value.numpy()
+    return None
+
+
+def _uses(func: relax.Function) -> Counter:
+    """How many times each var is referenced (bindings and the function's result)."""
+    n = Counter()
+
+    def visit(e):
+        if isinstance(e, relax.Var):
+            n[e] += 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return n
+
+
+def _bias_of(e, site_m: int, layout: str):
+    """The per-output-channel bias vector if ``e`` is a constant broadcast along channels only."""
+    v = _const_value(e)
+    if v is None or v.dtype != np.float32:
+        return None
+    chan_shape = {"NCHW": [(1, site_m, 1, 1), (site_m, 1, 1)], "NHWC": [(1, 1, 1, site_m), (site_m,)]}[layout]
+    if v.shape in chan_shape:
+        return v.reshape(-1)
+    return None
+
+
+def find_conv_sites(func: relax.Function) -> list[ConvSite]:
+    """Every conv2d of ``func`` in binding order."""
+    bindings = {}
+    order = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                bindings[b.var] = b.value
+                order.append(b.var)
+    uses = _uses(func)
+    consumer = {}
+    for var, value in bindings.items():
+        if isinstance(value, relax.Call):
+            for a in value.args:
+                if isinstance(a, relax.Var):
+                    consumer.setdefault(a, []).append(var)
+    sites = []
+    for var in order:
+        call = bindings[var]
+        if not (isinstance(call, relax.Call) and call.op == CONV):
+            continue
+        sites.append(_site(len(sites), var, call, bindings, uses, consumer))
+    return sites
+
+
+def _only_consumer(var, uses, consumer):
+    c = consumer.get(var, [])
+    return c[0] if uses[var] == 1 and len(c) == 1 else None
+
+
+def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
+    a = call.attrs
+    data_layout, kernel_layout = str(a.data_layout), str(a.kernel_layout)
+    out_layout = str(a.out_layout) if a.out_layout else data_layout
+    x, w = call.args
+    xs = [int(v) for v in x.ty.shape]
+    ws = [int(v) for v in w.ty.shape]
+    why = None
+    if data_layout not in _TO_NCHW or kernel_layout not in _TO_OIHW or out_layout != data_layout:
+        why = f"layouts {data_layout}/{kernel_layout}->{out_layout} are not supported by the sparse kernels"
+        xs_nchw, ws_oihw = xs, ws
+    else:
+        t = _TO_NCHW[data_layout]
+        xs_nchw = [xs[i] for i in t] if t else xs
+        t = _TO_OIHW[kernel_layout]
+        ws_oihw = [ws[i] for i in t] if t else ws
+    spec = Conv2DSpec.from_shapes(xs_nchw, ws_oihw, tuple(int(v) for v in a.strides),
+                                  tuple(int(v) for v in a.padding), tuple(int(v) for v in a.dilation), int(a.groups))
+    weight = _const_value(w)
+    if weight is not None and why is None:
+        t = _TO_OIHW[kernel_layout]
+        weight = np.ascontiguousarray(weight.transpose(t) if t else weight)
+    if why is None and weight is None:
+        why = "the weight is not a constant"
+    if why is None and (x.ty.dtype != "float32" or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))):
+        why = f"dtype {x.ty.dtype} (the kernels are float32)"
+    root, absorbed, bias, relu = var, [], None, False
+    if why is None:
+        nxt = _only_consumer(root, uses, consumer)
+        if nxt is not None and bindings[nxt].op == ADD:
+            args = bindings[nxt].args
+            other = args[1] if args[0].same_as(root) else args[0]
+            b = _bias_of(other, spec.out_channels, data_layout)
+            if b is not None:
+                absorbed.append(root)
+                root, bias = nxt, b
+                nxt = _only_consumer(root, uses, consumer)
+        if nxt is not None and bindings[nxt].op == RELU:
+            absorbed.append(root)
+            root, relu = nxt, True
+    return ConvSite(index, f"conv{index:03d}", spec, data_layout, var, root, tuple(absorbed), weight, bias, relu, why)

@@ -1,0 +1,135 @@
+"""RewriteConv2D: replace chosen conv2d calls (+ bias + ReLU) by an algorithm's stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import tvm
+from tvm import relax
+
+from ..algorithms import get_algorithm
+from ..conv import Epilogue
+from ..graph import ConvSite, find_conv_sites
+
+# relax's kOpaque: FuseOps must not merge a hand-written kernel into its neighbours
+_OPAQUE = 8
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The algorithm (and its knobs) chosen for one conv layer. "direct" leaves TVM's conv2d."""
+
+    algorithm: str
+    knobs: dict = field(default_factory=dict, hash=False)
+
+
+def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, x: relax.Expr) -> relax.Expr:
+    """Emit every stage but the last as bindings; return the last stage's call (its result is y)."""
+    algo = get_algorithm(choice.algorithm)
+    spec = site.spec
+    algo.check(spec)
+    knobs = algo.knobs(spec, choice.knobs)
+    epilogue = Epilogue(bias=site.bias is not None, relu=site.relu)
+    env = {"x": x}
+    for name, value in algo.constants(spec, site.weight, site.bias, knobs).items():
+        env[name] = relax.const(value)
+    stages = algo.stages(spec, epilogue, knobs)
+    call = None
+    for i, st in enumerate(stages):
+        # te.create_prim_func names every function "main": the module names it instead
+        func = st.func.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
+        if not st.tunable:  # hand-scheduled: keep it out of dlight / MetaSchedule
+            func = func.with_attr("tirx.is_scheduled", True)
+        gv = bb.add_func(func, f"{algo.name}_{st.name}")
+        types = [relax.TensorType(b.shape, b.dtype) for b in st.outputs]
+        call = relax.call_tir(gv, [env[n] for n in st.inputs], types[0] if len(types) == 1 else types)
+        if i == len(stages) - 1:
+            break
+        out = bb.emit(call)
+        if len(types) == 1:
+            env[st.outputs[0].name] = out
+        else:
+            for j, b in enumerate(st.outputs):
+                env[b.name] = bb.emit(relax.TupleGetItem(out, j))
+    assert stages[-1].outputs[-1].name == "y" and len(stages[-1].outputs) == 1
+    return call
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, todo: dict, absorbed: set):
+        super().__init__(mod)
+        self.todo, self.absorbed = todo, absorbed
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.absorbed:
+            return  # the conv / bias add the fused chain replaces
+        if binding.var not in self.todo:
+            return super().visit_var_binding_(binding)
+        site, choice = self.todo[binding.var]
+        conv = self.lookup_conv(site)
+        x = self.visit_expr(conv.args[0])
+        if site.data_layout == "NHWC":
+            x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
+        y = emit_layer(self.builder_, site, choice, x)
+        if site.data_layout == "NHWC":
+            y = relax.op.permute_dims(self.builder_.emit(y), [0, 2, 3, 1])
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(y)))
+
+    def lookup_conv(self, site: ConvSite) -> relax.Call:
+        return self.conv_calls[site.conv_var]
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.RewriteConv2D")
+class RewriteConv2D:
+    """Replace each conv2d of ``main`` whose key has a choice other than "direct".
+
+    ``choices`` maps layer keys (``conv000``...) to :class:`LayerChoice`. The conv, its bias
+    add and its ReLU (when they only feed each other) become the algorithm's stages as
+    ``call_tir`` bindings, weights re-laid-out into constants here, at compile time.
+    Layers without a choice, chosen "direct", or that only TVM's conv2d can compute
+    (non-constant weight, unsupported layout) stay as they are; so does a layer the chosen
+    algorithm does not support (``strict=False``) unless ``strict`` asks for an error.
+    """
+
+    def __init__(self, choices: Mapping[str, LayerChoice], strict: bool = False):
+        self.choices = dict(choices)
+        self.strict = strict
+        self.applied: dict[str, str] = {}
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        from ..conv import UnsupportedConvError
+
+        func = mod["main"]
+        sites = find_conv_sites(func)
+        todo, absorbed, calls = {}, set(), {}
+        for s in sites:
+            choice = self.choices.get(s.key)
+            self.applied[s.key] = "direct"
+            if choice is None or choice.algorithm == "direct":
+                continue
+            reason = s.why_dense
+            if reason is None:
+                try:
+                    get_algorithm(choice.algorithm).check(s.spec)
+                except UnsupportedConvError as e:
+                    reason = str(e)
+            if reason is not None:
+                if self.strict:
+                    raise UnsupportedConvError(f"{s.key}: {reason}")
+                continue
+            todo[s.root] = (s, choice)
+            absorbed.update(s.absorbed)
+            self.applied[s.key] = choice.algorithm
+        if not todo:
+            return mod
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call):
+                    calls[b.var] = b.value
+        rw = _Rewriter(mod, todo, absorbed)
+        rw.conv_calls = calls
+        new_main = rw.visit_expr(func)
+        gv = rw.builder_.get().get_global_var("main")
+        rw.builder_.update_func(gv, new_main)
+        return relax.transform.DeadCodeElimination(["main"])(rw.builder_.get())

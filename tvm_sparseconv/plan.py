@@ -1,0 +1,113 @@
+"""The plan: which algorithm (and knobs) each conv layer of a model uses. Versioned JSON.
+
+{"format": "tvm-sparseconv-plan", "version": 1, "target": {...}, "model": {...},
+ "layers": [{"key": "conv000", "spec": {...}, "algorithm": "halo", "knobs": {...}}, ...]}
+
+Layers are matched by key and checked against their shapes and attributes; a plan made
+for another model fails with an error naming the first layer that differs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, asdict
+
+from .algorithms import ALGORITHMS, get_algorithm
+from .conv import Conv2DSpec, UnsupportedConvError
+from .graph import ConvSite
+from .passes import LayerChoice
+
+PLAN_FORMAT = "tvm-sparseconv-plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file that is corrupt, of another version, or made for another model."""
+
+
+@dataclass
+class PlanLayer:
+    key: str
+    spec: dict
+    algorithm: str
+    knobs: dict = field(default_factory=dict)
+    note: dict = field(default_factory=dict)  # e.g. measured density and times, for people
+
+
+@dataclass
+class Plan:
+    layers: list[PlanLayer]
+    target: dict | None = None
+    model: dict = field(default_factory=dict)
+
+    # -- files ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "target": self.target, "model": self.model,
+                "layers": [asdict(l) for l in self.layers]}
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)  # never leave a half-written plan
+
+    @classmethod
+    def load(cls, path: str) -> "Plan":
+        if not os.path.isfile(path):
+            raise PlanError(f"plan file not found: {path}")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not a plan (invalid JSON: {e})") from e
+        return cls.from_dict(d, path)
+
+    @classmethod
+    def from_dict(cls, d, where: str = "plan") -> "Plan":
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{where} is not a tvm-sparseconv plan (format is {d.get('format') if isinstance(d, dict) else type(d).__name__!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"{where} has plan version {d.get('version')}; this tvm-sparseconv reads version {PLAN_VERSION}")
+        layers = []
+        for i, l in enumerate(d.get("layers") or []):
+            try:
+                pl = PlanLayer(str(l["key"]), dict(l["spec"]), str(l["algorithm"]), dict(l.get("knobs") or {}),
+                               dict(l.get("note") or {}))
+                Conv2DSpec.from_dict(pl.spec)
+            except (KeyError, TypeError, ValueError) as e:
+                raise PlanError(f"{where}: layer entry {i} is malformed: {e!r}") from e
+            if pl.algorithm not in ALGORITHMS:
+                raise PlanError(f"{where}: layer {pl.key} names unknown algorithm {pl.algorithm!r}")
+            layers.append(pl)
+        return cls(layers, d.get("target"), dict(d.get("model") or {}))
+
+    # -- making and applying --------------------------------------------------------------
+    @classmethod
+    def uniform(cls, sites: list[ConvSite], algorithm: str, target=None, model: dict | None = None) -> "Plan":
+        """``algorithm`` on every layer that it supports; "direct" (TVM's conv2d) elsewhere."""
+        algo = get_algorithm(algorithm)
+        layers = []
+        for s in sites:
+            chosen = algorithm
+            if s.why_dense is not None:
+                chosen = "direct"
+            else:
+                try:
+                    algo.check(s.spec)
+                except UnsupportedConvError:
+                    chosen = "direct"
+            layers.append(PlanLayer(s.key, s.spec.to_dict(), chosen))
+        return cls(layers, target, model or {})
+
+    def choices(self, sites: list[ConvSite]) -> dict[str, LayerChoice]:
+        """Check the plan against the model's layers; key -> LayerChoice."""
+        by_key = {s.key: s for s in sites}
+        for pl in self.layers:
+            s = by_key.get(pl.key)
+            if s is None:
+                raise PlanError(f"the plan's layer {pl.key} does not exist in this model ({len(sites)} conv layers)")
+            if Conv2DSpec.from_dict(pl.spec) != s.spec:
+                raise PlanError(f"layer {pl.key} differs from the plan: the model has {s.spec}, the plan "
+                                f"{Conv2DSpec.from_dict(pl.spec)} (a plan for another model?)")
+        return {pl.key: LayerChoice(pl.algorithm, pl.knobs) for pl in self.layers}
