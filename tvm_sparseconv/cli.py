@@ -97,6 +97,152 @@ def cmd_layer(args) -> int:
     return 0
 
 
+# -- models ------------------------------------------------------------------------------
+
+def _model_args(p, inputs: bool = True) -> None:
+    p.add_argument("model", help="an .onnx file or a known model: " + ", ".join(_known()))
+    p.add_argument("--input-shape", default=None, help="fix the model input shape, e.g. 1,224,224,3")
+    if inputs:
+        _input_args(p)
+    p.add_argument("--target", default=None, help="JSON dict target (default: this CPU)")
+    p.add_argument("--threads", type=int, default=0, help="TVM threads (default: all cores)")
+
+
+def _input_args(p) -> None:
+    g = p.add_argument_group("sample inputs and preprocessing")
+    g.add_argument("--images", nargs="+", default=[], help="image files, or skimage:NAME / sklearn:NAME samples")
+    g.add_argument("--inputs", nargs="+", default=[], help="preprocessed model inputs (.npy)")
+    g.add_argument("--scale", type=float, default=None, help="pixel multiplier (default 1/255)")
+    g.add_argument("--mean", default=None, help="per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", default=None, help="per-channel std divided by")
+    g.add_argument("--bgr", action="store_true", default=None, help="feed channels as BGR")
+
+
+def _known():
+    from .models import KNOWN_MODELS
+
+    return list(KNOWN_MODELS)
+
+
+def _preprocess(args, base):
+    import dataclasses
+
+    from .images import Preprocess
+
+    pre = base or Preprocess()
+    over = {}
+    if args.scale is not None:
+        over["scale"] = args.scale
+    for k in ("mean", "std"):
+        if getattr(args, k) is not None:
+            over[k] = tuple(float(v) for v in getattr(args, k).split(","))
+    if args.bgr:
+        over["bgr"] = True
+    return dataclasses.replace(pre, **over)
+
+
+def _load_model(args):
+    from .frontend import load_model
+    from .models import known_labels, known_preprocess, model_path
+
+    shape = _ints(args.input_shape) if args.input_shape else None
+    model = load_model(model_path(args.model), shape)
+    return model, known_preprocess(args.model), known_labels(args.model)
+
+
+def _samples(args, model, base_pre):
+    from .images import SAMPLE_IMAGES, load_inputs
+
+    images = args.images or ([] if args.inputs else list(SAMPLE_IMAGES[:2]))
+    return load_inputs(model, images, args.inputs, _preprocess(args, base_pre))
+
+
+def cmd_profile(args) -> int:
+    from .profile import profile
+
+    model, pre, _ = _load_model(args)
+    samples = _samples(args, model, pre)
+    _log(f"profiling {args.model} on {len(samples)} samples ...")
+    layers, _, _ = profile(model, samples, args.target, args.algorithm)
+    if args.json:
+        print(json.dumps({"model": args.model, "input_shape": list(model.input_shape), "samples": len(samples),
+                          "layers": [l.to_dict() for l in layers]}, indent=1))
+        return 0
+    print(f"{args.model}: {len(layers)} conv layers, {len(samples)} samples, input {model.input_shape} {model.layout}")
+    hdr = ["layer", "input CxHxW", "M", "kernel", "stride", "padding", "MMACs", "density", "+-", "min", "max",
+           "zero ch", "fused", "note"]
+    rows = [hdr]
+    for l in layers:
+        s = l.spec
+        rows.append([l.key, f"{s['in_channels']}x{s['height']}x{s['width']}", str(s["out_channels"]),
+                     f"{s['kernel_h']}x{s['kernel_w']}", "x".join(map(str, s["stride"])),
+                     ",".join(map(str, s["padding"])), f"{l.macs / 1e6:.1f}", f"{l.density_mean:.3f}",
+                     f"{l.density_std:.3f}", f"{l.density_min:.3f}", f"{l.density_max:.3f}",
+                     f"{l.zero_channel_share:.3f}", ("bias" if l.bias else "") + ("+relu" if l.relu else ""),
+                     l.why_dense or ""])
+    w = [max(len(r[i]) for r in rows) for i in range(len(hdr))]
+    for r in rows:
+        print("  ".join(c.ljust(w[i]) if i in (0, 13) else c.rjust(w[i]) for i, c in enumerate(r)).rstrip())
+    macs = sum(l.macs for l in layers)
+    eff = sum(l.macs * l.density_mean for l in layers)
+    print(f"total {macs / 1e9:.2f} GMACs; at the measured densities {eff / 1e9:.2f} GMACs have a non-zero input "
+          f"({100 * eff / macs:.0f}%)")
+    return 0
+
+
+def _plan_for(args, model):
+    from .compile import resolve_plan
+
+    if not args.plan and not args.algorithm:
+        raise ValueError("give --plan PLAN.json or --algorithm NAME")
+    return resolve_plan(model, args.plan, args.algorithm, args.target)
+
+
+def cmd_compile(args) -> int:
+    from .compile import lower
+    from .runner import export
+    from .target import make_target
+
+    import tvm
+
+    model, pre, labels = _load_model(args)
+    plan = _plan_for(args, model)
+    target = make_target(args.target)
+    _log(f"compiling {args.model} for {target} ...")
+    mod, applied = lower(model, plan, target, args.database)
+    ex = tvm.compile(mod, target=target)
+    export(ex, args.output, model, _preprocess(args, pre), labels, applied, target)
+    counts = {}
+    for a in applied.values():
+        counts[a] = counts.get(a, 0) + 1
+    print(f"wrote {args.output} (+ {os.path.basename(args.output)}.json); layers: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .images import load_image, load_inputs
+    from .runner import load, top_k
+
+    m = load(args.library)
+    if not m.input_shape and args.images:
+        raise ValueError(f"{args.library} has no sidecar .json: give preprocessed --inputs")
+    pre = _preprocess(args, m.preprocess)
+    names = list(args.images) + list(args.inputs)
+    xs = load_inputs(m, args.images, args.inputs, pre) if m.input_shape else \
+        [np.load(p) for p in args.inputs]
+    for name, x in zip(names, xs):
+        y = m(x)
+        lat = m.latency_ms(x, repeat=args.repeat)
+        print(f"{name}: median latency {lat:.2f} ms")
+        if y.size <= 10000:
+            for label, score in top_k(y, m.labels, 5):
+                print(f"  {score:9.5f}  {label}")
+        else:
+            print(f"  output shape {y.shape}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tvm-sparseconv", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,6 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--json", action="store_true", help="print one JSON object")
     lay.add_argument("--quiet", "-q", action="store_true")
     lay.set_defaults(func=cmd_layer)
+
+    pro = sub.add_parser("profile", help="measure each conv layer's input density on sample inputs")
+    _model_args(pro)
+    pro.add_argument("--algorithm", default="dense", help="how the convs run while profiling")
+    pro.add_argument("--json", action="store_true")
+    pro.set_defaults(func=cmd_profile)
+
+    com = sub.add_parser("compile", help="rewrite the convs per plan, compile and export a library")
+    _model_args(com)
+    com.add_argument("--plan", default=None, help="plan JSON (from tune, or written by hand)")
+    com.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
+    com.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
+    com.add_argument("-o", "--output", required=True, help="the .so to write (plus a .json beside it)")
+    com.set_defaults(func=cmd_compile)
+
+    run = sub.add_parser("run", help="run an exported model on images: top-5 and median latency")
+    run.add_argument("library", help="model.so written by compile")
+    _input_args(run)
+    run.add_argument("--threads", type=int, default=0)
+    run.add_argument("--repeat", type=int, default=10)
+    run.set_defaults(func=cmd_run)
     return p
 
 
@@ -147,6 +314,7 @@ def main(argv=None) -> int:
             args.padding = _ints(args.padding)
         return args.func(args)
     except (ConvSpecError, UnsupportedConvError, FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        # ModelError, PlanError, ImageError and KnobError are ValueErrors too
         print(f"tvm-sparseconv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,71 @@
+"""Measure each conv layer's input sparsity on sample inputs, running the model in TVM."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .compile import lower, resolve_plan
+from .frontend import Model
+from .graph import find_conv_sites
+from .passes.probe_conv_inputs import ProbeConvInputs
+from .target import make_target
+
+
+@dataclass
+class LayerProfile:
+    """One conv layer's input statistics over the samples (density = share of non-zeros)."""
+
+    key: str
+    spec: dict
+    macs: int
+    density_mean: float
+    density_std: float
+    density_min: float
+    density_max: float
+    zero_channel_share: float  # channels all zero in an image, averaged over images
+    bias: bool
+    relu: bool
+    why_dense: str | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def channel_stats(a: np.ndarray) -> tuple[float, float]:
+    """(density, share of all-zero channels) of an N x C x H x W activation."""
+    nz = a != 0
+    return float(nz.mean()), float((~nz.any(axis=(2, 3))).mean())
+
+
+def run_with_probes(model: Model, samples, target=None, algorithm: str = "dense"):
+    """Run the model on each sample; returns (outputs, per-layer lists of NCHW conv inputs)."""
+    target = make_target(target)
+    probed = dataclasses.replace(model, mod=ProbeConvInputs()(model.mod))
+    mod, _ = lower(probed, resolve_plan(model, None, algorithm, target), target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    sites = find_conv_sites(model.mod["main"])
+    outputs, acts = [], [[] for _ in sites]
+    for x in samples:
+        res = vm["main"](tvm.runtime.tensor(x))
+        outputs.append(res[0].numpy())
+        for i, s in enumerate(sites):
+            a = res[i + 1].numpy()
+            acts[i].append(a.transpose(0, 3, 1, 2) if s.data_layout == "NHWC" else a)
+    return outputs, acts, sites
+
+
+def profile(model: Model, samples, target=None, algorithm: str = "dense"):
+    """Per-layer sparsity profile; returns (list of LayerProfile, per-layer activations, outputs)."""
+    outputs, acts, sites = run_with_probes(model, samples, target, algorithm)
+    layers = []
+    for s, a in zip(sites, acts):
+        st = np.array([channel_stats(x) for x in a])
+        d = st[:, 0]
+        layers.append(LayerProfile(s.key, s.spec.to_dict(), s.spec.macs, float(d.mean()), float(d.std()),
+                                   float(d.min()), float(d.max()), float(st[:, 1].mean()), s.bias is not None,
+                                   s.relu, s.why_dense))
+    return layers, acts, outputs

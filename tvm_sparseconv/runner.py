@@ -1,0 +1,83 @@
+"""Run a compiled model: from an Executable or an exported library, with its sidecar metadata.
+
+``compile ... -o model.so`` writes ``model.so`` (the TVM runtime alone loads and runs it)
+and ``model.so.json`` (input shape, layout, preprocessing, labels, plan applied) so that
+``tvm-sparseconv run model.so --images ...`` knows how to feed it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .images import Preprocess
+
+SIDECAR_FORMAT = "tvm-sparseconv-model"
+
+
+def sidecar_path(lib_path: str) -> str:
+    return lib_path + ".json"
+
+
+def export(ex: tvm.runtime.Executable, path: str, model, preprocess: Preprocess | None, labels, applied: dict,
+           target) -> None:
+    """Write the library and its sidecar."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ex.export_library(path)
+    meta = {"format": SIDECAR_FORMAT, "version": 1, "source": model.source, "input_name": model.input_name,
+            "input_shape": list(model.input_shape), "layout": model.layout,
+            "preprocess": dataclasses.asdict(preprocess) if preprocess else None,
+            "labels": list(labels) if labels else None, "target": str(target), "layers": applied}
+    with open(sidecar_path(path), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    vm: relax.VirtualMachine
+    input_shape: tuple
+    layout: str
+    preprocess: Preprocess | None
+    labels: tuple | None
+    meta: dict
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        if x.shape != tuple(self.input_shape):
+            raise ValueError(f"input shape {x.shape} does not match the model's {tuple(self.input_shape)}")
+        out = self.vm["main"](tvm.runtime.tensor(x))
+        return (out if hasattr(out, "numpy") else out[0]).numpy()  # a tuple result: its first field
+
+    def latency_ms(self, x: np.ndarray, repeat: int = 10, min_repeat_ms: float = 200) -> float:
+        """Median end-to-end latency of main (time_evaluator, first call discarded)."""
+        fe = self.vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        return float(np.median(fe(tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))).results)) * 1e3
+
+
+def load(path: str) -> LoadedModel:
+    """Load an exported library (and its sidecar, when there is one)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"library not found: {path}")
+    lib = tvm.runtime.load_module(path)
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    meta = {}
+    if os.path.isfile(sidecar_path(path)):
+        with open(sidecar_path(path)) as f:
+            meta = json.load(f)
+        if meta.get("format") != SIDECAR_FORMAT:
+            raise ValueError(f"{sidecar_path(path)} is not a tvm-sparseconv model description")
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()}) \
+        if meta.get("preprocess") else None
+    return LoadedModel(vm, tuple(meta.get("input_shape") or ()), meta.get("layout", "NCHW"), pre,
+                       tuple(meta["labels"]) if meta.get("labels") else None, meta)
+
+
+def top_k(probs: np.ndarray, labels=None, k: int = 5) -> list[tuple[str, float]]:
+    """The k highest scores of a 1 x classes output, with their labels (or indices)."""
+    p = np.asarray(probs).reshape(-1)
+    idx = np.argsort(-p)[:k]
+    return [((labels[i] if labels and i < len(labels) else str(int(i))), float(p[i])) for i in idx]
