@@ -243,6 +243,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench_model
+
+    model, pre, _ = _load_model(args)
+    x = _samples(args, model, pre)[0]
+    res = bench_model(model, x, args.plan, args.algorithm, args.database, args.target, args.threads,
+                      args.baseline, args.repeat, not args.no_peers, log=_log)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"{args.model}: input {model.input_shape}, {args.threads} threads, median of {args.repeat} runs")
+    print(f"{'':32} {'median ms':>10} {'plan speed-up':>14} {'max err':>9}  layers")
+    for r in res["rows"]:
+        print(f"{r['name']:32} {r['ms']:10.2f} {r['plan_speedup']:13.2f}x {_fmt(r['max_abs_error'], 6):>9}  "
+              f"{r['layers']}")
+    print(f"plan vs the best of the others: {res['speedup_vs_best']:.2f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tvm-sparseconv", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -286,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
     com.add_argument("-o", "--output", required=True, help="the .so to write (plus a .json beside it)")
     com.set_defaults(func=cmd_compile)
+
+    ben = sub.add_parser("bench", help="end-to-end latency: plan vs all-dense vs onnxruntime vs PyTorch")
+    _model_args(ben)
+    ben.add_argument("--plan", default=None)
+    ben.add_argument("--algorithm", default=None)
+    ben.add_argument("--database", default=None)
+    ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense)")
+    ben.add_argument("--repeat", type=int, default=10)
+    ben.add_argument("--no-peers", action="store_true")
+    ben.add_argument("--json", action="store_true")
+    ben.set_defaults(func=cmd_bench)
 
     run = sub.add_parser("run", help="run an exported model on images: top-5 and median latency")
     run.add_argument("library", help="model.so written by compile")

@@ -76,44 +76,90 @@ def pytorch_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, threads: int, 
 PEERS = {"onnxruntime": onnxruntime_layer, "pytorch": pytorch_layer}
 
 
-def run_peer(peer: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, threads: int, repeat: int = 7):
-    """(output, median ms) of ``peer``, measured in a child process.
+def onnxruntime_model(onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
+    """(output, median ms) of a whole ONNX model in onnxruntime."""
+    import onnxruntime as ort
 
-    TVM's thread pool and the peers' OpenMP pools both spin-wait; sharing one process on a
-    2-core machine slows whichever runs second by 10x or more, so each peer gets its own.
-    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)}
+    return sess.run(None, feed)[0], _median_ms(lambda: sess.run(None, feed), repeat, 0.5)
+
+
+def pytorch_model(onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
+    """(output, median ms) of the ONNX model's graph run with PyTorch's operators."""
+    import torch
+
+    from .onnx_torch import OnnxTorch
+
+    torch.set_num_threads(threads)
+    m = OnnxTorch(onnx_path)
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    return m(xt).numpy(), _median_ms(lambda: m(xt), repeat, 0.5)
+
+
+MODEL_PEERS = {"onnxruntime": onnxruntime_model, "pytorch": pytorch_model}
+
+
+def _child(arrays: dict, meta: dict):
+    """Run ``python -m tvm_sparseconv.peers`` on saved inputs; returns (output, ms)."""
     import json
     import subprocess
     import sys
     import tempfile
 
-    if peer not in PEERS:
-        raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
     with tempfile.TemporaryDirectory(prefix="tvms-peer-") as d:
-        np.save(f"{d}/x.npy", x)
-        np.save(f"{d}/w.npy", w)
-        with open(f"{d}/spec.json", "w") as f:
-            json.dump(spec.to_dict(), f)
-        proc = subprocess.run([sys.executable, "-m", "tvm_sparseconv.peers", d, peer, str(threads), str(repeat)],
-                              capture_output=True, text=True)
+        for k, v in arrays.items():
+            np.save(f"{d}/{k}.npy", v)
+        with open(f"{d}/meta.json", "w") as f:
+            json.dump(meta, f)
+        proc = subprocess.run([sys.executable, "-m", "tvm_sparseconv.peers", d], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{peer} failed: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{meta['peer']} failed: {proc.stderr.strip()[-2000:]}")
         return np.load(f"{d}/y.npy"), float(open(f"{d}/ms.txt").read())
 
 
-if __name__ == "__main__":  # child process of run_peer
-    import json
-    import sys
+def run_peer(peer: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, threads: int, repeat: int = 7):
+    """(output, median ms) of ``peer`` on one layer, measured in a child process.
 
-    d, peer, threads, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    spec = Conv2DSpec.from_dict(json.load(open(f"{d}/spec.json")))
-    y, ms = PEERS[peer](spec, np.load(f"{d}/x.npy"), np.load(f"{d}/w.npy"), threads, repeat)
-    np.save(f"{d}/y.npy", y)
-    open(f"{d}/ms.txt", "w").write(repr(ms))
+    TVM's thread pool and the peers' OpenMP pools both spin-wait; sharing one process on a
+    2-core machine slows whichever runs second by 10x or more, so each peer gets its own.
+    """
+    if peer not in PEERS:
+        raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+    return _child({"x": x, "w": w}, {"kind": "layer", "peer": peer, "spec": spec.to_dict(),
+                                         "threads": threads, "repeat": repeat})
+
+
+def run_model_peer(peer: str, onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
+    """(output, median ms) of ``peer`` on a whole ONNX model, in a child process."""
+    if peer not in MODEL_PEERS:
+        raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(MODEL_PEERS)}")
+    return _child({"x": x}, {"kind": "model", "peer": peer, "onnx": onnx_path, "threads": threads,
+                                 "repeat": repeat})
 
 
 def available_peers() -> list[str]:
+    """The peers whose packages are installed."""
     import importlib.util
 
     mods = {"onnxruntime": ("onnxruntime", "onnx"), "pytorch": ("torch",)}
     return [p for p, ms in mods.items() if all(importlib.util.find_spec(m) for m in ms)]
+
+
+if __name__ == "__main__":  # the child process of _child
+    import json
+    import sys
+
+    d = sys.argv[1]
+    meta = json.load(open(f"{d}/meta.json"))
+    x = np.load(f"{d}/x.npy")
+    if meta["kind"] == "layer":
+        y, ms = PEERS[meta["peer"]](Conv2DSpec.from_dict(meta["spec"]), x, np.load(f"{d}/w.npy"),
+                                    meta["threads"], meta["repeat"])
+    else:
+        y, ms = MODEL_PEERS[meta["peer"]](meta["onnx"], x, meta["threads"], meta["repeat"])
+    np.save(f"{d}/y.npy", y)
+    open(f"{d}/ms.txt", "w").write(repr(ms))
