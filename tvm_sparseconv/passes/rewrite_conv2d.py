@@ -57,9 +57,9 @@ def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, x: r
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, todo: dict, absorbed: set):
+    def __init__(self, mod, todo: dict, absorbed: set, calls: dict):
         super().__init__(mod)
-        self.todo, self.absorbed = todo, absorbed
+        self.todo, self.absorbed, self.calls = todo, absorbed, calls
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.absorbed:
@@ -67,7 +67,7 @@ class _Rewriter(relax.PyExprMutator):
         if binding.var not in self.todo:
             return super().visit_var_binding_(binding)
         site, choice = self.todo[binding.var]
-        conv = self.lookup_conv(site)
+        conv = self.calls[site.conv_var]
         x = self.visit_expr(conv.args[0])
         if site.data_layout == "NHWC":
             x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
@@ -75,9 +75,6 @@ class _Rewriter(relax.PyExprMutator):
         if site.data_layout == "NHWC":
             y = relax.op.permute_dims(self.builder_.emit(y), [0, 2, 3, 1])
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(y)))
-
-    def lookup_conv(self, site: ConvSite) -> relax.Call:
-        return self.conv_calls[site.conv_var]
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.RewriteConv2D")
@@ -97,13 +94,17 @@ class RewriteConv2D:
         self.strict = strict
         self.applied: dict[str, str] = {}
 
-    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+    def select(self, func: relax.Function) -> dict:
+        """{root var: (site, choice)} of the layers to rewrite; fills ``applied``.
+
+        Call it directly for a clear UnsupportedConvError under ``strict`` (an exception
+        raised inside a pass reaches the caller as a RuntimeError).
+        """
         from ..conv import UnsupportedConvError
 
-        func = mod["main"]
-        sites = find_conv_sites(func)
-        todo, absorbed, calls = {}, set(), {}
-        for s in sites:
+        todo = {}
+        self.applied = {}
+        for s in find_conv_sites(func):
             choice = self.choices.get(s.key)
             self.applied[s.key] = "direct"
             if choice is None or choice.algorithm == "direct":
@@ -119,16 +120,18 @@ class RewriteConv2D:
                     raise UnsupportedConvError(f"{s.key}: {reason}")
                 continue
             todo[s.root] = (s, choice)
-            absorbed.update(s.absorbed)
             self.applied[s.key] = choice.algorithm
+        return todo
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        func = mod["main"]
+        todo = self.select(func)
         if not todo:
             return mod
-        for block in func.body.blocks:
-            for b in block.bindings:
-                if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call):
-                    calls[b.var] = b.value
-        rw = _Rewriter(mod, todo, absorbed)
-        rw.conv_calls = calls
+        absorbed = {v for s, _ in todo.values() for v in s.absorbed}
+        calls = {b.var: b.value for block in func.body.blocks for b in block.bindings
+                 if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call)}
+        rw = _Rewriter(mod, todo, absorbed, calls)
         new_main = rw.visit_expr(func)
         gv = rw.builder_.get().get_global_var("main")
         rw.builder_.update_func(gv, new_main)

@@ -1,0 +1,114 @@
+"""The rewrite pass on small Relax modules: fusion, fallbacks, layouts, torch import."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvm_sparseconv.compile import compile as tvms_compile
+from tvm_sparseconv.conv import Conv2DSpec, UnsupportedConvError
+from tvm_sparseconv.graph import find_conv_sites
+from tvm_sparseconv.passes import LayerChoice, RewriteConv2D
+from tvm_sparseconv.reference import dense_conv2d
+
+RNG = np.random.default_rng(0)
+
+
+def small_module(groups=1, data_layout="NCHW", relu=True, bias=True):
+    """x -> conv(3x3, pad 1) [+ bias] [-> relu] -> conv(1x1, groups) -> relu."""
+    w1 = RNG.standard_normal((8, 4, 3, 3)).astype("float32")
+    w2 = RNG.standard_normal((8, 8 // groups, 1, 1)).astype("float32")
+    b1 = RNG.standard_normal((1, 8, 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    shape = (1, 4, 9, 9) if data_layout == "NCHW" else (1, 9, 9, 4)
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if data_layout == "NHWC":
+                c = bb.emit(relax.op.nn.conv2d(x, relax.const(w1.transpose(2, 3, 1, 0)), padding=1,
+                                               data_layout="NHWC", kernel_layout="HWIO"))
+                if bias:
+                    c = bb.emit(relax.op.add(c, relax.const(b1.reshape(1, 1, 1, 8))))
+                out = bb.emit_output(bb.emit(relax.op.nn.relu(c)))
+            else:
+                c = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), padding=1))
+                if bias:
+                    c = bb.emit(relax.op.add(c, relax.const(b1)))
+                if relu:
+                    c = bb.emit(relax.op.nn.relu(c))
+                c2 = bb.emit(relax.op.nn.conv2d(c, relax.const(w2), groups=groups))
+                out = bb.emit_output(bb.emit(relax.op.nn.relu(c2)))
+        bb.emit_func_output(out)
+    return bb.get(), w1, w2, b1
+
+
+def reference(x, w1, w2, b1, groups=1, bias=True, relu=True):
+    s1 = Conv2DSpec.from_shapes(x.shape, w1.shape, padding=1)
+    h = dense_conv2d(s1, x, w1, b1.reshape(-1) if bias else None, relu=relu)
+    s2 = Conv2DSpec.from_shapes(h.shape, w2.shape, groups=groups)
+    return dense_conv2d(s2, h, w2, relu=True)
+
+
+def run(ex, x):
+    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_sites_fuse_bias_and_relu_only_when_they_feed_each_other():
+    mod, *_ = small_module()
+    s = find_conv_sites(mod["main"])
+    assert [x.key for x in s] == ["conv000", "conv001"]
+    assert s[0].bias is not None and s[0].relu and len(s[0].absorbed) == 2
+    assert s[1].bias is None and s[1].relu
+
+
+@pytest.mark.parametrize("algorithm", ["halo", "cpo", "im2col", "dense"])
+def test_rewrite_matches_reference_and_removes_fused_ops(algorithm):
+    mod, w1, w2, b1 = small_module()
+    x = np.maximum(RNG.standard_normal((1, 4, 9, 9)), 0).astype("float32")
+    rw = RewriteConv2D({"conv000": LayerChoice(algorithm), "conv001": LayerChoice(algorithm)})
+    new = rw(mod)
+    text = new["main"].script()
+    assert "R.nn.conv2d" not in text and "R.nn.relu" not in text and "R.add" not in text
+    ex = tvm.compile(new, target="llvm")
+    np.testing.assert_allclose(run(ex, x), reference(x, w1, w2, b1), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_falls_back_to_direct_or_errors_when_strict():
+    mod, w1, w2, b1 = small_module(groups=2)
+    x = np.maximum(RNG.standard_normal((1, 4, 9, 9)), 0).astype("float32")
+    rw = RewriteConv2D({"conv000": LayerChoice("cpo"), "conv001": LayerChoice("cpo")})
+    new = rw(mod)
+    assert rw.applied == {"conv000": "cpo", "conv001": "direct"}
+    np.testing.assert_allclose(run(tvm.compile(new, target="llvm"), x), reference(x, w1, w2, b1, groups=2),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(UnsupportedConvError, match="conv001.*groups=2"):
+        RewriteConv2D({"conv001": LayerChoice("cpo")}, strict=True).select(mod["main"])
+
+
+def test_nhwc_conv_is_rewritten_through_layout_transposes():
+    mod, w1, w2, b1 = small_module(data_layout="NHWC")
+    x = np.maximum(RNG.standard_normal((1, 9, 9, 4)), 0).astype("float32")
+    ex = tvms_compile(mod, algorithm="halo")
+    s1 = Conv2DSpec.from_shapes((1, 4, 9, 9), w1.shape, padding=1)
+    ref = dense_conv2d(s1, x.transpose(0, 3, 1, 2), w1, b1.reshape(-1), relu=True).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(run(ex, x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_exported_program():
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.c2(torch.relu(self.c1(x))))
+
+    net = Net().eval()
+    x = torch.rand(1, 3, 16, 16)
+    ep = torch.export.export(net, (x,))
+    ex = tvms_compile(ep, algorithm="halo")
+    with torch.no_grad():
+        ref = net(x).numpy()
+    np.testing.assert_allclose(run(ex, x.numpy()), ref, rtol=1e-4, atol=1e-4)
