@@ -45,12 +45,13 @@ class CompiledLayer:
 
     ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow.
     Constants (re-laid-out weights) are uploaded once; intermediate buffers are
-    allocated once at their worst-case size and reused.
+    allocated once at their worst-case size and reused. With an RPC ``session`` the
+    library is exported, uploaded and run on the remote CPU instead.
     """
 
     def __init__(self, algorithm: str | Algorithm, spec: Conv2DSpec, weight: np.ndarray,
                  bias: np.ndarray | None = None, relu: bool = False, target=None,
-                 knobs: Mapping | None = None, database=None):
+                 knobs: Mapping | None = None, database=None, session=None):
         self.algorithm = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
         self.spec = spec
         self.algorithm.check(spec)
@@ -66,7 +67,10 @@ class CompiledLayer:
             from .tune.metaschedule import apply_database
             mod = apply_database(mod, self.stages, self.algorithm, database, self.target)
         self.executable = tvm.compile(mod, target=self.target)
-        self.dev = tvm.cpu(0)
+        if session is None:
+            self.lib, self.dev = self.executable.mod, tvm.cpu(0)
+        else:
+            self.lib, self.dev = _upload(self.executable, session), session.cpu(0)
         consts = self.algorithm.constants(spec, weight, bias, self.knobs)
         self.buffers: dict[str, tvm.runtime.Tensor] = {
             k: tvm.runtime.tensor(np.ascontiguousarray(v), self.dev) for k, v in consts.items()}
@@ -86,7 +90,7 @@ class CompiledLayer:
 
     def run(self) -> None:
         for st in self.stages:
-            self.executable[stage_symbol(self.algorithm, st)](*self._args(st))
+            self.lib[stage_symbol(self.algorithm, st)](*self._args(st))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.set_input(x)
@@ -108,7 +112,7 @@ class CompiledLayer:
         per = {}
         enc = mul = 0.0
         for st in self.stages:
-            fe = self.executable.mod.time_evaluator(stage_symbol(self.algorithm, st), self.dev, number=1,
+            fe = self.lib.time_evaluator(stage_symbol(self.algorithm, st), self.dev, number=1,
                                                     repeat=repeat, min_repeat_ms=min_repeat_ms)
             ms = float(np.median(fe(*self._args(st)).results)) * 1e3
             per[st.name] = ms
@@ -119,3 +123,15 @@ class CompiledLayer:
         # leave the buffers holding the result of this input
         self.run()
         return Timing(enc, mul, per)
+
+
+def _upload(executable, session):
+    """Export to a temporary .so, upload it through the RPC session and load it there."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tvms-rpc-") as d:
+        path = os.path.join(d, "layer.so")
+        executable.export_library(path)
+        session.upload(path)
+    return session.load_module("layer.so")

@@ -23,6 +23,19 @@ class LayerChoice:
     knobs: dict = field(default_factory=dict, hash=False)
 
 
+def stage_func(st) -> tvm.tirx.PrimFunc:
+    """A stage's PrimFunc exactly as it sits in a rewritten Relax module.
+
+    MetaSchedule finds a tuned schedule by the function's structural hash, so the tuner
+    tunes this form and compile applies the database to the same form.
+    """
+    # te.create_prim_func names every function "main": the module names it instead
+    func = st.func.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
+    if not st.tunable:  # hand-scheduled: keep it out of dlight / MetaSchedule
+        func = func.with_attr("tirx.is_scheduled", True)
+    return func
+
+
 def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, x: relax.Expr) -> relax.Expr:
     """Emit every stage but the last as bindings; return the last stage's call (its result is y)."""
     algo = get_algorithm(choice.algorithm)
@@ -36,11 +49,7 @@ def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, x: r
     stages = algo.stages(spec, epilogue, knobs)
     call = None
     for i, st in enumerate(stages):
-        # te.create_prim_func names every function "main": the module names it instead
-        func = st.func.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
-        if not st.tunable:  # hand-scheduled: keep it out of dlight / MetaSchedule
-            func = func.with_attr("tirx.is_scheduled", True)
-        gv = bb.add_func(func, f"{algo.name}_{st.name}")
+        gv = bb.add_func(stage_func(st), f"{algo.name}_{st.name}")
         types = [relax.TensorType(b.shape, b.dtype) for b in st.outputs]
         call = relax.call_tir(gv, [env[n] for n in st.inputs], types[0] if len(types) == 1 else types)
         if i == len(stages) - 1:

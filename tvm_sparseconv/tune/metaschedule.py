@@ -18,8 +18,10 @@ from ..algorithms.base import Stage
 
 
 def _task_mod(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
-    # tune_tir names each task's function "main"; query the database with the same form
-    return tvm.IRModule({"main": func})
+    # the form tune_tir (and Relax's MetaScheduleApplyDatabase) hash a task by
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    return _normalize_mod(func)
 
 
 def open_database(database) -> ms.database.Database:
@@ -50,9 +52,18 @@ def stdout_to_stderr():
         os.close(saved)
 
 
-def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, seed: int = 0):
-    """Tune every tunable stage with ``trials`` trials in all; returns the database (or None)."""
-    funcs = {f"t{i}_{st.name}": st.func for i, st in enumerate(stages) if st.tunable}
+def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, seed: int = 0,
+                runner="local", names: Iterable[str] | None = None):
+    """Tune every tunable stage with ``trials`` trials in all; returns the database (or None).
+
+    The stages are tuned in the form a rewritten Relax module holds them (stage_func), so
+    the database serves both a single layer and a whole-model compile.
+    """
+    from ..passes.rewrite_conv2d import stage_func
+
+    stages = list(stages)
+    names = list(names) if names is not None else [f"t{i}_{st.name}" for i, st in enumerate(stages)]
+    funcs = {n: stage_func(st) for n, st in zip(names, stages) if st.tunable}
     if not funcs or trials <= 0:
         return None
     os.makedirs(work_dir, exist_ok=True)
@@ -60,6 +71,7 @@ def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, see
         return ms.tune_tir(
             tvm.IRModule(funcs), target, work_dir, max_trials_global=trials,
             num_trials_per_iter=min(16, trials),
+            runner=runner,
             # LocalBuilder's 30 s default kills builds on 2 loaded cores
             builder=ms.builder.LocalBuilder(timeout_sec=300),
             cost_model=ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
@@ -67,10 +79,13 @@ def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, see
             database="json", num_tuning_cores=int(target.attrs.get("num-cores", 1)), seed=seed)
 
 
-def schedule_stage(func: tvm.tirx.PrimFunc, database, target) -> tvm.tirx.PrimFunc:
-    """The best recorded schedule of ``func``, or ``func`` itself when the database has none."""
+def schedule_stage(st: Stage, database, target) -> tvm.tirx.PrimFunc:
+    """The best recorded schedule of a stage, or its unscheduled function when there is none."""
+    from ..passes.rewrite_conv2d import stage_func
+
+    func = stage_func(st)
     sch = ms.tir_integration.compile_tir(open_database(database), _task_mod(func), target)
-    return func if sch is None else sch.mod["main"]
+    return st.func if sch is None else sch.mod["main"]
 
 
 def apply_database(mod: tvm.IRModule, stages, algorithm, database, target) -> tvm.IRModule:
@@ -85,5 +100,5 @@ def apply_database(mod: tvm.IRModule, stages, algorithm, database, target) -> tv
     for st in stages:
         if st.tunable:
             sym = stage_symbol(algorithm, st)
-            out[sym] = schedule_stage(st.func, db, target).with_attr("global_symbol", sym)
+            out[sym] = schedule_stage(st, db, target).with_attr("global_symbol", sym)
     return tvm.IRModule(out)

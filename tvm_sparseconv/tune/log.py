@@ -1,0 +1,95 @@
+"""The tuning log: one JSON object per line, appended and flushed as each measurement ends.
+
+Line 1 is a header naming the format, version, model and target; every later line is one
+measured candidate: {"workload", "algorithm", "knobs", "time_ms", "encode_ms",
+"multiply_ms", "max_abs_error", "error"} or a phase marker {"done": "<phase>"}. A crash
+or Ctrl-C loses at most the measurement under way; ``--resume`` reads the log back and
+repeats nothing it holds. A log of another format, model or target is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+LOG_FORMAT = "tvm-sparseconv-tuning-log"
+LOG_VERSION = 1
+
+
+class TuningLogError(ValueError):
+    """A corrupt or foreign tuning log."""
+
+
+def knob_key(knobs: dict) -> str:
+    return json.dumps(knobs, sort_keys=True)
+
+
+class TuningLog:
+    def __init__(self, path: str, header: dict):
+        self.path = path
+        self.header = {"format": LOG_FORMAT, "version": LOG_VERSION, **header}
+        self.records: list[dict] = []
+        self.done_phases: set[str] = set()
+        if os.path.exists(path):
+            self._read()
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(json.dumps(self.header) + "\n")
+
+    def _read(self) -> None:
+        with open(self.path) as f:
+            lines = f.read().split("\n")
+        try:
+            head = json.loads(lines[0])
+        except (json.JSONDecodeError, IndexError) as e:
+            raise TuningLogError(f"{self.path} is not a tvm-sparseconv tuning log (bad header: {e})") from e
+        if not isinstance(head, dict) or head.get("format") != LOG_FORMAT:
+            raise TuningLogError(f"{self.path} is not a tvm-sparseconv tuning log")
+        if head.get("version") != LOG_VERSION:
+            raise TuningLogError(f"{self.path} has log version {head.get('version')}, this reads {LOG_VERSION}")
+        for k in ("model", "target"):
+            if head.get(k) != self.header.get(k):
+                raise TuningLogError(f"{self.path} was made for {k} {head.get(k)!r}, not {self.header.get(k)!r}: "
+                                     "use another --out or run dir")
+        body = [l for l in lines[1:] if l.strip()]
+        for i, line in enumerate(body):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(body) - 1:  # a line cut short by a crash: drop it, it is re-measured
+                    self._rewrite(body[:-1])
+                    break
+                raise TuningLogError(f"{self.path}: line {i + 2} is corrupt ({e})") from e
+            if "done" in rec:
+                self.done_phases.add(rec["done"])
+            elif not {"workload", "algorithm", "knobs"} <= set(rec):
+                raise TuningLogError(f"{self.path}: line {i + 2} is not a measurement record")
+            else:
+                self.records.append(rec)
+
+    def _rewrite(self, body: list[str]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.header) + "\n" + "".join(l + "\n" for l in body))
+        os.replace(tmp, self.path)
+
+    def append(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if "done" in rec:
+            self.done_phases.add(rec["done"])
+        else:
+            self.records.append(rec)
+
+    def find(self, workload: str, algorithm: str, knobs: dict) -> dict | None:
+        k = knob_key(knobs)
+        for r in self.records:
+            if r["workload"] == workload and r["algorithm"] == algorithm and knob_key(r["knobs"]) == k:
+                return r
+        return None
+
+    def mark_done(self, phase: str) -> None:
+        if phase not in self.done_phases:
+            self.append({"done": phase})

@@ -1,0 +1,69 @@
+"""Knob spaces of the hand-scheduled kernels: the candidates the tuner may measure.
+
+Register-tiled kernels keep (pixels x M tile / 16) zmm accumulators; more than ~24 spills
+and fewer than ~4 starves the FMA units, so the grids are cut to that band. Every candidate
+is validated by the algorithm itself (an invalid combination is dropped, never measured).
+"""
+from __future__ import annotations
+
+import itertools
+
+from ..algorithms import get_algorithm
+from ..conv import Conv2DSpec
+
+
+def _grid(**axes):
+    keys = list(axes)
+    for vals in itertools.product(*(axes[k] for k in keys)):
+        yield dict(zip(keys, vals))
+
+
+def _regs_ok(pixels: int, m_tile: int) -> bool:
+    return 4 <= pixels * m_tile / 16 <= 24
+
+
+def _raw_space(name: str, spec: Conv2DSpec):
+    if name in ("halo", "im2csr"):
+        from ..algorithms.im2csr import SPLITS
+
+        for k in _grid(block=(2, 4, 6, 8), m_tile=(16, 32, 64), split=SPLITS):
+            if _regs_ok(k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
+                yield k
+    elif name in ("cpo", "cps"):
+        for k in _grid(multiply=("gather",), m_tile=(32, 64), pixels=(2, 4, 8)):
+            if _regs_ok(k["pixels"], k["m_tile"]):
+                yield k
+        for k in _grid(multiply=("scatter",), m_tile=(32, 64), row_tile=(0, 8)):
+            yield k
+    elif name == "dense":
+        from ..algorithms.dense import PADS, SPLITS, is_pointwise
+
+        for k in _grid(kernel=("direct",), block=(4, 6, 8), m_tile=(16, 32, 64), split=SPLITS, pad=PADS):
+            if _regs_ok(k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
+                yield k
+        if is_pointwise(spec):
+            for k in _grid(kernel=("gemm",), block=(32, 48, 64), m_tile=(4, 8, 16), split=SPLITS):
+                yield k
+
+
+def knob_space(name: str, spec: Conv2DSpec) -> list[dict]:
+    """Valid, complete knob dicts for ``name`` on ``spec``; the defaults come first."""
+    algo = get_algorithm(name)
+    seen, out = set(), []
+    for k in [{}] + list(_raw_space(name, spec)):
+        try:
+            full = algo.knobs(spec, k)
+            algo.constants(spec, _zeros_weight(spec), None, full)  # validates tile sizes cheaply
+        except (ValueError, KeyError):
+            continue
+        key = tuple(sorted(full.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(full)
+    return out
+
+
+def _zeros_weight(spec: Conv2DSpec):
+    import numpy as np
+
+    return np.zeros(spec.w_shape, np.float32)
