@@ -262,6 +262,54 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import time as _time
+
+    from .tune.tuner import TuneConfig, Tuner
+
+    model, pre, _ = _load_model(args)
+    samples = _samples(args, model, pre)
+    if args.resume:
+        run_dir = args.resume
+        if not os.path.isfile(os.path.join(run_dir, "trials.jsonl")):
+            raise FileNotFoundError(f"--resume {run_dir}: no trials.jsonl there")
+    else:
+        name = os.path.splitext(os.path.basename(args.model))[0]
+        run_dir = os.path.join(args.out, f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}")
+    rpc = None
+    if args.rpc_tracker:
+        host, _, port = args.rpc_tracker.rpartition(":")
+        if not host or not port.isdigit() or not args.rpc_key:
+            raise ValueError("--rpc-tracker takes HOST:PORT and needs --rpc-key")
+        rpc = (host, int(port), args.rpc_key)
+    algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
+    cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
+                     rpc=rpc, **({"algorithms": algorithms} if algorithms else {}))
+    _log(f"tuning {args.model} into {run_dir}")
+    tuner = Tuner(model, samples, run_dir, args.target, cfg, model_name=args.model, log=_log)
+    try:
+        plan = tuner.run()
+    except KeyboardInterrupt:
+        _log(f"interrupted: finished measurements are in {run_dir}; continue with --resume {run_dir}")
+        return 130
+    counts = {}
+    for l in plan.layers:
+        counts[l.algorithm] = counts.get(l.algorithm, 0) + 1
+    print(f"plan: {os.path.join(run_dir, 'plan.json')} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
+    print(f"report: {os.path.join(run_dir, 'report.md')}")
+    db = os.path.join(run_dir, "database")
+    print(f"next: tvm-sparseconv compile {args.model} --plan {os.path.join(run_dir, 'plan.json')}"
+          + (f" --database {db}" if os.path.isdir(db) else "") + " -o model.so")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .tune.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tvm-sparseconv", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -316,6 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--no-peers", action="store_true")
     ben.add_argument("--json", action="store_true")
     ben.set_defaults(func=cmd_bench)
+
+    tun = sub.add_parser("tune", help="measure every algorithm per conv layer on real activations; write a plan")
+    _model_args(tun)
+    tun.add_argument("--trials", type=int, default=0, help="MetaSchedule trials in all for the dense TE ops "
+                     "(direct, im2col, MEC); 0 leaves them out")
+    tun.add_argument("--knob-trials", type=int, default=6, help="configs measured per layer and sparse kernel")
+    tun.add_argument("--budget-minutes", type=float, default=None, help="stop measuring new candidates after this")
+    tun.add_argument("--algorithms", default="all")
+    tun.add_argument("--out", default="tuning_logs", help="parent folder of the run folder (default %(default)s)")
+    tun.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    tun.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on RPC servers")
+    tun.add_argument("--rpc-key", default=None)
+    tun.set_defaults(func=cmd_tune)
+
+    rep = sub.add_parser("report", help="regenerate a tuning run's report.md and plots")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
 
     run = sub.add_parser("run", help="run an exported model on images: top-5 and median latency")
     run.add_argument("library", help="model.so written by compile")

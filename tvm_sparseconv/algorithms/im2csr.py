@@ -10,10 +10,12 @@ of them is non-zero. Arrays (worst case: every entry stored):
     csr_col  (N*Oh*ceil(Ow/B)*C*Kh*Kw,)    int32    column k of each entry, ascending in a row
     csr_val  (N*Oh*ceil(Ow/B)*C*Kh*Kw, B)  float32  the B values of each entry
 
-The encoder is one TIR PrimFunc (count per row, prefix sum, fill; both passes parallel over
-rows). The multiply is output-stationary: per (row, tile of m_tile output channels) the B x m_tile
-accumulators live in registers, and each weight vector w[k, m-tile] (weights re-laid-out at build
-time as [C*Kh*Kw][M], M zero-padded to whole tiles) is loaded once for the B pixels.
+The encoder is one TIR PrimFunc: count per row, prefix sum, fill (without data-dependent
+branches); both passes run in parallel over output rows and read each input-row segment once
+for the Kw entries it feeds. The multiply is output-stationary: per (row, tile of m_tile output
+channels) the B x m_tile accumulators live in registers, and each weight vector w[mo, k, :]
+(weights re-laid-out at build time as [M/m_tile][C*Kh*Kw][m_tile], M zero-padded to whole
+tiles) is loaded once for the B pixels.
 
 This module also holds the output-stationary pieces the halo algorithm shares (Tiling, the
 tile loops, the epilogue store, the two-pass encoder skeleton).
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+from tvm import s_tir
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
@@ -60,16 +63,20 @@ class Tiling:
         return self.n_tiles * self.m_tile
 
 
-def default_m_tile(m: int) -> int:
-    """The tile of M_TILES that wastes least on padding M, the larger on a tie."""
-    return min(M_TILES, key=lambda t: (-(-m // t) * t, -t))
+def default_m_tile(m: int, tiles=M_TILES) -> int:
+    """The tile of ``tiles`` that wastes least on padding M, the larger on a tie."""
+    return min(tiles, key=lambda t: (-(-m // t) * t, -t))
 
 
-def tiling_defaults(spec: Conv2DSpec) -> dict:
-    """m_tile by default_m_tile; block so that block * m_tile / 16 is about 16 accumulator registers."""
-    m_tile = default_m_tile(spec.out_channels)
+def tiling_defaults(spec: Conv2DSpec, tiles=M_TILES) -> dict:
+    """m_tile by default_m_tile; block so that block * m_tile / 16 is about 16 accumulator
+    registers (at most 8 pixels), then the smallest block with as many groups per output row
+    (Ow = 14: 7, not 8 with 2 pixels wasted); split "fused": with an even number of m-tiles,
+    each of 2 threads gets every group of half the tiles (equal work, half the weights each)."""
+    m_tile = default_m_tile(spec.out_channels, tiles)
     block = max(1, min(8, 256 // m_tile, spec.out_w))
-    return {"block": block, "m_tile": m_tile, "split": "tile_outer"}
+    block = -(-spec.out_w // -(-spec.out_w // block))
+    return {"block": block, "m_tile": m_tile, "split": "fused"}
 
 
 def make_tiling(algorithm: str, spec: Conv2DSpec, knobs) -> Tiling:
@@ -84,10 +91,15 @@ def make_tiling(algorithm: str, spec: Conv2DSpec, knobs) -> Tiling:
                   spec.batch * spec.out_h * per_row)
 
 
-def pad_m(w: np.ndarray, tl: Tiling) -> np.ndarray:
-    """Zero-pad the last (output-channel) axis of a re-laid-out weight to whole m-tiles."""
-    extra = tl.padded_m - w.shape[-1]
-    return np.ascontiguousarray(np.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, extra)]), dtype=np.float32)
+def tile_weights(w: np.ndarray, tl: Tiling) -> np.ndarray:
+    """[..., M] -> [n_tiles, ..., m_tile], M zero-padded to whole tiles.
+
+    Tile-major, so that the weights one m-tile's groups read are one contiguous block
+    (streamed once per tile, kept in L2) and rows read together are adjacent.
+    """
+    w = np.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, tl.padded_m - w.shape[-1])])
+    w = w.reshape(w.shape[:-1] + (tl.n_tiles, tl.m_tile))
+    return np.ascontiguousarray(np.moveaxis(w, -2, 0), dtype=np.float32)
 
 
 def group_coords(spec: Conv2DSpec, tl: Tiling, g):
@@ -132,42 +144,71 @@ def store_tile(y, acc, bias, spec, tl, ep, n, r, s0, m0):
 
 
 def any_nonzero(v, length: int):
-    """TIR: v[0] != 0 or ... or v[length-1] != 0 (-0.0 is zero; NaN and Inf are non-zeros)."""
-    zero = tvm.tirx.const(0.0, "float32")
-    e = v[0] != zero
+    """TIR: some v[k], k < length, is a non-zero (NaN and Inf are, -0.0 is not).
+
+    Tested on the bits: a float ``v != 0`` is an ordered compare in TIR, false for NaN.
+    """
+    bits = tvm.tirx.reinterpret("int32", v[0])
     for k in range(1, length):
-        e = tvm.tirx.Or(e, v[k] != zero)
-    return e
+        bits = bits | tvm.tirx.reinterpret("int32", v[k])
+    return bits & 0x7FFFFFFF != 0
+
+
+def root_block(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """func with its body in an opaque root block, as te.create_prim_func makes them.
+
+    Relax's RewriteDataflowReshape asks every call_tir with one argument (an encoder of x)
+    whether it is a reshape, and that analysis fails on a body that is not a block.
+    """
+    return func.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", func.body)))
 
 
 @T.macro
-def two_pass_encode(rows, ptr, row_pass):
-    """Count (row_pass(g, False) writes ptr[g + 1]), prefix sum, fill (row_pass(g, True))."""
-    for g in T.parallel(rows):
-        row_pass(g, False)
+def two_pass_encode(units, rows, ptr, unit_pass):
+    """Count (unit_pass(u, False) writes ptr[g + 1] for its rows g), prefix sum over the rows,
+    fill (unit_pass(u, True)); a parallel unit handles several consecutive pointer rows."""
+    for u in T.parallel(units):
+        unit_pass(u, False)
     ptr[0] = 0
     for g in range(rows):
         ptr[g + 1] = ptr[g + 1] + ptr[g]
-    for g in T.parallel(rows):
-        row_pass(g, True)
+    for u in T.parallel(units):
+        unit_pass(u, True)
 
 
 @T.macro
-def emit_entry(ptr, idx, val, g, pos, index, v, width, fill):
-    """One candidate entry of row g with values v[0:width]: counted (pos += any non-zero) or,
-    when filling, written at pos if any value is non-zero. ptr[g + 1] gets the count."""
+def emit_entry(ptr, idx, val, g, pos, p, index, v, width, fill):
+    """One candidate entry (index, v[0:width]) of row g whose next slot is pos[p];
+    pos[p] += 1 when any value is non-zero.
+
+    The fill writes every candidate at pos[p] while it is < ptr[g + 1]: a candidate that is not
+    stored is overwritten by the next stored one (there is one, as pos[p] < end), so there is no
+    data-dependent branch, and nothing is written outside the row's own range [ptr[g], ptr[g+1]).
+    """
     if fill:
-        if any_nonzero(v, width):
-            idx[pos] = index
+        if pos[p] < ptr[g + 1]:
+            idx[pos[p]] = index
             for k in T.unroll(width):
-                val[pos, k] = v[k]
-            pos = pos + 1
-    else:
-        pos = pos + T.Cast("int32", any_nonzero(v, width))
+                val[pos[p], k] = v[k]
+    pos[p] = pos[p] + T.Cast("int32", any_nonzero(v, width))
 
 
-def nonzero_count(ptr: np.ndarray) -> int:
-    return int(np.asarray(ptr)[-1])
+@T.macro
+def start_rows(ptr, pos, g0, count, fill):
+    """pos[t] = next slot of row g0 + t: its start when filling, a zero count when counting."""
+    for t in range(count):
+        if fill:
+            pos[t] = ptr[g0 + t]
+        else:
+            pos[t] = 0
+
+
+@T.macro
+def finish_rows(ptr, pos, g0, count, fill):
+    """After counting: ptr[g0 + t + 1] = the count of row g0 + t."""
+    if not fill:
+        for t in range(count):
+            ptr[g0 + t + 1] = pos[t]
 
 
 # --- im2csr --------------------------------------------------------------------------------
@@ -181,12 +222,12 @@ class Im2CSR(Algorithm):
     def constants(self, spec, weight, bias, knobs):
         tl = make_tiling(self.name, spec, knobs)
         wr = weight.reshape(spec.out_channels, -1).T  # [C*Kh*Kw][M], rows k = (c*Kh + l)*Kw + q
-        return {"w": pad_m(wr, tl), **bias_constant(spec, bias)}
+        return {"w": tile_weights(wr, tl), **bias_constant(spec, bias)}
 
     def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
         tl = make_tiling(self.name, spec, knobs)
-        rows, cap = tl.n_groups + 1, tl.n_groups * spec.in_channels * spec.kernel_h * spec.kernel_w
-        outs = (Buffer("csr_ptr", (rows,), "int32"), Buffer("csr_col", (cap,), "int32"),
+        cap = tl.n_groups * spec.in_channels * spec.kernel_h * spec.kernel_w
+        outs = (Buffer("csr_ptr", (tl.n_groups + 1,), "int32"), Buffer("csr_col", (cap,), "int32"),
                 Buffer("csr_val", (cap, tl.block)))
         bias = ("bias",) if epilogue.bias else ()
         return [Stage("encode", "encode", prim(_encode_func(spec, tl, cap)), ("x",), outs),
@@ -207,37 +248,42 @@ def _encode_func(spec: Conv2DSpec, tl: Tiling, cap: int):
     N, C, H, W = spec.x_shape
     Kh, Kw, B = spec.kernel_h, spec.kernel_w, tl.block
     (sh, sw), (dh, dw), pt, pl = spec.stride, spec.dilation, spec.padding[0], spec.padding[1]
-    Ow, rows = spec.out_w, tl.n_groups
+    Ow, rows, per_row = spec.out_w, tl.n_groups, tl.per_row
+    L = (B - 1) * sw + (Kw - 1) * dw + 1  # input columns the B pixels read in one input row
 
     @T.macro
-    def row_pass(x, ptr, col, val, g, fill):
-        n, r, s0 = group_coords(spec, tl, g)
-        pos: T.int32 = 0
-        if fill:
-            pos = ptr[g]
+    def row_pass(x, ptr, col, val, u, fill):
+        """The per_row groups of output row u = (n, r): each input row segment read once."""
+        n, r = u // spec.out_h, u % spec.out_h
+        pos = T.alloc_local((per_row,), "int32")
+        start_rows(ptr, pos, u * per_row, per_row, fill)
         for c, l in T.grid(C, Kh):
             i = r * sh + l * dh - pt
             if i >= 0 and i < H:
-                for q in T.unroll(Kw):
-                    v = T.alloc_local((B,), "float32")
-                    for b in T.unroll(B):
-                        j = (s0 + b) * sw + q * dw - pl
-                        v[b] = T.if_then_else(j >= 0 and j < W and s0 + b < Ow,
-                                              x[n, c, i, T.max(T.min(j, W - 1), 0)], T.float32(0))
-                    emit_entry(ptr, col, val, g, pos, (c * Kh + l) * Kw + q, v, B, fill)
-        if not fill:
-            ptr[g + 1] = pos
+                for t in range(per_row):
+                    j0 = t * B * sw - pl  # real column of the first one the group reads
+                    seg = T.alloc_local((L,), "float32")  # shared by the Kw entries
+                    for k in T.unroll(L):
+                        seg[k] = T.if_then_else(j0 + k >= 0 and j0 + k < W,
+                                                x[n, c, i, T.max(T.min(j0 + k, W - 1), 0)], T.float32(0))
+                    for q in T.unroll(Kw):
+                        v = T.alloc_local((B,), "float32")
+                        for b in T.unroll(B):
+                            v[b] = T.if_then_else(Ow % B == 0 or t * B + b < Ow, seg[b * sw + q * dw],
+                                                  T.float32(0))
+                        emit_entry(ptr, col, val, u * per_row + t, pos, t, (c * Kh + l) * Kw + q, v, B, fill)
+        finish_rows(ptr, pos, u * per_row, per_row, fill)
 
     @T.prim_func
     def encode(x: T.Buffer((N, C, H, W), "float32"), ptr: T.Buffer((rows + 1,), "int32"),
                col: T.Buffer((cap,), "int32"), val: T.Buffer((cap, B), "float32")):
-        two_pass_encode(rows, ptr, lambda g, fill: row_pass(x, ptr, col, val, g, fill))
+        two_pass_encode(N * spec.out_h, rows, ptr, lambda u, fill: row_pass(x, ptr, col, val, u, fill))
 
-    return encode
+    return root_block(encode)
 
 
 def _multiply_func(spec: Conv2DSpec, tl: Tiling, cap: int, ep: Epilogue):
-    B, mt, K, Mp = tl.block, tl.m_tile, spec.in_channels * spec.kernel_h * spec.kernel_w, tl.padded_m
+    B, mt, K = tl.block, tl.m_tile, spec.in_channels * spec.kernel_h * spec.kernel_w
     rows = tl.n_groups
 
     @T.macro
@@ -249,19 +295,19 @@ def _multiply_func(spec: Conv2DSpec, tl: Tiling, cap: int, ep: Epilogue):
             k = col[e]
             for b in T.unroll(B):
                 for j in T.vectorized(mt):
-                    acc[b, j] = acc[b, j] + val[e, b] * w[k, mo * mt + j]
+                    acc[b, j] = acc[b, j] + val[e, b] * w[mo, k, j]
         store_tile(y, acc, bias, spec, tl, ep, n, r, s0, mo * mt)
 
     if ep.bias:
         @T.prim_func
         def multiply(ptr: T.Buffer((rows + 1,), "int32"), col: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap, B), "float32"), w: T.Buffer((K, Mp), "float32"),
+                     val: T.Buffer((cap, B), "float32"), w: T.Buffer((tl.n_tiles, K, mt), "float32"),
                      bias: T.Buffer((spec.out_channels,), "float32"), y: T.Buffer(spec.y_shape, "float32")):
             for_each_tile(tl, lambda mo, g: tile(ptr, col, val, w, bias, y, mo, g))
     else:
         @T.prim_func
         def multiply(ptr: T.Buffer((rows + 1,), "int32"), col: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap, B), "float32"), w: T.Buffer((K, Mp), "float32"),
+                     val: T.Buffer((cap, B), "float32"), w: T.Buffer((tl.n_tiles, K, mt), "float32"),
                      y: T.Buffer(spec.y_shape, "float32")):
             for_each_tile(tl, lambda mo, g: tile(ptr, col, val, w, None, y, mo, g))
     return multiply

@@ -36,6 +36,20 @@ class TuningLog:
             with open(path, "w") as f:
                 f.write(json.dumps(self.header) + "\n")
 
+    @classmethod
+    def read(cls, path: str) -> "TuningLog":
+        """An existing log, whatever model and target it was made for."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tuning log not found: {path}")
+        try:
+            with open(path) as f:
+                head = json.loads(f.readline())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TuningLogError(f"{path} is not a tvm-sparseconv tuning log (bad header: {e})") from e
+        if not isinstance(head, dict):
+            raise TuningLogError(f"{path} is not a tvm-sparseconv tuning log")
+        return cls(path, {k: v for k, v in head.items() if k not in ("format", "version")})
+
     def _read(self) -> None:
         with open(self.path) as f:
             lines = f.read().split("\n")

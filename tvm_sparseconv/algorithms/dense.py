@@ -1,0 +1,408 @@
+"""dense: register-tiled direct convolution in TIR, the dense path at the peers' rate.
+
+Two kernels (knob ``kernel``), both output-stationary with the accumulators in registers:
+
+direct (any layer). Layouts:
+    x    N x C x H x W (NCHW), read in place: the padded taps are skipped (a runtime test per
+         kernel row, outside the channel loop; a compile-time one in the border tiles of a row);
+    xp   N x C x Hp x Wp, a zero-padded copy made by a "pad" stage (kind "encode") instead,
+         with knob pad="copy";
+    w    n_mt x Kh x C x Kw x m_tile: the OIHW weights cut into tiles of m_tile output channels,
+         channels past M zero (re-laid-out once, at build time);
+    y    N x M x Oh x Ow (NCHW).
+  One task per (n, M tile, output row r), parallel over threads. The row is cut into tiles of
+  ``block`` (B) consecutive output pixels (the last tile takes Ow % B). A tile keeps B x m_tile
+  accumulators (B * m_tile / 16 zmm) and walks (l, c, q): one weight vector w[mo, l, c, q, :]
+  serves the B pixels, each with a broadcast input value x[n, c, r*Sh + l*Dh - pt,
+  (w0 + b)*Sw + q*Dw - pl]. With ``c_block`` < C the channels are walked in blocks, every tile
+  of the row finishing a block before the next block starts, so that a block's weights stay in
+  cache; the row's partial sums wait in an Ow x m_tile buffer between blocks. The epilogue
+  (bias, ReLU) is applied to the accumulators, stored as one vector of B pixels per channel.
+
+gemm (pointwise layers: 1x1, stride 1, no padding), y[n] (M x P) = w (M x C) . x[n] (C x P)
+  with P = H*W read flat from NCHW. Weights n_mt x C x m_tile. A tile is m_tile output channels
+  x ``block`` consecutive pixels (vectors of 16): per input channel, block/16 vector loads of x
+  and m_tile broadcast weights; stores are whole pixel vectors, so no transposition is needed.
+
+Knob defaults (default_tiling) follow measurements on this machine's AVX-512 cores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm.script import tirx as T
+
+from ..conv import Conv2DSpec, Epilogue
+from ..reference import dense_conv2d
+from ..reference.storage import Storage
+from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, prim
+
+KERNELS = ("direct", "gemm")
+SPLITS = ("m_outer", "row_outer")  # parallel task order: (n, M tile, row) or (n, row, M tile)
+PADS = ("inplace", "copy")  # padding: skip the padded taps, or copy x into a zero-padded xp first
+L2_BYTES = 2 << 20  # per core on this machine
+
+
+@dataclass(frozen=True)
+class DenseTiling:
+    kernel: str   # one of KERNELS
+    block: int    # output pixels per register tile (direct: of one row; gemm: multiple of 16)
+    m_tile: int   # output channels per register tile (direct: multiple of 16; gemm: 1..16)
+    c_block: int  # direct: input channels per cache block (== C: one block)
+    split: str    # one of SPLITS ("row" = a pixel tile for gemm)
+    pad: str      # direct: one of PADS
+    n_mt: int     # M tiles: ceil(M / m_tile)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_pointwise(spec: Conv2DSpec) -> bool:
+    """1x1, stride 1, no padding: a GEMM over the flat pixels (the gemm kernel applies)."""
+    return (spec.kernel_h, spec.kernel_w, spec.stride) == (1, 1, (1, 1)) and not any(spec.padding)
+
+
+def default_tiling(spec: Conv2DSpec, kernel: str | None = None) -> dict:
+    """Knob defaults by layer shape (measured with 1 and 2 threads on this machine), for
+    ``kernel`` (None: gemm for pointwise layers, else direct).
+
+    - pointwise: gemm, 8 channels x 48 pixels (24 accumulators; 32 x 12 is as fast, 16 x 16
+      and 64 x 6 are 10-25% slower);
+    - otherwise direct, B x m_tile = 8 x 32 (16 accumulators; 7 x 32 was 2-10% slower even on
+      row widths that are multiples of 7, 4 x 64 and 16 x 16 slower), m_tile 16 when M is a
+      multiple of 16 but not of 32; at stride 2 with C >= 64, 4 x 64 in blocks of 64 channels
+      (3x3 s2 256->256 at 56x56: 4.6 vs 5.2 ms; 1x1 s2 256->512: 1.35 vs 1.55 ms);
+    - split row_outer when all the weights fit in half the L2 but the input does not fit in it:
+      the input is then read once instead of once per M tile (1x1 s2 256->512: 1.5 vs 1.8 ms;
+      64->64 3x3 at 224x224: 16.6 vs 18.7 ms).
+    """
+    ow, m, c = spec.out_w, spec.out_channels, spec.in_channels
+    w_bytes = 4 * m * c * spec.kernel_h * spec.kernel_w
+    x_bytes = 4 * c * spec.height * spec.width
+    split = "row_outer" if w_bytes <= L2_BYTES // 2 and x_bytes > L2_BYTES else "m_outer"
+    if kernel == "gemm" or (kernel is None and is_pointwise(spec)):
+        return {"kernel": "gemm", "block": 48, "m_tile": 8, "c_block": 0, "split": split, "pad": "inplace"}
+    block, m_tile, c_block = 8, 32, 0
+    if m <= 16 or (m % 32 and m % 16 == 0):
+        m_tile = 16
+    if spec.stride[1] > 1 and c >= 64 and m % 64 == 0:
+        block, m_tile, c_block = 4, 64, 64
+    return {"kernel": "direct", "block": min(block, ow), "m_tile": m_tile, "c_block": c_block, "split": split,
+            "pad": "inplace"}
+
+
+def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
+    kernel, block, m_tile, c_block, split, pad = (
+        knobs[k] for k in ("kernel", "block", "m_tile", "c_block", "split", "pad"))
+    if kernel not in KERNELS:
+        raise KnobError(f"dense: kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "gemm":
+        if not is_pointwise(spec):
+            raise KnobError("dense: kernel='gemm' needs a 1x1 stride-1 layer without padding")
+        if not (isinstance(block, int) and block in (16, 32, 48, 64)):
+            raise KnobError(f"dense: gemm block must be 16, 32, 48 or 64 pixels, got {block!r}")
+        if not (isinstance(m_tile, int) and 1 <= m_tile <= 16):
+            raise KnobError(f"dense: gemm m_tile must be an int in 1..16, got {m_tile!r}")
+    else:
+        if not (isinstance(block, int) and 1 <= block <= 32):
+            raise KnobError(f"dense: block must be an int in 1..32, got {block!r}")
+        # 48-wide vectors compiled ~5x slower than 32 or 64: powers of two only
+        if m_tile not in (16, 32, 64, 128):
+            raise KnobError(f"dense: m_tile must be 16, 32, 64 or 128, got {m_tile!r}")
+        block = min(block, spec.out_w)
+    if not (isinstance(c_block, int) and c_block >= 0):
+        raise KnobError(f"dense: c_block must be an int >= 0 (0: all channels), got {c_block!r}")
+    if split not in SPLITS:
+        raise KnobError(f"dense: split must be one of {SPLITS}, got {split!r}")
+    if pad not in PADS:
+        raise KnobError(f"dense: pad must be one of {PADS}, got {pad!r}")
+    c = spec.in_channels
+    return DenseTiling(kernel, block, m_tile, min(c_block or c, c), split, pad, _cdiv(spec.out_channels, m_tile))
+
+
+def tile_weights(spec: Conv2DSpec, w: np.ndarray, tl: DenseTiling) -> np.ndarray:
+    """OIHW (M x C x Kh x Kw) -> direct: n_mt x Kh x C x Kw x m_tile; gemm: n_mt x C x m_tile.
+    Output channels past M are zero."""
+    wp = np.zeros((tl.n_mt * tl.m_tile,) + w.shape[1:], np.float32)
+    wp[:spec.out_channels] = w
+    wp = wp.reshape(tl.n_mt, tl.m_tile, *w.shape[1:])  # n_mt, m_tile, C, Kh, Kw
+    if tl.kernel == "gemm":
+        return np.ascontiguousarray(wp[:, :, :, 0, 0].transpose(0, 2, 1))
+    return np.ascontiguousarray(wp.transpose(0, 3, 2, 4, 1))
+
+
+def _pad_func(spec: Conv2DSpec):
+    """x (N x C x H x W) -> xp (N x C x Hp x Wp) with zero borders; parallel over (n, c)."""
+    N, C, H, W = spec.x_shape
+    Hp, Wp = spec.padded_h, spec.padded_w
+    pt, pl = spec.padding[0], spec.padding[1]
+
+    @T.prim_func
+    def pad(x: T.Buffer((N, C, H, W), "float32"), xp: T.Buffer((N, C, Hp, Wp), "float32")):
+        for t in T.parallel(N * C):
+            for h in range(Hp):
+                if h >= pt and h < pt + H:
+                    for w in range(pl):
+                        xp[t // C, t % C, h, w] = T.float32(0)
+                    for w in range(W):
+                        xp[t // C, t % C, h, pl + w] = x[t // C, t % C, h - pt, w]
+                    for w in range(Wp - pl - W):
+                        xp[t // C, t % C, h, pl + W + w] = T.float32(0)
+                else:
+                    for w in range(Wp):
+                        xp[t // C, t % C, h, w] = T.float32(0)
+
+    return pad
+
+
+def _task(t, n_mt: int, rows: int, split: str):
+    """Task t -> (n, M tile, row or pixel tile) in the split's order, as expressions: binding
+    them to names (let statements) made the gemm kernel ~15% slower."""
+    if split == "m_outer":
+        return t // (n_mt * rows), t // rows % n_mt, t % rows
+    return t // (n_mt * rows), t % n_mt, t // n_mt % rows
+
+
+def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inplace: bool):
+    """The multiply PrimFunc of the direct kernel. ``inplace``: read x itself and skip the padded taps (their
+    positions are known: a runtime test per kernel row, a compile-time one per border tile);
+    otherwise read the padded copy xp, which has no out-of-range tap."""
+    C, H, W, M = spec.in_channels, spec.height, spec.width, spec.out_channels
+    Kh, Kw, Oh, Ow = spec.kernel_h, spec.kernel_w, spec.out_h, spec.out_w
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl = (spec.padding[0], spec.padding[1]) if inplace else (0, 0)
+    B, mt, cb, n_mt = tl.block, tl.m_tile, tl.c_block, tl.n_mt
+    n_cb = _cdiv(C, cb)
+    m_whole = M % mt == 0
+    ntask = spec.batch * n_mt * Oh
+    row_check = inplace and (pt > 0 or (Oh - 1) * sh + (Kh - 1) * dh - pt >= H)
+    W = W if inplace else spec.padded_w  # columns of the buffer read
+    interior, border = _tile_classes(spec, B, pl, W)
+
+    @T.macro
+    def taps(xin, w, acc, n, mo, c0, c1, i, l, w0, BT, col_check):
+        """acc[b, :] += xin[n, c, i, (w0 + b)*sw + q*dw - pl] * w[mo, l, c, q, :] for c0 <= c < c1."""
+        for c in range(c0, c1):
+            for q in T.unroll(Kw):
+                for b in T.unroll(BT):
+                    if col_check:  # a border tile: w0 is a constant, so this folds per (b, q)
+                        if (w0 + b) * sw + q * dw - pl >= 0 and (w0 + b) * sw + q * dw - pl < W:
+                            for j in T.vectorized(mt):
+                                acc[b, j] = acc[b, j] + xin[n, c, i, (w0 + b) * sw + q * dw - pl] * w[mo, l, c, q, j]
+                    else:
+                        for j in T.vectorized(mt):
+                            acc[b, j] = acc[b, j] + xin[n, c, i, (w0 + b) * sw + q * dw - pl] * w[mo, l, c, q, j]
+
+    @T.macro
+    def tile(xin, w, bias, y, acc, part, n, mo, r, w0, BT, col_check, c0, c1, first, last):
+        """Pixels w0 .. w0+BT-1 of row r, channels mo*mt .. +mt, input channels c0 .. c1-1."""
+        if first:
+            for b in T.unroll(BT):
+                for j in T.vectorized(mt):
+                    acc[b, j] = T.float32(0)
+        else:
+            for b in T.unroll(BT):
+                for j in T.vectorized(mt):
+                    acc[b, j] = part[w0 + b, j]
+        for l in T.unroll(Kh):
+            if row_check:
+                if r * sh + l * dh - pt >= 0 and r * sh + l * dh - pt < H:
+                    taps(xin, w, acc, n, mo, c0, c1, r * sh + l * dh - pt, l, w0, BT, col_check)
+            else:
+                taps(xin, w, acc, n, mo, c0, c1, r * sh + l * dh - pt, l, w0, BT, col_check)
+        if last:
+            # one vector store of BT pixels per output channel (per-element stores cost ~3x more)
+            for j in T.unroll(mt):
+                if m_whole:
+                    for b in T.vectorized(BT):
+                        y[n, mo * mt + j, r, w0 + b] = epilogue_value(acc[b, j], mo * mt + j, bias, ep)
+                elif mo * mt + j < M:
+                    for b in T.vectorized(BT):
+                        y[n, mo * mt + j, r, w0 + b] = epilogue_value(acc[b, j], mo * mt + j, bias, ep)
+        else:
+            for b in T.unroll(BT):
+                for j in T.vectorized(mt):
+                    part[w0 + b, j] = acc[b, j]
+
+    def border_tiles(*args):
+        """One copy of the tile per border tile, its w0 a constant (a Python loop at parse time)."""
+        for w0, BT in border:
+            tile(*args[:9], w0, BT, True, *args[9:])
+
+    @T.macro
+    def row(xin, w, bias, y, acc, part, n, mo, r, c0, c1, first, last):
+        for g in range(interior[0], interior[1]):
+            tile(xin, w, bias, y, acc, part, n, mo, r, g * B, B, False, c0, c1, first, last)
+        border_tiles(xin, w, bias, y, acc, part, n, mo, r, c0, c1, first, last)
+
+    @T.macro
+    def body(xin, w, bias, y):
+        for t in T.parallel(ntask):
+            acc = T.alloc_local((B, mt), "float32")
+            if n_cb == 1:
+                row(xin, w, bias, y, acc, acc, *_task(t, n_mt, Oh, tl.split), 0, C, True, True)
+            else:
+                part = T.alloc_buffer((Ow, mt), "float32")
+                for k in range(n_cb):
+                    row(xin, w, bias, y, acc, part, *_task(t, n_mt, Oh, tl.split), k * cb, T.min(k * cb + cb, C),
+                        k == 0, k == n_cb - 1)
+
+    return _multiply_prim(spec, ep, xin_shape, (n_mt, Kh, C, Kw, mt), body)
+
+
+def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
+    """The multiply PrimFunc of the gemm kernel (pointwise layers), x and y read as N x C x P."""
+    N, C, H, W = spec.x_shape
+    M, P = spec.out_channels, H * W
+    B, mt, n_mt = tl.block, tl.m_tile, tl.n_mt
+    n_pt, n_full = _cdiv(P, B), P // B
+    m_whole = M % mt == 0
+    ntask = N * n_mt * n_pt
+
+    def chunks(BT, emit):
+        """emit(offset, lanes) for each vector of the BT pixels: 16 lanes, the last BT % 16."""
+        for off in range(0, BT, 16):
+            emit(off, min(16, BT - off))
+
+    @T.macro
+    def zero_chunk(acc, i, off, ln):
+        for p in T.vectorized(ln):
+            acc[i, off + p] = T.float32(0)
+
+    @T.macro
+    def fma_chunk(xf, w, acc, n, mo, c, i, p0, off, ln):
+        for p in T.vectorized(ln):
+            acc[i, off + p] = acc[i, off + p] + w[mo, c, i] * xf[n, c, p0 + off + p]
+
+    @T.macro
+    def store_chunk(yf, acc, bias, n, m, i, p0, off, ln):
+        for p in T.vectorized(ln):
+            yf[n, m, p0 + off + p] = epilogue_value(acc[i, off + p], m, bias, ep)
+
+    @T.macro
+    def tile(xf, w, bias, yf, acc, n, mo, p0, BT):
+        # channel-major everywhere: a broadcast weight dies after its row (no spill), and each
+        # output row is written as one contiguous run
+        for i in T.unroll(mt):
+            chunks(BT, lambda off, ln: zero_chunk(acc, i, off, ln))
+        for c in range(C):
+            for i in T.unroll(mt):
+                chunks(BT, lambda off, ln: fma_chunk(xf, w, acc, n, mo, c, i, p0, off, ln))
+        for i in T.unroll(mt):
+            if m_whole:
+                chunks(BT, lambda off, ln: store_chunk(yf, acc, bias, n, mo * mt + i, i, p0, off, ln))
+            elif mo * mt + i < M:
+                chunks(BT, lambda off, ln: store_chunk(yf, acc, bias, n, mo * mt + i, i, p0, off, ln))
+
+    @T.macro
+    def pixel_tile(xf, w, bias, yf, acc, n, mo, g):
+        if P % B == 0:
+            tile(xf, w, bias, yf, acc, n, mo, g * B, B)
+        elif g < n_full:
+            tile(xf, w, bias, yf, acc, n, mo, g * B, B)
+        else:
+            tile(xf, w, bias, yf, acc, n, mo, n_full * B, P % B)
+
+    @T.macro
+    def body(x, w, bias, y):
+        xf = T.decl_buffer((N, C, P), "float32", data=x.data)
+        yf = T.decl_buffer((N, M, P), "float32", data=y.data)
+        for t in T.parallel(ntask):
+            acc = T.alloc_local((mt, B), "float32")
+            pixel_tile(xf, w, bias, yf, acc, *_task(t, n_mt, n_pt, tl.split))
+
+    return _multiply_prim(spec, ep, spec.x_shape, (n_mt, C, mt), body)
+
+
+def _multiply_prim(spec: Conv2DSpec, ep: Epilogue, x_shape, w_shape, body):
+    """multiply(x, w[, bias], y) whose body is the macro ``body(x, w, bias, y)``."""
+    M, y_shape = spec.out_channels, spec.y_shape
+    if ep.bias:
+        @T.prim_func
+        def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+                     bias: T.Buffer((M,), "float32"), y: T.Buffer(y_shape, "float32")):
+            body(x, w, bias, y)
+    else:
+        @T.prim_func
+        def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+                     y: T.Buffer(y_shape, "float32")):
+            body(x, w, None, y)
+    return multiply
+
+
+def _tile_classes(spec: Conv2DSpec, B: int, pl: int, width: int):
+    """Split an output row into tiles of B pixels (the last one Ow % B): the interior tiles
+    g in [g0, g1), whose taps all read columns inside [0, width), and the border tiles as
+    (w0, pixels), whose out-of-range taps are skipped."""
+    Ow, sw, dw, Kw = spec.out_w, spec.stride[1], spec.dilation[1], spec.kernel_w
+    tiles = [(w0, min(B, Ow - w0)) for w0 in range(0, Ow, B)]
+    inside = [w0 * sw - pl >= 0 and (w0 + bt - 1) * sw + (Kw - 1) * dw - pl < width and bt == B
+              for w0, bt in tiles]
+    g0 = inside.index(True) if any(inside) else 0
+    g1 = g0
+    while g1 < len(tiles) and inside[g1]:
+        g1 += 1
+    return (g0, g1), [t for g, t in enumerate(tiles) if not g0 <= g < g1]
+
+
+def _copies(spec: Conv2DSpec, tl: DenseTiling) -> bool:
+    """Whether a "pad" stage copies x into a zero-padded xp first (direct, pad="copy", padding)."""
+    return tl.kernel == "direct" and tl.pad == "copy" and any(spec.padding)
+
+
+def padded_storage(spec: Conv2DSpec, tl: DenseTiling) -> Storage:
+    """The padded copy xp (N x C x Hp x Wp float32) when there is one, else nothing."""
+    if not _copies(spec, tl):
+        return Storage(0, 0)
+    return Storage.of((spec.batch * spec.in_channels * spec.padded_h * spec.padded_w, 4))
+
+
+class Dense(Algorithm):
+    name = "dense"
+    sparse = False
+    knob_defaults = {"kernel": "direct", "block": 8, "m_tile": 32, "c_block": 0, "split": "m_outer",
+                     "pad": "inplace"}
+
+    def default_knobs(self, spec: Conv2DSpec) -> dict:
+        return default_tiling(spec)
+
+    def knobs(self, spec: Conv2DSpec, knobs=None) -> dict:
+        """As Algorithm.knobs, with the defaults of the kernel asked for (tile sizes differ)."""
+        knobs = dict(knobs or {})
+        out = default_tiling(spec, knobs.get("kernel"))
+        unknown = sorted(set(knobs) - set(out))
+        if unknown:
+            raise KnobError(f"{self.name} has no knob {unknown[0]!r} (knobs: {sorted(out)})")
+        return {**out, **knobs}
+
+    def constants(self, spec, weight, bias, knobs):
+        return {"w": tile_weights(spec, weight, make_tiling(spec, knobs)), **bias_constant(spec, bias)}
+
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
+        tl = make_tiling(spec, knobs)
+        bias = ("bias",) if epilogue.bias else ()
+        stages = []
+        xin, xin_shape = "x", spec.x_shape
+        if _copies(spec, tl):
+            xin, xin_shape = "xp", (spec.batch, spec.in_channels, spec.padded_h, spec.padded_w)
+            stages.append(Stage("pad", "encode", prim(_pad_func(spec)), ("x",), (Buffer("xp", xin_shape),)))
+        if tl.kernel == "gemm":
+            mul = _gemm_func(spec, tl, epilogue)
+        else:
+            mul = _direct_func(spec, tl, epilogue, xin_shape, inplace=xin == "x")
+        stages.append(Stage("multiply", "multiply", prim(mul), (xin, "w") + bias, (Buffer("y", spec.y_shape),)))
+        return stages
+
+    def storage(self, spec, knobs, produced):
+        return Storage.of(produced["xp"]) if "xp" in produced else Storage(0, 0)
+
+    def reference_storage(self, spec, knobs, x):
+        return padded_storage(spec, make_tiling(spec, knobs))
+
+    def reference(self, spec, knobs, x, w):
+        return dense_conv2d(spec, x, w)
+
+
+ALGORITHM = Dense()

@@ -1,0 +1,157 @@
+"""halo: halo segments, store-once and output-stationary (algorithms.md section 7).
+
+Format (reference/halo.py states it exactly): each real input row h is cut into segments of
+L = (B-1)*Sw + (Kw-1)*Dw + 1 padded columns at a step of B*Sw, B = the knob ``block``: segment t
+holds the columns that output pixels t*B .. t*B+B-1 of an output row read in that input row.
+Per (n, h, t) a pointer range; per entry its channel and the segment's L values, stored only
+when any is non-zero (all-zero channels and regions cost nothing):
+
+    halo_ptr   (N*H*nseg + 1,)      int32    nseg = ceil(Ow / B)
+    halo_chan  (N*H*nseg*C,)        int32    ascending within a segment
+    halo_val   (N*H*nseg*C, L)      float32
+
+The encoder is one TIR PrimFunc: count per segment, prefix sum, fill (without data-dependent
+branches); both passes run in parallel over input rows, each channel's row read contiguously.
+The multiply, per group of B output pixels of output row r and tile of m_tile output channels:
+for each kernel row l (input row r*Sh + l*Dh - pt) it walks the entries (c, v) of that row's
+segment t and, for each kernel column q and pixel b, does
+acc[b, :] += v[b*Sw + q*Dw] * w[mo, l, c, q, :] with the B x m_tile accumulators in registers
+(weights re-laid-out at build time as [M/m_tile][Kh][C][Kw][m_tile], M zero-padded to whole
+tiles: the Kw weight vectors of an entry are adjacent, a tile's weights contiguous); then it
+stores y (NCHW) through the epilogue. At density 1 it is a register-tiled direct convolution.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+from ..conv import Conv2DSpec, Epilogue
+from ..reference.halo import HaloGeometry, halo_encode, halo_geometry, halo_multiply, halo_storage
+from .base import Algorithm, Buffer, Stage, bias_constant, prim
+from .im2csr import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
+                     root_block, start_rows, store_tile, tile_weights, tiling_defaults, two_pass_encode,
+                     zero_tile)
+
+
+class Halo(Algorithm):
+    name = "halo"
+    sparse = True
+
+    def default_knobs(self, spec: Conv2DSpec) -> dict:
+        # 8 pixels x 32 channels: fewer, cheaper segments to encode than 4 x 64, and as fast
+        return tiling_defaults(spec, tiles=(32, 16))
+
+    def constants(self, spec, weight, bias, knobs):
+        tl = make_tiling(self.name, spec, knobs)
+        w = tile_weights(weight.transpose(2, 1, 3, 0), tl)  # n_tiles, Kh, C, Kw, m_tile
+        return {"w": w, **bias_constant(spec, bias)}
+
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
+        tl = make_tiling(self.name, spec, knobs)
+        geo = halo_geometry(spec, tl.block)
+        segs = spec.batch * spec.height * geo.n_seg
+        cap = segs * spec.in_channels
+        outs = (Buffer("halo_ptr", (segs + 1,), "int32"), Buffer("halo_chan", (cap,), "int32"),
+                Buffer("halo_val", (cap, geo.seg_len)))
+        bias = ("bias",) if epilogue.bias else ()
+        return [Stage("encode", "encode", prim(_encode_func(spec, geo, segs, cap)), ("x",), outs),
+                Stage("multiply", "multiply", prim(_multiply_func(spec, geo, tl, segs, cap, epilogue)),
+                      ("halo_ptr", "halo_chan", "halo_val", "w") + bias, (Buffer("y", spec.y_shape),))]
+
+    def storage(self, spec, knobs, produced):
+        return halo_storage(spec, knobs["block"], produced["halo_ptr"])
+
+    def reference_storage(self, spec, knobs, x):
+        return halo_storage(spec, knobs["block"], halo_encode(spec, x, knobs["block"])[0])
+
+    def reference(self, spec, knobs, x, w):
+        return halo_multiply(spec, knobs["block"], *halo_encode(spec, x, knobs["block"]), w)
+
+
+def _row_is_read(spec: Conv2DSpec, geo: HaloGeometry, h):
+    """TIR: real input row h is read by some output row (True when every row is)."""
+    if all(geo.read_rows):
+        return True
+    (sh, dh), pt = (spec.stride[0], spec.dilation[0]), spec.padding[0]
+    conds = []
+    for l in range(spec.kernel_h):
+        i = h + pt - l * dh  # = r * sh when output row r reads h with kernel row l
+        conds.append(tvm.tirx.all(i >= 0, tvm.tirx.floormod(i, sh) == 0,
+                                  tvm.tirx.floordiv(i, sh) < spec.out_h))
+    return tvm.tirx.any(*conds)
+
+
+def _offset_is_read(geo: HaloGeometry, k):
+    """TIR: offset k of a segment is read by some (b, q) (True when every offset is)."""
+    unread = [o for o, r in enumerate(geo.read_offsets) if not r]
+    return tvm.tirx.all(*[k != o for o in unread]) if unread else True
+
+
+def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
+    N, C, H, W = spec.x_shape
+    L, nseg, step, pl = geo.seg_len, geo.n_seg, geo.step, spec.padding[1]
+    w_end = min(W, geo.read_w - pl)  # real columns read: [0, w_end)
+
+    @T.macro
+    def row_pass(x, ptr, chan, val, u, fill):
+        """The nseg segments of input row u = (n, h): channel by channel, each row read once."""
+        n, h = u // H, u % H
+        pos = T.alloc_local((nseg,), "int32")
+        start_rows(ptr, pos, u * nseg, nseg, fill)
+        if _row_is_read(spec, geo, h):
+            for c, t in T.grid(C, nseg):
+                j0 = t * step - pl  # real column of offset 0
+                v = T.alloc_local((L,), "float32")
+                for k in T.unroll(L):
+                    v[k] = T.if_then_else(j0 + k >= 0 and j0 + k < w_end and _offset_is_read(geo, k),
+                                          x[n, c, h, T.max(T.min(j0 + k, W - 1), 0)], T.float32(0))
+                emit_entry(ptr, chan, val, u * nseg + t, pos, t, c, v, L, fill)
+        finish_rows(ptr, pos, u * nseg, nseg, fill)
+
+    @T.prim_func
+    def encode(x: T.Buffer((N, C, H, W), "float32"), ptr: T.Buffer((segs + 1,), "int32"),
+               chan: T.Buffer((cap,), "int32"), val: T.Buffer((cap, L), "float32")):
+        two_pass_encode(N * H, segs, ptr, lambda u, fill: row_pass(x, ptr, chan, val, u, fill))
+
+    return root_block(encode)
+
+
+def _multiply_func(spec: Conv2DSpec, geo: HaloGeometry, tl: Tiling, segs: int, cap: int, ep: Epilogue):
+    C, H = spec.in_channels, spec.height
+    Kh, Kw, B, mt = spec.kernel_h, spec.kernel_w, tl.block, tl.m_tile
+    (sh, sw), (dh, dw), pt = spec.stride, spec.dilation, spec.padding[0]
+    L, nseg = geo.seg_len, geo.n_seg
+
+    @T.macro
+    def tile(ptr, chan, val, w, bias, y, mo, g):
+        n, r, s0 = group_coords(spec, tl, g)
+        acc = T.alloc_local((B, mt), "float32")
+        zero_tile(acc, tl)
+        for l in range(Kh):
+            i = r * sh + l * dh - pt
+            if i >= 0 and i < H:
+                seg = (n * H + i) * nseg + g % nseg
+                for e in range(ptr[seg], ptr[seg + 1]):
+                    c = chan[e]
+                    for q in T.unroll(Kw):
+                        for b in T.unroll(B):
+                            for j in T.vectorized(mt):
+                                acc[b, j] = acc[b, j] + val[e, b * sw + q * dw] * w[mo, l, c, q, j]
+        store_tile(y, acc, bias, spec, tl, ep, n, r, s0, mo * mt)
+
+    if ep.bias:
+        @T.prim_func
+        def multiply(ptr: T.Buffer((segs + 1,), "int32"), chan: T.Buffer((cap,), "int32"),
+                     val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C, Kw, mt), "float32"),
+                     bias: T.Buffer((spec.out_channels,), "float32"), y: T.Buffer(spec.y_shape, "float32")):
+            for_each_tile(tl, lambda mo, g: tile(ptr, chan, val, w, bias, y, mo, g))
+    else:
+        @T.prim_func
+        def multiply(ptr: T.Buffer((segs + 1,), "int32"), chan: T.Buffer((cap,), "int32"),
+                     val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C, Kw, mt), "float32"),
+                     y: T.Buffer(spec.y_shape, "float32")):
+            for_each_tile(tl, lambda mo, g: tile(ptr, chan, val, w, None, y, mo, g))
+    return multiply
+
+
+ALGORITHM = Halo()

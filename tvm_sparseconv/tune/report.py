@@ -1,0 +1,118 @@
+"""The tuning report of a run folder: report.md with a table per layer, and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+
+from .log import TuningLog
+
+
+def _load(run_dir: str):
+    paths = {k: os.path.join(run_dir, f) for k, f in
+             (("profile", "profile.json"), ("plan", "plan.json"), ("trials", "trials.jsonl"))}
+    for k, p in paths.items():
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{run_dir} is not a finished tuning run: {os.path.basename(p)} is missing")
+    log = TuningLog.read(paths["trials"])
+    with open(paths["profile"]) as f:
+        prof = json.load(f)
+    from ..plan import Plan
+
+    return prof, Plan.load(paths["plan"]), log
+
+
+def best_per_algorithm(records, workload: str) -> dict:
+    out = {}
+    for r in records:
+        if r["workload"] == workload and r.get("time_ms"):
+            if r["algorithm"] not in out or r["time_ms"] < out[r["algorithm"]]["time_ms"]:
+                out[r["algorithm"]] = r
+    return out
+
+
+def write_report(run_dir: str) -> str:
+    """Write report.md and plots into ``run_dir``; returns the report's path."""
+    prof, plan, log = _load(run_dir)
+    dens = {l["key"]: l for l in prof["layers"]}
+    algos = sorted({r["algorithm"] for r in log.records if r.get("time_ms")})
+    rows, series = [], {a: [] for a in algos}
+    mem = {a: [] for a in algos}
+    keys, densities = [], []
+    total_plan = total_dense = 0.0
+    for pl in plan.layers:
+        w = pl.note.get("workload")
+        best = best_per_algorithm(log.records, w) if w else {}
+        d = dens.get(pl.key, {})
+        keys.append(pl.key)
+        densities.append(d.get("density_mean", float("nan")))
+        for a in algos:
+            series[a].append(best[a]["time_ms"] if a in best else float("nan"))
+            mem[a].append(best[a].get("stored_bytes", 0) / 1e6 if a in best else float("nan"))
+        dense_ms = min([best[a]["time_ms"] for a in ("dense", "direct") if a in best] or [float("nan")])
+        chosen_ms = best[pl.algorithm]["time_ms"] if pl.algorithm in best else float("nan")
+        if chosen_ms == chosen_ms and dense_ms == dense_ms:
+            total_plan += chosen_ms
+            total_dense += dense_ms
+        rows.append((pl, d, best, chosen_ms, dense_ms))
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write(f"# Tuning report: {log.header.get('model')}\n\n")
+        f.write(f"Target `{log.header.get('target')}`; {prof.get('samples')} samples; "
+                f"{len(log.records)} measured candidates.\n\n")
+        if total_dense:
+            f.write(f"Sum of conv layer times: chosen {total_plan:.2f} ms vs best dense {total_dense:.2f} ms "
+                    f"({total_dense / total_plan:.2f}x).\n\n")
+        f.write("![time per algorithm](time_per_layer.png)\n\n![density](density_per_layer.png)\n\n"
+                "![memory](memory_per_algorithm.png)\n\n")
+        f.write("| layer | shape | density | MMACs | " + " | ".join(f"{a} ms" for a in algos)
+                + " | choice | speed-up vs dense |\n")
+        f.write("|---|---|---|---|" + "---|" * len(algos) + "---|---|\n")
+        for pl, d, best, chosen_ms, dense_ms in rows:
+            s = pl.spec
+            shape = f"{s['in_channels']}x{s['height']}x{s['width']}->{s['out_channels']} k{s['kernel_h']}x{s['kernel_w']}" \
+                    f" s{s['stride'][0]}"
+            cells = [f"{best[a]['time_ms']:.3f}" if a in best else "-" for a in algos]
+            sp = f"{dense_ms / chosen_ms:.2f}x" if chosen_ms == chosen_ms and dense_ms == dense_ms else "-"
+            f.write(f"| {pl.key} | {shape} | {d.get('density_mean', float('nan')):.3f} | "
+                    f"{d.get('macs', 0) / 1e6:.1f} | " + " | ".join(cells) + f" | {pl.algorithm} | {sp} |\n")
+    _plots(run_dir, keys, densities, series, mem)
+    return os.path.join(run_dir, "report.md")
+
+
+def _plots(run_dir, keys, densities, series, mem) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = range(len(keys))
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.3), 4.5))
+    for a, ys in series.items():
+        ax.plot(x, ys, marker="o", ms=3, label=a)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (encode + multiply)")
+    ax.set_xticks(list(x), keys, rotation=90, fontsize=6)
+    ax.legend(fontsize=7)
+    ax.set_title("time per algorithm per layer")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "time_per_layer.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.3), 3.5))
+    ax.bar(list(x), densities, color="tab:green")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("input density")
+    ax.set_xticks(list(x), keys, rotation=90, fontsize=6)
+    ax.set_title("input density per conv layer")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "density_per_layer.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.3), 4))
+    for a, ys in mem.items():
+        if any(v == v and v > 0 for v in ys):
+            ax.plot(x, ys, marker="o", ms=3, label=a)
+    ax.set_ylabel("stored MB (representation of the input)")
+    ax.set_xticks(list(x), keys, rotation=90, fontsize=6)
+    ax.legend(fontsize=7)
+    ax.set_title("memory per algorithm per layer")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "memory_per_algorithm.png"), dpi=110)
+    plt.close(fig)

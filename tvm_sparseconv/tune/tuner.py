@@ -1,0 +1,220 @@
+"""The autotuner: per conv workload, measure every candidate algorithm on real activations,
+tune its knobs (MetaSchedule for the dense TE stages, an XGBoost-guided search for the
+hand-scheduled kernels) and pick the fastest, encode included.
+
+Output, in the run folder: ``profile.json``, ``trials.jsonl`` (every measured candidate),
+``database/`` (MetaSchedule JSON database), ``plan.json`` and ``report.md`` with plots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..algorithms import ALGORITHMS, get_algorithm
+from ..build import CompiledLayer
+from ..conv import Epilogue, UnsupportedConvError
+from ..frontend import Model
+from ..graph import find_conv_sites
+from ..layer import max_abs_error
+from ..plan import Plan, PlanLayer
+from ..profile import profile
+from ..reference import dense_conv2d
+from ..target import make_target
+from .cost_model import KnobCostModel
+from .log import TuningLog
+from .progress import Progress
+from .space import knob_space
+from .workloads import Workload, extract_workloads
+
+DENSE_BASELINES = ("dense", "direct")
+MS_ALGORITHMS = ("direct", "im2col", "mec")  # their stages are TE: MetaSchedule tunes them
+
+
+@dataclass
+class TuneConfig:
+    trials: int = 0                # MetaSchedule trials in all, for the dense TE stages
+    knob_trials: int = 6           # hand-scheduled kernels: configs measured per (workload, algorithm)
+    budget_minutes: float | None = None
+    algorithms: tuple = ALGORITHMS
+    margin: float = 0.03           # a sparse pick must beat the best dense one by this share
+    repeat: int = 5
+    rpc: tuple | None = None       # (host, port, key)
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _tolerance(w: Workload, ref: np.ndarray) -> float:
+    red = w.spec.in_channels // w.spec.groups * w.spec.kernel_h * w.spec.kernel_w
+    return 1e-4 + 2e-5 * np.sqrt(red) * float(np.nanmax(np.abs(ref), initial=1.0))
+
+
+class Tuner:
+    def __init__(self, model: Model, samples, run_dir: str, target=None, config: TuneConfig | None = None,
+                 model_name: str | None = None, log=lambda s: None):
+        self.model, self.samples, self.run_dir = model, samples, run_dir
+        self.target = make_target(target)
+        self.cfg = config or TuneConfig()
+        self.say = log
+        os.makedirs(run_dir, exist_ok=True)
+        self.db_dir = os.path.join(run_dir, "database")
+        self.trials = TuningLog(os.path.join(run_dir, "trials.jsonl"),
+                                {"model": model_name or os.path.basename(str(model.source)),
+                                 "input_shape": list(model.input_shape), "target": str(self.target)})
+        self.cost = KnobCostModel(self.cfg.seed)
+        self.deadline = time.monotonic() + 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
+        self.session = self._rpc_session() if self.cfg.rpc else None
+
+    # -- phases ------------------------------------------------------------------------------
+    def run(self) -> Plan:
+        workloads = self.profile()
+        if self.cfg.trials > 0 and any(a in MS_ALGORITHMS for a in self.cfg.algorithms):
+            self.metaschedule(workloads)
+        self.measure(workloads)
+        plan = self.select(workloads)
+        from .report import write_report
+
+        write_report(self.run_dir)
+        return plan
+
+    def profile(self) -> list[Workload]:
+        p = Progress("profile", 1)
+        layers, acts, _ = profile(self.model, self.samples, self.target)
+        sites = find_conv_sites(self.model.mod["main"])
+        with open(os.path.join(self.run_dir, "profile.json"), "w") as f:
+            json.dump({"samples": len(self.samples), "layers": [l.to_dict() for l in layers]}, f, indent=1)
+        p.step(f"{len(layers)} conv layers")
+        self.workloads = extract_workloads(sites, acts)
+        self.say(f"{len(sites)} conv layers -> {len(self.workloads)} workloads")
+        return self.workloads
+
+    def metaschedule(self, workloads: list[Workload]) -> None:
+        """One MetaSchedule run over the TE stages of every (workload, direct/im2col/mec)."""
+        if "metaschedule" in self.trials.done_phases:
+            self.say("MetaSchedule: done in an earlier run, reusing database/")
+            return
+        from .metaschedule import tune_stages
+
+        stages, names = [], []
+        for w in workloads:
+            for a in MS_ALGORITHMS:
+                if a not in self.cfg.algorithms or not self._supports(a, w):
+                    continue
+                for st in get_algorithm(a).stages(w.spec, Epilogue(w.has_bias, w.relu), {}):
+                    if st.tunable:
+                        stages.append(st)
+                        names.append(f"{a}_{st.name}_{len(names)}")
+        p = Progress("metaschedule", 1)
+        self.say(f"MetaSchedule: {self.cfg.trials} trials over {len(stages)} tasks (XGBoost cost model)")
+        runner = "local"
+        if self.cfg.rpc:
+            from tvm.s_tir import meta_schedule as ms
+
+            host, port, key = self.cfg.rpc
+            runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
+                                                             tracker_key=key, session_timeout_sec=300))
+        tune_stages(stages, self.target, self.db_dir, self.cfg.trials, self.cfg.seed, runner, names)
+        self.trials.mark_done("metaschedule")
+        p.step("database written")
+
+    def _supports(self, algorithm: str, w: Workload) -> bool:
+        if w.why_dense and algorithm != "direct":
+            return False
+        try:
+            get_algorithm(algorithm).check(w.spec)
+            return True
+        except UnsupportedConvError:
+            return False
+
+    def candidates(self, w: Workload) -> list[tuple[str, list[dict]]]:
+        out = []
+        have_db = os.path.isdir(self.db_dir)
+        for a in self.cfg.algorithms:
+            if not self._supports(a, w):
+                continue
+            if a in MS_ALGORITHMS:
+                if have_db:  # untuned TE loops are 10-100x slow: measure only with a database
+                    out.append((a, [{}]))
+            else:
+                out.append((a, knob_space(a, w.spec)[: max(1, self.cfg.knob_trials) * 4]))
+        return out
+
+    def measure(self, workloads: list[Workload]) -> None:
+        plan = [(w, a, cands) for w in workloads for a, cands in self.candidates(w)]
+        total = sum(min(len(c), 1 if a in MS_ALGORITHMS else self.cfg.knob_trials) for _, a, c in plan)
+        p = Progress("measure", total)
+        for w, a, cands in plan:
+            ref = None
+            n = 1 if a in MS_ALGORITHMS else self.cfg.knob_trials
+            order = self.cost.rank(a, cands, w.spec, w.density)
+            picked = [cands[i] for i in order[:n]]
+            if cands[0] not in picked:  # always measure the defaults
+                picked = [cands[0]] + picked[:-1]
+            for knobs in picked:
+                rec = self.trials.find(w.id, a, knobs)
+                if rec is None:
+                    if self.deadline and time.monotonic() > self.deadline:
+                        p.step(f"{a}: budget spent, skipped")
+                        continue
+                    if ref is None:
+                        ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu)
+                    rec = self._measure_one(w, a, knobs, ref)
+                    self.trials.append(rec)
+                if rec.get("time_ms"):
+                    self.cost.add(a, knobs, w.spec, w.density, rec["time_ms"])
+                p.step(f"{w.id} {a} {rec.get('time_ms') or rec.get('error')}")
+
+    def _measure_one(self, w: Workload, a: str, knobs: dict, ref: np.ndarray) -> dict:
+        rec = {"workload": w.id, "algorithm": a, "knobs": knobs, "density": w.density}
+        try:
+            db = self.db_dir if a in MS_ALGORITHMS else None
+            layer = CompiledLayer(a, w.spec, w.weight, w.bias, w.relu, self.target, knobs, db, self.session)
+            err = max_abs_error(layer(w.x), ref)
+            if not err <= _tolerance(w, ref):
+                rec.update(error=f"wrong result: max abs error {err:.3g}", max_abs_error=err)
+                return rec
+            t = layer.time(w.x, repeat=self.cfg.repeat)
+            st = layer.storage()
+            rec.update(time_ms=t.total_ms, encode_ms=t.encode_ms, multiply_ms=t.multiply_ms, max_abs_error=err,
+                       stored_elements=st.elements, stored_bytes=st.bytes)
+        except Exception as e:  # a candidate that fails to build or run is recorded, not fatal
+            rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        return rec
+
+    def select(self, workloads: list[Workload]) -> Plan:
+        """Per workload the fastest measured candidate; sparse must win by ``margin``."""
+        sites = find_conv_sites(self.model.mod["main"])
+        by_key = {}
+        for w in workloads:
+            recs = [r for r in self.trials.records if r["workload"] == w.id and r.get("time_ms")]
+            choice = {"algorithm": "direct", "knobs": {}, "time_ms": None}
+            if recs:
+                best = min(recs, key=lambda r: r["time_ms"])
+                dense = [r for r in recs if r["algorithm"] in DENSE_BASELINES or r["algorithm"] in MS_ALGORITHMS]
+                best_dense = min(dense, key=lambda r: r["time_ms"]) if dense else None
+                if best_dense is not None and best["time_ms"] > best_dense["time_ms"] * (1 - self.cfg.margin):
+                    best = best_dense
+                choice = {"algorithm": best["algorithm"], "knobs": best["knobs"], "time_ms": best["time_ms"],
+                          "dense_ms": best_dense["time_ms"] if best_dense else None}
+            for k in w.keys:
+                by_key[k] = (w, choice)
+        layers = []
+        for s in sites:
+            w, c = by_key[s.key]
+            layers.append(PlanLayer(s.key, s.spec.to_dict(), c["algorithm"], c["knobs"],
+                                    {"workload": w.id, "density": w.density, "time_ms": c["time_ms"],
+                                     "dense_ms": c.get("dense_ms")}))
+        plan = Plan(layers, json.loads(str(self.target)) if str(self.target).startswith("{") else None,
+                    {"source": self.trials.header["model"], "input_shape": list(self.model.input_shape)})
+        plan.save(os.path.join(self.run_dir, "plan.json"))
+        return plan
+
+    def _rpc_session(self):
+        from tvm import rpc
+
+        host, port, key = self.cfg.rpc
+        tracker = rpc.connect_tracker(host, int(port))
+        return tracker.request(key, priority=1, session_timeout=600)
