@@ -126,12 +126,17 @@ class CompiledLayer:
 
 
 def _upload(executable, session):
-    """Export to a temporary .so, upload it through the RPC session and load it there."""
+    """Export to a temporary .so, upload it through the RPC session and load it there.
+
+    Each upload gets its own name: overwriting a library the server has loaded crashes it.
+    """
     import os
     import tempfile
+    import uuid
 
+    name = f"layer-{uuid.uuid4().hex[:12]}.so"
     with tempfile.TemporaryDirectory(prefix="tvms-rpc-") as d:
-        path = os.path.join(d, "layer.so")
+        path = os.path.join(d, name)
         executable.export_library(path)
         session.upload(path)
-    return session.load_module("layer.so")
+    return session.load_module(name)

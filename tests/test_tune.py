@@ -1,0 +1,116 @@
+"""The autotuner on a small real model (the first layers of the real ResNet-50)."""
+import json
+import os
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tvm
+from tvm import relax
+
+from tvm_sparseconv.compile import compile as tvms_compile
+from tvm_sparseconv.frontend import load_model, static_onnx
+from tvm_sparseconv.images import load_inputs
+from tvm_sparseconv.models import known_preprocess, model_path
+from tvm_sparseconv.tune.log import TuningLog, TuningLogError
+from tvm_sparseconv.tune.report import write_report
+from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """ResNet-50 (open_nsfw) cut after its 3rd conv's ReLU: stem 7x7/2, 1x1, 3x3 at 56x56."""
+    d = tmp_path_factory.mktemp("small")
+    p, inp, _ = static_onnx(model_path("resnet50-nsfw"), out_dir=str(d))
+    g = onnx.load(p)
+    convs = [n for n in g.graph.node if n.op_type == "Conv"]
+    relu = next(n for n in g.graph.node if n.op_type == "Relu" and
+                any(convs[2].output[0] in m.input for m in g.graph.node if m.output[0] == n.input[0]) or
+                (n.op_type == "Relu" and n.input[0] == convs[2].output[0]))
+    out = str(d / "r50_first3.onnx")
+    onnx.utils.extract_model(p, out, [inp], [relu.output[0]])
+    m = load_model(out)
+    xs = load_inputs(m, ["skimage:astronaut"], preprocess=known_preprocess("resnet50-nsfw"))
+    return out, m, xs
+
+
+def run_tuner(m, xs, run_dir, **cfg):
+    t = Tuner(m, xs, str(run_dir), config=TuneConfig(**cfg), model_name="r50_first3")
+    return t, t.run()
+
+
+def test_tune_produces_database_log_plan_that_compile_and_run(small_model, tmp_path):
+    path, m, xs = small_model
+    t, plan = run_tuner(m, xs, tmp_path / "run", trials=6, knob_trials=2,
+                        algorithms=("direct", "dense", "halo", "cpo"))
+    files = set(os.listdir(tmp_path / "run"))
+    assert {"trials.jsonl", "plan.json", "profile.json", "report.md", "time_per_layer.png",
+            "density_per_layer.png", "memory_per_algorithm.png", "database"} <= files
+    assert os.path.getsize(tmp_path / "run" / "database" / "database_tuning_record.json") > 0
+    # the selection picks the measured fastest (the dense baseline unless a sparse one wins by the margin)
+    for l in plan.layers:
+        recs = [r for r in t.trials.records if r["workload"] == l.note["workload"] and r.get("time_ms")]
+        best = min(r["time_ms"] for r in recs)
+        dense = min(r["time_ms"] for r in recs if r["algorithm"] in ("dense", "direct"))
+        assert l.note["time_ms"] == best or (l.note["time_ms"] == dense and best > dense * 0.97)
+    ex = tvms_compile(m, plan=str(tmp_path / "run" / "plan.json"), database=str(tmp_path / "run" / "database"))
+    y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs[0])).numpy()
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: xs[0]})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_resume_repeats_no_finished_measurement(small_model, tmp_path):
+    path, m, xs = small_model
+    cfg = dict(knob_trials=2, algorithms=("dense", "halo"))
+    t1, _ = run_tuner(m, xs, tmp_path / "run", **cfg)
+    n1 = len(t1.trials.records)
+    # an interrupted run: the last measurement cut short mid-line
+    with open(tmp_path / "run" / "trials.jsonl", "a") as f:
+        f.write('{"workload": "x", "algo')
+    t2, _ = run_tuner(m, xs, tmp_path / "run", **cfg)
+    assert len(t2.trials.records) == n1  # nothing measured again, the cut line dropped
+    t3, _ = run_tuner(m, xs, tmp_path / "run", knob_trials=3, algorithms=("dense", "halo"))
+    keys = [(r["workload"], r["algorithm"], json.dumps(r["knobs"], sort_keys=True)) for r in t3.trials.records]
+    assert len(keys) == len(set(keys)) > n1  # only the new candidates were measured
+
+
+def test_corrupt_or_foreign_log_is_refused(tmp_path):
+    p = tmp_path / "trials.jsonl"
+    p.write_text("not json\n")
+    with pytest.raises(TuningLogError, match="not a tvm-sparseconv tuning log"):
+        TuningLog(str(p), {"model": "m", "target": "t"})
+    log = TuningLog(str(tmp_path / "ok.jsonl"), {"model": "m", "target": "t"})
+    log.append({"workload": "w", "algorithm": "halo", "knobs": {}, "time_ms": 1.0})
+    with pytest.raises(TuningLogError, match="made for model"):
+        TuningLog(str(tmp_path / "ok.jsonl"), {"model": "other", "target": "t"})
+    with open(tmp_path / "ok.jsonl", "a") as f:
+        f.write("garbage in the middle\n")
+        f.write(json.dumps({"workload": "w", "algorithm": "dense", "knobs": {}}) + "\n")
+    with pytest.raises(TuningLogError, match="line 3 is corrupt"):
+        TuningLog(str(tmp_path / "ok.jsonl"), {"model": "m", "target": "t"})
+    with pytest.raises(FileNotFoundError, match="missing"):
+        write_report(str(tmp_path))
+
+
+def test_rpc_tracker_and_two_servers_on_loopback(small_model, tmp_path):
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    path, m, xs = small_model
+    tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
+    servers = [Server("127.0.0.1", port=9300, port_end=9400, tracker_addr=("127.0.0.1", tracker.port),
+                      key="tvms-test", silent=True) for _ in range(2)]
+    try:
+        time.sleep(1.0)
+        t, plan = run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "halo"),
+                            rpc=("127.0.0.1", tracker.port, "tvms-test"))
+        recs = [r for r in t.trials.records if r.get("time_ms")]
+        assert len(recs) == 2 * len({r["workload"] for r in recs}) > 0
+    finally:
+        for s in servers:
+            s.terminate()
+        tracker.terminate()
