@@ -191,10 +191,18 @@ def cmd_profile(args) -> int:
 
 
 def _plan_for(args, model):
+    """--plan, --algorithm, or the plan (and database) shipped for this model and target."""
     from .compile import resolve_plan
+    from .shipped import available, shipped_plan
 
     if not args.plan and not args.algorithm:
-        raise ValueError("give --plan PLAN.json or --algorithm NAME")
+        found = shipped_plan(args.model, args.target)
+        if found is None:
+            raise ValueError(f"give --plan PLAN.json or --algorithm NAME (no shipped plan for {args.model} on "
+                             f"this target; shipped: {', '.join(available()) or 'none'})")
+        args.plan = found[0]
+        args.database = args.database or found[1]
+        _log(f"using the shipped plan {found[0]}" + (f" and database {found[1]}" if found[1] else ""))
     return resolve_plan(model, args.plan, args.algorithm, args.target)
 
 
@@ -248,7 +256,8 @@ def cmd_bench(args) -> int:
 
     model, pre, _ = _load_model(args)
     x = _samples(args, model, pre)[0]
-    res = bench_model(model, x, args.plan, args.algorithm, args.database, args.target, args.threads,
+    plan = _plan_for(args, model)
+    res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
                       args.baseline, args.repeat, not args.no_peers, log=_log)
     if args.json:
         print(json.dumps(res, indent=1))
@@ -348,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     com = sub.add_parser("compile", help="rewrite the convs per plan, compile and export a library")
     _model_args(com)
-    com.add_argument("--plan", default=None, help="plan JSON (from tune, or written by hand)")
+    com.add_argument("--plan", default=None, help="plan JSON (from tune, or written by hand); default: the plan "
+                     "shipped in schedules/ for this model and target")
     com.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
     com.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
     com.add_argument("-o", "--output", required=True, help="the .so to write (plus a .json beside it)")
