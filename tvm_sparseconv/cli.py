@@ -229,7 +229,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .images import load_image, load_inputs
+    from .images import load_inputs
     from .runner import load, top_k
 
     m = load(args.library)

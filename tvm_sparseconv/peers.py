@@ -25,7 +25,6 @@ def _median_ms(fn, repeat: int, min_time_s: float = 0.05) -> float:
 
 def conv_onnx_model(spec: Conv2DSpec, w: np.ndarray, bias: np.ndarray | None = None):
     """A one-Conv ONNX model of the layer (input ``x`` NCHW, weights as initializers)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     pt, pl, pb, pr = spec.padding

@@ -5,7 +5,6 @@ shipped plan (and MetaSchedule database, if any) with no tuning at all.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .target import target_key

@@ -115,6 +115,30 @@ def bias_constant(spec: Conv2DSpec, bias: np.ndarray | None) -> dict[str, np.nda
     return {"bias": bias}
 
 
+def nonzero(v):
+    """TIR: float32 v is a non-zero (NaN and Inf are, -0.0 is not).
+
+    Tested on the bits: a float ``v != 0`` is an ordered compare in TIR, false for NaN.
+    """
+    return tvm.tirx.reinterpret("int32", v) & 0x7FFFFFFF != 0
+
+
+def any_nonzero(v, length: int):
+    """TIR: some v[k], k < length, is a non-zero (one OR of the bits, then one test)."""
+    bits = tvm.tirx.reinterpret("int32", v[0])
+    for k in range(1, length):
+        bits = bits | tvm.tirx.reinterpret("int32", v[k])
+    return bits & 0x7FFFFFFF != 0
+
+
 def prim(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    """A generated PrimFunc with the attributes every stage carries."""
+    """A generated PrimFunc with what every stage needs: noalias, and its body in a root block.
+
+    Relax's RewriteDataflowReshape asks every call_tir with one argument (an encoder of x)
+    whether it is a reshape, and that analysis fails on a body that is not a block.
+    """
+    from tvm import s_tir
+
+    if not isinstance(func.body, s_tir.SBlockRealize):
+        func = func.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", func.body)))
     return func.with_attr("tirx.noalias", True)

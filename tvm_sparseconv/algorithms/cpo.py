@@ -31,15 +31,9 @@ from ..conv import Conv2DSpec, Epilogue
 from ..reference.cpo import (CPO, CPS_BASE_MASK, CPS_FLAG, CPS_SET, column_order, cpo_encode, cpo_multiply,
                              cpo_storage)
 from ..reference.storage import Storage
-from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, prim
+from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, nonzero, prim
 
 VEC = 16  # float32 lanes of AVX-512
-
-
-def nonzero(v):
-    """TIR: float32 v is a non-zero (NaN and Inf are, -0.0 is not), from its bits: a float
-    ``v != 0`` is an ordered compare in TIR, false for NaN."""
-    return tvm.tirx.reinterpret("int32", v) & 0x7FFFFFFF != 0
 
 
 def on_grid(d, stride: int):

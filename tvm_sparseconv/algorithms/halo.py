@@ -28,8 +28,8 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.halo import HaloGeometry, halo_encode, halo_geometry, halo_multiply, halo_storage
 from .base import Algorithm, Buffer, Stage, bias_constant, prim
-from .im2csr import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
-                     root_block, start_rows, store_tile, tile_weights, tiling_defaults, two_pass_encode,
+from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
+                     start_rows, store_tile, tile_weights, tiling_defaults, two_pass_encode,
                      zero_tile)
 
 
@@ -113,7 +113,7 @@ def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
                chan: T.Buffer((cap,), "int32"), val: T.Buffer((cap, L), "float32")):
         two_pass_encode(N * H, segs, ptr, lambda u, fill: row_pass(x, ptr, chan, val, u, fill))
 
-    return root_block(encode)
+    return encode
 
 
 def _multiply_func(spec: Conv2DSpec, geo: HaloGeometry, tl: Tiling, segs: int, cap: int, ep: Epilogue):

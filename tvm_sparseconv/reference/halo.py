@@ -48,7 +48,7 @@ def halo_geometry(spec: Conv2DSpec, block: int) -> HaloGeometry:
 def halo_segments(spec: Conv2DSpec, x: np.ndarray, block: int) -> np.ndarray:
     """N x H x nseg x C x L: the values every (row, segment, channel) would store."""
     geo = halo_geometry(spec, block)
-    pt, pl = spec.padding[0], spec.padding[1]
+    pt = spec.padding[0]
     xp = pad_input(spec, np.asarray(x, np.float32))[:, :, pt:pt + spec.height, :geo.read_w]
     width = (geo.n_seg - 1) * geo.step + geo.seg_len
     xp = np.pad(xp, ((0, 0), (0, 0), (0, 0), (0, max(0, width - xp.shape[3]))))

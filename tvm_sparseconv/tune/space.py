@@ -24,7 +24,7 @@ def _regs_ok(pixels: int, m_tile: int) -> bool:
 
 def _raw_space(name: str, spec: Conv2DSpec):
     if name in ("halo", "im2csr"):
-        from ..algorithms.im2csr import SPLITS
+        from ..algorithms.tiling import SPLITS
 
         for k in _grid(block=(2, 4, 6, 8), m_tile=(16, 32, 64), split=SPLITS):
             if _regs_ok(k["block"], k["m_tile"]) and k["block"] <= spec.out_w:

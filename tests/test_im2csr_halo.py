@@ -1,0 +1,193 @@
+"""im2csr and halo: compiled encoders equal the NumPy encoders exactly, outputs equal the dense oracle."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tvm_sparseconv.algorithms import KnobError, get_algorithm
+from tvm_sparseconv.build import CompiledLayer
+from tvm_sparseconv.conv import Conv2DSpec, UnsupportedConvError
+from tvm_sparseconv.reference import dense_conv2d
+from tvm_sparseconv.reference.halo import halo_encode
+from tvm_sparseconv.reference.im2csr import im2csr_encode
+
+from conftest import DENSITIES, GRID, activation, assert_conv_close, grid_spec, weight
+
+ALGORITHMS = ("im2csr", "halo")
+ENCODERS = {"im2csr": (im2csr_encode, ("csr_ptr", "csr_col", "csr_val")),
+            "halo": (halo_encode, ("halo_ptr", "halo_chan", "halo_val"))}
+
+
+def assert_encoding_equals_reference(layer: CompiledLayer, x: np.ndarray) -> int:
+    """The compiled encoder's arrays, on their valid prefix, equal the NumPy encoder's; returns nnz."""
+    encode, names = ENCODERS[layer.algorithm.name]
+    ref = encode(layer.spec, x, layer.knobs["block"])
+    out = layer.produced()
+    np.testing.assert_array_equal(out[names[0]], ref[0])
+    nnz = int(ref[0][-1])
+    for name, r in zip(names[1:], ref[1:]):
+        assert out[name].shape[0] >= nnz  # worst-case sized
+        np.testing.assert_array_equal(out[name][:nnz], r)  # NaN == NaN here
+    assert layer.storage() == layer.algorithm.reference_storage(layer.spec, layer.knobs, x)
+    return nnz
+
+
+def check_layer(layer: CompiledLayer, w: np.ndarray, densities=DENSITIES, seed: int = 0) -> None:
+    spec = layer.spec
+    for d in densities:
+        x = activation(spec, d, seed)
+        assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+        nnz = assert_encoding_equals_reference(layer, x)
+        if d == 0:  # only the pointers are stored
+            ptr = layer.produced()[ENCODERS[layer.algorithm.name][1][0]]
+            assert nnz == 0 and layer.storage().elements == ptr.size
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_grid_all_densities(algorithm, grid_case):
+    w = weight(grid_case)
+    check_layer(CompiledLayer(algorithm, grid_case, w), w)
+
+
+# every thread split, B = 1 (plain im2CSR), B not dividing Ow, M tile not dividing M
+KNOB_VARIANTS = [{"block": 1, "m_tile": 16, "split": "tile_outer"},
+                 {"block": 3, "m_tile": 8, "split": "tile_inner"},
+                 {"block": 5, "m_tile": 48, "split": "fused"}]
+
+
+@pytest.mark.parametrize("knobs", KNOB_VARIANTS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("case", [GRID[2], GRID[7], GRID[8]], ids=("k3s2asym", "dil2", "k1s2batch2"))
+def test_knob_variants(algorithm, knobs, case):
+    spec = grid_spec(case)
+    w = weight(spec)
+    check_layer(CompiledLayer(algorithm, spec, w, knobs=knobs), w, densities=(0.05, 0.3, 1.0), seed=3)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("case", GRID, ids=range(len(GRID)))
+def test_numpy_reference_multiply(algorithm, case):
+    spec = grid_spec(case)
+    algo = get_algorithm(algorithm)
+    w, x = weight(spec), activation(spec, 0.3, seed=2)
+    for block in (1, 4):
+        knobs = algo.knobs(spec, {"block": block})
+        assert_conv_close(algo.reference(spec, knobs, x, w), dense_conv2d(spec, x, w), spec)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_nan_inf_negative_zero_bias_relu(algorithm):
+    spec = Conv2DSpec.from_shapes((1, 6, 9, 10), (20, 6, 3, 3), padding=1)
+    w = weight(spec)
+    bias = np.linspace(-1, 1, 20).astype(np.float32)
+    x = activation(spec, 0.3)
+    x[0, 1, 4, 4], x[0, 2, 0, 9], x[0, 5, 8, 0] = np.nan, np.inf, -np.inf
+    x[0, 3:5] = 0  # a NaN and an Inf with only zeros around: stored for themselves alone
+    x[0, 3, 6, 2], x[0, 4, 1, 7] = np.nan, np.inf
+    neg = np.where(x == 0, np.float32(-0.0), x)  # every zero as -0.0
+    assert np.signbit(neg).sum() > np.signbit(x).sum()
+    plain = CompiledLayer(algorithm, spec, w)
+    y = plain(neg)
+    ref = dense_conv2d(spec, x, w)
+    assert np.isnan(ref).any() and np.isinf(ref).any()
+    assert_conv_close(y, ref, spec)
+    nnz = assert_encoding_equals_reference(plain, neg)
+    plain(x)
+    assert nnz == assert_encoding_equals_reference(plain, x)  # -0.0 stored nowhere more than 0.0
+    fused = CompiledLayer(algorithm, spec, w, bias=bias, relu=True)
+    y = fused(neg)
+    ref = dense_conv2d(spec, x, w, bias, relu=True)
+    assert np.isnan(y).sum() == np.isnan(ref).sum() > 0
+    assert_conv_close(y, ref, spec)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_worst_case_fills_the_whole_buffers(algorithm):
+    """No padding, B dividing Ow, every value non-zero: every candidate entry is stored."""
+    spec = Conv2DSpec.from_shapes((2, 3, 6, 8), (8, 3, 3, 3))
+    w = weight(spec)
+    x = np.full(spec.x_shape, 0.5, np.float32)
+    layer = CompiledLayer(algorithm, spec, w, knobs={"block": 2})
+    assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+    nnz = assert_encoding_equals_reference(layer, x)
+    assert nnz == layer.produced()[ENCODERS[algorithm][1][1]].shape[0]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_zero_channels_and_regions_cost_nothing(algorithm):
+    spec = Conv2DSpec.from_shapes((1, 8, 12, 12), (16, 8, 3, 3), padding=1)
+    w = weight(spec)
+    x = np.zeros(spec.x_shape, np.float32)
+    x[0, 5, 2, 3] = 1.5  # one non-zero: im2csr stores Kh*Kw entries, halo at most 2 (segment overlap)
+    layer = CompiledLayer(algorithm, spec, w, knobs={"block": 4})
+    assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+    names = ENCODERS[algorithm][1]
+    nnz = assert_encoding_equals_reference(layer, x)
+    out = layer.produced()
+    if algorithm == "im2csr":
+        assert 1 <= nnz <= 9 and set(out[names[1]][:nnz] // 9) == {5}
+    else:
+        assert 1 <= nnz <= 2 and set(out[names[1]][:nnz]) == {5}
+
+
+def test_strided_pointwise_halo_skips_unread_rows_and_columns():
+    """1x1 stride 2 reads every other row and column: the rest is never stored."""
+    spec = Conv2DSpec.from_shapes((1, 4, 8, 8), (8, 4, 1, 1), stride=2)
+    w = weight(spec)
+    x = np.zeros(spec.x_shape, np.float32)
+    x[0, :, 1::2, :] = 1.0  # odd rows: unread
+    x[0, :, ::2, 1::2] = 1.0  # odd columns of even rows: unread
+    layer = CompiledLayer("halo", spec, w, knobs={"block": 2})
+    assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+    assert assert_encoding_equals_reference(layer, x) == 0
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_groups_and_bad_knobs_are_refused(algorithm):
+    g = Conv2DSpec.from_shapes((1, 8, 6, 6), (8, 4, 3, 3), padding=1, groups=2)
+    with pytest.raises(UnsupportedConvError, match="groups=2"):
+        CompiledLayer(algorithm, g, weight(g))
+    spec = Conv2DSpec.from_shapes((1, 4, 6, 6), (8, 4, 3, 3), padding=1)
+    for knobs, msg in (({"tile": 4}, "no knob"), ({"block": 0}, "block"), ({"m_tile": 2.5}, "m_tile"),
+                       ({"split": "rows"}, "split")):
+        with pytest.raises(KnobError, match=msg):
+            CompiledLayer(algorithm, spec, weight(spec), knobs=knobs)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_defaults_keep_about_16_accumulators(algorithm):
+    algo = get_algorithm(algorithm)
+    big = Conv2DSpec.from_shapes((1, 256, 56, 56), (256, 256, 3, 3), padding=1)
+    k = algo.knobs(big)
+    assert k["block"] * k["m_tile"] // 16 == 16
+    small = Conv2DSpec.from_shapes((1, 3, 4, 3), (5, 3, 3, 3), padding=1)
+    k = algo.knobs(small)
+    assert k["block"] <= small.out_w and k["m_tile"] == 16
+
+
+@st.composite
+def small_layers(draw):
+    n, c, m = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 20))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dil = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pad = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, dil[0] * (kh - 1) + 1 - pad[0] - pad[2]), 9))
+    w = draw(st.integers(max(1, dil[1] * (kw - 1) + 1 - pad[1] - pad[3]), 9))
+    spec = Conv2DSpec.from_shapes((n, c, h, w), (m, c, kh, kw), stride, pad, dil)
+    knobs = {"block": draw(st.integers(1, 5)), "m_tile": draw(st.sampled_from((8, 16, 32))),
+             "split": draw(st.sampled_from(("tile_outer", "fused", "tile_inner")))}
+    return spec, knobs, draw(st.sampled_from((0.0, 0.2, 0.6, 1.0))), draw(st.integers(0, 2**16))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@settings(max_examples=6, deadline=None)
+@given(case=small_layers())
+def test_random_small_layers(algorithm, case):
+    spec, knobs, density, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(spec.x_shape).astype(np.float32)
+    x[rng.random(spec.x_shape) >= density] = 0  # unclustered zeros, for coverage
+    w = weight(spec, seed)
+    layer = CompiledLayer(algorithm, spec, w, knobs=knobs)
+    assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+    assert_encoding_equals_reference(layer, x)
