@@ -78,41 +78,40 @@ def write_report(run_dir: str) -> str:
     return os.path.join(run_dir, "report.md")
 
 
-def _plots(run_dir, keys, densities, series, mem) -> None:
+def _figure(run_dir, keys, name, title, ylabel, draw, height=4.5) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = range(len(keys))
-    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.3), 4.5))
-    for a, ys in series.items():
-        ax.plot(x, ys, marker="o", ms=3, label=a)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms (encode + multiply)")
-    ax.set_xticks(list(x), keys, rotation=90, fontsize=6)
-    ax.legend(fontsize=7)
-    ax.set_title("time per algorithm per layer")
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.3), height))
+    draw(ax, range(len(keys)))
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=6)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "time_per_layer.png"), dpi=110)
+    fig.savefig(os.path.join(run_dir, name), dpi=110)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.3), 3.5))
-    ax.bar(list(x), densities, color="tab:green")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("input density")
-    ax.set_xticks(list(x), keys, rotation=90, fontsize=6)
-    ax.set_title("input density per conv layer")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "density_per_layer.png"), dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.3), 4))
-    for a, ys in mem.items():
-        if any(v == v and v > 0 for v in ys):
-            ax.plot(x, ys, marker="o", ms=3, label=a)
-    ax.set_ylabel("stored MB (representation of the input)")
-    ax.set_xticks(list(x), keys, rotation=90, fontsize=6)
-    ax.legend(fontsize=7)
-    ax.set_title("memory per algorithm per layer")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "memory_per_algorithm.png"), dpi=110)
-    plt.close(fig)
+
+
+def _plots(run_dir, keys, densities, series, mem) -> None:
+    def lines(data, log=False):
+        def draw(ax, x):
+            for a, ys in data.items():
+                if any(v == v and v > 0 for v in ys):
+                    ax.plot(list(x), ys, marker="o", ms=3, label=a)
+            if log:
+                ax.set_yscale("log")
+        return draw
+
+    def bars(ax, x):
+        ax.bar(list(x), densities, color="tab:green")
+        ax.set_ylim(0, 1)
+
+    _figure(run_dir, keys, "time_per_layer.png", "time per algorithm per layer", "ms (encode + multiply)",
+            lines(series, log=True))
+    _figure(run_dir, keys, "density_per_layer.png", "input density per conv layer", "input density", bars, 3.5)
+    _figure(run_dir, keys, "memory_per_algorithm.png", "memory per algorithm per layer",
+            "stored MB (representation of the input)", lines(mem), 4)
