@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
@@ -47,8 +48,8 @@ L2_BYTES = 2 << 20  # per core on this machine
 @dataclass(frozen=True)
 class DenseTiling:
     kernel: str   # one of KERNELS
-    block: int    # output pixels per register tile (direct: of one row; gemm: multiple of 16)
-    m_tile: int   # output channels per register tile (direct: multiple of 16; gemm: 1..16)
+    block: int    # output pixels per register tile (direct: 1..32 of one row; gemm: 16, 32, 48, 64)
+    m_tile: int   # output channels per register tile (direct: 16, 32, 64, 128; gemm: 1..16)
     c_block: int  # direct: input channels per cache block (== C: one block)
     split: str    # one of SPLITS ("row" = a pixel tile for gemm)
     pad: str      # direct: one of PADS
@@ -68,10 +69,11 @@ def default_tiling(spec: Conv2DSpec, kernel: str | None = None) -> dict:
     """Knob defaults by layer shape (measured with 1 and 2 threads on this machine), for
     ``kernel`` (None: gemm for pointwise layers, else direct).
 
-    - pointwise: gemm, 8 channels x 48 pixels (24 accumulators; 32 x 12 is as fast, 16 x 16
-      and 64 x 6 are 10-25% slower);
-    - otherwise direct, B x m_tile = 8 x 32 (16 accumulators; 7 x 32 was 2-10% slower even on
-      row widths that are multiples of 7, 4 x 64 and 16 x 16 slower), m_tile 16 when M is a
+    - pointwise: gemm, 24 accumulators: 8 channels x 48 pixels when 48 divides H*W, else 12 x 32
+      (a short last pixel tile runs at a fraction of the speed: 12 x 32 leaves less of one on
+      7x7, 14x14 and 28x28; 16 x 16 and 6 x 64 were 10-25% slower);
+    - otherwise direct, B x m_tile = 8 x 32 (16 accumulators; 7 x 32 was no faster even on row
+      widths that are multiples of 7, 4 x 64 and 16 x 16 were slower), m_tile 16 when M is a
       multiple of 16 but not of 32; at stride 2 with C >= 64, 4 x 64 in blocks of 64 channels
       (3x3 s2 256->256 at 56x56: 4.6 vs 5.2 ms; 1x1 s2 256->512: 1.35 vs 1.55 ms);
     - split row_outer when all the weights fit in half the L2 but the input does not fit in it:
@@ -83,7 +85,9 @@ def default_tiling(spec: Conv2DSpec, kernel: str | None = None) -> dict:
     x_bytes = 4 * c * spec.height * spec.width
     split = "row_outer" if w_bytes <= L2_BYTES // 2 and x_bytes > L2_BYTES else "m_outer"
     if kernel == "gemm" or (kernel is None and is_pointwise(spec)):
-        return {"kernel": "gemm", "block": 48, "m_tile": 8, "c_block": 0, "split": split, "pad": "inplace"}
+        block, m_tile = (48, 8) if spec.height * spec.width % 48 == 0 else (32, 12)
+        return {"kernel": "gemm", "block": block, "m_tile": min(m_tile, m), "c_block": 0, "split": split,
+                "pad": "inplace"}
     block, m_tile, c_block = 8, 32, 0
     if m <= 16 or (m % 32 and m % 16 == 0):
         m_tile = 16
@@ -157,6 +161,15 @@ def _pad_func(spec: Conv2DSpec):
     return pad
 
 
+def _when(flag: bool, cond):
+    """``cond`` when ``flag``, else True (an ``if True:`` vanishes when the TVMScript is parsed)."""
+    return cond if flag else True
+
+
+def _in_range(v, n: int):
+    return tvm.tirx.all(v >= 0, v < n)
+
+
 def _task(t, n_mt: int, rows: int, split: str):
     """Task t -> (n, M tile, row or pixel tile) in the split's order, as expressions: binding
     them to names (let statements) made the gemm kernel ~15% slower."""
@@ -166,9 +179,9 @@ def _task(t, n_mt: int, rows: int, split: str):
 
 
 def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inplace: bool):
-    """The multiply PrimFunc of the direct kernel. ``inplace``: read x itself and skip the padded taps (their
-    positions are known: a runtime test per kernel row, a compile-time one per border tile);
-    otherwise read the padded copy xp, which has no out-of-range tap."""
+    """The multiply PrimFunc of the direct kernel. ``inplace``: read x itself and skip the padded
+    taps (a runtime test per kernel row, a compile-time one per border tile); otherwise read
+    the padded copy xp, which has no out-of-range tap."""
     C, H, W, M = spec.in_channels, spec.height, spec.width, spec.out_channels
     Kh, Kw, Oh, Ow = spec.kernel_h, spec.kernel_w, spec.out_h, spec.out_w
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
@@ -183,15 +196,12 @@ def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inp
 
     @T.macro
     def taps(xin, w, acc, n, mo, c0, c1, i, l, w0, BT, col_check):
-        """acc[b, :] += xin[n, c, i, (w0 + b)*sw + q*dw - pl] * w[mo, l, c, q, :] for c0 <= c < c1."""
+        """acc[b, :] += xin[n, c, i, (w0 + b)*sw + q*dw - pl] * w[mo, l, c, q, :] for c0 <= c < c1.
+        In a border tile (col_check) w0 is a constant, so the column test folds per (b, q)."""
         for c in range(c0, c1):
             for q in T.unroll(Kw):
                 for b in T.unroll(BT):
-                    if col_check:  # a border tile: w0 is a constant, so this folds per (b, q)
-                        if (w0 + b) * sw + q * dw - pl >= 0 and (w0 + b) * sw + q * dw - pl < W:
-                            for j in T.vectorized(mt):
-                                acc[b, j] = acc[b, j] + xin[n, c, i, (w0 + b) * sw + q * dw - pl] * w[mo, l, c, q, j]
-                    else:
+                    if _when(col_check, _in_range((w0 + b) * sw + q * dw - pl, W)):
                         for j in T.vectorized(mt):
                             acc[b, j] = acc[b, j] + xin[n, c, i, (w0 + b) * sw + q * dw - pl] * w[mo, l, c, q, j]
 
@@ -207,18 +217,12 @@ def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inp
                 for j in T.vectorized(mt):
                     acc[b, j] = part[w0 + b, j]
         for l in T.unroll(Kh):
-            if row_check:
-                if r * sh + l * dh - pt >= 0 and r * sh + l * dh - pt < H:
-                    taps(xin, w, acc, n, mo, c0, c1, r * sh + l * dh - pt, l, w0, BT, col_check)
-            else:
+            if _when(row_check, _in_range(r * sh + l * dh - pt, H)):  # outside the channel loop
                 taps(xin, w, acc, n, mo, c0, c1, r * sh + l * dh - pt, l, w0, BT, col_check)
         if last:
             # one vector store of BT pixels per output channel (per-element stores cost ~3x more)
             for j in T.unroll(mt):
-                if m_whole:
-                    for b in T.vectorized(BT):
-                        y[n, mo * mt + j, r, w0 + b] = epilogue_value(acc[b, j], mo * mt + j, bias, ep)
-                elif mo * mt + j < M:
+                if _when(not m_whole, mo * mt + j < M):
                     for b in T.vectorized(BT):
                         y[n, mo * mt + j, r, w0 + b] = epilogue_value(acc[b, j], mo * mt + j, bias, ep)
         else:
@@ -291,9 +295,7 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
             for i in T.unroll(mt):
                 chunks(BT, lambda off, ln: fma_chunk(xf, w, acc, n, mo, c, i, p0, off, ln))
         for i in T.unroll(mt):
-            if m_whole:
-                chunks(BT, lambda off, ln: store_chunk(yf, acc, bias, n, mo * mt + i, i, p0, off, ln))
-            elif mo * mt + i < M:
+            if _when(not m_whole, mo * mt + i < M):
                 chunks(BT, lambda off, ln: store_chunk(yf, acc, bias, n, mo * mt + i, i, p0, off, ln))
 
     @T.macro
