@@ -35,7 +35,8 @@ def synthesize_activation(shape, density: float, seed: int = 0, zero_channels: f
     if k == 0:
         return np.zeros(shape, np.float32)
     thr = np.partition(z.reshape(-1), z.size - k)[z.size - k]
-    x = np.where(z >= thr, z - thr + 0.05, 0.0)
+    with np.errstate(invalid="ignore"):  # dead channels: -inf - thr
+        x = np.where(z >= thr, z - thr + 0.05, 0.0)
     return x.astype(np.float32)
 
 
