@@ -35,7 +35,9 @@ def synthesize_activation(shape, density: float, seed: int = 0, zero_channels: f
     if k == 0:
         return np.zeros(shape, np.float32)
     thr = np.partition(z.reshape(-1), z.size - k)[z.size - k]
-    with np.errstate(invalid="ignore"):  # dead channels: -inf - thr
+    if not np.isfinite(thr):  # more non-zeros asked for than live channels hold: all of them
+        thr = z[np.isfinite(z)].min()
+    with np.errstate(invalid="ignore"):  # dead channels: -inf - thr, not selected
         x = np.where(z >= thr, z - thr + 0.05, 0.0)
     return x.astype(np.float32)
 
