@@ -129,4 +129,4 @@ def _from_relax(mod: tvm.IRModule, source: str, layout: str | None) -> Model:
                          f"{len(params)}")
     p = params[0]
     shape = tuple(int(v) for v in p.ty.shape)
-    return Model(fold(mod), p.name_hint, shape, layout or guess_layout(shape), source)
+    return Model(fold(mod), p.name, shape, layout or guess_layout(shape), source)
