@@ -132,13 +132,17 @@ def any_nonzero(v, length: int):
 
 
 def prim(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    """A generated PrimFunc with what every stage needs: noalias, and its body in a root block.
+    """A hand-scheduled stage as every stage needs it: noalias, its body in a block.
 
-    Relax's RewriteDataflowReshape asks every call_tir with one argument (an encoder of x)
-    whether it is a reshape, and that analysis fails on a body that is not a block.
+    The body goes into an opaque block annotated with the schedule rule of schedules.py
+    (MetaSchedule then keeps the kernel as written), inside a root block: Relax's
+    RewriteDataflowReshape asks every call_tir with one argument (an encoder of x) whether
+    it is a reshape, and that analysis fails on a body that is not a block.
     """
     from tvm import s_tir
 
-    if not isinstance(func.body, s_tir.SBlockRealize):
-        func = func.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", func.body)))
-    return func.with_attr("tirx.noalias", True)
+    from ..schedules import RULE
+
+    kernel = s_tir.SBlock([], [], [], "tvms_kernel", func.body, annotations={"schedule_rule": RULE})
+    root = s_tir.SBlock([], [], [], "root", s_tir.SBlockRealize([], True, kernel))
+    return func.with_body(s_tir.SBlockRealize([], True, root)).with_attr("tirx.noalias", True)

@@ -37,7 +37,8 @@ def dense_conv2d(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarra
             for l in range(spec.kernel_h):
                 for q in range(spec.kernel_w):
                     patch = xs[:, :, l * dh: l * dh + (oh - 1) * sh + 1: sh, q * dw: q * dw + (ow - 1) * sw + 1: sw]
-                    y[:, gi * mg:(gi + 1) * mg] += np.einsum("nchw,mc->nmhw", patch, ws[:, :, l, q])
+                    # tensordot goes to BLAS (a plain einsum here takes minutes on a VGG layer)
+                    y[:, gi * mg:(gi + 1) * mg] += np.tensordot(ws[:, :, l, q], patch, axes=([1], [1])).transpose(1, 0, 2, 3)
         if bias is not None:
             y += bias.astype(np.float64)[None, :, None, None]
         if relu:

@@ -21,7 +21,7 @@ def im2col_lower(spec: Conv2DSpec, x: np.ndarray) -> np.ndarray:
 def im2col_multiply(spec: Conv2DSpec, a: np.ndarray, w: np.ndarray) -> np.ndarray:
     """A: N x (C*Kh*Kw) x (Oh*Ow), w: M x C x Kh x Kw -> N x M x Oh x Ow."""
     wm = w.reshape(spec.out_channels, -1).astype(np.float64)
-    y = np.einsum("mk,nkp->nmp", wm, a.astype(np.float64))
+    y = np.einsum("mk,nkp->nmp", wm, a.astype(np.float64), optimize=True)
     return y.reshape(spec.y_shape).astype(np.float32)
 
 
@@ -45,5 +45,6 @@ def mec_multiply(spec: Conv2DSpec, lowered: np.ndarray, w: np.ndarray) -> np.nda
     y = np.zeros((spec.batch, spec.out_channels, spec.out_h, spec.out_w), np.float64)
     for r in range(spec.out_h):
         for l in range(spec.kernel_h):
-            y[:, :, r, :] += np.einsum("nwqc,qcm->nmw", lowered[:, :, r * sh + l * dh].astype(np.float64), wk[l])
+            y[:, :, r, :] += np.einsum("nwqc,qcm->nmw", lowered[:, :, r * sh + l * dh].astype(np.float64), wk[l],
+                                       optimize=True)
     return y.astype(np.float32)
