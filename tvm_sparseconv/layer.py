@@ -97,10 +97,8 @@ def measure_algorithm(name: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray,
         algo.check(spec)
     except UnsupportedConvError as e:
         return Record(name, error=str(e))
-    database = None
-    if database_dir := (database and os.path.join(database, name)):
-        if os.path.isdir(database_dir):
-            database = database_dir
+    given = database and os.path.join(database, name)
+    database = given if given and os.path.isdir(given) else None
     if trials > 0 and any(st.tunable for st in algo.stages(spec, Epilogue(), algo.knobs(spec, knobs))):
         from .tune.metaschedule import tune_stages
         from .target import make_target
