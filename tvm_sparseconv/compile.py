@@ -7,6 +7,7 @@ from tvm import relax
 from .frontend import Model, load_model
 from .graph import find_conv_sites
 from .passes import RewriteConv2D
+from .passes.parallelize_rest import ParallelizeRest
 from .plan import Plan
 from .target import make_target
 
@@ -46,6 +47,7 @@ def lower(model: Model, plan: Plan, target, database=None) -> tuple[tvm.IRModule
             with open_database(database):
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+        mod = ParallelizeRest()(mod)
     return mod, dict(rewrite.applied)
 
 

@@ -1,0 +1,58 @@
+"""ParallelizeRest: give every op nobody scheduled (pooling, residual adds, transposes, softmax)
+a parallel outer loop.
+
+The default CPU pipeline leaves such ops as serial naive loops; on a small ResNet they cost
+as much as all its convs. This pass fuses the leading spatial loops of each top-level block
+and runs them on TVM's thread pool. Functions marked ``tirx.is_scheduled`` (our kernels,
+MetaSchedule or dlight results) are left alone.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir
+
+_MIN_EXTENT = 64  # below this a parallel loop costs more than it saves
+
+
+def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    try:
+        root = sch.get_sblock("root")
+    except Exception:
+        return func
+    for blk in sch.get_child_blocks(root):
+        loops = sch.get_loops(blk)
+        block = sch.get(blk)
+        if not loops or len(loops) != len(block.iter_vars):
+            continue  # loops not 1:1 with the block's axes: leave it
+        lead = []
+        for lp, iv in zip(loops, block.iter_vars):
+            if iv.iter_type != 0:  # stop at the first reduction axis
+                break
+            lead.append(lp)
+        if not lead:
+            continue
+        extent = 1
+        for lp in lead:
+            extent *= int(sch.get(lp).extent) if isinstance(sch.get(lp).extent, tvm.tirx.IntImm) else 0
+        if extent < _MIN_EXTENT:
+            continue
+        try:
+            fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+            sch.parallel(fused)
+        except Exception:  # a loop the schedule may not fuse or parallelise: keep it serial
+            continue
+    return sch.mod["main"]
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.ParallelizeRest")
+class ParallelizeRest:
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        out = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False) \
+                    if func.attrs else isinstance(func, tvm.tirx.PrimFunc):
+                out[gv] = _parallelize(func)
+        for gv, f in out.items():
+            mod[gv] = f
+        return mod
