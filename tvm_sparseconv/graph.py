@@ -7,7 +7,7 @@ shapes and attributes before a plan is applied.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -45,7 +45,6 @@ class ConvSite:
     bias: np.ndarray | None = None
     relu: bool = False
     why_dense: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         s = self.spec

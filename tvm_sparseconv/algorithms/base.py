@@ -10,7 +10,7 @@ as plain ``call_tir`` bindings inside a Relax module and an exported library.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np

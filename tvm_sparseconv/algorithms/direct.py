@@ -1,7 +1,6 @@
 """direct: TVM's own dense conv2d (topi), the baseline. MetaSchedule tunes it."""
 from __future__ import annotations
 
-import numpy as np
 from tvm import te, topi
 
 from ..conv import Conv2DSpec, Epilogue

@@ -1,7 +1,6 @@
 """im2col: lower the input to A (N x C*Kh*Kw x Oh*Ow), then one GEMM per image. Both TE."""
 from __future__ import annotations
 
-import numpy as np
 from tvm import te
 
 from ..conv import Conv2DSpec, Epilogue

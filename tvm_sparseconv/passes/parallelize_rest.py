@@ -50,8 +50,8 @@ class ParallelizeRest:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         out = {}
         for gv, func in mod.functions_items():
-            if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False) \
-                    if func.attrs else isinstance(func, tvm.tirx.PrimFunc):
+            scheduled = func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+            if isinstance(func, tvm.tirx.PrimFunc) and not scheduled:
                 out[gv] = _parallelize(func)
         for gv, f in out.items():
             mod[gv] = f

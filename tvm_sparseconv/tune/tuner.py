@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,7 +44,6 @@ class TuneConfig:
     repeat: int = 5
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _tolerance(w: Workload, ref: np.ndarray) -> float:
