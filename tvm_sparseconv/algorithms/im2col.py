@@ -5,11 +5,11 @@ from tvm import te
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import im2col_lower, im2col_multiply, im2col_storage
-from .base import Algorithm, Buffer, Stage, bias_constant
-from .lowering import padded_read, te_bias, te_epilogue
+from .base import Buffer, Stage, bias_constant
+from .lowering import Lowering, padded_read, te_bias, te_epilogue
 
 
-class Im2col(Algorithm):
+class Im2col(Lowering):
     name = "im2col"
 
     def check(self, spec: Conv2DSpec) -> None:
@@ -42,10 +42,7 @@ class Im2col(Algorithm):
                      (Buffer("y", spec.y_shape),), tunable=True)
         return [lower, gemm]
 
-    def storage(self, spec, knobs, produced):
-        return im2col_storage(spec)
-
-    def reference_storage(self, spec, knobs, x):
+    def lowered_storage(self, spec):
         return im2col_storage(spec)
 
     def reference(self, spec, knobs, x, w):

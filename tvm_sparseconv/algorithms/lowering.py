@@ -5,7 +5,8 @@ import tvm
 from tvm import te
 
 from ..conv import Conv2DSpec, Epilogue
-from .base import epilogue_value
+from ..reference.storage import Storage
+from .base import Algorithm, epilogue_value
 
 
 def padded_read(spec: Conv2DSpec, x: te.Tensor, n, c, ih, iw):
@@ -27,3 +28,16 @@ def te_bias(spec: Conv2DSpec, epilogue: Epilogue) -> tuple[list, tuple]:
     if not epilogue.bias:
         return [], ()
     return [te.placeholder((spec.out_channels,), "float32", name="bias")], ("bias",)
+
+
+class Lowering(Algorithm):
+    """A dense lowering (im2col, MEC): its stored size follows from the shape alone."""
+
+    def lowered_storage(self, spec: Conv2DSpec) -> Storage:
+        raise NotImplementedError
+
+    def storage(self, spec, knobs, produced):
+        return self.lowered_storage(spec)
+
+    def reference_storage(self, spec, knobs, x):
+        return self.lowered_storage(spec)

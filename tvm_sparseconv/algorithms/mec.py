@@ -6,11 +6,11 @@ from tvm import te
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import mec_lower, mec_multiply, mec_storage
-from .base import Algorithm, Buffer, Stage, bias_constant
-from .lowering import padded_read, te_bias, te_epilogue
+from .base import Buffer, Stage, bias_constant
+from .lowering import Lowering, padded_read, te_bias, te_epilogue
 
 
-class MEC(Algorithm):
+class MEC(Lowering):
     name = "mec"
 
     def constants(self, spec, weight, bias, knobs):
@@ -38,10 +38,7 @@ class MEC(Algorithm):
                      (Buffer("y", spec.y_shape),), tunable=True)
         return [lower, gemm]
 
-    def storage(self, spec, knobs, produced):
-        return mec_storage(spec)
-
-    def reference_storage(self, spec, knobs, x):
+    def lowered_storage(self, spec):
         return mec_storage(spec)
 
     def reference(self, spec, knobs, x, w):
