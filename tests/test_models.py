@@ -83,7 +83,7 @@ def test_every_algorithm_on_every_eligible_layer(model, algorithm):
 def mixed_plan(m):
     sites = find_conv_sites(m.mod["main"])
     plan = Plan.uniform(sites, "direct")
-    sparse = ("halo", "cpo", "im2csr", "cps", "dense", "im2col", "mec", "direct")
+    sparse = ("halo", "pixcsr", "cpo", "im2csr", "cps", "dense", "im2col", "mec", "direct")
     for i, l in enumerate(plan.layers):
         l.algorithm = sparse[i % len(sparse)]
     return plan

@@ -8,6 +8,7 @@ cpo      Compressed Pattern Overlap: store each non-zero once, scatter it
 cps      Compressed Pattern Sets: CPO with row indices packed in sets of 4
 im2csr   CSR of the im2col matrix built straight from the input, output-stationary SpMM
 halo     halo segments: store-once, output-stationary, register-tiled
+pixcsr   each pixel's non-zero channels, store-once; pixel-granular direct conv (no zero multiplied)
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import importlib
 
 from .base import Algorithm, Buffer, Stage, KnobError
 
-ALGORITHMS = ("direct", "dense", "im2col", "mec", "cpo", "cps", "im2csr", "halo")
-SPARSE = ("cpo", "cps", "im2csr", "halo")
+ALGORITHMS = ("direct", "dense", "im2col", "mec", "cpo", "cps", "im2csr", "halo", "pixcsr")
+SPARSE = ("cpo", "cps", "im2csr", "halo", "pixcsr")
 
 _cache: dict[str, Algorithm] = {}
 

@@ -131,6 +131,21 @@ def any_nonzero(v, length: int):
     return bits & 0x7FFFFFFF != 0
 
 
+def read_condition(i, size: int, pad: int, stride: int, dilation: int, kernel: int, out: int):
+    """TIR: real input index i (along one axis) is read by some output index and tap
+    (True when every index is, as reference.dense.read_mask says)."""
+    from ..reference.dense import read_mask
+
+    if read_mask(size, pad, stride, dilation, kernel, out).all():
+        return True
+    conds = []
+    for k in range(kernel):
+        o = i + pad - k * dilation  # = output index * stride when tap k of that output reads i
+        conds.append(tvm.tirx.all(o >= 0, tvm.tirx.floormod(o, stride) == 0,
+                                  tvm.tirx.floordiv(o, stride) < out))
+    return tvm.tirx.any(*conds)
+
+
 def prim(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """A hand-scheduled stage as every stage needs it: noalias, its body in a block.
 

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.halo import HaloGeometry, halo_encode, halo_geometry, halo_multiply, halo_storage
-from .base import Algorithm, Buffer, Stage, bias_constant, prim
+from .base import Algorithm, Buffer, Stage, bias_constant, prim, read_condition
 from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
                      start_rows, store_tile, tile_weights, tiling_defaults, two_pass_encode,
                      zero_tile)
@@ -43,7 +43,7 @@ class Halo(Algorithm):
 
     def constants(self, spec, weight, bias, knobs):
         tl = make_tiling(self.name, spec, knobs)
-        w = tile_weights(weight.transpose(2, 1, 3, 0), tl)  # n_tiles, Kh, C, Kw, m_tile
+        w = tile_weights(weight.transpose(2, 1, 3, 0), tl.m_tile)  # n_tiles, Kh, C, Kw, m_tile
         return {"w": w, **bias_constant(spec, bias)}
 
     def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
@@ -68,19 +68,6 @@ class Halo(Algorithm):
         return halo_multiply(spec, knobs["block"], *halo_encode(spec, x, knobs["block"]), w)
 
 
-def _row_is_read(spec: Conv2DSpec, geo: HaloGeometry, h):
-    """TIR: real input row h is read by some output row (True when every row is)."""
-    if all(geo.read_rows):
-        return True
-    (sh, dh), pt = (spec.stride[0], spec.dilation[0]), spec.padding[0]
-    conds = []
-    for l in range(spec.kernel_h):
-        i = h + pt - l * dh  # = r * sh when output row r reads h with kernel row l
-        conds.append(tvm.tirx.all(i >= 0, tvm.tirx.floormod(i, sh) == 0,
-                                  tvm.tirx.floordiv(i, sh) < spec.out_h))
-    return tvm.tirx.any(*conds)
-
-
 def _offset_is_read(geo: HaloGeometry, k):
     """TIR: offset k of a segment is read by some (b, q) (True when every offset is)."""
     unread = [o for o, r in enumerate(geo.read_offsets) if not r]
@@ -98,7 +85,7 @@ def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
         n, h = u // H, u % H
         pos = T.alloc_local((nseg,), "int32")
         start_rows(ptr, pos, u * nseg, nseg, fill)
-        if _row_is_read(spec, geo, h):
+        if read_condition(h, H, spec.padding[0], spec.stride[0], spec.dilation[0], spec.kernel_h, spec.out_h):
             for c, t in T.grid(C, nseg):
                 j0 = t * step - pl  # real column of offset 0
                 v = T.alloc_local((L,), "float32")

@@ -39,7 +39,7 @@ class Im2CSR(Algorithm):
     def constants(self, spec, weight, bias, knobs):
         tl = make_tiling(self.name, spec, knobs)
         wr = weight.reshape(spec.out_channels, -1).T  # [C*Kh*Kw][M], rows k = (c*Kh + l)*Kw + q
-        return {"w": tile_weights(wr, tl), **bias_constant(spec, bias)}
+        return {"w": tile_weights(wr, tl.m_tile), **bias_constant(spec, bias)}
 
     def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
         tl = make_tiling(self.name, spec, knobs)

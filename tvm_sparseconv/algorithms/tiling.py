@@ -72,14 +72,15 @@ def make_tiling(algorithm: str, spec: Conv2DSpec, knobs) -> Tiling:
                   spec.batch * spec.out_h * per_row)
 
 
-def tile_weights(w: np.ndarray, tl: Tiling) -> np.ndarray:
-    """[..., M] -> [n_tiles, ..., m_tile], M zero-padded to whole tiles.
+def tile_weights(w: np.ndarray, m_tile: int) -> np.ndarray:
+    """[..., M] -> [ceil(M / m_tile), ..., m_tile], M zero-padded to whole tiles.
 
     Tile-major, so that the weights one m-tile's groups read are one contiguous block
     (streamed once per tile, kept in L2) and rows read together are adjacent.
     """
-    w = np.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, tl.padded_m - w.shape[-1])])
-    w = w.reshape(w.shape[:-1] + (tl.n_tiles, tl.m_tile))
+    n_tiles = -(-w.shape[-1] // m_tile)
+    w = np.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, n_tiles * m_tile - w.shape[-1])])
+    w = w.reshape(w.shape[:-1] + (n_tiles, m_tile))
     return np.ascontiguousarray(np.moveaxis(w, -2, 0), dtype=np.float32)
 
 
@@ -139,7 +140,8 @@ def two_pass_encode(units, rows, ptr, unit_pass):
 
 @T.macro
 def emit_entry(ptr, idx, val, g, pos, p, index, v, width, fill):
-    """One candidate entry (index, v[0:width]) of row g whose next slot is pos[p];
+    """One candidate entry (index, v[0:width]) of row g whose next slot is pos[p] (val is
+    (cap, width), or (cap,) when width is 1);
     pos[p] += 1 when any value is non-zero.
 
     The fill writes every candidate at pos[p] while it is < ptr[g + 1]: a candidate that is not
@@ -149,8 +151,11 @@ def emit_entry(ptr, idx, val, g, pos, p, index, v, width, fill):
     if fill:
         if pos[p] < ptr[g + 1]:
             idx[pos[p]] = index
-            for k in T.unroll(width):
-                val[pos[p], k] = v[k]
+            if len(val.shape) == 1:  # one value per entry
+                val[pos[p]] = v[0]
+            else:
+                for k in T.unroll(width):
+                    val[pos[p], k] = v[k]
     pos[p] = pos[p] + T.Cast("int32", any_nonzero(v, width))
 
 

@@ -17,6 +17,15 @@ def pad_input(spec: Conv2DSpec, x: np.ndarray) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
 
 
+def read_mask(size: int, pad: int, stride: int, dilation: int, kernel: int, out: int) -> np.ndarray:
+    """Bool (size,): real input index i is read by some output index o and tap k (i = o*S + k*D - pad)."""
+    read = np.zeros(size, bool)
+    for k in range(kernel):
+        idx = np.arange(out) * stride + k * dilation - pad
+        read[idx[(idx >= 0) & (idx < size)]] = True
+    return read
+
+
 def dense_conv2d(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None,
                  relu: bool = False) -> np.ndarray:
     """Direct convolution, accumulated in float64, returned as float32 N x M x Oh x Ow.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..conv import Conv2DSpec
-from .dense import is_nonzero, pad_input
+from .dense import is_nonzero, pad_input, read_mask
 from .storage import Storage
 
 
@@ -38,11 +38,10 @@ def halo_geometry(spec: Conv2DSpec, block: int) -> HaloGeometry:
     kh, kw = spec.kernel_h, spec.kernel_w
     seg_len = (block - 1) * sw + (kw - 1) * dw + 1
     offsets = {b * sw + q * dw for b in range(block) for q in range(kw)}
-    rows = {r * sh + l * dh - pt for r in range(spec.out_h) for l in range(kh)}
     return HaloGeometry(block, seg_len, block * sw, -(-spec.out_w // block),
                         (spec.out_w - 1) * sw + (kw - 1) * dw + 1,
                         tuple(k in offsets for k in range(seg_len)),
-                        tuple(h in rows for h in range(spec.height)))
+                        tuple(bool(r) for r in read_mask(spec.height, pt, sh, dh, kh, spec.out_h)))
 
 
 def halo_segments(spec: Conv2DSpec, x: np.ndarray, block: int) -> np.ndarray:

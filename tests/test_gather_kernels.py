@@ -1,4 +1,5 @@
-"""im2csr and halo: compiled encoders equal the NumPy encoders exactly, outputs equal the dense oracle."""
+"""The output-stationary sparse kernels (im2csr, halo, pixcsr): compiled encoders equal the NumPy
+encoders exactly, outputs equal the dense oracle."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -9,18 +10,22 @@ from tvm_sparseconv.conv import Conv2DSpec, UnsupportedConvError
 from tvm_sparseconv.reference import dense_conv2d
 from tvm_sparseconv.reference.halo import halo_encode
 from tvm_sparseconv.reference.im2csr import im2csr_encode
+from tvm_sparseconv.reference.pixcsr import pixcsr_encode
 
 from conftest import DENSITIES, GRID, activation, assert_conv_close, grid_spec, weight
 
-ALGORITHMS = ("im2csr", "halo")
-ENCODERS = {"im2csr": (im2csr_encode, ("csr_ptr", "csr_col", "csr_val")),
-            "halo": (halo_encode, ("halo_ptr", "halo_chan", "halo_val"))}
+ALGORITHMS = ("im2csr", "halo", "pixcsr")
+ENCODERS = {"im2csr": (lambda s, x, k: im2csr_encode(s, x, k["block"]), ("csr_ptr", "csr_col", "csr_val")),
+            "halo": (lambda s, x, k: halo_encode(s, x, k["block"]), ("halo_ptr", "halo_chan", "halo_val")),
+            "pixcsr": (lambda s, x, k: pixcsr_encode(s, x, k["c_block"]), ("pix_ptr", "pix_code", "pix_val"))}
+# small tiles, so that small layers have several of them: B = 2 pixels, or 2 channels x 2 rows
+SMALL = {"im2csr": {"block": 2}, "halo": {"block": 2}, "pixcsr": {"c_block": 2, "rows": 2}}
 
 
 def assert_encoding_equals_reference(layer: CompiledLayer, x: np.ndarray) -> int:
     """The compiled encoder's arrays, on their valid prefix, equal the NumPy encoder's; returns nnz."""
     encode, names = ENCODERS[layer.algorithm.name]
-    ref = encode(layer.spec, x, layer.knobs["block"])
+    ref = encode(layer.spec, x, layer.knobs)
     out = layer.produced()
     np.testing.assert_array_equal(out[names[0]], ref[0])
     nnz = int(ref[0][-1])
@@ -52,10 +57,14 @@ def test_grid_all_densities(algorithm, grid_case):
 KNOB_VARIANTS = [{"block": 1, "m_tile": 16, "split": "tile_outer"},
                  {"block": 3, "m_tile": 8, "split": "tile_inner"},
                  {"block": 5, "m_tile": 48, "split": "fused"}]
+# pixcsr: one block of all channels, blocks not dividing C, rows not dividing Oh, M tile not dividing M
+PIXCSR_VARIANTS = [{"m_tile": 16, "c_block": 64, "rows": 1}, {"m_tile": 8, "c_block": 3, "rows": 3},
+                   {"m_tile": 48, "c_block": 5, "rows": 64}]
+VARIANTS = [(a, k) for a in ALGORITHMS[:2] for k in KNOB_VARIANTS] + [("pixcsr", k) for k in PIXCSR_VARIANTS]
 
 
-@pytest.mark.parametrize("knobs", KNOB_VARIANTS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm,knobs", VARIANTS,
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{a}{b}" for a, b in v.items()))
 @pytest.mark.parametrize("case", [GRID[2], GRID[7], GRID[8]], ids=("k3s2asym", "dil2", "k1s2batch2"))
 def test_knob_variants(algorithm, knobs, case):
     spec = grid_spec(case)
@@ -69,8 +78,8 @@ def test_numpy_reference_multiply(algorithm, case):
     spec = grid_spec(case)
     algo = get_algorithm(algorithm)
     w, x = weight(spec), activation(spec, 0.3, seed=2)
-    for block in (1, 4):
-        knobs = algo.knobs(spec, {"block": block})
+    for knobs in ({}, SMALL[algorithm]):
+        knobs = algo.knobs(spec, knobs)
         assert_conv_close(algo.reference(spec, knobs, x, w), dense_conv2d(spec, x, w), spec)
 
 
@@ -106,7 +115,7 @@ def test_worst_case_fills_the_whole_buffers(algorithm):
     spec = Conv2DSpec.from_shapes((2, 3, 6, 8), (8, 3, 3, 3))
     w = weight(spec)
     x = np.full(spec.x_shape, 0.5, np.float32)
-    layer = CompiledLayer(algorithm, spec, w, knobs={"block": 2})
+    layer = CompiledLayer(algorithm, spec, w, knobs=SMALL[algorithm])
     assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
     nnz = assert_encoding_equals_reference(layer, x)
     assert nnz == layer.produced()[ENCODERS[algorithm][1][1]].shape[0]
@@ -118,25 +127,28 @@ def test_zero_channels_and_regions_cost_nothing(algorithm):
     w = weight(spec)
     x = np.zeros(spec.x_shape, np.float32)
     x[0, 5, 2, 3] = 1.5  # one non-zero: im2csr stores Kh*Kw entries, halo at most 2 (segment overlap)
-    layer = CompiledLayer(algorithm, spec, w, knobs={"block": 4})
+    layer = CompiledLayer(algorithm, spec, w, knobs={"block": 4} if algorithm != "pixcsr" else {"c_block": 3})
     assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
     names = ENCODERS[algorithm][1]
     nnz = assert_encoding_equals_reference(layer, x)
     out = layer.produced()
     if algorithm == "im2csr":
         assert 1 <= nnz <= 9 and set(out[names[1]][:nnz] // 9) == {5}
+    elif algorithm == "pixcsr":  # stored once: code = column * c_block + channel in its block
+        assert nnz == 1 and out[names[1]][0] == 3 * 3 + 5 % 3 and out[names[2]][0] == 1.5
     else:
         assert 1 <= nnz <= 2 and set(out[names[1]][:nnz]) == {5}
 
 
-def test_strided_pointwise_halo_skips_unread_rows_and_columns():
+@pytest.mark.parametrize("algorithm", ("halo", "pixcsr"))
+def test_strided_pointwise_skips_unread_rows_and_columns(algorithm):
     """1x1 stride 2 reads every other row and column: the rest is never stored."""
     spec = Conv2DSpec.from_shapes((1, 4, 8, 8), (8, 4, 1, 1), stride=2)
     w = weight(spec)
     x = np.zeros(spec.x_shape, np.float32)
     x[0, :, 1::2, :] = 1.0  # odd rows: unread
     x[0, :, ::2, 1::2] = 1.0  # odd columns of even rows: unread
-    layer = CompiledLayer("halo", spec, w, knobs={"block": 2})
+    layer = CompiledLayer(algorithm, spec, w, knobs=SMALL[algorithm])
     assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
     assert assert_encoding_equals_reference(layer, x) == 0
 
@@ -147,13 +159,15 @@ def test_groups_and_bad_knobs_are_refused(algorithm):
     with pytest.raises(UnsupportedConvError, match="groups=2"):
         CompiledLayer(algorithm, g, weight(g))
     spec = Conv2DSpec.from_shapes((1, 4, 6, 6), (8, 4, 3, 3), padding=1)
-    for knobs, msg in (({"tile": 4}, "no knob"), ({"block": 0}, "block"), ({"m_tile": 2.5}, "m_tile"),
-                       ({"split": "rows"}, "split")):
+    bad = (({"tile": 4}, "no knob"), ({"m_tile": 2.5}, "m_tile"))
+    bad += (({"c_block": 0}, "c_block"), ({"rows": -1}, "rows")) if algorithm == "pixcsr" else \
+        (({"block": 0}, "block"), ({"split": "rows"}, "split"))
+    for knobs, msg in bad:
         with pytest.raises(KnobError, match=msg):
             CompiledLayer(algorithm, spec, weight(spec), knobs=knobs)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS[:2])
 def test_defaults_keep_about_16_accumulators(algorithm):
     algo = get_algorithm(algorithm)
     big = Conv2DSpec.from_shapes((1, 256, 56, 56), (256, 256, 3, 3), padding=1)
@@ -175,7 +189,8 @@ def small_layers(draw):
     w = draw(st.integers(max(1, dil[1] * (kw - 1) + 1 - pad[1] - pad[3]), 9))
     spec = Conv2DSpec.from_shapes((n, c, h, w), (m, c, kh, kw), stride, pad, dil)
     knobs = {"block": draw(st.integers(1, 5)), "m_tile": draw(st.sampled_from((8, 16, 32))),
-             "split": draw(st.sampled_from(("tile_outer", "fused", "tile_inner")))}
+             "split": draw(st.sampled_from(("tile_outer", "fused", "tile_inner"))),
+             "c_block": draw(st.integers(1, 7)), "rows": draw(st.integers(1, 4))}
     return spec, knobs, draw(st.sampled_from((0.0, 0.2, 0.6, 1.0))), draw(st.integers(0, 2**16))
 
 
@@ -188,6 +203,20 @@ def test_random_small_layers(algorithm, case):
     x = rng.standard_normal(spec.x_shape).astype(np.float32)
     x[rng.random(spec.x_shape) >= density] = 0  # unclustered zeros, for coverage
     w = weight(spec, seed)
-    layer = CompiledLayer(algorithm, spec, w, knobs=knobs)
+    own = get_algorithm(algorithm).knobs(spec)
+    layer = CompiledLayer(algorithm, spec, w, knobs={k: v for k, v in knobs.items() if k in own})
     assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
     assert_encoding_equals_reference(layer, x)
+
+
+def test_pixcsr_defaults_keep_a_weight_block_near_64kb():
+    algo = get_algorithm("pixcsr")
+    for shape, wshape in (((1, 256, 56, 56), (256, 256, 3, 3)), ((1, 256, 14, 14), (1024, 256, 1, 1)),
+                          ((1, 64, 56, 56), (64, 64, 7, 7))):
+        spec = Conv2DSpec.from_shapes(shape, wshape, padding=wshape[2] // 2)
+        k = algo.knobs(spec)
+        block_kb = spec.kernel_h * spec.kernel_w * k["c_block"] * k["m_tile"] * 4 / 1024
+        assert 32 <= block_kb <= 128 or k["c_block"] == spec.in_channels, (k, block_kb)
+        assert k["rows"] * spec.out_w >= 112 or k["rows"] == spec.out_h
+    small = Conv2DSpec.from_shapes((1, 3, 4, 3), (5, 3, 3, 3), padding=1)
+    assert algo.knobs(small) == {"m_tile": 16, "c_block": 3, "rows": 4}

@@ -1,0 +1,210 @@
+"""pixcsr: each input pixel's non-zero channels, stored once; a direct convolution that skips every zero.
+
+Format (reference/pixcsr.py states it exactly): channels in blocks of cb = the knob ``c_block``;
+per (n, input row h, block kb, column j) a pointer range, per entry the code j*cb + (c - kb*cb)
+and the value; only non-zeros of pixels some output pixel reads are stored:
+
+    pix_ptr   (N*H*nkb*W + 1,)   int32    nkb = ceil(C / cb)
+    pix_code  (N*C*H*W,)         int32    worst case: every element non-zero
+    pix_val   (N*C*H*W,)         float32
+
+The encoder is one TIR PrimFunc (count, prefix sum, fill, parallel over input rows).
+
+The multiply is output-stationary and pixel-granular, so no zero is ever multiplied: per
+(m-tile mo, output row (n, r)), channel block by channel block, for each output pixel s the
+m_tile accumulators live in registers while it walks, for each kernel row l, the entries of
+the Kw input pixels it reads in row i = r*Sh + l*Dh - pt (one pointer range when Dw = 1:
+the Kw pixels are adjacent), each doing acc[:] += v * w[mo, (kb, l, q, cc), :]. The weights
+(re-laid-out at build time as [M/m_tile][nkb][Kh][Kw][cb][m_tile]) of one block are
+Kh*Kw*cb*m_tile floats: the default cb keeps them about 64 KB, so they stay in L1/L2 while
+the block is walked for a whole output row; the row's partial sums wait in an Ow x m_tile
+buffer between blocks. Each FMA loads its own weight vector (no reuse across pixels, unlike
+halo), which costs about a third of the FMA rate but wastes no work on zeros: it wins on
+1x1 and strided layers, whose halo segments share little.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm.script import tirx as T
+
+from ..conv import Conv2DSpec, Epilogue
+from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, nonzero, prim,
+                   read_condition)
+from .tiling import default_m_tile, emit_entry, finish_rows, start_rows, tile_weights, two_pass_encode
+
+WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per channel block by default
+ROW_PIXELS = 112  # output pixels per task by default: a weight block read from L2 serves at least these
+
+
+class PixCSR(Algorithm):
+    name = "pixcsr"
+    sparse = True
+
+    def default_knobs(self, spec: Conv2DSpec) -> dict:
+        """m_tile 128 (8 accumulators) for spatial kernels, 64 for 1x1 (more tiles to share
+        out); c_block the power of two nearest WEIGHT_BLOCK_FLOATS / (Kh*Kw*m_tile), at most C."""
+        taps = spec.kernel_h * spec.kernel_w
+        m_tile = default_m_tile(spec.out_channels, (128, 64, 32, 16) if taps > 1 else (64, 32, 16))
+        cb = 2 ** round(math.log2(max(1.0, WEIGHT_BLOCK_FLOATS / (taps * m_tile))))
+        rows = max(1, min(spec.out_h, -(-ROW_PIXELS // spec.out_w)))
+        return {"m_tile": m_tile, "c_block": min(cb, spec.in_channels), "rows": rows}
+
+    def _checked(self, spec: Conv2DSpec, knobs) -> tuple[int, int, int]:
+        for name in ("m_tile", "c_block", "rows"):
+            v = knobs[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise KnobError(f"{self.name}: knob {name} must be a positive int, got {v!r}")
+        return int(knobs["m_tile"]), int(knobs["c_block"]), int(knobs["rows"])
+
+    def constants(self, spec, weight, bias, knobs):
+        mt, cb, _ = self._checked(spec, knobs)
+        m, c, kh, kw = spec.w_shape
+        nkb = pixcsr_blocks(spec, cb)
+        wp = np.pad(weight.reshape(m, c, kh * kw), ((0, 0), (0, nkb * cb - c), (0, 0)))  # 0 for missing channels
+        wr = wp.reshape(m, nkb, cb, kh * kw).transpose(1, 3, 2, 0).reshape(-1, m)  # rows (kb, l, q, cc)
+        return {"w": tile_weights(wr, mt), **bias_constant(spec, bias)}
+
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
+        mt, cb, R = self._checked(spec, knobs)
+        nkb = pixcsr_blocks(spec, cb)
+        n, c, h, w = spec.x_shape
+        rows, cap = n * h * nkb * w, n * c * h * w
+        outs = (Buffer("pix_ptr", (rows + 1,), "int32"), Buffer("pix_code", (cap,), "int32"),
+                Buffer("pix_val", (cap,)))
+        bias = ("bias",) if epilogue.bias else ()
+        return [Stage("encode", "encode", prim(_encode_func(spec, cb, nkb, rows, cap)), ("x",), outs),
+                Stage("multiply", "multiply", prim(_multiply_func(spec, mt, cb, R, nkb, rows, cap, epilogue)),
+                      ("pix_ptr", "pix_code", "pix_val", "w") + bias, (Buffer("y", spec.y_shape),))]
+
+    def storage(self, spec, knobs, produced):
+        return pixcsr_storage(spec, produced["pix_ptr"])
+
+    def reference_storage(self, spec, knobs, x):
+        return pixcsr_storage(spec, pixcsr_encode(spec, x, knobs["c_block"])[0])
+
+    def reference(self, spec, knobs, x, w):
+        return pixcsr_multiply(spec, knobs["c_block"], *pixcsr_encode(spec, x, knobs["c_block"]), w)
+
+
+def _reads(spec: Conv2DSpec, axis: int, i):
+    """TIR: input row (axis 0) or column (axis 1) i is read by some output pixel."""
+    size, kernel, out = (spec.height, spec.kernel_h, spec.out_h) if axis == 0 else \
+        (spec.width, spec.kernel_w, spec.out_w)
+    return read_condition(i, size, spec.padding[axis], spec.stride[axis], spec.dilation[axis], kernel, out)
+
+
+def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
+    N, C, H, W = spec.x_shape
+    per = nkb * W  # pointer rows per input row
+
+    @T.macro
+    def row_pass(x, ptr, code, val, u, fill):
+        """Input row u = (n, h): count per (block, column) along the contiguous rows of x
+        (vectorised), or fill block by block, column by column, channels in order."""
+        n, h = u // H, u % H
+        if fill:
+            if _reads(spec, 0, h):
+                for kb, j in T.grid(nkb, W):
+                    if _reads(spec, 1, j):
+                        g = u * per + kb * W + j
+                        pos = T.alloc_local((1,), "int32")  # the row's next slot, kept in a register
+                        pos[0] = ptr[g]
+                        for cc in range(cb):
+                            if C % cb == 0 or kb * cb + cc < C:
+                                v = T.alloc_local((1,), "float32")
+                                v[0] = x[n, kb * cb + cc, h, j]
+                                emit_entry(ptr, code, val, g, pos, 0, j * cb + cc, v, 1, fill)
+        else:
+            pos = T.alloc_local((per,), "int32")
+            start_rows(ptr, pos, u * per, per, fill)
+            if _reads(spec, 0, h):
+                for kb, cc in T.grid(nkb, cb):
+                    if C % cb == 0 or kb * cb + cc < C:
+                        for j in range(W):
+                            if _reads(spec, 1, j):
+                                pos[kb * W + j] = pos[kb * W + j] + T.Cast("int32", nonzero(x[n, kb * cb + cc, h, j]))
+            finish_rows(ptr, pos, u * per, per, fill)
+
+    @T.prim_func
+    def encode(x: T.Buffer((N, C, H, W), "float32"), ptr: T.Buffer((rows + 1,), "int32"),
+               code: T.Buffer((cap,), "int32"), val: T.Buffer((cap,), "float32")):
+        two_pass_encode(N * H, rows, ptr, lambda u, fill: row_pass(x, ptr, code, val, u, fill))
+
+    return encode
+
+
+def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, rows: int, cap: int, ep: Epilogue):
+    N, C, H, W = spec.x_shape
+    M, Kh, Kw = spec.out_channels, spec.kernel_h, spec.kernel_w
+    (sh, sw), (dh, dw), pt, pl = spec.stride, spec.dilation, spec.padding[0], spec.padding[1]
+    Oh, Ow = spec.out_h, spec.out_w
+    n_tiles, n_groups = -(-M // mt), -(-Oh // R)
+    units = n_tiles * N * n_groups
+
+    @T.macro
+    def fma(acc, val, w, mo, e, k):
+        for j in T.vectorized(mt):
+            acc[j] = acc[j] + val[e] * w[mo, k, j]
+
+    @T.macro
+    def pixel(ptr, code, val, w, acc, mo, n, r, s, kb):
+        """acc += the entries of block kb that output pixel (n, r, s) reads."""
+        j0 = s * sw - pl  # column of kernel column 0
+        for l in T.unroll(Kh):
+            i = r * sh + l * dh - pt
+            if i >= 0 and i < H:
+                row = ((n * H + i) * nkb + kb) * W
+                wb = (kb * Kh + l) * Kw * cb
+                if dw == 1:  # the Kw columns are adjacent: one range, q read back from the code
+                    lo = T.min(T.max(j0, 0), W)
+                    for e in range(ptr[row + lo], ptr[row + T.max(T.min(j0 + Kw, W), lo)]):
+                        fma(acc, val, w, mo, e, wb + code[e] - j0 * cb)
+                else:
+                    for q in T.unroll(Kw):
+                        jq = j0 + q * dw
+                        if jq >= 0 and jq < W:
+                            for e in range(ptr[row + jq], ptr[row + jq + 1]):
+                                fma(acc, val, w, mo, e, wb + q * cb + code[e] - jq * cb)
+
+    @T.macro
+    def out_rows(ptr, code, val, w, bias, y, f):
+        """Output rows (n, r0 .. r0+R-1) for m-tile mo: partial sums per pixel, block after
+        block (each block's weights read once for R*Ow pixels), then y through the epilogue."""
+        mo, n, r0 = f // (N * n_groups), f // n_groups % N, f % n_groups * R
+        part = T.alloc_buffer((R, Ow, mt), "float32")
+        for kb, rr, s in T.grid(nkb, R, Ow):
+            if Oh % R == 0 or r0 + rr < Oh:
+                acc = T.alloc_local((mt,), "float32")
+                for j in T.vectorized(mt):
+                    acc[j] = T.if_then_else(kb == 0, T.float32(0), part[rr, s, j])
+                pixel(ptr, code, val, w, acc, mo, n, r0 + rr, s, kb)
+                for j in T.vectorized(mt):
+                    part[rr, s, j] = acc[j]
+        for j in range(mt):
+            if M % mt == 0 or mo * mt + j < M:
+                for rr, s in T.grid(R, Ow):
+                    if Oh % R == 0 or r0 + rr < Oh:
+                        y[n, mo * mt + j, r0 + rr, s] = epilogue_value(part[rr, s, j], mo * mt + j, bias, ep)
+
+    wshape = (n_tiles, nkb * Kh * Kw * cb, mt)
+    if ep.bias:
+        @T.prim_func
+        def multiply(ptr: T.Buffer((rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
+                     val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"),
+                     bias: T.Buffer((M,), "float32"), y: T.Buffer(spec.y_shape, "float32")):
+            for f in T.parallel(units):
+                out_rows(ptr, code, val, w, bias, y, f)
+    else:
+        @T.prim_func
+        def multiply(ptr: T.Buffer((rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
+                     val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"),
+                     y: T.Buffer(spec.y_shape, "float32")):
+            for f in T.parallel(units):
+                out_rows(ptr, code, val, w, None, y, f)
+    return multiply
+
+
+ALGORITHM = PixCSR()
