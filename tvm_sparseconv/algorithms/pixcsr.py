@@ -112,7 +112,7 @@ def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
                         g = u * per + kb * W + j
                         pos = T.alloc_local((1,), "int32")  # the row's next slot, kept in a register
                         pos[0] = ptr[g]
-                        for cc in range(cb):
+                        for cc in T.unroll(cb) if cb <= 32 else range(cb):
                             if C % cb == 0 or kb * cb + cc < C:
                                 v = T.alloc_local((1,), "float32")
                                 v[0] = x[n, kb * cb + cc, h, j]
