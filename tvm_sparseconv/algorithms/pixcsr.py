@@ -99,6 +99,7 @@ def _reads(spec: Conv2DSpec, axis: int, i):
 def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
     N, C, H, W = spec.x_shape
     per = nkb * W  # pointer rows per input row
+    channels = T.unroll if cb <= 32 else T.serial  # a block's channels: unrolled when few
 
     @T.macro
     def row_pass(x, ptr, code, val, u, fill):
@@ -112,7 +113,7 @@ def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
                         g = u * per + kb * W + j
                         pos = T.alloc_local((1,), "int32")  # the row's next slot, kept in a register
                         pos[0] = ptr[g]
-                        for cc in T.unroll(cb) if cb <= 32 else range(cb):
+                        for cc in channels(cb):
                             if C % cb == 0 or kb * cb + cc < C:
                                 v = T.alloc_local((1,), "float32")
                                 v[0] = x[n, kb * cb + cc, h, j]
