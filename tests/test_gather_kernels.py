@@ -215,7 +215,7 @@ def test_pixcsr_defaults_keep_a_weight_block_near_64kb():
                           ((1, 64, 56, 56), (64, 64, 7, 7))):
         spec = Conv2DSpec.from_shapes(shape, wshape, padding=wshape[2] // 2)
         k = algo.knobs(spec)
-        block_kb = spec.kernel_h * spec.kernel_w * k["c_block"] * k["m_tile"] * 4 / 1024
+        block_kb = spec.kernel_w * k["c_block"] * k["m_tile"] * 4 / 1024  # weights of one kernel row
         assert 32 <= block_kb <= 128 or k["c_block"] == spec.in_channels, (k, block_kb)
         assert k["rows"] * spec.out_w >= 112 or k["rows"] == spec.out_h
     small = Conv2DSpec.from_shapes((1, 3, 4, 3), (5, 3, 3, 3), padding=1)

@@ -11,16 +11,16 @@ and the value; only non-zeros of pixels some output pixel reads are stored:
 The encoder is one TIR PrimFunc (count, prefix sum, fill, parallel over input rows).
 
 The multiply is output-stationary and pixel-granular, so no zero is ever multiplied: per
-(m-tile mo, output row (n, r)), channel block by channel block, for each output pixel s the
-m_tile accumulators live in registers while it walks, for each kernel row l, the entries of
-the Kw input pixels it reads in row i = r*Sh + l*Dh - pt (one pointer range when Dw = 1:
-the Kw pixels are adjacent), each doing acc[:] += v * w[mo, (kb, l, q, cc), :]. The weights
-(re-laid-out at build time as [M/m_tile][nkb][Kh][Kw][cb][m_tile]) of one block are
-Kh*Kw*cb*m_tile floats: the default cb keeps them about 64 KB, so they stay in L1/L2 while
-the block is walked for a whole output row; the row's partial sums wait in an Ow x m_tile
-buffer between blocks. Each FMA loads its own weight vector (no reuse across pixels, unlike
-halo), which costs about a third of the FMA rate but wastes no work on zeros: it wins on
-1x1 and strided layers, whose halo segments share little.
+(m-tile mo, R output rows of image n), for each (channel block kb, kernel row l) and each
+output pixel, the m_tile accumulators live in registers while it walks the entries of the Kw
+input pixels it reads in input row i = r*Sh + l*Dh - pt (one pointer range when Dw = 1: the Kw
+pixels are adjacent), each doing acc[:] += v * w[mo, (kb, l, q, cc), :]. The weights
+(re-laid-out at build time as [M/m_tile][nkb][Kh][Kw][cb][m_tile]) of one (kb, l) are
+Kw*cb*m_tile floats: the default cb keeps them near 64 KB, read once from L2 for the R*Ow
+pixels (R = the knob ``rows``) and then from L1; the partial sums wait in an R x Ow x m_tile
+buffer. Each FMA loads its own weight vector (no reuse across pixels, unlike halo), which
+halves the FMA rate, but no work is wasted on zeros: it wins at low density and on 1x1 and
+strided layers, whose halo segments share little.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_
                    read_condition)
 from .tiling import default_m_tile, emit_entry, finish_rows, start_rows, tile_weights, two_pass_encode
 
-WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per channel block by default
+WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per (channel block, kernel row) by default
 ROW_PIXELS = 112  # output pixels per task by default: a weight block read from L2 serves at least these
 
 
@@ -45,10 +45,10 @@ class PixCSR(Algorithm):
 
     def default_knobs(self, spec: Conv2DSpec) -> dict:
         """m_tile 128 (8 accumulators) for spatial kernels, 64 for 1x1 (more tiles to share
-        out); c_block the power of two nearest WEIGHT_BLOCK_FLOATS / (Kh*Kw*m_tile), at most C."""
+        out); c_block the power of two nearest WEIGHT_BLOCK_FLOATS / (Kw*m_tile), at most C."""
         taps = spec.kernel_h * spec.kernel_w
         m_tile = default_m_tile(spec.out_channels, (128, 64, 32, 16) if taps > 1 else (64, 32, 16))
-        cb = 2 ** round(math.log2(max(1.0, WEIGHT_BLOCK_FLOATS / (taps * m_tile))))
+        cb = 2 ** round(math.log2(max(1.0, WEIGHT_BLOCK_FLOATS / (spec.kernel_w * m_tile))))
         rows = max(1, min(spec.out_h, -(-ROW_PIXELS // spec.out_w)))
         return {"m_tile": m_tile, "c_block": min(cb, spec.in_channels), "rows": rows}
 
@@ -151,37 +151,37 @@ def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, rows: i
             acc[j] = acc[j] + val[e] * w[mo, k, j]
 
     @T.macro
-    def pixel(ptr, code, val, w, acc, mo, n, r, s, kb):
-        """acc += the entries of block kb that output pixel (n, r, s) reads."""
+    def tap_row(ptr, code, val, w, acc, mo, n, r, s, kb, l):
+        """acc += the entries of block kb that output pixel (n, r, s) reads in kernel row l."""
         j0 = s * sw - pl  # column of kernel column 0
-        for l in T.unroll(Kh):
-            i = r * sh + l * dh - pt
-            if i >= 0 and i < H:
-                row = ((n * H + i) * nkb + kb) * W
-                wb = (kb * Kh + l) * Kw * cb
-                if dw == 1:  # the Kw columns are adjacent: one range, q read back from the code
-                    lo = T.min(T.max(j0, 0), W)
-                    for e in range(ptr[row + lo], ptr[row + T.max(T.min(j0 + Kw, W), lo)]):
-                        fma(acc, val, w, mo, e, wb + code[e] - j0 * cb)
-                else:
-                    for q in T.unroll(Kw):
-                        jq = j0 + q * dw
-                        if jq >= 0 and jq < W:
-                            for e in range(ptr[row + jq], ptr[row + jq + 1]):
-                                fma(acc, val, w, mo, e, wb + q * cb + code[e] - jq * cb)
+        i = r * sh + l * dh - pt
+        if i >= 0 and i < H:
+            row = ((n * H + i) * nkb + kb) * W
+            wb = (kb * Kh + l) * Kw * cb
+            if dw == 1:  # the Kw columns are adjacent: one range, q read back from the code
+                lo = T.min(T.max(j0, 0), W)
+                for e in range(ptr[row + lo], ptr[row + T.max(T.min(j0 + Kw, W), lo)]):
+                    fma(acc, val, w, mo, e, wb + code[e] - j0 * cb)
+            else:
+                for q in T.unroll(Kw):
+                    jq = j0 + q * dw
+                    if jq >= 0 and jq < W:
+                        for e in range(ptr[row + jq], ptr[row + jq + 1]):
+                            fma(acc, val, w, mo, e, wb + q * cb + code[e] - jq * cb)
 
     @T.macro
     def out_rows(ptr, code, val, w, bias, y, f):
-        """Output rows (n, r0 .. r0+R-1) for m-tile mo: partial sums per pixel, block after
-        block (each block's weights read once for R*Ow pixels), then y through the epilogue."""
+        """Output rows (n, r0 .. r0+R-1) for m-tile mo: partial sums per pixel, (channel block,
+        kernel row) after (channel block, kernel row), whose Kw*cb weight vectors are read once
+        for the R*Ow pixels, then y through the epilogue."""
         mo, n, r0 = f // (N * n_groups), f // n_groups % N, f % n_groups * R
         part = T.alloc_buffer((R, Ow, mt), "float32")
-        for kb, rr, s in T.grid(nkb, R, Ow):
+        for kb, l, rr, s in T.grid(nkb, Kh, R, Ow):
             if Oh % R == 0 or r0 + rr < Oh:
                 acc = T.alloc_local((mt,), "float32")
                 for j in T.vectorized(mt):
-                    acc[j] = T.if_then_else(kb == 0, T.float32(0), part[rr, s, j])
-                pixel(ptr, code, val, w, acc, mo, n, r0 + rr, s, kb)
+                    acc[j] = T.if_then_else(kb == 0 and l == 0, T.float32(0), part[rr, s, j])
+                tap_row(ptr, code, val, w, acc, mo, n, r0 + rr, s, kb, l)
                 for j in T.vectorized(mt):
                     part[rr, s, j] = acc[j]
         for j in range(mt):

@@ -35,11 +35,10 @@ def _raw_space(name: str, spec: Conv2DSpec):
                 yield k
         for k in _grid(multiply=("scatter",), m_tile=(32, 64), row_tile=(0, 8)):
             yield k
-    elif name == "pixcsr":  # weight blocks of 16-256 KB (L1 to L2), tasks of 1-8 output rows
-        taps = spec.kernel_h * spec.kernel_w
+    elif name == "pixcsr":  # weight blocks per kernel row of 16-256 KB (L1 to L2), tasks of 1-8 output rows
         for k in _grid(m_tile=(32, 64, 128), c_block=(2, 4, 8, 16, 32, 64, 128, 256), rows=(1, 2, 4, 8)):
             cb = min(k["c_block"], spec.in_channels)
-            if 4096 <= taps * cb * k["m_tile"] <= 65536 and k["rows"] <= spec.out_h and cb == k["c_block"]:
+            if 4096 <= spec.kernel_w * cb * k["m_tile"] <= 65536 and k["rows"] <= spec.out_h and cb == k["c_block"]:
                 yield k
     elif name == "dense":
         from ..algorithms.dense import PADS, SPLITS, is_pointwise
