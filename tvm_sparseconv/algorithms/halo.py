@@ -92,7 +92,7 @@ def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
                 for k in T.unroll(L):
                     v[k] = T.if_then_else(j0 + k >= 0 and j0 + k < w_end and _offset_is_read(geo, k),
                                           x[n, c, h, T.max(T.min(j0 + k, W - 1), 0)], T.float32(0))
-                emit_entry(ptr, chan, val, u * nseg + t, pos, t, c, v, L, fill)
+                emit_entry(ptr[u * nseg + t + 1], chan, val, pos, t, c, v, L, fill)
         finish_rows(ptr, pos, u * nseg, nseg, fill)
 
     @T.prim_func

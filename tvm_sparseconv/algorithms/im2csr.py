@@ -88,7 +88,7 @@ def _encode_func(spec: Conv2DSpec, tl: Tiling, cap: int):
                         for b in T.unroll(B):
                             v[b] = T.if_then_else(Ow % B == 0 or t * B + b < Ow, seg[b * sw + q * dw],
                                                   T.float32(0))
-                        emit_entry(ptr, col, val, u * per_row + t, pos, t, (c * Kh + l) * Kw + q, v, B, fill)
+                        emit_entry(ptr[u * per_row + t + 1], col, val, pos, t, (c * Kh + l) * Kw + q, v, B, fill)
         finish_rows(ptr, pos, u * per_row, per_row, fill)
 
     @T.prim_func

@@ -108,16 +108,16 @@ def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
         n, h = u // H, u % H
         if fill:
             if _reads(spec, 0, h):
+                end = ptr[u * per + per]  # rows are filled in order: one bound for all (emit_entry)
                 for kb, j in T.grid(nkb, W):
                     if _reads(spec, 1, j):
-                        g = u * per + kb * W + j
                         pos = T.alloc_local((1,), "int32")  # the row's next slot, kept in a register
-                        pos[0] = ptr[g]
+                        pos[0] = ptr[u * per + kb * W + j]
                         for cc in channels(cb):
                             if C % cb == 0 or kb * cb + cc < C:
                                 v = T.alloc_local((1,), "float32")
                                 v[0] = x[n, kb * cb + cc, h, j]
-                                emit_entry(ptr, code, val, g, pos, 0, j * cb + cc, v, 1, fill)
+                                emit_entry(end, code, val, pos, 0, j * cb + cc, v, 1, fill)
         else:
             pos = T.alloc_local((per,), "int32")
             start_rows(ptr, pos, u * per, per, fill)

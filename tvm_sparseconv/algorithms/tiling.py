@@ -139,17 +139,18 @@ def two_pass_encode(units, rows, ptr, unit_pass):
 
 
 @T.macro
-def emit_entry(ptr, idx, val, g, pos, p, index, v, width, fill):
-    """One candidate entry (index, v[0:width]) of row g whose next slot is pos[p] (val is
-    (cap, width), or (cap,) when width is 1);
-    pos[p] += 1 when any value is non-zero.
+def emit_entry(end, idx, val, pos, p, index, v, width, fill):
+    """One candidate entry (index, v[0:width]) of a row whose next slot is pos[p] (val is
+    (cap, width), or (cap,) when width is 1); pos[p] += 1 when any value is non-zero.
 
-    The fill writes every candidate at pos[p] while it is < ptr[g + 1]: a candidate that is not
-    stored is overwritten by the next stored one (there is one, as pos[p] < end), so there is no
-    data-dependent branch, and nothing is written outside the row's own range [ptr[g], ptr[g+1]).
+    The fill writes every candidate at pos[p] while it is < ``end``, without a data-dependent
+    branch: a candidate that is not stored is overwritten by the next stored one. With ``end``
+    the row's own end, ptr[g + 1], nothing is written outside the row. A caller that fills its
+    rows in increasing order may pass the end of its last row: a row's trailing candidates then
+    land on the next rows' first slots, which those rows (or a later one) overwrite.
     """
     if fill:
-        if pos[p] < ptr[g + 1]:
+        if pos[p] < end:
             idx[pos[p]] = index
             if len(val.shape) == 1:  # one value per entry
                 val[pos[p]] = v[0]
