@@ -220,3 +220,16 @@ def test_pixcsr_defaults_keep_a_weight_block_near_64kb():
         assert k["rows"] * spec.out_w >= 112 or k["rows"] == spec.out_h
     small = Conv2DSpec.from_shapes((1, 3, 4, 3), (5, 3, 3, 3), padding=1)
     assert algo.knobs(small) == {"m_tile": 16, "c_block": 3, "rows": 4}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_rows_ending_in_empty_rows(algorithm):
+    """Only the first pixel of every input row is non-zero: every row (and parallel unit) of the
+    encoder ends in empty rows, whose candidates must not clobber the next unit's entries."""
+    spec = Conv2DSpec.from_shapes((2, 5, 7, 9), (6, 5, 3, 3), padding=1)
+    w = weight(spec)
+    x = np.zeros(spec.x_shape, np.float32)
+    x[:, :, :, 0] = np.arange(1, 1 + 2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
+    layer = CompiledLayer(algorithm, spec, w, knobs=SMALL[algorithm])
+    assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+    assert assert_encoding_equals_reference(layer, x) > 0
