@@ -30,7 +30,7 @@ if [ "$which" = vgg ]; then
       layer "$1" "$2" "$3" 3 1 1 "$d" all --database "$db"
     done
   done
-  python examples/layer_table.py "$out"/v56-*.json "$out"/v28-*.json "$out"/v14-*.json
+  python examples/layer_table.py --wide "$out"/v56-*.json "$out"/v28-*.json "$out"/v14-*.json
 else
   for spec in "p56 1,256,56,56 256 3 1 1" "p28 1,512,28,28 512 3 1 1" "p14 1,512,14,14 512 3 1 1" \
               "p112 1,128,112,112 128 3 1 1" "pw14 1,256,14,14 1024 1 1 0" "s2 1,256,56,56 256 3 2 1"; do

@@ -1,8 +1,12 @@
 """Markdown tables from `tvm-sparseconv layer --json` outputs (the README's benchmark tables).
 
-usage: python examples/layer_table.py [--compact] FILE.json...
-Full: one row per algorithm and layer. Compact: one row per layer and density with the best
-algorithm, the best peer and the ratio best peer / best algorithm (encode included).
+usage: python examples/layer_table.py [--compact | --wide] FILE.json...
+Full (default): one table per layer and density, a row per algorithm.
+Compact: one row per layer and density with the best algorithm, the best peer and the ratio
+best peer / best algorithm (encode included). Wide: one row per layer and density, a column
+per algorithm (total ms). A dense peer's time does not depend on the density, so the peer
+time used for a layer is the fastest peer measurement over all its densities (the ratios are
+conservative: one slow peer run does not flatter them).
 """
 import json
 import sys
@@ -16,22 +20,47 @@ def shape(r):
     return s + (f" stride {l['stride'][0]}" if l["stride"][0] > 1 else "")
 
 
+def timed(rep):
+    return [r for r in rep["results"] if r.get("time_ms")]
+
+
+def best_peers(reps) -> dict:
+    """layer shape -> the fastest peer record over every density of that layer."""
+    best = {}
+    for rep in reps:
+        for r in timed(rep):
+            if r["algorithm"] in PEERS and (shape(rep) not in best or r["time_ms"] < best[shape(rep)]["time_ms"]):
+                best[shape(rep)] = r
+    return best
+
+
 def main(argv):
-    compact = "--compact" in argv
+    mode = next((a for a in argv if a in ("--compact", "--wide")), "--full")
     reps = [json.load(open(f)) for f in argv if not f.startswith("--")]
-    if compact:
+    peers = best_peers(reps)
+    algos = list(dict.fromkeys(r["algorithm"] for rep in reps for r in timed(rep) if r["algorithm"] not in PEERS))
+    if mode == "--compact":
         print("| layer | density | best algorithm | ms (encode) | best peer ms | speed-up | eff. GFLOP/s |")
         print("|---|---|---|---|---|---|---|")
+    elif mode == "--wide":
+        print("| layer | density | " + " | ".join(algos + list(PEERS)) + " | best / best peer |")
+        print("|---|---|" + "---|" * (len(algos) + len(PEERS) + 1))
     for rep in reps:
-        ok = [r for r in rep["results"] if r.get("time_ms")]
-        peers = [r for r in ok if r["algorithm"] in PEERS]
+        ok = timed(rep)
         ours = [r for r in ok if r["algorithm"] not in PEERS]
-        bp = min(peers, key=lambda r: r["time_ms"]) if peers else None
+        bp = peers.get(shape(rep))
         bo = min(ours, key=lambda r: r["time_ms"])
-        if compact:
+        if mode == "--compact":
             print(f"| {shape(rep)} | {rep['density']:.2f} | {bo['algorithm']} | {bo['time_ms']:.2f} "
                   f"({bo['encode_ms']:.2f}) | {bp['time_ms']:.2f} ({bp['algorithm']}) | "
                   f"{bp['time_ms'] / bo['time_ms']:.2f}x | {bo['effective_gflops']:.0f} |")
+            continue
+        if mode == "--wide":
+            t = {r["algorithm"]: r["time_ms"] for r in ok}
+            cells = [("**%.2f**" if a == bo["algorithm"] else "%.2f") % t[a] if a in t else "-"
+                     for a in algos + list(PEERS)]
+            print(f"| {shape(rep)} | {rep['density']:.2f} | " + " | ".join(cells) +
+                  f" | {bo['algorithm']} {bp['time_ms'] / bo['time_ms']:.2f}x |")
             continue
         print(f"\n**{shape(rep)}, density {rep['density']:.2f}** (MetaSchedule trials per dense algorithm: "
               f"see the script)\n")
