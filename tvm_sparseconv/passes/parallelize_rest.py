@@ -14,12 +14,24 @@ from tvm import s_tir
 _MIN_EXTENT = 64  # below this a parallel loop costs more than it saves
 
 
+def _extent(sch, loop) -> int:
+    """A loop's constant extent (0 when it is not constant)."""
+    e = sch.get(loop).extent
+    return int(e) if isinstance(e, tvm.tirx.IntImm) else 0
+
+
 def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     try:
         root = sch.get_sblock("root")
     except Exception:
         return func
+    blocks = sch.get_child_blocks(root)
+    for blk in blocks[:-1]:  # producers such as a pad: computed where they are read, no buffer
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # not inlinable (a reduction, several consumers): keep it
+            pass
     for blk in sch.get_child_blocks(root):
         loops = sch.get_loops(blk)
         block = sch.get(blk)
@@ -34,9 +46,11 @@ def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
             continue
         extent = 1
         for lp in lead:
-            extent *= int(sch.get(lp).extent) if isinstance(sch.get(lp).extent, tvm.tirx.IntImm) else 0
+            extent *= _extent(sch, lp)
         if extent < _MIN_EXTENT:
             continue
+        if len(lead) > 1 and extent // _extent(sch, lead[-1]) >= _MIN_EXTENT:
+            lead = lead[:-1]  # the innermost spatial loop stays inside, contiguous (vectorisable)
         try:
             fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
             sch.parallel(fused)
