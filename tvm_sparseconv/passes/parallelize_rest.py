@@ -2,9 +2,10 @@
 a parallel outer loop.
 
 The default CPU pipeline leaves such ops as serial naive loops; on a small ResNet they cost
-as much as all its convs. This pass fuses the leading spatial loops of each top-level block
-and runs them on TVM's thread pool. Functions marked ``tirx.is_scheduled`` (our kernels,
-MetaSchedule or dlight results) are left alone.
+as much as all its convs. This pass inlines producers that can be (a pool's padded copy is
+then never written), fuses the leading spatial loops of each top-level block but the innermost
+(left contiguous for LLVM to vectorise) and runs them on TVM's thread pool. Functions marked
+``tirx.is_scheduled`` (our kernels, MetaSchedule or dlight results) are left alone.
 """
 from __future__ import annotations
 
