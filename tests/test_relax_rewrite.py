@@ -140,3 +140,15 @@ def test_parallelize_rest_pools_and_adds_in_parallel():
     xp = np.pad(xv, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=-np.inf)
     ref = np.max([xp[:, :, i:i + 19:2, j:j + 19:2] for i in range(3) for j in range(3)], axis=0)
     np.testing.assert_array_equal(y, np.maximum(ref + rv, 0))
+
+
+def test_op_breakdown_names_our_kernels_and_the_rest():
+    """bench --ops: every call inside the model is timed and filed under its kind."""
+    from tvm_sparseconv.bench import op_breakdown
+
+    mod, *_ = small_module(groups=2)  # the grouped 1x1 falls back to TVM's conv2d
+    vm = relax.VirtualMachine(tvms_compile(mod, algorithm="pixcsr"), tvm.cpu())
+    ops = op_breakdown(vm, RNG.standard_normal((1, 4, 9, 9)).astype("float32"), runs=3)
+    assert "conv pixcsr" in ops and all(v > 0 for v in ops.values())
+    assert not any(k.startswith("pixcsr") or k[-1].isdigit() for k in ops)  # kinds, not call names
+    assert any("conv2d" in k for k in ops)  # the fallback, under TVM's own name

@@ -20,10 +20,42 @@ def vm_latency_ms(vm: relax.VirtualMachine, x: np.ndarray, repeat: int = 10) -> 
     return y, float(np.median(fe(xt).results)) * 1e3
 
 
+def op_breakdown(vm: relax.VirtualMachine, x: np.ndarray, runs: int = 20) -> dict[str, float]:
+    """Mean wall-clock ms per inference of each kind of call inside the model (a VM instrument
+    around every call): ``conv <algorithm>`` for our kernels, the PrimFunc's name without its
+    numeric suffix for the other ops, ``vm.builtin.*`` for the VM's own work. Caches are as
+    they are in a real inference, unlike a kernel timed alone."""
+    import time
+
+    from .algorithms import ALGORITHMS
+
+    xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))
+    vm["main"](xt)  # warm-up
+    start, total = {}, {}
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if before_run:
+            start[name] = time.perf_counter()
+        else:
+            algo = next((a for a in ALGORITHMS if name.startswith(a + "_")), None)
+            kind = f"conv {algo}" if algo else name.rstrip("0123456789")
+            total[kind] = total.get(kind, 0.0) + time.perf_counter() - start[name]
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            vm["main"](xt)
+    finally:
+        vm.set_instrument(lambda *a: 0)
+    return {k: v / runs * 1e3 for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
 def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = None, database=None, target=None,
                 threads: int = 0, baseline: str = "dense", repeat: int = 10, peers: bool = True,
-                log=lambda s: None) -> dict:
-    """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, speedup of the plan over it}."""
+                log=lambda s: None, ops: bool = False) -> dict:
+    """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, speedup of the plan over it};
+    with ``ops``, also ``ops``: the plan build's op_breakdown."""
     target = make_target(target)
     rows = []
     builds = [("plan", resolve_plan(model, plan, algorithm, target)),
@@ -33,6 +65,8 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
         mod, applied = lower(model, p, target, database)
         vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
         y, ms = vm_latency_ms(vm, x, repeat)
+        if ops and name == "plan":
+            breakdown = op_breakdown(vm, x)
         counts = {}
         for a in applied.values():
             counts[a] = counts.get(a, 0) + 1
@@ -49,4 +83,7 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
         r["max_abs_error"] = max_abs_error(r.pop("y"), ref)
         r["plan_speedup"] = r["ms"] / t_plan
     best_other = min(r["ms"] for r in rows[1:]) if len(rows) > 1 else t_plan
-    return {"rows": rows, "speedup_vs_best": best_other / t_plan, "threads": threads}
+    res = {"rows": rows, "speedup_vs_best": best_other / t_plan, "threads": threads}
+    if ops:
+        res["ops"] = breakdown
+    return res

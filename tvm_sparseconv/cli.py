@@ -258,7 +258,7 @@ def cmd_bench(args) -> int:
     x = _samples(args, model, pre)[0]
     plan = _plan_for(args, model)
     res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
-                      args.baseline, args.repeat, not args.no_peers, log=_log)
+                      args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -268,6 +268,11 @@ def cmd_bench(args) -> int:
         print(f"{r['name']:32} {r['ms']:10.2f} {r['plan_speedup']:13.2f}x {_fmt(r['max_abs_error'], 6):>9}  "
               f"{r['layers']}")
     print(f"plan vs the best of the others: {res['speedup_vs_best']:.2f}x")
+    if args.ops:
+        print("inside the plan's build, mean ms per inference (each call timed by a VM instrument):")
+        for kind, ms in res["ops"].items():
+            print(f"  {kind:30} {ms:8.3f}")
+        print(f"  {'sum':30} {sum(res['ops'].values()):8.3f}")
     return 0
 
 
@@ -372,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense)")
     ben.add_argument("--repeat", type=int, default=10)
     ben.add_argument("--no-peers", action="store_true")
+    ben.add_argument("--ops", action="store_true", help="also where the plan's time goes: ms per kind of op")
     ben.add_argument("--json", action="store_true")
     ben.set_defaults(func=cmd_bench)
 
