@@ -55,7 +55,7 @@ class PixCSR(Algorithm):
     def _checked(self, spec: Conv2DSpec, knobs) -> tuple[int, int, int]:
         for name in ("m_tile", "c_block", "rows"):
             v = knobs[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise KnobError(f"{self.name}: knob {name} must be a positive int, got {v!r}")
         return int(knobs["m_tile"]), int(knobs["c_block"]), int(knobs["rows"])
 
