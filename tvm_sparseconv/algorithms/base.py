@@ -131,11 +131,14 @@ def any_nonzero(v, length: int):
     return bits & 0x7FFFFFFF != 0
 
 
-def read_condition(i, size: int, pad: int, stride: int, dilation: int, kernel: int, out: int):
-    """TIR: real input index i (along one axis) is read by some output index and tap
-    (True when every index is, as reference.dense.read_mask says)."""
+def is_read(spec: Conv2DSpec, axis: int, i):
+    """TIR: real input row (axis 0) or column (axis 1) i is read by some output pixel
+    (True when every one is, as reference.dense.read_mask says)."""
     from ..reference.dense import read_mask
 
+    size, kernel, out = (spec.height, spec.kernel_h, spec.out_h) if axis == 0 else \
+        (spec.width, spec.kernel_w, spec.out_w)
+    pad, stride, dilation = spec.padding[axis], spec.stride[axis], spec.dilation[axis]
     if read_mask(size, pad, stride, dilation, kernel, out).all():
         return True
     conds = []

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.halo import HaloGeometry, halo_encode, halo_geometry, halo_multiply, halo_storage
-from .base import Algorithm, Buffer, Stage, bias_constant, prim, read_condition
+from .base import Algorithm, Buffer, Stage, bias_constant, is_read, prim
 from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
                      start_rows, store_tile, tile_weights, tiling_defaults, two_pass_encode,
                      zero_tile)
@@ -85,7 +85,7 @@ def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
         n, h = u // H, u % H
         pos = T.alloc_local((nseg,), "int32")
         start_rows(ptr, pos, u * nseg, nseg, fill)
-        if read_condition(h, H, spec.padding[0], spec.stride[0], spec.dilation[0], spec.kernel_h, spec.out_h):
+        if is_read(spec, 0, h):
             for c, t in T.grid(C, nseg):
                 j0 = t * step - pl  # real column of offset 0
                 v = T.alloc_local((L,), "float32")

@@ -31,8 +31,8 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, nonzero, prim,
-                   read_condition)
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, is_read, nonzero,
+                   prim)
 from .tiling import default_m_tile, emit_entry, finish_rows, start_rows, tile_weights, two_pass_encode
 
 WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per (channel block, kernel row) by default
@@ -89,13 +89,6 @@ class PixCSR(Algorithm):
         return pixcsr_multiply(spec, knobs["c_block"], *pixcsr_encode(spec, x, knobs["c_block"]), w)
 
 
-def _reads(spec: Conv2DSpec, axis: int, i):
-    """TIR: input row (axis 0) or column (axis 1) i is read by some output pixel."""
-    size, kernel, out = (spec.height, spec.kernel_h, spec.out_h) if axis == 0 else \
-        (spec.width, spec.kernel_w, spec.out_w)
-    return read_condition(i, size, spec.padding[axis], spec.stride[axis], spec.dilation[axis], kernel, out)
-
-
 def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
     N, C, H, W = spec.x_shape
     per = nkb * W  # pointer rows per input row
@@ -107,10 +100,10 @@ def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
         (vectorised), or fill block by block, column by column, channels in order."""
         n, h = u // H, u % H
         if fill:
-            if _reads(spec, 0, h):
+            if is_read(spec, 0, h):
                 end = ptr[u * per + per]  # rows are filled in order: one bound for all (emit_entry)
                 for kb, j in T.grid(nkb, W):
-                    if _reads(spec, 1, j):
+                    if is_read(spec, 1, j):
                         pos = T.alloc_local((1,), "int32")  # the row's next slot, kept in a register
                         pos[0] = ptr[u * per + kb * W + j]
                         for cc in channels(cb):
@@ -121,11 +114,11 @@ def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
         else:
             pos = T.alloc_local((per,), "int32")
             start_rows(ptr, pos, u * per, per, fill)
-            if _reads(spec, 0, h):
+            if is_read(spec, 0, h):
                 for kb, cc in T.grid(nkb, cb):
                     if C % cb == 0 or kb * cb + cc < C:
                         for j in range(W):
-                            if _reads(spec, 1, j):
+                            if is_read(spec, 1, j):
                                 pos[kb * W + j] = pos[kb * W + j] + T.Cast("int32", nonzero(x[n, kb * cb + cc, h, j]))
             finish_rows(ptr, pos, u * per, per, fill)
 
