@@ -27,5 +27,5 @@ fi
 echo "== run the exported library"
 tvm-sparseconv run "$out/model.so" --images "${images[@]}"
 
-echo "== bench: plan vs all-dense TVM vs onnxruntime vs PyTorch"
-tvm-sparseconv bench "$model" --images "${images[0]}"
+echo "== bench: plan vs all-dense TVM vs onnxruntime vs PyTorch, and where the plan's time goes"
+tvm-sparseconv bench "$model" --images "${images[0]}" --ops
