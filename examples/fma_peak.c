@@ -17,33 +17,35 @@ int main(void) {
   for (int k = 0; k < 12; k++) a[k] = _mm512_set1_ps((float)k);  /* distinct, so none is merged */
   __m512 b = _mm512_set1_ps(1.0001f), c = _mm512_set1_ps(0.5f);
   const long n = 200000000;
-  double t = now();
-  for (long i = 0; i < n; i++) {
-#pragma GCC unroll 12
+  /* time `body` (fmas FMAs) n times; the empty asm keeps b and c opaque, so nothing is hoisted */
+#define TIMED(label, fmas, body)                                                     \
+  do {                                                                               \
+    double t = now();                                                                \
+    for (long i = 0; i < n; i++) {                                                   \
+      body;                                                                          \
+      __asm__ volatile("" : "+v"(b), "+v"(c));                                       \
+    }                                                                                \
+    printf("%-10s %.2f G FMA/s per core\n", label, (double)(fmas) * n / (now() - t) / 1e9); \
+  } while (0)
+
+  TIMED("reg:", 12, {
+    _Pragma("GCC unroll 12")
     for (int k = 0; k < 12; k++) a[k] = _mm512_fmadd_ps(b, c, a[k]);
-    __asm__ volatile("" : "+v"(b));
-  }
-  printf("reg:       %.2f G FMA/s per core\n", 12.0 * n / (now() - t) / 1e9);
-  t = now();
-  for (long i = 0; i < n; i++) {
+  });
+  TIMED("load/FMA:", 8, {
     const float *p = w + ((i * 128) & 4095);
-#pragma GCC unroll 8
+    _Pragma("GCC unroll 8")
     for (int k = 0; k < 8; k++) a[k] = _mm512_fmadd_ps(b, _mm512_load_ps(p + 16 * k), a[k]);
-    __asm__ volatile("" : "+v"(b));
-  }
-  printf("load/FMA:  %.2f G FMA/s per core\n", 8.0 * n / (now() - t) / 1e9);
-  t = now();
-  for (long i = 0; i < n; i++) {
+  });
+  TIMED("load/2FMA:", 8, {
     const float *p = w + ((i * 64) & 4095);
-#pragma GCC unroll 4
+    _Pragma("GCC unroll 4")
     for (int k = 0; k < 4; k++) {
       __m512 x = _mm512_load_ps(p + 16 * k);
       a[k] = _mm512_fmadd_ps(b, x, a[k]);
       a[k + 4] = _mm512_fmadd_ps(c, x, a[k + 4]);
     }
-    __asm__ volatile("" : "+v"(b), "+v"(c));
-  }
-  printf("load/2FMA: %.2f G FMA/s per core\n", 8.0 * n / (now() - t) / 1e9);
+  });
   __m512 s = a[0];
   for (int k = 1; k < 12; k++) s = _mm512_add_ps(s, a[k]);
   float out[16];

@@ -71,12 +71,12 @@ class PixCSR(Algorithm):
         mt, cb, R = self._checked(spec, knobs)
         nkb = pixcsr_blocks(spec, cb)
         n, c, h, w = spec.x_shape
-        rows, cap = n * h * nkb * w, n * c * h * w
-        outs = (Buffer("pix_ptr", (rows + 1,), "int32"), Buffer("pix_code", (cap,), "int32"),
+        ptr_rows, cap = n * h * nkb * w, n * c * h * w
+        outs = (Buffer("pix_ptr", (ptr_rows + 1,), "int32"), Buffer("pix_code", (cap,), "int32"),
                 Buffer("pix_val", (cap,)))
         bias = ("bias",) if epilogue.bias else ()
-        return [Stage("encode", "encode", prim(_encode_func(spec, cb, nkb, rows, cap)), ("x",), outs),
-                Stage("multiply", "multiply", prim(_multiply_func(spec, mt, cb, R, nkb, rows, cap, epilogue)),
+        return [Stage("encode", "encode", prim(_encode_func(spec, cb, nkb, ptr_rows, cap)), ("x",), outs),
+                Stage("multiply", "multiply", prim(_multiply_func(spec, mt, cb, R, nkb, ptr_rows, cap, epilogue)),
                       ("pix_ptr", "pix_code", "pix_val", "w") + bias, (Buffer("y", spec.y_shape),))]
 
     def storage(self, spec, knobs, produced):
@@ -89,7 +89,7 @@ class PixCSR(Algorithm):
         return pixcsr_multiply(spec, knobs["c_block"], *pixcsr_encode(spec, x, knobs["c_block"]), w)
 
 
-def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
+def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, ptr_rows: int, cap: int):
     N, C, H, W = spec.x_shape
     per = nkb * W  # pointer rows per input row
     channels = T.unroll if cb <= 32 else T.serial  # a block's channels: unrolled when few
@@ -123,15 +123,16 @@ def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, rows: int, cap: int):
             finish_rows(ptr, pos, u * per, per, fill)
 
     @T.prim_func
-    def encode(x: T.Buffer((N, C, H, W), "float32"), ptr: T.Buffer((rows + 1,), "int32"),
+    def encode(x: T.Buffer((N, C, H, W), "float32"), ptr: T.Buffer((ptr_rows + 1,), "int32"),
                code: T.Buffer((cap,), "int32"), val: T.Buffer((cap,), "float32")):
-        two_pass_encode(N * H, rows, ptr, lambda u, fill: row_pass(x, ptr, code, val, u, fill))
+        two_pass_encode(N * H, ptr_rows, ptr, lambda u, fill: row_pass(x, ptr, code, val, u, fill))
 
     return encode
 
 
-def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, rows: int, cap: int, ep: Epilogue):
-    N, C, H, W = spec.x_shape
+def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, ptr_rows: int, cap: int,
+                   ep: Epilogue):
+    N, _, H, W = spec.x_shape
     M, Kh, Kw = spec.out_channels, spec.kernel_h, spec.kernel_w
     (sh, sw), (dh, dw), pt, pl = spec.stride, spec.dilation, spec.padding[0], spec.padding[1]
     Oh, Ow = spec.out_h, spec.out_w
@@ -186,14 +187,14 @@ def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, rows: i
     wshape = (n_tiles, nkb * Kh * Kw * cb, mt)
     if ep.bias:
         @T.prim_func
-        def multiply(ptr: T.Buffer((rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
+        def multiply(ptr: T.Buffer((ptr_rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
                      val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"),
                      bias: T.Buffer((M,), "float32"), y: T.Buffer(spec.y_shape, "float32")):
             for f in T.parallel(units):
                 out_rows(ptr, code, val, w, bias, y, f)
     else:
         @T.prim_func
-        def multiply(ptr: T.Buffer((rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
+        def multiply(ptr: T.Buffer((ptr_rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
                      val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"),
                      y: T.Buffer(spec.y_shape, "float32")):
             for f in T.parallel(units):
