@@ -78,6 +78,16 @@ def test_resume_repeats_no_finished_measurement(small_model, tmp_path):
     assert len(keys) == len(set(keys)) > n1  # only the new candidates were measured
 
 
+def test_cold_tuning_is_recorded_and_not_mixed_with_warm(small_model, tmp_path):
+    _, m, xs = small_model
+    t, plan = run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "pixcsr"), cold=True)
+    assert t.trials.header["cache"] == "cold"
+    assert all(r["time_ms"] > 0 for r in t.trials.records)  # every candidate ran and passed the check
+    assert {l.algorithm for l in plan.layers} <= {"dense", "pixcsr"}
+    with pytest.raises(TuningLogError, match="made for cache 'cold', not 'warm'"):
+        run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "pixcsr"))
+
+
 def test_corrupt_or_foreign_log_is_refused(tmp_path):
     p = tmp_path / "trials.jsonl"
     p.write_text("not json\n")
@@ -87,6 +97,10 @@ def test_corrupt_or_foreign_log_is_refused(tmp_path):
     log.append({"workload": "w", "algorithm": "halo", "knobs": {}, "time_ms": 1.0})
     with pytest.raises(TuningLogError, match="made for model"):
         TuningLog(str(tmp_path / "ok.jsonl"), {"model": "other", "target": "t"})
+    # a log timed warm (or from before the cache key) is not resumed cold
+    assert TuningLog(str(tmp_path / "ok.jsonl"), {"model": "m", "target": "t", "cache": "warm"}).records
+    with pytest.raises(TuningLogError, match="made for cache 'warm', not 'cold'"):
+        TuningLog(str(tmp_path / "ok.jsonl"), {"model": "m", "target": "t", "cache": "cold"})
     with open(tmp_path / "ok.jsonl", "a") as f:
         f.write("garbage in the middle\n")
         f.write(json.dumps({"workload": "w", "algorithm": "dense", "knobs": {}}) + "\n")

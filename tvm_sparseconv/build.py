@@ -105,15 +105,23 @@ class CompiledLayer:
         """Stored elements/bytes of the representation the compiled stages built on the last run."""
         return self.algorithm.storage(self.spec, self.knobs, self.produced())
 
-    def time(self, x: np.ndarray | None = None, repeat: int = 7, min_repeat_ms: float = 40) -> Timing:
-        """Median time per stage with time_evaluator (first call discarded), in ms."""
+    def time(self, x: np.ndarray | None = None, repeat: int = 7, min_repeat_ms: float = 40,
+             cold: bool = False) -> Timing:
+        """Median time per stage with time_evaluator (first call discarded), in ms.
+
+        Warm (default): each repeat runs a stage back to back for at least ``min_repeat_ms``, so
+        the weights sit in L1/L2 as when the layer is timed alone. ``cold``: before each single
+        run every argument but the first (the weights and outputs; x or the pointers stay) is
+        flushed from the caches, as MetaSchedule's enable_cpu_cache_flush does; closer to a layer
+        inside a model, whose weights the other layers have evicted. Cold takes 4x the repeats."""
         if x is not None:
             self.set_input(x)
         per = {}
         enc = mul = 0.0
         for st in self.stages:
-            fe = self.lib.time_evaluator(stage_symbol(self.algorithm, st), self.dev, number=1,
-                                                    repeat=repeat, min_repeat_ms=min_repeat_ms)
+            timing = ({"repeat": 4 * repeat, "f_preproc": "cache_flush_cpu_non_first_arg"} if cold
+                      else {"repeat": repeat, "min_repeat_ms": min_repeat_ms})
+            fe = self.lib.time_evaluator(stage_symbol(self.algorithm, st), self.dev, number=1, **timing)
             ms = float(np.median(fe(*self._args(st)).results)) * 1e3
             per[st.name] = ms
             if st.kind == "encode":

@@ -1,10 +1,11 @@
 """The tuning log: one JSON object per line, appended and flushed as each measurement ends.
 
-Line 1 is a header naming the format, version, model and target; every later line is one
+Line 1 is a header naming the format, version, model, target and cache ("warm" or "cold":
+how candidates were timed); every later line is one
 measured candidate: {"workload", "algorithm", "knobs", "time_ms", "encode_ms",
 "multiply_ms", "max_abs_error", "error"} or a phase marker {"done": "<phase>"}. A crash
 or Ctrl-C loses at most the measurement under way; ``--resume`` reads the log back and
-repeats nothing it holds. A log of another format, model or target is refused.
+repeats nothing it holds. A log of another format, model, target or cache is refused.
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ class TuningLog:
             raise TuningLogError(f"{self.path} is not a tvm-sparseconv tuning log")
         if head.get("version") != LOG_VERSION:
             raise TuningLogError(f"{self.path} has log version {head.get('version')}, this reads {LOG_VERSION}")
-        for k in ("model", "target"):
-            if head.get(k) != self.header.get(k):
+        head.setdefault("cache", "warm")  # logs from before --cold were timed warm
+        for k in ("model", "target", "cache"):
+            if k in self.header and head.get(k) != self.header.get(k):
                 raise TuningLogError(f"{self.path} was made for {k} {head.get(k)!r}, not {self.header.get(k)!r}: "
                                      "use another --out or run dir")
         body = [l for l in lines[1:] if l.strip()]

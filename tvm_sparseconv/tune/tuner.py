@@ -42,6 +42,7 @@ class TuneConfig:
     algorithms: tuple = ALGORITHMS
     margin: float = 0.03           # a sparse pick must beat the best dense one by this share
     repeat: int = 5
+    cold: bool = False             # time with the caches flushed before each run (CompiledLayer.time)
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
 
@@ -62,7 +63,8 @@ class Tuner:
         self.db_dir = os.path.join(run_dir, "database")
         self.trials = TuningLog(os.path.join(run_dir, "trials.jsonl"),
                                 {"model": model_name or os.path.basename(str(model.source)),
-                                 "input_shape": list(model.input_shape), "target": str(self.target)})
+                                 "input_shape": list(model.input_shape), "target": str(self.target),
+                                 "cache": "cold" if self.cfg.cold else "warm"})
         self.cost = KnobCostModel(self.cfg.seed)
         self.deadline = time.monotonic() + 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
         self.session = self._rpc_session() if self.cfg.rpc else None
@@ -175,7 +177,7 @@ class Tuner:
             if not err <= _tolerance(w, ref):
                 rec.update(error=f"wrong result: max abs error {err:.3g}", max_abs_error=err)
                 return rec
-            t = layer.time(w.x, repeat=self.cfg.repeat)
+            t = layer.time(w.x, repeat=self.cfg.repeat, cold=self.cfg.cold)
             st = layer.storage()
             rec.update(time_ms=t.total_ms, encode_ms=t.encode_ms, multiply_ms=t.multiply_ms, max_abs_error=err,
                        stored_elements=st.elements, stored_bytes=st.bytes)
