@@ -3,6 +3,8 @@
  * reg:       12 independent 512-bit FMA chains, operands in registers (the dense kernels' regime)
  * load/FMA:  every FMA loads its own 64-byte operand from L1 (pixcsr's regime)
  * load/2FMA: each loaded operand feeds two FMAs (halo's regime with 2 pixels)
+ * load/4FMA: each loaded operand feeds four FMAs
+ * loads:     the 64-byte loads alone, no FMA (the load ports are not what caps load/FMA)
  * GFLOP/s = G FMA-instructions/s x 32; times the number of cores for the whole CPU. */
 #include <immintrin.h>
 #include <stdio.h>
@@ -32,18 +34,27 @@ int main(void) {
     _Pragma("GCC unroll 12")
     for (int k = 0; k < 12; k++) a[k] = _mm512_fmadd_ps(b, c, a[k]);
   });
-  TIMED("load/FMA:", 8, {
-    const float *p = w + ((i * 128) & 4095);
-    _Pragma("GCC unroll 8")
-    for (int k = 0; k < 8; k++) a[k] = _mm512_fmadd_ps(b, _mm512_load_ps(p + 16 * k), a[k]);
-  });
-  TIMED("load/2FMA:", 8, {
-    const float *p = w + ((i * 64) & 4095);
-    _Pragma("GCC unroll 4")
-    for (int k = 0; k < 4; k++) {
+  /* each loaded operand feeds R FMAs: 12 / R loads and 12 FMA chains per iteration */
+#define LOAD_REUSE(label, R)                                                         \
+  TIMED(label, 12, {                                                                 \
+    const float *p = w + ((i * 192 / (R)) & 4095);                                   \
+    _Pragma("GCC unroll 12")                                                         \
+    for (int k = 0; k < 12 / (R); k++) {                                             \
+      __m512 x = _mm512_load_ps(p + 16 * k);                                         \
+      _Pragma("GCC unroll 4")                                                        \
+      for (int r = 0; r < (R); r++)                                                  \
+        a[k + r * (12 / (R))] = _mm512_fmadd_ps(r & 1 ? c : b, x, a[k + r * (12 / (R))]); \
+    }                                                                                \
+  })
+  LOAD_REUSE("load/FMA:", 1);
+  LOAD_REUSE("load/2FMA:", 2);
+  LOAD_REUSE("load/4FMA:", 4);
+  TIMED("loads:", 12, {  /* counts loads, not FMAs */
+    const float *p = w + ((i * 192) & 4095);
+    _Pragma("GCC unroll 12")
+    for (int k = 0; k < 12; k++) {
       __m512 x = _mm512_load_ps(p + 16 * k);
-      a[k] = _mm512_fmadd_ps(b, x, a[k]);
-      a[k + 4] = _mm512_fmadd_ps(c, x, a[k + 4]);
+      __asm__ volatile("" : : "v"(x));
     }
   });
   __m512 s = a[0];
