@@ -50,8 +50,8 @@ class PixCSR(Algorithm):
         nearest WEIGHT_BLOCK_FLOATS / (Kw*m_tile), at most C; rows ceil(ROW_PIXELS / Ow)."""
         rows = max(1, min(spec.out_h, -(-ROW_PIXELS // spec.out_w)))
         tasks = spec.batch * -(-spec.out_h // rows)
-        tiles = [t for t in (128, 64, 32) if -(-spec.out_channels // t) * tasks >= MIN_TASKS] or [16]
-        m_tile = default_m_tile(spec.out_channels, tuple(tiles) + (16,))
+        tiles = tuple(t for t in (128, 64, 32) if -(-spec.out_channels // t) * tasks >= MIN_TASKS) + (16,)
+        m_tile = default_m_tile(spec.out_channels, tiles)
         cb = 2 ** round(math.log2(max(1.0, WEIGHT_BLOCK_FLOATS / (spec.kernel_w * m_tile))))
         return {"m_tile": m_tile, "c_block": min(cb, spec.in_channels), "rows": rows}
 
