@@ -1,5 +1,5 @@
-"""The output-stationary sparse kernels (im2csr, halo, pixcsr): compiled encoders equal the NumPy
-encoders exactly, outputs equal the dense oracle."""
+"""The output-stationary sparse kernels (im2csr, halo, pixcsr, hybrid): compiled encoders equal
+the NumPy encoders exactly, outputs equal the dense oracle."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -9,31 +9,41 @@ from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.conv import Conv2DSpec, UnsupportedConvError
 from tvm_sparseconv.reference import dense_conv2d
 from tvm_sparseconv.reference.halo import halo_encode
+from tvm_sparseconv.reference.hybrid import hybrid_encode, hybrid_segments
 from tvm_sparseconv.reference.im2csr import im2csr_encode
 from tvm_sparseconv.reference.pixcsr import pixcsr_encode
 
 from conftest import DENSITIES, GRID, activation, assert_conv_close, grid_spec, weight
 
-ALGORITHMS = ("im2csr", "halo", "pixcsr")
-ENCODERS = {"im2csr": (lambda s, x, k: im2csr_encode(s, x, k["block"]), ("csr_ptr", "csr_col", "csr_val")),
-            "halo": (lambda s, x, k: halo_encode(s, x, k["block"]), ("halo_ptr", "halo_chan", "halo_val")),
-            "pixcsr": (lambda s, x, k: pixcsr_encode(s, x, k["c_block"]), ("pix_ptr", "pix_code", "pix_val"))}
+ALGORITHMS = ("im2csr", "halo", "pixcsr", "hybrid")
+# per algorithm: the NumPy encoder and the names of its arrays, (pointers, indices, values) per part
+ENCODERS = {"im2csr": (lambda s, x, k: im2csr_encode(s, x, k["block"]), (("csr_ptr", "csr_col", "csr_val"),)),
+            "halo": (lambda s, x, k: halo_encode(s, x, k["block"]), (("halo_ptr", "halo_chan", "halo_val"),)),
+            "pixcsr": (lambda s, x, k: pixcsr_encode(s, x, k["c_block"]), (("pix_ptr", "pix_code", "pix_val"),)),
+            "hybrid": (lambda s, x, k: hybrid_encode(s, x, k["block"], k["c_block"], k["dense_from"]),
+                       (("hyb_hptr", "hyb_hchan", "hyb_hval"), ("hyb_pptr", "hyb_pcode", "hyb_pval")))}
 # small tiles, so that small layers have several of them: B = 2 pixels, or 2 channels x 2 rows
-SMALL = {"im2csr": {"block": 2}, "halo": {"block": 2}, "pixcsr": {"c_block": 2, "rows": 2}}
+SMALL = {"im2csr": {"block": 2}, "halo": {"block": 2}, "pixcsr": {"c_block": 2, "rows": 2},
+         "hybrid": {"block": 2, "c_block": 2, "rows": 2, "dense_from": 3}}
 
 
-def assert_encoding_equals_reference(layer: CompiledLayer, x: np.ndarray) -> int:
-    """The compiled encoder's arrays, on their valid prefix, equal the NumPy encoder's; returns nnz."""
-    encode, names = ENCODERS[layer.algorithm.name]
+def assert_encoding_equals_reference(layer: CompiledLayer, x: np.ndarray, per_part: bool = False):
+    """The compiled encoder's arrays, on their valid prefix, equal the NumPy encoder's; returns
+    nnz (summed over the parts, or a list per part)."""
+    encode, parts = ENCODERS[layer.algorithm.name]
     ref = encode(layer.spec, x, layer.knobs)
     out = layer.produced()
-    np.testing.assert_array_equal(out[names[0]], ref[0])
-    nnz = int(ref[0][-1])
-    for name, r in zip(names[1:], ref[1:]):
-        assert out[name].shape[0] >= nnz  # worst-case sized
-        np.testing.assert_array_equal(out[name][:nnz], r)  # NaN == NaN here
+    counts = []
+    for p, names in enumerate(parts):
+        r = ref[3 * p:3 * p + 3]
+        np.testing.assert_array_equal(out[names[0]], r[0])
+        nnz = int(r[0][-1])
+        for name, want in zip(names[1:], r[1:]):
+            assert out[name].shape[0] >= nnz  # worst-case sized
+            np.testing.assert_array_equal(out[name][:nnz], want)  # NaN == NaN here
+        counts.append(nnz)
     assert layer.storage() == layer.algorithm.reference_storage(layer.spec, layer.knobs, x)
-    return nnz
+    return counts if per_part else sum(counts)
 
 
 def check_layer(layer: CompiledLayer, w: np.ndarray, densities=DENSITIES, seed: int = 0) -> None:
@@ -43,8 +53,9 @@ def check_layer(layer: CompiledLayer, w: np.ndarray, densities=DENSITIES, seed: 
         assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
         nnz = assert_encoding_equals_reference(layer, x)
         if d == 0:  # only the pointers are stored
-            ptr = layer.produced()[ENCODERS[layer.algorithm.name][1][0]]
-            assert nnz == 0 and layer.storage().elements == ptr.size
+            out = layer.produced()
+            pointers = sum(out[names[0]].size for names in ENCODERS[layer.algorithm.name][1])
+            assert nnz == 0 and layer.storage().elements == pointers
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -60,7 +71,12 @@ KNOB_VARIANTS = [{"block": 1, "m_tile": 16, "split": "tile_outer"},
 # pixcsr: one block of all channels, blocks not dividing C, rows not dividing Oh, M tile not dividing M
 PIXCSR_VARIANTS = [{"m_tile": 16, "c_block": 64, "rows": 1}, {"m_tile": 8, "c_block": 3, "rows": 3},
                    {"m_tile": 48, "c_block": 5, "rows": 64}]
-VARIANTS = [(a, k) for a in ALGORITHMS[:2] for k in KNOB_VARIANTS] + [("pixcsr", k) for k in PIXCSR_VARIANTS]
+# hybrid: all halo (dense_from 1), all pixel entries (1000), a mix; blocks and tiles as above
+HYBRID_VARIANTS = [{"block": 1, "m_tile": 16, "c_block": 64, "rows": 1, "dense_from": 1},
+                   {"block": 3, "m_tile": 8, "c_block": 3, "rows": 3, "dense_from": 4},
+                   {"block": 5, "m_tile": 48, "c_block": 5, "rows": 64, "dense_from": 1000}]
+VARIANTS = [(a, k) for a in ALGORITHMS[:2] for k in KNOB_VARIANTS] + [("pixcsr", k) for k in PIXCSR_VARIANTS] + \
+    [("hybrid", k) for k in HYBRID_VARIANTS]
 
 
 @pytest.mark.parametrize("algorithm,knobs", VARIANTS,
@@ -118,7 +134,21 @@ def test_worst_case_fills_the_whole_buffers(algorithm):
     layer = CompiledLayer(algorithm, spec, w, knobs=SMALL[algorithm])
     assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
     nnz = assert_encoding_equals_reference(layer, x)
-    assert nnz == layer.produced()[ENCODERS[algorithm][1][1]].shape[0]
+    assert nnz == layer.produced()[ENCODERS[algorithm][1][0][1]].shape[0]
+
+
+def test_hybrid_worst_case_fills_either_part():
+    """Every value non-zero: with dense_from 1 every (segment, channel) is a halo entry, with a
+    dense_from above B*Kw every read offset of it a pixel entry; either fills its buffers."""
+    spec = Conv2DSpec.from_shapes((2, 3, 6, 8), (8, 3, 3, 3))
+    w = weight(spec)
+    x = np.full(spec.x_shape, 0.5, np.float32)
+    for dense_from, full in ((1, "hyb_hchan"), (7, "hyb_pcode")):
+        layer = CompiledLayer("hybrid", spec, w, knobs={**SMALL["hybrid"], "dense_from": dense_from})
+        assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+        nh, npx = assert_encoding_equals_reference(layer, x, per_part=True)
+        assert (nh if full == "hyb_hchan" else npx) == layer.produced()[full].shape[0]
+        assert (npx if full == "hyb_hchan" else nh) == 0
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -129,18 +159,22 @@ def test_zero_channels_and_regions_cost_nothing(algorithm):
     x[0, 5, 2, 3] = 1.5  # one non-zero: im2csr stores Kh*Kw entries, halo at most 2 (segment overlap)
     layer = CompiledLayer(algorithm, spec, w, knobs={"block": 4} if algorithm != "pixcsr" else {"c_block": 3})
     assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
-    names = ENCODERS[algorithm][1]
+    names = ENCODERS[algorithm][1][0]
     nnz = assert_encoding_equals_reference(layer, x)
     out = layer.produced()
     if algorithm == "im2csr":
         assert 1 <= nnz <= 9 and set(out[names[1]][:nnz] // 9) == {5}
     elif algorithm == "pixcsr":  # stored once: code = column * c_block + channel in its block
         assert nnz == 1 and out[names[1]][0] == 3 * 3 + 5 % 3 and out[names[2]][0] == 1.5
+    elif algorithm == "hybrid":  # a pixel entry in each of the 2 segments holding column 3
+        parts = [out[n] for names in ENCODERS[algorithm][1] for n in names]
+        seg = hybrid_segments(spec, 4, layer.knobs["c_block"], *parts)
+        assert nnz == 2 and int(out["hyb_hptr"][-1]) == 0 and set(np.nonzero(seg)[1]) == {5}
     else:
         assert 1 <= nnz <= 2 and set(out[names[1]][:nnz]) == {5}
 
 
-@pytest.mark.parametrize("algorithm", ("halo", "pixcsr"))
+@pytest.mark.parametrize("algorithm", ("halo", "pixcsr", "hybrid"))
 def test_strided_pointwise_skips_unread_rows_and_columns(algorithm):
     """1x1 stride 2 reads every other row and column: the rest is never stored."""
     spec = Conv2DSpec.from_shapes((1, 4, 8, 8), (8, 4, 1, 1), stride=2)
@@ -160,14 +194,15 @@ def test_groups_and_bad_knobs_are_refused(algorithm):
         CompiledLayer(algorithm, g, weight(g))
     spec = Conv2DSpec.from_shapes((1, 4, 6, 6), (8, 4, 3, 3), padding=1)
     bad = (({"tile": 4}, "no knob"), ({"m_tile": 2.5}, "m_tile"))
-    bad += (({"c_block": 0}, "c_block"), ({"rows": -1}, "rows")) if algorithm == "pixcsr" else \
-        (({"block": 0}, "block"), ({"split": "rows"}, "split"))
+    bad += {"pixcsr": (({"c_block": 0}, "c_block"), ({"rows": -1}, "rows")),
+            "hybrid": (({"block": 0}, "block"), ({"dense_from": 0}, "dense_from"), ({"rows": True}, "rows"))}.get(
+        algorithm, (({"block": 0}, "block"), ({"split": "rows"}, "split")))
     for knobs, msg in bad:
         with pytest.raises(KnobError, match=msg):
             CompiledLayer(algorithm, spec, weight(spec), knobs=knobs)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS[:2])
+@pytest.mark.parametrize("algorithm", ("im2csr", "halo", "hybrid"))
 def test_defaults_keep_about_16_accumulators(algorithm):
     algo = get_algorithm(algorithm)
     big = Conv2DSpec.from_shapes((1, 256, 56, 56), (256, 256, 3, 3), padding=1)
@@ -190,7 +225,8 @@ def small_layers(draw):
     spec = Conv2DSpec.from_shapes((n, c, h, w), (m, c, kh, kw), stride, pad, dil)
     knobs = {"block": draw(st.integers(1, 5)), "m_tile": draw(st.sampled_from((8, 16, 32))),
              "split": draw(st.sampled_from(("tile_outer", "fused", "tile_inner"))),
-             "c_block": draw(st.integers(1, 7)), "rows": draw(st.integers(1, 4))}
+             "c_block": draw(st.integers(1, 7)), "rows": draw(st.integers(1, 4)),
+             "dense_from": draw(st.integers(1, 12))}
     return spec, knobs, draw(st.sampled_from((0.0, 0.2, 0.6, 1.0))), draw(st.integers(0, 2**16))
 
 

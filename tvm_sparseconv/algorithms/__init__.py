@@ -9,6 +9,7 @@ cps      Compressed Pattern Sets: CPO with row indices packed in sets of 4
 im2csr   CSR of the im2col matrix built straight from the input, output-stationary SpMM
 halo     halo segments: store-once, output-stationary, register-tiled
 pixcsr   each pixel's non-zero channels, store-once; pixel-granular direct conv (no zero multiplied)
+hybrid   halo entries where a segment is dense, pixcsr-like pixel entries where it is sparse
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import importlib
 
 from .base import Algorithm, Buffer, Stage, KnobError
 
-ALGORITHMS = ("direct", "dense", "im2col", "mec", "cpo", "cps", "im2csr", "halo", "pixcsr")
-SPARSE = ("cpo", "cps", "im2csr", "halo", "pixcsr")
+ALGORITHMS = ("direct", "dense", "im2col", "mec", "cpo", "cps", "im2csr", "halo", "pixcsr", "hybrid")
+SPARSE = ("cpo", "cps", "im2csr", "halo", "pixcsr", "hybrid")
 
 _cache: dict[str, Algorithm] = {}
 

@@ -16,7 +16,7 @@ The multiply, per group of B output pixels of output row r and tile of m_tile ou
 for each kernel row l (input row r*Sh + l*Dh - pt) it walks the entries (c, v) of that row's
 segment t and, for each kernel column q and pixel b, does
 acc[b, :] += v[b*Sw + q*Dw] * w[mo, l, c, q, :] with the B x m_tile accumulators in registers
-(weights re-laid-out at build time as [M/m_tile][Kh][C][Kw][m_tile], M zero-padded to whole
+(weights re-laid-out at build time as [M/m_tile][Kh][C*Kw][m_tile], M zero-padded to whole
 tiles: the Kw weight vectors of an entry are adjacent, a tile's weights contiguous); then it
 stores y (NCHW) through the epilogue. At density 1 it is a register-tiled direct convolution.
 """
@@ -42,9 +42,7 @@ class Halo(Algorithm):
         return tiling_defaults(spec, tiles=(32, 16))
 
     def constants(self, spec, weight, bias, knobs):
-        tl = make_tiling(self.name, spec, knobs)
-        w = tile_weights(weight.transpose(2, 1, 3, 0), tl.m_tile)  # n_tiles, Kh, C, Kw, m_tile
-        return {"w": w, **bias_constant(spec, bias)}
+        return {"w": halo_weights(weight, make_tiling(self.name, spec, knobs).m_tile), **bias_constant(spec, bias)}
 
     def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
         tl = make_tiling(self.name, spec, knobs)
@@ -68,16 +66,36 @@ class Halo(Algorithm):
         return halo_multiply(spec, knobs["block"], *halo_encode(spec, x, knobs["block"]), w)
 
 
+def halo_weights(weight, m_tile: int):
+    """OIHW -> [M/m_tile][Kh][C*Kw][m_tile]: an entry's Kw weight vectors adjacent."""
+    m, c, kh, kw = weight.shape
+    return tile_weights(weight.transpose(2, 1, 3, 0).reshape(kh, c * kw, m), m_tile)
+
+
+def _read_end(spec: Conv2DSpec, geo: HaloGeometry) -> int:
+    """Real columns [0, end) are read by some output pixel."""
+    return min(spec.width, geo.read_w - spec.padding[1])
+
+
 def _offset_is_read(geo: HaloGeometry, k):
     """TIR: offset k of a segment is read by some (b, q) (True when every offset is)."""
     unread = [o for o, r in enumerate(geo.read_offsets) if not r]
     return tvm.tirx.all(*[k != o for o in unread]) if unread else True
 
 
+@T.macro
+def load_segment(spec: Conv2DSpec, geo: HaloGeometry, x, v, n, c, h, t):
+    """v[0:L] = segment t of channel c of input row (n, h): padding, columns past the last
+    read one and unread offsets are 0."""
+    j0 = t * geo.step - spec.padding[1]  # real column of offset 0
+    for k in T.unroll(geo.seg_len):
+        v[k] = T.if_then_else(j0 + k >= 0 and j0 + k < _read_end(spec, geo) and _offset_is_read(geo, k),
+                              x[n, c, h, T.max(T.min(j0 + k, spec.width - 1), 0)], T.float32(0))
+
+
 def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
     N, C, H, W = spec.x_shape
-    L, nseg, step, pl = geo.seg_len, geo.n_seg, geo.step, spec.padding[1]
-    w_end = min(W, geo.read_w - pl)  # real columns read: [0, w_end)
+    L, nseg = geo.seg_len, geo.n_seg
 
     @T.macro
     def row_pass(x, ptr, chan, val, u, fill):
@@ -87,11 +105,8 @@ def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
         start_rows(ptr, pos, u * nseg, nseg, fill)
         if is_read(spec, 0, h):
             for c, t in T.grid(C, nseg):
-                j0 = t * step - pl  # real column of offset 0
                 v = T.alloc_local((L,), "float32")
-                for k in T.unroll(L):
-                    v[k] = T.if_then_else(j0 + k >= 0 and j0 + k < w_end and _offset_is_read(geo, k),
-                                          x[n, c, h, T.max(T.min(j0 + k, W - 1), 0)], T.float32(0))
+                load_segment(spec, geo, x, v, n, c, h, t)
                 emit_entry(ptr[u * nseg + t + 1], chan, val, pos, t, c, v, L, fill)
         finish_rows(ptr, pos, u * nseg, nseg, fill)
 
@@ -101,6 +116,19 @@ def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
         two_pass_encode(N * H, segs, ptr, lambda u, fill: row_pass(x, ptr, chan, val, u, fill))
 
     return encode
+
+
+@T.macro
+def halo_entries(spec: Conv2DSpec, tl: Tiling, ptr, chan, val, w, acc, mo, l, seg):
+    """acc[b, :] += v[b*Sw + q*Dw] * w[mo, l, c*Kw + q, :] for every entry (c, v) of segment
+    seg, kernel column q and pixel b: each weight vector loaded serves the block's pixels."""
+    for e in range(ptr[seg], ptr[seg + 1]):
+        c = chan[e]
+        for q in T.unroll(spec.kernel_w):
+            for b in T.unroll(tl.block):
+                for j in T.vectorized(tl.m_tile):
+                    acc[b, j] = acc[b, j] + val[e, b * spec.stride[1] + q * spec.dilation[1]] * \
+                        w[mo, l, c * spec.kernel_w + q, j]
 
 
 def _multiply_func(spec: Conv2DSpec, geo: HaloGeometry, tl: Tiling, segs: int, cap: int, ep: Epilogue):
@@ -117,25 +145,19 @@ def _multiply_func(spec: Conv2DSpec, geo: HaloGeometry, tl: Tiling, segs: int, c
         for l in range(Kh):
             i = r * sh + l * dh - pt
             if i >= 0 and i < H:
-                seg = (n * H + i) * nseg + g % nseg
-                for e in range(ptr[seg], ptr[seg + 1]):
-                    c = chan[e]
-                    for q in T.unroll(Kw):
-                        for b in T.unroll(B):
-                            for j in T.vectorized(mt):
-                                acc[b, j] = acc[b, j] + val[e, b * sw + q * dw] * w[mo, l, c, q, j]
+                halo_entries(spec, tl, ptr, chan, val, w, acc, mo, l, (n * H + i) * nseg + g % nseg)
         store_tile(y, acc, bias, spec, tl, ep, n, r, s0, mo * mt)
 
     if ep.bias:
         @T.prim_func
         def multiply(ptr: T.Buffer((segs + 1,), "int32"), chan: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C, Kw, mt), "float32"),
+                     val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C * Kw, mt), "float32"),
                      bias: T.Buffer((spec.out_channels,), "float32"), y: T.Buffer(spec.y_shape, "float32")):
             for_each_tile(tl, lambda mo, g: tile(ptr, chan, val, w, bias, y, mo, g))
     else:
         @T.prim_func
         def multiply(ptr: T.Buffer((segs + 1,), "int32"), chan: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C, Kw, mt), "float32"),
+                     val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C * Kw, mt), "float32"),
                      y: T.Buffer(spec.y_shape, "float32")):
             for_each_tile(tl, lambda mo, g: tile(ptr, chan, val, w, None, y, mo, g))
     return multiply

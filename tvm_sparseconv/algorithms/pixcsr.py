@@ -31,13 +31,25 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, is_read, nonzero,
-                   prim)
-from .tiling import default_m_tile, emit_entry, finish_rows, start_rows, tile_weights, two_pass_encode
+from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, is_read, nonzero, prim
+from .tiling import default_m_tile, emit_entry, finish_rows, start_rows, store_rows, tile_weights, two_pass_encode
 
 WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per (channel block, kernel row) by default
 ROW_PIXELS = 112  # output pixels per task by default: a weight block read from L2 serves at least these
 MIN_TASKS = 4  # parallel tasks at least, by default: 2 threads never wait on one long tail task
+
+
+def row_task_defaults(spec: Conv2DSpec, tiles) -> dict:
+    """m_tile, c_block and rows of a kernel whose parallel tasks are (m-tile, image, R output
+    rows) walking (channel block, kernel row) weight blocks: m_tile the largest of ``tiles``
+    giving MIN_TASKS tasks (else 16), c_block the power of two nearest WEIGHT_BLOCK_FLOATS /
+    (Kw*m_tile) up to C, rows = ceil(ROW_PIXELS / Ow)."""
+    rows = max(1, min(spec.out_h, -(-ROW_PIXELS // spec.out_w)))
+    tasks = spec.batch * -(-spec.out_h // rows)
+    tiles = tuple(t for t in tiles if -(-spec.out_channels // t) * tasks >= MIN_TASKS) + (16,)
+    m_tile = default_m_tile(spec.out_channels, tiles)
+    cb = 2 ** round(math.log2(max(1.0, WEIGHT_BLOCK_FLOATS / (spec.kernel_w * m_tile))))
+    return {"m_tile": m_tile, "c_block": min(cb, spec.in_channels), "rows": rows}
 
 
 class PixCSR(Algorithm):
@@ -48,12 +60,7 @@ class PixCSR(Algorithm):
         """m_tile up to 128 (8 accumulators), the largest that still makes MIN_TASKS parallel
         tasks (1x1 256->1024 at 14x14: 128 is 9 % faster than 64); c_block the power of two
         nearest WEIGHT_BLOCK_FLOATS / (Kw*m_tile), at most C; rows ceil(ROW_PIXELS / Ow)."""
-        rows = max(1, min(spec.out_h, -(-ROW_PIXELS // spec.out_w)))
-        tasks = spec.batch * -(-spec.out_h // rows)
-        tiles = tuple(t for t in (128, 64, 32) if -(-spec.out_channels // t) * tasks >= MIN_TASKS) + (16,)
-        m_tile = default_m_tile(spec.out_channels, tiles)
-        cb = 2 ** round(math.log2(max(1.0, WEIGHT_BLOCK_FLOATS / (spec.kernel_w * m_tile))))
-        return {"m_tile": m_tile, "c_block": min(cb, spec.in_channels), "rows": rows}
+        return row_task_defaults(spec, (128, 64, 32))
 
     def _checked(self, spec: Conv2DSpec, knobs) -> tuple[int, int, int]:
         for name in ("m_tile", "c_block", "rows"):
@@ -181,11 +188,7 @@ def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, ptr_row
                 tap_row(ptr, code, val, w, acc, mo, n, r0 + rr, s, kb, l)
                 for j in T.vectorized(mt):
                     part[rr, s, j] = acc[j]
-        for j in range(mt):
-            if M % mt == 0 or mo * mt + j < M:
-                for rr, s in T.grid(R, Ow):
-                    if Oh % R == 0 or r0 + rr < Oh:
-                        y[n, mo * mt + j, r0 + rr, s] = epilogue_value(part[rr, s, j], mo * mt + j, bias, ep)
+        store_rows(y, part, bias, spec, ep, n, r0, R, mo * mt, mt)
 
     wshape = (n_tiles, nkb * Kh * Kw * cb, mt)
     if ep.bias:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec
@@ -126,22 +127,49 @@ def store_tile(y, acc, bias, spec, tl, ep, n, r, s0, m0):
 
 
 @T.macro
-def two_pass_encode(units, rows, ptr, unit_pass):
-    """Count (unit_pass(u, False) writes ptr[g + 1] for its rows g), prefix sum over the rows,
-    fill (unit_pass(u, True)); a parallel unit handles several consecutive pointer rows."""
-    for u in T.parallel(units):
-        unit_pass(u, False)
+def prefix_sum(ptr, rows):
+    """ptr[0] = 0; ptr[g + 1] (the count of row g) becomes the end of row g."""
     ptr[0] = 0
     for g in range(rows):
         ptr[g + 1] = ptr[g + 1] + ptr[g]
+
+
+@T.macro
+def store_rows(y, part, bias, spec, ep, n, r0, rows, m0, mt):
+    """y[n, m0 + j, r0 + rr, s] = epilogue(part[rr, s, j]) for the rows < Oh and channels < M
+    (part: rows x >= Ow x mt, partial sums of output rows r0 .. r0+rows-1)."""
+    for j in range(mt):
+        if spec.out_channels % mt == 0 or m0 + j < spec.out_channels:
+            for rr, s in T.grid(rows, spec.out_w):
+                if spec.out_h % rows == 0 or r0 + rr < spec.out_h:
+                    y[n, m0 + j, r0 + rr, s] = epilogue_value(part[rr, s, j], m0 + j, bias, ep)
+
+
+@T.macro
+def two_pass_encode(units, rows, ptr, unit_pass, rows2=0, ptr2=None):
+    """Count (unit_pass(u, False) writes ptr[g + 1] for its rows g, and ptr2's when there is a
+    second pointer array), prefix sums over the rows, fill (unit_pass(u, True)); a parallel
+    unit handles several consecutive pointer rows."""
+    for u in T.parallel(units):
+        unit_pass(u, False)
+    prefix_sum(ptr, rows)
+    if rows2 > 0:
+        prefix_sum(ptr2, rows2)
     for u in T.parallel(units):
         unit_pass(u, True)
 
 
+def stored(v, width, first, keep):
+    """TIR: the candidate v[first:first + width] is stored (some value non-zero, and keep)."""
+    nz = any_nonzero(v, width, first)
+    return nz if keep is True else tvm.tirx.all(nz, keep)
+
+
 @T.macro
-def emit_entry(end, idx, val, pos, p, index, v, width, fill):
-    """One candidate entry (index, v[0:width]) of a row whose next slot is pos[p] (val is
-    (cap, width), or (cap,) when width is 1); pos[p] += 1 when any value is non-zero.
+def emit_entry(end, idx, val, pos, p, index, v, width, fill, first=0, keep=True):
+    """One candidate entry (index, v[first:first + width]) of a row whose next slot is pos[p]
+    (val is (cap, width), or (cap,) when width is 1); pos[p] += 1 when any value is non-zero
+    and ``keep`` (a TIR condition, or True) holds.
 
     The fill writes every candidate at pos[p] while it is < ``end``, without a data-dependent
     branch: a candidate that is not stored is overwritten by the next stored one. With ``end``
@@ -153,17 +181,18 @@ def emit_entry(end, idx, val, pos, p, index, v, width, fill):
         if pos[p] < end:
             idx[pos[p]] = index
             if len(val.shape) == 1:  # one value per entry
-                val[pos[p]] = v[0]
+                val[pos[p]] = v[first]
             else:
                 for k in T.unroll(width):
-                    val[pos[p], k] = v[k]
-    pos[p] = pos[p] + T.Cast("int32", any_nonzero(v, width))
+                    val[pos[p], k] = v[first + k]
+    pos[p] = pos[p] + T.Cast("int32", stored(v, width, first, keep))
 
 
 @T.macro
-def start_rows(ptr, pos, g0, count, fill):
-    """pos[t] = next slot of row g0 + t: its start when filling, a zero count when counting."""
-    for t in range(count):
+def start_rows(ptr, pos, g0, count, fill, unroll=False):
+    """pos[t] = next slot of row g0 + t: its start when filling, a zero count when counting
+    (``unroll``: a few rows whose pos stays in registers)."""
+    for t in (T.unroll if unroll else T.serial)(count):
         if fill:
             pos[t] = ptr[g0 + t]
         else:
@@ -171,10 +200,10 @@ def start_rows(ptr, pos, g0, count, fill):
 
 
 @T.macro
-def finish_rows(ptr, pos, g0, count, fill):
+def finish_rows(ptr, pos, g0, count, fill, unroll=False):
     """After counting: ptr[g0 + t + 1] = the count of row g0 + t."""
     if not fill:
-        for t in range(count):
+        for t in (T.unroll if unroll else T.serial)(count):
             ptr[g0 + t + 1] = pos[t]
 
 

@@ -40,6 +40,13 @@ def _raw_space(name: str, spec: Conv2DSpec):
             cb = min(k["c_block"], spec.in_channels)
             if 4096 <= spec.kernel_w * cb * k["m_tile"] <= 65536 and k["rows"] <= spec.out_h and cb == k["c_block"]:
                 yield k
+    elif name == "hybrid":  # halo's register tiles, pixcsr's weight blocks, the dense share around the default
+        for k in _grid(block=(2, 4, 8), m_tile=(32, 64), c_block=(32, 64, 128), rows=(2, 4)):
+            cb = min(k["c_block"], spec.in_channels)
+            if _regs_ok(k["block"], k["m_tile"]) and k["block"] <= spec.out_w and cb == k["c_block"]:
+                products = k["block"] * spec.kernel_w
+                for share in (0.5, 0.65, 0.8):
+                    yield {**k, "dense_from": max(1, round(share * products))}
     elif name == "dense":
         from ..algorithms.dense import PADS, SPLITS, is_pointwise
 
