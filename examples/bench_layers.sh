@@ -36,7 +36,7 @@ else
               "p112 1,128,112,112 128 3 1 1" "pw14 1,256,14,14 1024 1 1 0" "s2 1,256,56,56 256 3 2 1"; do
     set -- $spec
     for d in 0.1 0.3 0.5 0.8; do
-      layer "$1" "$2" "$3" "$4" "$5" "$6" "$d" dense,halo,pixcsr,cpo,im2csr
+      layer "$1" "$2" "$3" "$4" "$5" "$6" "$d" dense,halo,pixcsr,hybrid,cpo,im2csr
     done
   done
   python examples/layer_table.py --compact "$out"/p56-*.json "$out"/p28-*.json "$out"/p14-*.json \

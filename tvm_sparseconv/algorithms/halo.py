@@ -119,15 +119,16 @@ def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):
 
 
 @T.macro
-def halo_entries(spec: Conv2DSpec, tl: Tiling, ptr, chan, val, w, acc, mo, l, seg):
+def halo_entries(spec: Conv2DSpec, tl: Tiling, ptr, chan, value, w, acc, mo, l, seg):
     """acc[b, :] += v[b*Sw + q*Dw] * w[mo, l, c*Kw + q, :] for every entry (c, v) of segment
-    seg, kernel column q and pixel b: each weight vector loaded serves the block's pixels."""
+    seg, kernel column q and pixel b: each weight vector loaded serves the block's pixels.
+    value(e, k) is offset k of entry e's values."""
     for e in range(ptr[seg], ptr[seg + 1]):
         c = chan[e]
         for q in T.unroll(spec.kernel_w):
             for b in T.unroll(tl.block):
                 for j in T.vectorized(tl.m_tile):
-                    acc[b, j] = acc[b, j] + val[e, b * spec.stride[1] + q * spec.dilation[1]] * \
+                    acc[b, j] = acc[b, j] + value(e, b * spec.stride[1] + q * spec.dilation[1]) * \
                         w[mo, l, c * spec.kernel_w + q, j]
 
 
@@ -145,7 +146,7 @@ def _multiply_func(spec: Conv2DSpec, geo: HaloGeometry, tl: Tiling, segs: int, c
         for l in range(Kh):
             i = r * sh + l * dh - pt
             if i >= 0 and i < H:
-                halo_entries(spec, tl, ptr, chan, val, w, acc, mo, l, (n * H + i) * nseg + g % nseg)
+                halo_entries(spec, tl, ptr, chan, lambda e, k: val[e, k], w, acc, mo, l, (n * H + i) * nseg + g % nseg)
         store_tile(y, acc, bias, spec, tl, ep, n, r, s0, mo * mt)
 
     if ep.bias:

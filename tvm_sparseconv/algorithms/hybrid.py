@@ -32,10 +32,10 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.halo import HaloGeometry, halo_geometry
 from ..reference.hybrid import hybrid_encode, hybrid_multiply, hybrid_storage, offset_reads
-from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, is_read, nonzero, prim
-from .halo import halo_entries, halo_weights, load_segment
+from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, is_read, prim
+from .halo import _offset_is_read, _read_end, halo_entries, halo_weights
 from .pixcsr import row_task_defaults
-from .tiling import Tiling, emit_entry, finish_rows, start_rows, store_rows, two_pass_encode
+from .tiling import Tiling, finish_rows, start_rows, store_rows, two_pass_encode
 
 # A pixel entry's FMA loads its weight vector; a halo entry's reuse it B times. Measured here
 # (bench_layers.sh): ~200 useful GFLOP/s for pixcsr against ~400 for halo at density 1, so a
@@ -68,7 +68,7 @@ class Hybrid(Algorithm):
         B, mt, cb, R, dense_from = self._checked(knobs)
         f = _Format(spec, halo_geometry(spec, B), cb)
         outs = (Buffer("hyb_hptr", (f.hrows + 1,), "int32"), Buffer("hyb_hchan", (f.hcap,), "int32"),
-                Buffer("hyb_hval", (f.hcap, f.geo.seg_len)), Buffer("hyb_pptr", (f.prows + 1,), "int32"),
+                Buffer("hyb_hval", (f.geo.seg_len, f.hcap)), Buffer("hyb_pptr", (f.prows + 1,), "int32"),
                 Buffer("hyb_pcode", (f.pcap,), "int32"), Buffer("hyb_pval", (f.pcap,)))
         bias = ("bias",) if epilogue.bias else ()
         return [Stage("encode", "encode", prim(_encode_func(f, dense_from)), ("x",), outs),
@@ -119,65 +119,162 @@ class _Format:
         return self.hcap * sum(self.geo.read_offsets)
 
 
-def _pairs(spec: Conv2DSpec, geo: HaloGeometry, v):
-    """TIR: the (pixel, kernel column) products of a group whose value in v[0:L] is non-zero."""
-    total = tvm.tirx.const(0, "int32")
-    for k, reads in enumerate(offset_reads(spec, geo.block)):
-        if reads:
-            total = total + reads * tvm.tirx.Cast("int32", nonzero(v[k]))
-    return total
+LANES = 16  # channels the encoder handles at once: one zmm of float32
+
+
+def _lanes(dtype: str, *values):
+    """TIR: the LANES-wide vector lane + base (a Ramp), or a Broadcast of a scalar."""
+    if values[0] == "ramp":
+        return tvm.tirx.Ramp(values[1], 1, LANES)
+    return tvm.tirx.Broadcast(tvm.tirx.const(values[0], dtype) if isinstance(values[0], (int, float)) else values[0],
+                              LANES)
+
+
+def _nonzero16(v):
+    """TIR: per lane, float32xLANES v is a non-zero (on the bits, as base.nonzero)."""
+    bits = tvm.tirx.reinterpret(f"int32x{LANES}", v)
+    return bits & _lanes("int32", 0x7FFFFFFF) != _lanes("int32", 0)
+
+
+def _count(mask):
+    """TIR int32: the lanes of a boolxLANES mask that are set."""
+    return tvm.tirx.call_llvm_pure_intrin("int32", f"llvm.vector.reduce.add.v{LANES}i32", tvm.tirx.Cast(f"int32x{LANES}", mask))
+
+
+def _compress(buf, index, value, mask):
+    """TIR: store the lanes of value that mask selects at buf[index], buf[index + 1], ...
+
+    Compressed in a register, then a masked store of the first count lanes: a vcompress
+    straight to memory costs ~20 cycles on this CPU, these two ~2."""
+    dtype = str(value.ty.dtype)
+    kind = "f32" if "float" in dtype else "i32"
+    packed = tvm.tirx.call_llvm_pure_intrin(dtype, f"llvm.x86.avx512.mask.compress.v{LANES}{kind}", value,
+                                            tvm.tirx.Broadcast(tvm.tirx.const(0, dtype.split("x")[0]), LANES), mask)
+    first = tvm.tirx.Ramp(0, 1, LANES) < tvm.tirx.Broadcast(_count(mask), LANES)
+    return tvm.tirx.call_llvm_intrin("void", f"llvm.masked.store.v{LANES}{kind}.p0", packed,
+                                     tvm.tirx.address_of(buf[index]), first)
+
+
+def _transpose16(rows):
+    """LANES vectors (rows of a LANES x LANES tile) -> its columns, by 4 rounds of two-source
+    shuffles (vpermt2ps); round s swaps bit s of the row index with bit s of the lane."""
+    for s in (1, 2, 4, 8):
+        out = list(rows)
+        for i in range(LANES):
+            if not i & s:
+                a, b = rows[i], rows[i | s]
+                out[i] = tvm.tirx.Shuffle([a, b], [LANES + (k ^ s) if k & s else k for k in range(LANES)])
+                out[i | s] = tvm.tirx.Shuffle([a, b], [LANES + k if k & s else k ^ s for k in range(LANES)])
+        rows = out
+    return rows
+
+
+def _transpose_tile(xt, cq, x, n, c0, h, j0):
+    """xt[j*cq + c] = x[n, c, h, j] for the tile c0 <= c < c0+LANES, j0 <= j < j0+LANES.
+
+    Emits its LANES stores through the IR builder (called from a macro), so that the columns
+    of the shuffled tile are Python values, not a TIR loop."""
+    cols = _transpose16([x[n, c0 + i, h, tvm.tirx.Ramp(j0, 1, LANES)] for i in range(LANES)])
+    for j in range(LANES):
+        T.buffer_store(xt, cols[j], [tvm.tirx.Ramp((j0 + j) * cq + c0, 1, LANES)])
 
 
 def _encode_func(f: _Format, dense_from: int):
     spec, geo, cb = f.spec, f.geo, f.cb
     N, C, H, W = spec.x_shape
     L, nseg, Kw, per = geo.seg_len, geo.n_seg, spec.kernel_w, f.nkb * geo.n_seg  # per: halo rows per input row
+    reads = offset_reads(spec, geo.block)
+    n_groups = -(-cb // LANES)
+    lanes_all_valid = cb % LANES == 0 and C % cb == 0
+    Cq = (f.nkb - 1) * cb + n_groups * LANES  # channels of a transposed row: every lane read is inside
+    tiles = C % LANES == 0 and W >= LANES  # transposed in LANES x LANES register tiles
+
+    def valid(kb, g):
+        """Lanes that are channels of block kb: channel g*LANES + lane < cb and < C."""
+        if lanes_all_valid:
+            return _lanes("bool", True)
+        cc = _lanes("int32", "ramp", g * LANES)
+        return tvm.tirx.And(cc < _lanes("int32", cb), cc + _lanes("int32", kb * cb) < _lanes("int32", C))
+
+    def value(v, k):
+        return v[tvm.tirx.Ramp(k * LANES, 1, LANES)]
+
+    def pairs(v):
+        """Per lane: the (pixel, kernel column) products whose value is non-zero."""
+        total = _lanes("int32", 0)
+        for k, r in enumerate(reads):
+            if r:
+                total = total + _lanes("int32", r) * tvm.tirx.Cast(f"int32x{LANES}", _nonzero16(value(v, k)))
+        return total
+
+    def kind(v, kb, g, dense: bool):
+        """Per lane: a halo entry (dense) or pixel entries (not dense); an expression, not a
+        variable: an assigned TIR variable lives in memory and is reloaded after every store."""
+        p = pairs(v)
+        cmp = p >= _lanes("int32", dense_from) if dense else p < _lanes("int32", dense_from)
+        return tvm.tirx.And(cmp, valid(kb, g))
+
+    def channels(kb, g):
+        return _lanes("int32", "ramp", kb * cb + g * LANES)
 
     @T.macro
-    def halo_entry(hchan, hval, hpos, hend, c, v, fill, keep):
-        emit_entry(hend[0], hchan, hval, hpos, 0, c, v, L, fill, 0, keep)
-
-    @T.macro
-    def pixel_entries(pcode, pval, ppos, pend, c, v, fill, keep):
+    def group(xt, hchan, hval, pcode, pval, hpos, ppos, kb, t, g, fill):
+        """LANES channels of block kb in segment t of input row (n, h): their L values gathered
+        (lanes past the block or C read channel C-1 and are masked off), the kind of each
+        decided by its pairs, halo and pixel entries stored by compress stores, counts by popcounts."""
+        v = T.alloc_buffer((L * LANES,), "float32", scope="global")  # a stack array: kept in registers
         for k in T.unroll(L):
-            emit_entry(pend[k], pcode, pval, ppos, k, c * Kw + k, v, 1, fill, k, keep)
+            v[T.Ramp(k * LANES, 1, LANES)] = T.if_then_else(
+                t * geo.step - spec.padding[1] + k >= 0 and t * geo.step - spec.padding[1] + k < _read_end(spec, geo)
+                and _offset_is_read(geo, k),
+                xt[T.Ramp(T.max(T.min(t * geo.step - spec.padding[1] + k, W - 1), 0) * Cq + kb * cb + g * LANES, 1,
+                          LANES)],
+                _lanes("float32", 0.0))
+        if fill:
+            T.evaluate(_compress(hchan, hpos[0], channels(kb, g), kind(v, kb, g, True)))
+            for k in T.unroll(L):
+                T.evaluate(_compress(hval, (k, hpos[0]), value(v, k), kind(v, kb, g, True)))
+        hpos[0] = hpos[0] + _count(kind(v, kb, g, True))  # dense_from >= 1: a dense lane has a non-zero
+        for k in T.unroll(L):
+            if fill:
+                T.evaluate(_compress(pcode, ppos[k], channels(kb, g) * _lanes("int32", Kw) + _lanes("int32", k),
+                                     tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k)))))
+                T.evaluate(_compress(pval, ppos[k], value(v, k),
+                                     tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k)))))
+            ppos[k] = ppos[k] + _count(tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k))))
 
     @T.macro
     def row_pass(x, hptr, hchan, hval, pptr, pcode, pval, u, fill):
-        """Input row u = (n, h), segment by segment of each channel block, channel by channel:
-        each (segment, channel) is one halo entry, or one pixel entry per non-zero, or nothing.
-        The segment's L + 1 pointer rows keep their next slots and ends in registers."""
+        """Input row u = (n, h), segment by segment of each channel block, LANES channels at a
+        time: each (segment, channel) is one halo entry, or one pixel entry per non-zero, or
+        nothing. Entries are written by compress stores, so the fill has no data-dependent branch
+        and writes nothing but entries; the L + 1 pointer rows' next slots stay in registers."""
         n, h = u // H, u % H
+        xt = T.alloc_buffer((W * Cq,), "float32")  # the row channels-last: a vector of channels is one load
+        if is_read(spec, 0, h):
+            if tiles:
+                for c16, jt in T.grid(C // LANES, -(-W // LANES)):
+                    _transpose_tile(xt, Cq, x, n, c16 * LANES, h, T.min(jt * LANES, W - LANES))
+                for j, c in T.grid(W, Cq - C):  # padding channels: read by masked-off lanes only
+                    xt[j * Cq + C + c] = T.float32(0)
+            else:
+                for j, c in T.grid(W, Cq):
+                    xt[j * Cq + c] = T.if_then_else(c < C, x[n, T.min(c, C - 1), h, j], T.float32(0))
         for kb, t in T.grid(f.nkb, nseg):
             row = u * per + kb * nseg + t  # halo pointer row (n, h, kb, t); its pixel rows row*L + o
-            hpos, hend = T.alloc_local((1,), "int32"), T.alloc_local((1,), "int32")
-            ppos, pend = T.alloc_local((L,), "int32"), T.alloc_local((L,), "int32")
+            hpos = T.alloc_buffer((1,), "int32", scope="global")
+            ppos = T.alloc_buffer((L,), "int32", scope="global")
             start_rows(hptr, hpos, row, 1, fill, True)
             start_rows(pptr, ppos, row * L, L, fill, True)
-            if fill:
-                start_rows(hptr, hend, row + 1, 1, fill, True)
-                start_rows(pptr, pend, row * L + 1, L, fill, True)
             if is_read(spec, 0, h):
-                for cc in T.serial(cb):
-                    c = kb * cb + cc
-                    if C % cb == 0 or c < C:
-                        v = T.alloc_local((L,), "float32")
-                        load_segment(spec, geo, x, v, n, c, h, t)
-                        pairs = _pairs(spec, geo, v)
-                        if fill:  # branch once on the kind: stores are what the fill spends its time on
-                            if pairs >= dense_from:
-                                halo_entry(hchan, hval, hpos, hend, c, v, fill, True)
-                            elif pairs > 0:
-                                pixel_entries(pcode, pval, ppos, pend, c, v, fill, True)
-                        else:  # counting: no branch
-                            halo_entry(hchan, hval, hpos, hend, c, v, fill, pairs >= dense_from)
-                            pixel_entries(pcode, pval, ppos, pend, c, v, fill, pairs < dense_from)
+                for g in range(n_groups):
+                    group(xt, hchan, hval, pcode, pval, hpos, ppos, kb, t, g, fill)
             finish_rows(hptr, hpos, row, 1, fill, True)
             finish_rows(pptr, ppos, row * L, L, fill, True)
 
     @T.prim_func
     def encode(x: T.Buffer((N, C, H, W), "float32"), hptr: T.Buffer((f.hrows + 1,), "int32"),
-               hchan: T.Buffer((f.hcap,), "int32"), hval: T.Buffer((f.hcap, L), "float32"),
+               hchan: T.Buffer((f.hcap,), "int32"), hval: T.Buffer((L, f.hcap), "float32"),
                pptr: T.Buffer((f.prows + 1,), "int32"), pcode: T.Buffer((f.pcap,), "int32"),
                pval: T.Buffer((f.pcap,), "float32")):
         two_pass_encode(N * H, f.hrows, hptr,
@@ -210,7 +307,7 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
         i = r * sh + l * dh - pt
         if i >= 0 and i < H:
             seg = ((n * H + i) * nkb + kb) * nseg + t
-            halo_entries(spec, tl, hptr, hchan, hval, w, acc, mo, l, seg)
+            halo_entries(spec, tl, hptr, hchan, lambda e, k: hval[k, e], w, acc, mo, l, seg)
             for b in T.unroll(B):
                 if dw == 1:  # pixel b reads offsets b*Sw .. b*Sw+Kw-1: one range, q = o - b*Sw
                     pixel_entries(pptr, pcode, pval, w, acc, mo, l, b, seg * L + b * sw, seg * L + b * sw + Kw,
@@ -243,7 +340,7 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
     if ep.bias:
         @T.prim_func
         def multiply(hptr: T.Buffer((f.hrows + 1,), "int32"), hchan: T.Buffer((f.hcap,), "int32"),
-                     hval: T.Buffer((f.hcap, L), "float32"), pptr: T.Buffer((f.prows + 1,), "int32"),
+                     hval: T.Buffer((L, f.hcap), "float32"), pptr: T.Buffer((f.prows + 1,), "int32"),
                      pcode: T.Buffer((f.pcap,), "int32"), pval: T.Buffer((f.pcap,), "float32"),
                      w: T.Buffer(wshape, "float32"), bias: T.Buffer((M,), "float32"),
                      y: T.Buffer(spec.y_shape, "float32")):
@@ -252,7 +349,7 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
     else:
         @T.prim_func
         def multiply(hptr: T.Buffer((f.hrows + 1,), "int32"), hchan: T.Buffer((f.hcap,), "int32"),
-                     hval: T.Buffer((f.hcap, L), "float32"), pptr: T.Buffer((f.prows + 1,), "int32"),
+                     hval: T.Buffer((L, f.hcap), "float32"), pptr: T.Buffer((f.prows + 1,), "int32"),
                      pcode: T.Buffer((f.pcap,), "int32"), pval: T.Buffer((f.pcap,), "float32"),
                      w: T.Buffer(wshape, "float32"), y: T.Buffer(spec.y_shape, "float32")):
             for u in T.parallel(units):

@@ -12,8 +12,8 @@ pairs = sum over its non-zero offsets of reads[o] of them. It is stored
   multiply does exactly the pairs products, each loading its own weight vector.
 
 Channels are cut into blocks of ``c_block`` = cb (nkb = ceil(C / cb) blocks). Arrays: halo part
-hptr (N*H*nkb*nseg + 1,) int32 (a range per (n, h, kb, t)), hchan (nh,) int32, hval (nh, L)
-float32; pixel part pptr (N*H*nkb*nseg*L + 1,) int32 (a range per (n, h, kb, t, o)),
+hptr (N*H*nkb*nseg + 1,) int32 (a range per (n, h, kb, t)), hchan (nh,) int32, hval (L, nh)
+float32 (offset-major: the encoder writes each offset's values with one compress store); pixel part pptr (N*H*nkb*nseg*L + 1,) int32 (a range per (n, h, kb, t, o)),
 pcode (np,) int32, pval (np,) float32; ascending channel within a range.
 The code c*Kw + o is chosen so that pixel b reads weight row c*Kw + q = code - b*Sw when Dw = 1
 (o = b*Sw + q), one subtraction per entry.
@@ -62,7 +62,7 @@ def hybrid_encode(spec: Conv2DSpec, x: np.ndarray, block: int, c_block: int, den
     chan = lambda kb, cc: (kb * c_block + cc).astype(np.int32)
     pcode = chan(pidx[2], pidx[5]) * spec.kernel_w + pidx[4]
     pval = seg[pidx[0], pidx[1], pidx[2], pidx[3], pidx[5], pidx[4]]
-    return hptr, chan(hidx[2], hidx[4]), seg[hidx], pptr, pcode.astype(np.int32), pval
+    return hptr, chan(hidx[2], hidx[4]), np.ascontiguousarray(seg[hidx].T), pptr, pcode.astype(np.int32), pval
 
 
 def hybrid_segments(spec: Conv2DSpec, block: int, c_block: int, hptr, hchan, hval, pptr, pcode,
@@ -75,7 +75,7 @@ def hybrid_segments(spec: Conv2DSpec, block: int, c_block: int, hptr, hchan, hva
     hptr, pptr = np.asarray(hptr), np.asarray(pptr)
     nh, npx = int(hptr[-1]), int(pptr[-1])  # the compiled arrays are worst-case sized: valid prefix
     row = np.repeat(np.arange(hptr.size - 1), np.diff(hptr))  # ((n*H + h)*nkb + kb)*nseg + t
-    seg[row // (nkb * geo.n_seg), row % geo.n_seg, np.asarray(hchan)[:nh]] = np.asarray(hval, np.float64)[:nh]
+    seg[row // (nkb * geo.n_seg), row % geo.n_seg, np.asarray(hchan)[:nh]] = np.asarray(hval, np.float64)[:, :nh].T
     row = np.repeat(np.arange(pptr.size - 1), np.diff(pptr))  # (((n*H + h)*nkb + kb)*nseg + t)*L + o
     o, row = row % L, row // L
     seg[row // (nkb * geo.n_seg), row % geo.n_seg, (np.asarray(pcode)[:npx] - o) // kw, o] = \
