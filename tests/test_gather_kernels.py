@@ -138,6 +138,25 @@ def test_worst_case_fills_the_whole_buffers(algorithm):
     assert nnz == layer.produced()[ENCODERS[algorithm][1][0][1]].shape[0]
 
 
+# hybrid's encoder transposes 16x16 tiles when C is a multiple of 16 and W >= 16: a tail tile
+# (W = 20, 17), padding channels past C in the last block (C = 48, c_block 32), batch 2 and 1x1
+@pytest.mark.parametrize("shape,wshape,stride,padding,knobs", [
+    ((1, 32, 20, 20), (16, 32, 3, 3), 1, 1, {}),
+    ((1, 48, 18, 17), (20, 48, 3, 3), 2, 1, {"c_block": 32, "block": 3}),
+    ((2, 64, 16, 16), (32, 64, 1, 1), 1, 0, {"c_block": 16, "dense_from": 2})], ids=("tail", "pad-strided", "1x1"))
+def test_hybrid_transposed_tiles(shape, wshape, stride, padding, knobs):
+    spec = Conv2DSpec.from_shapes(shape, wshape, stride, padding)
+    w = weight(spec)
+    layer = CompiledLayer("hybrid", spec, w, knobs=knobs)
+    check_layer(layer, w, seed=4)
+    x = np.full(spec.x_shape, -2.0, np.float32)  # every value non-zero, all halo or all pixel entries
+    for dense_from, full in ((1, "hyb_hchan"), (10 ** 6, "hyb_pcode")):
+        layer = CompiledLayer("hybrid", spec, w, knobs={**knobs, "dense_from": dense_from})
+        assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+        counts = assert_encoding_equals_reference(layer, x, per_part=True)
+        assert counts[full == "hyb_pcode"] > 0 and counts[full != "hyb_pcode"] == 0
+
+
 def test_hybrid_worst_case_fills_either_part():
     """Every value non-zero: with dense_from 1 every (segment, channel) is a halo entry, with a
     dense_from above B*Kw every read offset of it a pixel entry; either fills its buffers."""
