@@ -6,19 +6,27 @@ loads its own weight vector, which halves the FMA rate on this CPU. Per (row, se
 channel) the encoder picks the cheaper: ``pairs``, the (pixel, kernel column) products whose
 input value is non-zero, against the knob ``dense_from`` (default: DENSE_SHARE of B*Kw).
 
-Format (reference/hybrid.py states it exactly), halo's segments (block B, L values):
+Format (reference/hybrid.py states it exactly): halo's segments (block B, L values), channels
+in blocks of cb = the knob ``c_block`` (nkb blocks), pointer rows in (n, h, kb, t) order:
 
-    hyb_hptr   (N*H*nseg + 1,)       int32    halo entries per (n, h, t)
-    hyb_hchan  (N*H*nseg*C,)         int32
-    hyb_hval   (N*H*nseg*C, L)       float32
-    hyb_pptr   (N*H*nseg*L + 1,)     int32    pixel entries per (n, h, t, offset o)
-    hyb_pcode  (N*H*nseg*C*Lr,)      int32    c*Kw + o; Lr = offsets some (b, q) reads
-    hyb_pval   (N*H*nseg*C*Lr,)      float32  (worst case: every element non-zero)
+    hyb_hptr   (N*H*nkb*nseg + 1,)     int32    halo entries per (n, h, kb, t)
+    hyb_hchan  (N*H*nseg*C,)           int32
+    hyb_hval   (L, N*H*nseg*C)         float32  offset-major
+    hyb_pptr   (N*H*nkb*nseg*L + 1,)   int32    pixel entries per (n, h, kb, t, offset o)
+    hyb_pcode  (N*H*nseg*C*Lr,)        int32    c*Kw + o; Lr = offsets some (b, q) reads
+    hyb_pval   (N*H*nseg*C*Lr,)        float32  (worst case: every element non-zero)
 
-The encoder is one TIR PrimFunc (count, two prefix sums, fill) over input rows. The multiply
-is halo's register tile (B pixels x m_tile channels, weights [M/m_tile][Kh][C*Kw][m_tile]):
-per kernel row it walks the segment's halo entries, then, for each pixel b, the pixel entries
-of the offsets it reads (one pointer range when Dw = 1), acc[b, :] += v * w[mo, l, code - b*Sw, :].
+The encoder is one TIR PrimFunc (count, two prefix sums, fill), parallel over input rows. Each
+pass copies its row channels-last (16x16 register transposes when C is a multiple of 16), then
+handles LANES channels of a segment at once: their pairs, and the entries of each kind written
+by compress-in-register + masked stores (popcounts when counting): no data-dependent branch.
+
+The multiply is output-stationary with pixcsr's tasks (m-tile, image, ``rows`` output rows)
+and halo's register tile (B pixels x m_tile channels; weights [M/m_tile][Kh][C*Kw][m_tile]):
+per (channel block, kernel row), whose Kw*cb weight vectors stay in L1 for the task's pixels,
+each group of B pixels loads its partial sums, walks the segment's halo entries, then for each
+pixel b the pixel entries of the offsets it reads (one pointer range when Dw = 1),
+acc[b, :] += v * w[mo, l, code - b*Sw, :], and stores them; then y through the epilogue.
 """
 from __future__ import annotations
 
@@ -37,9 +45,9 @@ from .halo import _offset_is_read, _read_end, halo_entries, halo_weights
 from .pixcsr import row_task_defaults
 from .tiling import Tiling, finish_rows, start_rows, store_rows, two_pass_encode
 
-# A pixel entry's FMA loads its weight vector; a halo entry's reuse it B times. Measured here
-# (bench_layers.sh): ~200 useful GFLOP/s for pixcsr against ~400 for halo at density 1, so a
-# segment goes dense when at least about half of its B*Kw products are on non-zeros.
+# A pixel entry's FMA loads its weight vector; a halo entry's reuse it B times (~200 useful
+# GFLOP/s for pixcsr against ~400 for halo at density 1 here). With both in one kernel, a sweep
+# of dense_from on the 3x3 issue-5 layers at densities 0.3 and 0.5 was best at 7-8 of 12.
 DENSE_SHARE = 0.65
 
 
