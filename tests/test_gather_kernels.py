@@ -157,6 +157,15 @@ def test_hybrid_transposed_tiles(shape, wshape, stride, padding, knobs):
         assert counts[full == "hyb_pcode"] > 0 and counts[full != "hyb_pcode"] == 0
 
 
+def test_hybrid_without_avx512():
+    """The encoder's compress and shuffles are generic LLVM vector operations: a target without
+    AVX-512 gets them expanded, and the same answers."""
+    spec = Conv2DSpec.from_shapes((1, 32, 20, 20), (16, 32, 3, 3), padding=1)
+    w = weight(spec)
+    layer = CompiledLayer("hybrid", spec, w, target={"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    check_layer(layer, w, densities=(0.0, 0.3, 1.0), seed=5)
+
+
 def test_hybrid_worst_case_fills_either_part():
     """Every value non-zero: with dense_from 1 every (segment, channel) is a halo entry, with a
     dense_from above B*Kw every read offset of it a pixel entry; either fills its buffers."""

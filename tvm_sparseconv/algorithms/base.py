@@ -123,11 +123,11 @@ def nonzero(v):
     return tvm.tirx.reinterpret("int32", v) & 0x7FFFFFFF != 0
 
 
-def any_nonzero(v, length: int, first: int = 0):
-    """TIR: some v[first + k], k < length, is a non-zero (one OR of the bits, then one test)."""
-    bits = tvm.tirx.reinterpret("int32", v[first])
+def any_nonzero(v, length: int):
+    """TIR: some v[k], k < length, is a non-zero (one OR of the bits, then one test)."""
+    bits = tvm.tirx.reinterpret("int32", v[0])
     for k in range(1, length):
-        bits = bits | tvm.tirx.reinterpret("int32", v[first + k])
+        bits = bits | tvm.tirx.reinterpret("int32", v[k])
     return bits & 0x7FFFFFFF != 0
 
 

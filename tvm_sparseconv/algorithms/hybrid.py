@@ -130,18 +130,20 @@ class _Format:
 LANES = 16  # channels the encoder handles at once: one zmm of float32
 
 
-def _lanes(dtype: str, *values):
-    """TIR: the LANES-wide vector lane + base (a Ramp), or a Broadcast of a scalar."""
-    if values[0] == "ramp":
-        return tvm.tirx.Ramp(values[1], 1, LANES)
-    return tvm.tirx.Broadcast(tvm.tirx.const(values[0], dtype) if isinstance(values[0], (int, float)) else values[0],
-                              LANES)
+def _ramp(base):
+    """TIR int32xLANES: base, base + 1, ..."""
+    return tvm.tirx.Ramp(base, 1, LANES)
+
+
+def _bcast(value, dtype: str = "int32"):
+    """TIR dtype x LANES: value in every lane (a Python number or a scalar expression)."""
+    return tvm.tirx.Broadcast(tvm.tirx.const(value, dtype) if isinstance(value, (bool, int, float)) else value, LANES)
 
 
 def _nonzero16(v):
     """TIR: per lane, float32xLANES v is a non-zero (on the bits, as base.nonzero)."""
     bits = tvm.tirx.reinterpret(f"int32x{LANES}", v)
-    return bits & _lanes("int32", 0x7FFFFFFF) != _lanes("int32", 0)
+    return bits & _bcast(0x7FFFFFFF) != _bcast(0)
 
 
 def _count(mask):
@@ -156,8 +158,10 @@ def _compress(buf, index, value, mask):
     straight to memory costs ~20 cycles on this CPU, these two ~2."""
     dtype = str(value.ty.dtype)
     kind = "f32" if "float" in dtype else "i32"
-    packed = tvm.tirx.call_llvm_pure_intrin(dtype, f"llvm.x86.avx512.mask.compress.v{LANES}{kind}", value,
-                                            tvm.tirx.Broadcast(tvm.tirx.const(0, dtype.split("x")[0]), LANES), mask)
+    # the passthru is value itself: lanes past the count are never stored, and a constant
+    # passthru makes LLVM 22's expansion for targets without AVX-512 fail instruction selection
+    packed = tvm.tirx.call_llvm_pure_intrin(dtype, f"llvm.experimental.vector.compress.v{LANES}{kind}", value, mask,
+                                            value)
     first = tvm.tirx.Ramp(0, 1, LANES) < tvm.tirx.Broadcast(_count(mask), LANES)
     return tvm.tirx.call_llvm_intrin("void", f"llvm.masked.store.v{LANES}{kind}.p0", packed,
                                      tvm.tirx.address_of(buf[index]), first)
@@ -200,36 +204,36 @@ def _encode_func(f: _Format, dense_from: int):
     def valid(kb, g):
         """Lanes that are channels of block kb: channel g*LANES + lane < cb and < C."""
         if lanes_all_valid:
-            return _lanes("bool", True)
-        cc = _lanes("int32", "ramp", g * LANES)
-        return tvm.tirx.And(cc < _lanes("int32", cb), cc + _lanes("int32", kb * cb) < _lanes("int32", C))
+            return _bcast(True, "bool")
+        cc = _ramp(g * LANES)
+        return tvm.tirx.And(cc < _bcast(cb), cc + _bcast(kb * cb) < _bcast(C))
 
     def value(v, k):
         return v[tvm.tirx.Ramp(k * LANES, 1, LANES)]
 
     def pairs(v):
         """Per lane: the (pixel, kernel column) products whose value is non-zero."""
-        total = _lanes("int32", 0)
+        total = _bcast(0)
         for k, r in enumerate(reads):
             if r:
-                total = total + _lanes("int32", r) * tvm.tirx.Cast(f"int32x{LANES}", _nonzero16(value(v, k)))
+                total = total + _bcast(r) * tvm.tirx.Cast(f"int32x{LANES}", _nonzero16(value(v, k)))
         return total
 
     def kind(v, kb, g, dense: bool):
         """Per lane: a halo entry (dense) or pixel entries (not dense); an expression, not a
         variable: an assigned TIR variable lives in memory and is reloaded after every store."""
         p = pairs(v)
-        cmp = p >= _lanes("int32", dense_from) if dense else p < _lanes("int32", dense_from)
+        cmp = p >= _bcast(dense_from) if dense else p < _bcast(dense_from)
         return tvm.tirx.And(cmp, valid(kb, g))
 
     def channels(kb, g):
-        return _lanes("int32", "ramp", kb * cb + g * LANES)
+        return _ramp(kb * cb + g * LANES)
 
     @T.macro
     def group(xt, hchan, hval, pcode, pval, hpos, ppos, kb, t, g, fill):
-        """LANES channels of block kb in segment t of input row (n, h): their L values gathered
-        (lanes past the block or C read channel C-1 and are masked off), the kind of each
-        decided by its pairs, halo and pixel entries stored by compress stores, counts by popcounts."""
+        """LANES channels of block kb in segment t of the row in xt: their L values (one vector
+        load each; lanes past the block or C are masked off), the kind of each decided by its
+        pairs, halo and pixel entries stored by compress stores, counted by popcounts."""
         v = T.alloc_buffer((L * LANES,), "float32", scope="global")  # a stack array: kept in registers
         for k in T.unroll(L):
             v[T.Ramp(k * LANES, 1, LANES)] = T.if_then_else(
@@ -237,7 +241,7 @@ def _encode_func(f: _Format, dense_from: int):
                 and _offset_is_read(geo, k),
                 xt[T.Ramp(T.max(T.min(t * geo.step - spec.padding[1] + k, W - 1), 0) * Cq + kb * cb + g * LANES, 1,
                           LANES)],
-                _lanes("float32", 0.0))
+                _bcast(0.0, "float32"))
         if fill:
             T.evaluate(_compress(hchan, hpos[0], channels(kb, g), kind(v, kb, g, True)))
             for k in T.unroll(L):
@@ -245,7 +249,7 @@ def _encode_func(f: _Format, dense_from: int):
         hpos[0] = hpos[0] + _count(kind(v, kb, g, True))  # dense_from >= 1: a dense lane has a non-zero
         for k in T.unroll(L):
             if fill:
-                T.evaluate(_compress(pcode, ppos[k], channels(kb, g) * _lanes("int32", Kw) + _lanes("int32", k),
+                T.evaluate(_compress(pcode, ppos[k], channels(kb, g) * _bcast(Kw) + _bcast(k),
                                      tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k)))))
                 T.evaluate(_compress(pval, ppos[k], value(v, k),
                                      tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k)))))

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec
@@ -159,17 +158,10 @@ def two_pass_encode(units, rows, ptr, unit_pass, rows2=0, ptr2=None):
         unit_pass(u, True)
 
 
-def stored(v, width, first, keep):
-    """TIR: the candidate v[first:first + width] is stored (some value non-zero, and keep)."""
-    nz = any_nonzero(v, width, first)
-    return nz if keep is True else tvm.tirx.all(nz, keep)
-
-
 @T.macro
-def emit_entry(end, idx, val, pos, p, index, v, width, fill, first=0, keep=True):
-    """One candidate entry (index, v[first:first + width]) of a row whose next slot is pos[p]
-    (val is (cap, width), or (cap,) when width is 1); pos[p] += 1 when any value is non-zero
-    and ``keep`` (a TIR condition, or True) holds.
+def emit_entry(end, idx, val, pos, p, index, v, width, fill):
+    """One candidate entry (index, v[0:width]) of a row whose next slot is pos[p] (val is
+    (cap, width), or (cap,) when width is 1); pos[p] += 1 when any value is non-zero.
 
     The fill writes every candidate at pos[p] while it is < ``end``, without a data-dependent
     branch: a candidate that is not stored is overwritten by the next stored one. With ``end``
@@ -181,11 +173,11 @@ def emit_entry(end, idx, val, pos, p, index, v, width, fill, first=0, keep=True)
         if pos[p] < end:
             idx[pos[p]] = index
             if len(val.shape) == 1:  # one value per entry
-                val[pos[p]] = v[first]
+                val[pos[p]] = v[0]
             else:
                 for k in T.unroll(width):
-                    val[pos[p], k] = v[first + k]
-    pos[p] = pos[p] + T.Cast("int32", stored(v, width, first, keep))
+                    val[pos[p], k] = v[k]
+    pos[p] = pos[p] + T.Cast("int32", any_nonzero(v, width))
 
 
 @T.macro
