@@ -15,7 +15,7 @@ branches); both passes run in parallel over input rows, each channel's row read 
 The multiply, per group of B output pixels of output row r and tile of m_tile output channels:
 for each kernel row l (input row r*Sh + l*Dh - pt) it walks the entries (c, v) of that row's
 segment t and, for each kernel column q and pixel b, does
-acc[b, :] += v[b*Sw + q*Dw] * w[mo, l, c, q, :] with the B x m_tile accumulators in registers
+acc[b, :] += v[b*Sw + q*Dw] * w[mo, l, c*Kw + q, :] with the B x m_tile accumulators in registers
 (weights re-laid-out at build time as [M/m_tile][Kh][C*Kw][m_tile], M zero-padded to whole
 tiles: the Kw weight vectors of an entry are adjacent, a tile's weights contiguous); then it
 stores y (NCHW) through the epilogue. At density 1 it is a register-tiled direct convolution.
