@@ -138,6 +138,16 @@ def test_worst_case_fills_the_whole_buffers(algorithm):
     assert nnz == layer.produced()[ENCODERS[algorithm][1][0][1]].shape[0]
 
 
+def hybrid_one_part_each(spec, w, knobs, x, above):
+    """x with every value non-zero, through hybrid with dense_from 1 (every (segment, channel) a
+    halo entry) and ``above`` > B*Kw (every read offset a pixel entry); checked against the
+    oracle and the NumPy encoder. Yields (layer, (halo nnz, pixel nnz), the part's index array)."""
+    for dense_from, full in ((1, "hyb_hchan"), (above, "hyb_pcode")):
+        layer = CompiledLayer("hybrid", spec, w, knobs={**knobs, "dense_from": dense_from})
+        assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+        yield layer, assert_encoding_equals_reference(layer, x, per_part=True), full
+
+
 # hybrid's encoder transposes 16x16 tiles when C is a multiple of 16 and W >= 16: a tail tile
 # (W = 20, 17), padding channels past C in the last block (C = 48, c_block 32), batch 2 and 1x1
 @pytest.mark.parametrize("shape,wshape,stride,padding,knobs", [
@@ -149,11 +159,7 @@ def test_hybrid_transposed_tiles(shape, wshape, stride, padding, knobs):
     w = weight(spec)
     layer = CompiledLayer("hybrid", spec, w, knobs=knobs)
     check_layer(layer, w, seed=4)
-    x = np.full(spec.x_shape, -2.0, np.float32)  # every value non-zero, all halo or all pixel entries
-    for dense_from, full in ((1, "hyb_hchan"), (10 ** 6, "hyb_pcode")):
-        layer = CompiledLayer("hybrid", spec, w, knobs={**knobs, "dense_from": dense_from})
-        assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
-        counts = assert_encoding_equals_reference(layer, x, per_part=True)
+    for _, counts, full in hybrid_one_part_each(spec, w, knobs, np.full(spec.x_shape, -2.0, np.float32), 10 ** 6):
         assert counts[full == "hyb_pcode"] > 0 and counts[full != "hyb_pcode"] == 0
 
 
@@ -172,10 +178,7 @@ def test_hybrid_worst_case_fills_either_part():
     spec = Conv2DSpec.from_shapes((2, 3, 6, 8), (8, 3, 3, 3))
     w = weight(spec)
     x = np.full(spec.x_shape, 0.5, np.float32)
-    for dense_from, full in ((1, "hyb_hchan"), (7, "hyb_pcode")):
-        layer = CompiledLayer("hybrid", spec, w, knobs={**SMALL["hybrid"], "dense_from": dense_from})
-        assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
-        nh, npx = assert_encoding_equals_reference(layer, x, per_part=True)
+    for layer, (nh, npx), full in hybrid_one_part_each(spec, w, SMALL["hybrid"], x, 7):
         assert (nh if full == "hyb_hchan" else npx) == layer.produced()[full].shape[0]
         assert (npx if full == "hyb_hchan" else nh) == 0
 

@@ -72,25 +72,31 @@ def halo_weights(weight, m_tile: int):
     return tile_weights(weight.transpose(2, 1, 3, 0).reshape(kh, c * kw, m), m_tile)
 
 
-def _read_end(spec: Conv2DSpec, geo: HaloGeometry) -> int:
-    """Real columns [0, end) are read by some output pixel."""
-    return min(spec.width, geo.read_w - spec.padding[1])
-
-
 def _offset_is_read(geo: HaloGeometry, k):
     """TIR: offset k of a segment is read by some (b, q) (True when every offset is)."""
     unread = [o for o, r in enumerate(geo.read_offsets) if not r]
     return tvm.tirx.all(*[k != o for o in unread]) if unread else True
 
 
+def segment_holds(spec: Conv2DSpec, geo: HaloGeometry, t, k):
+    """TIR: offset k of segment t holds a value: a real column (not padding, not past the last
+    column read) that some (b, q) reads; otherwise the segment holds 0 there."""
+    j = t * geo.step - spec.padding[1] + k
+    return tvm.tirx.all(j >= 0, j < min(spec.width, geo.read_w - spec.padding[1]), _offset_is_read(geo, k))
+
+
+def segment_column(spec: Conv2DSpec, geo: HaloGeometry, t, k):
+    """TIR: the real column of offset k of segment t, clamped into [0, W) (a safe index where
+    segment_holds is false)."""
+    return T.max(T.min(t * geo.step - spec.padding[1] + k, spec.width - 1), 0)
+
+
 @T.macro
 def load_segment(spec: Conv2DSpec, geo: HaloGeometry, x, v, n, c, h, t):
-    """v[0:L] = segment t of channel c of input row (n, h): padding, columns past the last
-    read one and unread offsets are 0."""
-    j0 = t * geo.step - spec.padding[1]  # real column of offset 0
+    """v[0:L] = segment t of channel c of input row (n, h), 0 where it holds no value."""
     for k in T.unroll(geo.seg_len):
-        v[k] = T.if_then_else(j0 + k >= 0 and j0 + k < _read_end(spec, geo) and _offset_is_read(geo, k),
-                              x[n, c, h, T.max(T.min(j0 + k, spec.width - 1), 0)], T.float32(0))
+        v[k] = T.if_then_else(segment_holds(spec, geo, t, k), x[n, c, h, segment_column(spec, geo, t, k)],
+                              T.float32(0))
 
 
 def _encode_func(spec: Conv2DSpec, geo: HaloGeometry, segs: int, cap: int):

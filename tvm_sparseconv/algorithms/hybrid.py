@@ -41,7 +41,7 @@ from ..conv import Conv2DSpec, Epilogue
 from ..reference.halo import HaloGeometry, halo_geometry
 from ..reference.hybrid import hybrid_encode, hybrid_multiply, hybrid_storage, offset_reads
 from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, is_read, prim
-from .halo import _offset_is_read, _read_end, halo_entries, halo_weights
+from .halo import halo_entries, halo_weights, segment_column, segment_holds
 from .pixcsr import row_task_defaults
 from .tiling import Tiling, finish_rows, start_rows, store_rows, two_pass_encode
 
@@ -162,7 +162,7 @@ def _compress(buf, index, value, mask):
     # passthru makes LLVM 22's expansion for targets without AVX-512 fail instruction selection
     packed = tvm.tirx.call_llvm_pure_intrin(dtype, f"llvm.experimental.vector.compress.v{LANES}{kind}", value, mask,
                                             value)
-    first = tvm.tirx.Ramp(0, 1, LANES) < tvm.tirx.Broadcast(_count(mask), LANES)
+    first = _ramp(0) < _bcast(_count(mask))
     return tvm.tirx.call_llvm_intrin("void", f"llvm.masked.store.v{LANES}{kind}.p0", packed,
                                      tvm.tirx.address_of(buf[index]), first)
 
@@ -186,9 +186,9 @@ def _transpose_tile(xt, cq, x, n, c0, h, j0):
 
     Emits its LANES stores through the IR builder (called from a macro), so that the columns
     of the shuffled tile are Python values, not a TIR loop."""
-    cols = _transpose16([x[n, c0 + i, h, tvm.tirx.Ramp(j0, 1, LANES)] for i in range(LANES)])
+    cols = _transpose16([x[n, c0 + i, h, _ramp(j0)] for i in range(LANES)])
     for j in range(LANES):
-        T.buffer_store(xt, cols[j], [tvm.tirx.Ramp((j0 + j) * cq + c0, 1, LANES)])
+        T.buffer_store(xt, cols[j], [_ramp((j0 + j) * cq + c0)])
 
 
 def _encode_func(f: _Format, dense_from: int):
@@ -209,7 +209,7 @@ def _encode_func(f: _Format, dense_from: int):
         return tvm.tirx.And(cc < _bcast(cb), cc + _bcast(kb * cb) < _bcast(C))
 
     def value(v, k):
-        return v[tvm.tirx.Ramp(k * LANES, 1, LANES)]
+        return v[_ramp(k * LANES)]
 
     def pairs(v):
         """Per lane: the (pixel, kernel column) products whose value is non-zero."""
@@ -226,6 +226,10 @@ def _encode_func(f: _Format, dense_from: int):
         cmp = p >= _bcast(dense_from) if dense else p < _bcast(dense_from)
         return tvm.tirx.And(cmp, valid(kb, g))
 
+    def pixels(v, kb, g, k):
+        """Per lane: offset k is a pixel entry (a non-zero of a sparse segment)."""
+        return tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k)))
+
     def channels(kb, g):
         return _ramp(kb * cb + g * LANES)
 
@@ -236,12 +240,9 @@ def _encode_func(f: _Format, dense_from: int):
         pairs, halo and pixel entries stored by compress stores, counted by popcounts."""
         v = T.alloc_buffer((L * LANES,), "float32", scope="global")  # a stack array: kept in registers
         for k in T.unroll(L):
-            v[T.Ramp(k * LANES, 1, LANES)] = T.if_then_else(
-                t * geo.step - spec.padding[1] + k >= 0 and t * geo.step - spec.padding[1] + k < _read_end(spec, geo)
-                and _offset_is_read(geo, k),
-                xt[T.Ramp(T.max(T.min(t * geo.step - spec.padding[1] + k, W - 1), 0) * Cq + kb * cb + g * LANES, 1,
-                          LANES)],
-                _bcast(0.0, "float32"))
+            v[_ramp(k * LANES)] = T.if_then_else(segment_holds(spec, geo, t, k),
+                                                 xt[_ramp(segment_column(spec, geo, t, k) * Cq + kb * cb + g * LANES)],
+                                                 _bcast(0.0, "float32"))
         if fill:
             T.evaluate(_compress(hchan, hpos[0], channels(kb, g), kind(v, kb, g, True)))
             for k in T.unroll(L):
@@ -249,11 +250,9 @@ def _encode_func(f: _Format, dense_from: int):
         hpos[0] = hpos[0] + _count(kind(v, kb, g, True))  # dense_from >= 1: a dense lane has a non-zero
         for k in T.unroll(L):
             if fill:
-                T.evaluate(_compress(pcode, ppos[k], channels(kb, g) * _bcast(Kw) + _bcast(k),
-                                     tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k)))))
-                T.evaluate(_compress(pval, ppos[k], value(v, k),
-                                     tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k)))))
-            ppos[k] = ppos[k] + _count(tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k))))
+                T.evaluate(_compress(pcode, ppos[k], channels(kb, g) * _bcast(Kw) + _bcast(k), pixels(v, kb, g, k)))
+                T.evaluate(_compress(pval, ppos[k], value(v, k), pixels(v, kb, g, k)))
+            ppos[k] = ppos[k] + _count(pixels(v, kb, g, k))
 
     @T.macro
     def row_pass(x, hptr, hchan, hval, pptr, pcode, pval, u, fill):
