@@ -163,6 +163,18 @@ def test_hybrid_transposed_tiles(shape, wshape, stride, padding, knobs):
         assert counts[full == "hyb_pcode"] > 0 and counts[full != "hyb_pcode"] == 0
 
 
+@pytest.mark.parametrize("shape,wshape,stride", [((1, 96, 10, 10), (160, 96, 1, 1), 1),
+                                                 ((1, 64, 9, 9), (40, 64, 1, 1), 2)], ids=("1x1", "1x1-strided"))
+def test_hybrid_pointwise_defaults(shape, wshape, stride):
+    """1x1 defaults (block 2 x m_tile up to 128, 64-channel blocks, 2-row tasks): a partial
+    last m-tile and channel block, an odd number of output rows."""
+    spec = Conv2DSpec.from_shapes(shape, wshape, stride)
+    w = weight(spec)
+    layer = CompiledLayer("hybrid", spec, w)
+    assert (layer.knobs["block"], layer.knobs["c_block"], layer.knobs["rows"]) == (2, 64, 2)
+    check_layer(layer, w, seed=6)
+
+
 def test_hybrid_without_avx512():
     """The encoder's compress and shuffles are generic LLVM vector operations: a target without
     AVX-512 gets them expanded, and the same answers."""

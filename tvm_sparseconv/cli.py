@@ -56,7 +56,8 @@ def print_layer_table(report: dict) -> None:
     ok = [r for r in report["results"] if r.get("time_ms")]
     if ok:
         best = min(ok, key=lambda r: r["time_ms"])
-        print(f"fastest: {best['algorithm']} ({best['time_ms']:.3f} ms)")
+        knobs = f", knobs {best['knobs']}" if best.get("knobs") else ""
+        print(f"fastest: {best['algorithm']} ({best['time_ms']:.3f} ms{knobs})")
 
 
 def cmd_layer(args) -> int:
@@ -88,7 +89,8 @@ def cmd_layer(args) -> int:
             raise ValueError(f"unknown algorithm {a!r}; choose from {', '.join(ALGORITHMS)}")
     peers = available_peers() if args.peers else []
     report = run_layer(spec, x, w, algorithms, args.target, args.threads, args.trials, args.work_dir, peers,
-                       args.repeat, log=_log if not args.quiet else (lambda s: None), database=args.database)
+                       args.repeat, log=_log if not args.quiet else (lambda s: None), database=args.database,
+                       knob_trials=args.knob_trials)
     report["target"] = args.target_str
     if args.json:
         print(json.dumps(report, indent=1))
@@ -348,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--work-dir", default=None, help="where --trials puts the MetaSchedule databases "
                      "(one folder per algorithm)")
     lay.add_argument("--database", default=None, help="a --work-dir of an earlier run: apply its tuned schedules")
+    lay.add_argument("--knob-trials", type=int, default=1, help="knob configs measured per hand-scheduled "
+                     "kernel, the defaults first (as the tuner's search); the fastest is reported")
     lay.add_argument("--repeat", type=int, default=7, help="timed repeats (median reported)")
     lay.add_argument("--peers", action="store_true", help="also run onnxruntime and PyTorch")
     lay.add_argument("--json", action="store_true", help="print one JSON object")

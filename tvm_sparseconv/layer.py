@@ -78,6 +78,7 @@ class Record:
     cr_vs_im2col: float | None = None
     cr_vs_mec: float | None = None
     knobs: dict = field(default_factory=dict)
+    knob_trials: int = 1
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -125,10 +126,35 @@ def measure_peer(peer: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, threads: 
     return Record(peer, max_abs_error(y, ref), ms, None, ms, 2e-6 * nz_macs / ms, 2e-6 * spec.macs / ms)
 
 
+def search_knobs(name: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, knob_trials: int, target=None,
+                 repeat: int = 7, log=lambda s: None, **ms) -> Record:
+    """measure_algorithm on the first ``knob_trials`` of knob_space (the defaults first, then a
+    spread sample); the fastest record, or the first failed one when every candidate failed. Its
+    max_abs_error is the largest of every candidate's, so that one wrong candidate shows."""
+    from .tune.space import knob_space
+
+    cands = (knob_space(name, spec)[:knob_trials] if knob_trials > 1 else None) or [None]
+    best, errors = None, []
+    for i, knobs in enumerate(cands):
+        r = measure_algorithm(name, spec, x, w, ref, nz_macs, target, knobs, repeat=repeat, log=log, **ms)
+        if len(cands) > 1:
+            log(f"  {name} {i + 1}/{len(cands)} {r.knobs}: {r.error or f'{r.time_ms:.3f} ms'}")
+        errors += [r.max_abs_error] if r.max_abs_error is not None else []
+        if best is None or (r.time_ms is not None and (best.time_ms is None or r.time_ms < best.time_ms)):
+            best = r
+    best.knob_trials = len(cands)
+    if errors:
+        best.max_abs_error = max(errors)
+    return best
+
+
 def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORITHMS, target=None,
               threads: int = 0, trials: int = 0, work_dir: str | None = None, peers=(), repeat: int = 7,
-              log=lambda s: None, database: str | None = None) -> dict:
-    """Every algorithm (and peer) on one layer; returns {"layer", "density", ..., "results": [...]}."""
+              log=lambda s: None, database: str | None = None, knob_trials: int = 1) -> dict:
+    """Every algorithm (and peer) on one layer; returns {"layer", "density", ..., "results": [...]}.
+
+    A hand-scheduled kernel runs its first ``knob_trials`` knob candidates (search_knobs) and
+    reports the fastest."""
     x = np.asarray(x, np.float32)
     w = np.asarray(w, np.float32)
     if x.shape != spec.x_shape or w.shape != spec.w_shape:
@@ -138,11 +164,11 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
     results = []
     for name in algorithms:
         log(f"{name} ...")
-        results.append(measure_algorithm(name, spec, x, w, ref, nz, target, None, trials, work_dir, repeat, log,
-                                         database))
+        results.append(search_knobs(name, spec, x, w, ref, nz, knob_trials, target, repeat, log, trials=trials,
+                                    work_dir=work_dir, database=database))
     for p in peers:
         log(f"{p} ...")
         results.append(measure_peer(p, spec, x, w, ref, nz, threads, repeat))
     return {"layer": spec.to_dict(), "density": float(np.count_nonzero(x)) / x.size, "nonzero_macs": nz,
-            "dense_macs": spec.macs, "threads": threads, "trials": trials,
+            "dense_macs": spec.macs, "threads": threads, "trials": trials, "knob_trials": knob_trials,
             "results": [r.to_dict() for r in results]}

@@ -57,8 +57,17 @@ class Hybrid(Algorithm):
 
     def default_knobs(self, spec: Conv2DSpec) -> dict:
         """block 4 (x m_tile 64: 16 accumulators), m_tile, c_block and rows as pixcsr's with
-        tiles up to 64, dense_from = DENSE_SHARE * B * Kw."""
-        knobs = {"block": min(4, spec.out_w), **row_task_defaults(spec, (64, 32))}
+        tiles up to 64, dense_from = DENSE_SHARE * B * Kw.
+
+        1x1 kernels (no window overlap: a longer segment only multiplies more zeros): block 2
+        x m_tile up to 128, weight blocks of 64 channels, 2-row tasks; on the 14x14 ResNet 1x1s
+        10-12 % faster than the 3x3 defaults, on 28x28 ones within 3 % (interleaved timings at
+        densities 0.3/0.5)."""
+        if (spec.kernel_h, spec.kernel_w) == (1, 1):
+            knobs = {"block": min(2, spec.out_w), **row_task_defaults(spec, (128, 64, 32)),
+                     "c_block": min(64, spec.in_channels), "rows": min(2, spec.out_h)}
+        else:
+            knobs = {"block": min(4, spec.out_w), **row_task_defaults(spec, (64, 32))}
         return {**knobs, "dense_from": max(1, math.ceil(DENSE_SHARE * knobs["block"] * spec.kernel_w))}
 
     def _checked(self, knobs) -> tuple[int, int, int, int, int]:

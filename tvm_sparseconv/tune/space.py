@@ -7,6 +7,7 @@ is validated by the algorithm itself (an invalid combination is dropped, never m
 from __future__ import annotations
 
 import itertools
+import random
 
 from ..algorithms import get_algorithm
 from ..conv import Conv2DSpec
@@ -41,7 +42,7 @@ def _raw_space(name: str, spec: Conv2DSpec):
             if 4096 <= spec.kernel_w * cb * k["m_tile"] <= 65536 and k["rows"] <= spec.out_h and cb == k["c_block"]:
                 yield k
     elif name == "hybrid":  # halo's register tiles, pixcsr's weight blocks, the dense share around the default
-        for k in _grid(block=(2, 4, 8), m_tile=(32, 64), c_block=(32, 64, 128), rows=(2, 4)):
+        for k in _grid(block=(2, 4, 8), m_tile=(32, 64, 128), c_block=(32, 64, 128), rows=(2, 4)):
             cb = min(k["c_block"], spec.in_channels)
             if _regs_ok(k["block"], k["m_tile"]) and k["block"] <= spec.out_w and cb == k["c_block"]:
                 products = k["block"] * spec.kernel_w
@@ -59,7 +60,9 @@ def _raw_space(name: str, spec: Conv2DSpec):
 
 
 def knob_space(name: str, spec: Conv2DSpec) -> list[dict]:
-    """Valid, complete knob dicts for ``name`` on ``spec``; the defaults come first."""
+    """Valid, complete knob dicts for ``name`` on ``spec``: the defaults first, then the rest in
+    a fixed shuffled order, so that any prefix (what a small budget measures) spreads over
+    every axis of the grid rather than varying only its last one."""
     algo = get_algorithm(name)
     seen, out = set(), []
     for k in [{}] + list(_raw_space(name, spec)):
@@ -72,7 +75,9 @@ def knob_space(name: str, spec: Conv2DSpec) -> list[dict]:
         if key not in seen:
             seen.add(key)
             out.append(full)
-    return out
+    rest = out[1:]
+    random.Random(0).shuffle(rest)
+    return out[:1] + rest
 
 
 def _zeros_weight(spec: Conv2DSpec):
