@@ -4,18 +4,22 @@
 #                                   direct (TVM's conv2d) tuned with MetaSchedule (64 trials, the GEMMs
 #                                   of im2col and MEC 16 trials), then the same databases reused
 #   examples/bench_layers.sh peers  the layers of issue 5 at 0.1/0.3/0.5/0.8: the fast kernels vs the peers
+# Further arguments go to every `tvm-sparseconv layer` call, e.g. `peers --knob-trials 8` (each
+# kernel on 8 knob configs, the fastest reported; ~8x the time).
 # JSON goes to build/bench/, a markdown table to stdout (examples/layer_table.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=build/bench
 mkdir -p "$out"
 which=${1:-vgg}
+shift $(( $# > 0 ? 1 : 0 ))
+extra=("$@")
 
 layer() {  # name shape m kernel stride padding density algorithms [extra...]
   local name=$1 shape=$2 m=$3 k=$4 s=$5 p=$6 d=$7 algos=$8
   shift 8
   tvm-sparseconv layer --shape "$shape" -m "$m" -k "$k" --stride "$s" --padding "$p" --density "$d" \
-    --algorithms "$algos" --peers --json -q "$@" > "$out/$name-d$d.json"
+    --algorithms "$algos" --peers --json -q "$@" "${extra[@]}" > "$out/$name-d$d.json"
 }
 
 if [ "$which" = vgg ]; then
