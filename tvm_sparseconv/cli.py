@@ -90,7 +90,7 @@ def cmd_layer(args) -> int:
     peers = available_peers() if args.peers else []
     report = run_layer(spec, x, w, algorithms, args.target, args.threads, args.trials, args.work_dir, peers,
                        args.repeat, log=_log if not args.quiet else (lambda s: None), database=args.database,
-                       knob_trials=args.knob_trials)
+                       knob_trials=args.knob_trials, progress=not args.quiet)
     report["target"] = args.target_str
     if args.json:
         print(json.dumps(report, indent=1))

@@ -126,19 +126,24 @@ def measure_peer(peer: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, threads: 
     return Record(peer, max_abs_error(y, ref), ms, None, ms, 2e-6 * nz_macs / ms, 2e-6 * spec.macs / ms)
 
 
-def search_knobs(name: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, knob_trials: int, target=None,
-                 repeat: int = 7, log=lambda s: None, **ms) -> Record:
-    """measure_algorithm on the first ``knob_trials`` of knob_space (the defaults first, then a
-    spread sample); the fastest record, or the first failed one when every candidate failed. Its
-    max_abs_error is the largest of every candidate's, so that one wrong candidate shows."""
+def knob_candidates(name: str, spec: Conv2DSpec, knob_trials: int) -> list:
+    """The first ``knob_trials`` of knob_space (the defaults first, then a spread sample); [None]
+    (the defaults) for one trial or a kernel without knobs."""
     from .tune.space import knob_space
 
-    cands = (knob_space(name, spec)[:knob_trials] if knob_trials > 1 else None) or [None]
+    return (knob_space(name, spec)[:knob_trials] if knob_trials > 1 else None) or [None]
+
+
+def search_knobs(name: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, knob_trials: int, target=None,
+                 repeat: int = 7, log=lambda s: None, step=lambda what: None, **ms) -> Record:
+    """measure_algorithm on each of knob_candidates (``step`` is told after each); the fastest
+    record, or the first failed one when every candidate failed. Its max_abs_error is the
+    largest of every candidate's, so that one wrong candidate shows."""
+    cands = knob_candidates(name, spec, knob_trials)
     best, errors = None, []
-    for i, knobs in enumerate(cands):
+    for knobs in cands:
         r = measure_algorithm(name, spec, x, w, ref, nz_macs, target, knobs, repeat=repeat, log=log, **ms)
-        if len(cands) > 1:
-            log(f"  {name} {i + 1}/{len(cands)} {r.knobs}: {r.error or f'{r.time_ms:.3f} ms'}")
+        step(f"{name} {r.knobs}: {r.error or f'{r.time_ms:.3f} ms'}")
         errors += [r.max_abs_error] if r.max_abs_error is not None else []
         if best is None or (r.time_ms is not None and (best.time_ms is None or r.time_ms < best.time_ms)):
             best = r
@@ -150,25 +155,29 @@ def search_knobs(name: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, knob_tria
 
 def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORITHMS, target=None,
               threads: int = 0, trials: int = 0, work_dir: str | None = None, peers=(), repeat: int = 7,
-              log=lambda s: None, database: str | None = None, knob_trials: int = 1) -> dict:
+              log=lambda s: None, database: str | None = None, knob_trials: int = 1,
+              progress: bool = False) -> dict:
     """Every algorithm (and peer) on one layer; returns {"layer", "density", ..., "results": [...]}.
 
     A hand-scheduled kernel runs its first ``knob_trials`` knob candidates (search_knobs) and
-    reports the fastest."""
+    reports the fastest. ``progress``: a progress line with ETA on stderr, one step per run."""
+    from .tune.progress import Progress
+
     x = np.asarray(x, np.float32)
     w = np.asarray(w, np.float32)
     if x.shape != spec.x_shape or w.shape != spec.w_shape:
         raise ValueError(f"input {x.shape} / weight {w.shape} do not match {spec.x_shape} / {spec.w_shape}")
     ref = dense_conv2d(spec, x, w)
     nz = nonzero_macs(spec, x)
+    total = sum(len(knob_candidates(a, spec, knob_trials)) for a in algorithms) + len(peers)
+    step = Progress("layer", total).step if progress else (lambda what: None)
     results = []
     for name in algorithms:
-        log(f"{name} ...")
-        results.append(search_knobs(name, spec, x, w, ref, nz, knob_trials, target, repeat, log, trials=trials,
-                                    work_dir=work_dir, database=database))
+        results.append(search_knobs(name, spec, x, w, ref, nz, knob_trials, target, repeat, log, step,
+                                    trials=trials, work_dir=work_dir, database=database))
     for p in peers:
-        log(f"{p} ...")
         results.append(measure_peer(p, spec, x, w, ref, nz, threads, repeat))
+        step(f"{p}: {results[-1].time_ms:.3f} ms")
     return {"layer": spec.to_dict(), "density": float(np.count_nonzero(x)) / x.size, "nonzero_macs": nz,
             "dense_macs": spec.macs, "threads": threads, "trials": trials, "knob_trials": knob_trials,
             "results": [r.to_dict() for r in results]}
