@@ -116,12 +116,13 @@ def test_torch_exported_program():
 
 def test_parallelize_rest_pools_and_adds_in_parallel():
     """Ops nobody schedules (a padded max-pool, a residual add + ReLU) get a parallel outer loop,
-    the pool's padding is inlined (no padded copy), and the results stay exact."""
+    the pool's padding is inlined (no padded copy), the add's H and W are one inner loop (whole
+    vectors), and the results stay exact."""
     from tvm_sparseconv.passes.parallelize_rest import ParallelizeRest
 
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 20, 20), "float32"))
-    r = relax.Var("r", relax.TensorType((1, 16, 10, 10), "float32"))
+    x = relax.Var("x", relax.TensorType((1, 96, 20, 20), "float32"))
+    r = relax.Var("r", relax.TensorType((1, 96, 10, 10), "float32"))
     with bb.function("main", [x, r]):
         with bb.dataflow():
             p = bb.emit(relax.op.nn.max_pool2d(x, pool_size=3, strides=2, padding=(0, 0, 1, 1)))
@@ -132,10 +133,12 @@ def test_parallelize_rest_pools_and_adds_in_parallel():
     pool = next(f for gv, f in mod.functions_items() if gv.name_hint.startswith("max_pool2d"))
     text = pool.script()
     assert "T.parallel" in text and "pad_temp" not in text
+    add = next(f for gv, f in mod.functions_items() if "add" in gv.name_hint).script()
+    assert "T.parallel(T.int64(96))" in add and "range(T.int64(100))" in add
     ex = tvm.compile(mod, target="llvm")
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    xv = RNG.standard_normal((1, 16, 20, 20)).astype("float32")
-    rv = RNG.standard_normal((1, 16, 10, 10)).astype("float32")
+    xv = RNG.standard_normal((1, 96, 20, 20)).astype("float32")
+    rv = RNG.standard_normal((1, 96, 10, 10)).astype("float32")
     y = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(rv)).numpy()
     xp = np.pad(xv, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=-np.inf)
     ref = np.max([xp[:, :, i:i + 19:2, j:j + 19:2] for i in range(3) for j in range(3)], axis=0)

@@ -4,7 +4,10 @@ a parallel outer loop.
 The default CPU pipeline leaves such ops as serial naive loops; on a small ResNet they cost
 as much as all its convs. This pass inlines producers that can be (a pool's padded copy is
 then never written), fuses the leading spatial loops of each top-level block but the innermost
-(left contiguous for LLVM to vectorise) and runs them on TVM's thread pool. Functions marked
+two (NCHW's H and W, fused into one contiguous loop for LLVM to vectorise in whole vectors:
+the residual adds of ResNet-50's 14x14 and 28x28 stages ran 3-5x faster alone than with the
+W loop alone inside), or the innermost one when the outer loops would be too few, and runs
+them on TVM's thread pool. Functions marked
 ``tirx.is_scheduled`` (our kernels, MetaSchedule or dlight results) are left alone.
 """
 from __future__ import annotations
@@ -19,6 +22,13 @@ def _extent(sch, loop) -> int:
     """A loop's constant extent (0 when it is not constant)."""
     e = sch.get(loop).extent
     return int(e) if isinstance(e, tvm.tirx.IntImm) else 0
+
+
+def _product(sch, loops) -> int:
+    p = 1
+    for lp in loops:
+        p *= _extent(sch, lp)
+    return p
 
 
 def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
@@ -45,15 +55,19 @@ def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
             lead.append(lp)
         if not lead:
             continue
-        extent = 1
-        for lp in lead:
-            extent *= _extent(sch, lp)
+        extent = _product(sch, lead)
         if extent < _MIN_EXTENT:
             continue
-        if len(lead) > 1 and extent // _extent(sch, lead[-1]) >= _MIN_EXTENT:
-            lead = lead[:-1]  # the innermost spatial loop stays inside, contiguous (vectorisable)
+        # the innermost spatial loops stay inside, contiguous (vectorisable): the last two (NCHW's
+        # H and W) fused into one when they are the block's last loops and enough outer work is
+        # left, so LLVM vectorises H*W elements rather than W (7-56) with a remainder per row
+        inner = next((k for k in (2, 1) if len(lead) > k and extent // _product(sch, lead[-k:]) >= _MIN_EXTENT
+                      and (k == 1 or len(lead) == len(loops))), 0)
         try:
-            fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+            if inner == 2:
+                sch.fuse(*lead[-2:])
+            outer = lead[:len(lead) - inner]
+            fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
             sch.parallel(fused)
         except Exception:  # a loop the schedule may not fuse or parallelise: keep it serial
             continue
