@@ -5,9 +5,10 @@ Full (default): one table per layer and density, a row per algorithm.
 Compact: one row per layer and density with the best algorithm, the best peer and the ratio
 best peer / best algorithm (encode included). Wide: one row per layer and density, a column
 per algorithm (total ms). "eff. GFLOP/s" counts only multiplies with a non-zero input, over the
-total time and over the multiply stage alone (with its share of PEAK_GFLOPS). A dense peer's time does not depend on the density, so the peer
-time used for a layer is the fastest peer measurement over all its densities (the ratios are
-conservative: one slow peer run does not flatter them).
+total time and over the multiply stage alone (with its share of PEAK_GFLOPS). A dense peer's
+time does not depend on the density, so the peer time used for a layer is the fastest peer
+measurement over all its densities (the ratios are conservative: one slow peer run does not
+flatter them).
 """
 import json
 import sys
