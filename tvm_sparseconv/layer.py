@@ -134,12 +134,11 @@ def knob_candidates(name: str, spec: Conv2DSpec, knob_trials: int) -> list:
     return (knob_space(name, spec)[:knob_trials] if knob_trials > 1 else None) or [None]
 
 
-def search_knobs(name: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, knob_trials: int, target=None,
+def search_knobs(name: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, cands: list, target=None,
                  repeat: int = 7, log=lambda s: None, step=lambda what: None, **ms) -> Record:
-    """measure_algorithm on each of knob_candidates (``step`` is told after each); the fastest
-    record, or the first failed one when every candidate failed. Its max_abs_error is the
-    largest of every candidate's, so that one wrong candidate shows."""
-    cands = knob_candidates(name, spec, knob_trials)
+    """measure_algorithm on each knob dict of ``cands`` (knob_candidates; ``step`` is told after
+    each); the fastest record, or the first failed one when every candidate failed. Its
+    max_abs_error is the largest of every candidate's, so that one wrong candidate shows."""
     best, errors = None, []
     for knobs in cands:
         r = measure_algorithm(name, spec, x, w, ref, nz_macs, target, knobs, repeat=repeat, log=log, **ms)
@@ -169,11 +168,11 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
         raise ValueError(f"input {x.shape} / weight {w.shape} do not match {spec.x_shape} / {spec.w_shape}")
     ref = dense_conv2d(spec, x, w)
     nz = nonzero_macs(spec, x)
-    total = sum(len(knob_candidates(a, spec, knob_trials)) for a in algorithms) + len(peers)
-    step = Progress("layer", total).step if progress else (lambda what: None)
+    cands = {a: knob_candidates(a, spec, knob_trials) for a in algorithms}
+    step = Progress("layer", sum(map(len, cands.values())) + len(peers)).step if progress else (lambda what: None)
     results = []
     for name in algorithms:
-        results.append(search_knobs(name, spec, x, w, ref, nz, knob_trials, target, repeat, log, step,
+        results.append(search_knobs(name, spec, x, w, ref, nz, cands[name], target, repeat, log, step,
                                     trials=trials, work_dir=work_dir, database=database))
     for p in peers:
         results.append(measure_peer(p, spec, x, w, ref, nz, threads, repeat))
