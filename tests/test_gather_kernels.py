@@ -148,13 +148,30 @@ def hybrid_one_part_each(spec, w, knobs, x, above):
         yield layer, assert_encoding_equals_reference(layer, x, per_part=True), full
 
 
-# hybrid's encoder transposes 16x16 tiles when C is a multiple of 16 and W >= 16: a tail tile
-# (W = 20, 17), padding channels past C in the last block (C = 48, c_block 32), batch 2 and 1x1
-@pytest.mark.parametrize("shape,wshape,stride,padding,knobs", [
-    ((1, 32, 20, 20), (16, 32, 3, 3), 1, 1, {}),
-    ((1, 48, 18, 17), (20, 48, 3, 3), 2, 1, {"c_block": 32, "block": 3}),
-    ((2, 64, 16, 16), (32, 64, 1, 1), 1, 0, {"c_block": 16, "dense_from": 2})], ids=("tail", "pad-strided", "1x1"))
+# pixcsr's and hybrid's encoders transpose 16x16 tiles of a channel block when C and c_block
+# are multiples of 16 and W >= 16: a tail tile (W = 20, 17), a last block past C (C = 48,
+# c_block 32), batch 2 and 1x1; c_block 24 (not a multiple of 16) takes the element-wise copy
+TILE_CASES = [((1, 32, 20, 20), (16, 32, 3, 3), 1, 1, {}),
+              ((1, 48, 18, 17), (20, 48, 3, 3), 2, 1, {"c_block": 32}),
+              ((2, 64, 16, 16), (32, 64, 1, 1), 1, 0, {"c_block": 16}),
+              ((1, 48, 17, 19), (16, 48, 3, 3), 1, 1, {"c_block": 24})]
+TILE_IDS = ("tail", "pad-strided", "1x1", "untiled")
+
+
+@pytest.mark.parametrize("shape,wshape,stride,padding,knobs", TILE_CASES, ids=TILE_IDS)
+def test_pixcsr_transposed_tiles(shape, wshape, stride, padding, knobs):
+    spec = Conv2DSpec.from_shapes(shape, wshape, stride, padding)
+    w = weight(spec)
+    layer = CompiledLayer("pixcsr", spec, w, knobs=knobs)
+    check_layer(layer, w, seed=4)
+    x = np.full(spec.x_shape, -2.0, np.float32)  # worst case: every pixel's every channel an entry
+    assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+    assert assert_encoding_equals_reference(layer, x) == layer.produced()["pix_code"].shape[0]
+
+
+@pytest.mark.parametrize("shape,wshape,stride,padding,knobs", TILE_CASES[:3], ids=TILE_IDS[:3])
 def test_hybrid_transposed_tiles(shape, wshape, stride, padding, knobs):
+    knobs = {**knobs, "block": 3} if stride == 2 else {**knobs, "dense_from": 2} if wshape[2] == 1 else knobs
     spec = Conv2DSpec.from_shapes(shape, wshape, stride, padding)
     w = weight(spec)
     layer = CompiledLayer("hybrid", spec, w, knobs=knobs)
@@ -175,12 +192,13 @@ def test_hybrid_pointwise_defaults(shape, wshape, stride):
     check_layer(layer, w, seed=6)
 
 
-def test_hybrid_without_avx512():
-    """The encoder's compress and shuffles are generic LLVM vector operations: a target without
+@pytest.mark.parametrize("algorithm", ["pixcsr", "hybrid"])
+def test_encoders_without_avx512(algorithm):
+    """The encoders' compress and shuffles are generic LLVM vector operations: a target without
     AVX-512 gets them expanded, and the same answers."""
     spec = Conv2DSpec.from_shapes((1, 32, 20, 20), (16, 32, 3, 3), padding=1)
     w = weight(spec)
-    layer = CompiledLayer("hybrid", spec, w, target={"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    layer = CompiledLayer(algorithm, spec, w, target={"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
     check_layer(layer, w, densities=(0.0, 0.3, 1.0), seed=5)
 
 

@@ -42,6 +42,8 @@ from ..reference.halo import HaloGeometry, halo_geometry
 from ..reference.hybrid import hybrid_encode, hybrid_multiply, hybrid_storage, offset_reads
 from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, is_read, prim
 from .halo import halo_entries, halo_weights, segment_column, segment_holds
+from .lanes import (LANES, bcast, block_lanes, block_width, channels_last_block, compress_store, count_lanes,
+                    nonzero_lanes, ramp)
 from .pixcsr import row_task_defaults
 from .tiling import Tiling, finish_rows, start_rows, store_rows, two_pass_encode
 
@@ -136,111 +138,37 @@ class _Format:
         return self.hcap * sum(self.geo.read_offsets)
 
 
-LANES = 16  # channels the encoder handles at once: one zmm of float32
-
-
-def _ramp(base):
-    """TIR int32xLANES: base, base + 1, ..."""
-    return tvm.tirx.Ramp(base, 1, LANES)
-
-
-def _bcast(value, dtype: str = "int32"):
-    """TIR dtype x LANES: value in every lane (a Python number or a scalar expression)."""
-    return tvm.tirx.Broadcast(tvm.tirx.const(value, dtype) if isinstance(value, (bool, int, float)) else value, LANES)
-
-
-def _nonzero16(v):
-    """TIR: per lane, float32xLANES v is a non-zero (on the bits, as base.nonzero)."""
-    bits = tvm.tirx.reinterpret(f"int32x{LANES}", v)
-    return bits & _bcast(0x7FFFFFFF) != _bcast(0)
-
-
-def _count(mask):
-    """TIR int32: the lanes of a boolxLANES mask that are set."""
-    return tvm.tirx.call_llvm_pure_intrin("int32", f"llvm.vector.reduce.add.v{LANES}i32", tvm.tirx.Cast(f"int32x{LANES}", mask))
-
-
-def _compress(buf, index, value, mask):
-    """TIR: store the lanes of value that mask selects at buf[index], buf[index + 1], ...
-
-    Compressed in a register, then a masked store of the first count lanes: a vcompress
-    straight to memory costs ~20 cycles on this CPU, these two ~2."""
-    dtype = str(value.ty.dtype)
-    kind = "f32" if "float" in dtype else "i32"
-    # the passthru is value itself: lanes past the count are never stored, and a constant
-    # passthru makes LLVM 22's expansion for targets without AVX-512 fail instruction selection
-    packed = tvm.tirx.call_llvm_pure_intrin(dtype, f"llvm.experimental.vector.compress.v{LANES}{kind}", value, mask,
-                                            value)
-    first = _ramp(0) < _bcast(_count(mask))
-    return tvm.tirx.call_llvm_intrin("void", f"llvm.masked.store.v{LANES}{kind}.p0", packed,
-                                     tvm.tirx.address_of(buf[index]), first)
-
-
-def _transpose16(rows):
-    """LANES vectors (rows of a LANES x LANES tile) -> its columns, by 4 rounds of two-source
-    shuffles (vpermt2ps); round s swaps bit s of the row index with bit s of the lane."""
-    for s in (1, 2, 4, 8):
-        out = list(rows)
-        for i in range(LANES):
-            if not i & s:
-                a, b = rows[i], rows[i | s]
-                out[i] = tvm.tirx.Shuffle([a, b], [LANES + (k ^ s) if k & s else k for k in range(LANES)])
-                out[i | s] = tvm.tirx.Shuffle([a, b], [LANES + k if k & s else k ^ s for k in range(LANES)])
-        rows = out
-    return rows
-
-
-def _transpose_tile(xt, cq, x, n, c0, h, j0):
-    """xt[j*cq + c] = x[n, c, h, j] for the tile c0 <= c < c0+LANES, j0 <= j < j0+LANES.
-
-    Emits its LANES stores through the IR builder (called from a macro), so that the columns
-    of the shuffled tile are Python values, not a TIR loop."""
-    cols = _transpose16([x[n, c0 + i, h, _ramp(j0)] for i in range(LANES)])
-    for j in range(LANES):
-        T.buffer_store(xt, cols[j], [_ramp((j0 + j) * cq + c0)])
-
-
 def _encode_func(f: _Format, dense_from: int):
     spec, geo, cb = f.spec, f.geo, f.cb
     N, C, H, W = spec.x_shape
     L, nseg, Kw, per = geo.seg_len, geo.n_seg, spec.kernel_w, f.nkb * geo.n_seg  # per: halo rows per input row
     reads = offset_reads(spec, geo.block)
-    n_groups = -(-cb // LANES)
-    lanes_all_valid = cb % LANES == 0 and C % cb == 0
-    Cq = (f.nkb - 1) * cb + n_groups * LANES  # channels of a transposed row: every lane read is inside
-    tiles = C % LANES == 0 and W >= LANES  # transposed in LANES x LANES register tiles
-
-    def valid(kb, g):
-        """Lanes that are channels of block kb: channel g*LANES + lane < cb and < C."""
-        if lanes_all_valid:
-            return _bcast(True, "bool")
-        cc = _ramp(g * LANES)
-        return tvm.tirx.And(cc < _bcast(cb), cc + _bcast(kb * cb) < _bcast(C))
+    n_groups, cw = -(-cb // LANES), block_width(cb)
 
     def value(v, k):
-        return v[_ramp(k * LANES)]
+        return v[ramp(k * LANES)]
 
     def pairs(v):
         """Per lane: the (pixel, kernel column) products whose value is non-zero."""
-        total = _bcast(0)
+        total = bcast(0)
         for k, r in enumerate(reads):
             if r:
-                total = total + _bcast(r) * tvm.tirx.Cast(f"int32x{LANES}", _nonzero16(value(v, k)))
+                total = total + bcast(r) * tvm.tirx.Cast(f"int32x{LANES}", nonzero_lanes(value(v, k)))
         return total
 
     def kind(v, kb, g, dense: bool):
         """Per lane: a halo entry (dense) or pixel entries (not dense); an expression, not a
         variable: an assigned TIR variable lives in memory and is reloaded after every store."""
         p = pairs(v)
-        cmp = p >= _bcast(dense_from) if dense else p < _bcast(dense_from)
-        return tvm.tirx.And(cmp, valid(kb, g))
+        cmp = p >= bcast(dense_from) if dense else p < bcast(dense_from)
+        return tvm.tirx.And(cmp, block_lanes(C, cb, kb, g))
 
     def pixels(v, kb, g, k):
         """Per lane: offset k is a pixel entry (a non-zero of a sparse segment)."""
-        return tvm.tirx.And(kind(v, kb, g, False), _nonzero16(value(v, k)))
+        return tvm.tirx.And(kind(v, kb, g, False), nonzero_lanes(value(v, k)))
 
     def channels(kb, g):
-        return _ramp(kb * cb + g * LANES)
+        return ramp(kb * cb + g * LANES)
 
     @T.macro
     def group(xt, hchan, hval, pcode, pval, hpos, ppos, kb, t, g, fill):
@@ -249,19 +177,19 @@ def _encode_func(f: _Format, dense_from: int):
         pairs, halo and pixel entries stored by compress stores, counted by popcounts."""
         v = T.alloc_buffer((L * LANES,), "float32", scope="global")  # a stack array: kept in registers
         for k in T.unroll(L):
-            v[_ramp(k * LANES)] = T.if_then_else(segment_holds(spec, geo, t, k),
-                                                 xt[_ramp(segment_column(spec, geo, t, k) * Cq + kb * cb + g * LANES)],
-                                                 _bcast(0.0, "float32"))
+            v[ramp(k * LANES)] = T.if_then_else(segment_holds(spec, geo, t, k),
+                                                xt[ramp(segment_column(spec, geo, t, k) * cw + g * LANES)],
+                                                bcast(0.0, "float32"))
         if fill:
-            T.evaluate(_compress(hchan, hpos[0], channels(kb, g), kind(v, kb, g, True)))
+            T.evaluate(compress_store(hchan, hpos[0], channels(kb, g), kind(v, kb, g, True)))
             for k in T.unroll(L):
-                T.evaluate(_compress(hval, (k, hpos[0]), value(v, k), kind(v, kb, g, True)))
-        hpos[0] = hpos[0] + _count(kind(v, kb, g, True))  # dense_from >= 1: a dense lane has a non-zero
+                T.evaluate(compress_store(hval, (k, hpos[0]), value(v, k), kind(v, kb, g, True)))
+        hpos[0] = hpos[0] + count_lanes(kind(v, kb, g, True))  # dense_from >= 1: a dense lane has a non-zero
         for k in T.unroll(L):
             if fill:
-                T.evaluate(_compress(pcode, ppos[k], channels(kb, g) * _bcast(Kw) + _bcast(k), pixels(v, kb, g, k)))
-                T.evaluate(_compress(pval, ppos[k], value(v, k), pixels(v, kb, g, k)))
-            ppos[k] = ppos[k] + _count(pixels(v, kb, g, k))
+                T.evaluate(compress_store(pcode, ppos[k], channels(kb, g) * bcast(Kw) + bcast(k), pixels(v, kb, g, k)))
+                T.evaluate(compress_store(pval, ppos[k], value(v, k), pixels(v, kb, g, k)))
+            ppos[k] = ppos[k] + count_lanes(pixels(v, kb, g, k))
 
     @T.macro
     def row_pass(x, hptr, hchan, hval, pptr, pcode, pval, u, fill):
@@ -270,27 +198,21 @@ def _encode_func(f: _Format, dense_from: int):
         nothing. Entries are written by compress stores, so the fill has no data-dependent branch
         and writes nothing but entries; the L + 1 pointer rows' next slots stay in registers."""
         n, h = u // H, u % H
-        xt = T.alloc_buffer((W * Cq,), "float32")  # the row channels-last: a vector of channels is one load
-        if is_read(spec, 0, h):
-            if tiles:
-                for c16, jt in T.grid(C // LANES, -(-W // LANES)):
-                    _transpose_tile(xt, Cq, x, n, c16 * LANES, h, T.min(jt * LANES, W - LANES))
-                for j, c in T.grid(W, Cq - C):  # padding channels: read by masked-off lanes only
-                    xt[j * Cq + C + c] = T.float32(0)
-            else:
-                for j, c in T.grid(W, Cq):
-                    xt[j * Cq + c] = T.if_then_else(c < C, x[n, T.min(c, C - 1), h, j], T.float32(0))
-        for kb, t in T.grid(f.nkb, nseg):
-            row = u * per + kb * nseg + t  # halo pointer row (n, h, kb, t); its pixel rows row*L + o
-            hpos = T.alloc_buffer((1,), "int32", scope="global")
-            ppos = T.alloc_buffer((L,), "int32", scope="global")
-            start_rows(hptr, hpos, row, 1, fill, True)
-            start_rows(pptr, ppos, row * L, L, fill, True)
+        xt = T.alloc_buffer((W * cw,), "float32")  # block kb channels-last: LANES channels are one load
+        for kb in range(f.nkb):
             if is_read(spec, 0, h):
-                for g in range(n_groups):
-                    group(xt, hchan, hval, pcode, pval, hpos, ppos, kb, t, g, fill)
-            finish_rows(hptr, hpos, row, 1, fill, True)
-            finish_rows(pptr, ppos, row * L, L, fill, True)
+                channels_last_block(xt, x, n, h, kb, cb, C, W)
+            for t in range(nseg):
+                row = u * per + kb * nseg + t  # halo pointer row (n, h, kb, t); its pixel rows row*L + o
+                hpos = T.alloc_buffer((1,), "int32", scope="global")
+                ppos = T.alloc_buffer((L,), "int32", scope="global")
+                start_rows(hptr, hpos, row, 1, fill, True)
+                start_rows(pptr, ppos, row * L, L, fill, True)
+                if is_read(spec, 0, h):
+                    for g in range(n_groups):
+                        group(xt, hchan, hval, pcode, pval, hpos, ppos, kb, t, g, fill)
+                finish_rows(hptr, hpos, row, 1, fill, True)
+                finish_rows(pptr, ppos, row * L, L, fill, True)
 
     @T.prim_func
     def encode(x: T.Buffer((N, C, H, W), "float32"), hptr: T.Buffer((f.hrows + 1,), "int32"),

@@ -27,12 +27,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
 from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, is_read, nonzero, prim
-from .tiling import default_m_tile, emit_entry, finish_rows, start_rows, store_rows, tile_weights, two_pass_encode
+from .lanes import (LANES, block_lanes, block_width, channels_last_block, compress_store, count_lanes,
+                    nonzero_lanes, ramp)
+from .tiling import default_m_tile, finish_rows, start_rows, store_rows, tile_weights, two_pass_encode
 
 WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per (channel block, kernel row) by default
 ROW_PIXELS = 112  # output pixels per task by default: a weight block read from L2 serves at least these
@@ -102,25 +105,34 @@ class PixCSR(Algorithm):
 def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, ptr_rows: int, cap: int):
     N, C, H, W = spec.x_shape
     per = nkb * W  # pointer rows per input row
-    channels = T.unroll if cb <= 32 else T.serial  # a block's channels: unrolled when few
+    n_groups, cw = -(-cb // LANES), block_width(cb)
+
+    def selected(v, kb, g):
+        """The lanes of v (channels kb*cb + g*LANES + lane) that are entries: non-zero channels
+        of the block (an expression, not a variable, so that it stays in a mask register)."""
+        return tvm.tirx.And(nonzero_lanes(v), block_lanes(C, cb, kb, g))
 
     @T.macro
     def row_pass(x, ptr, code, val, u, fill):
         """Input row u = (n, h): count per (block, column) along the contiguous rows of x
-        (vectorised), or fill block by block, column by column, channels in order."""
+        (vectorised), or fill block by block from a channels-last copy of the block, LANES
+        channels of a pixel at a time by compress stores of the lanes the count pass counted
+        (so each pointer row gets exactly its slots, and no branch depends on the data)."""
         n, h = u // H, u % H
         if fill:
             if is_read(spec, 0, h):
-                end = ptr[u * per + per]  # rows are filled in order: one bound for all (emit_entry)
-                for kb, j in T.grid(nkb, W):
-                    if is_read(spec, 1, j):
-                        pos = T.alloc_local((1,), "int32")  # the row's next slot, kept in a register
-                        pos[0] = ptr[u * per + kb * W + j]
-                        for cc in channels(cb):
-                            if C % cb == 0 or kb * cb + cc < C:
-                                v = T.alloc_local((1,), "float32")
-                                v[0] = x[n, kb * cb + cc, h, j]
-                                emit_entry(end, code, val, pos, 0, j * cb + cc, v, 1, fill)
+                xt = T.alloc_buffer((W * cw,), "float32")
+                for kb in range(nkb):
+                    channels_last_block(xt, x, n, h, kb, cb, C, W)
+                    for j in range(W):
+                        if is_read(spec, 1, j):
+                            pos = T.alloc_buffer((1,), "int32", scope="global")  # the row's next slot: a register
+                            pos[0] = ptr[u * per + kb * W + j]
+                            for g in range(n_groups):
+                                v = xt[ramp(j * cw + g * LANES)]
+                                T.evaluate(compress_store(code, pos[0], ramp(j * cb + g * LANES), selected(v, kb, g)))
+                                T.evaluate(compress_store(val, pos[0], v, selected(v, kb, g)))
+                                pos[0] = pos[0] + count_lanes(selected(v, kb, g))
         else:
             pos = T.alloc_local((per,), "int32")
             start_rows(ptr, pos, u * per, per, fill)
