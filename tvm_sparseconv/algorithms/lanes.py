@@ -53,7 +53,11 @@ def compress_store(buf, index, value, mask):
 
 def _transpose16(rows):
     """LANES vectors (rows of a LANES x LANES tile) -> its columns, by 4 rounds of two-source
-    shuffles (vpermt2ps); round s swaps bit s of the row index with bit s of the lane."""
+    shuffles (vpermt2ps); round s swaps bit s of the row index with bit s of the lane.
+
+    Each round's results pass through llvm.arithmetic.fence (a no-op on the values): without it
+    LLVM merges the rounds and builds each column from 16 sources by inserts and stack spills,
+    ~200 cycles a tile instead of ~70 (all 56x56 rows of 256 channels: 0.10 -> 0.038 ms)."""
     for s in (1, 2, 4, 8):
         out = list(rows)
         for i in range(LANES):
@@ -61,7 +65,7 @@ def _transpose16(rows):
                 a, b = rows[i], rows[i | s]
                 out[i] = tvm.tirx.Shuffle([a, b], [LANES + (k ^ s) if k & s else k for k in range(LANES)])
                 out[i | s] = tvm.tirx.Shuffle([a, b], [LANES + k if k & s else k ^ s for k in range(LANES)])
-        rows = out
+        rows = [tvm.tirx.call_llvm_pure_intrin(f"float32x{LANES}", "llvm.arithmetic.fence", r) for r in out]
     return rows
 
 
