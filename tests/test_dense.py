@@ -160,7 +160,12 @@ def test_default_knobs_rule():
     res5 = Conv2DSpec.from_shapes((1, 512, 7, 7), (512, 512, 3, 3), padding=1)
     assert default_tiling(res5)["block"] == 7  # never wider than the row
     res = Conv2DSpec.from_shapes((1, 256, 14, 14), (1024, 256, 1, 1))
-    assert default_tiling(res)["kernel"] == "gemm"
+    assert default_tiling(res)["kernel"] == "gemm" and default_tiling(res)["split"] == "m_outer"
+    # gemm: a channel-reducing 1x1 whose pixel tile's input fits in 32 KB walks every M tile per
+    # pixel tile; with 64 KB per tile (512 channels x 32 pixels) it does not
+    reduce56 = Conv2DSpec.from_shapes((1, 128, 56, 56), (32, 128, 1, 1))
+    reduce14 = Conv2DSpec.from_shapes((1, 512, 14, 14), (128, 512, 1, 1))
+    assert default_tiling(reduce56)["split"] == "row_outer" and default_tiling(reduce14)["split"] == "m_outer"
     down = Conv2DSpec.from_shapes((1, 256, 56, 56), (512, 256, 1, 1), stride=2)
     assert default_tiling(down) == {"kernel": "direct", "block": 4, "m_tile": 64, "c_block": 64, "split": "row_outer",
                                     "pad": "inplace"}
