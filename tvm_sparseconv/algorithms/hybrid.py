@@ -17,7 +17,7 @@ in blocks of cb = the knob ``c_block`` (nkb blocks), pointer rows in (n, h, kb, 
     hyb_pval   (N*H*nseg*C*Lr,)        float32  (worst case: every element non-zero)
 
 The encoder is one TIR PrimFunc (count, two prefix sums, fill), parallel over input rows. Each
-pass copies its row channels-last (16x16 register transposes when C is a multiple of 16), then
+pass copies each channel block of its row channels-last (lanes.channels_last_block), then
 handles LANES channels of a segment at once: their pairs, and the entries of each kind written
 by compress-in-register + masked stores (popcounts when counting): no data-dependent branch.
 

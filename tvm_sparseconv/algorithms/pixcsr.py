@@ -8,7 +8,9 @@ and the value; only non-zeros of pixels some output pixel reads are stored:
     pix_code  (N*C*H*W,)         int32    worst case: every element non-zero
     pix_val   (N*C*H*W,)         float32
 
-The encoder is one TIR PrimFunc (count, prefix sum, fill, parallel over input rows).
+The encoder is one TIR PrimFunc (count, prefix sum, fill, parallel over input rows); the fill
+takes 16 channels of a pixel at a time from a channels-last copy of each channel block
+(lanes.channels_last_block) and writes them by compress stores.
 
 The multiply is output-stationary and pixel-granular, so no zero is ever multiplied: per
 (m-tile mo, R output rows of image n), for each (channel block kb, kernel row l) and each
