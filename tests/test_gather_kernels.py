@@ -169,9 +169,13 @@ def test_pixcsr_transposed_tiles(shape, wshape, stride, padding, knobs):
     assert assert_encoding_equals_reference(layer, x) == layer.produced()["pix_code"].shape[0]
 
 
-@pytest.mark.parametrize("shape,wshape,stride,padding,knobs", TILE_CASES[:3], ids=TILE_IDS[:3])
+HYBRID_TILE_KNOBS = ({}, {"block": 3}, {"dense_from": 2})  # added to the first three TILE_CASES
+
+
+@pytest.mark.parametrize("shape,wshape,stride,padding,knobs",
+                         [(*case[:4], {**case[4], **extra}) for case, extra in zip(TILE_CASES, HYBRID_TILE_KNOBS)],
+                         ids=TILE_IDS[:3])
 def test_hybrid_transposed_tiles(shape, wshape, stride, padding, knobs):
-    knobs = {**knobs, "block": 3} if stride == 2 else {**knobs, "dense_from": 2} if wshape[2] == 1 else knobs
     spec = Conv2DSpec.from_shapes(shape, wshape, stride, padding)
     w = weight(spec)
     layer = CompiledLayer("hybrid", spec, w, knobs=knobs)
