@@ -337,3 +337,27 @@ def test_rows_ending_in_empty_rows(algorithm):
     layer = CompiledLayer(algorithm, spec, w, knobs=SMALL[algorithm])
     assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
     assert assert_encoding_equals_reference(layer, x) > 0
+
+
+def test_timing_modes_and_the_fresh_input_refresh():
+    """cache="fresh" rewrites x from a saved copy before every run (and re-runs the stages
+    before the one timed); the refresh must restore x exactly, float32 or int32, any length."""
+    from tvm_sparseconv.build import _refresher
+
+    spec = Conv2DSpec.from_shapes((1, 24, 9, 11), (32, 24, 3, 3), padding=1)
+    x, w = activation(spec, 0.3), weight(spec)
+    layer = CompiledLayer("hybrid", spec, w)
+    for cache in ("fresh", "warm", "cold"):
+        t = layer.time(x, repeat=2, cache=cache)
+        assert t.encode_ms > 0 and t.multiply_ms > 0
+        assert_conv_close(layer.buffers["y"].numpy(), dense_conv2d(spec, x, w), spec)  # left holding x's result
+    with pytest.raises(ValueError, match="cache must be one of"):
+        layer.time(cache="hot")
+    layer(x)
+    for name in ("x", "hyb_pptr"):
+        buf = layer.buffers[name]
+        saved = buf.numpy()
+        refresh = _refresher(buf, layer.target)
+        buf.copyfrom(np.full(saved.shape, 7, saved.dtype))
+        refresh()
+        assert np.array_equal(buf.numpy(), saved)

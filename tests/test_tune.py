@@ -100,13 +100,14 @@ def test_resume_repeats_no_finished_measurement(small_model, tmp_path):
     assert len(keys) == len(set(keys)) > n1  # only the new candidates were measured
 
 
-def test_cold_tuning_is_recorded_and_not_mixed_with_warm(small_model, tmp_path):
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_cache_mode_is_recorded_and_not_mixed(small_model, tmp_path, cache):
     _, m, xs = small_model
-    t, plan = run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "pixcsr"), cold=True)
-    assert t.trials.header["cache"] == "cold"
+    t, plan = run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "pixcsr"), cache=cache)
+    assert t.trials.header["cache"] == cache
     assert all(r["time_ms"] > 0 for r in t.trials.records)  # every candidate ran and passed the check
     assert {l.algorithm for l in plan.layers} <= {"dense", "pixcsr"}
-    with pytest.raises(TuningLogError, match="made for cache 'cold', not 'warm'"):
+    with pytest.raises(TuningLogError, match=f"made for cache '{cache}', not 'fresh': resume with --cache {cache}"):
         run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "pixcsr"))
 
 
@@ -144,6 +145,7 @@ def test_rpc_tracker_and_two_servers_on_loopback(small_model, tmp_path):
         time.sleep(1.0)
         t, plan = run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "halo"),
                             rpc=("127.0.0.1", tracker.port, "tvms-test"))
+        assert t.trials.header["cache"] == "cold"  # fresh inputs need this process: RPC times cold
         recs = [r for r in t.trials.records if r.get("time_ms")]
         assert len(recs) == 2 * len({r["workload"] for r in recs}) > 0
     finally:

@@ -1,11 +1,14 @@
 """Compile one layer with one algorithm and run or time it on TVM tensors."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import tvm
+import tvm_ffi
+from tvm.script import tirx as T
 
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, Stage
@@ -67,6 +70,7 @@ class CompiledLayer:
             from .tune.metaschedule import apply_database
             mod = apply_database(mod, self.stages, self.algorithm, database, self.target)
         self.executable = tvm.compile(mod, target=self.target)
+        self.session = session
         if session is None:
             self.lib, self.dev = self.executable.mod, tvm.cpu(0)
         else:
@@ -89,7 +93,10 @@ class CompiledLayer:
         self.buffers["x"].copyfrom(np.ascontiguousarray(x, dtype=np.float32))
 
     def run(self) -> None:
-        for st in self.stages:
+        self._run(self.stages)
+
+    def _run(self, stages) -> None:
+        for st in stages:
             self.lib[stage_symbol(self.algorithm, st)](*self._args(st))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -106,22 +113,38 @@ class CompiledLayer:
         return self.algorithm.storage(self.spec, self.knobs, self.produced())
 
     def time(self, x: np.ndarray | None = None, repeat: int = 7, min_repeat_ms: float = 40,
-             cold: bool = False) -> Timing:
+             cache: str = "warm") -> Timing:
         """Median time per stage with time_evaluator (first call discarded), in ms.
 
-        Warm (default): each repeat runs a stage back to back for at least ``min_repeat_ms``, so
-        the weights sit in L1/L2 as when the layer is timed alone. ``cold``: before each single
-        run every argument but the first (the weights and outputs; x or the pointers stay) is
-        flushed from the caches, as MetaSchedule's enable_cpu_cache_flush does; closer to a layer
-        inside a model, whose weights the other layers have evicted. Cold takes 4x the repeats."""
+        ``cache`` (CACHE_MODES) says what is in the caches when a stage starts:
+        - "warm": each repeat runs a stage back to back for at least ``min_repeat_ms``; its
+          inputs, weights and outputs sit in L1/L2 as when the layer is timed alone;
+        - "fresh" (as inside a model): before each single run x is rewritten from a saved copy by
+          a copy split over the threads, as the op before leaves it (each core holds the part it
+          wrote), the stages before this one run again (a multiply reads what its encoder just
+          wrote), and this stage's outputs are flushed from the caches (in a model the other
+          layers have evicted them). The weights stay warm. Local only: the preproc is a
+          callback into this process, which RPC servers cannot make;
+        - "cold": before each single run every argument but the first (the weights, outputs and
+          other inputs) is flushed from the caches, as MetaSchedule's enable_cpu_cache_flush.
+        fresh and cold take 4x the repeats, one run each."""
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        if cache == "fresh" and self.session is not None:
+            raise ValueError("cache 'fresh' rewrites inputs from this process: not over RPC (use 'cold')")
         if x is not None:
             self.set_input(x)
         per = {}
         enc = mul = 0.0
-        for st in self.stages:
-            timing = ({"repeat": 4 * repeat, "f_preproc": "cache_flush_cpu_non_first_arg"} if cold
-                      else {"repeat": repeat, "min_repeat_ms": min_repeat_ms})
-            fe = self.lib.time_evaluator(stage_symbol(self.algorithm, st), self.dev, number=1, **timing)
+        refresh_x = _refresher(self.buffers["x"], self.target) if cache == "fresh" else None
+        for i, st in enumerate(self.stages):
+            sym = stage_symbol(self.algorithm, st)
+            if cache == "warm":
+                fe = self.lib.time_evaluator(sym, self.dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+            else:
+                pre = (_register_preproc(lambda i=i: self._fresh(refresh_x, i)) if cache == "fresh"
+                       else "cache_flush_cpu_non_first_arg")
+                fe = self.lib.time_evaluator(sym, self.dev, number=1, repeat=4 * repeat, f_preproc=pre)
             ms = float(np.median(fe(*self._args(st)).results)) * 1e3
             per[st.name] = ms
             if st.kind == "encode":
@@ -131,6 +154,54 @@ class CompiledLayer:
         # leave the buffers holding the result of this input
         self.run()
         return Timing(enc, mul, per)
+
+    def _fresh(self, refresh_x, i: int) -> None:
+        """Before a "fresh" run of stage i: x rewritten, stages < i run, stage i's outputs flushed."""
+        refresh_x()
+        self._run(self.stages[:i])
+        _FLUSH(self.buffers["x"], *(self.buffers[b.name] for b in self.stages[i].outputs))  # all but the 1st
+
+
+CACHE_MODES = ("warm", "fresh", "cold")
+_PREPROC = "tvm_sparseconv.timing_preproc"
+_FLUSH = tvm.get_global_func("cache_flush_cpu_non_first_arg")
+
+
+@functools.lru_cache(maxsize=None)
+def _flat_copy(n: int, dtype: str, target: str):
+    """A compiled dst[:n] = src[:n], split in contiguous chunks over the thread pool."""
+    chunk = 4096
+
+    @T.prim_func
+    def copy(a: T.handle, b: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        src = T.match_buffer(a, (n,), dtype)
+        dst = T.match_buffer(b, (n,), dtype)
+        for c in T.parallel((n + chunk - 1) // chunk):
+            for i in range(chunk):
+                if c * chunk + i < n:
+                    dst[c * chunk + i] = src[c * chunk + i]
+
+    return tvm.compile(tvm.IRModule({"main": copy}), target=target)["main"]
+
+
+def _refresher(t: tvm.runtime.Tensor, target):
+    """A callable that rewrites ``t`` from a copy of its contents now, split over the threads."""
+    n = int(np.prod(t.shape))
+    flat = t._create_view((n,))
+    saved = tvm.runtime.empty((n,), t.dtype, t.device)
+    saved.copyfrom(flat)
+    copy = _flat_copy(n, str(t.dtype), str(target))
+    return lambda: copy(saved, flat)
+
+
+def _register_preproc(fn) -> str:
+    """``fn`` as time_evaluator's f_preproc (a global function, its name replaced per call)."""
+    def preproc(*_args) -> None:  # returns nothing: the caller reads no value
+        fn()
+
+    tvm_ffi.register_global_func(_PREPROC, preproc, override=True)
+    return _PREPROC
 
 
 def _upload(executable, session):

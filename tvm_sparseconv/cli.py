@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from .build import CACHE_MODES
+
 
 def _ints(s: str, n: int | None = None) -> tuple[int, ...]:
     v = tuple(int(a) for a in str(s).replace("x", ",").split(",") if a != "")
@@ -300,7 +302,7 @@ def cmd_tune(args) -> int:
         rpc = (host, int(port), args.rpc_key)
     algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
     cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
-                     rpc=rpc, cold=args.cold, **({"algorithms": algorithms} if algorithms else {}))
+                     rpc=rpc, cache=args.cache, **({"algorithms": algorithms} if algorithms else {}))
     _log(f"tuning {args.model} into {run_dir}")
     tuner = Tuner(model, samples, run_dir, args.target, cfg, model_name=args.model, log=_log)
     try:
@@ -391,8 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "(direct, im2col, MEC); 0 leaves them out")
     tun.add_argument("--knob-trials", type=int, default=6, help="configs measured per layer and sparse kernel")
     tun.add_argument("--budget-minutes", type=float, default=None, help="stop measuring new candidates after this")
-    tun.add_argument("--cold", action="store_true", help="time each candidate with the caches flushed before "
-                     "every run (weights and outputs from memory, as inside a model); default: warm")
+    tun.add_argument("--cache", choices=CACHE_MODES, default="fresh",
+                     help="what the caches hold when a candidate runs: fresh (default: its input just "
+                     "rewritten by a copy split over the threads, as the op before leaves it in a model; "
+                     "weights warm), warm (everything warm, the layer alone) or cold (all but the first "
+                     "argument flushed); over RPC fresh falls back to cold")
     tun.add_argument("--algorithms", default="all")
     tun.add_argument("--out", default="tuning_logs", help="parent folder of the run folder (default %(default)s)")
     tun.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")

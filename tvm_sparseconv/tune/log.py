@@ -1,7 +1,7 @@
 """The tuning log: one JSON object per line, appended and flushed as each measurement ends.
 
-Line 1 is a header naming the format, version, model, target and cache ("warm" or "cold":
-how candidates were timed); every later line is one
+Line 1 is a header naming the format, version, model, target and cache ("fresh", "warm" or
+"cold": how candidates were timed, CompiledLayer.time); every later line is one
 measured candidate: {"workload", "algorithm", "knobs", "time_ms", "encode_ms",
 "multiply_ms", "max_abs_error", "error"} or a phase marker {"done": "<phase>"}. A crash
 or Ctrl-C loses at most the measurement under way; ``--resume`` reads the log back and
@@ -65,8 +65,8 @@ class TuningLog:
         head.setdefault("cache", "warm")  # logs from before --cold were timed warm
         for k in ("model", "target", "cache"):
             if k in self.header and head.get(k) != self.header.get(k):
-                raise TuningLogError(f"{self.path} was made for {k} {head.get(k)!r}, not {self.header.get(k)!r}: "
-                                     "use another --out or run dir")
+                hint = f"resume with --cache {head[k]}" if k == "cache" else "use another --out or run dir"
+                raise TuningLogError(f"{self.path} was made for {k} {head.get(k)!r}, not {self.header.get(k)!r}: {hint}")
         body = [l for l in lines[1:] if l.strip()]
         for i, line in enumerate(body):
             try:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..algorithms import ALGORITHMS, get_algorithm
-from ..build import CompiledLayer
+from ..build import CACHE_MODES, CompiledLayer
 from ..conv import Epilogue, UnsupportedConvError
 from ..frontend import Model
 from ..graph import find_conv_sites
@@ -59,7 +59,7 @@ class TuneConfig:
     algorithms: tuple = ALGORITHMS
     margin: float = 0.03           # share by which sparse must beat dense, and knobs their defaults
     repeat: int = 5
-    cold: bool = False             # time with the caches flushed before each run (CompiledLayer.time)
+    cache: str = "fresh"           # what the caches hold when a candidate runs: CompiledLayer.time
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
 
@@ -76,12 +76,17 @@ class Tuner:
         self.target = make_target(target)
         self.cfg = config or TuneConfig()
         self.say = log
+        if self.cfg.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cfg.cache!r}")
+        if self.cfg.rpc and self.cfg.cache == "fresh":  # the refresh is a callback into this process
+            self.cfg = replace(self.cfg, cache="cold")
+            log("RPC: candidates are timed cold (inputs cannot be refreshed on a remote server)")
         os.makedirs(run_dir, exist_ok=True)
         self.db_dir = os.path.join(run_dir, "database")
         self.trials = TuningLog(os.path.join(run_dir, "trials.jsonl"),
                                 {"model": model_name or os.path.basename(str(model.source)),
                                  "input_shape": list(model.input_shape), "target": str(self.target),
-                                 "cache": "cold" if self.cfg.cold else "warm"})
+                                 "cache": self.cfg.cache})
         self.cost = KnobCostModel(self.cfg.seed)
         self.deadline = time.monotonic() + 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
         self.session = self._rpc_session() if self.cfg.rpc else None
@@ -194,7 +199,7 @@ class Tuner:
             if not err <= _tolerance(w, ref):
                 rec.update(error=f"wrong result: max abs error {err:.3g}", max_abs_error=err)
                 return rec
-            t = layer.time(w.x, repeat=self.cfg.repeat, cold=self.cfg.cold)
+            t = layer.time(w.x, repeat=self.cfg.repeat, cache=self.cfg.cache)
             st = layer.storage()
             rec.update(time_ms=t.total_ms, encode_ms=t.encode_ms, multiply_ms=t.multiply_ms, max_abs_error=err,
                        stored_elements=st.elements, stored_bytes=st.bytes)
