@@ -155,3 +155,25 @@ def test_op_breakdown_names_our_kernels_and_the_rest():
     assert "conv pixcsr" in ops and all(v > 0 for v in ops.values())
     assert not any(k.startswith("pixcsr") or k[-1].isdigit() for k in ops)  # kinds, not call names
     assert any("conv2d" in k for k in ops)  # the fallback, under TVM's own name
+
+
+def test_bench_rounds_against_another_plan(tmp_path):
+    """bench --baseline PLAN.json --rounds N: both builds timed N times in turn, each checked
+    against the other; the ratios are per round."""
+    from tvm_sparseconv.bench import bench_model
+    from tvm_sparseconv.frontend import Model
+    from tvm_sparseconv.plan import Plan
+
+    mod, *_ = small_module()
+    model = Model(mod, "x", (1, 4, 9, 9), "NCHW", "small")
+    other = tmp_path / "other.json"
+    Plan.uniform(find_conv_sites(mod["main"]), "hybrid").save(str(other))
+    x = RNG.standard_normal((1, 4, 9, 9)).astype("float32")
+    res = bench_model(model, x, algorithm="pixcsr", baseline=str(other), repeat=2, peers=False, rounds=3)
+    plan, base = res["rows"]
+    assert res["rounds"] == 3 and base["name"] == "tvm-sparseconv baseline plan"
+    assert plan["layers"] == "pixcsr 2" and base["layers"] == "hybrid 2"
+    assert plan["plan_speedup"] == 1.0 and base["plan_speedup_range"][0] <= base["plan_speedup"] <= base["plan_speedup_range"][1]
+    assert base["max_abs_error"] == 0.0 and plan["max_abs_error"] < 1e-4  # checked against the baseline
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        bench_model(model, x, algorithm="pixcsr", peers=False, rounds=0)

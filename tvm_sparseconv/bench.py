@@ -53,37 +53,51 @@ def op_breakdown(vm: relax.VirtualMachine, x: np.ndarray, runs: int = 20) -> dic
 
 def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = None, database=None, target=None,
                 threads: int = 0, baseline: str = "dense", repeat: int = 10, peers: bool = True,
-                log=lambda s: None, ops: bool = False) -> dict:
+                log=lambda s: None, ops: bool = False, rounds: int = 1) -> dict:
     """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, speedup of the plan over it};
-    with ``ops``, also ``ops``: the plan build's op_breakdown."""
+    with ``ops``, also ``ops``: the plan build's op_breakdown.
+
+    ``baseline``: an algorithm (the build with it on every layer) or the path of another plan.
+    ``rounds`` > 1 times every build and peer once per round, in turn, so that the machine's
+    drift hits them alike: ``ms`` is the median of the rounds' medians, ``plan_speedup`` the
+    median of the per-round ratios (``plan_speedup_range`` their min and max)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     target = make_target(target)
-    rows = []
+    is_plan = str(baseline).endswith(".json")
     builds = [("plan", resolve_plan(model, plan, algorithm, target)),
-              (f"all {baseline}", resolve_plan(model, None, baseline, target))]
+              ("baseline plan" if is_plan else f"all {baseline}",
+               resolve_plan(model, baseline if is_plan else None, None if is_plan else baseline, target))]
+    timers = []  # (name, layers, () -> (y, ms))
     for name, p in builds:
-        log(f"compiling and timing: {name}")
+        log(f"compiling: {name}")
         mod, applied = lower(model, p, target, database)
         vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
-        y, ms = vm_latency_ms(vm, x, repeat)
         if ops and name == "plan":
             breakdown = op_breakdown(vm, x)
         counts = {}
         for a in applied.values():
             counts[a] = counts.get(a, 0) + 1
-        rows.append({"name": f"tvm-sparseconv {name}", "ms": ms, "y": y,
-                     "layers": ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))})
+        timers.append((f"tvm-sparseconv {name}", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+                       lambda vm=vm: vm_latency_ms(vm, x, repeat)))
     if peers and model.onnx_path:
         for peer in available_peers():
-            log(f"timing {peer}")
-            y, ms = run_model_peer(peer, model.onnx_path, x, threads, repeat)
-            rows.append({"name": peer, "ms": ms, "y": y, "layers": ""})
-    ref = next((r["y"] for r in rows if r["name"] == "onnxruntime"), rows[1]["y"])
+            timers.append((peer, "", lambda peer=peer: run_model_peer(peer, model.onnx_path, x, threads, repeat)))
+    times = np.zeros((rounds, len(timers)))
+    ys = {}
+    for r in range(rounds):
+        for k, (name, _, timed) in enumerate(timers):
+            log(f"timing {name}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else ""))
+            ys[name], times[r, k] = timed()
+    ref = ys.get("onnxruntime", ys[timers[1][0]])
+    ratios = times / times[:, :1]
+    rows = [{"name": name, "ms": float(np.median(times[:, k])), "layers": layers,
+             "max_abs_error": max_abs_error(ys[name], ref), "plan_speedup": float(np.median(ratios[:, k])),
+             "plan_speedup_range": [float(ratios[:, k].min()), float(ratios[:, k].max())]}
+            for k, (name, layers, _) in enumerate(timers)]
     t_plan = rows[0]["ms"]
-    for r in rows:
-        r["max_abs_error"] = max_abs_error(r.pop("y"), ref)
-        r["plan_speedup"] = r["ms"] / t_plan
     best_other = min(r["ms"] for r in rows[1:]) if len(rows) > 1 else t_plan
-    res = {"rows": rows, "speedup_vs_best": best_other / t_plan, "threads": threads}
+    res = {"rows": rows, "speedup_vs_best": best_other / t_plan, "threads": threads, "rounds": rounds}
     if ops:
         res["ops"] = breakdown
     return res

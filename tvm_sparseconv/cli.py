@@ -262,15 +262,18 @@ def cmd_bench(args) -> int:
     x = _samples(args, model, pre)[0]
     plan = _plan_for(args, model)
     res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
-                      args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops)
+                      args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops, rounds=args.rounds)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"{args.model}: input {model.input_shape}, {args.threads} threads, median of {args.repeat} runs")
-    print(f"{'':32} {'median ms':>10} {'plan speed-up':>14} {'max err':>9}  layers")
+    rounds = f"; {args.rounds} rounds in turn: median round, ratios per round" if args.rounds > 1 else ""
+    print(f"{args.model}: input {model.input_shape}, {args.threads} threads, median of {args.repeat} runs{rounds}")
+    spread = args.rounds > 1
+    print(f"{'':32} {'median ms':>10} {'plan speed-up':>14}{'  (min-max)' if spread else ''} {'max err':>9}  layers")
     for r in res["rows"]:
-        print(f"{r['name']:32} {r['ms']:10.2f} {r['plan_speedup']:13.2f}x {_fmt(r['max_abs_error'], 6):>9}  "
-              f"{r['layers']}")
+        lo, hi = r["plan_speedup_range"]
+        print(f"{r['name']:32} {r['ms']:10.2f} {r['plan_speedup']:13.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if spread else "")
+              + f" {_fmt(r['max_abs_error'], 6):>9}  {r['layers']}")
     print(f"plan vs the best of the others: {res['speedup_vs_best']:.2f}x")
     if args.ops:
         print("inside the plan's build, mean ms per inference (each call timed by a VM instrument):")
@@ -380,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--plan", default=None)
     ben.add_argument("--algorithm", default=None)
     ben.add_argument("--database", default=None)
-    ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense)")
+    ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense), "
+                     "or another plan's .json to compare with")
+    ben.add_argument("--rounds", type=int, default=1, help="time every build and peer this many times in turn "
+                     "(medians and per-round ratios: the machine's drift hits all alike)")
     ben.add_argument("--repeat", type=int, default=10)
     ben.add_argument("--no-peers", action="store_true")
     ben.add_argument("--ops", action="store_true", help="also where the plan's time goes: ms per kind of op")
