@@ -12,7 +12,7 @@ from tvm.script import tirx as T
 
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, Stage
-from .conv import Conv2DSpec, Epilogue, ConvSpecError
+from .conv import Conv2DSpec, Epilogue, ConvSpecError, UnsupportedConvError
 from .reference.storage import Storage
 from .target import make_target
 
@@ -46,7 +46,8 @@ class Timing:
 class CompiledLayer:
     """One conv layer compiled with one algorithm.
 
-    ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow.
+    ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow;
+    with ``residual``, ``layer(x, res)`` adds res (N x M x Oh x Ow) before the ReLU.
     Constants (re-laid-out weights) are uploaded once; intermediate buffers are
     allocated once at their worst-case size and reused. With an RPC ``session`` the
     library is exported, uploaded and run on the remote CPU instead.
@@ -54,14 +55,16 @@ class CompiledLayer:
 
     def __init__(self, algorithm: str | Algorithm, spec: Conv2DSpec, weight: np.ndarray,
                  bias: np.ndarray | None = None, relu: bool = False, target=None,
-                 knobs: Mapping | None = None, database=None, session=None):
+                 knobs: Mapping | None = None, database=None, session=None, residual: bool = False):
         self.algorithm = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
         self.spec = spec
         self.algorithm.check(spec)
+        if residual and not self.algorithm.fuses_residual:
+            raise UnsupportedConvError(f"{self.algorithm.name} cannot fuse a residual add into its epilogue")
         weight = np.asarray(weight, np.float32)
         if weight.shape != spec.w_shape:
             raise ConvSpecError(f"weight shape {weight.shape} does not match the layer's {spec.w_shape}")
-        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu))
+        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual))
         self.knobs = self.algorithm.knobs(spec, knobs)
         self.target = make_target(target)
         self.stages = self.algorithm.stages(spec, self.epilogue, self.knobs)
@@ -82,15 +85,24 @@ class CompiledLayer:
             for b in st.outputs:
                 self.buffers[b.name] = tvm.runtime.empty(b.shape, b.dtype, self.dev)
         self.buffers["x"] = tvm.runtime.empty(spec.x_shape, "float32", self.dev)
+        if residual:  # zeros until set_input gives one
+            self.buffers["res"] = tvm.runtime.tensor(np.zeros(spec.y_shape, np.float32), self.dev)
 
     def _args(self, st: Stage):
         return [self.buffers[n] for n in st.inputs] + [self.buffers[b.name] for b in st.outputs]
 
-    def set_input(self, x: np.ndarray) -> None:
-        x = np.asarray(x)
-        if x.shape != self.spec.x_shape:
-            raise ConvSpecError(f"input shape {x.shape} does not match the layer's {self.spec.x_shape}")
-        self.buffers["x"].copyfrom(np.ascontiguousarray(x, dtype=np.float32))
+    def set_input(self, x: np.ndarray, res: np.ndarray | None = None) -> None:
+        self._copy_in("x", x, self.spec.x_shape, "input")
+        if res is not None:
+            if not self.epilogue.residual:
+                raise ConvSpecError("this layer was built without residual=True: it takes no res input")
+            self._copy_in("res", res, self.spec.y_shape, "res")
+
+    def _copy_in(self, name: str, a: np.ndarray, shape, label: str) -> None:
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ConvSpecError(f"{label} shape {a.shape} does not match the layer's {shape}")
+        self.buffers[name].copyfrom(np.ascontiguousarray(a, dtype=np.float32))
 
     def run(self) -> None:
         self._run(self.stages)
@@ -99,8 +111,10 @@ class CompiledLayer:
         for st in stages:
             self.lib[stage_symbol(self.algorithm, st)](*self._args(st))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        self.set_input(x)
+    def __call__(self, x: np.ndarray, res: np.ndarray | None = None) -> np.ndarray:
+        if self.epilogue.residual and res is None:
+            raise ConvSpecError("this layer was built with residual=True: call it with (x, res)")
+        self.set_input(x, res)
         self.run()
         return self.buffers["y"].numpy()
 

@@ -158,7 +158,9 @@ class Conv2DSpec:
 
 @dataclass(frozen=True)
 class Epilogue:
-    """What is applied to the accumulators before they are stored: + bias[m], then max(., 0)."""
+    """What is applied to the accumulators before they are stored: + bias[m], + res[n, m, r, s]
+    (a residual input of y's shape, when the graph adds one), then max(., 0)."""
 
     bias: bool = False
     relu: bool = False
+    residual: bool = False

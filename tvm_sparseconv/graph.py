@@ -24,14 +24,27 @@ _TO_NCHW = {"NCHW": None, "NHWC": (0, 3, 1, 2)}
 _TO_OIHW = {"OIHW": None, "HWIO": (3, 2, 0, 1), "OHWI": (0, 3, 1, 2), "HWOI": (2, 3, 0, 1)}
 
 
+@dataclass(frozen=True)
+class ResidualAdd:
+    """conv (+ bias) -> add(., residual) [-> ReLU]: the chain a kernel that fuses the residual add
+    replaces (``root`` its last var, ``absorbed`` the vars before it), ``residual`` the other
+    operand of the add (y-shaped, NCHW)."""
+
+    residual: relax.Expr
+    root: relax.Var
+    absorbed: tuple
+    relu: bool
+
+
 @dataclass
 class ConvSite:
     """One conv2d call, with the bias add and ReLU that directly and only consume it.
 
     ``weight`` is the OIHW weight when it is a constant (else None); ``root`` is the last
     var of the fused chain (conv, + bias, ReLU) whose value a rewrite replaces; ``absorbed``
-    the earlier vars of the chain that then disappear. ``why_dense`` says why the layer can
-    only take TVM's own conv2d (None when any algorithm may take it).
+    the earlier vars of the chain that then disappear; ``residual_add`` the longer chain through
+    a residual add, for kernels that fuse it (Algorithm.fuses_residual). ``why_dense`` says why
+    the layer can only take TVM's own conv2d (None when any algorithm may take it).
     """
 
     index: int
@@ -45,11 +58,13 @@ class ConvSite:
     bias: np.ndarray | None = None
     relu: bool = False
     why_dense: str | None = None
+    residual_add: ResidualAdd | None = None
 
     def describe(self) -> dict:
         s = self.spec
         return {"key": self.key, "spec": s.to_dict(), "bias": self.bias is not None, "relu": self.relu,
-                "data_layout": self.data_layout, "why_dense": self.why_dense}
+                "residual_add": self.residual_add is not None, "data_layout": self.data_layout,
+                "why_dense": self.why_dense}
 
 
 def _const_value(e):
@@ -151,4 +166,26 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
         if nxt is not None and bindings[nxt].op == RELU:
             absorbed.append(root)
             root, relu = nxt, True
-    return ConvSite(index, f"conv{index:03d}", spec, data_layout, var, root, tuple(absorbed), weight, bias, relu, why)
+    residual = None if why is not None or relu or data_layout != "NCHW" else _residual_add(
+        root, absorbed, spec, bindings, uses, consumer)
+    return ConvSite(index, f"conv{index:03d}", spec, data_layout, var, root, tuple(absorbed), weight, bias, relu, why,
+                    residual)
+
+
+def _residual_add(root, absorbed, spec: Conv2DSpec, bindings, uses, consumer) -> ResidualAdd | None:
+    """The chain root -> add(root, r) [-> ReLU] when r is another float32 tensor of y's shape."""
+    nxt = _only_consumer(root, uses, consumer)
+    if nxt is None or bindings[nxt].op != ADD:
+        return None
+    a, b = bindings[nxt].args
+    other = b if a.same_as(root) else a
+    ty = getattr(other, "ty", None)
+    if (other.same_as(root) or _const_value(other) is not None or not isinstance(ty, relax.TensorType)
+            or ty.dtype != "float32" or ty.shape is None or [int(v) for v in ty.shape] != list(spec.y_shape)):
+        return None
+    chain, root, relu = [*absorbed, root], nxt, False
+    after = _only_consumer(root, uses, consumer)
+    if after is not None and bindings[after].op == RELU:
+        chain.append(root)
+        root, relu = after, True
+    return ResidualAdd(other, root, tuple(chain), relu)

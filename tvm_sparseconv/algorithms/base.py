@@ -49,6 +49,7 @@ class Algorithm:
     name: str = ""
     sparse: bool = False
     knob_defaults: Mapping[str, object] = {}
+    fuses_residual: bool = False  # its last stage can add a residual input (Epilogue.residual)
 
     # -- what the layer may be ------------------------------------------------------------
     def check(self, spec: Conv2DSpec) -> None:
@@ -93,16 +94,32 @@ class Algorithm:
         return f"<algorithm {self.name}>"
 
 
-def epilogue_value(v, m, bias_buf, epilogue: Epilogue):
-    """TIR expression: accumulator ``v`` of output channel ``m`` after bias and ReLU.
+def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
+    """TIR expression: accumulator ``v`` of output channel ``m`` after bias, the residual
+    ``res_buf[at]`` (``at``: the output element's indices) and ReLU.
 
     ReLU is select(v < 0, 0, v) so that NaN propagates (max() would drop it).
     """
     if epilogue.bias:
         v = v + bias_buf[m]
+    if epilogue.residual:
+        v = v + res_buf[at]
     if epilogue.relu:
         v = tvm.tirx.Select(v < tvm.tirx.const(0.0, "float32"), tvm.tirx.const(0.0, "float32"), v)
     return v
+
+
+def epilogue_inputs(epilogue: Epilogue) -> tuple[str, ...]:
+    """The last stage's inputs after its own: "bias", then "res" (y-shaped), when used."""
+    return ("bias",) * epilogue.bias + ("res",) * epilogue.residual
+
+
+def drop_unused(func: tvm.tirx.PrimFunc, epilogue: Epilogue) -> tvm.tirx.PrimFunc:
+    """A stage written with every epilogue input as a parameter (bias, res), without those
+    ``epilogue`` does not use (its body never reads them): one signature, not one per case."""
+    unused = {name for name, used in (("bias", epilogue.bias), ("res", epilogue.residual)) if not used}
+    keep = [p for p in func.params if p.name not in unused]
+    return tvm.tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs)
 
 
 def bias_constant(spec: Conv2DSpec, bias: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -37,7 +37,8 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, prim
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs,
+                   epilogue_value, prim)
 
 KERNELS = ("direct", "gemm")
 SPLITS = ("m_outer", "row_outer")  # parallel task order: (n, M tile, row) or (n, row, M tile)
@@ -216,7 +217,7 @@ def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inp
                             acc[b, j] = acc[b, j] + xin[n, c, i, (w0 + b) * sw + q * dw - pl] * w[mo, l, c, q, j]
 
     @T.macro
-    def tile(xin, w, bias, y, acc, part, n, mo, r, w0, BT, col_check, c0, c1, first, last):
+    def tile(xin, w, bias, res, y, acc, part, n, mo, r, w0, BT, col_check, c0, c1, first, last):
         """Pixels w0 .. w0+BT-1 of row r, channels mo*mt .. +mt, input channels c0 .. c1-1."""
         if first:
             for b in T.unroll(BT):
@@ -234,7 +235,8 @@ def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inp
             for j in T.unroll(mt):
                 if _when(not m_whole, mo * mt + j < M):
                     for b in T.vectorized(BT):
-                        y[n, mo * mt + j, r, w0 + b] = epilogue_value(acc[b, j], mo * mt + j, bias, ep)
+                        y[n, mo * mt + j, r, w0 + b] = epilogue_value(acc[b, j], mo * mt + j, bias, ep, res,
+                                                                      (n, mo * mt + j, r, w0 + b))
         else:
             for b in T.unroll(BT):
                 for j in T.vectorized(mt):
@@ -243,24 +245,24 @@ def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inp
     def border_tiles(*args):
         """One copy of the tile per border tile, its w0 a constant (a Python loop at parse time)."""
         for w0, BT in border:
-            tile(*args[:9], w0, BT, True, *args[9:])
+            tile(*args[:10], w0, BT, True, *args[10:])
 
     @T.macro
-    def row(xin, w, bias, y, acc, part, n, mo, r, c0, c1, first, last):
+    def row(xin, w, bias, res, y, acc, part, n, mo, r, c0, c1, first, last):
         for g in range(interior[0], interior[1]):
-            tile(xin, w, bias, y, acc, part, n, mo, r, g * B, B, False, c0, c1, first, last)
-        border_tiles(xin, w, bias, y, acc, part, n, mo, r, c0, c1, first, last)
+            tile(xin, w, bias, res, y, acc, part, n, mo, r, g * B, B, False, c0, c1, first, last)
+        border_tiles(xin, w, bias, res, y, acc, part, n, mo, r, c0, c1, first, last)
 
     @T.macro
-    def body(xin, w, bias, y):
+    def body(xin, w, bias, res, y):
         for t in T.parallel(ntask):
             acc = T.alloc_local((B, mt), "float32")
             if n_cb == 1:
-                row(xin, w, bias, y, acc, acc, *_task(t, n_mt, Oh, tl.split), 0, C, True, True)
+                row(xin, w, bias, res, y, acc, acc, *_task(t, n_mt, Oh, tl.split), 0, C, True, True)
             else:
                 part = T.alloc_buffer((Ow, mt), "float32")
                 for k in range(n_cb):
-                    row(xin, w, bias, y, acc, part, *_task(t, n_mt, Oh, tl.split), k * cb, T.min(k * cb + cb, C),
+                    row(xin, w, bias, res, y, acc, part, *_task(t, n_mt, Oh, tl.split), k * cb, T.min(k * cb + cb, C),
                         k == 0, k == n_cb - 1)
 
     return _multiply_prim(spec, ep, xin_shape, (n_mt, Kh, C, Kw, mt), body)
@@ -291,12 +293,12 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
             acc[i, off + p] = acc[i, off + p] + w[mo, c, i] * xf[n, c, p0 + off + p]
 
     @T.macro
-    def store_chunk(yf, acc, bias, n, m, i, p0, off, ln):
+    def store_chunk(yf, acc, bias, resf, n, m, i, p0, off, ln):
         for p in T.vectorized(ln):
-            yf[n, m, p0 + off + p] = epilogue_value(acc[i, off + p], m, bias, ep)
+            yf[n, m, p0 + off + p] = epilogue_value(acc[i, off + p], m, bias, ep, resf, (n, m, p0 + off + p))
 
     @T.macro
-    def tile(xf, w, bias, yf, acc, n, mo, p0, BT):
+    def tile(xf, w, bias, resf, yf, acc, n, mo, p0, BT):
         # channel-major everywhere: a broadcast weight dies after its row (no spill), and each
         # output row is written as one contiguous run
         for i in T.unroll(mt):
@@ -306,42 +308,45 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
                 chunks(BT, lambda off, ln: fma_chunk(xf, w, acc, n, mo, c, i, p0, off, ln))
         for i in T.unroll(mt):
             if _when(not m_whole, mo * mt + i < M):
-                chunks(BT, lambda off, ln: store_chunk(yf, acc, bias, n, mo * mt + i, i, p0, off, ln))
+                chunks(BT, lambda off, ln: store_chunk(yf, acc, bias, resf, n, mo * mt + i, i, p0, off, ln))
 
     @T.macro
-    def pixel_tile(xf, w, bias, yf, acc, n, mo, g):
+    def pixel_tile(xf, w, bias, resf, yf, acc, n, mo, g):
         if P % B == 0:
-            tile(xf, w, bias, yf, acc, n, mo, g * B, B)
+            tile(xf, w, bias, resf, yf, acc, n, mo, g * B, B)
         elif g < n_full:
-            tile(xf, w, bias, yf, acc, n, mo, g * B, B)
+            tile(xf, w, bias, resf, yf, acc, n, mo, g * B, B)
         else:
-            tile(xf, w, bias, yf, acc, n, mo, n_full * B, P % B)
+            tile(xf, w, bias, resf, yf, acc, n, mo, n_full * B, P % B)
 
     @T.macro
-    def body(x, w, bias, y):
+    def body(x, w, bias, res, y):
         xf = T.decl_buffer((N, C, P), "float32", data=x.data)
         yf = T.decl_buffer((N, M, P), "float32", data=y.data)
+        resf = T.decl_buffer((N, M, P), "float32", data=_residual_data(ep, res, y))
         for t in T.parallel(ntask):
             acc = T.alloc_local((mt, B), "float32")
-            pixel_tile(xf, w, bias, yf, acc, *_task(t, n_mt, n_pt, tl.split))
+            pixel_tile(xf, w, bias, resf, yf, acc, *_task(t, n_mt, n_pt, tl.split))
 
     return _multiply_prim(spec, ep, spec.x_shape, (n_mt, C, mt), body)
 
 
+def _residual_data(ep: Epilogue, res, y):
+    """res's data for a flat view of it; y's when there is no residual (a view never read, so
+    that the unused res parameter can be dropped)."""
+    return res.data if ep.residual else y.data
+
+
 def _multiply_prim(spec: Conv2DSpec, ep: Epilogue, x_shape, w_shape, body):
-    """multiply(x, w[, bias], y) whose body is the macro ``body(x, w, bias, y)``."""
+    """multiply(x, w[, bias][, res], y) whose body is the macro ``body(x, w, bias, res, y)``."""
     M, y_shape = spec.out_channels, spec.y_shape
-    if ep.bias:
-        @T.prim_func
-        def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
-                     bias: T.Buffer((M,), "float32"), y: T.Buffer(y_shape, "float32")):
-            body(x, w, bias, y)
-    else:
-        @T.prim_func
-        def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
-                     y: T.Buffer(y_shape, "float32")):
-            body(x, w, None, y)
-    return multiply
+
+    @T.prim_func
+    def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"), bias: T.Buffer((M,), "float32"),
+                 res: T.Buffer(y_shape, "float32"), y: T.Buffer(y_shape, "float32")):
+        body(x, w, bias, res, y)
+
+    return drop_unused(multiply, ep)
 
 
 def _tile_classes(spec: Conv2DSpec, B: int, pl: int, width: int):
@@ -374,6 +379,7 @@ def padded_storage(spec: Conv2DSpec, tl: DenseTiling) -> Storage:
 class Dense(Algorithm):
     name = "dense"
     sparse = False
+    fuses_residual = True
     knob_defaults = {"kernel": "direct", "block": 8, "m_tile": 32, "c_block": 0, "split": "m_outer",
                      "pad": "inplace"}
 
@@ -394,7 +400,6 @@ class Dense(Algorithm):
 
     def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
         tl = make_tiling(spec, knobs)
-        bias = ("bias",) if epilogue.bias else ()
         stages = []
         xin, xin_shape = "x", spec.x_shape
         if _copies(spec, tl):
@@ -404,7 +409,8 @@ class Dense(Algorithm):
             mul = _gemm_func(spec, tl, epilogue)
         else:
             mul = _direct_func(spec, tl, epilogue, xin_shape, inplace=xin == "x")
-        stages.append(Stage("multiply", "multiply", prim(mul), (xin, "w") + bias, (Buffer("y", spec.y_shape),)))
+        stages.append(Stage("multiply", "multiply", prim(mul), (xin, "w") + epilogue_inputs(epilogue),
+                            (Buffer("y", spec.y_shape),)))
         return stages
 
     def storage(self, spec, knobs, produced):

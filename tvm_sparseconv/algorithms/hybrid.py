@@ -40,7 +40,7 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.halo import HaloGeometry, halo_geometry
 from ..reference.hybrid import hybrid_encode, hybrid_multiply, hybrid_storage, offset_reads
-from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, is_read, prim
+from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, prim
 from .halo import halo_entries, halo_weights, segment_column, segment_holds
 from .lanes import (LANES, bcast, block_lanes, block_width, channels_last_block, compress_store, count_lanes,
                     nonzero_lanes, ramp)
@@ -56,6 +56,7 @@ DENSE_SHARE = 0.65
 class Hybrid(Algorithm):
     name = "hybrid"
     sparse = True
+    fuses_residual = True
 
     def default_knobs(self, spec: Conv2DSpec) -> dict:
         """block 4 (x m_tile 64: 16 accumulators), m_tile, c_block and rows as pixcsr's with
@@ -89,10 +90,9 @@ class Hybrid(Algorithm):
         outs = (Buffer("hyb_hptr", (f.hrows + 1,), "int32"), Buffer("hyb_hchan", (f.hcap,), "int32"),
                 Buffer("hyb_hval", (f.geo.seg_len, f.hcap)), Buffer("hyb_pptr", (f.prows + 1,), "int32"),
                 Buffer("hyb_pcode", (f.pcap,), "int32"), Buffer("hyb_pval", (f.pcap,)))
-        bias = ("bias",) if epilogue.bias else ()
         return [Stage("encode", "encode", prim(_encode_func(f, dense_from)), ("x",), outs),
                 Stage("multiply", "multiply", prim(_multiply_func(f, mt, R, epilogue)),
-                      tuple(b.name for b in outs) + ("w",) + bias, (Buffer("y", spec.y_shape),))]
+                      tuple(b.name for b in outs) + ("w",) + epilogue_inputs(epilogue), (Buffer("y", spec.y_shape),))]
 
     def storage(self, spec, knobs, produced):
         return hybrid_storage(spec, knobs["block"], produced["hyb_hptr"], produced["hyb_pptr"])
@@ -260,7 +260,7 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
                         pixel_entries(pptr, pcode, pval, w, acc, mo, l, b, seg * L + o, seg * L + o + 1, o - q)
 
     @T.macro
-    def out_rows(hptr, hchan, hval, pptr, pcode, pval, w, bias, y, u):
+    def out_rows(hptr, hchan, hval, pptr, pcode, pval, w, bias, res, y, u):
         """Output rows (n, r0 .. r0+R-1) for m-tile mo: partial sums per group of B pixels,
         (channel block, kernel row) after (channel block, kernel row), whose Kw*cb weight
         vectors are read once for the R rows, then y through the epilogue."""
@@ -276,27 +276,20 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
                 for b in T.unroll(B):
                     for j in T.vectorized(mt):
                         part[rr, t * B + b, j] = acc[b, j]
-        store_rows(y, part, bias, spec, ep, n, r0, R, mo * mt, mt)
+        store_rows(y, part, bias, res, spec, ep, n, r0, R, mo * mt, mt)
 
     wshape = (tl.n_tiles, Kh, C * Kw, mt)
-    if ep.bias:
-        @T.prim_func
-        def multiply(hptr: T.Buffer((f.hrows + 1,), "int32"), hchan: T.Buffer((f.hcap,), "int32"),
-                     hval: T.Buffer((L, f.hcap), "float32"), pptr: T.Buffer((f.prows + 1,), "int32"),
-                     pcode: T.Buffer((f.pcap,), "int32"), pval: T.Buffer((f.pcap,), "float32"),
-                     w: T.Buffer(wshape, "float32"), bias: T.Buffer((M,), "float32"),
-                     y: T.Buffer(spec.y_shape, "float32")):
-            for u in T.parallel(units):
-                out_rows(hptr, hchan, hval, pptr, pcode, pval, w, bias, y, u)
-    else:
-        @T.prim_func
-        def multiply(hptr: T.Buffer((f.hrows + 1,), "int32"), hchan: T.Buffer((f.hcap,), "int32"),
-                     hval: T.Buffer((L, f.hcap), "float32"), pptr: T.Buffer((f.prows + 1,), "int32"),
-                     pcode: T.Buffer((f.pcap,), "int32"), pval: T.Buffer((f.pcap,), "float32"),
-                     w: T.Buffer(wshape, "float32"), y: T.Buffer(spec.y_shape, "float32")):
-            for u in T.parallel(units):
-                out_rows(hptr, hchan, hval, pptr, pcode, pval, w, None, y, u)
-    return multiply
+
+    @T.prim_func
+    def multiply(hptr: T.Buffer((f.hrows + 1,), "int32"), hchan: T.Buffer((f.hcap,), "int32"),
+                 hval: T.Buffer((L, f.hcap), "float32"), pptr: T.Buffer((f.prows + 1,), "int32"),
+                 pcode: T.Buffer((f.pcap,), "int32"), pval: T.Buffer((f.pcap,), "float32"),
+                 w: T.Buffer(wshape, "float32"), bias: T.Buffer((M,), "float32"), res: T.Buffer(spec.y_shape, "float32"),
+                 y: T.Buffer(spec.y_shape, "float32")):
+        for u in T.parallel(units):
+            out_rows(hptr, hchan, hval, pptr, pcode, pval, w, bias, res, y, u)
+
+    return drop_unused(multiply, ep)
 
 
 ALGORITHM = Hybrid()

@@ -34,7 +34,8 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
-from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, is_read, nonzero, prim
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, nonzero,
+                   prim)
 from .lanes import (LANES, block_lanes, block_width, channels_last_block, compress_store, count_lanes,
                     nonzero_lanes, ramp)
 from .tiling import default_m_tile, finish_rows, start_rows, store_rows, tile_weights, two_pass_encode
@@ -60,6 +61,7 @@ def row_task_defaults(spec: Conv2DSpec, tiles) -> dict:
 class PixCSR(Algorithm):
     name = "pixcsr"
     sparse = True
+    fuses_residual = True
 
     def default_knobs(self, spec: Conv2DSpec) -> dict:
         """m_tile up to 128 (8 accumulators), the largest that still makes MIN_TASKS parallel
@@ -89,10 +91,9 @@ class PixCSR(Algorithm):
         ptr_rows, cap = n * h * nkb * w, n * c * h * w
         outs = (Buffer("pix_ptr", (ptr_rows + 1,), "int32"), Buffer("pix_code", (cap,), "int32"),
                 Buffer("pix_val", (cap,)))
-        bias = ("bias",) if epilogue.bias else ()
         return [Stage("encode", "encode", prim(_encode_func(spec, cb, nkb, ptr_rows, cap)), ("x",), outs),
                 Stage("multiply", "multiply", prim(_multiply_func(spec, mt, cb, R, nkb, ptr_rows, cap, epilogue)),
-                      ("pix_ptr", "pix_code", "pix_val", "w") + bias, (Buffer("y", spec.y_shape),))]
+                      ("pix_ptr", "pix_code", "pix_val", "w") + epilogue_inputs(epilogue), (Buffer("y", spec.y_shape),))]
 
     def storage(self, spec, knobs, produced):
         return pixcsr_storage(spec, produced["pix_ptr"])
@@ -188,7 +189,7 @@ def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, ptr_row
                             fma(acc, val, w, mo, e, wb + q * cb + code[e] - jq * cb)
 
     @T.macro
-    def out_rows(ptr, code, val, w, bias, y, f):
+    def out_rows(ptr, code, val, w, bias, res, y, f):
         """Output rows (n, r0 .. r0+R-1) for m-tile mo: partial sums per pixel, (channel block,
         kernel row) after (channel block, kernel row), whose Kw*cb weight vectors are read once
         for the R*Ow pixels, then y through the epilogue."""
@@ -202,24 +203,18 @@ def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, ptr_row
                 tap_row(ptr, code, val, w, acc, mo, n, r0 + rr, s, kb, l)
                 for j in T.vectorized(mt):
                     part[rr, s, j] = acc[j]
-        store_rows(y, part, bias, spec, ep, n, r0, R, mo * mt, mt)
+        store_rows(y, part, bias, res, spec, ep, n, r0, R, mo * mt, mt)
 
     wshape = (n_tiles, nkb * Kh * Kw * cb, mt)
-    if ep.bias:
-        @T.prim_func
-        def multiply(ptr: T.Buffer((ptr_rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"),
-                     bias: T.Buffer((M,), "float32"), y: T.Buffer(spec.y_shape, "float32")):
-            for f in T.parallel(units):
-                out_rows(ptr, code, val, w, bias, y, f)
-    else:
-        @T.prim_func
-        def multiply(ptr: T.Buffer((ptr_rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"),
-                     y: T.Buffer(spec.y_shape, "float32")):
-            for f in T.parallel(units):
-                out_rows(ptr, code, val, w, None, y, f)
-    return multiply
+
+    @T.prim_func
+    def multiply(ptr: T.Buffer((ptr_rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
+                 val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"), bias: T.Buffer((M,), "float32"),
+                 res: T.Buffer(spec.y_shape, "float32"), y: T.Buffer(spec.y_shape, "float32")):
+        for f in T.parallel(units):
+            out_rows(ptr, code, val, w, bias, res, y, f)
+
+    return drop_unused(multiply, ep)
 
 
 ALGORITHM = PixCSR()

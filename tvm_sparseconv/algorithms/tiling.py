@@ -134,14 +134,16 @@ def prefix_sum(ptr, rows):
 
 
 @T.macro
-def store_rows(y, part, bias, spec, ep, n, r0, rows, m0, mt):
+def store_rows(y, part, bias, res, spec, ep, n, r0, rows, m0, mt):
     """y[n, m0 + j, r0 + rr, s] = epilogue(part[rr, s, j]) for the rows < Oh and channels < M
-    (part: rows x >= Ow x mt, partial sums of output rows r0 .. r0+rows-1)."""
+    (part: rows x >= Ow x mt, partial sums of output rows r0 .. r0+rows-1; res: y-shaped
+    residual input, read when ep.residual)."""
     for j in range(mt):
         if spec.out_channels % mt == 0 or m0 + j < spec.out_channels:
             for rr, s in T.grid(rows, spec.out_w):
                 if spec.out_h % rows == 0 or r0 + rr < spec.out_h:
-                    y[n, m0 + j, r0 + rr, s] = epilogue_value(part[rr, s, j], m0 + j, bias, ep)
+                    y[n, m0 + j, r0 + rr, s] = epilogue_value(part[rr, s, j], m0 + j, bias, ep, res,
+                                                              (n, m0 + j, r0 + rr, s))
 
 
 @T.macro

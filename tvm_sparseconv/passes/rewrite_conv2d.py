@@ -36,14 +36,18 @@ def stage_func(st) -> tvm.tirx.PrimFunc:
     return func
 
 
-def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, x: relax.Expr) -> relax.Expr:
-    """Emit every stage but the last as bindings; return the last stage's call (its result is y)."""
+def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, x: relax.Expr,
+               res: relax.Expr | None = None) -> relax.Expr:
+    """Emit every stage but the last as bindings; return the last stage's call (its result is y).
+    With ``res`` the layer's epilogue adds it (site.residual_add's chain), and ReLUs if that
+    chain ends in one."""
     algo = get_algorithm(choice.algorithm)
     spec = site.spec
     algo.check(spec)
     knobs = algo.knobs(spec, choice.knobs)
-    epilogue = Epilogue(bias=site.bias is not None, relu=site.relu)
-    env = {"x": x}
+    relu = site.residual_add.relu if res is not None else site.relu
+    epilogue = Epilogue(bias=site.bias is not None, relu=relu, residual=res is not None)
+    env = {"x": x, "res": res}
     for name, value in algo.constants(spec, site.weight, site.bias, knobs).items():
         env[name] = relax.const(value)
     stages = algo.stages(spec, epilogue, knobs)
@@ -75,12 +79,13 @@ class _Rewriter(relax.PyExprMutator):
             return  # the conv / bias add the fused chain replaces
         if binding.var not in self.todo:
             return super().visit_var_binding_(binding)
-        site, choice = self.todo[binding.var]
+        site, choice, fused = self.todo[binding.var]
         conv = self.calls[site.conv_var]
         x = self.visit_expr(conv.args[0])
         if site.data_layout == "NHWC":
             x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
-        y = emit_layer(self.builder_, site, choice, x)
+        res = self.visit_expr(fused.residual) if fused is not None else None
+        y = emit_layer(self.builder_, site, choice, x, res)
         if site.data_layout == "NHWC":
             y = relax.op.permute_dims(self.builder_.emit(y), [0, 2, 3, 1])
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(y)))
@@ -92,7 +97,10 @@ class RewriteConv2D:
 
     ``choices`` maps layer keys (``conv000``...) to :class:`LayerChoice`. The conv, its bias
     add and its ReLU (when they only feed each other) become the algorithm's stages as
-    ``call_tir`` bindings, weights re-laid-out into constants here, at compile time.
+    ``call_tir`` bindings, weights re-laid-out into constants here, at compile time. When the
+    algorithm fuses residual adds and the conv (+ bias) only feeds an add of another tensor
+    of its shape (a ResNet block's end), the add and the ReLU after it go into its epilogue
+    too; each add goes to the first layer that claims it.
     Layers without a choice, chosen "direct", or that only TVM's conv2d can compute
     (non-constant weight, unsupported layout) stay as they are; so does a layer the chosen
     algorithm does not support (``strict=False``) unless ``strict`` asks for an error.
@@ -104,14 +112,15 @@ class RewriteConv2D:
         self.applied: dict[str, str] = {}
 
     def select(self, func: relax.Function) -> dict:
-        """{root var: (site, choice)} of the layers to rewrite; fills ``applied``.
+        """{root var: (site, choice, the ResidualAdd fused or None)} of the layers to rewrite;
+        fills ``applied``.
 
         Call it directly for a clear UnsupportedConvError under ``strict`` (an exception
         raised inside a pass reaches the caller as a RuntimeError).
         """
         from ..conv import UnsupportedConvError
 
-        todo = {}
+        todo, claimed = {}, set()
         self.applied = {}
         for s in find_conv_sites(func):
             choice = self.choices.get(s.key)
@@ -128,7 +137,12 @@ class RewriteConv2D:
                 if self.strict:
                     raise UnsupportedConvError(f"{s.key}: {reason}")
                 continue
-            todo[s.root] = (s, choice)
+            fused = s.residual_add
+            if fused is None or not get_algorithm(choice.algorithm).fuses_residual or fused.root in claimed:
+                fused = None
+            else:
+                claimed.add(fused.root)
+            todo[fused.root if fused else s.root] = (s, choice, fused)
             self.applied[s.key] = choice.algorithm
         return todo
 
@@ -137,7 +151,7 @@ class RewriteConv2D:
         todo = self.select(func)
         if not todo:
             return mod
-        absorbed = {v for s, _ in todo.values() for v in s.absorbed}
+        absorbed = {v for s, _, fused in todo.values() for v in (fused.absorbed if fused else s.absorbed)}
         calls = {b.var: b.value for block in func.body.blocks for b in block.bindings
                  if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call)}
         rw = _Rewriter(mod, todo, absorbed, calls)
