@@ -25,7 +25,7 @@ def with_residual(ref: np.ndarray, res: np.ndarray, relu: bool) -> np.ndarray:
 
 
 def test_the_kernels_that_fuse():
-    assert {"dense", "hybrid", "pixcsr"} <= set(FUSING)
+    assert {"dense", "hybrid", "pixcsr", "halo", "im2csr"} <= set(FUSING)
 
 
 @pytest.mark.parametrize("algorithm,knobs", [(a, None) for a in FUSING] +
@@ -90,7 +90,7 @@ def block_module(projection: bool):
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=("identity", "projection"))
-@pytest.mark.parametrize("algorithm", ["hybrid", "dense", "halo"])
+@pytest.mark.parametrize("algorithm", ["hybrid", "dense", "cpo"])
 def test_block_add_fused_where_the_kernel_can(projection, algorithm):
     mod, reference = block_module(projection)
     sites = find_conv_sites(mod["main"])

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.halo import HaloGeometry, halo_encode, halo_geometry, halo_multiply, halo_storage
-from .base import Algorithm, Buffer, Stage, bias_constant, is_read, prim
+from .base import Algorithm, Buffer, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, prim
 from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
                      start_rows, store_tile, tile_weights, tiling_defaults, two_pass_encode,
                      zero_tile)
@@ -36,6 +36,7 @@ from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coord
 class Halo(Algorithm):
     name = "halo"
     sparse = True
+    fuses_residual = True
 
     def default_knobs(self, spec: Conv2DSpec) -> dict:
         # 8 pixels x 32 channels: fewer, cheaper segments to encode than 4 x 64, and as fast
@@ -51,10 +52,10 @@ class Halo(Algorithm):
         cap = segs * spec.in_channels
         outs = (Buffer("halo_ptr", (segs + 1,), "int32"), Buffer("halo_chan", (cap,), "int32"),
                 Buffer("halo_val", (cap, geo.seg_len)))
-        bias = ("bias",) if epilogue.bias else ()
         return [Stage("encode", "encode", prim(_encode_func(spec, geo, segs, cap)), ("x",), outs),
                 Stage("multiply", "multiply", prim(_multiply_func(spec, geo, tl, segs, cap, epilogue)),
-                      ("halo_ptr", "halo_chan", "halo_val", "w") + bias, (Buffer("y", spec.y_shape),))]
+                      ("halo_ptr", "halo_chan", "halo_val", "w") + epilogue_inputs(epilogue),
+                      (Buffer("y", spec.y_shape),))]
 
     def storage(self, spec, knobs, produced):
         return halo_storage(spec, knobs["block"], produced["halo_ptr"])
@@ -145,7 +146,7 @@ def _multiply_func(spec: Conv2DSpec, geo: HaloGeometry, tl: Tiling, segs: int, c
     L, nseg = geo.seg_len, geo.n_seg
 
     @T.macro
-    def tile(ptr, chan, val, w, bias, y, mo, g):
+    def tile(ptr, chan, val, w, bias, res, y, mo, g):
         n, r, s0 = group_coords(spec, tl, g)
         acc = T.alloc_local((B, mt), "float32")
         zero_tile(acc, tl)
@@ -153,21 +154,16 @@ def _multiply_func(spec: Conv2DSpec, geo: HaloGeometry, tl: Tiling, segs: int, c
             i = r * sh + l * dh - pt
             if i >= 0 and i < H:
                 halo_entries(spec, tl, ptr, chan, lambda e, k: val[e, k], w, acc, mo, l, (n * H + i) * nseg + g % nseg)
-        store_tile(y, acc, bias, spec, tl, ep, n, r, s0, mo * mt)
+        store_tile(y, acc, bias, res, spec, tl, ep, n, r, s0, mo * mt)
 
-    if ep.bias:
-        @T.prim_func
-        def multiply(ptr: T.Buffer((segs + 1,), "int32"), chan: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C * Kw, mt), "float32"),
-                     bias: T.Buffer((spec.out_channels,), "float32"), y: T.Buffer(spec.y_shape, "float32")):
-            for_each_tile(tl, lambda mo, g: tile(ptr, chan, val, w, bias, y, mo, g))
-    else:
-        @T.prim_func
-        def multiply(ptr: T.Buffer((segs + 1,), "int32"), chan: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C * Kw, mt), "float32"),
-                     y: T.Buffer(spec.y_shape, "float32")):
-            for_each_tile(tl, lambda mo, g: tile(ptr, chan, val, w, None, y, mo, g))
-    return multiply
+    @T.prim_func
+    def multiply(ptr: T.Buffer((segs + 1,), "int32"), chan: T.Buffer((cap,), "int32"),
+                 val: T.Buffer((cap, L), "float32"), w: T.Buffer((tl.n_tiles, Kh, C * Kw, mt), "float32"),
+                 bias: T.Buffer((spec.out_channels,), "float32"),
+                 res: T.Buffer(spec.y_shape, "float32"), y: T.Buffer(spec.y_shape, "float32")):
+        for_each_tile(tl, lambda mo, g: tile(ptr, chan, val, w, bias, res, y, mo, g))
+
+    return drop_unused(multiply, ep)
 
 
 ALGORITHM = Halo()

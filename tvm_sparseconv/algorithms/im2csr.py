@@ -25,13 +25,14 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.im2csr import im2csr_encode, im2csr_multiply, im2csr_storage
-from .base import Algorithm, Buffer, Stage, bias_constant, prim
+from .base import Algorithm, Buffer, Stage, bias_constant, drop_unused, epilogue_inputs, prim
 from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling, start_rows,
                      store_tile, tile_weights, tiling_defaults, two_pass_encode, zero_tile)
 
 class Im2CSR(Algorithm):
     name = "im2csr"
     sparse = True
+    fuses_residual = True
 
     def default_knobs(self, spec: Conv2DSpec) -> dict:
         return tiling_defaults(spec)
@@ -46,10 +47,10 @@ class Im2CSR(Algorithm):
         cap = tl.n_groups * spec.in_channels * spec.kernel_h * spec.kernel_w
         outs = (Buffer("csr_ptr", (tl.n_groups + 1,), "int32"), Buffer("csr_col", (cap,), "int32"),
                 Buffer("csr_val", (cap, tl.block)))
-        bias = ("bias",) if epilogue.bias else ()
         return [Stage("encode", "encode", prim(_encode_func(spec, tl, cap)), ("x",), outs),
                 Stage("multiply", "multiply", prim(_multiply_func(spec, tl, cap, epilogue)),
-                      ("csr_ptr", "csr_col", "csr_val", "w") + bias, (Buffer("y", spec.y_shape),))]
+                      ("csr_ptr", "csr_col", "csr_val", "w") + epilogue_inputs(epilogue),
+                      (Buffer("y", spec.y_shape),))]
 
     def storage(self, spec, knobs, produced):
         return im2csr_storage(spec, knobs["block"], produced["csr_ptr"])
@@ -104,7 +105,7 @@ def _multiply_func(spec: Conv2DSpec, tl: Tiling, cap: int, ep: Epilogue):
     rows = tl.n_groups
 
     @T.macro
-    def tile(ptr, col, val, w, bias, y, mo, g):
+    def tile(ptr, col, val, w, bias, res, y, mo, g):
         n, r, s0 = group_coords(spec, tl, g)
         acc = T.alloc_local((B, mt), "float32")
         zero_tile(acc, tl)
@@ -113,21 +114,16 @@ def _multiply_func(spec: Conv2DSpec, tl: Tiling, cap: int, ep: Epilogue):
             for b in T.unroll(B):
                 for j in T.vectorized(mt):
                     acc[b, j] = acc[b, j] + val[e, b] * w[mo, k, j]
-        store_tile(y, acc, bias, spec, tl, ep, n, r, s0, mo * mt)
+        store_tile(y, acc, bias, res, spec, tl, ep, n, r, s0, mo * mt)
 
-    if ep.bias:
-        @T.prim_func
-        def multiply(ptr: T.Buffer((rows + 1,), "int32"), col: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap, B), "float32"), w: T.Buffer((tl.n_tiles, K, mt), "float32"),
-                     bias: T.Buffer((spec.out_channels,), "float32"), y: T.Buffer(spec.y_shape, "float32")):
-            for_each_tile(tl, lambda mo, g: tile(ptr, col, val, w, bias, y, mo, g))
-    else:
-        @T.prim_func
-        def multiply(ptr: T.Buffer((rows + 1,), "int32"), col: T.Buffer((cap,), "int32"),
-                     val: T.Buffer((cap, B), "float32"), w: T.Buffer((tl.n_tiles, K, mt), "float32"),
-                     y: T.Buffer(spec.y_shape, "float32")):
-            for_each_tile(tl, lambda mo, g: tile(ptr, col, val, w, None, y, mo, g))
-    return multiply
+    @T.prim_func
+    def multiply(ptr: T.Buffer((rows + 1,), "int32"), col: T.Buffer((cap,), "int32"),
+                 val: T.Buffer((cap, B), "float32"), w: T.Buffer((tl.n_tiles, K, mt), "float32"),
+                 bias: T.Buffer((spec.out_channels,), "float32"),
+                 res: T.Buffer(spec.y_shape, "float32"), y: T.Buffer(spec.y_shape, "float32")):
+        for_each_tile(tl, lambda mo, g: tile(ptr, col, val, w, bias, res, y, mo, g))
+
+    return drop_unused(multiply, ep)
 
 
 ALGORITHM = Im2CSR()

@@ -113,8 +113,9 @@ def zero_tile(acc, tl):
 
 
 @T.macro
-def store_tile(y, acc, bias, spec, tl, ep, n, r, s0, m0):
-    """y[n, m0 + j, r, s0 + b] = epilogue(acc[b, j]) for the pixels < Ow and channels < M.
+def store_tile(y, acc, bias, res, spec, tl, ep, n, r, s0, m0):
+    """y[n, m0 + j, r, s0 + b] = epilogue(acc[b, j]) for the pixels < Ow and channels < M
+    (res: y-shaped residual input, read when ep.residual).
 
     Fully unrolled so that acc stays in registers (a dynamic index would force it to memory).
     """
@@ -122,7 +123,7 @@ def store_tile(y, acc, bias, spec, tl, ep, n, r, s0, m0):
         if spec.out_channels % tl.m_tile == 0 or m0 + j < spec.out_channels:
             for b in T.unroll(tl.block):
                 if spec.out_w % tl.block == 0 or s0 + b < spec.out_w:
-                    y[n, m0 + j, r, s0 + b] = epilogue_value(acc[b, j], m0 + j, bias, ep)
+                    y[n, m0 + j, r, s0 + b] = epilogue_value(acc[b, j], m0 + j, bias, ep, res, (n, m0 + j, r, s0 + b))
 
 
 @T.macro
