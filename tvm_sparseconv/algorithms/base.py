@@ -15,6 +15,7 @@ from typing import Mapping
 
 import numpy as np
 import tvm
+from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.storage import Storage
@@ -107,6 +108,12 @@ def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     if epilogue.relu:
         v = tvm.tirx.Select(v < tvm.tirx.const(0.0, "float32"), tvm.tirx.const(0.0, "float32"), v)
     return v
+
+
+@T.macro
+def store_output(y, at, v, bias, res, ep):
+    """y[at] = epilogue_value(v) for output element at = (n, m, ...): bias[m], res[at], ReLU."""
+    y[at] = epilogue_value(v, at[1], bias, ep, res, at)
 
 
 def epilogue_inputs(epilogue: Epilogue) -> tuple[str, ...]:

@@ -37,8 +37,8 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs,
-                   epilogue_value, prim)
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, prim,
+                   store_output)
 
 KERNELS = ("direct", "gemm")
 SPLITS = ("m_outer", "row_outer")  # parallel task order: (n, M tile, row) or (n, row, M tile)
@@ -235,8 +235,7 @@ def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inp
             for j in T.unroll(mt):
                 if _when(not m_whole, mo * mt + j < M):
                     for b in T.vectorized(BT):
-                        y[n, mo * mt + j, r, w0 + b] = epilogue_value(acc[b, j], mo * mt + j, bias, ep, res,
-                                                                      (n, mo * mt + j, r, w0 + b))
+                        store_output(y, (n, mo * mt + j, r, w0 + b), acc[b, j], bias, res, ep)
         else:
             for b in T.unroll(BT):
                 for j in T.vectorized(mt):
@@ -295,7 +294,7 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
     @T.macro
     def store_chunk(yf, acc, bias, resf, n, m, i, p0, off, ln):
         for p in T.vectorized(ln):
-            yf[n, m, p0 + off + p] = epilogue_value(acc[i, off + p], m, bias, ep, resf, (n, m, p0 + off + p))
+            store_output(yf, (n, m, p0 + off + p), acc[i, off + p], bias, resf, ep)
 
     @T.macro
     def tile(xf, w, bias, resf, yf, acc, n, mo, p0, BT):

@@ -13,7 +13,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec
-from .base import KnobError, any_nonzero, epilogue_value
+from .base import KnobError, any_nonzero, store_output
 
 # How the (m-tile, group) work is split across threads:
 #   tile_outer  for each m-tile (serial): all groups in parallel (the m-tile's weights stay in L2)
@@ -123,7 +123,7 @@ def store_tile(y, acc, bias, res, spec, tl, ep, n, r, s0, m0):
         if spec.out_channels % tl.m_tile == 0 or m0 + j < spec.out_channels:
             for b in T.unroll(tl.block):
                 if spec.out_w % tl.block == 0 or s0 + b < spec.out_w:
-                    y[n, m0 + j, r, s0 + b] = epilogue_value(acc[b, j], m0 + j, bias, ep, res, (n, m0 + j, r, s0 + b))
+                    store_output(y, (n, m0 + j, r, s0 + b), acc[b, j], bias, res, ep)
 
 
 @T.macro
@@ -143,8 +143,7 @@ def store_rows(y, part, bias, res, spec, ep, n, r0, rows, m0, mt):
         if spec.out_channels % mt == 0 or m0 + j < spec.out_channels:
             for rr, s in T.grid(rows, spec.out_w):
                 if spec.out_h % rows == 0 or r0 + rr < spec.out_h:
-                    y[n, m0 + j, r0 + rr, s] = epilogue_value(part[rr, s, j], m0 + j, bias, ep, res,
-                                                              (n, m0 + j, r0 + rr, s))
+                    store_output(y, (n, m0 + j, r0 + rr, s), part[rr, s, j], bias, res, ep)
 
 
 @T.macro
