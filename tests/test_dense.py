@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tvm_sparseconv.algorithms import KnobError, get_algorithm
-from tvm_sparseconv.algorithms.dense import default_tiling, make_tiling, tile_weights
+from tvm_sparseconv.algorithms.dense import SPLITS, default_tiling, make_tiling, tile_weights
 from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from tvm_sparseconv.reference import Storage, dense_conv2d, pad_input
@@ -14,11 +14,11 @@ from conftest import DENSITIES, activation, assert_conv_close, grid_spec, weight
 DENSE = get_algorithm("dense")
 
 # knob sets that reach every code path of the direct kernel: pixel tails, border tiles, channel
-# blocks (with a short last block), M tiles past M, both parallel orders, the padded copy
+# blocks (with a short last block), M tiles past M, every parallel order, the padded copy
 KNOB_SETS = [
     {},
     {"kernel": "direct", "block": 3, "m_tile": 16, "c_block": 3, "split": "row_outer"},
-    {"kernel": "direct", "block": 5, "m_tile": 64, "c_block": 2, "pad": "copy"},
+    {"kernel": "direct", "block": 5, "m_tile": 64, "c_block": 2, "pad": "copy", "split": "row_band"},
 ]
 
 
@@ -31,7 +31,7 @@ def check_all_densities(spec, knobs=None, seed=0):
     return layer
 
 
-@pytest.mark.parametrize("knobs", KNOB_SETS, ids=["defaults", "tails-cblock-rowouter", "odd-tiles-padcopy"])
+@pytest.mark.parametrize("knobs", KNOB_SETS, ids=["defaults", "tails-cblock-rowouter", "odd-tiles-padcopy-rowband"])
 def test_grid_all_densities(grid_case, knobs):
     check_all_densities(grid_case, knobs)
 
@@ -52,7 +52,7 @@ def test_layer_shapes(case):
 
 
 @pytest.mark.parametrize("knobs", [{"block": 16, "m_tile": 5}, {"block": 64, "m_tile": 16, "split": "row_outer"},
-                                   {"block": 32, "m_tile": 1}])
+                                   {"block": 32, "m_tile": 1}, {"block": 16, "m_tile": 6, "split": "row_band"}])
 def test_gemm_kernel_tails(knobs):
     # P = 7 * 9 = 63 pixels: a short last pixel tile; M = 20: a short last M tile (except m_tile 1)
     spec = Conv2DSpec.from_shapes((2, 12, 7, 9), (20, 12, 1, 1))
@@ -178,8 +178,8 @@ def test_default_knobs_rule():
 @given(n=st.integers(1, 2), c=st.integers(1, 9), hw=st.integers(3, 11), m=st.integers(1, 40),
        k=st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 1)]), s=st.integers(1, 2), d=st.integers(1, 2),
        pad=st.tuples(*[st.integers(0, 2)] * 4), block=st.integers(1, 9), c_block=st.integers(0, 4),
-       defaults=st.booleans(), seed=st.integers(0, 1000))
-def test_random_small_layers(n, c, hw, m, k, s, d, pad, block, c_block, defaults, seed):
+       split=st.sampled_from(SPLITS), defaults=st.booleans(), seed=st.integers(0, 1000))
+def test_random_small_layers(n, c, hw, m, k, s, d, pad, block, c_block, split, defaults, seed):
     try:
         spec = Conv2DSpec.from_shapes((n, c, hw, hw + 1), (m, c) + k, s, pad, d)
     except ValueError:
@@ -187,6 +187,6 @@ def test_random_small_layers(n, c, hw, m, k, s, d, pad, block, c_block, defaults
     w = weight(spec, seed)
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(spec.x_shape) * (rng.random(spec.x_shape) < 0.5)).astype(np.float32)
-    knobs = {} if defaults else {"block": block, "c_block": c_block, "kernel": "direct"}
+    knobs = {} if defaults else {"block": block, "c_block": c_block, "kernel": "direct", "split": split}
     y = CompiledLayer("dense", spec, w, knobs=knobs)(x)
     assert_conv_close(y, dense_conv2d(spec, x, w), spec)

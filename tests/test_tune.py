@@ -16,6 +16,7 @@ from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.frontend import load_model, static_onnx
 from tvm_sparseconv.images import load_inputs
 from tvm_sparseconv.models import known_preprocess, model_path
+from tvm_sparseconv.plan import Plan
 from tvm_sparseconv.tune.log import TuningLog, TuningLogError
 from tvm_sparseconv.tune.report import write_report
 from tvm_sparseconv.tune.tuner import TuneConfig, Tuner, settled
@@ -40,8 +41,9 @@ def small_model(tmp_path_factory):
     return out, m, xs
 
 
-def run_tuner(m, xs, run_dir, **cfg):
-    t = Tuner(m, xs, str(run_dir), config=TuneConfig(**cfg), model_name="r50_first3")
+def run_tuner(m, xs, run_dir, log=lambda s: None, **cfg):
+    cfg.setdefault("refine", False)  # tested on its own: it compiles the model 5 times
+    t = Tuner(m, xs, str(run_dir), config=TuneConfig(**cfg), model_name="r50_first3", log=log)
     return t, t.run()
 
 
@@ -88,13 +90,15 @@ def test_selection_margins():
 def test_resume_repeats_no_finished_measurement(small_model, tmp_path):
     path, m, xs = small_model
     cfg = dict(knob_trials=2, algorithms=("dense", "halo"))
-    t1, _ = run_tuner(m, xs, tmp_path / "run", **cfg)
+    t1, p1 = run_tuner(m, xs, tmp_path / "run", refine=True, **cfg)
     n1 = len(t1.trials.records)
     # an interrupted run: the last measurement cut short mid-line
     with open(tmp_path / "run" / "trials.jsonl", "a") as f:
         f.write('{"workload": "x", "algo')
-    t2, _ = run_tuner(m, xs, tmp_path / "run", **cfg)
+    said = []
+    t2, p2 = run_tuner(m, xs, tmp_path / "run", log=said.append, refine=True, **cfg)
     assert len(t2.trials.records) == n1  # nothing measured again, the cut line dropped
+    assert any("reusing refine.json" in s for s in said) and p2.to_dict() == p1.to_dict()  # nor refined again
     t3, _ = run_tuner(m, xs, tmp_path / "run", knob_trials=3, algorithms=("dense", "halo"))
     keys = [(r["workload"], r["algorithm"], json.dumps(r["knobs"], sort_keys=True)) for r in t3.trials.records]
     assert len(keys) == len(set(keys)) > n1  # only the new candidates were measured
@@ -109,6 +113,40 @@ def test_cache_mode_is_recorded_and_not_mixed(small_model, tmp_path, cache):
     assert {l.algorithm for l in plan.layers} <= {"dense", "pixcsr"}
     with pytest.raises(TuningLogError, match=f"made for cache '{cache}', not 'fresh': resume with --cache {cache}"):
         run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "pixcsr"))
+
+
+def test_refine_times_each_split_inside_the_model(small_model, tmp_path):
+    from tvm_sparseconv.cli import main
+    from tvm_sparseconv.compile import resolve_plan
+    from tvm_sparseconv.tune.refine import call_layout, layer_ms
+
+    path, m, xs = small_model
+    np.save(tmp_path / "x.npy", xs[0])
+    resolve_plan(m, None, "dense").save(str(tmp_path / "dense.json"))
+    out = tmp_path / "refined.json"
+    assert main(["refine", path, "--inputs", str(tmp_path / "x.npy"), "--plan", str(tmp_path / "dense.json"),
+                 "--rounds", "1", "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "refined.json.refine.json").read_text())
+    names = [b["name"] for b in report["builds"]]
+    assert names == ["plan", "all m_outer", "all row_outer", "all row_band", "mix"] and report["chosen"] in names
+    keys = {"conv000", "conv001", "conv002"}
+    for b in report["builds"]:
+        assert set(b["layer_ms"]) == keys and all(0 < v < 100 for v in b["layer_ms"].values())
+    assert set(report["mix"]) == keys
+    # the mix takes each layer's fastest split, by the interleaved per-layer times
+    by = {b["name"]: b["layer_ms"] for b in report["builds"]}
+    for k, s in report["mix"].items():
+        assert by[f"all {s}"][k] == min(by[f"all {t}"][k] for t in ("m_outer", "row_outer", "row_band"))
+    refined = Plan.load(str(out))
+    assert {l.key: l.knobs["split"] for l in refined.layers} == report["splits"]
+    ex = tvms_compile(m, plan=refined)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(xs[0])).numpy()
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: xs[0]})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
+    # calls that do not add up to the plan's layers are an error, not a misattribution
+    with pytest.raises(RuntimeError, match="3 kernel calls per inference, the plan implies 2"):
+        layer_ms(vm, tvm.runtime.tensor(xs[0]), call_layout(m, refined)[:2], runs=2)
 
 
 def test_corrupt_or_foreign_log_is_refused(tmp_path):

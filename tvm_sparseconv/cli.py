@@ -283,6 +283,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_refine(args) -> int:
+    from .tune.refine import refine_plan
+
+    model, pre, _ = _load_model(args)
+    x = _samples(args, model, pre)[0]
+    plan = _plan_for(args, model)
+    refined, report = refine_plan(model, plan, x, args.target, rounds=args.rounds, log=_log)
+    refined.save(args.output)
+    with open(args.output + ".refine.json", "w") as f:
+        json.dump(report, f, indent=1)
+    if not report["builds"]:
+        print(f"{report['why']}: wrote the plan unchanged to {args.output}")
+        return 0
+    print(f"{args.model}: end to end, median of {args.rounds} interleaved rounds")
+    for b in report["builds"]:
+        print(f"  {b['name']:16} {b['ms']:8.2f} ms  conv calls in the model {sum(b['layer_ms'].values()):7.2f} ms"
+              + ("  <- chosen" if b["name"] == report["chosen"] else ""))
+    print(f"wrote {args.output} (+ .refine.json: per-layer in-model ms of every build)")
+    return 0
+
+
 def cmd_tune(args) -> int:
     import time as _time
 
@@ -305,7 +326,8 @@ def cmd_tune(args) -> int:
         rpc = (host, int(port), args.rpc_key)
     algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
     cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
-                     rpc=rpc, cache=args.cache, **({"algorithms": algorithms} if algorithms else {}))
+                     rpc=rpc, cache=args.cache, refine=not args.no_refine,
+                     **({"algorithms": algorithms} if algorithms else {}))
     _log(f"tuning {args.model} into {run_dir}")
     tuner = Tuner(model, samples, run_dir, args.target, cfg, model_name=args.model, log=_log)
     try:
@@ -393,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--json", action="store_true")
     ben.set_defaults(func=cmd_bench)
 
+    ref = sub.add_parser("refine", help="choose each dense layer's thread split inside the compiled model "
+                         "(layers timed alone cannot see where their input sits); write a plan")
+    _model_args(ref)
+    ref.add_argument("--plan", default=None, help="plan JSON (default: the shipped plan for this model)")
+    ref.add_argument("--algorithm", default=None, help=argparse.SUPPRESS)
+    ref.add_argument("--database", default=None, help=argparse.SUPPRESS)
+    ref.add_argument("--rounds", type=int, default=5, help="interleaved end-to-end rounds (default %(default)s)")
+    ref.add_argument("-o", "--output", required=True, help="the refined plan's .json")
+    ref.set_defaults(func=cmd_refine)
+
     tun = sub.add_parser("tune", help="measure every algorithm per conv layer on real activations; write a plan")
     _model_args(tun)
     tun.add_argument("--trials", type=int, default=0, help="MetaSchedule trials in all for the dense TE ops "
@@ -404,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "rewritten by a copy split over the threads, as the op before leaves it in a model; "
                      "weights warm), warm (everything warm, the layer alone) or cold (all but the first "
                      "argument flushed); over RPC fresh falls back to cold")
+    tun.add_argument("--no-refine", action="store_true", help="skip the last phase, which compiles the model "
+                     "with each thread split of the dense layers and keeps the fastest end to end (`refine`)")
     tun.add_argument("--algorithms", default="all")
     tun.add_argument("--out", default="tuning_logs", help="parent folder of the run folder (default %(default)s)")
     tun.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")

@@ -41,7 +41,13 @@ from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unus
                    store_output)
 
 KERNELS = ("direct", "gemm")
-SPLITS = ("m_outer", "row_outer")  # parallel task order: (n, M tile, row) or (n, row, M tile)
+# parallel task order: (n, M tile, row), (n, row, M tile), or (n, band, M tile, row in band):
+# TVM hands each thread a contiguous run of tasks, so m_outer splits the threads by output
+# channels, row_outer and row_band by pixels (row_band: BANDS halves of the rows, each walked M
+# tile by M tile, so its output rows are written in long runs). Which is fastest depends on
+# which core wrote the input (tune/refine.py chooses inside the model).
+SPLITS = ("m_outer", "row_outer", "row_band")
+BANDS = 2  # one per core of this machine; with more threads each band's M tiles are shared out
 PADS = ("inplace", "copy")  # padding: skip the padded taps, or copy x into a zero-padded xp first
 L2_BYTES = 2 << 20  # per core on this machine
 
@@ -186,6 +192,13 @@ def _task(t, n_mt: int, rows: int, split: str):
     them to names (let statements) made the gemm kernel ~15% slower."""
     if split == "m_outer":
         return t // (n_mt * rows), t // rows % n_mt, t % rows
+    if split == "row_band":  # bands of `size` rows (the last may be shorter): (n, band, mo, row in band)
+        size = _cdiv(rows, BANDS)
+        ti = t % (n_mt * rows)
+        band = ti // (n_mt * size)
+        ln = tvm.tirx.min(size, rows - band * size)  # this band's rows
+        tb = ti - band * n_mt * size
+        return t // (n_mt * rows), tb // ln, band * size + tb % ln
     return t // (n_mt * rows), t % n_mt, t // n_mt % rows
 
 

@@ -60,6 +60,7 @@ class TuneConfig:
     margin: float = 0.03           # share by which sparse must beat dense, and knobs their defaults
     repeat: int = 5
     cache: str = "fresh"           # what the caches hold when a candidate runs: CompiledLayer.time
+    refine: bool = True            # then choose the dense layers' thread splits inside the model
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
 
@@ -98,6 +99,8 @@ class Tuner:
             self.metaschedule(workloads)
         self.measure(workloads)
         plan = self.select(workloads)
+        if self.cfg.refine:
+            plan = self.refine(plan)
         from .report import write_report
 
         write_report(self.run_dir)
@@ -235,6 +238,34 @@ class Tuner:
                     {"source": self.trials.header["model"], "input_shape": list(self.model.input_shape)})
         plan.save(os.path.join(self.run_dir, "plan.json"))
         return plan
+
+    def refine(self, plan: Plan) -> Plan:
+        """refine.refine_plan on the first sample; its choice is kept in refine.json, so that a
+        resumed run whose selection did not change reuses it instead of compiling again."""
+        from .refine import apply_report, refine_plan
+
+        if self.cfg.rpc:
+            self.say("refine: skipped (it times the model on this machine, the candidates ran over RPC)")
+            return plan
+        path = os.path.join(self.run_dir, "refine.json")
+        base = [[l.key, l.algorithm, l.knobs] for l in plan.layers]
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f)
+            except ValueError:  # cut short by an interrupt: refine again
+                old = {}
+            if isinstance(old, dict) and old.get("base") == base and "splits" in old:
+                self.say(f"refine: done in an earlier run ({old['chosen']}), reusing refine.json")
+                plan = apply_report(plan, old)
+                plan.save(os.path.join(self.run_dir, "plan.json"))
+                return plan
+        refined, report = refine_plan(self.model, plan, self.samples[0], self.target, log=self.say)
+        report["base"] = base
+        refined.save(os.path.join(self.run_dir, "plan.json"))
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        return refined
 
     def _rpc_session(self):
         from tvm import rpc

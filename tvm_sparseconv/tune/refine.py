@@ -1,0 +1,165 @@
+"""Refine a plan inside the model: the dense kernel's thread split, chosen by in-model timings.
+
+A layer timed alone cannot see where its input sits. In a model each core's L2 holds what
+that core wrote in the layer before, so whether a thread takes pixels or output channels
+decides whether its reads hit there (ResNet-50-half's 128->32 1x1 at 56x56: 0.11 ms after a
+producer split by pixels, 0.17 after one split by channels). That depends on the neighbours'
+splits, so it is chosen with all of them compiled together:
+
+1. the model compiled once per split in ``dense.SPLITS``, every dense-kernel layer on it;
+2. each conv call timed inside each build (a VM instrument, median over ``runs``);
+3. the mix of each layer's fastest split, compiled too;
+4. every build (the original plan included) timed end to end in ``rounds`` interleaved
+   rounds; the fastest median wins, the original unless another beats it by ``margin``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..algorithms import ALGORITHMS, get_algorithm
+from ..algorithms.dense import SPLITS
+from ..compile import lower
+from ..conv import Epilogue
+from ..frontend import Model
+from ..graph import find_conv_sites
+from ..passes.rewrite_conv2d import RewriteConv2D
+from ..plan import Plan
+from ..target import make_target
+from .progress import Progress
+
+
+def call_layout(model: Model, plan: Plan) -> list[tuple[str, int]]:
+    """(layer key, its kernel calls per inference) for the rewritten layers, in the order the
+    VM runs them: the order of the bindings each rewritten chain replaces (RewriteConv2D emits
+    a layer's stages there)."""
+    func = model.mod["main"]
+    todo = RewriteConv2D(plan.choices(find_conv_sites(func))).select(func)
+    out = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if b.var in todo:
+                site, choice, _ = todo[b.var]
+                algo = get_algorithm(choice.algorithm)
+                out.append((site.key, len(algo.stages(site.spec, Epilogue(site.bias is not None, site.relu), algo.knobs(site.spec, choice.knobs)))))
+    return out
+
+
+def _ours(name: str) -> bool:
+    return any(name.startswith(a + "_") for a in ALGORITHMS)
+
+
+def layer_ms(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, layout: list[tuple[str, int]],
+             runs: int = 20) -> dict[str, float]:
+    """{layer key: median ms of its kernel calls per inference} inside the model."""
+    calls = []
+    start = [0.0]
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if before_run:
+            start[0] = time.perf_counter()
+        elif _ours(name):
+            calls.append(time.perf_counter() - start[0])
+        return 0
+
+    vm["main"](x)
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            vm["main"](x)
+    finally:
+        vm.set_instrument(lambda *a: 0)
+    per = sum(n for _, n in layout)
+    if len(calls) != per * runs:
+        raise RuntimeError(f"refine: {len(calls) // runs} kernel calls per inference, the plan implies {per}")
+    t = np.asarray(calls).reshape(runs, per)
+    out, i = {}, 0
+    for key, n in layout:
+        out[key] = float(np.median(t[:, i:i + n].sum(axis=1))) * 1e3
+        i += n
+    return out
+
+
+def with_splits(plan: Plan, splits: dict[str, str]) -> Plan:
+    """A copy of ``plan`` with the knob ``split`` of the layers in ``splits`` set."""
+    p = copy.deepcopy(plan)
+    for l in p.layers:
+        if l.key in splits:
+            l.knobs = {**l.knobs, "split": splits[l.key]}
+    return p
+
+
+def apply_report(plan: Plan, report: dict) -> Plan:
+    """``plan`` with a refine report's chosen splits, each such layer's in-model ms in its note."""
+    out = with_splits(plan, report["splits"])
+    layer = next((b["layer_ms"] for b in report["builds"] if b["name"] == report["chosen"]), {})
+    for l in out.layers:
+        if l.key in report["splits"] and l.key in layer:
+            l.note = {**l.note, "in_model_ms": layer[l.key]}
+    return out
+
+
+def dense_splits(model: Model, plan: Plan) -> dict[str, str]:
+    """{key: resolved split} of the layers the plan rewrites onto the dense kernel."""
+    sites = {s.key: s for s in find_conv_sites(model.mod["main"])}
+    rewritten = {k for k, _ in call_layout(model, plan)}
+    dense = get_algorithm("dense")
+    return {l.key: dense.knobs(sites[l.key].spec, l.knobs)["split"] for l in plan.layers
+            if l.algorithm == "dense" and l.key in rewritten}
+
+
+def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 5, runs: int = 20,
+                margin: float = 0.01, log=lambda s: None) -> tuple[Plan, dict]:
+    """(the fastest of the plan and its split variants end to end, a report).
+
+    ``x``: one real input (the model's input shape). Report: ``builds``, per build its name,
+    median ms end to end and {layer key: in-model ms}; ``chosen``, the winner's name;
+    ``splits``, its {layer key: split} of the dense layers; ``mix``, the per-layer fastest."""
+    target = make_target(target)
+    original = dense_splits(model, plan)
+    if not original:
+        return plan, {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
+    xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))
+    layout = call_layout(model, plan)
+    splits = {"plan": original, **{f"all {s}": {k: s for k in original} for s in SPLITS}}
+    p = Progress("refine", len(splits) + 3 + rounds)
+    vms = {}
+
+    def add(name):
+        mod, _ = lower(model, with_splits(plan, splits[name]), target)
+        vms[name] = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        p.step(f"compiled: {name}")
+
+    for name in splits:
+        add(name)
+    # the per-layer times in interleaved rounds too: the machine's drift must not pick a split
+    laps = {name: [] for name in splits}
+    for _ in range(3):
+        for name in splits:
+            laps[name].append(layer_ms(vms[name], xt, layout, runs))
+    per_layer = {n: {k: float(np.median([lap[k] for lap in laps[n]])) for k in laps[n][0]} for n in splits}
+    p.step("conv calls in the model: " + ", ".join(f"{n} {sum(v.values()):.2f} ms" for n, v in per_layer.items()))
+    splits["mix"] = {k: min(SPLITS, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
+    add("mix")
+    per_layer["mix"] = layer_ms(vms["mix"], xt, layout, runs)
+    p.step("mix timed")
+    names = list(splits)
+    times = np.zeros((rounds, len(names)))
+    for r in range(rounds):
+        for j, name in enumerate(names):
+            fe = vms[name].time_evaluator("main", tvm.cpu(), number=1, repeat=10, min_repeat_ms=100)
+            times[r, j] = float(np.median(fe(xt).results)) * 1e3
+        p.step(f"round {r + 1}: " + ", ".join(f"{n} {t:.2f}" for n, t in zip(names, times[r])))
+    med = np.median(times, axis=0)
+    best = int(np.argmin(med))
+    if med[best] > med[0] * (1 - margin):
+        best = 0
+    chosen = names[best]
+    log(f"refine: {chosen} {med[best]:.3f} ms against the plan's {med[0]:.3f} ms")
+    report = {"builds": [{"name": n, "ms": float(m), "layer_ms": per_layer[n]} for n, m in zip(names, med)],
+              "chosen": chosen, "splits": splits[chosen], "mix": splits["mix"]}
+    return apply_report(plan, report), report
