@@ -7,7 +7,8 @@ producer split by pixels, 0.17 after one split by channels). That depends on the
 splits, so it is chosen with all of them compiled together:
 
 1. the model compiled once per split in ``dense.SPLITS``, every dense-kernel layer on it;
-2. each conv call timed inside each build (a VM instrument, median over ``runs``);
+2. each conv call timed inside each build (a VM instrument; the median of three interleaved
+   rounds of ``runs`` inferences);
 3. the mix of each layer's fastest split, compiled too;
 4. every build (the original plan included) timed end to end in ``rounds`` interleaved
    rounds; the fastest median wins, the original unless another beats it by ``margin``.
@@ -118,7 +119,10 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 5
 
     ``x``: one real input (the model's input shape). Report: ``builds``, per build its name,
     median ms end to end and {layer key: in-model ms}; ``chosen``, the winner's name;
-    ``splits``, its {layer key: split} of the dense layers; ``mix``, the per-layer fastest."""
+    ``splits``, its {layer key: split} of the dense layers; ``mix``, the per-layer fastest;
+    ``round_ms``, every round's end-to-end ms per build."""
+    if rounds < 1 or runs < 1:
+        raise ValueError(f"rounds and runs must be >= 1, got {rounds} and {runs}")
     target = make_target(target)
     original = dense_splits(model, plan)
     if not original:
@@ -161,5 +165,6 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 5
     chosen = names[best]
     log(f"refine: {chosen} {med[best]:.3f} ms against the plan's {med[0]:.3f} ms")
     report = {"builds": [{"name": n, "ms": float(m), "layer_ms": per_layer[n]} for n, m in zip(names, med)],
-              "chosen": chosen, "splits": splits[chosen], "mix": splits["mix"]}
+              "chosen": chosen, "splits": splits[chosen], "mix": splits["mix"],
+              "round_ms": {n: times[:, j].tolist() for j, n in enumerate(names)}}
     return apply_report(plan, report), report
