@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--plan", default=None, help="plan JSON (default: the shipped plan for this model)")
     ref.add_argument("--algorithm", default=None, help=argparse.SUPPRESS)
     ref.add_argument("--database", default=None, help=argparse.SUPPRESS)
-    ref.add_argument("--rounds", type=int, default=5, help="interleaved end-to-end rounds (default %(default)s)")
+    ref.add_argument("--rounds", type=int, default=7, help="interleaved end-to-end rounds (default %(default)s)")
     ref.add_argument("-o", "--output", required=True, help="the refined plan's .json")
     ref.set_defaults(func=cmd_refine)
 
