@@ -99,6 +99,9 @@ def test_resume_repeats_no_finished_measurement(small_model, tmp_path):
     t2, p2 = run_tuner(m, xs, tmp_path / "run", log=said.append, refine=True, **cfg)
     assert len(t2.trials.records) == n1  # nothing measured again, the cut line dropped
     assert any("reusing refine.json" in s for s in said) and p2.to_dict() == p1.to_dict()  # nor refined again
+    assert "## Refine" in (tmp_path / "run" / "report.md").read_text()
+    (tmp_path / "run" / "refine.json").write_text('{"builds": [')  # cut short
+    assert "refine.json is unreadable" in open(write_report(str(tmp_path / "run"))).read()
     t3, _ = run_tuner(m, xs, tmp_path / "run", knob_trials=3, algorithms=("dense", "halo"))
     keys = [(r["workload"], r["algorithm"], json.dumps(r["knobs"], sort_keys=True)) for r in t3.trials.records]
     assert len(keys) == len(set(keys)) > n1  # only the new candidates were measured

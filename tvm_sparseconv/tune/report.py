@@ -74,8 +74,35 @@ def write_report(run_dir: str) -> str:
             sp = f"{dense_ms / chosen_ms:.2f}x" if chosen_ms == chosen_ms and dense_ms == dense_ms else "-"
             f.write(f"| {pl.key} | {shape} | {d.get('density_mean', float('nan')):.3f} | "
                     f"{d.get('macs', 0) / 1e6:.1f} | " + " | ".join(cells) + f" | {pl.algorithm} | {sp} |\n")
+        _refine_section(f, run_dir)
     _plots(run_dir, keys, densities, series, mem)
     return os.path.join(run_dir, "report.md")
+
+
+def _refine_section(f, run_dir: str) -> None:
+    """The refine phase's builds (refine.json), when the run has one."""
+    path = os.path.join(run_dir, "refine.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as g:
+            ref = json.load(g)
+        builds, rounds = ref["builds"], ref.get("round_ms", {})
+    except (ValueError, KeyError, TypeError):
+        f.write("\nrefine.json is unreadable: the refine phase runs again on --resume.\n")
+        return
+    if not builds:
+        f.write(f"\nRefine: nothing to do ({ref.get('why', '')}).\n")
+        return
+    f.write("\n## Refine: the dense layers' thread splits inside the model\n\n"
+            "| build | end to end ms (median) | per round / plan | conv calls in the model ms |\n|---|---|---|---|\n")
+    base = rounds.get("plan")
+    for b in builds:
+        r = rounds.get(b["name"])
+        ratio = "-" if not (r and base) else \
+            f"{min(x / y for x, y in zip(r, base)):.3f}-{max(x / y for x, y in zip(r, base)):.3f}"
+        mark = " (chosen)" if b["name"] == ref.get("chosen") else ""
+        f.write(f"| {b['name']}{mark} | {b['ms']:.2f} | {ratio} | {sum(b['layer_ms'].values()):.2f} |\n")
 
 
 def _figure(run_dir, keys, name, title, ylabel, draw, height=4.5) -> None:
