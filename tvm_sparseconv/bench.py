@@ -20,34 +20,48 @@ def vm_latency_ms(vm: relax.VirtualMachine, x: np.ndarray, repeat: int = 10) -> 
     return y, float(np.median(fe(xt).results)) * 1e3
 
 
-def op_breakdown(vm: relax.VirtualMachine, x: np.ndarray, runs: int = 20) -> dict[str, float]:
-    """Mean wall-clock ms per inference of each kind of call inside the model (a VM instrument
-    around every call): ``conv <algorithm>`` for our kernels, the PrimFunc's name without its
-    numeric suffix for the other ops, ``vm.builtin.*`` for the VM's own work. Caches are as
-    they are in a real inference, unlike a kernel timed alone."""
+def time_calls(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, runs: int) -> list[tuple[str, float]]:
+    """(name, seconds) of every call the VM makes in ``runs`` inferences of ``x``, in order (a VM
+    instrument around each call; one inference first, untimed). Caches are as they are in a real
+    inference, unlike a kernel timed alone."""
     import time
 
-    from .algorithms import ALGORITHMS
-
-    xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))
-    vm["main"](xt)  # warm-up
-    start, total = {}, {}
+    calls, start = [], [0.0]
 
     def instrument(func, name, before_run, ret_value, *args):
         if before_run:
-            start[name] = time.perf_counter()
+            start[0] = time.perf_counter()
         else:
-            algo = next((a for a in ALGORITHMS if name.startswith(a + "_")), None)
-            kind = f"conv {algo}" if algo else name.rstrip("0123456789")
-            total[kind] = total.get(kind, 0.0) + time.perf_counter() - start[name]
+            calls.append((name, time.perf_counter() - start[0]))
         return 0
 
+    vm["main"](x)
     vm.set_instrument(instrument)
     try:
         for _ in range(runs):
-            vm["main"](xt)
+            vm["main"](x)
     finally:
         vm.set_instrument(lambda *a: 0)
+    return calls
+
+
+def kernel_algorithm(name: str) -> str | None:
+    """The algorithm whose stage a VM call of this PrimFunc name is (``hybrid_encode1``:
+    hybrid), None for other ops."""
+    from .algorithms import ALGORITHMS
+
+    return next((a for a in ALGORITHMS if name.startswith(a + "_")), None)
+
+
+def op_breakdown(vm: relax.VirtualMachine, x: np.ndarray, runs: int = 20) -> dict[str, float]:
+    """Mean wall-clock ms per inference of each kind of call inside the model (time_calls):
+    ``conv <algorithm>`` for our kernels, the PrimFunc's name without its numeric suffix for
+    the other ops, ``vm.builtin.*`` for the VM's own work."""
+    total = {}
+    for name, t in time_calls(vm, tvm.runtime.tensor(np.ascontiguousarray(x, np.float32)), runs):
+        algo = kernel_algorithm(name)
+        kind = f"conv {algo}" if algo else name.rstrip("0123456789")
+        total[kind] = total.get(kind, 0.0) + t
     return {k: v / runs * 1e3 for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
 
 

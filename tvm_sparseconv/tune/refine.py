@@ -18,14 +18,14 @@ splits, so it is chosen with all of them compiled together:
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from ..algorithms import ALGORITHMS, get_algorithm
+from ..algorithms import get_algorithm
 from ..algorithms.dense import SPLITS
+from ..bench import kernel_algorithm, time_calls
 from ..compile import lower
 from ..conv import Epilogue
 from ..frontend import Model
@@ -52,30 +52,10 @@ def call_layout(model: Model, plan: Plan) -> list[tuple[str, int]]:
     return out
 
 
-def _ours(name: str) -> bool:
-    return any(name.startswith(a + "_") for a in ALGORITHMS)
-
-
 def layer_ms(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, layout: list[tuple[str, int]],
              runs: int = 20) -> dict[str, float]:
     """{layer key: median ms of its kernel calls per inference} inside the model."""
-    calls = []
-    start = [0.0]
-
-    def instrument(func, name, before_run, ret_value, *args):
-        if before_run:
-            start[0] = time.perf_counter()
-        elif _ours(name):
-            calls.append(time.perf_counter() - start[0])
-        return 0
-
-    vm["main"](x)
-    vm.set_instrument(instrument)
-    try:
-        for _ in range(runs):
-            vm["main"](x)
-    finally:
-        vm.set_instrument(lambda *a: 0)
+    calls = [t for name, t in time_calls(vm, x, runs) if kernel_algorithm(name)]
     per = sum(n for _, n in layout)
     if len(calls) != per * runs:
         raise RuntimeError(f"refine: {len(calls) // runs} kernel calls per inference, the plan implies {per}")

@@ -255,7 +255,7 @@ class Tuner:
                     old = json.load(f)
             except ValueError:  # cut short by an interrupt: refine again
                 old = {}
-            if isinstance(old, dict) and old.get("base") == base and "splits" in old:
+            if isinstance(old, dict) and old.get("base") == base and {"splits", "builds", "chosen"} <= set(old):
                 self.say(f"refine: done in an earlier run ({old['chosen']}), reusing refine.json")
                 plan = apply_report(plan, old)
                 plan.save(os.path.join(self.run_dir, "plan.json"))
