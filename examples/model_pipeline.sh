@@ -28,4 +28,4 @@ echo "== run the exported library"
 tvm-sparseconv run "$out/model.so" --images "${images[@]}"
 
 echo "== bench: plan vs all-dense TVM vs onnxruntime vs PyTorch, and where the plan's time goes"
-tvm-sparseconv bench "$model" --images "${images[0]}" --ops
+tvm-sparseconv bench "$model" --images "${images[0]}" --rounds 3 --repeat 5 --ops  # rounds: the machine drifts
