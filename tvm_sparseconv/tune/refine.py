@@ -86,10 +86,11 @@ def apply_report(plan: Plan, report: dict) -> Plan:
     return out
 
 
-def dense_splits(model: Model, plan: Plan) -> dict[str, str]:
-    """{key: resolved split} of the layers the plan rewrites onto the dense kernel."""
+def dense_splits(model: Model, plan: Plan, layout: list[tuple[str, int]]) -> dict[str, str]:
+    """{key: resolved split} of the layers the plan rewrites onto the dense kernel (``layout``:
+    call_layout's, which names the rewritten ones)."""
     sites = {s.key: s for s in find_conv_sites(model.mod["main"])}
-    rewritten = {k for k, _ in call_layout(model, plan)}
+    rewritten = {k for k, _ in layout}
     dense = get_algorithm("dense")
     return {l.key: dense.knobs(sites[l.key].spec, l.knobs)["split"] for l in plan.layers
             if l.algorithm == "dense" and l.key in rewritten}
@@ -106,11 +107,11 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     if rounds < 1 or runs < 1:
         raise ValueError(f"rounds and runs must be >= 1, got {rounds} and {runs}")
     target = make_target(target)
-    original = dense_splits(model, plan)
+    layout = call_layout(model, plan)  # builds every layer's stages: once
+    original = dense_splits(model, plan, layout)
     if not original:
         return plan, {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
     xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))
-    layout = call_layout(model, plan)
     splits = {"plan": original, **{f"all {s}": {k: s for k in original} for s in SPLITS}}
     p = Progress("refine", len(splits) + 3 + rounds)
     vms = {}
