@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tvm_sparseconv.conv import Conv2DSpec
+from tvm_sparseconv.cpu import cpu_of
 from tvm_sparseconv.layer import synthesize_activation, synthesize_weight
 
 DENSITIES = (0.0, 0.05, 0.3, 0.7, 1.0)
@@ -26,6 +27,26 @@ GRID = [
     ((1, 8, 12, 12), 32, (3, 3), 1, 2, 2),
     ((2, 4, 8, 8), 8, (1, 1), 2, 0, 1),
 ]
+
+
+# the two x86 ISAs the kernels are written for, as TVM targets (their LLVM cpus are the oldest
+# of each kind, so the code runs on any host of that ISA)
+AVX512_TARGET = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
+AVX2_TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+# no AVX: 4 lanes and no masked store, as NEON; the encoders compact lane by lane
+SSE_TARGET = {"kind": "llvm", "mcpu": "x86-64-v2", "num-cores": 2}
+HOST = cpu_of(None)
+
+
+def isa_cases():
+    """(id, target, runs here) for every x86 ISA but the host's own (which every other test
+    uses): code for an ISA the host has runs; AVX-512 code on a host without it is only built."""
+    if HOST.isa not in ("avx512", "avx2", "avx", "sse"):
+        return []
+    out = [("avx2", AVX2_TARGET, HOST.isa in ("avx512", "avx2")), ("sse", SSE_TARGET, True)]
+    if HOST.isa != "avx512":
+        out.append(("avx512", AVX512_TARGET, False))
+    return [c for c in out if c[0] != HOST.isa]
 
 
 def grid_spec(case) -> Conv2DSpec:

@@ -9,7 +9,9 @@ from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from tvm_sparseconv.reference import Storage, dense_conv2d, pad_input
 
-from conftest import DENSITIES, activation, assert_conv_close, grid_spec, weight
+from tvm_sparseconv.cpu import cpu_of
+
+from conftest import AVX2_TARGET, AVX512_TARGET, DENSITIES, activation, assert_conv_close, grid_spec, weight
 
 DENSE = get_algorithm("dense")
 
@@ -129,7 +131,7 @@ def test_groups_are_refused():
 
 @pytest.mark.parametrize("bad,k", [({"block": 0}, 3), ({"m_tile": 24}, 3), ({"m_tile": 48}, 3), ({"c_block": -1}, 3),
                                    ({"split": "diagonal"}, 3), ({"pad": "mirror"}, 3), ({"unroll": 2}, 3),
-                                   ({"kernel": "gemm"}, 3), ({"kernel": "gemm", "block": 40}, 1),
+                                   ({"kernel": "gemm"}, 3), ({"kernel": "gemm", "block": 36}, 1),
                                    ({"kernel": "gemm", "m_tile": 17}, 1), ({"kernel": "winograd"}, 1)])
 def test_bad_knobs_are_refused(bad, k):
     spec = Conv2DSpec.from_shapes((1, 8, 6, 6), (16, 8, k, k), padding=k // 2)
@@ -154,24 +156,34 @@ def test_weight_layouts():
 
 
 def test_default_knobs_rule():
+    avx512, avx2 = cpu_of(AVX512_TARGET), cpu_of(AVX2_TARGET)  # L2 1 MB and 256 KB per core
     vgg = Conv2DSpec.from_shapes((1, 256, 56, 56), (256, 256, 3, 3), padding=1)
-    assert default_tiling(vgg)["kernel"] == "direct" and default_tiling(vgg)["block"] == 8
-    assert default_tiling(vgg)["split"] == "m_outer"  # 2.4 MB of weights: keep an M tile's in cache
+    assert default_tiling(vgg, avx512)["kernel"] == "direct" and default_tiling(vgg, avx512)["block"] == 8
+    assert default_tiling(vgg, avx512)["split"] == "m_outer"  # 2.4 MB of weights: keep an M tile's in cache
+    # AVX2: 6 pixels x 2 vectors = 12 of the 16 ymm registers
+    assert (default_tiling(vgg, avx2)["block"], default_tiling(vgg, avx2)["m_tile"]) == (6, 16)
     res5 = Conv2DSpec.from_shapes((1, 512, 7, 7), (512, 512, 3, 3), padding=1)
-    assert default_tiling(res5)["block"] == 7  # never wider than the row
+    assert default_tiling(res5, avx512)["block"] == 7  # never wider than the row
     res = Conv2DSpec.from_shapes((1, 256, 14, 14), (1024, 256, 1, 1))
-    assert default_tiling(res)["kernel"] == "gemm" and default_tiling(res)["split"] == "m_outer"
-    # gemm: a channel-reducing 1x1 whose pixel tile's input fits in 32 KB walks every M tile per
+    assert default_tiling(res, avx512)["kernel"] == "gemm" and default_tiling(res, avx512)["split"] == "m_outer"
+    assert (default_tiling(res, avx2)["block"], default_tiling(res, avx2)["m_tile"]) == (16, 6)
+    # gemm: a channel-reducing 1x1 whose pixel tile's input fits in the L1 walks every M tile per
     # pixel tile; with 64 KB per tile (512 channels x 32 pixels) it does not
     reduce56 = Conv2DSpec.from_shapes((1, 128, 56, 56), (32, 128, 1, 1))
     reduce14 = Conv2DSpec.from_shapes((1, 512, 14, 14), (128, 512, 1, 1))
-    assert default_tiling(reduce56)["split"] == "row_outer" and default_tiling(reduce14)["split"] == "m_outer"
+    assert default_tiling(reduce56, avx512)["split"] == "row_outer"
+    assert default_tiling(reduce14, avx512)["split"] == "m_outer"
     down = Conv2DSpec.from_shapes((1, 256, 56, 56), (512, 256, 1, 1), stride=2)
-    assert default_tiling(down) == {"kernel": "direct", "block": 4, "m_tile": 64, "c_block": 64, "split": "row_outer",
-                                    "pad": "inplace"}
-    for spec in (vgg, res5, res, down, Conv2DSpec.from_shapes((1, 3, 5, 3), (24, 3, 3, 3))):
-        tl = make_tiling(spec, default_tiling(spec))
-        assert tl.block * tl.m_tile // 16 <= 24  # accumulator vectors: they fit the 32 zmm registers
+    assert default_tiling(down, avx512) == {"kernel": "direct", "block": 4, "m_tile": 64, "c_block": 64,
+                                            "split": "row_outer", "pad": "inplace"}
+    # 512 KB of weights do not fit half of a 256 KB L2
+    assert default_tiling(down, avx2) == {"kernel": "direct", "block": 3, "m_tile": 32, "c_block": 64,
+                                          "split": "m_outer", "pad": "inplace"}
+    for cpu in (avx512, avx2):
+        for spec in (vgg, res5, res, down, Conv2DSpec.from_shapes((1, 3, 5, 3), (24, 3, 3, 3))):
+            tl = make_tiling(spec, default_tiling(spec, cpu))
+            # accumulator vectors fit the registers with room for the operands
+            assert tl.block * tl.m_tile // cpu.lanes <= cpu.registers * 3 // 4
 
 
 @settings(max_examples=6, deadline=None)

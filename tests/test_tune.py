@@ -81,10 +81,10 @@ def test_selection_margins():
         return {"algorithm": a, "knobs": knobs, "time_ms": ms}
 
     close = [rec("dense", dflt, 1.0), rec("dense", other, 0.98), rec("halo", {**halo, "block": 2}, 2.0)]
-    assert settled(close, spec, 0.03) == [close[0], close[2]]  # no halo defaults measured: its fastest
+    assert settled(close, spec, 0.03, None) == [close[0], close[2]]  # no halo defaults measured: its fastest
     far = [rec("dense", dflt, 1.0), rec("dense", other, 0.96)]
-    assert settled(far, spec, 0.03) == [far[1]]
-    assert settled(close, spec, 0.0) == [close[1], close[2]]
+    assert settled(far, spec, 0.03, None) == [far[1]]
+    assert settled(close, spec, 0.0, None) == [close[1], close[2]]
 
 
 def test_resume_repeats_no_finished_measurement(small_model, tmp_path):

@@ -65,9 +65,9 @@ class CompiledLayer:
         if weight.shape != spec.w_shape:
             raise ConvSpecError(f"weight shape {weight.shape} does not match the layer's {spec.w_shape}")
         self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual))
-        self.knobs = self.algorithm.knobs(spec, knobs)
         self.target = make_target(target)
-        self.stages = self.algorithm.stages(spec, self.epilogue, self.knobs)
+        self.knobs = self.algorithm.knobs(spec, knobs, self.target)
+        self.stages = self.algorithm.stages(spec, self.epilogue, self.knobs, self.target)
         mod = stage_module(self.algorithm, self.stages)
         if database is not None:
             from .tune.metaschedule import apply_database

@@ -35,7 +35,7 @@ def lower(model: Model, plan: Plan, target, database=None) -> tuple[tvm.IRModule
     from tvm.s_tir import dlight as dl
 
     target = make_target(target)
-    rewrite = RewriteConv2D(plan.choices(find_conv_sites(model.mod["main"])))
+    rewrite = RewriteConv2D(plan.choices(find_conv_sites(model.mod["main"])), target)
     mod = rewrite(model.mod)
     passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
               relax.transform.FuseOps(), relax.transform.FuseTIR()]

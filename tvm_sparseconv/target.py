@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 
 import tvm
 
@@ -27,9 +28,18 @@ def make_target(target=None) -> tvm.target.Target:
         target = json.loads(target)
     if isinstance(target, dict) and target.get("kind") == "llvm":
         target = dict(target)
-        target.setdefault("mcpu", host_cpu())
+        if host_arch(target.get("mtriple")):  # never the host's cpu name in a foreign triple
+            target.setdefault("mcpu", host_cpu())
         target.setdefault("num-cores", os.cpu_count() or 1)
     return tvm.target.Target(target)
+
+
+def host_arch(triple) -> bool:
+    """An LLVM triple (or none: the host's) of this machine's architecture."""
+    if not triple:
+        return True
+    arch, host = str(triple).split("-")[0], platform.machine()
+    return arch == host or {arch, host} <= {"aarch64", "arm64"}
 
 
 def target_key(target) -> str:

@@ -18,6 +18,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
+from ..cpu import CPU, cpu_of
 from ..reference.storage import Storage
 
 
@@ -57,16 +58,17 @@ class Algorithm:
         """Raise UnsupportedConvError naming the attribute this algorithm cannot compute."""
         spec.require(self.name)
 
-    def knobs(self, spec: Conv2DSpec, knobs: Mapping | None = None) -> dict:
-        """Defaults merged with ``knobs``; unknown names are refused."""
-        out = dict(self.default_knobs(spec))
+    def knobs(self, spec: Conv2DSpec, knobs: Mapping | None = None, cpu=None) -> dict:
+        """Defaults for ``cpu`` (a CPU or a target; None: this machine) merged with ``knobs``;
+        unknown names are refused."""
+        out = dict(self.default_knobs(spec, cpu_of(cpu)))
         for k, v in (knobs or {}).items():
             if k not in out:
                 raise KnobError(f"{self.name} has no knob {k!r} (knobs: {sorted(out)})")
             out[k] = v
         return out
 
-    def default_knobs(self, spec: Conv2DSpec) -> dict:
+    def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
         return dict(self.knob_defaults)
 
     # -- the compiled pipeline -------------------------------------------------------------
@@ -75,7 +77,8 @@ class Algorithm:
         """Build-time re-layout of the OIHW weight (and bias) into the arrays the stages read."""
         raise NotImplementedError
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs: Mapping) -> list[Stage]:
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs: Mapping, cpu=None) -> list[Stage]:
+        """The pipeline for ``cpu`` (a CPU or a target; None: this machine)."""
         raise NotImplementedError
 
     # -- memory accounting ---------------------------------------------------------------

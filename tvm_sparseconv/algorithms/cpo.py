@@ -21,8 +21,6 @@ row_tile (scatter: output rows per accumulator block).
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import tvm
 from tvm.script import tirx as T
@@ -30,10 +28,11 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.cpo import (CPO, CPS_BASE_MASK, CPS_FLAG, CPS_SET, column_order, cpo_encode, cpo_multiply,
                              cpo_storage)
+from ..cpu import CPU
 from ..reference.storage import Storage
 from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, epilogue_value, nonzero, prim
 
-VEC = 16  # float32 lanes of AVX-512
+MIN_TILE = 16  # M tiles are halved down to 16 channels at least (a layout choice, for every ISA)
 
 
 def on_grid(d, stride: int):
@@ -45,14 +44,14 @@ def m_tiling(m: int, m_tile: int) -> tuple[int, int]:
     """(tile, padded M): the M tile and M rounded up to a multiple of it.
 
     M <= m_tile: one tile of exactly M. Otherwise the largest of m_tile, m_tile/2, ...
-    (down to one vector) that divides M; if none does, m_tile with zero filters added.
+    (down to MIN_TILE) that divides M; if none does, m_tile with zero filters added.
     """
     if m_tile < 1:
         raise KnobError(f"m_tile must be >= 1, got {m_tile}")
     if m <= m_tile:
         return m, m
     t = m_tile
-    while m % t and t % 2 == 0 and t > VEC:
+    while m % t and t % 2 == 0 and t > MIN_TILE:
         t //= 2
     if m % t:
         t = m_tile
@@ -438,12 +437,14 @@ class CPOAlgorithm(Algorithm):
     packed = False
     knob_defaults = {"multiply": "gather", "m_tile": 64, "pixels": 4, "chunks": 2, "row_tile": 0}
 
-    def default_knobs(self, spec: Conv2DSpec) -> dict:
-        """Measured on the VGG layer (256x56x56, 3x3, M 256): B4 x M64 = 16 accumulators.
-        Narrower M tiles get more pixels per block; one task per core; the scatter's block
-        is the whole image (row_tile = Oh)."""
-        mt = m_tiling(spec.out_channels, self.knob_defaults["m_tile"])[0]
-        return dict(self.knob_defaults, pixels=max(1, min(8, 256 // mt)), chunks=os.cpu_count() or 1,
+    def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
+        """Measured on the VGG layer (256x56x56, 3x3, M 256) on AVX-512: B4 x M64 = 16
+        accumulators. The M tile is 4 vectors of the CPU; narrower M tiles get more pixels per
+        block, up to cpu.accumulators registers; one task per core; the scatter's block is the
+        whole image (row_tile = Oh)."""
+        mt = m_tiling(spec.out_channels, 4 * cpu.lanes)[0]
+        return dict(self.knob_defaults, m_tile=4 * cpu.lanes,
+                    pixels=max(1, min(8, cpu.accumulators * cpu.lanes // mt)), chunks=cpu.cores,
                     row_tile=spec.out_h)
 
     def check(self, spec: Conv2DSpec) -> None:
@@ -463,7 +464,7 @@ class CPOAlgorithm(Algorithm):
         return {"cols": _Geometry(spec).cols_constant(), "wt": weight_layout(np.asarray(weight, np.float32), mt, mp),
                 **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         fmt = self.format_buffers(spec)
         names = tuple(b.name for b in fmt)
         return [

@@ -12,7 +12,7 @@ direct (any layer). Layouts:
     y    N x M x Oh x Ow (NCHW).
   One task per (n, M tile, output row r), parallel over threads. The row is cut into tiles of
   ``block`` (B) consecutive output pixels (the last tile takes Ow % B). A tile keeps B x m_tile
-  accumulators (B * m_tile / 16 zmm) and walks (l, c, q): one weight vector w[mo, l, c, q, :]
+  accumulators (B * m_tile / lanes vector registers) and walks (l, c, q): one weight vector w[mo, l, c, q, :]
   serves the B pixels, each with a broadcast input value x[n, c, r*Sh + l*Dh - pt,
   (w0 + b)*Sw + q*Dw - pl]. With ``c_block`` < C the channels are walked in blocks, every tile
   of the row finishing a block before the next block starts, so that a block's weights stay in
@@ -21,10 +21,12 @@ direct (any layer). Layouts:
 
 gemm (pointwise layers: 1x1, stride 1, no padding), y[n] (M x P) = w (M x C) . x[n] (C x P)
   with P = H*W read flat from NCHW. Weights n_mt x C x m_tile. A tile is m_tile output channels
-  x ``block`` consecutive pixels (vectors of 16): per input channel, block/16 vector loads of x
-  and m_tile broadcast weights; stores are whole pixel vectors, so no transposition is needed.
+  x ``block`` consecutive pixels (vectors of the CPU's lanes): per input channel, block/lanes
+  vector loads of x and m_tile broadcast weights; stores are whole pixel vectors, so no
+  transposition is needed.
 
-Knob defaults (default_tiling) follow measurements on this machine's AVX-512 cores.
+Knob defaults (default_tiling) are derived from the target CPU's description (cpu.py); their
+shapes were measured on AVX-512 cores and scaled to the register count elsewhere.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
+from ..cpu import CPU, cpu_of
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, prim,
@@ -45,18 +48,17 @@ KERNELS = ("direct", "gemm")
 # TVM hands each thread a contiguous run of tasks, so m_outer splits the threads by output
 # channels, row_outer and row_band by pixels (row_band: BANDS halves of the rows, each walked M
 # tile by M tile, so its output rows are written in long runs). Which is fastest depends on
-# which core wrote the input (tune/refine.py chooses inside the model).
+# which core wrote the input (tune/refine.py chooses inside the model). row_band has one band
+# per core of the target.
 SPLITS = ("m_outer", "row_outer", "row_band")
-BANDS = 2  # one per core of this machine; with more threads each band's M tiles are shared out
 PADS = ("inplace", "copy")  # padding: skip the padded taps, or copy x into a zero-padded xp first
-L2_BYTES = 2 << 20  # per core on this machine
 
 
 @dataclass(frozen=True)
 class DenseTiling:
     kernel: str   # one of KERNELS
-    block: int    # output pixels per register tile (direct: 1..32 of one row; gemm: 16, 32, 48, 64)
-    m_tile: int   # output channels per register tile (direct: 16, 32, 64, 128; gemm: 1..16)
+    block: int    # output pixels per register tile (direct: 1..32 of one row; gemm: 8..64, whole vectors)
+    m_tile: int   # output channels per register tile (direct: a power of two in 4..128; gemm: 1..16)
     c_block: int  # direct: input channels per cache block (== C: one block)
     split: str    # one of SPLITS ("row" = a pixel tile for gemm)
     pad: str      # direct: one of PADS
@@ -72,17 +74,21 @@ def is_pointwise(spec: Conv2DSpec) -> bool:
     return (spec.kernel_h, spec.kernel_w, spec.stride) == (1, 1, (1, 1)) and not any(spec.padding)
 
 
-def default_tiling(spec: Conv2DSpec, kernel: str | None = None) -> dict:
-    """Knob defaults by layer shape (measured with 1 and 2 threads on this machine), for
-    ``kernel`` (None: gemm for pointwise layers, else direct).
+def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None) -> dict:
+    """Knob defaults by layer shape and CPU, for ``kernel`` (None: gemm for pointwise layers,
+    else direct). The shapes were measured with 1 and 2 threads on AVX-512 (16 lanes, 32
+    registers); elsewhere they keep the same number of vectors per tile row and fill
+    cpu.accumulators registers (AVX2: 6 pixels x 2 vectors, as MLAS's 6x16 kernel).
 
-    - pointwise: gemm, 24 accumulators: 8 channels x 48 pixels when 48 divides H*W, else 12 x 32
-      (a short last pixel tile runs at a fraction of the speed: 12 x 32 leaves less of one on
-      7x7, 14x14 and 28x28; 16 x 16 and 6 x 64 were 10-25% slower);
-    - otherwise direct, B x m_tile = 8 x 32 (16 accumulators; 7 x 32 was no faster even on row
-      widths that are multiples of 7, 4 x 64 and 16 x 16 were slower), m_tile 16 when M is a
-      multiple of 16 but not of 32; at stride 2 with C >= 64, 4 x 64 in blocks of 64 channels
-      (3x3 s2 256->256 at 56x56: 4.6 vs 5.2 ms; 1x1 s2 256->512: 1.35 vs 1.55 ms);
+    - pointwise: gemm, 3/4 of the registers as accumulators (24 on AVX-512): 8 channels x 3
+      vectors (48 pixels) when 3 vectors divide H*W, else 12 x 2 vectors (a short last pixel
+      tile runs at a fraction of the speed: 12 x 32 leaves less of one on 7x7, 14x14 and 28x28;
+      16 x 16 and 6 x 64 were 10-25% slower);
+    - otherwise direct, B x m_tile = 8 x 2 vectors (16 accumulators; 7 x 32 was no faster even
+      on row widths that are multiples of 7, 4 x 64 and 16 x 16 were slower), m_tile one vector
+      when M is a multiple of one but not of two; at stride 2 with C >= 64, 4 x 4 vectors in
+      blocks of 64 channels (3x3 s2 256->256 at 56x56: 4.6 vs 5.2 ms; 1x1 s2 256->512: 1.35 vs
+      1.55 ms);
     - direct: split row_outer when all the weights fit in half the L2: each thread then reads
       its rows' input once instead of the whole input once per M tile (1x1 s2 256->512: 1.5 vs
       1.8 ms; 64->64 3x3 at 224x224: 16.6 vs 18.7 ms). In a model the input arrives just
@@ -91,25 +97,26 @@ def default_tiling(spec: Conv2DSpec, kernel: str | None = None) -> dict:
       0.16 vs 0.18 (input rewritten by a channel-parallel op before each run; warm and alone
       m_outer is up to 9 % faster), the model's all-dense build 3-4 % faster end to end;
     - gemm: split row_outer when the layer reduces channels (C > M: the input outweighs the
-      output) and a pixel tile's input (C x block) fits in 32 KB of L1: each pixel tile's input
-      is then read once for all M tiles, not the whole input once per M tile. ResNet-50-half's
+      output) and a pixel tile's input (C x block) fits in the L1: each pixel tile's input
+      (cpu.l1d) is then read once for all M tiles, not the whole input once per M tile. ResNet-50-half's
       128->32 at 56x56 with its input just written by a channel-parallel op, as in the model:
       0.14 vs 0.27 ms; 256->64 at 28x28: 0.11 vs 0.19. m_outer otherwise: 512->128 at 14x14
       (64 KB of input per tile) 0.10 vs 0.11, 128->512 at 14x14 0.085 vs 0.12, and 32->128 at
       56x56 the same alone but 0.15 vs 0.21 ms in the model.
     """
-    ow, m, c = spec.out_w, spec.out_channels, spec.in_channels
+    ow, m, c, v = spec.out_w, spec.out_channels, spec.in_channels, cpu.lanes
     if kernel == "gemm" or (kernel is None and is_pointwise(spec)):
-        block, m_tile = (48, 8) if spec.height * spec.width % 48 == 0 else (32, 12)
-        split = "row_outer" if c > m and 4 * c * block <= 32 << 10 else "m_outer"
+        vectors = 3 if spec.height * spec.width % (3 * v) == 0 else 2
+        block, m_tile = vectors * v, min(16, cpu.registers * 3 // 4 // vectors)
+        split = "row_outer" if c > m and 4 * c * block <= cpu.l1d else "m_outer"
         return {"kernel": "gemm", "block": block, "m_tile": min(m_tile, m), "c_block": 0, "split": split,
                 "pad": "inplace"}
-    split = "row_outer" if 4 * m * c * spec.kernel_h * spec.kernel_w <= L2_BYTES // 2 else "m_outer"
-    block, m_tile, c_block = 8, 32, 0
-    if m <= 16 or (m % 32 and m % 16 == 0):
-        m_tile = 16
-    if spec.stride[1] > 1 and c >= 64 and m % 64 == 0:
-        block, m_tile, c_block = 4, 64, 64
+    split = "row_outer" if 4 * m * c * spec.kernel_h * spec.kernel_w <= cpu.l2 // 2 else "m_outer"
+    block, m_tile, c_block = cpu.accumulators // 2, 2 * v, 0
+    if m <= v or (m % (2 * v) and m % v == 0):
+        m_tile = v
+    if spec.stride[1] > 1 and c >= 64 and m % (4 * v) == 0:
+        block, m_tile, c_block = cpu.accumulators // 4, 4 * v, 64
     return {"kernel": "direct", "block": min(block, ow), "m_tile": m_tile, "c_block": c_block, "split": split,
             "pad": "inplace"}
 
@@ -122,16 +129,16 @@ def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
     if kernel == "gemm":
         if not is_pointwise(spec):
             raise KnobError("dense: kernel='gemm' needs a 1x1 stride-1 layer without padding")
-        if not (isinstance(block, int) and block in (16, 32, 48, 64)):
-            raise KnobError(f"dense: gemm block must be 16, 32, 48 or 64 pixels, got {block!r}")
+        if not (isinstance(block, int) and 8 <= block <= 64 and block % 8 == 0):
+            raise KnobError(f"dense: gemm block must be a multiple of 8 pixels in 8..64, got {block!r}")
         if not (isinstance(m_tile, int) and 1 <= m_tile <= 16):
             raise KnobError(f"dense: gemm m_tile must be an int in 1..16, got {m_tile!r}")
     else:
         if not (isinstance(block, int) and 1 <= block <= 32):
             raise KnobError(f"dense: block must be an int in 1..32, got {block!r}")
         # 48-wide vectors compiled ~5x slower than 32 or 64: powers of two only
-        if m_tile not in (16, 32, 64, 128):
-            raise KnobError(f"dense: m_tile must be 16, 32, 64 or 128, got {m_tile!r}")
+        if m_tile not in (4, 8, 16, 32, 64, 128):
+            raise KnobError(f"dense: m_tile must be a power of two in 4..128, got {m_tile!r}")
         block = min(block, spec.out_w)
     if not (isinstance(c_block, int) and c_block >= 0):
         raise KnobError(f"dense: c_block must be an int >= 0 (0: all channels), got {c_block!r}")
@@ -187,13 +194,13 @@ def _in_range(v, n: int):
     return tvm.tirx.all(v >= 0, v < n)
 
 
-def _task(t, n_mt: int, rows: int, split: str):
+def _task(t, n_mt: int, rows: int, split: str, bands: int):
     """Task t -> (n, M tile, row or pixel tile) in the split's order, as expressions: binding
     them to names (let statements) made the gemm kernel ~15% slower."""
     if split == "m_outer":
         return t // (n_mt * rows), t // rows % n_mt, t % rows
     if split == "row_band":  # bands of `size` rows (the last may be shorter): (n, band, mo, row in band)
-        size = _cdiv(rows, BANDS)
+        size = _cdiv(rows, bands)
         ti = t % (n_mt * rows)
         band = ti // (n_mt * size)
         ln = tvm.tirx.min(size, rows - band * size)  # this band's rows
@@ -202,7 +209,7 @@ def _task(t, n_mt: int, rows: int, split: str):
     return t // (n_mt * rows), t % n_mt, t // n_mt % rows
 
 
-def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inplace: bool):
+def _direct_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_shape, inplace: bool):
     """The multiply PrimFunc of the direct kernel. ``inplace``: read x itself and skip the padded
     taps (a runtime test per kernel row, a compile-time one per border tile); otherwise read
     the padded copy xp, which has no out-of-range tap."""
@@ -270,17 +277,18 @@ def _direct_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, xin_shape, inp
         for t in T.parallel(ntask):
             acc = T.alloc_local((B, mt), "float32")
             if n_cb == 1:
-                row(xin, w, bias, res, y, acc, acc, *_task(t, n_mt, Oh, tl.split), 0, C, True, True)
+                row(xin, w, bias, res, y, acc, acc, *_task(t, n_mt, Oh, tl.split, cpu.cores), 0, C, True, True)
             else:
                 part = T.alloc_buffer((Ow, mt), "float32")
                 for k in range(n_cb):
-                    row(xin, w, bias, res, y, acc, part, *_task(t, n_mt, Oh, tl.split), k * cb, T.min(k * cb + cb, C),
+                    row(xin, w, bias, res, y, acc, part, *_task(t, n_mt, Oh, tl.split, cpu.cores), k * cb,
+                        T.min(k * cb + cb, C),
                         k == 0, k == n_cb - 1)
 
     return _multiply_prim(spec, ep, xin_shape, (n_mt, Kh, C, Kw, mt), body)
 
 
-def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
+def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue):
     """The multiply PrimFunc of the gemm kernel (pointwise layers), x and y read as N x C x P."""
     N, C, H, W = spec.x_shape
     M, P = spec.out_channels, H * W
@@ -290,9 +298,9 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
     ntask = N * n_mt * n_pt
 
     def chunks(BT, emit):
-        """emit(offset, lanes) for each vector of the BT pixels: 16 lanes, the last BT % 16."""
-        for off in range(0, BT, 16):
-            emit(off, min(16, BT - off))
+        """emit(offset, lanes) for each vector of the BT pixels: full vectors, the last BT % lanes."""
+        for off in range(0, BT, cpu.lanes):
+            emit(off, min(cpu.lanes, BT - off))
 
     @T.macro
     def zero_chunk(acc, i, off, ln):
@@ -338,7 +346,7 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
         resf = T.decl_buffer((N, M, P), "float32", data=_residual_data(ep, res, y))
         for t in T.parallel(ntask):
             acc = T.alloc_local((mt, B), "float32")
-            pixel_tile(xf, w, bias, resf, yf, acc, *_task(t, n_mt, n_pt, tl.split))
+            pixel_tile(xf, w, bias, resf, yf, acc, *_task(t, n_mt, n_pt, tl.split, cpu.cores))
 
     return _multiply_prim(spec, ep, spec.x_shape, (n_mt, C, mt), body)
 
@@ -395,13 +403,13 @@ class Dense(Algorithm):
     knob_defaults = {"kernel": "direct", "block": 8, "m_tile": 32, "c_block": 0, "split": "m_outer",
                      "pad": "inplace"}
 
-    def default_knobs(self, spec: Conv2DSpec) -> dict:
-        return default_tiling(spec)
+    def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
+        return default_tiling(spec, cpu)
 
-    def knobs(self, spec: Conv2DSpec, knobs=None) -> dict:
+    def knobs(self, spec: Conv2DSpec, knobs=None, cpu=None) -> dict:
         """As Algorithm.knobs, with the defaults of the kernel asked for (tile sizes differ)."""
         knobs = dict(knobs or {})
-        out = default_tiling(spec, knobs.get("kernel"))
+        out = default_tiling(spec, cpu_of(cpu), knobs.get("kernel"))
         unknown = sorted(set(knobs) - set(out))
         if unknown:
             raise KnobError(f"{self.name} has no knob {unknown[0]!r} (knobs: {sorted(out)})")
@@ -410,17 +418,17 @@ class Dense(Algorithm):
     def constants(self, spec, weight, bias, knobs):
         return {"w": tile_weights(spec, weight, make_tiling(spec, knobs)), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
-        tl = make_tiling(spec, knobs)
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+        tl, cpu = make_tiling(spec, knobs), cpu_of(cpu)
         stages = []
         xin, xin_shape = "x", spec.x_shape
         if _copies(spec, tl):
             xin, xin_shape = "xp", (spec.batch, spec.in_channels, spec.padded_h, spec.padded_w)
             stages.append(Stage("pad", "encode", prim(_pad_func(spec)), ("x",), (Buffer("xp", xin_shape),)))
         if tl.kernel == "gemm":
-            mul = _gemm_func(spec, tl, epilogue)
+            mul = _gemm_func(spec, tl, cpu, epilogue)
         else:
-            mul = _direct_func(spec, tl, epilogue, xin_shape, inplace=xin == "x")
+            mul = _direct_func(spec, tl, cpu, epilogue, xin_shape, inplace=xin == "x")
         stages.append(Stage("multiply", "multiply", prim(mul), (xin, "w") + epilogue_inputs(epilogue),
                             (Buffer("y", spec.y_shape),)))
         return stages

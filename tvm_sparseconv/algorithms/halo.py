@@ -26,6 +26,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
+from ..cpu import CPU
 from ..reference.halo import HaloGeometry, halo_encode, halo_geometry, halo_multiply, halo_storage
 from .base import Algorithm, Buffer, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, prim
 from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
@@ -38,14 +39,14 @@ class Halo(Algorithm):
     sparse = True
     fuses_residual = True
 
-    def default_knobs(self, spec: Conv2DSpec) -> dict:
-        # 8 pixels x 32 channels: fewer, cheaper segments to encode than 4 x 64, and as fast
-        return tiling_defaults(spec, tiles=(32, 16))
+    def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
+        # 8 pixels x 32 channels on AVX-512: fewer, cheaper segments to encode than 4 x 64, and as fast
+        return tiling_defaults(spec, cpu, tiles=(32, 16))
 
     def constants(self, spec, weight, bias, knobs):
         return {"w": halo_weights(weight, make_tiling(self.name, spec, knobs).m_tile), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         tl = make_tiling(self.name, spec, knobs)
         geo = halo_geometry(spec, tl.block)
         segs = spec.batch * spec.height * geo.n_seg

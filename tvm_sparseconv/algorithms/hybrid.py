@@ -18,7 +18,7 @@ in blocks of cb = the knob ``c_block`` (nkb blocks), pointer rows in (n, h, kb, 
 
 The encoder is one TIR PrimFunc (count, two prefix sums, fill), parallel over input rows. Each
 pass copies each channel block of its row channels-last (lanes.channels_last_block), then
-handles LANES channels of a segment at once: their pairs, and the entries of each kind written
+handles a vector of channels of a segment at once: their pairs, and the entries of each kind written
 by compress-in-register + masked stores (popcounts when counting): no data-dependent branch.
 
 The multiply is output-stationary with pixcsr's tasks (m-tile, image, ``rows`` output rows)
@@ -38,14 +38,14 @@ import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
+from ..cpu import CPU, cpu_of
 from ..reference.halo import HaloGeometry, halo_geometry
 from ..reference.hybrid import hybrid_encode, hybrid_multiply, hybrid_storage, offset_reads
 from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, prim
 from .halo import halo_entries, halo_weights, segment_column, segment_holds
-from .lanes import (LANES, bcast, block_lanes, block_width, channels_last_block, compress_store, count_lanes,
-                    nonzero_lanes, ramp)
+from .lanes import Lanes, channels_last_block
 from .pixcsr import row_task_defaults
-from .tiling import Tiling, finish_rows, start_rows, store_rows, two_pass_encode
+from .tiling import Tiling, finish_rows, start_rows, store_rows, tile_pixels, two_pass_encode
 
 # A pixel entry's FMA loads its weight vector; a halo entry's reuse it B times (~200 useful
 # GFLOP/s for pixcsr against ~400 for halo at density 1 here). With both in one kernel, a sweep
@@ -58,19 +58,23 @@ class Hybrid(Algorithm):
     sparse = True
     fuses_residual = True
 
-    def default_knobs(self, spec: Conv2DSpec) -> dict:
-        """block 4 (x m_tile 64: 16 accumulators), m_tile, c_block and rows as pixcsr's with
-        tiles up to 64, dense_from = DENSE_SHARE * B * Kw.
+    def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
+        """block up to 4 (x m_tile 64: 16 accumulators on AVX-512), m_tile, c_block and rows as
+        pixcsr's with tiles up to 4 vectors, dense_from = DENSE_SHARE * B * Kw.
 
         1x1 kernels (no window overlap: a longer segment only multiplies more zeros): block 2
-        x m_tile up to 128, weight blocks of 64 channels, 2-row tasks; on the 14x14 ResNet 1x1s
-        10-12 % faster than the 3x3 defaults, on 28x28 ones within 3 % (interleaved timings at
-        densities 0.3/0.5)."""
+        x m_tile up to 128 (AVX-512), weight blocks of 64 channels, 2-row tasks; on the 14x14
+        ResNet 1x1s 10-12 % faster than the 3x3 defaults, on 28x28 ones within 3 % (interleaved
+        timings at densities 0.3/0.5). The tile never holds more than cpu.accumulators."""
         if (spec.kernel_h, spec.kernel_w) == (1, 1):
-            knobs = {"block": min(2, spec.out_w), **row_task_defaults(spec, (128, 64, 32)),
-                     "c_block": min(64, spec.in_channels), "rows": min(2, spec.out_h)}
+            most = 2
+            tiles = [t for t in (128, 64, 32) if t * most <= cpu.accumulators * cpu.lanes]
+            knobs = {**row_task_defaults(spec, cpu, tiles), "c_block": min(64, spec.in_channels),
+                     "rows": min(2, spec.out_h)}
         else:
-            knobs = {"block": min(4, spec.out_w), **row_task_defaults(spec, (64, 32))}
+            most = 4
+            knobs = row_task_defaults(spec, cpu, [t for t in (64, 32) if t <= 4 * cpu.lanes])
+        knobs["block"] = min(tile_pixels(cpu, knobs["m_tile"], most), spec.out_w)
         return {**knobs, "dense_from": max(1, math.ceil(DENSE_SHARE * knobs["block"] * spec.kernel_w))}
 
     def _checked(self, knobs) -> tuple[int, int, int, int, int]:
@@ -84,13 +88,13 @@ class Hybrid(Algorithm):
     def constants(self, spec, weight, bias, knobs):
         return {"w": halo_weights(weight, self._checked(knobs)[1]), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         B, mt, cb, R, dense_from = self._checked(knobs)
         f = _Format(spec, halo_geometry(spec, B), cb)
         outs = (Buffer("hyb_hptr", (f.hrows + 1,), "int32"), Buffer("hyb_hchan", (f.hcap,), "int32"),
                 Buffer("hyb_hval", (f.geo.seg_len, f.hcap)), Buffer("hyb_pptr", (f.prows + 1,), "int32"),
                 Buffer("hyb_pcode", (f.pcap,), "int32"), Buffer("hyb_pval", (f.pcap,)))
-        return [Stage("encode", "encode", prim(_encode_func(f, dense_from)), ("x",), outs),
+        return [Stage("encode", "encode", prim(_encode_func(f, Lanes(cpu_of(cpu)), dense_from)), ("x",), outs),
                 Stage("multiply", "multiply", prim(_multiply_func(f, mt, R, epilogue)),
                       tuple(b.name for b in outs) + ("w",) + epilogue_inputs(epilogue), (Buffer("y", spec.y_shape),))]
 
@@ -138,70 +142,71 @@ class _Format:
         return self.hcap * sum(self.geo.read_offsets)
 
 
-def _encode_func(f: _Format, dense_from: int):
+def _encode_func(f: _Format, vec: Lanes, dense_from: int):
     spec, geo, cb = f.spec, f.geo, f.cb
     N, C, H, W = spec.x_shape
     L, nseg, Kw, per = geo.seg_len, geo.n_seg, spec.kernel_w, f.nkb * geo.n_seg  # per: halo rows per input row
     reads = offset_reads(spec, geo.block)
-    n_groups, cw = -(-cb // LANES), block_width(cb)
+    V = vec.n  # channels per vector
+    n_groups, cw = -(-cb // V), vec.block_width(cb)
 
     def value(v, k):
-        return v[ramp(k * LANES)]
+        return v[vec.ramp(k * V)]
 
     def pairs(v):
         """Per lane: the (pixel, kernel column) products whose value is non-zero."""
-        total = bcast(0)
+        total = vec.bcast(0)
         for k, r in enumerate(reads):
             if r:
-                total = total + bcast(r) * tvm.tirx.Cast(f"int32x{LANES}", nonzero_lanes(value(v, k)))
+                total = total + vec.bcast(r) * tvm.tirx.Cast(f"int32x{V}", vec.nonzero(value(v, k)))
         return total
 
     def kind(v, kb, g, dense: bool):
         """Per lane: a halo entry (dense) or pixel entries (not dense); an expression, not a
         variable: an assigned TIR variable lives in memory and is reloaded after every store."""
         p = pairs(v)
-        cmp = p >= bcast(dense_from) if dense else p < bcast(dense_from)
-        return tvm.tirx.And(cmp, block_lanes(C, cb, kb, g))
+        cmp = p >= vec.bcast(dense_from) if dense else p < vec.bcast(dense_from)
+        return tvm.tirx.And(cmp, vec.block_lanes(C, cb, kb, g))
 
     def pixels(v, kb, g, k):
         """Per lane: offset k is a pixel entry (a non-zero of a sparse segment)."""
-        return tvm.tirx.And(kind(v, kb, g, False), nonzero_lanes(value(v, k)))
+        return tvm.tirx.And(kind(v, kb, g, False), vec.nonzero(value(v, k)))
 
     def channels(kb, g):
-        return ramp(kb * cb + g * LANES)
+        return vec.ramp(kb * cb + g * V)
 
     @T.macro
     def group(xt, hchan, hval, pcode, pval, hpos, ppos, kb, t, g, fill):
-        """LANES channels of block kb in segment t of the row in xt: their L values (one vector
+        """V channels of block kb in segment t of the row in xt: their L values (one vector
         load each; lanes past the block or C are masked off), the kind of each decided by its
         pairs, halo and pixel entries stored by compress stores, counted by popcounts."""
-        v = T.alloc_buffer((L * LANES,), "float32", scope="global")  # a stack array: kept in registers
+        v = T.alloc_buffer((L * V,), "float32", scope="global")  # a stack array: kept in registers
         for k in T.unroll(L):
-            v[ramp(k * LANES)] = T.if_then_else(segment_holds(spec, geo, t, k),
-                                                xt[ramp(segment_column(spec, geo, t, k) * cw + g * LANES)],
-                                                bcast(0.0, "float32"))
+            v[vec.ramp(k * V)] = T.if_then_else(segment_holds(spec, geo, t, k),
+                                                xt[vec.ramp(segment_column(spec, geo, t, k) * cw + g * V)],
+                                                vec.bcast(0.0, "float32"))
         if fill:
-            T.evaluate(compress_store(hchan, hpos[0], channels(kb, g), kind(v, kb, g, True)))
+            vec.compress_store(hchan, hpos[0], channels(kb, g), kind(v, kb, g, True))
             for k in T.unroll(L):
-                T.evaluate(compress_store(hval, (k, hpos[0]), value(v, k), kind(v, kb, g, True)))
-        hpos[0] = hpos[0] + count_lanes(kind(v, kb, g, True))  # dense_from >= 1: a dense lane has a non-zero
+                vec.compress_store(hval, (k, hpos[0]), value(v, k), kind(v, kb, g, True))
+        hpos[0] = hpos[0] + vec.count(kind(v, kb, g, True))  # dense_from >= 1: a dense lane has a non-zero
         for k in T.unroll(L):
             if fill:
-                T.evaluate(compress_store(pcode, ppos[k], channels(kb, g) * bcast(Kw) + bcast(k), pixels(v, kb, g, k)))
-                T.evaluate(compress_store(pval, ppos[k], value(v, k), pixels(v, kb, g, k)))
-            ppos[k] = ppos[k] + count_lanes(pixels(v, kb, g, k))
+                vec.compress_store(pcode, ppos[k], channels(kb, g) * vec.bcast(Kw) + vec.bcast(k), pixels(v, kb, g, k))
+                vec.compress_store(pval, ppos[k], value(v, k), pixels(v, kb, g, k))
+            ppos[k] = ppos[k] + vec.count(pixels(v, kb, g, k))
 
     @T.macro
     def row_pass(x, hptr, hchan, hval, pptr, pcode, pval, u, fill):
-        """Input row u = (n, h), segment by segment of each channel block, LANES channels at a
+        """Input row u = (n, h), segment by segment of each channel block, V channels at a
         time: each (segment, channel) is one halo entry, or one pixel entry per non-zero, or
         nothing. Entries are written by compress stores, so the fill has no data-dependent branch
         and writes nothing but entries; the L + 1 pointer rows' next slots stay in registers."""
         n, h = u // H, u % H
-        xt = T.alloc_buffer((W * cw,), "float32")  # block kb channels-last: LANES channels are one load
+        xt = T.alloc_buffer((W * cw,), "float32")  # block kb channels-last: V channels are one load
         for kb in range(f.nkb):
             if is_read(spec, 0, h):
-                channels_last_block(xt, x, n, h, kb, cb, C, W)
+                channels_last_block(vec, xt, x, n, h, kb, cb, C, W)
             for t in range(nseg):
                 row = u * per + kb * nseg + t  # halo pointer row (n, h, kb, t); its pixel rows row*L + o
                 hpos = T.alloc_buffer((1,), "int32", scope="global")

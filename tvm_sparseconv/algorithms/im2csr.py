@@ -24,6 +24,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
+from ..cpu import CPU
 from ..reference.im2csr import im2csr_encode, im2csr_multiply, im2csr_storage
 from .base import Algorithm, Buffer, Stage, bias_constant, drop_unused, epilogue_inputs, prim
 from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling, start_rows,
@@ -34,15 +35,15 @@ class Im2CSR(Algorithm):
     sparse = True
     fuses_residual = True
 
-    def default_knobs(self, spec: Conv2DSpec) -> dict:
-        return tiling_defaults(spec)
+    def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
+        return tiling_defaults(spec, cpu)
 
     def constants(self, spec, weight, bias, knobs):
         tl = make_tiling(self.name, spec, knobs)
         wr = weight.reshape(spec.out_channels, -1).T  # [C*Kh*Kw][M], rows k = (c*Kh + l)*Kw + q
         return {"w": tile_weights(wr, tl.m_tile), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         tl = make_tiling(self.name, spec, knobs)
         cap = tl.n_groups * spec.in_channels * spec.kernel_h * spec.kernel_w
         outs = (Buffer("csr_ptr", (tl.n_groups + 1,), "int32"), Buffer("csr_col", (cap,), "int32"),

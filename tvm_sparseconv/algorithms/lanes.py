@@ -1,115 +1,162 @@
-"""LANES channels at a time: the vector pieces of the channels-last encoders (pixcsr, hybrid).
+"""One vector of channels at a time: the vector pieces of the channels-last encoders (pixcsr, hybrid).
 
 An encoder copies one channel block of an input row channels-last (``channels_last_block``:
-16x16 register transposes), then takes LANES channels of a pixel per vector load, tests the
-lanes (``nonzero_lanes``), counts them (``count_lanes``: a kmov + popcnt) and stores the
-selected ones packed (``compress_store``): no data-dependent branch, no scalar loop over
-channels.
+lanes x lanes register transposes), then takes ``lanes`` channels of a pixel per vector load,
+tests them (``nonzero``), counts them (``count``) and stores the selected ones packed
+(``compress_store``): no data-dependent branch, no scalar loop over channels where the ISA
+can avoid one. ``Lanes(cpu)`` holds the vector width and picks the compaction the CPU has:
+
+- AVX-512: compress in a register (vcompressps) and a masked store of the first count lanes;
+- AVX2 (8 lanes): the selected lanes' indices packed by BMI2's pext from the lane mask, one
+  vpermps, and a masked store (vmaskmovps): LLVM expands a compress into a scalar sequence
+  there (6 ms for hybrid's encoder on 256x56x56), and for some layers it fails to select
+  instructions and aborts;
+- otherwise (SSE, NEON, ...): one conditional scalar store per lane.
 """
 from __future__ import annotations
 
 import tvm
 from tvm.script import tirx as T
 
-LANES = 16  # channels the encoder handles at once: one zmm of float32
+from ..cpu import CPU
 
 
-def ramp(base):
-    """TIR int32xLANES: base, base + 1, ..."""
-    return tvm.tirx.Ramp(base, 1, LANES)
+def _pure(dtype: str, name: str, *args):
+    return tvm.tirx.call_llvm_pure_intrin(dtype, name, *args)
 
 
-def bcast(value, dtype: str = "int32"):
-    """TIR dtype x LANES: value in every lane (a Python number or a scalar expression)."""
-    return tvm.tirx.Broadcast(tvm.tirx.const(value, dtype) if isinstance(value, (bool, int, float)) else value, LANES)
+class Lanes:
+    """The encoders' vector operations on ``cpu.lanes`` float32 / int32 lanes."""
 
+    def __init__(self, cpu: CPU):
+        self.n = cpu.lanes
+        self.cpu = cpu
 
-def nonzero_lanes(v):
-    """TIR: per lane, float32xLANES v is a non-zero (on the bits, as base.nonzero)."""
-    bits = tvm.tirx.reinterpret(f"int32x{LANES}", v)
-    return bits & bcast(0x7FFFFFFF) != bcast(0)
+    def ramp(self, base):
+        """TIR int32 x n: base, base + 1, ..."""
+        return tvm.tirx.Ramp(base, 1, self.n)
 
+    def bcast(self, value, dtype: str = "int32"):
+        """TIR dtype x n: value in every lane (a Python number or a scalar expression)."""
+        v = tvm.tirx.const(value, dtype) if isinstance(value, (bool, int, float)) else value
+        return tvm.tirx.Broadcast(v, self.n)
 
-def count_lanes(mask):
-    """TIR int32: the lanes of a boolxLANES mask that are set."""
-    return tvm.tirx.call_llvm_pure_intrin("int32", f"llvm.vector.reduce.add.v{LANES}i32", tvm.tirx.Cast(f"int32x{LANES}", mask))
+    def nonzero(self, v):
+        """TIR: per lane, float32 x n v is a non-zero (on the bits, as base.nonzero)."""
+        bits = tvm.tirx.reinterpret(f"int32x{self.n}", v)
+        return bits & self.bcast(0x7FFFFFFF) != self.bcast(0)
 
+    def count(self, mask):
+        """TIR int32: the lanes of a bool x n mask that are set."""
+        return _pure("int32", f"llvm.vector.reduce.add.v{self.n}i32", tvm.tirx.Cast(f"int32x{self.n}", mask))
 
-def compress_store(buf, index, value, mask):
-    """TIR: store the lanes of value that mask selects at buf[index], buf[index + 1], ...
+    def compress_store(self, buf, index, value, mask) -> None:
+        """Emit: store the lanes of value (float32 or int32 x n) that mask selects at buf[index],
+        buf[index + 1], ... (called while a macro is parsed). Writes nothing past the count."""
+        n, dtype = self.n, str(value.ty.dtype)
+        if not self.cpu.masked_store or not (self.cpu.compress or self._pext_permute()):
+            return self._scalar_store(buf, index, value, mask)
+        kind = "f32" if "float" in dtype else "i32"
+        if self.cpu.compress:
+            # the passthru is value itself: lanes past the count are never stored
+            packed = _pure(dtype, f"llvm.experimental.vector.compress.v{n}{kind}", value, mask, value)
+        else:
+            packed = self._permute(value, self._packed_indices(mask))
+        first = self.ramp(0) < self.bcast(self.count(mask))
+        T.evaluate(tvm.tirx.call_llvm_intrin("void", f"llvm.masked.store.v{n}{kind}.p0", packed,
+                                             tvm.tirx.address_of(buf[index]), first))
 
-    Compressed in a register, then a masked store of the first count lanes: a vcompress
-    straight to memory costs ~20 cycles on this CPU, these two ~2."""
-    dtype = str(value.ty.dtype)
-    kind = "f32" if "float" in dtype else "i32"
-    # the passthru is value itself: lanes past the count are never stored, and a constant
-    # passthru makes LLVM 22's expansion for targets without AVX-512 fail instruction selection
-    packed = tvm.tirx.call_llvm_pure_intrin(dtype, f"llvm.experimental.vector.compress.v{LANES}{kind}", value, mask,
-                                            value)
-    first = ramp(0) < bcast(count_lanes(mask))
-    return tvm.tirx.call_llvm_intrin("void", f"llvm.masked.store.v{LANES}{kind}.p0", packed,
-                                     tvm.tirx.address_of(buf[index]), first)
+    def _pext_permute(self) -> bool:
+        return self.cpu.isa == "avx2" and self.n == 8
 
+    def _packed_indices(self, mask):
+        """int32 x 8: the indices of mask's set lanes, first to last, then zeros. Each lane's
+        bit is spread to a byte of 0xFF (pdep), and pext keeps those bytes of 0x0706..00."""
+        u64 = lambda v: tvm.tirx.const(v, "uint64")  # noqa: E731
+        bits = _pure("int32", "llvm.vector.reduce.or.v8i32", tvm.tirx.Cast("int32x8", mask) << self.ramp(0))
+        spread = _pure("uint64", "llvm.x86.bmi.pdep.64", tvm.tirx.Cast("uint64", bits), u64(0x0101010101010101))
+        idx = _pure("uint64", "llvm.x86.bmi.pext.64", u64(0x0706050403020100), spread * u64(0xFF))
+        return tvm.tirx.Cast("int32x8", tvm.tirx.reinterpret("uint8x8", idx))
 
-def _transpose16(rows):
-    """LANES vectors (rows of a LANES x LANES tile) -> its columns, by 4 rounds of two-source
-    shuffles (vpermt2ps); round s swaps bit s of the row index with bit s of the lane.
+    @staticmethod
+    def _permute(value, idx):
+        """value (float32 or int32 x 8) with lane i = value[idx[i]] (one vpermps)."""
+        dtype = str(value.ty.dtype)
+        f = value if "float" in dtype else tvm.tirx.reinterpret("float32x8", value)
+        out = _pure("float32x8", "llvm.x86.avx2.permps", f, idx)
+        return out if "float" in dtype else tvm.tirx.reinterpret(dtype, out)
 
-    Each round's results pass through llvm.arithmetic.fence (a no-op on the values): without it
-    LLVM merges the rounds and builds each column from 16 sources by inserts and stack spills,
-    ~200 cycles a tile instead of ~70 (all 56x56 rows of 256 channels: 0.10 -> 0.038 ms)."""
-    for s in (1, 2, 4, 8):
-        out = list(rows)
-        for i in range(LANES):
-            if not i & s:
-                a, b = rows[i], rows[i | s]
-                out[i] = tvm.tirx.Shuffle([a, b], [LANES + (k ^ s) if k & s else k for k in range(LANES)])
-                out[i | s] = tvm.tirx.Shuffle([a, b], [LANES + k if k & s else k ^ s for k in range(LANES)])
-        rows = [tvm.tirx.call_llvm_pure_intrin(f"float32x{LANES}", "llvm.arithmetic.fence", r) for r in out]
-    return rows
+    def _scalar_store(self, buf, index, value, mask) -> None:
+        """One store per selected lane, at index + the number of selected lanes before it
+        (index: a flat index, or a tuple whose last element moves)."""
+        at = list(index) if isinstance(index, tuple) else [index]
+        before = tvm.tirx.const(0, "int32")
+        for i in range(self.n):
+            lane = tvm.tirx.Shuffle([mask], [i])
+            with T.If(lane):
+                with T.Then():
+                    T.buffer_store(buf, tvm.tirx.Shuffle([value], [i]), at[:-1] + [at[-1] + before])
+            before = before + tvm.tirx.Cast("int32", lane)
 
+    def transpose(self, rows):
+        """n vectors (rows of an n x n tile) -> its columns, by log2(n) rounds of two-source
+        shuffles (vpermt2ps on AVX-512); round s swaps bit s of the row index with bit s of the lane.
 
-def _transpose_tile(xt, cw, x, n, c0, h, j0, dc):
-    """xt[j*cw + dc + i] = x[n, c0 + i, h, j] for i < LANES, j0 <= j < j0+LANES.
+        Each round's results pass through llvm.arithmetic.fence (a no-op on the values): without it
+        LLVM merges the rounds and builds each column from n sources by inserts and stack spills,
+        ~200 cycles a 16 x 16 tile instead of ~70 (all 56x56 rows of 256 channels: 0.10 -> 0.038 ms)."""
+        n, s = self.n, 1
+        while s < n:
+            out = list(rows)
+            for i in range(n):
+                if not i & s:
+                    a, b = rows[i], rows[i | s]
+                    out[i] = tvm.tirx.Shuffle([a, b], [n + (k ^ s) if k & s else k for k in range(n)])
+                    out[i | s] = tvm.tirx.Shuffle([a, b], [n + k if k & s else k ^ s for k in range(n)])
+            rows = [_pure(f"float32x{n}", "llvm.arithmetic.fence", r) for r in out]
+            s *= 2
+        return rows
 
-    Emits its LANES stores through the IR builder (called from a macro), so that the columns
-    of the shuffled tile are Python values, not a TIR loop."""
-    cols = _transpose16([x[n, c0 + i, h, ramp(j0)] for i in range(LANES)])
-    for j in range(LANES):
-        T.buffer_store(xt, cols[j], [ramp((j0 + j) * cw + dc)])
+    def transpose_tile(self, xt, cw, x, n, c0, h, j0, dc) -> None:
+        """xt[j*cw + dc + i] = x[n, c0 + i, h, j] for i < lanes, j0 <= j < j0+lanes.
 
+        Emits its stores through the IR builder (called from a macro), so that the columns
+        of the shuffled tile are Python values, not a TIR loop."""
+        cols = self.transpose([x[n, c0 + i, h, self.ramp(j0)] for i in range(self.n)])
+        for j in range(self.n):
+            T.buffer_store(xt, cols[j], [self.ramp((j0 + j) * cw + dc)])
 
-def block_width(cb: int) -> int:
-    """Channels per pixel of a channels-last block of cb channels read LANES at a time."""
-    return -(-cb // LANES) * LANES
+    def block_width(self, cb: int) -> int:
+        """Channels per pixel of a channels-last block of cb channels read n at a time."""
+        return -(-cb // self.n) * self.n
+
+    def block_lanes(self, C: int, cb: int, kb, g):
+        """TIR bool x n: the lanes of group g (channels g*n + lane of channel block kb, blocks
+        of cb channels) that are channels of the block and of the input (< cb and < C)."""
+        if cb % self.n == 0 and C % cb == 0:
+            return self.bcast(True, "bool")
+        cc = self.ramp(g * self.n)
+        return tvm.tirx.And(cc < self.bcast(cb), cc + self.bcast(kb * cb) < self.bcast(C))
 
 
 @T.macro
-def channels_last_block(xt, x, n, h, kb, cb: int, C: int, W: int):
-    """xt[j*cw + c] = x[n, kb*cb + c, h, j] for c < cw = block_width(cb) where kb*cb + c < C, else
-    0 (x: N x C x H x W; xt: W*cw floats, 7 KB for 32 channels of 56 pixels: it stays in L1).
+def channels_last_block(vec: Lanes, xt, x, n, h, kb, cb: int, C: int, W: int):
+    """xt[j*cw + c] = x[n, kb*cb + c, h, j] for c < cw = vec.block_width(cb) where kb*cb + c < C,
+    else 0 (x: N x C x H x W; xt: W*cw floats, 7 KB for 32 channels of 56 pixels: it stays in L1).
 
     Lanes past the block (c >= cb) hold the next block's channels: a reader masks them off
-    (block_lanes). 16x16 register transposes when C and cb are multiples of LANES and W >= LANES
-    (the last column tile overlaps the one before it), else element by element."""
-    cw = block_width(cb)
-    if C % LANES == 0 and cb % LANES == 0 and W >= LANES:
-        for c16 in range(cw // LANES):
-            if kb * cb + c16 * LANES < C:
-                for jt in range(-(-W // LANES)):
-                    _transpose_tile(xt, cw, x, n, kb * cb + c16 * LANES, h, T.min(jt * LANES, W - LANES), c16 * LANES)
+    (block_lanes). lanes x lanes register transposes when C and cb are multiples of the lanes
+    and W >= lanes (the last column tile overlaps the one before it), else element by element."""
+    cw = vec.block_width(cb)
+    L = vec.n
+    if C % L == 0 and cb % L == 0 and W >= L:
+        for cv in range(cw // L):
+            if kb * cb + cv * L < C:
+                for jt in range(-(-W // L)):
+                    vec.transpose_tile(xt, cw, x, n, kb * cb + cv * L, h, T.min(jt * L, W - L), cv * L)
             else:  # past C in the last block
-                for j, c in T.grid(W, LANES):
-                    xt[j * cw + c16 * LANES + c] = T.float32(0)
+                for j, c in T.grid(W, L):
+                    xt[j * cw + cv * L + c] = T.float32(0)
     else:
         for j, c in T.grid(W, cw):
             xt[j * cw + c] = T.if_then_else(kb * cb + c < C, x[n, T.min(kb * cb + c, C - 1), h, j], T.float32(0))
-
-
-def block_lanes(C: int, cb: int, kb, g):
-    """TIR boolxLANES: the lanes of group g (channels g*LANES + lane of channel block kb, blocks
-    of cb channels) that are channels of the block and of the input (< cb and < C)."""
-    if cb % LANES == 0 and C % cb == 0:
-        return bcast(True, "bool")
-    cc = ramp(g * LANES)
-    return tvm.tirx.And(cc < bcast(cb), cc + bcast(kb * cb) < bcast(C))

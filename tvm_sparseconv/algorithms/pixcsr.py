@@ -9,7 +9,7 @@ and the value; only non-zeros of pixels some output pixel reads are stored:
     pix_val   (N*C*H*W,)         float32
 
 The encoder is one TIR PrimFunc (count, prefix sum, fill, parallel over input rows); the fill
-takes 16 channels of a pixel at a time from a channels-last copy of each channel block
+takes a vector of channels of a pixel at a time from a channels-last copy of each channel block
 (lanes.channels_last_block) and writes them by compress stores.
 
 The multiply is output-stationary and pixel-granular, so no zero is ever multiplied: per
@@ -33,26 +33,27 @@ import tvm
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
+from ..cpu import CPU, cpu_of
 from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, nonzero,
                    prim)
-from .lanes import (LANES, block_lanes, block_width, channels_last_block, compress_store, count_lanes,
-                    nonzero_lanes, ramp)
+from .lanes import Lanes, channels_last_block
 from .tiling import default_m_tile, finish_rows, start_rows, store_rows, tile_weights, two_pass_encode
 
 WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per (channel block, kernel row) by default
 ROW_PIXELS = 112  # output pixels per task by default: a weight block read from L2 serves at least these
-MIN_TASKS = 4  # parallel tasks at least, by default: 2 threads never wait on one long tail task
+MIN_TASKS = 4  # parallel tasks per 2 cores at least, by default: no thread waits on one long tail task
 
 
-def row_task_defaults(spec: Conv2DSpec, tiles) -> dict:
+def row_task_defaults(spec: Conv2DSpec, cpu: CPU, tiles) -> dict:
     """m_tile, c_block and rows of a kernel whose parallel tasks are (m-tile, image, R output
     rows) walking (channel block, kernel row) weight blocks: m_tile the largest of ``tiles``
-    giving MIN_TASKS tasks (else 16), c_block the power of two nearest WEIGHT_BLOCK_FLOATS /
+    giving MIN_TASKS * cores / 2 tasks (else 16), c_block the power of two nearest WEIGHT_BLOCK_FLOATS /
     (Kw*m_tile) up to C, rows = ceil(ROW_PIXELS / Ow)."""
     rows = max(1, min(spec.out_h, -(-ROW_PIXELS // spec.out_w)))
     tasks = spec.batch * -(-spec.out_h // rows)
-    tiles = tuple(t for t in tiles if -(-spec.out_channels // t) * tasks >= MIN_TASKS) + (16,)
+    least = max(MIN_TASKS, MIN_TASKS * cpu.cores // 2)
+    tiles = tuple(t for t in tiles if -(-spec.out_channels // t) * tasks >= least) + (16,)
     m_tile = default_m_tile(spec.out_channels, tiles)
     cb = 2 ** round(math.log2(max(1.0, WEIGHT_BLOCK_FLOATS / (spec.kernel_w * m_tile))))
     return {"m_tile": m_tile, "c_block": min(cb, spec.in_channels), "rows": rows}
@@ -63,11 +64,11 @@ class PixCSR(Algorithm):
     sparse = True
     fuses_residual = True
 
-    def default_knobs(self, spec: Conv2DSpec) -> dict:
-        """m_tile up to 128 (8 accumulators), the largest that still makes MIN_TASKS parallel
-        tasks (1x1 256->1024 at 14x14: 128 is 9 % faster than 64); c_block the power of two
-        nearest WEIGHT_BLOCK_FLOATS / (Kw*m_tile), at most C; rows ceil(ROW_PIXELS / Ow)."""
-        return row_task_defaults(spec, (128, 64, 32))
+    def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
+        """m_tile up to 8 vectors (8 accumulators; on AVX-512 128, 1x1 256->1024 at 14x14: 9 %
+        faster than 64), the largest that still makes enough parallel tasks; c_block the power
+        of two nearest WEIGHT_BLOCK_FLOATS / (Kw*m_tile), at most C; rows ceil(ROW_PIXELS / Ow)."""
+        return row_task_defaults(spec, cpu, [t for t in (128, 64, 32) if t <= 8 * cpu.lanes])
 
     def _checked(self, spec: Conv2DSpec, knobs) -> tuple[int, int, int]:
         for name in ("m_tile", "c_block", "rows"):
@@ -84,14 +85,15 @@ class PixCSR(Algorithm):
         wr = wp.reshape(m, nkb, cb, kh * kw).transpose(1, 3, 2, 0).reshape(-1, m)  # rows (kb, l, q, cc)
         return {"w": tile_weights(wr, mt), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs) -> list[Stage]:
+    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         mt, cb, R = self._checked(spec, knobs)
         nkb = pixcsr_blocks(spec, cb)
         n, c, h, w = spec.x_shape
         ptr_rows, cap = n * h * nkb * w, n * c * h * w
         outs = (Buffer("pix_ptr", (ptr_rows + 1,), "int32"), Buffer("pix_code", (cap,), "int32"),
                 Buffer("pix_val", (cap,)))
-        return [Stage("encode", "encode", prim(_encode_func(spec, cb, nkb, ptr_rows, cap)), ("x",), outs),
+        return [Stage("encode", "encode", prim(_encode_func(spec, Lanes(cpu_of(cpu)), cb, nkb, ptr_rows, cap)), ("x",),
+                      outs),
                 Stage("multiply", "multiply", prim(_multiply_func(spec, mt, cb, R, nkb, ptr_rows, cap, epilogue)),
                       ("pix_ptr", "pix_code", "pix_val", "w") + epilogue_inputs(epilogue), (Buffer("y", spec.y_shape),))]
 
@@ -105,20 +107,20 @@ class PixCSR(Algorithm):
         return pixcsr_multiply(spec, knobs["c_block"], *pixcsr_encode(spec, x, knobs["c_block"]), w)
 
 
-def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, ptr_rows: int, cap: int):
+def _encode_func(spec: Conv2DSpec, vec: Lanes, cb: int, nkb: int, ptr_rows: int, cap: int):
     N, C, H, W = spec.x_shape
     per = nkb * W  # pointer rows per input row
-    n_groups, cw = -(-cb // LANES), block_width(cb)
+    n_groups, cw, L = -(-cb // vec.n), vec.block_width(cb), vec.n
 
     def selected(v, kb, g):
-        """The lanes of v (channels kb*cb + g*LANES + lane) that are entries: non-zero channels
+        """The lanes of v (channels kb*cb + g*L + lane) that are entries: non-zero channels
         of the block (an expression, not a variable, so that it stays in a mask register)."""
-        return tvm.tirx.And(nonzero_lanes(v), block_lanes(C, cb, kb, g))
+        return tvm.tirx.And(vec.nonzero(v), vec.block_lanes(C, cb, kb, g))
 
     @T.macro
     def row_pass(x, ptr, code, val, u, fill):
         """Input row u = (n, h): count per (block, column) along the contiguous rows of x
-        (vectorised), or fill block by block from a channels-last copy of the block, LANES
+        (vectorised), or fill block by block from a channels-last copy of the block, L
         channels of a pixel at a time by compress stores of the lanes the count pass counted
         (so each pointer row gets exactly its slots, and no branch depends on the data)."""
         n, h = u // H, u % H
@@ -126,16 +128,16 @@ def _encode_func(spec: Conv2DSpec, cb: int, nkb: int, ptr_rows: int, cap: int):
             if is_read(spec, 0, h):
                 xt = T.alloc_buffer((W * cw,), "float32")
                 for kb in range(nkb):
-                    channels_last_block(xt, x, n, h, kb, cb, C, W)
+                    channels_last_block(vec, xt, x, n, h, kb, cb, C, W)
                     for j in range(W):
                         if is_read(spec, 1, j):
                             pos = T.alloc_buffer((1,), "int32", scope="global")  # the row's next slot: a register
                             pos[0] = ptr[u * per + kb * W + j]
                             for g in range(n_groups):
-                                v = xt[ramp(j * cw + g * LANES)]
-                                T.evaluate(compress_store(code, pos[0], ramp(j * cb + g * LANES), selected(v, kb, g)))
-                                T.evaluate(compress_store(val, pos[0], v, selected(v, kb, g)))
-                                pos[0] = pos[0] + count_lanes(selected(v, kb, g))
+                                v = xt[vec.ramp(j * cw + g * L)]
+                                vec.compress_store(code, pos[0], vec.ramp(j * cb + g * L), selected(v, kb, g))
+                                vec.compress_store(val, pos[0], v, selected(v, kb, g))
+                                pos[0] = pos[0] + vec.count(selected(v, kb, g))
         else:
             pos = T.alloc_local((per,), "int32")
             start_rows(ptr, pos, u * per, per, fill)

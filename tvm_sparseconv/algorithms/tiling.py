@@ -13,6 +13,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec
+from ..cpu import CPU
 from .base import KnobError, any_nonzero, store_output
 
 # How the (m-tile, group) work is split across threads:
@@ -49,13 +50,19 @@ def default_m_tile(m: int, tiles=M_TILES) -> int:
     return min(tiles, key=lambda t: (-(-m // t) * t, -t))
 
 
-def tiling_defaults(spec: Conv2DSpec, tiles=M_TILES) -> dict:
-    """m_tile by default_m_tile; block so that block * m_tile / 16 is about 16 accumulator
-    registers (at most 8 pixels), then the smallest block with as many groups per output row
-    (Ow = 14: 7, not 8 with 2 pixels wasted); split "fused": with an even number of m-tiles,
-    each of 2 threads gets every group of half the tiles (equal work, half the weights each)."""
-    m_tile = default_m_tile(spec.out_channels, tiles)
-    block = max(1, min(8, 256 // m_tile, spec.out_w))
+def tile_pixels(cpu: CPU, m_tile: int, most: int) -> int:
+    """Pixels of a register tile of m_tile channels: as many as cpu.accumulators vector
+    registers hold, at most ``most``, at least 1."""
+    return max(1, min(most, cpu.accumulators * cpu.lanes // m_tile))
+
+
+def tiling_defaults(spec: Conv2DSpec, cpu: CPU, tiles=M_TILES) -> dict:
+    """m_tile by default_m_tile among ``tiles`` of at most 4 vectors; block by tile_pixels (at
+    most 8), then the smallest block with as many groups per output row (Ow = 14: 7, not 8 with
+    2 pixels wasted); split "fused": with an even number of m-tiles, each of 2 threads gets
+    every group of half the tiles (equal work, half the weights each)."""
+    m_tile = default_m_tile(spec.out_channels, [t for t in tiles if t <= 4 * cpu.lanes] or [min(tiles)])
+    block = min(tile_pixels(cpu, m_tile, 8), spec.out_w)
     block = -(-spec.out_w // -(-spec.out_w // block))
     return {"block": block, "m_tile": m_tile, "split": "fused"}
 

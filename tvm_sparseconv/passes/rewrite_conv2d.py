@@ -9,6 +9,7 @@ from tvm import relax
 
 from ..algorithms import get_algorithm
 from ..conv import Epilogue
+from ..cpu import CPU, cpu_of
 from ..graph import ConvSite, find_conv_sites
 
 # relax's kOpaque: FuseOps must not merge a hand-written kernel into its neighbours
@@ -36,21 +37,21 @@ def stage_func(st) -> tvm.tirx.PrimFunc:
     return func
 
 
-def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, x: relax.Expr,
+def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, cpu: CPU, x: relax.Expr,
                res: relax.Expr | None = None) -> relax.Expr:
-    """Emit every stage but the last as bindings; return the last stage's call (its result is y).
-    With ``res`` the layer's epilogue adds it (site.residual_add's chain), and ReLUs if that
-    chain ends in one."""
+    """Emit every stage, built for ``cpu``, but the last as bindings; return the last stage's
+    call (its result is y). With ``res`` the layer's epilogue adds it (site.residual_add's
+    chain), and ReLUs if that chain ends in one."""
     algo = get_algorithm(choice.algorithm)
     spec = site.spec
     algo.check(spec)
-    knobs = algo.knobs(spec, choice.knobs)
+    knobs = algo.knobs(spec, choice.knobs, cpu)
     relu = site.residual_add.relu if res is not None else site.relu
     epilogue = Epilogue(bias=site.bias is not None, relu=relu, residual=res is not None)
     env = {"x": x, "res": res}
     for name, value in algo.constants(spec, site.weight, site.bias, knobs).items():
         env[name] = relax.const(value)
-    stages = algo.stages(spec, epilogue, knobs)
+    stages = algo.stages(spec, epilogue, knobs, cpu)
     call = None
     for i, st in enumerate(stages):
         gv = bb.add_func(stage_func(st), f"{algo.name}_{st.name}")
@@ -70,9 +71,9 @@ def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, x: r
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, todo: dict, absorbed: set, calls: dict):
+    def __init__(self, mod, todo: dict, absorbed: set, calls: dict, cpu: CPU):
         super().__init__(mod)
-        self.todo, self.absorbed, self.calls = todo, absorbed, calls
+        self.todo, self.absorbed, self.calls, self.cpu = todo, absorbed, calls, cpu
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.absorbed:
@@ -85,7 +86,7 @@ class _Rewriter(relax.PyExprMutator):
         if site.data_layout == "NHWC":
             x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
         res = self.visit_expr(fused.residual) if fused is not None else None
-        y = emit_layer(self.builder_, site, choice, x, res)
+        y = emit_layer(self.builder_, site, choice, self.cpu, x, res)
         if site.data_layout == "NHWC":
             y = relax.op.permute_dims(self.builder_.emit(y), [0, 2, 3, 1])
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(y)))
@@ -100,14 +101,16 @@ class RewriteConv2D:
     ``call_tir`` bindings, weights re-laid-out into constants here, at compile time. When the
     algorithm fuses residual adds and the conv (+ bias) only feeds an add of another tensor
     of its shape (a ResNet block's end), the add and the ReLU after it go into its epilogue
-    too; each add goes to the first layer that claims it.
+    too; each add goes to the first layer that claims it. The kernels are built for ``target``'s
+    CPU (None: this machine).
     Layers without a choice, chosen "direct", or that only TVM's conv2d can compute
     (non-constant weight, unsupported layout) stay as they are; so does a layer the chosen
     algorithm does not support (``strict=False``) unless ``strict`` asks for an error.
     """
 
-    def __init__(self, choices: Mapping[str, LayerChoice], strict: bool = False):
+    def __init__(self, choices: Mapping[str, LayerChoice], target=None, strict: bool = False):
         self.choices = dict(choices)
+        self.cpu = cpu_of(target)
         self.strict = strict
         self.applied: dict[str, str] = {}
 
@@ -154,7 +157,7 @@ class RewriteConv2D:
         absorbed = {v for s, _, fused in todo.values() for v in (fused.absorbed if fused else s.absorbed)}
         calls = {b.var: b.value for block in func.body.blocks for b in block.bindings
                  if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call)}
-        rw = _Rewriter(mod, todo, absorbed, calls)
+        rw = _Rewriter(mod, todo, absorbed, calls, self.cpu)
         new_main = rw.visit_expr(func)
         gv = rw.builder_.get().get_global_var("main")
         rw.builder_.update_func(gv, new_main)

@@ -36,19 +36,22 @@ from ..target import make_target
 from .progress import Progress
 
 
-def call_layout(model: Model, plan: Plan) -> list[tuple[str, int]]:
+def call_layout(model: Model, plan: Plan, target) -> list[tuple[str, int]]:
     """(layer key, its kernel calls per inference) for the rewritten layers, in the order the
     VM runs them: the order of the bindings each rewritten chain replaces (RewriteConv2D emits
     a layer's stages there)."""
     func = model.mod["main"]
-    todo = RewriteConv2D(plan.choices(find_conv_sites(func))).select(func)
+    rewrite = RewriteConv2D(plan.choices(find_conv_sites(func)), target)
+    todo = rewrite.select(func)
     out = []
     for block in func.body.blocks:
         for b in block.bindings:
             if b.var in todo:
                 site, choice, _ = todo[b.var]
                 algo = get_algorithm(choice.algorithm)
-                out.append((site.key, len(algo.stages(site.spec, Epilogue(site.bias is not None, site.relu), algo.knobs(site.spec, choice.knobs)))))
+                knobs = algo.knobs(site.spec, choice.knobs, rewrite.cpu)
+                out.append((site.key, len(algo.stages(site.spec, Epilogue(site.bias is not None, site.relu), knobs,
+                                                      rewrite.cpu))))
     return out
 
 
@@ -86,13 +89,13 @@ def apply_report(plan: Plan, report: dict) -> Plan:
     return out
 
 
-def dense_splits(model: Model, plan: Plan, layout: list[tuple[str, int]]) -> dict[str, str]:
+def dense_splits(model: Model, plan: Plan, layout: list[tuple[str, int]], target) -> dict[str, str]:
     """{key: resolved split} of the layers the plan rewrites onto the dense kernel (``layout``:
     call_layout's, which names the rewritten ones)."""
     sites = {s.key: s for s in find_conv_sites(model.mod["main"])}
     rewritten = {k for k, _ in layout}
     dense = get_algorithm("dense")
-    return {l.key: dense.knobs(sites[l.key].spec, l.knobs)["split"] for l in plan.layers
+    return {l.key: dense.knobs(sites[l.key].spec, l.knobs, target)["split"] for l in plan.layers
             if l.algorithm == "dense" and l.key in rewritten}
 
 
@@ -107,8 +110,8 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     if rounds < 1 or runs < 1:
         raise ValueError(f"rounds and runs must be >= 1, got {rounds} and {runs}")
     target = make_target(target)
-    layout = call_layout(model, plan)  # builds every layer's stages: once
-    original = dense_splits(model, plan, layout)
+    layout = call_layout(model, plan, target)  # builds every layer's stages: once
+    original = dense_splits(model, plan, layout, target)
     if not original:
         return plan, {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
     xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))

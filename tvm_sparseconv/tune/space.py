@@ -1,8 +1,9 @@
 """Knob spaces of the hand-scheduled kernels: the candidates the tuner may measure.
 
-Register-tiled kernels keep (pixels x M tile / 16) zmm accumulators; more than ~24 spills
-and fewer than ~4 starves the FMA units, so the grids are cut to that band. Every candidate
-is validated by the algorithm itself (an invalid combination is dropped, never measured).
+Register-tiled kernels keep (pixels x M tile / lanes) vector registers of accumulators; more
+than 3/4 of the CPU's registers spills (24 on AVX-512, 12 on AVX2) and fewer than ~4 starves
+the FMA units, so the grids are cut to that band. Every candidate is validated by the
+algorithm itself (an invalid combination is dropped, never measured).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import random
 
 from ..algorithms import get_algorithm
 from ..conv import Conv2DSpec
+from ..cpu import CPU, cpu_of
 
 
 def _grid(**axes):
@@ -19,15 +21,14 @@ def _grid(**axes):
         yield dict(zip(keys, vals))
 
 
-def _regs_ok(pixels: int, m_tile: int) -> bool:
-    return 4 <= pixels * m_tile / 16 <= 24
+def _raw_space(name: str, spec: Conv2DSpec, cpu: CPU):
+    def _regs_ok(pixels: int, m_tile: int) -> bool:
+        return 4 <= pixels * m_tile / cpu.lanes <= cpu.registers * 3 // 4
 
-
-def _raw_space(name: str, spec: Conv2DSpec):
     if name in ("halo", "im2csr"):
         from ..algorithms.tiling import SPLITS
 
-        for k in _grid(block=(2, 4, 6, 8), m_tile=(16, 32, 64), split=SPLITS):
+        for k in _grid(block=(2, 3, 4, 6, 8), m_tile=(16, 32, 64), split=SPLITS):
             if _regs_ok(k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
                 yield k
     elif name in ("cpo", "cps"):
@@ -39,10 +40,11 @@ def _raw_space(name: str, spec: Conv2DSpec):
     elif name == "pixcsr":  # weight blocks per kernel row of 16-256 KB (L1 to L2), tasks of 1-8 output rows
         for k in _grid(m_tile=(32, 64, 128), c_block=(2, 4, 8, 16, 32, 64, 128, 256), rows=(1, 2, 4, 8)):
             cb = min(k["c_block"], spec.in_channels)
-            if 4096 <= spec.kernel_w * cb * k["m_tile"] <= 65536 and k["rows"] <= spec.out_h and cb == k["c_block"]:
+            if 4096 <= spec.kernel_w * cb * k["m_tile"] <= 65536 and k["rows"] <= spec.out_h and cb == k["c_block"] \
+                    and k["m_tile"] <= 8 * cpu.lanes:
                 yield k
     elif name == "hybrid":  # halo's register tiles, pixcsr's weight blocks, the dense share around the default
-        for k in _grid(block=(2, 4, 8), m_tile=(32, 64, 128), c_block=(32, 64, 128), rows=(2, 4)):
+        for k in _grid(block=(2, 3, 4, 8), m_tile=(32, 64, 128), c_block=(32, 64, 128), rows=(2, 4)):
             cb = min(k["c_block"], spec.in_channels)
             if _regs_ok(k["block"], k["m_tile"]) and k["block"] <= spec.out_w and cb == k["c_block"]:
                 products = k["block"] * spec.kernel_w
@@ -51,23 +53,25 @@ def _raw_space(name: str, spec: Conv2DSpec):
     elif name == "dense":
         from ..algorithms.dense import PADS, SPLITS, is_pointwise
 
-        for k in _grid(kernel=("direct",), block=(4, 6, 8), m_tile=(16, 32, 64), split=SPLITS, pad=PADS):
+        for k in _grid(kernel=("direct",), block=(3, 4, 6, 8), m_tile=(16, 32, 64), split=SPLITS, pad=PADS):
             if _regs_ok(k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
                 yield k
         if is_pointwise(spec):
-            for k in _grid(kernel=("gemm",), block=(32, 48, 64), m_tile=(4, 8, 16), split=SPLITS):
-                yield k
+            for k in _grid(kernel=("gemm",), block=(16, 24, 32, 48, 64), m_tile=(4, 6, 8, 12, 16), split=SPLITS):
+                if k["block"] % cpu.lanes == 0 and _regs_ok(k["block"], k["m_tile"]):
+                    yield k
 
 
-def knob_space(name: str, spec: Conv2DSpec) -> list[dict]:
-    """Valid, complete knob dicts for ``name`` on ``spec``: the defaults first, then the rest in
-    a fixed shuffled order, so that any prefix (what a small budget measures) spreads over
-    every axis of the grid rather than varying only its last one."""
-    algo = get_algorithm(name)
+def knob_space(name: str, spec: Conv2DSpec, target=None) -> list[dict]:
+    """Valid, complete knob dicts for ``name`` on ``spec`` and the CPU of ``target`` (None: this
+    machine): the defaults first, then the rest in a fixed shuffled order, so that any prefix
+    (what a small budget measures) spreads over every axis of the grid rather than varying
+    only its last one."""
+    algo, cpu = get_algorithm(name), cpu_of(target)
     seen, out = set(), []
-    for k in [{}] + list(_raw_space(name, spec)):
+    for k in [{}] + list(_raw_space(name, spec, cpu)):
         try:
-            full = algo.knobs(spec, k)
+            full = algo.knobs(spec, k, cpu)
             algo.constants(spec, _zeros_weight(spec), None, full)  # validates tile sizes cheaply
         except (ValueError, KeyError):
             continue

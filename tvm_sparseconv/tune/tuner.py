@@ -4,6 +4,9 @@ hand-scheduled kernels) and pick the fastest, encode included.
 
 Output, in the run folder: ``profile.json``, ``trials.jsonl`` (every measured candidate),
 ``database/`` (MetaSchedule JSON database), ``plan.json`` and ``report.md`` with plots.
+
+Each candidate is built, checked and timed in a child process (worker.py): one that crashes
+(an LLVM fatal error, a segfault) or hangs is logged as failed and the tune goes on.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from ..plan import Plan, PlanLayer
 from ..profile import profile
 from ..reference import dense_conv2d
 from ..target import make_target
+from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import KnobCostModel
 from .log import TuningLog
 from .progress import Progress
@@ -34,7 +38,7 @@ DENSE_BASELINES = ("dense", "direct")
 MS_ALGORITHMS = ("direct", "im2col", "mec")  # their stages are TE: MetaSchedule tunes them
 
 
-def settled(recs: list[dict], spec, margin: float) -> list[dict]:
+def settled(recs: list[dict], spec, margin: float, target) -> list[dict]:
     """Per algorithm among the measured records of one workload, its fastest, or its defaults'
     unless another knob config beats them by ``margin``: a layer timed alone ranks configs
     within a few percent by noise, and the defaults encode what holds in a model (dense's gemm
@@ -43,7 +47,7 @@ def settled(recs: list[dict], spec, margin: float) -> list[dict]:
     for a in dict.fromkeys(r["algorithm"] for r in recs):
         mine = [r for r in recs if r["algorithm"] == a]
         best = min(mine, key=lambda r: r["time_ms"])
-        defaults = get_algorithm(a).knobs(spec, None)
+        defaults = get_algorithm(a).knobs(spec, None, target)
         base = next((r for r in mine if r["knobs"] == defaults), None)
         if base is not None and best["time_ms"] > base["time_ms"] * (1 - margin):
             best = base
@@ -63,11 +67,34 @@ class TuneConfig:
     refine: bool = True            # then choose the dense layers' thread splits inside the model
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
+    candidate_timeout: float | None = None  # s per candidate; None: worker.py's default (600)
 
 
 def _tolerance(w: Workload, ref: np.ndarray) -> float:
     red = w.spec.in_channels // w.spec.groups * w.spec.kernel_h * w.spec.kernel_w
     return 1e-4 + 2e-5 * np.sqrt(red) * float(np.nanmax(np.abs(ref), initial=1.0))
+
+
+def measure_candidate(a: str, spec, weight, bias, relu: bool, target: str, knobs: dict, db: str | None,
+                      x: np.ndarray, ref: np.ndarray, tol: float, repeat: int, cache: str, rpc) -> dict:
+    """Build one candidate, check it against ``ref`` and time it: the job Tuner._measure_one runs
+    in the worker. Over RPC, ``rpc`` (host, port, key) opens a session from the tracker in this
+    process, one per candidate (a session does not cross processes, and its server-side timeout
+    then bounds one candidate, not the whole tune); the build still runs here, isolated."""
+    session = None
+    if rpc:
+        from tvm import rpc as tvm_rpc
+
+        host, port, key = rpc
+        session = tvm_rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=600)
+    layer = CompiledLayer(a, spec, weight, bias, relu, target, knobs, db, session)
+    err = max_abs_error(layer(x), ref)
+    if not err <= tol:
+        return {"error": f"wrong result: max abs error {err:.3g}", "max_abs_error": err}
+    t = layer.time(x, repeat=repeat, cache=cache)
+    st = layer.storage()
+    return {"time_ms": t.total_ms, "encode_ms": t.encode_ms, "multiply_ms": t.multiply_ms, "max_abs_error": err,
+            "stored_elements": st.elements, "stored_bytes": st.bytes}
 
 
 class Tuner:
@@ -90,7 +117,6 @@ class Tuner:
                                  "cache": self.cfg.cache})
         self.cost = KnobCostModel(self.cfg.seed)
         self.deadline = time.monotonic() + 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
-        self.session = self._rpc_session() if self.cfg.rpc else None
 
     # -- phases ------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -129,7 +155,7 @@ class Tuner:
             for a in MS_ALGORITHMS:
                 if a not in self.cfg.algorithms or not self._supports(a, w):
                     continue
-                for st in get_algorithm(a).stages(w.spec, Epilogue(w.has_bias, w.relu), {}):
+                for st in get_algorithm(a).stages(w.spec, Epilogue(w.has_bias, w.relu), {}, self.target):
                     if st.tunable:
                         stages.append(st)
                         names.append(f"{a}_{st.name}_{len(names)}")
@@ -165,7 +191,7 @@ class Tuner:
                 if have_db:  # untuned TE loops are 10-100x slow: measure only with a database
                     out.append((a, [{}]))
             else:
-                out.append((a, knob_space(a, w.spec)[: max(1, self.cfg.knob_trials) * 4]))
+                out.append((a, knob_space(a, w.spec, self.target)[: max(1, self.cfg.knob_trials) * 4]))
         return out
 
     def measure(self, workloads: list[Workload]) -> None:
@@ -194,20 +220,18 @@ class Tuner:
                 p.step(f"{w.id} {a} {rec.get('time_ms') or rec.get('error')}")
 
     def _measure_one(self, w: Workload, a: str, knobs: dict, ref: np.ndarray) -> dict:
+        """One candidate's trials record, measured in the worker (measure_candidate); a candidate
+        that fails to build or run, crashes its process or hangs is recorded with its error."""
         rec = {"workload": w.id, "algorithm": a, "knobs": knobs, "density": w.density}
         try:
-            db = self.db_dir if a in MS_ALGORITHMS else None
-            layer = CompiledLayer(a, w.spec, w.weight, w.bias, w.relu, self.target, knobs, db, self.session)
-            err = max_abs_error(layer(w.x), ref)
-            if not err <= _tolerance(w, ref):
-                rec.update(error=f"wrong result: max abs error {err:.3g}", max_abs_error=err)
-                return rec
-            t = layer.time(w.x, repeat=self.cfg.repeat, cache=self.cfg.cache)
-            st = layer.storage()
-            rec.update(time_ms=t.total_ms, encode_ms=t.encode_ms, multiply_ms=t.multiply_ms, max_abs_error=err,
-                       stored_elements=st.elements, stored_bytes=st.bytes)
-        except Exception as e:  # a candidate that fails to build or run is recorded, not fatal
+            rec.update(shared_worker().call(
+                measure_candidate, a, w.spec, Cached(w.weight), w.bias, w.relu, str(self.target), knobs,
+                self.db_dir if a in MS_ALGORITHMS else None, Cached(w.x), Cached(ref), _tolerance(w, ref),
+                self.cfg.repeat, self.cfg.cache, self.cfg.rpc, timeout=self.cfg.candidate_timeout))
+        except Exception as e:
             rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+            if isinstance(e, CandidateCrash):
+                self.say(f"{w.id} {a} {knobs}: candidate crashed, recorded as failed: {e}")
         return rec
 
     def select(self, workloads: list[Workload]) -> Plan:
@@ -216,7 +240,7 @@ class Tuner:
         by_key = {}
         for w in workloads:
             recs = settled([r for r in self.trials.records if r["workload"] == w.id and r.get("time_ms")],
-                           w.spec, self.cfg.margin)
+                           w.spec, self.cfg.margin, self.target)
             choice = {"algorithm": "direct", "knobs": {}, "time_ms": None}
             if recs:
                 best = min(recs, key=lambda r: r["time_ms"])
@@ -266,10 +290,3 @@ class Tuner:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
         return refined
-
-    def _rpc_session(self):
-        from tvm import rpc
-
-        host, port, key = self.cfg.rpc
-        tracker = rpc.connect_tracker(host, int(port))
-        return tracker.request(key, priority=1, session_timeout=600)

@@ -1,0 +1,112 @@
+"""Every kernel built for the x86 ISAs other than the host's; the CPU description of a target.
+
+The rest of the suite runs the kernels built for the host. Here each algorithm is built for
+AVX2 (haswell), for SSE (x86-64-v2: 4 lanes and no masked store, as NEON) and, on a host
+without AVX-512, for AVX-512 (built, not run: the skip says so). Code the host can run is
+checked against the float64 reference, and the sparse encoders' arrays against their NumPy
+twins (the per-ISA compactions must write exactly the format).
+"""
+import numpy as np
+import pytest
+
+from tvm_sparseconv.algorithms import ALGORITHMS, get_algorithm
+from tvm_sparseconv.build import CompiledLayer
+from tvm_sparseconv.conv import Conv2DSpec
+from tvm_sparseconv.cpu import CPU, cpu_of
+from tvm_sparseconv.reference import dense_conv2d
+from tvm_sparseconv.target import make_target
+
+from conftest import AVX2_TARGET, AVX512_TARGET, GRID, HOST, SSE_TARGET, activation, assert_conv_close, grid_id, \
+    grid_spec, isa_cases, weight
+from test_gather_kernels import ENCODERS, assert_encoding_equals_reference
+
+# 1x1, 3x3, strided with asymmetric padding and batch 2, 7x7 s2, dilation 2, strided 1x1
+CASES = [GRID[i] for i in (0, 1, 2, 4, 7, 8)]
+# SSE: the kernels whose code depends on the vector width (encoders, register tiles)
+SSE_ALGORITHMS = ("dense", "halo", "pixcsr", "hybrid", "cpo")
+
+
+def _cases():
+    for name, target, runs in isa_cases():
+        for algorithm in ALGORITHMS:
+            if name != "sse" or algorithm in SSE_ALGORITHMS:
+                yield pytest.param(name, target, runs, algorithm, id=f"{name}-{algorithm}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=grid_id)
+@pytest.mark.parametrize("isa,target,runs,algorithm", list(_cases()))
+def test_every_kernel_on_the_other_isas(isa, target, runs, algorithm, case):
+    spec = grid_spec(case)
+    w = weight(spec)
+    layer = CompiledLayer(algorithm, spec, w, target=target)
+    if not runs:
+        pytest.skip(f"built for {isa} without running it: this host ({HOST.name}) has no {isa}")
+    for d in (0.0, 0.3, 1.0):
+        x = activation(spec, d)
+        assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+        if algorithm in ENCODERS:
+            assert_encoding_equals_reference(layer, x)
+
+
+@pytest.mark.parametrize("isa,target,runs", [c[:3] for c in isa_cases()], ids=[c[0] for c in isa_cases()])
+def test_channels_not_a_multiple_of_the_lanes(isa, target, runs):
+    """pixcsr and hybrid with blocks and channel counts that leave partial vectors, wide rows
+    (transposed tiles) and NaN/Inf/-0.0 in the input, on each ISA's compaction."""
+    spec = Conv2DSpec.from_shapes((1, 20, 5, 19), (24, 20, 3, 3), padding=1)
+    w = weight(spec)
+    x = activation(spec, 0.4)
+    x[0, 3, 2, 4], x[0, 7, 1, 1], x[0, 9, 0, 0] = np.nan, np.inf, -0.0
+    for algorithm, knobs in (("pixcsr", {"c_block": 12}), ("pixcsr", {"c_block": 16}), ("hybrid", {"c_block": 12}),
+                             ("hybrid", {"c_block": 20, "dense_from": 2})):
+        layer = CompiledLayer(algorithm, spec, w, target=target, knobs=knobs)
+        if not runs:
+            pytest.skip(f"built for {isa} without running it: this host ({HOST.name}) has no {isa}")
+        assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+        assert_encoding_equals_reference(layer, x)
+
+
+def test_cpu_descriptions():
+    avx512, avx2, sse = cpu_of(AVX512_TARGET), cpu_of(AVX2_TARGET), cpu_of(SSE_TARGET)
+    assert (avx512.isa, avx512.lanes, avx512.registers, avx512.compress, avx512.masked_store) == \
+        ("avx512", 16, 32, True, True)
+    assert (avx2.isa, avx2.lanes, avx2.registers, avx2.compress, avx2.masked_store) == ("avx2", 8, 16, False, True)
+    assert (sse.lanes, sse.registers, sse.masked_store) == (4, 16, False)
+    assert avx2.accumulators == 12 and avx512.accumulators == 16
+    # mattr takes AVX-512 away from an AVX-512 cpu; num-cores is the target's
+    no512 = cpu_of({"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512f"], "num-cores": 6})
+    assert no512.isa == "avx2" and no512.cores == 6
+    # another family's caches come from the table, not from this machine
+    assert (avx2.l1d, avx2.l2) == (32 << 10, 256 << 10)
+    arm = cpu_of({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1", "num-cores": 4})
+    assert (arm.isa, arm.lanes, arm.registers, arm.compress, arm.l1d, arm.cores) == ("neon", 4, 32, False, 64 << 10, 4)
+    assert CPU.from_dict(arm.to_dict()) == arm
+
+
+def test_host_description_reads_this_machine():
+    host = cpu_of(None)
+    assert host.name == make_target(None).attrs["mcpu"]
+    assert host.l1d >= 16 << 10 and host.l2 >= host.l1d
+    with open("/proc/cpuinfo") as f:
+        flags = next((l for l in f if l.startswith(("flags", "Features"))), "")
+    if " avx512f" in flags:
+        assert host.isa == "avx512"
+    elif " avx2" in flags:
+        assert host.isa == "avx2"
+
+
+def test_a_foreign_triple_gets_no_host_cpu():
+    t = make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    assert "mcpu" not in t.attrs or str(t.attrs["mcpu"]) != HOST.name
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "direct"])
+def test_defaults_follow_the_target(algorithm):
+    """Defaults never exceed the target's registers: on AVX2 no tile is sized for 32 zmm."""
+    algo = get_algorithm(algorithm)
+    for target in (AVX2_TARGET, SSE_TARGET, AVX512_TARGET):
+        cpu = cpu_of(target)
+        for case in GRID + [((1, 256, 56, 56), 256, (3, 3), 1, 1, 1), ((1, 256, 14, 14), 1024, (1, 1), 1, 0, 1)]:
+            spec = grid_spec(case)
+            k = algo.knobs(spec, None, cpu)
+            if "block" in k and algorithm in ("halo", "im2csr", "hybrid") or k.get("kernel") == "direct":
+                assert k["block"] * k["m_tile"] / cpu.lanes <= cpu.registers * 3 // 4, (target, case, k)

@@ -1,0 +1,143 @@
+"""The target CPU as the kernels see it: one description, read from the TVM target.
+
+Every kernel default, knob space, tile check, encoder and thread split takes a :class:`CPU`
+(``cpu_of(target)``) instead of a module constant, so that one code base builds the right
+code for AVX-512 (16 float32 lanes, 32 registers, compress stores), AVX2 (8 lanes, 16
+registers, masked stores but no compress) and NEON (4 lanes, 32 registers, neither).
+
+The ISA comes from LLVM's feature list for the target's ``mtriple``/``mcpu``/``mattr``; the
+cores from ``num-cores``. Cache sizes are read from the host (sysfs) when the target is this
+machine's CPU; otherwise they come from CACHE_DEFAULTS, per CPU family (GENERIC_CACHES when
+the family is unknown).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+
+import tvm
+
+from .target import host_arch, host_cpu, make_target
+
+KB, MB = 1 << 10, 1 << 20
+
+# (L1d per core, L2 per core, L3 in all) for targets other than this machine, from the vendors'
+# documentation; a family missing here gets GENERIC_CACHES
+CACHE_DEFAULTS = {
+    "haswell": (32 * KB, 256 * KB, 8 * MB), "broadwell": (32 * KB, 256 * KB, 8 * MB),
+    "skylake": (32 * KB, 256 * KB, 8 * MB), "skylake-avx512": (32 * KB, 1 * MB, 32 * MB),
+    "cascadelake": (32 * KB, 1 * MB, 32 * MB), "cooperlake": (32 * KB, 1 * MB, 32 * MB),
+    "icelake-server": (48 * KB, 1280 * KB, 48 * MB), "rocketlake": (48 * KB, 512 * KB, 16 * MB),
+    "sapphirerapids": (48 * KB, 2 * MB, 64 * MB), "emeraldrapids": (48 * KB, 2 * MB, 64 * MB),
+    "graniterapids": (48 * KB, 2 * MB, 128 * MB),
+    "znver1": (32 * KB, 512 * KB, 8 * MB), "znver2": (32 * KB, 512 * KB, 16 * MB),
+    "znver3": (32 * KB, 512 * KB, 32 * MB), "znver4": (32 * KB, 1 * MB, 32 * MB),
+    "znver5": (48 * KB, 1 * MB, 32 * MB),
+    "neoverse-n1": (64 * KB, 1 * MB, 32 * MB), "neoverse-n2": (64 * KB, 1 * MB, 32 * MB),
+    "neoverse-v1": (64 * KB, 1 * MB, 32 * MB), "neoverse-v2": (64 * KB, 2 * MB, 64 * MB),
+    "cortex-a72": (32 * KB, 512 * KB, 0), "cortex-a76": (64 * KB, 512 * KB, 2 * MB),
+    "apple-m1": (128 * KB, 3 * MB, 8 * MB),
+}
+GENERIC_CACHES = (32 * KB, 512 * KB, 8 * MB)
+
+
+@dataclass(frozen=True)
+class CPU:
+    """What the kernels need to know of the CPU they are built for.
+
+    lanes         float32 lanes of a vector register of the widest ISA the target has
+    registers     vector registers (32 on AVX-512 and NEON, 16 on AVX2/SSE)
+    masked_store  the ISA stores a vector under a lane mask (AVX-512, AVX's vmaskmov)
+    compress      the ISA packs selected lanes in one instruction (AVX-512's vcompress)
+    l1d, l2       bytes per core; l3: bytes in all (0: none)
+    cores         cores the code runs on (the target's num-cores)
+    """
+
+    name: str
+    isa: str
+    lanes: int
+    registers: int
+    masked_store: bool
+    compress: bool
+    l1d: int
+    l2: int
+    l3: int
+    cores: int
+
+    @property
+    def accumulators(self) -> int:
+        """Vector registers a register tile may fill with accumulators: the rest hold the
+        weight vectors and broadcasts of one step. 16 of 32 measured best on AVX-512 (more
+        only lengthened the tile's tail); on 16 registers, 12 (MLAS's AVX2 kernels: 6x16)."""
+        return min(16, self.registers - 4)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CPU":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    def __str__(self) -> str:
+        return (f"{self.name} ({self.isa}: {self.lanes} float32 lanes, {self.registers} registers; "
+                f"L1d {self.l1d // KB} KB, L2 {self.l2 // KB} KB, L3 {self.l3 // MB} MB; {self.cores} cores)")
+
+
+def _isa(features, arch: str) -> tuple[str, int, int, bool, bool]:
+    """(isa, lanes, registers, masked_store, compress) from LLVM's feature names."""
+    if arch.startswith(("aarch64", "arm64")):
+        return ("neon", 4, 32, False, False) if "neon" in features else ("generic", 1, 32, False, False)
+    if "avx512f" in features:
+        return "avx512", 16, 32, True, True
+    if "avx2" in features and "fma" in features:
+        return "avx2", 8, 16, True, False
+    if "avx" in features:
+        return "avx", 8, 16, True, False
+    if "sse2" in features or arch.startswith("x86_64"):
+        return "sse", 4, 16, False, False
+    return "generic", 1, 16, False, False
+
+
+def _host_caches() -> tuple[int, int, int] | None:
+    """(L1d per core, L2 per core, L3) of this machine from sysfs, or None where it has none."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    sizes = {}
+    try:
+        for d in sorted(os.listdir(base)):
+            if not d.startswith("index"):
+                continue
+            read = lambda f: open(os.path.join(base, d, f)).read().strip()  # noqa: E731
+            if read("type") in ("Data", "Unified"):
+                s = read("size")
+                sizes[int(read("level"))] = int(s[:-1]) * {"K": KB, "M": MB, "G": 1 << 30}[s[-1]] \
+                    if s[-1] in "KMG" else int(s)
+    except (OSError, ValueError, KeyError):
+        return None
+    return (sizes[1], sizes[2], sizes.get(3, 0)) if 1 in sizes and 2 in sizes else None
+
+
+def is_host(target: tvm.target.Target) -> bool:
+    """The target is this machine's CPU (same architecture and LLVM cpu name)."""
+    return host_arch(target.attrs.get("mtriple")) and str(target.attrs.get("mcpu", "")) == host_cpu()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_of(target_str: str) -> CPU:
+    target = make_target(target_str)
+    if target.kind.name != "llvm":
+        raise ValueError(f"the kernels are built for CPUs (kind llvm), not {target.kind.name!r}")
+    features = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(target)}
+    triple = str(target.attrs.get("mtriple", "") or tvm.target.codegen.llvm_get_system_triple())
+    isa, lanes, regs, masked, compress = _isa(features, triple.split("-")[0])
+    name = str(target.attrs.get("mcpu", "") or "generic")
+    caches = (_host_caches() if is_host(target) else None) or CACHE_DEFAULTS.get(name, GENERIC_CACHES)
+    cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
+    return CPU(name, isa, lanes, regs, masked, compress, *caches, cores)
+
+
+def cpu_of(target=None) -> CPU:
+    """The CPU description of a target (None: this machine, as make_target(None))."""
+    if isinstance(target, CPU):
+        return target
+    return _cpu_of(str(make_target(target)))
