@@ -149,7 +149,7 @@ def test_refine_times_each_split_inside_the_model(small_model, tmp_path):
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
     # calls that do not add up to the plan's layers are an error, not a misattribution
     with pytest.raises(RuntimeError, match="3 kernel calls per inference, the plan implies 2"):
-        layer_ms(vm, tvm.runtime.tensor(xs[0]), call_layout(m, refined)[:2], runs=2)
+        layer_ms(vm, tvm.runtime.tensor(xs[0]), call_layout(m, refined, None)[:2], runs=2)
 
 
 def test_corrupt_or_foreign_log_is_refused(tmp_path):

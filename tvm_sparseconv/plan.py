@@ -1,9 +1,10 @@
 """The plan: which algorithm (and knobs) each conv layer of a model uses. Versioned JSON.
 
-{"format": "tvm-sparseconv-plan", "version": 1, "target": {...}, "model": {...},
+{"format": "tvm-sparseconv-plan", "version": 1, "target": {...}, "cpu": {...}, "model": {...},
  "layers": [{"key": "conv000", "spec": {...}, "algorithm": "halo", "knobs": {...}}, ...]}
 
-Layers are matched by key and checked against their shapes and attributes; a plan made
+"cpu" is the description (cpu.CPU) of the CPU the plan was made for: lanes, registers,
+caches, cores. Layers are matched by key and checked against their shapes and attributes; a plan made
 for another model fails with an error naming the first layer that differs.
 """
 from __future__ import annotations
@@ -39,11 +40,12 @@ class Plan:
     layers: list[PlanLayer]
     target: dict | None = None
     model: dict = field(default_factory=dict)
+    cpu: dict | None = None  # CPU.to_dict() of the CPU it was made for
 
     # -- files ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "target": self.target, "model": self.model,
-                "layers": [asdict(l) for l in self.layers]}
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "target": self.target, "cpu": self.cpu,
+                "model": self.model, "layers": [asdict(l) for l in self.layers]}
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -80,7 +82,10 @@ class Plan:
             if pl.algorithm not in ALGORITHMS:
                 raise PlanError(f"{where}: layer {pl.key} names unknown algorithm {pl.algorithm!r}")
             layers.append(pl)
-        return cls(layers, d.get("target"), dict(d.get("model") or {}))
+        cpu = d.get("cpu")
+        if cpu is not None and not isinstance(cpu, dict):
+            raise PlanError(f"{where}: 'cpu' must be an object, got {type(cpu).__name__}")
+        return cls(layers, d.get("target"), dict(d.get("model") or {}), cpu)
 
     # -- making and applying --------------------------------------------------------------
     @classmethod
