@@ -20,6 +20,7 @@ import numpy as np
 from ..algorithms import ALGORITHMS, get_algorithm
 from ..build import CACHE_MODES, CompiledLayer
 from ..conv import Epilogue, UnsupportedConvError
+from ..cpu import cpu_of
 from ..frontend import Model
 from ..graph import find_conv_sites
 from ..layer import max_abs_error
@@ -114,7 +115,7 @@ class Tuner:
         self.trials = TuningLog(os.path.join(run_dir, "trials.jsonl"),
                                 {"model": model_name or os.path.basename(str(model.source)),
                                  "input_shape": list(model.input_shape), "target": str(self.target),
-                                 "cache": self.cfg.cache})
+                                 "cache": self.cfg.cache, "cpu": cpu_of(self.target).to_dict()})
         self.cost = KnobCostModel(self.cfg.seed)
         self.deadline = time.monotonic() + 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
 
@@ -259,7 +260,8 @@ class Tuner:
                                     {"workload": w.id, "density": w.density, "time_ms": c["time_ms"],
                                      "dense_ms": c.get("dense_ms")}))
         plan = Plan(layers, json.loads(str(self.target)) if str(self.target).startswith("{") else None,
-                    {"source": self.trials.header["model"], "input_shape": list(self.model.input_shape)})
+                    {"source": self.trials.header["model"], "input_shape": list(self.model.input_shape)},
+                    cpu_of(self.target).to_dict())
         plan.save(os.path.join(self.run_dir, "plan.json"))
         return plan
 
