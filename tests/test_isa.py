@@ -71,7 +71,7 @@ def test_cpu_descriptions():
         ("avx512", 16, 32, True, True)
     assert (avx2.isa, avx2.lanes, avx2.registers, avx2.compress, avx2.masked_store) == ("avx2", 8, 16, False, True)
     assert (sse.lanes, sse.registers, sse.masked_store) == (4, 16, False)
-    assert avx2.accumulators == 12 and avx512.accumulators == 16
+    assert avx2.accumulators == 8 and avx512.accumulators == 16
     # mattr takes AVX-512 away from an AVX-512 cpu; num-cores is the target's
     no512 = cpu_of({"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512f"], "num-cores": 6})
     assert no512.isa == "avx2" and no512.cores == 6

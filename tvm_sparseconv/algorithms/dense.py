@@ -78,9 +78,10 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None) -> dic
     """Knob defaults by layer shape and CPU, for ``kernel`` (None: gemm for pointwise layers,
     else direct). The shapes were measured with 1 and 2 threads on AVX-512 (16 lanes, 32
     registers); elsewhere they keep the same number of vectors per tile row and fill
-    cpu.accumulators registers (AVX2: 6 pixels x 2 vectors, as MLAS's 6x16 kernel).
+    cpu.accumulators registers (AVX2: 4 pixels x 2 vectors; 6 x 2 spilled, at half the speed).
 
-    - pointwise: gemm, 3/4 of the registers as accumulators (24 on AVX-512): 8 channels x 3
+    - pointwise: gemm, 3/4 of the registers as accumulators (24 on AVX-512, 12 on AVX2, where
+      6 channels x 2 vectors run at 224 GFLOP/s on Zen 5 against 109 for 8 x 2): 8 channels x 3
       vectors (48 pixels) when 3 vectors divide H*W, else 12 x 2 vectors (a short last pixel
       tile runs at a fraction of the speed: 12 x 32 leaves less of one on 7x7, 14x14 and 28x28;
       16 x 16 and 6 x 64 were 10-25% slower);
