@@ -1,6 +1,7 @@
 """One conv layer through every algorithm: correctness, time, memory, side by side.
 
-This is what ``tvm-sparseconv layer`` prints; the tuner reuses ``measure_algorithm``.
+This is what ``tvm-sparseconv layer`` prints. Each candidate is built, checked and timed in a
+child process (worker.py): one that crashes or hangs is reported as failed, the rest still run.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from .algorithms import ALGORITHMS, get_algorithm
 from .build import CompiledLayer
 from .conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from .reference import dense_conv2d, im2col_lower, compression_ratios
+from .target import make_target
+from .worker import Cached, CandidateCrash, shared_worker
 
 
 def synthesize_activation(shape, density: float, seed: int = 0, zero_channels: float = 0.05) -> np.ndarray:
@@ -87,11 +90,14 @@ class Record:
 
 def measure_algorithm(name: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, ref: np.ndarray,
                       nz_macs: int, target=None, knobs=None, trials: int = 0, work_dir: str | None = None,
-                      repeat: int = 7, log=lambda s: None, database: str | None = None) -> Record:
+                      repeat: int = 7, log=lambda s: None, database: str | None = None, worker=None) -> Record:
     """Compile, check against ``ref``, time and account one algorithm on one layer.
 
     With ``trials`` > 0 its tunable stages are tuned into ``work_dir/<algorithm>``; with
     ``database`` (a folder made that way earlier), ``database/<algorithm>`` is applied if present.
+    The tuning runs here (MetaSchedule isolates its own candidates); the build, check and
+    timing run in ``worker`` (default: worker.shared_worker()), so that a crash or a hang
+    becomes a Record whose ``error`` says what happened. Other exceptions propagate as before.
     """
     algo = get_algorithm(name)
     try:
@@ -102,13 +108,25 @@ def measure_algorithm(name: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray,
     database = given if given and os.path.isdir(given) else None
     if trials > 0 and any(st.tunable for st in algo.stages(spec, Epilogue(), algo.knobs(spec, knobs))):
         from .tune.metaschedule import tune_stages
-        from .target import make_target
 
         work_dir = os.path.join(work_dir or tempfile.mkdtemp(prefix="tvms-ms-"), name)
         log(f"tuning {name} with MetaSchedule ({trials} trials) in {work_dir}")
         database = tune_stages(algo.stages(spec, Epilogue(), algo.knobs(spec, knobs)), make_target(target),
                                work_dir, trials)
-    layer = CompiledLayer(algo, spec, w, target=target, knobs=knobs, database=database)
+    try:
+        return (worker or shared_worker()).call(
+            measure_compiled, name, spec, Cached(x), Cached(w), Cached(ref), nz_macs, str(make_target(target)),
+            knobs, database, repeat)
+    except CandidateCrash as e:
+        resolved = algo.knobs(spec, knobs, target)
+        log(f"{name} {resolved}: candidate failed: {e}")
+        return Record(name, knobs=dict(resolved), error=str(e))
+
+
+def measure_compiled(name: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, ref: np.ndarray, nz_macs: int,
+                     target: str, knobs, database: str | None, repeat: int) -> Record:
+    """The part of measure_algorithm that runs in the worker: build, check, time, account."""
+    layer = CompiledLayer(name, spec, w, target=target, knobs=knobs, database=database)
     y = layer(x)
     t = layer.time(x, repeat=repeat)
     st = layer.storage()
