@@ -10,6 +10,7 @@ Each candidate is built, checked and timed in a child process (worker.py): one t
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -88,14 +89,19 @@ def measure_candidate(a: str, spec, weight, bias, relu: bool, target: str, knobs
 
         host, port, key = rpc
         session = tvm_rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=600)
-    layer = CompiledLayer(a, spec, weight, bias, relu, target, knobs, db, session)
-    err = max_abs_error(layer(x), ref)
-    if not err <= tol:
-        return {"error": f"wrong result: max abs error {err:.3g}", "max_abs_error": err}
-    t = layer.time(x, repeat=repeat, cache=cache)
-    st = layer.storage()
-    return {"time_ms": t.total_ms, "encode_ms": t.encode_ms, "multiply_ms": t.multiply_ms, "max_abs_error": err,
-            "stored_elements": st.elements, "stored_bytes": st.bytes}
+    try:
+        layer = CompiledLayer(a, spec, weight, bias, relu, target, knobs, db, session)
+        err = max_abs_error(layer(x), ref)
+        if not err <= tol:
+            return {"error": f"wrong result: max abs error {err:.3g}", "max_abs_error": err}
+        t = layer.time(x, repeat=repeat, cache=cache)
+        st = layer.storage()
+        return {"time_ms": t.total_ms, "encode_ms": t.encode_ms, "multiply_ms": t.multiply_ms,
+                "max_abs_error": err, "stored_elements": st.elements, "stored_bytes": st.bytes}
+    finally:
+        if session is not None:  # the remote module holds its session in a reference cycle: free
+            layer = session = None  # the server now, not at some later collection (the next
+            gc.collect()  # candidate would wait for a server until this one's session timed out)
 
 
 class Tuner:
