@@ -124,6 +124,10 @@ class Tuner:
                                  "cache": self.cfg.cache, "cpu": cpu_of(self.target).to_dict()})
         self.cost = KnobCostModel(self.cfg.seed)
         self.deadline = time.monotonic() + 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
+        if self.cfg.rpc:  # a wrong tracker address fails here, not as every candidate's error
+            from tvm import rpc
+
+            rpc.connect_tracker(self.cfg.rpc[0], int(self.cfg.rpc[1])).close()
 
     # -- phases ------------------------------------------------------------------------------
     def run(self) -> Plan:
