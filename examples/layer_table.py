@@ -1,11 +1,13 @@
 """Markdown tables from `tvm-sparseconv layer --json` outputs (the README's benchmark tables).
 
-usage: python examples/layer_table.py [--compact | --wide] FILE.json...
+usage: python examples/layer_table.py [--compact | --wide] [--peak GFLOPS] FILE.json...
 Full (default): one table per layer and density, a row per algorithm.
 Compact: one row per layer and density with the best algorithm, the best peer and the ratio
 best peer / best algorithm (encode included). Wide: one row per layer and density, a column
 per algorithm (total ms). "eff. GFLOP/s" counts only multiplies with a non-zero input, over the
-total time and over the multiply stage alone (with its share of PEAK_GFLOPS). A dense peer's
+total time and over the multiply stage alone (with its share of --peak, the CPU's FMA peak on
+the threads used: measure it with examples/fma_peak.c). The first line names the CPU the
+files were measured on. A dense peer's
 time does not depend on the density, so the peer time used for a layer is the fastest peer
 measurement over all its densities (the ratios are conservative: one slow peer run does not
 flatter them).
@@ -14,7 +16,6 @@ import json
 import sys
 
 PEERS = ("onnxruntime", "pytorch")
-PEAK_GFLOPS = 460  # this CPU, 2 cores: gcc -O2 -mavx512f -mfma examples/fma_peak.c && ./a.out (7.2 G FMA/s/core)
 
 
 def shape(r):
@@ -39,7 +40,14 @@ def best_peers(reps) -> dict:
 
 def main(argv):
     mode = next((a for a in argv if a in ("--compact", "--wide")), "--full")
-    reps = [json.load(open(f)) for f in argv if not f.startswith("--")]
+    peak = float(argv[argv.index("--peak") + 1]) if "--peak" in argv else None
+    files = [f for i, f in enumerate(argv) if not f.startswith("--") and (i == 0 or argv[i - 1] != "--peak")]
+    reps = [json.load(open(f)) for f in files]
+    cpus = {json.dumps(r.get("cpu"), sort_keys=True) for r in reps}
+    for c in map(json.loads, cpus):
+        print(f"CPU: {c['name']} ({c['isa']}, {c['lanes']} float32 lanes), {reps[0]['threads'] or c['cores']} threads"
+              if c else "CPU: not recorded in these files")
+    print()
     peers = best_peers(reps)
     algos = list(dict.fromkeys(r["algorithm"] for rep in reps for r in timed(rep) if r["algorithm"] not in PEERS))
     if mode == "--compact":
@@ -58,8 +66,8 @@ def main(argv):
             mult = bo["effective_gflops"] * bo["time_ms"] / bo["multiply_ms"]
             print(f"| {shape(rep)} | {rep['density']:.2f} | {bo['algorithm']} | {bo['time_ms']:.2f} "
                   f"({bo['encode_ms']:.2f}) | {bp['time_ms']:.2f} ({bp['algorithm']}) | "
-                  f"{bp['time_ms'] / bo['time_ms']:.2f}x | {bo['effective_gflops']:.0f} | {mult:.0f} "
-                  f"({100 * mult / PEAK_GFLOPS:.0f} %) |")
+                  f"{bp['time_ms'] / bo['time_ms']:.2f}x | {bo['effective_gflops']:.0f} | {mult:.0f}"
+                  + (f" ({100 * mult / peak:.0f} %)" if peak else "") + " |")
             continue
         if mode == "--wide":
             t = {r["algorithm"]: r["time_ms"] for r in ok}

@@ -14,6 +14,7 @@ import numpy as np
 from .algorithms import ALGORITHMS, get_algorithm
 from .build import CompiledLayer
 from .conv import Conv2DSpec, Epilogue, UnsupportedConvError
+from .cpu import cpu_of
 from .reference import dense_conv2d, im2col_lower, compression_ratios
 from .target import make_target
 from .worker import Cached, CandidateCrash, shared_worker
@@ -106,13 +107,13 @@ def measure_algorithm(name: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray,
         return Record(name, error=str(e))
     given = database and os.path.join(database, name)
     database = given if given and os.path.isdir(given) else None
-    if trials > 0 and any(st.tunable for st in algo.stages(spec, Epilogue(), algo.knobs(spec, knobs))):
+    stages = algo.stages(spec, Epilogue(), algo.knobs(spec, knobs, target), target) if trials > 0 else []
+    if any(st.tunable for st in stages):
         from .tune.metaschedule import tune_stages
 
         work_dir = os.path.join(work_dir or tempfile.mkdtemp(prefix="tvms-ms-"), name)
         log(f"tuning {name} with MetaSchedule ({trials} trials) in {work_dir}")
-        database = tune_stages(algo.stages(spec, Epilogue(), algo.knobs(spec, knobs)), make_target(target),
-                               work_dir, trials)
+        database = tune_stages(stages, make_target(target), work_dir, trials)
     try:
         return (worker or shared_worker()).call(
             measure_compiled, name, spec, Cached(x), Cached(w), Cached(ref), nz_macs, str(make_target(target)),
@@ -144,12 +145,12 @@ def measure_peer(peer: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, threads: 
     return Record(peer, max_abs_error(y, ref), ms, None, ms, 2e-6 * nz_macs / ms, 2e-6 * spec.macs / ms)
 
 
-def knob_candidates(name: str, spec: Conv2DSpec, knob_trials: int) -> list:
+def knob_candidates(name: str, spec: Conv2DSpec, knob_trials: int, target=None) -> list:
     """The first ``knob_trials`` of knob_space (the defaults first, then a spread sample); [None]
     (the defaults) for one trial or a kernel without knobs."""
     from .tune.space import knob_space
 
-    return (knob_space(name, spec)[:knob_trials] if knob_trials > 1 else None) or [None]
+    return (knob_space(name, spec, target)[:knob_trials] if knob_trials > 1 else None) or [None]
 
 
 def search_knobs(name: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, cands: list, target=None,
@@ -186,7 +187,7 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
         raise ValueError(f"input {x.shape} / weight {w.shape} do not match {spec.x_shape} / {spec.w_shape}")
     ref = dense_conv2d(spec, x, w)
     nz = nonzero_macs(spec, x)
-    cands = {a: knob_candidates(a, spec, knob_trials) for a in algorithms}
+    cands = {a: knob_candidates(a, spec, knob_trials, target) for a in algorithms}
     step = Progress("layer", sum(map(len, cands.values())) + len(peers)).step if progress else (lambda what: None)
     results = []
     for name in algorithms:
@@ -196,5 +197,5 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
         results.append(measure_peer(p, spec, x, w, ref, nz, threads, repeat))
         step(f"{p}: {results[-1].time_ms:.3f} ms")
     return {"layer": spec.to_dict(), "density": float(np.count_nonzero(x)) / x.size, "nonzero_macs": nz,
-            "dense_macs": spec.macs, "threads": threads, "trials": trials, "knob_trials": knob_trials,
+            "dense_macs": spec.macs, "cpu": cpu_of(target).to_dict(), "threads": threads, "trials": trials, "knob_trials": knob_trials,
             "results": [r.to_dict() for r in results]}
