@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from .build import CACHE_MODES
+from .cpu import CPU, cpu_of
 
 
 def _ints(s: str, n: int | None = None) -> tuple[int, ...]:
@@ -32,12 +33,19 @@ def _fmt(v, nd=2) -> str:
     return str(v)
 
 
+def _cpu_line(cpu: dict) -> str:
+    """The CPU a table ran on, for its header (a cpu.CPU as a dict)."""
+    return str(CPU.from_dict(cpu))
+
+
 def print_layer_table(report: dict) -> None:
     spec = report["layer"]
     print(f"layer N={spec['batch']} C={spec['in_channels']} H={spec['height']} W={spec['width']} "
           f"M={spec['out_channels']} k={spec['kernel_h']}x{spec['kernel_w']} stride={tuple(spec['stride'])} "
           f"pad={tuple(spec['padding'])} dil={tuple(spec['dilation'])} | density {report['density']:.3f} | "
           f"threads {report['threads']} | MetaSchedule trials {report['trials']}")
+    if report.get("cpu"):
+        print(f"cpu {_cpu_line(report['cpu'])}")
     cols = [("algorithm", "algorithm", 0), ("max_abs_error", "max err", 6), ("time_ms", "total ms", 3),
             ("encode_ms", "encode ms", 3), ("multiply_ms", "mult ms", 3), ("effective_gflops", "eff GF/s", 1),
             ("dense_gflops", "dense GF/s", 1), ("stored_elements", "stored el", 0), ("stored_bytes", "bytes", 0),
@@ -268,6 +276,7 @@ def cmd_bench(args) -> int:
         return 0
     rounds = f"; {args.rounds} rounds in turn: median round, ratios per round" if args.rounds > 1 else ""
     print(f"{args.model}: input {model.input_shape}, {args.threads} threads, median of {args.repeat} runs{rounds}")
+    print(f"cpu {_cpu_line(cpu_of(args.target).to_dict())}")
     spread = args.rounds > 1
     print(f"{'':32} {'median ms':>10} {'plan speed-up':>14}{'  (min-max)' if spread else ''} {'max err':>9}  layers")
     for r in res["rows"]:
