@@ -5,7 +5,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .compile import lower, resolve_plan
+from .compile import build_isolated, resolve_plan
 from .frontend import Model
 from .layer import max_abs_error
 from .peers import available_peers, run_model_peer
@@ -87,8 +87,8 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
     timers = []  # (name, layers, () -> (y, ms))
     for name, p in builds:
         log(f"compiling: {name}")
-        mod, applied = lower(model, p, target, database)
-        vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        lib, applied = build_isolated(model, p, target, database)
+        vm = relax.VirtualMachine(lib, tvm.cpu())
         if ops and name == "plan":
             breakdown = op_breakdown(vm, x)
         counts = {}

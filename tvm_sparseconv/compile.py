@@ -51,6 +51,35 @@ def lower(model: Model, plan: Plan, target, database=None) -> tuple[tvm.IRModule
     return mod, dict(rewrite.applied)
 
 
+def _compile_to(model: Model, plan: dict, target: str, database, path: str) -> dict:
+    """Worker job: lower and tvm.compile ``model`` with ``plan``, export the library to ``path``;
+    returns {layer key: algorithm applied}."""
+    mod, applied = lower(model, Plan.from_dict(plan), target, database)
+    tvm.compile(mod, target=make_target(target)).export_library(path)
+    return applied
+
+
+def build_isolated(model: Model, plan: Plan, target, database=None, worker=None):
+    """(the compiled library as a runtime module, {layer key: algorithm applied}), compiled in
+    a worker process (worker.py): an LLVM error in one build of a long ``bench`` or ``refine``
+    becomes a CandidateCrash for that build, not the end of the process. The library is
+    exported and loaded back, as a user's would be; run it with relax.VirtualMachine."""
+    import os
+    import shutil
+    import tempfile
+
+    from .worker import Cached, shared_worker
+
+    d = tempfile.mkdtemp(prefix="tvms-build-")
+    try:
+        path = os.path.join(d, "model.so")
+        applied = (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(),
+                                                    str(make_target(target)), database, path)
+        return tvm.runtime.load_module(path), applied
+    finally:
+        shutil.rmtree(d, ignore_errors=True)  # the loaded library stays mapped
+
+
 def compile(model, target=None, plan=None, algorithm: str | None = None, database=None,
             input_shape=None) -> tvm.runtime.Executable:
     """tvm.compile a model (ONNX path, ExportedProgram, Relax IRModule or Model) with a plan.

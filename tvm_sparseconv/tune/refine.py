@@ -26,13 +26,14 @@ from tvm import relax
 from ..algorithms import get_algorithm
 from ..algorithms.dense import SPLITS
 from ..bench import kernel_algorithm, time_calls
-from ..compile import lower
+from ..compile import build_isolated
 from ..conv import Epilogue
 from ..frontend import Model
 from ..graph import find_conv_sites
 from ..passes.rewrite_conv2d import RewriteConv2D
 from ..plan import Plan
 from ..target import make_target
+from ..worker import CandidateCrash
 from .progress import Progress
 
 
@@ -120,11 +121,21 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     vms = {}
 
     def add(name):
-        mod, _ = lower(model, with_splits(plan, splits[name]), target)
-        vms[name] = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        """Compile one build (in the worker); a build that crashes LLVM is left out, unless it
+        is the plan itself."""
+        try:
+            lib, _ = build_isolated(model, with_splits(plan, splits[name]), target)
+        except CandidateCrash as e:
+            if name == "plan":
+                raise
+            del splits[name]
+            p.step(f"left out: {name} ({e})")
+            log(f"refine: the build {name!r} crashed and is left out: {e}")
+            return
+        vms[name] = relax.VirtualMachine(lib, tvm.cpu())
         p.step(f"compiled: {name}")
 
-    for name in splits:
+    for name in list(splits):
         add(name)
     # the per-layer times in interleaved rounds too: the machine's drift must not pick a split
     laps = {name: [] for name in splits}
@@ -133,10 +144,13 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
             laps[name].append(layer_ms(vms[name], xt, layout, runs))
     per_layer = {n: {k: float(np.median([lap[k] for lap in laps[n]])) for k in laps[n][0]} for n in splits}
     p.step("conv calls in the model: " + ", ".join(f"{n} {sum(v.values()):.2f} ms" for n, v in per_layer.items()))
-    splits["mix"] = {k: min(SPLITS, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
-    add("mix")
-    per_layer["mix"] = layer_ms(vms["mix"], xt, layout, runs)
-    p.step("mix timed")
+    built = [s for s in SPLITS if f"all {s}" in per_layer]
+    if built:
+        splits["mix"] = {k: min(built, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
+        add("mix")
+    if "mix" in splits:
+        per_layer["mix"] = layer_ms(vms["mix"], xt, layout, runs)
+        p.step("mix timed")
     names = list(splits)
     times = np.zeros((rounds, len(names)))
     for r in range(rounds):
@@ -154,6 +168,6 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     log(f"refine: {chosen}, {med[best]:.3f} ms against the plan's {med[0]:.3f} ms "
         f"(median ratio per round {np.median(ratio[:, best]):.3f}, faster in {wins:.0%} of the rounds)")
     report = {"builds": [{"name": n, "ms": float(m), "layer_ms": per_layer[n]} for n, m in zip(names, med)],
-              "chosen": chosen, "splits": splits[chosen], "mix": splits["mix"],
+              "chosen": chosen, "splits": splits[chosen], "mix": splits.get("mix", {}),
               "round_ms": {n: times[:, j].tolist() for j, n in enumerate(names)}}
     return apply_report(plan, report), report
