@@ -19,9 +19,14 @@ def default_target(num_cores: int | None = None) -> dict:
 
 
 def make_target(target=None) -> tvm.target.Target:
-    """None -> this CPU; a dict, a JSON string, a bare kind ("llvm") or a Target."""
+    """None -> the environment's TVMS_TARGET (a JSON dict) if set, else this CPU; a dict, a JSON
+    string, a bare kind ("llvm") or a Target.
+
+    TVMS_TARGET lets a whole run (the tests, say) build for another CPU than the host's, e.g.
+    '{"kind": "llvm", "mcpu": "haswell"}' for AVX2 code on an AVX-512 machine."""
     if target is None:
-        return tvm.target.Target(default_target())
+        env = os.environ.get("TVMS_TARGET", "").strip()
+        return make_target(env) if env else tvm.target.Target(default_target())
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, str) and target.strip().startswith("{"):
