@@ -401,8 +401,6 @@ class Dense(Algorithm):
     name = "dense"
     sparse = False
     fuses_residual = True
-    knob_defaults = {"kernel": "direct", "block": 8, "m_tile": 32, "c_block": 0, "split": "m_outer",
-                     "pad": "inplace"}
 
     def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
         return default_tiling(spec, cpu)
