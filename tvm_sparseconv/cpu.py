@@ -92,7 +92,7 @@ def _isa(features, arch: str) -> tuple[str, int, int, bool, bool]:
         return ("neon", 4, 32, False, False) if "neon" in features else ("generic", 1, 32, False, False)
     if "avx512f" in features:
         return "avx512", 16, 32, True, True
-    if "avx2" in features and "fma" in features:
+    if {"avx2", "fma", "bmi2"} <= features:  # bmi2: the encoders' pext compaction (lanes.py)
         return "avx2", 8, 16, True, False
     if "avx" in features:
         return "avx", 8, 16, True, False

@@ -197,5 +197,6 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
         results.append(measure_peer(p, spec, x, w, ref, nz, threads, repeat))
         step(f"{p}: {results[-1].time_ms:.3f} ms")
     return {"layer": spec.to_dict(), "density": float(np.count_nonzero(x)) / x.size, "nonzero_macs": nz,
-            "dense_macs": spec.macs, "cpu": cpu_of(target).to_dict(), "threads": threads, "trials": trials, "knob_trials": knob_trials,
+            "dense_macs": spec.macs, "cpu": cpu_of(target).to_dict(), "threads": threads, "trials": trials,
+            "knob_trials": knob_trials,
             "results": [r.to_dict() for r in results]}
