@@ -1,32 +1,18 @@
-"""dense: register-tiled direct convolution in TIR, the dense path at the peers' rate.
+"""dense: register-tiled direct convolution in TIR (docs/algorithms.md section 10).
 
 Two kernels (knob ``kernel``), both output-stationary with the accumulators in registers:
 
-direct (any layer). Layouts:
-    x    N x C x H x W (NCHW), read in place: the padded taps are skipped (a runtime test per
-         kernel row, outside the channel loop; a compile-time one in the border tiles of a row);
-    xp   N x C x Hp x Wp, a zero-padded copy made by a "pad" stage (kind "encode") instead,
-         with knob pad="copy";
-    w    n_mt x Kh x C x Kw x m_tile: the OIHW weights cut into tiles of m_tile output channels,
-         channels past M zero (re-laid-out once, at build time);
-    y    N x M x Oh x Ow (NCHW).
-  One task per (n, M tile, output row r), parallel over threads. The row is cut into tiles of
-  ``block`` (B) consecutive output pixels (the last tile takes Ow % B). A tile keeps B x m_tile
-  accumulators (B * m_tile / lanes vector registers) and walks (l, c, q): one weight vector w[mo, l, c, q, :]
-  serves the B pixels, each with a broadcast input value x[n, c, r*Sh + l*Dh - pt,
-  (w0 + b)*Sw + q*Dw - pl]. With ``c_block`` < C the channels are walked in blocks, every tile
-  of the row finishing a block before the next block starts, so that a block's weights stay in
-  cache; the row's partial sums wait in an Ow x m_tile buffer between blocks. The epilogue
-  (bias, ReLU) is applied to the accumulators, stored as one vector of B pixels per channel.
+direct (any layer): x N x C x H x W (NCHW), read in place with the padded taps skipped, or,
+    with knob pad="copy", xp N x C x Hp x Wp, a zero-padded copy made by a "pad" stage (kind
+    "encode"); w n_mt x Kh x C x Kw x m_tile, the OIHW weights cut into tiles of m_tile output
+    channels, channels past M zero (laid out once, at build time); y N x M x Oh x Ow (NCHW).
+    A register tile is ``block`` consecutive output pixels of one row x m_tile channels.
+gemm (pointwise layers: 1x1, stride 1, no padding): y[n] (M x P) = w (M x C) . x[n] (C x P),
+    P = H*W read flat from NCHW; w n_mt x C x m_tile. A register tile is m_tile channels x
+    ``block`` consecutive pixels (whole vectors).
 
-gemm (pointwise layers: 1x1, stride 1, no padding), y[n] (M x P) = w (M x C) . x[n] (C x P)
-  with P = H*W read flat from NCHW. Weights n_mt x C x m_tile. A tile is m_tile output channels
-  x ``block`` consecutive pixels (vectors of the CPU's lanes): per input channel, block/lanes
-  vector loads of x and m_tile broadcast weights; stores are whole pixel vectors, so no
-  transposition is needed.
-
-Knob defaults (default_tiling) are derived from the target CPU's description (cpu.py); their
-shapes were measured on AVX-512 cores and scaled to the register count elsewhere.
+The loop structure, the thread splits and the knob defaults (default_tiling, derived from the
+CPU description, cpu.py) with the measurements behind them: docs/algorithms.md section 10.
 """
 from __future__ import annotations
 
