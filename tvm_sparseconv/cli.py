@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     com = sub.add_parser("compile", help="rewrite the convs per plan, compile and export a library")
     _model_args(com)
     com.add_argument("--plan", default=None, help="plan JSON (from tune, or written by hand); default: the plan "
-                     "shipped in schedules/ for this model and target")
+                     "shipped in tvm_sparseconv/shipped/ for this model and target")
     com.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
     com.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
     com.add_argument("-o", "--output", required=True, help="the .so to write (plus a .json beside it)")

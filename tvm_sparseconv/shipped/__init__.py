@@ -1,19 +1,20 @@
-"""Shipped, pre-tuned plans and databases: ``schedules/<target key>/<model>/``.
+"""Shipped, pre-tuned plans and databases: ``tvm_sparseconv/shipped/<target key>/<model>/``.
 
 When the target's key (kind-mcpu-Ncores) matches and no plan is given, compile uses the
-shipped plan (and MetaSchedule database, if any) with no tuning at all.
+shipped plan (and MetaSchedule database, if any) with no tuning at all. The folders are package
+data (pyproject.toml), so an installed wheel finds them as well as a checkout does.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .target import target_key
+from ..target import target_key
 
-SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
+SHIPPED = Path(__file__).resolve().parent
 
 
 def shipped_dir(model_name: str, target) -> Path | None:
-    d = SCHEDULES / target_key(target) / model_name
+    d = SHIPPED / target_key(target) / model_name
     return d if (d / "plan.json").is_file() else None
 
 
@@ -27,7 +28,7 @@ def shipped_plan(model_name: str, target) -> tuple[str, str | None] | None:
 
 
 def available() -> list[str]:
-    if not SCHEDULES.is_dir():
+    if not SHIPPED.is_dir():
         return []
-    return sorted(f"{t.name}/{m.name}" for t in SCHEDULES.iterdir() if t.is_dir()
+    return sorted(f"{t.name}/{m.name}" for t in SHIPPED.iterdir() if t.is_dir()
                   for m in t.iterdir() if (m / "plan.json").is_file())
