@@ -1,5 +1,5 @@
 """The shipped plans are package data: a built wheel carries them and finds them once installed
-(issue 16: they used to sit in a top-level schedules/ folder that only a checkout had)."""
+(issue 16: they used to sit in a top-level folder that only a checkout had)."""
 import os
 import shutil
 import subprocess
