@@ -4,8 +4,10 @@ Same traversal, values and value pointers as CPO (``cps_vals``, ``cps_vptr``); t
 of each column are cut into aligned sets of 4 padded rows, a set with 3-4 NZEs stored as
 one int32 entry (sign bit | base row << 4 | 4-bit mask), a set with 1-2 NZEs as its raw
 rows (``cps_index``, sized for every input element; ``cps_iptr`` [N*C*ncols + 1] points
-into it). The encoder and the multiply are CPO's (algorithms/cpo.py) built with
-``packed=True``: the multiply decodes the entries on the fly into the same scatter.
+into it). The encoder and the multiply are CPO's (cpo_encoder.py, cpo_multiply.py) built
+with ``packed=True``: the multiply decodes the entries on the fly into the same gather or
+scatter. Shapes of every buffer: cpo_layout.py; docs/algorithms.md section 5 specifies the
+format.
 """
 from __future__ import annotations
 
