@@ -4,7 +4,6 @@ import tvm
 from tvm import relax
 
 import tvm_sparseconv as tvms
-from tvm_sparseconv.graph import find_conv_sites
 from tvm_sparseconv.images import load_inputs
 from tvm_sparseconv.models import known_preprocess, model_path
 from tvm_sparseconv.profile import profile
@@ -17,7 +16,7 @@ for l in layers[:5]:
     print(f"{l.key}: density {l.density_mean:.2f}")
 
 # a hand-written plan: halo where the input is at most 60% dense, the dense kernel elsewhere
-plan = tvms.Plan.uniform(find_conv_sites(model.mod["main"]), "dense")
+plan = tvms.Plan.uniform(model.sites, "dense")
 for pl, prof in zip(plan.layers, layers):
     if prof.density_mean <= 0.6:
         pl.algorithm = "halo"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tvm_sparseconv.algorithms import KnobError, get_algorithm
-from tvm_sparseconv.algorithms.dense import SPLITS, default_tiling, make_tiling, tile_weights
+from tvm_sparseconv.algorithms.dense import DENSE_SPLITS, default_tiling, make_tiling, tile_weights
 from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from tvm_sparseconv.reference import Storage, dense_conv2d, pad_input
@@ -190,7 +190,7 @@ def test_default_knobs_rule():
 @given(n=st.integers(1, 2), c=st.integers(1, 9), hw=st.integers(3, 11), m=st.integers(1, 40),
        k=st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 1)]), s=st.integers(1, 2), d=st.integers(1, 2),
        pad=st.tuples(*[st.integers(0, 2)] * 4), block=st.integers(1, 9), c_block=st.integers(0, 4),
-       split=st.sampled_from(SPLITS), defaults=st.booleans(), seed=st.integers(0, 1000))
+       split=st.sampled_from(DENSE_SPLITS), defaults=st.booleans(), seed=st.integers(0, 1000))
 def test_random_small_layers(n, c, hw, m, k, s, d, pad, block, c_block, split, defaults, seed):
     try:
         spec = Conv2DSpec.from_shapes((n, c, hw, hw + 1), (m, c) + k, s, pad, d)

@@ -3,7 +3,7 @@ import json
 
 from tvm_sparseconv.cli import main
 from tvm_sparseconv.conv import Conv2DSpec
-from tvm_sparseconv.tune.space import knob_space
+from tvm_sparseconv.algorithms import knob_space
 
 
 def test_knob_space_defaults_first_then_a_fixed_spread_order():

@@ -14,19 +14,17 @@ from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, Stage
 from .conv import Conv2DSpec, Epilogue, ConvSpecError, UnsupportedConvError
 from .reference.storage import Storage
+from .stages import apply_database, stage_func, stage_symbol
 from .target import make_target
 
 
-def stage_symbol(algorithm: Algorithm, stage: Stage) -> str:
-    return f"{algorithm.name}_{stage.name}"
-
-
 def stage_module(algorithm: Algorithm, stages: list[Stage]) -> tvm.IRModule:
-    """An IRModule with every stage as a public PrimFunc named ``<algorithm>_<stage>``."""
+    """An IRModule with every stage as a public PrimFunc named ``<algorithm>_<stage>``, each in
+    the form a rewritten model holds it (stages.stage_func)."""
     funcs = {}
     for st in stages:
-        sym = stage_symbol(algorithm, st)
-        funcs[sym] = st.func.with_attr("global_symbol", sym)
+        sym = stage_symbol(algorithm.name, st.name)
+        funcs[sym] = stage_func(st).with_attr("global_symbol", sym)
     return tvm.IRModule(funcs)
 
 
@@ -70,8 +68,7 @@ class CompiledLayer:
         self.stages = self.algorithm.stages(spec, self.epilogue, self.knobs, self.target)
         mod = stage_module(self.algorithm, self.stages)
         if database is not None:
-            from .tune.metaschedule import apply_database
-            mod = apply_database(mod, self.stages, self.algorithm, database, self.target)
+            mod = apply_database(mod, database, self.target)
         self.executable = tvm.compile(mod, target=self.target)
         self.session = session
         if session is None:
@@ -109,7 +106,7 @@ class CompiledLayer:
 
     def _run(self, stages) -> None:
         for st in stages:
-            self.lib[stage_symbol(self.algorithm, st)](*self._args(st))
+            self.lib[stage_symbol(self.algorithm.name, st.name)](*self._args(st))
 
     def __call__(self, x: np.ndarray, res: np.ndarray | None = None) -> np.ndarray:
         if self.epilogue.residual and res is None:
@@ -152,7 +149,7 @@ class CompiledLayer:
         enc = mul = 0.0
         refresh_x = _refresher(self.buffers["x"], self.target) if cache == "fresh" else None
         for i, st in enumerate(self.stages):
-            sym = stage_symbol(self.algorithm, st)
+            sym = stage_symbol(self.algorithm.name, st.name)
             if cache == "warm":
                 fe = self.lib.time_evaluator(sym, self.dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
             else:

@@ -219,24 +219,17 @@ def _plan_for(args, model):
 
 
 def cmd_compile(args) -> int:
-    from .compile import lower
+    from .compile import build
     from .runner import export
     from .target import make_target
-
-    import tvm
 
     model, pre, labels = _load_model(args)
     plan = _plan_for(args, model)
     target = make_target(args.target)
     _log(f"compiling {args.model} for {target} ...")
-    mod, applied = lower(model, plan, target, args.database)
-    ex = tvm.compile(mod, target=target)
-    export(ex, args.output, model, _preprocess(args, pre), labels, applied, target)
-    counts = {}
-    for a in applied.values():
-        counts[a] = counts.get(a, 0) + 1
-    print(f"wrote {args.output} (+ {os.path.basename(args.output)}.json); layers: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    b = build(model, plan, target, args.database)
+    export(b.module, args.output, model, _preprocess(args, pre), labels, b.applied, target)
+    print(f"wrote {args.output} (+ {os.path.basename(args.output)}.json); layers: {b.counts()}")
     return 0
 
 

@@ -1,19 +1,39 @@
-"""Compile a whole model: rewrite its conv layers per plan, schedule the rest, build, export."""
+"""Compile a whole model: rewrite its conv layers per plan, schedule the rest, build, export.
+
+This is the one compile path; ``compile``, ``bench``, ``profile``, ``refine``, the tuner and the
+CLI all go through it:
+
+    lower:  RewriteConv2D (the plan's layers become their algorithms' stages)
+            -> LegalizeOps, FuseOps, FuseTIR (the rest of the graph)
+            -> the MetaSchedule database, if given -> dlight's CPU rules -> ParallelizeRest
+    build:  lower -> tvm.compile (TVM's default Relax and TIR pipelines) -> an Executable
+
+The same flow is the Relax pipeline ``"tvm_sparseconv"`` (``pipeline``), so that a TVM user
+can write ``tvm.compile(mod, target, relax_pipeline=pipeline(plan))``.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax
 
 from .frontend import Model, load_model
 from .graph import find_conv_sites
-from .passes import RewriteConv2D
+from .passes import RewriteConv2D, applied_layers
 from .passes.parallelize_rest import ParallelizeRest
 from .plan import Plan
+from .stages import apply_database, kernel_table, open_database
 from .target import make_target
 
 
 def resolve_plan(model: Model, plan=None, algorithm: str | None = None, target=None) -> Plan:
     """A Plan object from a Plan, a path, a dict, or a uniform ``algorithm`` (default "direct")."""
+    return _resolve(model.sites, plan, algorithm, target,
+                    {"source": model.source, "input_shape": list(model.input_shape)})
+
+
+def _resolve(sites, plan, algorithm, target, model_info=None) -> Plan:
     if plan is not None and algorithm is not None:
         raise ValueError("give a plan or an algorithm, not both")
     if isinstance(plan, Plan):
@@ -22,48 +42,89 @@ def resolve_plan(model: Model, plan=None, algorithm: str | None = None, target=N
         return Plan.from_dict(plan)
     if plan is not None:
         return Plan.load(str(plan))
-    return Plan.uniform(find_conv_sites(model.mod["main"]), algorithm or "direct", target,
-                        {"source": model.source, "input_shape": list(model.input_shape)})
+    return Plan.uniform(sites, algorithm or "direct", target, model_info)
+
+
+def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
+    """tvm-sparseconv's passes over a module whose ``main`` has the conv layers ``sites``; run
+    them with ``target`` entered (dlight reads it from there)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.Lower")
+    def lower_pass(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        from tvm.s_tir import dlight as dl
+
+        mod = RewriteConv2D(plan.choices(sites), target, sites=sites)(mod)
+        mod = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        if database is not None:
+            db = open_database(database)
+            mod = apply_database(mod, db, target)  # our tunable stages (they carry layer attributes)
+            with db:  # TVM's own ops, by structural hash
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+        return ParallelizeRest()(mod)
+
+    return lower_pass
 
 
 def lower(model: Model, plan: Plan, target, database=None) -> tuple[tvm.IRModule, dict]:
-    """The Relax module with chosen convs rewritten and every other op scheduled.
+    """The Relax module with the plan's convs rewritten and every other op scheduled, ready for
+    tvm.compile; and {layer key: algorithm applied} ("direct" where TVM's conv2d stays).
 
-    Returns (module, {layer key: algorithm applied}). Dense ops get the MetaSchedule
-    database when one is given; GEMV/reductions (classifier heads) get dlight's CPU rules.
-    """
-    from tvm.s_tir import dlight as dl
-
+    Dense ops get the MetaSchedule ``database`` when one is given; GEMV/reductions (classifier
+    heads) get dlight's CPU rules."""
     target = make_target(target)
-    rewrite = RewriteConv2D(plan.choices(find_conv_sites(model.mod["main"])), target)
-    mod = rewrite(model.mod)
-    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR()]
     with target:
-        mod = tvm.transform.Sequential(passes)(mod)
-        if database is not None:
-            from .tune.metaschedule import open_database
-
-            with open_database(database):
-                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
-        mod = ParallelizeRest()(mod)
-    return mod, dict(rewrite.applied)
+        mod = _lowering(plan, model.sites, target, database)(model.mod)
+    return mod, applied_layers(mod, model.sites)
 
 
-def _compile_to(model: Model, plan: dict, target: str, database, path: str) -> dict:
-    """Worker job: lower and tvm.compile ``model`` with ``plan``, export the library to ``path``;
-    returns {layer key: algorithm applied}."""
-    mod, applied = lower(model, Plan.from_dict(plan), target, database)
-    tvm.compile(mod, target=make_target(target)).export_library(path)
-    return applied
+@dataclass
+class Build:
+    """A compiled model: ``module`` (an Executable, or a loaded library from build_isolated) runs
+    with ``relax.VirtualMachine(module, tvm.cpu())``; ``applied`` is {layer key: algorithm};
+    ``kernels`` is stages.kernel_table of the module, {function name: (keys of the layers that
+    call it in call order, algorithm)}, to map the calls of a VM instrument (measure.time_calls)
+    to layers."""
+
+    module: object
+    applied: dict
+    kernels: dict
+
+    def vm(self) -> relax.VirtualMachine:
+        """A VirtualMachine of the module on this machine's CPU (one, made on first use)."""
+        if "_vm" not in self.__dict__:
+            self._vm = relax.VirtualMachine(self.module, tvm.cpu())
+        return self._vm
+
+    def counts(self) -> str:
+        """"dense 13, direct 1": how many layers each algorithm computes."""
+        counts = {}
+        for a in self.applied.values():
+            counts[a] = counts.get(a, 0) + 1
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
-def build_isolated(model: Model, plan: Plan, target, database=None, worker=None):
-    """(the compiled library as a runtime module, {layer key: algorithm applied}), compiled in
-    a worker process (worker.py): an LLVM error in one build of a long ``bench`` or ``refine``
-    becomes a CandidateCrash for that build, not the end of the process. The library is
-    exported and loaded back, as a user's would be; run it with relax.VirtualMachine."""
+def build(model: Model, plan: Plan, target, database=None) -> Build:
+    """lower, then tvm.compile: the Build of ``model`` with ``plan`` in this process."""
+    target = make_target(target)
+    mod, applied = lower(model, plan, target, database)
+    return Build(tvm.compile(mod, target=target), applied, kernel_table(mod))
+
+
+def _compile_to(model: Model, plan: dict, target: str, database, path: str) -> tuple[dict, dict]:
+    """Worker job: build ``model`` with ``plan``, export the library to ``path``; returns
+    (applied, kernels)."""
+    b = build(model, Plan.from_dict(plan), target, database)
+    b.module.export_library(path)
+    return b.applied, b.kernels
+
+
+def build_isolated(model: Model, plan: Plan, target, database=None, worker=None) -> Build:
+    """``build``, run in a worker process (worker.py): an LLVM error in one build of a long
+    ``bench`` or ``refine`` becomes a CandidateCrash for that build, not the end of the process.
+    The library is exported and loaded back, as a user's would be."""
     import os
     import shutil
     import tempfile
@@ -73,9 +134,9 @@ def build_isolated(model: Model, plan: Plan, target, database=None, worker=None)
     d = tempfile.mkdtemp(prefix="tvms-build-")
     try:
         path = os.path.join(d, "model.so")
-        applied = (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(),
-                                                    str(make_target(target)), database, path)
-        return tvm.runtime.load_module(path), applied
+        applied, kernels = (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(),
+                                                             str(make_target(target)), database, path)
+        return Build(tvm.runtime.load_module(path), applied, kernels)
     finally:
         shutil.rmtree(d, ignore_errors=True)  # the loaded library stays mapped
 
@@ -90,6 +151,24 @@ def compile(model, target=None, plan=None, algorithm: str | None = None, databas
     ``ex.export_library("model.so")``.
     """
     m = model if isinstance(model, Model) else load_model(model, input_shape)
-    target = make_target(target)
-    mod, _ = lower(m, resolve_plan(m, plan, algorithm, target), target, database)
-    return tvm.compile(mod, target=target)
+    return build(m, resolve_plan(m, plan, algorithm, target), target, database).module
+
+
+@relax.register_pipeline("tvm_sparseconv")
+def pipeline(plan=None, algorithm: str | None = None, database=None) -> tvm.transform.Pass:
+    """The tvm-sparseconv Relax pipeline: ``tvm.compile(mod, target, relax_pipeline=pipeline(plan))``.
+
+    ``mod``'s ``main`` has its conv layers rewritten per ``plan`` (a Plan, plan file or dict made
+    for this model), or with ``algorithm`` on every layer that supports it (default "dense";
+    ``relax_pipeline="tvm_sparseconv"`` means that), the rest of the graph scheduled, then TVM's
+    default pipeline. The kernels are built for the target tvm.compile is given."""
+
+    @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv")
+    def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        target = tvm.target.Target.current(allow_none=True) or make_target(None)
+        sites = find_conv_sites(mod["main"])
+        chosen = _resolve(sites, plan, None if plan is not None else (algorithm or "dense"), target)
+        mod = _lowering(chosen, sites, target, database)(mod)
+        return relax.get_pipeline("default")(mod)
+
+    return run

@@ -8,6 +8,7 @@ conv's bias is a plain constant the rewrite pass can fuse.
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +37,16 @@ class Model:
     layout: str
     source: str
     onnx_path: str | None = None
+
+    @functools.cached_property
+    def sites(self) -> list:
+        """The conv layers of ``main`` (graph.ConvSite, in binding order), found once per model."""
+        from .graph import find_conv_sites
+
+        return find_conv_sites(self.mod["main"])
+
+    def __getstate__(self) -> dict:  # the sites hold Relax vars: found again after unpickling
+        return {k: v for k, v in self.__dict__.items() if k != "sites"}
 
 
 def guess_layout(shape: Sequence[int]) -> str:

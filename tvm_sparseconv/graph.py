@@ -13,7 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .conv import Conv2DSpec
+from .conv import Conv2DSpec, Epilogue
 
 CONV = tvm.ir.Op.get("relax.nn.conv2d")
 ADD = tvm.ir.Op.get("relax.add")
@@ -59,6 +59,12 @@ class ConvSite:
     relu: bool = False
     why_dense: str | None = None
     residual_add: ResidualAdd | None = None
+
+    def epilogue(self, fused: bool = False) -> Epilogue:
+        """What a kernel for this layer computes after the convolution: its bias and ReLU, or with
+        ``fused`` the residual_add chain (the residual add, and the ReLU when the chain ends in one)."""
+        relu = self.residual_add.relu if fused else self.relu
+        return Epilogue(bias=self.bias is not None, relu=relu, residual=fused)
 
     def describe(self) -> dict:
         s = self.spec

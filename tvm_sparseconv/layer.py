@@ -11,10 +11,11 @@ from dataclasses import dataclass, asdict, field
 
 import numpy as np
 
-from .algorithms import ALGORITHMS, get_algorithm
+from .algorithms import ALGORITHMS, get_algorithm, knob_space
 from .build import CompiledLayer
 from .conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from .cpu import cpu_of
+from .measure import Progress, max_abs_error
 from .reference import dense_conv2d, im2col_lower, compression_ratios
 from .target import make_target
 from .worker import Cached, CandidateCrash, shared_worker
@@ -50,15 +51,6 @@ def synthesize_weight(spec: Conv2DSpec, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     fan_in = spec.w_shape[1] * spec.kernel_h * spec.kernel_w
     return (rng.standard_normal(spec.w_shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-
-def max_abs_error(y: np.ndarray, ref: np.ndarray) -> float:
-    """Largest |y - ref| over finite entries; inf when NaN/Inf do not sit where the reference has them."""
-    fin = np.isfinite(ref)
-    if not np.array_equal(np.isnan(y), np.isnan(ref)) or not np.array_equal(y[~fin & ~np.isnan(ref)],
-                                                                               ref[~fin & ~np.isnan(ref)]):
-        return float("inf")
-    return float(np.max(np.abs(y[fin] - ref[fin]), initial=0.0))
 
 
 def nonzero_macs(spec: Conv2DSpec, x: np.ndarray) -> int:
@@ -148,8 +140,6 @@ def measure_peer(peer: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, threads: 
 def knob_candidates(name: str, spec: Conv2DSpec, knob_trials: int, target=None) -> list:
     """The first ``knob_trials`` of knob_space (the defaults first, then a spread sample); [None]
     (the defaults) for one trial or a kernel without knobs."""
-    from .tune.space import knob_space
-
     return (knob_space(name, spec, target)[:knob_trials] if knob_trials > 1 else None) or [None]
 
 
@@ -179,8 +169,6 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
 
     A hand-scheduled kernel runs its first ``knob_trials`` knob candidates (search_knobs) and
     reports the fastest. ``progress``: a progress line with ETA on stderr, one step per run."""
-    from .tune.progress import Progress
-
     x = np.asarray(x, np.float32)
     w = np.asarray(w, np.float32)
     if x.shape != spec.x_shape or w.shape != spec.w_shape:

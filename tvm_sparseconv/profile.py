@@ -6,11 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from tvm import relax
 
-from .compile import lower, resolve_plan
+from .compile import build, resolve_plan
 from .frontend import Model
-from .graph import find_conv_sites
 from .passes.probe_conv_inputs import ProbeConvInputs
 from .target import make_target
 
@@ -45,9 +43,8 @@ def run_with_probes(model: Model, samples, target=None, algorithm: str = "dense"
     """Run the model on each sample; returns (outputs, per-layer lists of NCHW conv inputs)."""
     target = make_target(target)
     probed = dataclasses.replace(model, mod=ProbeConvInputs()(model.mod))
-    mod, _ = lower(probed, resolve_plan(model, None, algorithm, target), target)
-    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
-    sites = find_conv_sites(model.mod["main"])
+    vm = build(probed, resolve_plan(model, None, algorithm, target), target).vm()
+    sites = model.sites
     outputs, acts = [], [[] for _ in sites]
     for x in samples:
         res = vm["main"](tvm.runtime.tensor(x))

@@ -1,4 +1,9 @@
-"""The convolution algorithms, by name.
+"""The convolution algorithms, by name: one registry that a new algorithm joins in one place.
+
+An algorithm is a module of this package whose Algorithm subclass carries ``@register``
+(base.py); importing the package imports every module, so the registry is complete. Its
+properties (sparse, metaschedule, fuses_residual, check, knob_grid) are read from there: the
+tuner, ``layer``, the docs and the tests iterate it. docs/algorithms.md specifies each one.
 
 direct   TVM's own conv2d (topi), the dense baseline MetaSchedule tunes
 dense    register-tiled direct conv in TIR: the dense path at the peers' rate
@@ -14,23 +19,32 @@ hybrid   halo entries where a segment is dense, pixcsr-like pixel entries where 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-from .base import Algorithm, Buffer, Stage, KnobError
+from .base import REGISTRY, Algorithm, Buffer, KnobError, Stage
 
-ALGORITHMS = ("direct", "dense", "im2col", "mec", "cpo", "cps", "im2csr", "halo", "pixcsr", "hybrid")
-SPARSE = ("cpo", "cps", "im2csr", "halo", "pixcsr", "hybrid")
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
 
-_cache: dict[str, Algorithm] = {}
+# dense algorithms first, then sparse; by name within each
+ALGORITHMS = tuple(sorted(REGISTRY, key=lambda n: (REGISTRY[n].sparse, n)))
+SPARSE = tuple(n for n in ALGORITHMS if REGISTRY[n].sparse)
+DENSE = tuple(n for n in ALGORITHMS if not REGISTRY[n].sparse)
+METASCHEDULE = tuple(n for n in ALGORITHMS if REGISTRY[n].metaschedule)
 
 
 def get_algorithm(name: str) -> Algorithm:
     """The algorithm called ``name`` (one of ALGORITHMS)."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}")
-    if name not in _cache:
-        mod = importlib.import_module(f"{__name__}.{name}")
-        _cache[name] = mod.ALGORITHM
-    return _cache[name]
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}") from None
 
 
-__all__ = ["ALGORITHMS", "SPARSE", "Algorithm", "Buffer", "Stage", "KnobError", "get_algorithm"]
+def knob_space(name: str, spec, target=None) -> list[dict]:
+    """Algorithm.knob_space of ``name`` for the CPU of ``target`` (None: this machine)."""
+    return get_algorithm(name).knob_space(spec, target)
+
+
+__all__ = ["ALGORITHMS", "SPARSE", "DENSE", "METASCHEDULE", "Algorithm", "Buffer", "Stage", "KnobError",
+           "get_algorithm", "knob_space"]

@@ -10,8 +10,10 @@ as plain ``call_tir`` bindings inside a Relax module and an exported library.
 """
 from __future__ import annotations
 
+import itertools
+import random
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import tvm
@@ -46,17 +48,29 @@ class KnobError(ValueError):
 
 
 class Algorithm:
-    """Base class; subclasses are stateless singletons registered in ``algorithms``."""
+    """Base class; subclasses are stateless singletons that join the registry with ``@register``.
+
+    The class attributes are the algorithm's properties, which the tuner, ``layer``, the docs
+    table and the tests read from the registry instead of keeping lists of names:
+    ``sparse`` (it encodes the activation and skips its zeros), ``metaschedule`` (its stages
+    are TE with static loops: MetaSchedule tunes them, it has no knobs), ``fuses_residual``
+    (its last stage can add a residual input, Epilogue.residual), ``groups`` (it computes
+    grouped and depthwise convs; every algorithm takes any stride, dilation and padding).
+    :meth:`check` says whether it takes a layer; its knob space is :meth:`knob_grid`, beside
+    its kernel.
+    """
 
     name: str = ""
     sparse: bool = False
+    metaschedule: bool = False
+    fuses_residual: bool = False
+    groups: bool = False
     knob_defaults: Mapping[str, object] = {}
-    fuses_residual: bool = False  # its last stage can add a residual input (Epilogue.residual)
 
     # -- what the layer may be ------------------------------------------------------------
     def check(self, spec: Conv2DSpec) -> None:
         """Raise UnsupportedConvError naming the attribute this algorithm cannot compute."""
-        spec.require(self.name)
+        spec.require(self.name, groups=self.groups)
 
     def knobs(self, spec: Conv2DSpec, knobs: Mapping | None = None, cpu=None) -> dict:
         """Defaults for ``cpu`` (a CPU or a target; None: this machine) merged with ``knobs``;
@@ -70,6 +84,35 @@ class Algorithm:
 
     def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
         return dict(self.knob_defaults)
+
+    # -- the knob space the tuner searches --------------------------------------------------
+    def knob_grid(self, spec: Conv2DSpec, cpu: CPU) -> Iterable[dict]:
+        """Candidate knob dicts (possibly partial or invalid: knob_space completes, validates
+        and orders them). None by default: the defaults are the only candidate."""
+        return ()
+
+    def knob_space(self, spec: Conv2DSpec, cpu=None) -> list[dict]:
+        """Valid, complete knob dicts for ``spec`` on ``cpu`` (a CPU or a target; None: this
+        machine): the defaults first, then the rest of knob_grid in a fixed shuffled order, so
+        that any prefix (what a small budget measures) spreads over every axis of the grid
+        rather than varying only its last one. A candidate that :meth:`knobs` or
+        :meth:`constants` refuses is dropped, never measured."""
+        cpu = cpu_of(cpu)
+        zeros = np.zeros(spec.w_shape, np.float32)
+        seen, out = set(), []
+        for k in [{}] + list(self.knob_grid(spec, cpu)):
+            try:
+                full = self.knobs(spec, k, cpu)
+                self.constants(spec, zeros, None, full)  # validates tile sizes cheaply
+            except (ValueError, KeyError):
+                continue
+            key = tuple(sorted(full.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(full)
+        rest = out[1:]
+        random.Random(0).shuffle(rest)
+        return out[:1] + rest
 
     # -- the compiled pipeline -------------------------------------------------------------
     def constants(self, spec: Conv2DSpec, weight: np.ndarray, bias: np.ndarray | None,
@@ -96,6 +139,31 @@ class Algorithm:
 
     def __repr__(self) -> str:
         return f"<algorithm {self.name}>"
+
+
+REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(cls):
+    """Class decorator: one instance of ``cls`` joins the registry under ``cls.name``."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"algorithm name {cls.name!r} is empty or taken")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def grid(**axes) -> Iterable[dict]:
+    """Every combination of the knob values in ``axes`` (name -> values), as dicts."""
+    keys = list(axes)
+    for vals in itertools.product(*(axes[k] for k in keys)):
+        yield dict(zip(keys, vals))
+
+
+def registers_ok(cpu: CPU, pixels: int, m_tile: int) -> bool:
+    """A register tile of ``pixels`` x ``m_tile`` accumulators fits the knob spaces' band: more
+    than 3/4 of the CPU's vector registers spills (24 on AVX-512, 12 on AVX2) and fewer than
+    ~4 starves the FMA units."""
+    return 4 <= pixels * m_tile / cpu.lanes <= cpu.registers * 3 // 4
 
 
 def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
@@ -179,14 +247,14 @@ def is_read(spec: Conv2DSpec, axis: int, i):
 def prim(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """A hand-scheduled stage as every stage needs it: noalias, its body in a block.
 
-    The body goes into an opaque block annotated with the schedule rule of schedules.py
+    The body goes into an opaque block annotated with the schedule rule of stages.py
     (MetaSchedule then keeps the kernel as written), inside a root block: Relax's
     RewriteDataflowReshape asks every call_tir with one argument (an encoder of x) whether
     it is a reshape, and that analysis fails on a body that is not a block.
     """
     from tvm import s_tir
 
-    from ..schedules import RULE
+    from ..stages import RULE
 
     kernel = s_tir.SBlock([], [], [], "tvms_kernel", func.body, annotations={"schedule_rule": RULE})
     root = s_tir.SBlock([], [], [], "root", s_tir.SBlockRealize([], True, kernel))

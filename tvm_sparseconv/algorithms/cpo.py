@@ -23,15 +23,16 @@ from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU
 from ..reference.cpo import CPO, column_order, cpo_encode, cpo_multiply, cpo_storage
 from ..reference.storage import Storage
-from .base import Algorithm, Buffer, Stage, bias_constant, epilogue_inputs
+from .base import Algorithm, Buffer, Stage, bias_constant, epilogue_inputs, grid, register, registers_ok
 from .cpo_encoder import encoder
 from .cpo_layout import MIN_TILE, Geometry, m_tiling, weight_layout
 from .cpo_multiply import multiply, on_grid
 
 # MIN_TILE, m_tiling, weight_layout, on_grid, encoder, multiply: importable from here as before the split
-__all__ = ["ALGORITHM", "CPOAlgorithm", "MIN_TILE", "encoder", "m_tiling", "multiply", "on_grid", "weight_layout"]
+__all__ = ["CPOAlgorithm", "MIN_TILE", "encoder", "m_tiling", "multiply", "on_grid", "weight_layout"]
 
 
+@register
 class CPOAlgorithm(Algorithm):
     """CPO; :class:`~tvm_sparseconv.algorithms.cps.CPSAlgorithm` differs only in ``packed``."""
 
@@ -49,9 +50,6 @@ class CPOAlgorithm(Algorithm):
         return dict(self.knob_defaults, m_tile=4 * cpu.lanes,
                     pixels=max(1, min(8, cpu.accumulators * cpu.lanes // mt)), chunks=cpu.cores,
                     row_tile=spec.out_h)
-
-    def check(self, spec: Conv2DSpec) -> None:
-        spec.require(self.name)  # groups=1; stride, dilation, padding: any
 
     def format_buffers(self, spec: Conv2DSpec) -> tuple[Buffer, ...]:
         """The encoder's outputs, the multiply's first inputs (shapes: cpo_layout.py)."""
@@ -78,6 +76,12 @@ class CPOAlgorithm(Algorithm):
                   (Buffer("y", spec.y_shape),)),
         ]
 
+    def knob_grid(self, spec, cpu):
+        for k in grid(multiply=("gather",), m_tile=(32, 64), pixels=(2, 4, 8)):
+            if registers_ok(cpu, k["pixels"], k["m_tile"]):
+                yield k
+        yield from grid(multiply=("scatter",), m_tile=(32, 64), row_tile=(0, 8))
+
     # -- the format as NumPy arrays -------------------------------------------------------
     def unpack(self, spec: Conv2DSpec, produced) -> CPO:
         """The valid prefix of what the compiled encoder produced, as the reference's CPO."""
@@ -103,5 +107,3 @@ class CPOAlgorithm(Algorithm):
     def reference(self, spec, knobs, x, w):
         return self.multiply_reference(spec, self.encode_reference(spec, x), w)
 
-
-ALGORITHM = CPOAlgorithm()

@@ -12,9 +12,11 @@ format.
 from __future__ import annotations
 
 from ..reference.cpo import CPS, column_order, cps_encode, cps_multiply, cps_storage
+from .base import register
 from .cpo import CPOAlgorithm
 
 
+@register
 class CPSAlgorithm(CPOAlgorithm):
     name = "cps"
     packed = True
@@ -34,5 +36,3 @@ class CPSAlgorithm(CPOAlgorithm):
     def multiply_reference(self, spec, fmt, w):
         return cps_multiply(spec, fmt, w)
 
-
-ALGORITHM = CPSAlgorithm()

@@ -26,8 +26,8 @@ from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, prim,
-                   store_output)
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, prim,
+                   register, registers_ok, store_output)
 
 KERNELS = ("direct", "gemm")
 # parallel task order: (n, M tile, row), (n, row, M tile), or (n, band, M tile, row in band):
@@ -36,7 +36,7 @@ KERNELS = ("direct", "gemm")
 # tile by M tile, so its output rows are written in long runs). Which is fastest depends on
 # which core wrote the input (tune/refine.py chooses inside the model). row_band has one band
 # per core of the target.
-SPLITS = ("m_outer", "row_outer", "row_band")
+DENSE_SPLITS = ("m_outer", "row_outer", "row_band")
 PADS = ("inplace", "copy")  # padding: skip the padded taps, or copy x into a zero-padded xp first
 
 
@@ -46,7 +46,7 @@ class DenseTiling:
     block: int    # output pixels per register tile (direct: 1..32 of one row; gemm: 8..64, whole vectors)
     m_tile: int   # output channels per register tile (direct: a power of two in 4..128; gemm: 1..16)
     c_block: int  # direct: input channels per cache block (== C: one block)
-    split: str    # one of SPLITS ("row" = a pixel tile for gemm)
+    split: str    # one of DENSE_SPLITS ("row" = a pixel tile for gemm)
     pad: str      # direct: one of PADS
     n_mt: int     # M tiles: ceil(M / m_tile)
 
@@ -129,8 +129,8 @@ def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
         block = min(block, spec.out_w)
     if not (isinstance(c_block, int) and c_block >= 0):
         raise KnobError(f"dense: c_block must be an int >= 0 (0: all channels), got {c_block!r}")
-    if split not in SPLITS:
-        raise KnobError(f"dense: split must be one of {SPLITS}, got {split!r}")
+    if split not in DENSE_SPLITS:
+        raise KnobError(f"dense: split must be one of {DENSE_SPLITS}, got {split!r}")
     if pad not in PADS:
         raise KnobError(f"dense: pad must be one of {PADS}, got {pad!r}")
     c = spec.in_channels
@@ -383,6 +383,7 @@ def padded_storage(spec: Conv2DSpec, tl: DenseTiling) -> Storage:
     return Storage.of((spec.batch * spec.in_channels * spec.padded_h * spec.padded_w, 4))
 
 
+@register
 class Dense(Algorithm):
     name = "dense"
     sparse = False
@@ -427,5 +428,11 @@ class Dense(Algorithm):
     def reference(self, spec, knobs, x, w):
         return dense_conv2d(spec, x, w)
 
-
-ALGORITHM = Dense()
+    def knob_grid(self, spec, cpu):
+        for k in grid(kernel=("direct",), block=(3, 4, 6, 8), m_tile=(16, 32, 64), split=DENSE_SPLITS, pad=PADS):
+            if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
+                yield k
+        if is_pointwise(spec):
+            for k in grid(kernel=("gemm",), block=(16, 24, 32, 48, 64), m_tile=(4, 6, 8, 12, 16), split=DENSE_SPLITS):
+                if k["block"] % cpu.lanes == 0 and registers_ok(cpu, k["block"], k["m_tile"]):
+                    yield k

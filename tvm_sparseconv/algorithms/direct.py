@@ -6,16 +6,15 @@ from tvm import te, topi
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import Algorithm, Buffer, Stage, bias_constant
+from .base import Algorithm, Buffer, Stage, bias_constant, register
 from .lowering import te_bias, te_epilogue
 
 
+@register
 class Direct(Algorithm):
     name = "direct"
-    sparse = False
-
-    def check(self, spec: Conv2DSpec) -> None:
-        pass  # topi covers groups, dilation, strides and asymmetric padding
+    metaschedule = True
+    groups = True  # topi covers groups, dilation, strides and asymmetric padding
 
     def constants(self, spec, weight, bias, knobs):
         return {"w": weight, **bias_constant(spec, bias)}
@@ -40,6 +39,3 @@ class Direct(Algorithm):
 
     def reference(self, spec, knobs, x, w):
         return dense_conv2d(spec, x, w)
-
-
-ALGORITHM = Direct()

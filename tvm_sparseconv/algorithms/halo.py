@@ -28,12 +28,14 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU
 from ..reference.halo import HaloGeometry, halo_encode, halo_geometry, halo_multiply, halo_storage
-from .base import Algorithm, Buffer, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, prim
-from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
+from .base import (Algorithm, Buffer, Stage, bias_constant, drop_unused, epilogue_inputs, grid, is_read, prim, register,
+                   registers_ok)
+from .tiling import (TILE_SPLITS, Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling,
                      start_rows, store_tile, tile_weights, tiling_defaults, two_pass_encode,
                      zero_tile)
 
 
+@register
 class Halo(Algorithm):
     name = "halo"
     sparse = True
@@ -67,6 +69,10 @@ class Halo(Algorithm):
     def reference(self, spec, knobs, x, w):
         return halo_multiply(spec, knobs["block"], *halo_encode(spec, x, knobs["block"]), w)
 
+    def knob_grid(self, spec, cpu):
+        for k in grid(block=(2, 3, 4, 6, 8), m_tile=(16, 32, 64), split=TILE_SPLITS):
+            if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
+                yield k
 
 def halo_weights(weight, m_tile: int):
     """OIHW -> [M/m_tile][Kh][C*Kw][m_tile]: an entry's Kw weight vectors adjacent."""
@@ -165,6 +171,3 @@ def _multiply_func(spec: Conv2DSpec, geo: HaloGeometry, tl: Tiling, segs: int, c
         for_each_tile(tl, lambda mo, g: tile(ptr, chan, val, w, bias, res, y, mo, g))
 
     return drop_unused(multiply, ep)
-
-
-ALGORITHM = Halo()

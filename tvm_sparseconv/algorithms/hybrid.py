@@ -41,7 +41,8 @@ from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
 from ..reference.halo import HaloGeometry, halo_geometry
 from ..reference.hybrid import hybrid_encode, hybrid_multiply, hybrid_storage, offset_reads
-from .base import Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, prim
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, is_read,
+                   prim, register, registers_ok)
 from .halo import halo_entries, halo_weights, segment_column, segment_holds
 from .lanes import Lanes, channels_last_block
 from .pixcsr import row_task_defaults
@@ -53,6 +54,7 @@ from .tiling import Tiling, finish_rows, start_rows, store_rows, tile_pixels, tw
 DENSE_SHARE = 0.65
 
 
+@register
 class Hybrid(Algorithm):
     name = "hybrid"
     sparse = True
@@ -111,6 +113,15 @@ class Hybrid(Algorithm):
 
     def reference(self, spec, knobs, x, w):
         return hybrid_multiply(spec, knobs["block"], knobs["c_block"], *self._encode(spec, knobs, x), w)
+
+    def knob_grid(self, spec, cpu):
+        # halo's register tiles, pixcsr's weight blocks, the dense share around the default
+        for k in grid(block=(2, 3, 4, 8), m_tile=(32, 64, 128), c_block=(32, 64, 128), rows=(2, 4)):
+            cb = min(k["c_block"], spec.in_channels)
+            if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w and cb == k["c_block"]:
+                products = k["block"] * spec.kernel_w
+                for share in (0.5, 0.65, 0.8):
+                    yield {**k, "dense_from": max(1, round(share * products))}
 
 
 @dataclass(frozen=True)
@@ -295,6 +306,3 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
             out_rows(hptr, hchan, hval, pptr, pcode, pval, w, bias, res, y, u)
 
     return drop_unused(multiply, ep)
-
-
-ALGORITHM = Hybrid()

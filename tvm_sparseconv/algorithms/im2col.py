@@ -5,15 +5,13 @@ from tvm import te
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import im2col_lower, im2col_multiply, im2col_storage
-from .base import Buffer, Stage, bias_constant
+from .base import Buffer, Stage, bias_constant, register
 from .lowering import Lowering, padded_read, te_bias, te_epilogue
 
 
+@register
 class Im2col(Lowering):
     name = "im2col"
-
-    def check(self, spec: Conv2DSpec) -> None:
-        spec.require(self.name)
 
     def constants(self, spec, weight, bias, knobs):
         return {"w_mk": weight.reshape(spec.out_channels, -1), **bias_constant(spec, bias)}
@@ -47,6 +45,3 @@ class Im2col(Lowering):
 
     def reference(self, spec, knobs, x, w):
         return im2col_multiply(spec, im2col_lower(spec, x), w)
-
-
-ALGORITHM = Im2col()

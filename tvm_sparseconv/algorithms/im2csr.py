@@ -26,10 +26,12 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU
 from ..reference.im2csr import im2csr_encode, im2csr_multiply, im2csr_storage
-from .base import Algorithm, Buffer, Stage, bias_constant, drop_unused, epilogue_inputs, prim
-from .tiling import (Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling, start_rows,
+from .base import (Algorithm, Buffer, Stage, bias_constant, drop_unused, epilogue_inputs, grid, prim, register,
+                   registers_ok)
+from .tiling import (TILE_SPLITS, Tiling, emit_entry, finish_rows, for_each_tile, group_coords, make_tiling, start_rows,
                      store_tile, tile_weights, tiling_defaults, two_pass_encode, zero_tile)
 
+@register
 class Im2CSR(Algorithm):
     name = "im2csr"
     sparse = True
@@ -62,6 +64,10 @@ class Im2CSR(Algorithm):
     def reference(self, spec, knobs, x, w):
         return im2csr_multiply(spec, knobs["block"], *im2csr_encode(spec, x, knobs["block"]), w)
 
+    def knob_grid(self, spec, cpu):
+        for k in grid(block=(2, 3, 4, 6, 8), m_tile=(16, 32, 64), split=TILE_SPLITS):
+            if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
+                yield k
 
 def _encode_func(spec: Conv2DSpec, tl: Tiling, cap: int):
     N, C, H, W = spec.x_shape
@@ -125,6 +131,3 @@ def _multiply_func(spec: Conv2DSpec, tl: Tiling, cap: int, ep: Epilogue):
         for_each_tile(tl, lambda mo, g: tile(ptr, col, val, w, bias, res, y, mo, g))
 
     return drop_unused(multiply, ep)
-
-
-ALGORITHM = Im2CSR()

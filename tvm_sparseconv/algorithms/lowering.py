@@ -31,7 +31,10 @@ def te_bias(spec: Conv2DSpec, epilogue: Epilogue) -> tuple[list, tuple]:
 
 
 class Lowering(Algorithm):
-    """A dense lowering (im2col, MEC): its stored size follows from the shape alone."""
+    """A dense lowering (im2col, MEC): its stored size follows from the shape alone; its stages
+    are TE, which MetaSchedule tunes."""
+
+    metaschedule = True
 
     def lowered_storage(self, spec: Conv2DSpec) -> Storage:
         raise NotImplementedError

@@ -6,10 +6,11 @@ from tvm import te
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import mec_lower, mec_multiply, mec_storage
-from .base import Buffer, Stage, bias_constant
+from .base import Buffer, Stage, bias_constant, register
 from .lowering import Lowering, padded_read, te_bias, te_epilogue
 
 
+@register
 class MEC(Lowering):
     name = "mec"
 
@@ -43,6 +44,3 @@ class MEC(Lowering):
 
     def reference(self, spec, knobs, x, w):
         return mec_multiply(spec, mec_lower(spec, x), w)
-
-
-ALGORITHM = MEC()

@@ -35,8 +35,8 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
 from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, is_read, nonzero,
-                   prim)
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, is_read,
+                   nonzero, prim, register)
 from .lanes import Lanes, channels_last_block
 from .tiling import default_m_tile, finish_rows, start_rows, store_rows, tile_weights, two_pass_encode
 
@@ -59,6 +59,7 @@ def row_task_defaults(spec: Conv2DSpec, cpu: CPU, tiles) -> dict:
     return {"m_tile": m_tile, "c_block": min(cb, spec.in_channels), "rows": rows}
 
 
+@register
 class PixCSR(Algorithm):
     name = "pixcsr"
     sparse = True
@@ -106,6 +107,13 @@ class PixCSR(Algorithm):
     def reference(self, spec, knobs, x, w):
         return pixcsr_multiply(spec, knobs["c_block"], *pixcsr_encode(spec, x, knobs["c_block"]), w)
 
+    def knob_grid(self, spec, cpu):
+        # weight blocks per kernel row of 16-256 KB (L1 to L2), tasks of 1-8 output rows
+        for k in grid(m_tile=(32, 64, 128), c_block=(2, 4, 8, 16, 32, 64, 128, 256), rows=(1, 2, 4, 8)):
+            cb = min(k["c_block"], spec.in_channels)
+            if 4096 <= spec.kernel_w * cb * k["m_tile"] <= 65536 and k["rows"] <= spec.out_h and cb == k["c_block"] \
+                    and k["m_tile"] <= 8 * cpu.lanes:
+                yield k
 
 def _encode_func(spec: Conv2DSpec, vec: Lanes, cb: int, nkb: int, ptr_rows: int, cap: int):
     N, C, H, W = spec.x_shape
@@ -217,6 +225,3 @@ def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, ptr_row
             out_rows(ptr, code, val, w, bias, res, y, f)
 
     return drop_unused(multiply, ep)
-
-
-ALGORITHM = PixCSR()

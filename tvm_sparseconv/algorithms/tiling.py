@@ -20,7 +20,7 @@ from .base import KnobError, any_nonzero, store_output
 #   tile_outer  for each m-tile (serial): all groups in parallel (the m-tile's weights stay in L2)
 #   fused       one parallel loop over (m-tile, group)
 #   tile_inner  groups in parallel, every m-tile of a group in turn (the group's entries stay in L1)
-SPLITS = ("tile_outer", "fused", "tile_inner")
+TILE_SPLITS = ("tile_outer", "fused", "tile_inner")
 M_TILES = (64, 32, 16)
 
 
@@ -39,10 +39,6 @@ class Tiling:
     n_tiles: int
     per_row: int
     n_groups: int
-
-    @property
-    def padded_m(self) -> int:
-        return self.n_tiles * self.m_tile
 
 
 def default_m_tile(m: int, tiles=M_TILES) -> int:
@@ -72,8 +68,8 @@ def make_tiling(algorithm: str, spec: Conv2DSpec, knobs) -> Tiling:
     for name, v in (("block", block), ("m_tile", m_tile)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise KnobError(f"{algorithm}: knob {name} must be a positive int, got {v!r}")
-    if split not in SPLITS:
-        raise KnobError(f"{algorithm}: knob split must be one of {SPLITS}, got {split!r}")
+    if split not in TILE_SPLITS:
+        raise KnobError(f"{algorithm}: knob split must be one of {TILE_SPLITS}, got {split!r}")
     per_row = -(-spec.out_w // block)
     return Tiling(int(block), int(m_tile), split, -(-spec.out_channels // m_tile), per_row,
                   spec.batch * spec.out_h * per_row)

@@ -1,4 +1,4 @@
 """Relax passes of tvm-sparseconv, one per file."""
-from .rewrite_conv2d import RewriteConv2D, LayerChoice
+from .rewrite_conv2d import RewriteConv2D, LayerChoice, applied_layers
 
-__all__ = ["RewriteConv2D", "LayerChoice"]
+__all__ = ["RewriteConv2D", "LayerChoice", "applied_layers"]

@@ -8,12 +8,9 @@ import tvm
 from tvm import relax
 
 from ..algorithms import get_algorithm
-from ..conv import Epilogue
 from ..cpu import CPU, cpu_of
 from ..graph import ConvSite, find_conv_sites
-
-# relax's kOpaque: FuseOps must not merge a hand-written kernel into its neighbours
-_OPAQUE = 8
+from ..stages import LAYERS_ATTR, algorithm_func, stage_symbol
 
 
 @dataclass(frozen=True)
@@ -24,37 +21,27 @@ class LayerChoice:
     knobs: dict = field(default_factory=dict, hash=False)
 
 
-def stage_func(st) -> tvm.tirx.PrimFunc:
-    """A stage's PrimFunc exactly as it sits in a rewritten Relax module.
-
-    MetaSchedule finds a tuned schedule by the function's structural hash, so the tuner
-    tunes this form and compile applies the database to the same form.
-    """
-    # te.create_prim_func names every function "main": the module names it instead
-    func = st.func.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
-    if not st.tunable:  # hand-scheduled: keep it out of dlight / MetaSchedule
-        func = func.with_attr("tirx.is_scheduled", True)
-    return func
-
-
 def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, cpu: CPU, x: relax.Expr,
-               res: relax.Expr | None = None) -> relax.Expr:
+               res: relax.Expr | None = None, callers: dict | None = None) -> relax.Expr:
     """Emit every stage, built for ``cpu``, but the last as bindings; return the last stage's
     call (its result is y). With ``res`` the layer's epilogue adds it (site.residual_add's
-    chain), and ReLUs if that chain ends in one."""
+    chain), and ReLUs if that chain ends in one. Each stage's PrimFunc carries the algorithm as
+    an attribute (stages.algorithm_func); ``callers`` ({GlobalVar: [layer keys]}) gets this
+    layer's key appended for each stage function it calls."""
     algo = get_algorithm(choice.algorithm)
     spec = site.spec
     algo.check(spec)
     knobs = algo.knobs(spec, choice.knobs, cpu)
-    relu = site.residual_add.relu if res is not None else site.relu
-    epilogue = Epilogue(bias=site.bias is not None, relu=relu, residual=res is not None)
+    epilogue = site.epilogue(fused=res is not None)
     env = {"x": x, "res": res}
     for name, value in algo.constants(spec, site.weight, site.bias, knobs).items():
         env[name] = relax.const(value)
     stages = algo.stages(spec, epilogue, knobs, cpu)
     call = None
     for i, st in enumerate(stages):
-        gv = bb.add_func(stage_func(st), f"{algo.name}_{st.name}")
+        gv = bb.add_func(algorithm_func(st, algo.name), stage_symbol(algo.name, st.name))
+        if callers is not None:
+            callers.setdefault(gv, []).append(site.key)
         types = [relax.TensorType(b.shape, b.dtype) for b in st.outputs]
         call = relax.call_tir(gv, [env[n] for n in st.inputs], types[0] if len(types) == 1 else types)
         if i == len(stages) - 1:
@@ -74,6 +61,7 @@ class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, todo: dict, absorbed: set, calls: dict, cpu: CPU):
         super().__init__(mod)
         self.todo, self.absorbed, self.calls, self.cpu = todo, absorbed, calls, cpu
+        self.callers = {}  # stage function -> keys of the layers that call it, in binding order
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.absorbed:
@@ -86,7 +74,7 @@ class _Rewriter(relax.PyExprMutator):
         if site.data_layout == "NHWC":
             x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
         res = self.visit_expr(fused.residual) if fused is not None else None
-        y = emit_layer(self.builder_, site, choice, self.cpu, x, res)
+        y = emit_layer(self.builder_, site, choice, self.cpu, x, res, self.callers)
         if site.data_layout == "NHWC":
             y = relax.op.permute_dims(self.builder_.emit(y), [0, 2, 3, 1])
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(y)))
@@ -108,15 +96,14 @@ class RewriteConv2D:
     algorithm does not support (``strict=False``) unless ``strict`` asks for an error.
     """
 
-    def __init__(self, choices: Mapping[str, LayerChoice], target=None, strict: bool = False):
+    def __init__(self, choices: Mapping[str, LayerChoice], target=None, strict: bool = False, sites=None):
         self.choices = dict(choices)
         self.cpu = cpu_of(target)
         self.strict = strict
-        self.applied: dict[str, str] = {}
+        self.sites = sites  # the module's ConvSites when the caller has found them already
 
     def select(self, func: relax.Function) -> dict:
-        """{root var: (site, choice, the ResidualAdd fused or None)} of the layers to rewrite;
-        fills ``applied``.
+        """{root var: (site, choice, the ResidualAdd fused or None)} of the layers to rewrite.
 
         Call it directly for a clear UnsupportedConvError under ``strict`` (an exception
         raised inside a pass reaches the caller as a RuntimeError).
@@ -124,10 +111,8 @@ class RewriteConv2D:
         from ..conv import UnsupportedConvError
 
         todo, claimed = {}, set()
-        self.applied = {}
-        for s in find_conv_sites(func):
+        for s in self.sites if self.sites is not None else find_conv_sites(func):
             choice = self.choices.get(s.key)
-            self.applied[s.key] = "direct"
             if choice is None or choice.algorithm == "direct":
                 continue
             reason = s.why_dense
@@ -146,7 +131,6 @@ class RewriteConv2D:
             else:
                 claimed.add(fused.root)
             todo[fused.root if fused else s.root] = (s, choice, fused)
-            self.applied[s.key] = choice.algorithm
         return todo
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
@@ -161,4 +145,17 @@ class RewriteConv2D:
         new_main = rw.visit_expr(func)
         gv = rw.builder_.get().get_global_var("main")
         rw.builder_.update_func(gv, new_main)
+        for stage, keys in rw.callers.items():
+            rw.builder_.update_func(stage, rw.builder_.get()[stage].with_attr(LAYERS_ATTR, keys))
         return relax.transform.DeadCodeElimination(["main"])(rw.builder_.get())
+
+
+def applied_layers(mod: tvm.IRModule, sites) -> dict[str, str]:
+    """{layer key: the algorithm that computes it} in a module RewriteConv2D has rewritten, read
+    from its kernels' attributes; "direct" (TVM's conv2d) for the layers of ``sites`` it left."""
+    from ..stages import kernel_table
+
+    applied = {s.key: "direct" for s in sites}
+    for layers, algorithm in kernel_table(mod).values():
+        applied.update(dict.fromkeys(layers, algorithm))
+    return applied

@@ -6,7 +6,7 @@ decides whether its reads hit there (ResNet-50-half's 128->32 1x1 at 56x56: 0.11
 producer split by pixels, 0.17 after one split by channels). That depends on the neighbours'
 splits, so it is chosen with all of them compiled together:
 
-1. the model compiled once per split in ``dense.SPLITS``, every dense-kernel layer on it;
+1. the model compiled once per split in ``dense.DENSE_SPLITS``, every dense-kernel layer on it;
 2. each conv call timed inside each build (a VM instrument; the median of three interleaved
    rounds of ``runs`` inferences);
 3. the mix of each layer's fastest split, compiled too;
@@ -21,54 +21,36 @@ import copy
 
 import numpy as np
 import tvm
-from tvm import relax
 
 from ..algorithms import get_algorithm
-from ..algorithms.dense import SPLITS
-from ..bench import kernel_algorithm, time_calls
-from ..compile import build_isolated
-from ..conv import Epilogue
+from ..algorithms.dense import DENSE_SPLITS
+from ..compile import Build, build_isolated
 from ..frontend import Model
-from ..graph import find_conv_sites
-from ..passes.rewrite_conv2d import RewriteConv2D
+from ..measure import Progress, time_calls
 from ..plan import Plan
 from ..target import make_target
 from ..worker import CandidateCrash
-from .progress import Progress
 
 
-def call_layout(model: Model, plan: Plan, target) -> list[tuple[str, int]]:
-    """(layer key, its kernel calls per inference) for the rewritten layers, in the order the
-    VM runs them: the order of the bindings each rewritten chain replaces (RewriteConv2D emits
-    a layer's stages there)."""
-    func = model.mod["main"]
-    rewrite = RewriteConv2D(plan.choices(find_conv_sites(func)), target)
-    todo = rewrite.select(func)
-    out = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            if b.var in todo:
-                site, choice, _ = todo[b.var]
-                algo = get_algorithm(choice.algorithm)
-                knobs = algo.knobs(site.spec, choice.knobs, rewrite.cpu)
-                out.append((site.key, len(algo.stages(site.spec, Epilogue(site.bias is not None, site.relu), knobs,
-                                                      rewrite.cpu))))
-    return out
+def layer_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict[str, float]:
+    """{layer key: median ms of its kernel calls per inference} inside the model built as ``b``.
 
-
-def layer_ms(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, layout: list[tuple[str, int]],
-             runs: int = 20) -> dict[str, float]:
-    """{layer key: median ms of its kernel calls per inference} inside the model."""
-    calls = [t for name, t in time_calls(vm, x, runs) if kernel_algorithm(name)]
-    per = sum(n for _, n in layout)
-    if len(calls) != per * runs:
-        raise RuntimeError(f"refine: {len(calls) // runs} kernel calls per inference, the plan implies {per}")
-    t = np.asarray(calls).reshape(runs, per)
-    out, i = {}, 0
-    for key, n in layout:
-        out[key] = float(np.median(t[:, i:i + n].sum(axis=1))) * 1e3
-        i += n
-    return out
+    b.kernels names the layers that call each kernel in call order, so a kernel's j-th call in
+    an inference is its j-th layer's (stages.LAYERS_ATTR)."""
+    calls: dict[str, list[float]] = {}
+    for name, t in time_calls(b.vm(), x, runs):
+        if name in b.kernels:
+            calls.setdefault(name, []).append(t)
+    total: dict[str, np.ndarray] = {}
+    for name, ts in calls.items():
+        layers = b.kernels[name][0]
+        if len(ts) != runs * len(layers):
+            raise RuntimeError(f"refine: {name} was called {len(ts)} times in {runs} inferences; "
+                               f"{len(layers)} layers call it")
+        per = np.asarray(ts).reshape(runs, len(layers))
+        for j, key in enumerate(layers):
+            total[key] = total.get(key, 0) + per[:, j]
+    return {key: float(np.median(t)) * 1e3 for key, t in total.items()}
 
 
 def with_splits(plan: Plan, splits: dict[str, str]) -> Plan:
@@ -90,14 +72,13 @@ def apply_report(plan: Plan, report: dict) -> Plan:
     return out
 
 
-def dense_splits(model: Model, plan: Plan, layout: list[tuple[str, int]], target) -> dict[str, str]:
-    """{key: resolved split} of the layers the plan rewrites onto the dense kernel (``layout``:
-    call_layout's, which names the rewritten ones)."""
-    sites = {s.key: s for s in find_conv_sites(model.mod["main"])}
-    rewritten = {k for k, _ in layout}
+def dense_splits(model: Model, plan: Plan, applied: dict[str, str], target) -> dict[str, str]:
+    """{key: resolved split} of the layers the plan puts on the dense kernel and a build of it
+    rewrote (``applied``: Build.applied)."""
+    sites = {s.key: s for s in model.sites}
     dense = get_algorithm("dense")
     return {l.key: dense.knobs(sites[l.key].spec, l.knobs, target)["split"] for l in plan.layers
-            if l.algorithm == "dense" and l.key in rewritten}
+            if l.algorithm == "dense" and applied.get(l.key) == "dense"}
 
 
 def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7, runs: int = 20,
@@ -111,51 +92,50 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     if rounds < 1 or runs < 1:
         raise ValueError(f"rounds and runs must be >= 1, got {rounds} and {runs}")
     target = make_target(target)
-    layout = call_layout(model, plan, target)  # builds every layer's stages: once
-    original = dense_splits(model, plan, layout, target)
-    if not original:
+    applied = {k: a for k, a in ((l.key, l.algorithm) for l in plan.layers)}
+    if not dense_splits(model, plan, applied, target):  # nothing to compile for
         return plan, {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
     xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))
-    splits = {"plan": original, **{f"all {s}": {k: s for k in original} for s in SPLITS}}
-    p = Progress("refine", len(splits) + 3 + rounds)
-    vms = {}
+    p = Progress("refine", len(DENSE_SPLITS) + 4 + rounds)
+    builds = {"plan": build_isolated(model, plan, target)}  # a crash of the plan itself ends refine
+    p.step("compiled: plan")
+    original = dense_splits(model, plan, builds["plan"].applied, target)
+    if not original:
+        return plan, {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
+    splits = {"plan": original, **{f"all {s}": {k: s for k in original} for s in DENSE_SPLITS}}
 
     def add(name):
-        """Compile one build (in the worker); a build that crashes LLVM is left out, unless it
-        is the plan itself."""
+        """Compile one build (in the worker); a build that crashes LLVM is left out."""
         try:
-            lib, _ = build_isolated(model, with_splits(plan, splits[name]), target)
+            builds[name] = build_isolated(model, with_splits(plan, splits[name]), target)
         except CandidateCrash as e:
-            if name == "plan":
-                raise
             del splits[name]
             p.step(f"left out: {name} ({e})")
             log(f"refine: the build {name!r} crashed and is left out: {e}")
             return
-        vms[name] = relax.VirtualMachine(lib, tvm.cpu())
         p.step(f"compiled: {name}")
 
-    for name in list(splits):
+    for name in list(splits)[1:]:
         add(name)
     # the per-layer times in interleaved rounds too: the machine's drift must not pick a split
     laps = {name: [] for name in splits}
     for _ in range(3):
         for name in splits:
-            laps[name].append(layer_ms(vms[name], xt, layout, runs))
+            laps[name].append(layer_ms(builds[name], xt, runs))
     per_layer = {n: {k: float(np.median([lap[k] for lap in laps[n]])) for k in laps[n][0]} for n in splits}
     p.step("conv calls in the model: " + ", ".join(f"{n} {sum(v.values()):.2f} ms" for n, v in per_layer.items()))
-    built = [s for s in SPLITS if f"all {s}" in per_layer]
+    built = [s for s in DENSE_SPLITS if f"all {s}" in per_layer]
     if built:
         splits["mix"] = {k: min(built, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
         add("mix")
     if "mix" in splits:
-        per_layer["mix"] = layer_ms(vms["mix"], xt, layout, runs)
+        per_layer["mix"] = layer_ms(builds["mix"], xt, runs)
         p.step("mix timed")
     names = list(splits)
     times = np.zeros((rounds, len(names)))
     for r in range(rounds):
         for j, name in enumerate(names):
-            fe = vms[name].time_evaluator("main", tvm.cpu(), number=1, repeat=10, min_repeat_ms=100)
+            fe = builds[name].vm().time_evaluator("main", tvm.cpu(), number=1, repeat=10, min_repeat_ms=100)
             times[r, j] = float(np.median(fe(xt).results)) * 1e3
         p.step(f"round {r + 1}: " + ", ".join(f"{n} {t:.2f}" for n, t in zip(names, times[r])))
     med = np.median(times, axis=0)

@@ -18,13 +18,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..algorithms import ALGORITHMS, get_algorithm
+from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, get_algorithm, knob_space
 from ..build import CACHE_MODES, CompiledLayer
-from ..conv import Epilogue, UnsupportedConvError
+from ..conv import UnsupportedConvError
 from ..cpu import cpu_of
 from ..frontend import Model
-from ..graph import find_conv_sites
-from ..layer import max_abs_error
+from ..measure import Progress, max_abs_error
 from ..plan import Plan, PlanLayer
 from ..profile import profile
 from ..reference import dense_conv2d
@@ -32,12 +31,7 @@ from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import KnobCostModel
 from .log import TuningLog
-from .progress import Progress
-from .space import knob_space
 from .workloads import Workload, extract_workloads
-
-DENSE_BASELINES = ("dense", "direct")
-MS_ALGORITHMS = ("direct", "im2col", "mec")  # their stages are TE: MetaSchedule tunes them
 
 
 def settled(recs: list[dict], spec, margin: float, target) -> list[dict]:
@@ -132,7 +126,7 @@ class Tuner:
     # -- phases ------------------------------------------------------------------------------
     def run(self) -> Plan:
         workloads = self.profile()
-        if self.cfg.trials > 0 and any(a in MS_ALGORITHMS for a in self.cfg.algorithms):
+        if self.cfg.trials > 0 and any(a in METASCHEDULE for a in self.cfg.algorithms):
             self.metaschedule(workloads)
         self.measure(workloads)
         plan = self.select(workloads)
@@ -146,7 +140,7 @@ class Tuner:
     def profile(self) -> list[Workload]:
         p = Progress("profile", 1)
         layers, acts, _ = profile(self.model, self.samples, self.target)
-        sites = find_conv_sites(self.model.mod["main"])
+        sites = self.model.sites
         with open(os.path.join(self.run_dir, "profile.json"), "w") as f:
             json.dump({"samples": len(self.samples), "layers": [l.to_dict() for l in layers]}, f, indent=1)
         p.step(f"{len(layers)} conv layers")
@@ -163,10 +157,10 @@ class Tuner:
 
         stages, names = [], []
         for w in workloads:
-            for a in MS_ALGORITHMS:
+            for a in METASCHEDULE:
                 if a not in self.cfg.algorithms or not self._supports(a, w):
                     continue
-                for st in get_algorithm(a).stages(w.spec, Epilogue(w.has_bias, w.relu), {}, self.target):
+                for st in get_algorithm(a).stages(w.spec, w.epilogue, {}, self.target):
                     if st.tunable:
                         stages.append(st)
                         names.append(f"{a}_{st.name}_{len(names)}")
@@ -198,7 +192,7 @@ class Tuner:
         for a in self.cfg.algorithms:
             if not self._supports(a, w):
                 continue
-            if a in MS_ALGORITHMS:
+            if a in METASCHEDULE:
                 if have_db:  # untuned TE loops are 10-100x slow: measure only with a database
                     out.append((a, [{}]))
             else:
@@ -207,11 +201,11 @@ class Tuner:
 
     def measure(self, workloads: list[Workload]) -> None:
         plan = [(w, a, cands) for w in workloads for a, cands in self.candidates(w)]
-        total = sum(min(len(c), 1 if a in MS_ALGORITHMS else self.cfg.knob_trials) for _, a, c in plan)
+        total = sum(min(len(c), 1 if a in METASCHEDULE else self.cfg.knob_trials) for _, a, c in plan)
         p = Progress("measure", total)
         for w, a, cands in plan:
             ref = None
-            n = 1 if a in MS_ALGORITHMS else self.cfg.knob_trials
+            n = 1 if a in METASCHEDULE else self.cfg.knob_trials
             order = self.cost.rank(a, cands, w.spec, w.density)
             picked = [cands[i] for i in order[:n]]
             if cands[0] not in picked:  # always measure the defaults
@@ -237,7 +231,7 @@ class Tuner:
         try:
             rec.update(shared_worker().call(
                 measure_candidate, a, w.spec, Cached(w.weight), w.bias, w.relu, str(self.target), knobs,
-                self.db_dir if a in MS_ALGORITHMS else None, Cached(w.x), Cached(ref), _tolerance(w, ref),
+                self.db_dir if a in METASCHEDULE else None, Cached(w.x), Cached(ref), _tolerance(w, ref),
                 self.cfg.repeat, self.cfg.cache, self.cfg.rpc, timeout=self.cfg.candidate_timeout))
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
@@ -247,7 +241,7 @@ class Tuner:
 
     def select(self, workloads: list[Workload]) -> Plan:
         """Per workload the fastest measured candidate; sparse must win by ``margin``."""
-        sites = find_conv_sites(self.model.mod["main"])
+        sites = self.model.sites
         by_key = {}
         for w in workloads:
             recs = settled([r for r in self.trials.records if r["workload"] == w.id and r.get("time_ms")],
@@ -255,7 +249,7 @@ class Tuner:
             choice = {"algorithm": "direct", "knobs": {}, "time_ms": None}
             if recs:
                 best = min(recs, key=lambda r: r["time_ms"])
-                dense = [r for r in recs if r["algorithm"] in DENSE_BASELINES or r["algorithm"] in MS_ALGORITHMS]
+                dense = [r for r in recs if r["algorithm"] in DENSE]
                 best_dense = min(dense, key=lambda r: r["time_ms"]) if dense else None
                 if best_dense is not None and best["time_ms"] > best_dense["time_ms"] * (1 - self.cfg.margin):
                     best = best_dense

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..conv import Conv2DSpec
+from ..conv import Conv2DSpec, Epilogue
 from ..graph import ConvSite
 
 
@@ -30,8 +30,9 @@ class Workload:
     why_dense: str | None = None
 
     @property
-    def has_bias(self) -> bool:
-        return self.bias is not None
+    def epilogue(self) -> Epilogue:
+        """Bias and ReLU as the layers have them (a workload's candidates never fuse a residual)."""
+        return Epilogue(bias=self.bias is not None, relu=self.relu)
 
 
 def workload_id(site: ConvSite) -> str:
