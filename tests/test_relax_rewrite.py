@@ -1,4 +1,7 @@
-"""The rewrite pass on small Relax modules: fusion, fallbacks, layouts, torch import."""
+"""The rewrite pass on small Relax modules: fusion, fallbacks, layouts, torch import.
+
+bench on the same modules is test_bench.py; ParallelizeRest (the ops the rewrite leaves) is
+test_parallelize_rest.py."""
 import numpy as np
 import pytest
 import tvm
@@ -10,14 +13,13 @@ from tvm_sparseconv.graph import find_conv_sites
 from tvm_sparseconv.passes import LayerChoice, RewriteConv2D
 from tvm_sparseconv.reference import dense_conv2d
 
-RNG = np.random.default_rng(0)
-
-
-def small_module(groups=1, data_layout="NCHW", relu=True, bias=True):
-    """x -> conv(3x3, pad 1) [+ bias] [-> relu] -> conv(1x1, groups) -> relu."""
-    w1 = RNG.standard_normal((8, 4, 3, 3)).astype("float32")
-    w2 = RNG.standard_normal((8, 8 // groups, 1, 1)).astype("float32")
-    b1 = RNG.standard_normal((1, 8, 1, 1)).astype("float32")
+def small_module(groups=1, data_layout="NCHW", relu=True, bias=True, seed=0):
+    """x -> conv(3x3, pad 1) [+ bias] [-> relu] -> conv(1x1, groups) -> relu; the weights from
+    ``seed`` (the same module whatever ran before). test_bench and test_schedules use it too."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype("float32")
+    w2 = rng.standard_normal((8, 8 // groups, 1, 1)).astype("float32")
+    b1 = rng.standard_normal((1, 8, 1, 1)).astype("float32")
     bb = relax.BlockBuilder()
     shape = (1, 4, 9, 9) if data_layout == "NCHW" else (1, 9, 9, 4)
     x = relax.Var("x", relax.TensorType(shape, "float32"))
@@ -63,7 +65,7 @@ def test_sites_fuse_bias_and_relu_only_when_they_feed_each_other():
 @pytest.mark.parametrize("algorithm", ["halo", "cpo", "im2col", "dense"])
 def test_rewrite_matches_reference_and_removes_fused_ops(algorithm):
     mod, w1, w2, b1 = small_module()
-    x = np.maximum(RNG.standard_normal((1, 4, 9, 9)), 0).astype("float32")
+    x = np.maximum(np.random.default_rng(1).standard_normal((1, 4, 9, 9)), 0).astype("float32")
     rw = RewriteConv2D({"conv000": LayerChoice(algorithm), "conv001": LayerChoice(algorithm)})
     new = rw(mod)
     text = new["main"].script()
@@ -74,7 +76,7 @@ def test_rewrite_matches_reference_and_removes_fused_ops(algorithm):
 
 def test_grouped_conv_falls_back_to_direct_or_errors_when_strict():
     mod, w1, w2, b1 = small_module(groups=2)
-    x = np.maximum(RNG.standard_normal((1, 4, 9, 9)), 0).astype("float32")
+    x = np.maximum(np.random.default_rng(2).standard_normal((1, 4, 9, 9)), 0).astype("float32")
     rw = RewriteConv2D({"conv000": LayerChoice("cpo"), "conv001": LayerChoice("cpo")})
     new = rw(mod)
     assert rw.applied == {"conv000": "cpo", "conv001": "direct"}
@@ -86,7 +88,7 @@ def test_grouped_conv_falls_back_to_direct_or_errors_when_strict():
 
 def test_nhwc_conv_is_rewritten_through_layout_transposes():
     mod, w1, w2, b1 = small_module(data_layout="NHWC")
-    x = np.maximum(RNG.standard_normal((1, 9, 9, 4)), 0).astype("float32")
+    x = np.maximum(np.random.default_rng(3).standard_normal((1, 9, 9, 4)), 0).astype("float32")
     ex = tvms_compile(mod, algorithm="halo")
     s1 = Conv2DSpec.from_shapes((1, 4, 9, 9), w1.shape, padding=1)
     ref = dense_conv2d(s1, x.transpose(0, 3, 1, 2), w1, b1.reshape(-1), relu=True).transpose(0, 2, 3, 1)
@@ -112,68 +114,3 @@ def test_torch_exported_program():
     with torch.no_grad():
         ref = net(x).numpy()
     np.testing.assert_allclose(run(ex, x.numpy()), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_parallelize_rest_pools_and_adds_in_parallel():
-    """Ops nobody schedules (a padded max-pool, a residual add + ReLU) get a parallel outer loop,
-    the pool's padding is inlined (no padded copy), the add's H and W are one inner loop (whole
-    vectors), and the results stay exact."""
-    from tvm_sparseconv.passes.parallelize_rest import ParallelizeRest
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 96, 20, 20), "float32"))
-    r = relax.Var("r", relax.TensorType((1, 96, 10, 10), "float32"))
-    with bb.function("main", [x, r]):
-        with bb.dataflow():
-            p = bb.emit(relax.op.nn.max_pool2d(x, pool_size=3, strides=2, padding=(0, 0, 1, 1)))
-            out = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.add(p, r))))
-        bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps()(bb.get())
-    mod = ParallelizeRest()(mod)
-    pool = next(f for gv, f in mod.functions_items() if gv.name_hint.startswith("max_pool2d"))
-    text = pool.script()
-    assert "T.parallel" in text and "pad_temp" not in text
-    add = next(f for gv, f in mod.functions_items() if "add" in gv.name_hint).script()
-    assert "T.parallel(T.int64(96))" in add and "range(T.int64(100))" in add
-    ex = tvm.compile(mod, target="llvm")
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    xv = RNG.standard_normal((1, 96, 20, 20)).astype("float32")
-    rv = RNG.standard_normal((1, 96, 10, 10)).astype("float32")
-    y = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(rv)).numpy()
-    xp = np.pad(xv, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=-np.inf)
-    ref = np.max([xp[:, :, i:i + 19:2, j:j + 19:2] for i in range(3) for j in range(3)], axis=0)
-    np.testing.assert_array_equal(y, np.maximum(ref + rv, 0))
-
-
-def test_op_breakdown_names_our_kernels_and_the_rest():
-    """bench --ops: every call inside the model is timed and filed under its kind."""
-    from tvm_sparseconv.bench import op_breakdown
-
-    mod, *_ = small_module(groups=2)  # the grouped 1x1 falls back to TVM's conv2d
-    vm = relax.VirtualMachine(tvms_compile(mod, algorithm="pixcsr"), tvm.cpu())
-    ops = op_breakdown(vm, RNG.standard_normal((1, 4, 9, 9)).astype("float32"), runs=3)
-    assert "conv pixcsr" in ops and all(v > 0 for v in ops.values())
-    assert not any(k.startswith("pixcsr") or k[-1].isdigit() for k in ops)  # kinds, not call names
-    assert any("conv2d" in k for k in ops)  # the fallback, under TVM's own name
-
-
-def test_bench_rounds_against_another_plan(tmp_path):
-    """bench --baseline PLAN.json --rounds N: both builds timed N times in turn, each checked
-    against the other; the ratios are per round."""
-    from tvm_sparseconv.bench import bench_model
-    from tvm_sparseconv.frontend import Model
-    from tvm_sparseconv.plan import Plan
-
-    mod, *_ = small_module()
-    model = Model(mod, "x", (1, 4, 9, 9), "NCHW", "small")
-    other = tmp_path / "other.json"
-    Plan.uniform(find_conv_sites(mod["main"]), "hybrid").save(str(other))
-    x = RNG.standard_normal((1, 4, 9, 9)).astype("float32")
-    res = bench_model(model, x, algorithm="pixcsr", baseline=str(other), repeat=2, peers=False, rounds=3)
-    plan, base = res["rows"]
-    assert res["rounds"] == 3 and base["name"] == "tvm-sparseconv baseline plan"
-    assert plan["layers"] == "pixcsr 2" and base["layers"] == "hybrid 2"
-    assert plan["plan_speedup"] == 1.0 and base["plan_speedup_range"][0] <= base["plan_speedup"] <= base["plan_speedup_range"][1]
-    assert base["max_abs_error"] == 0.0 and plan["max_abs_error"] < 1e-4  # checked against the baseline
-    with pytest.raises(ValueError, match="rounds must be >= 1"):
-        bench_model(model, x, algorithm="pixcsr", peers=False, rounds=0)

@@ -1,0 +1,62 @@
+"""bench on small Relax modules (test_relax_rewrite's): the per-op breakdown, and rounds
+against another plan."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvm_sparseconv import bench
+from tvm_sparseconv.compile import compile as tvms_compile
+from tvm_sparseconv.frontend import Model
+from tvm_sparseconv.graph import find_conv_sites
+from tvm_sparseconv.plan import Plan
+
+from test_relax_rewrite import small_module
+
+
+def test_op_breakdown_names_our_kernels_and_the_rest():
+    """bench --ops: every call inside the model is timed and filed under its kind."""
+    mod, *_ = small_module(groups=2)  # the grouped 1x1 falls back to TVM's conv2d
+    vm = relax.VirtualMachine(tvms_compile(mod, algorithm="pixcsr"), tvm.cpu())
+    x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype("float32")
+    ops = bench.op_breakdown(vm, x, runs=3)
+    assert "conv pixcsr" in ops and all(v > 0 for v in ops.values())
+    assert not any(k.startswith("pixcsr") or k[-1].isdigit() for k in ops)  # kinds, not call names
+    assert any("conv2d" in k for k in ops)  # the fallback, under TVM's own name
+
+
+def test_bench_rounds_against_another_plan(tmp_path, monkeypatch):
+    """bench --baseline PLAN.json --rounds N: both builds timed N times in turn, each checked
+    against the other; ``ms`` is the median of the rounds, ``plan_speedup`` the median of the
+    per-round ratios ms_other / ms_plan (not the ratio of the medians).
+
+    The builds run and are timed for real, but the times bench sees are scripted (in the order
+    of the calls: plan, baseline, plan, baseline, ...), so that the arithmetic is checked
+    exactly and nothing depends on this machine's speed."""
+    plan_ms, base_ms = [2.0, 4.0, 3.0], [4.0, 4.0, 9.0]  # per-round ratios 2, 1, 3
+    script = iter(t for pair in zip(plan_ms, base_ms) for t in pair)
+    timed = []
+    real = bench.vm_latency_ms
+
+    def scripted(vm, x, repeat=10):
+        y, _ = real(vm, x, repeat)
+        timed.append(repeat)
+        return y, next(script)
+
+    monkeypatch.setattr(bench, "vm_latency_ms", scripted)
+    mod, *_ = small_module()
+    model = Model(mod, "x", (1, 4, 9, 9), "NCHW", "small")
+    other = tmp_path / "other.json"
+    Plan.uniform(find_conv_sites(mod["main"]), "hybrid").save(str(other))
+    x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype("float32")
+    res = bench.bench_model(model, x, algorithm="pixcsr", baseline=str(other), repeat=2, peers=False, rounds=3)
+    assert timed == [2] * 6  # 3 rounds of the 2 builds, each with the repeat asked for
+    plan, base = res["rows"]
+    assert res["rounds"] == 3 and base["name"] == "tvm-sparseconv baseline plan"
+    assert plan["layers"] == "pixcsr 2" and base["layers"] == "hybrid 2"
+    assert (plan["ms"], base["ms"]) == (3.0, 4.0)  # medians of the rounds
+    assert base["plan_speedup"] == 2.0 and base["plan_speedup_range"] == [1.0, 3.0]  # of the per-round ratios
+    assert res["speedup_vs_best"] == base["ms"] / plan["ms"]
+    assert base["max_abs_error"] == 0.0 and plan["max_abs_error"] < 1e-4  # checked against the baseline
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        bench.bench_model(model, x, algorithm="pixcsr", peers=False, rounds=0)
