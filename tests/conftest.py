@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -72,6 +73,14 @@ def assert_conv_close(y: np.ndarray, ref: np.ndarray, spec: Conv2DSpec) -> None:
     red = (spec.in_channels // spec.groups) * spec.kernel_h * spec.kernel_w
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * np.sqrt(red) * max(1.0, np.abs(ref).max()),
                                equal_nan=True)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it), for an RPC tracker or server: a fixed
+    port would collide with another run on the same machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(params=GRID, ids=grid_id)

@@ -21,6 +21,8 @@ from tvm_sparseconv.tune.log import TuningLog, TuningLogError
 from tvm_sparseconv.tune.report import write_report
 from tvm_sparseconv.tune.tuner import TuneConfig, Tuner, settled
 
+from conftest import free_port
+
 pytestmark = pytest.mark.slow
 
 
@@ -179,10 +181,16 @@ def test_rpc_tracker_and_two_servers_on_loopback(small_model, tmp_path):
     from tvm.rpc.tracker import Tracker
 
     path, m, xs = small_model
-    tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
-    servers = [Server("127.0.0.1", port=9300, port_end=9400, tracker_addr=("127.0.0.1", tracker.port),
-                      key="tvms-test", silent=True) for _ in range(2)]
+    # ports the OS says are free (each bound before the next is asked for): fixed ones would
+    # collide with another run on this machine
+    port = free_port()
+    tracker = Tracker("127.0.0.1", port=port, port_end=port + 1, silent=True)
+    servers = []
     try:
+        for _ in range(2):
+            port = free_port()
+            servers.append(Server("127.0.0.1", port=port, port_end=port + 1,
+                                  tracker_addr=("127.0.0.1", tracker.port), key="tvms-test", silent=True))
         time.sleep(1.0)
         t, plan = run_tuner(m, xs, tmp_path / "run", knob_trials=1, algorithms=("dense", "halo"),
                             rpc=("127.0.0.1", tracker.port, "tvms-test"))
