@@ -20,7 +20,7 @@ from tvm_sparseconv.target import make_target
 
 from conftest import AVX2_TARGET, AVX512_TARGET, GRID, HOST, SSE_TARGET, activation, assert_conv_close, grid_id, \
     grid_spec, isa_cases, weight
-from test_gather_kernels import ENCODERS, assert_encoding_equals_reference
+from test_output_stationary_kernels import ENCODERS, assert_encoding_equals_reference
 
 # 1x1, 3x3, strided with asymmetric padding and batch 2, 7x7 s2, dilation 2, strided 1x1
 CASES = [GRID[i] for i in (0, 1, 2, 4, 7, 8)]
