@@ -11,7 +11,7 @@ from tvm_sparseconv.reference import Storage, dense_conv2d, pad_input
 
 from tvm_sparseconv.cpu import cpu_of
 
-from conftest import AVX2_TARGET, AVX512_TARGET, DENSITIES, activation, assert_conv_close, grid_spec, weight
+from conftest import AVX2_TARGET, AVX512_TARGET, SSE_TARGET, DENSITIES, activation, assert_conv_close, grid_spec, weight
 
 DENSE = get_algorithm("dense")
 
@@ -19,8 +19,8 @@ DENSE = get_algorithm("dense")
 # blocks (with a short last block), M tiles past M, every parallel order, the padded copy
 KNOB_SETS = [
     {},
-    {"kernel": "direct", "block": 3, "m_tile": 16, "c_block": 3, "split": "row_outer"},
-    {"kernel": "direct", "block": 5, "m_tile": 64, "c_block": 2, "pad": "copy", "split": "row_band"},
+    {"kernel": "window", "block": 3, "m_tile": 16, "c_block": 3, "split": "row_outer"},
+    {"kernel": "window", "block": 5, "m_tile": 64, "c_block": 2, "pad": "copy", "split": "row_band"},
 ]
 
 
@@ -131,7 +131,7 @@ def test_groups_are_refused():
 
 @pytest.mark.parametrize("bad,k", [({"block": 0}, 3), ({"m_tile": 24}, 3), ({"m_tile": 48}, 3), ({"c_block": -1}, 3),
                                    ({"split": "diagonal"}, 3), ({"pad": "mirror"}, 3), ({"unroll": 2}, 3),
-                                   ({"kernel": "gemm"}, 3), ({"kernel": "gemm", "block": 36}, 1),
+                                   ({"kernel": "gemm"}, 3), ({"kernel": "gemm", "block": 34}, 1),
                                    ({"kernel": "gemm", "m_tile": 17}, 1), ({"kernel": "winograd"}, 1)])
 def test_bad_knobs_are_refused(bad, k):
     spec = Conv2DSpec.from_shapes((1, 8, 6, 6), (16, 8, k, k), padding=k // 2)
@@ -158,7 +158,7 @@ def test_weight_layouts():
 def test_default_knobs_rule():
     avx512, avx2 = cpu_of(AVX512_TARGET), cpu_of(AVX2_TARGET)  # L2 1 MB and 256 KB per core
     vgg = Conv2DSpec.from_shapes((1, 256, 56, 56), (256, 256, 3, 3), padding=1)
-    assert default_tiling(vgg, avx512)["kernel"] == "direct" and default_tiling(vgg, avx512)["block"] == 8
+    assert default_tiling(vgg, avx512)["kernel"] == "window" and default_tiling(vgg, avx512)["block"] == 8
     assert default_tiling(vgg, avx512)["split"] == "m_outer"  # 2.4 MB of weights: keep an M tile's in cache
     # AVX2: 4 pixels x 2 vectors = 8 of the 16 ymm registers
     assert (default_tiling(vgg, avx2)["block"], default_tiling(vgg, avx2)["m_tile"]) == (4, 16)
@@ -174,10 +174,10 @@ def test_default_knobs_rule():
     assert default_tiling(reduce56, avx512)["split"] == "row_outer"
     assert default_tiling(reduce14, avx512)["split"] == "m_outer"
     down = Conv2DSpec.from_shapes((1, 256, 56, 56), (512, 256, 1, 1), stride=2)
-    assert default_tiling(down, avx512) == {"kernel": "direct", "block": 4, "m_tile": 64, "c_block": 64,
+    assert default_tiling(down, avx512) == {"kernel": "window", "block": 4, "m_tile": 64, "c_block": 64,
                                             "split": "row_outer", "pad": "inplace"}
     # 512 KB of weights do not fit half of a 256 KB L2
-    assert default_tiling(down, avx2) == {"kernel": "direct", "block": 2, "m_tile": 32, "c_block": 64,
+    assert default_tiling(down, avx2) == {"kernel": "window", "block": 2, "m_tile": 32, "c_block": 64,
                                           "split": "m_outer", "pad": "inplace"}
     for cpu in (avx512, avx2):
         for spec in (vgg, res5, res, down, Conv2DSpec.from_shapes((1, 3, 5, 3), (24, 3, 3, 3))):
@@ -199,6 +199,20 @@ def test_random_small_layers(n, c, hw, m, k, s, d, pad, block, c_block, split, d
     w = weight(spec, seed)
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(spec.x_shape) * (rng.random(spec.x_shape) < 0.5)).astype(np.float32)
-    knobs = {} if defaults else {"block": block, "c_block": c_block, "kernel": "direct", "split": split}
+    knobs = {} if defaults else {"block": block, "c_block": c_block, "kernel": "window", "split": split}
     y = CompiledLayer("dense", spec, w, knobs=knobs)(x)
     assert_conv_close(y, dense_conv2d(spec, x, w), spec)
+
+
+def test_the_old_kernel_name_direct_is_read_as_window():
+    spec = Conv2DSpec.from_shapes((1, 8, 6, 6), (16, 8, 3, 3), padding=1)
+    assert DENSE.knobs(spec, {"kernel": "direct", "block": 3})["kernel"] == "window"
+
+
+def test_gemm_defaults_build_on_a_4_lane_isa():
+    """4 lanes: the default pixel tile is 3 vectors (12 pixels) when 12 divides H*W."""
+    spec = Conv2DSpec.from_shapes((1, 16, 6, 6), (8, 16, 1, 1))
+    assert DENSE.knobs(spec, None, SSE_TARGET)["block"] == 12
+    x, w = activation(spec, 0.5), weight(spec)
+    layer = CompiledLayer("dense", spec, w, target=SSE_TARGET)
+    assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)

@@ -2,7 +2,7 @@
 
 Two kernels (knob ``kernel``), both output-stationary with the accumulators in registers:
 
-direct (any layer): x N x C x H x W (NCHW), read in place with the padded taps skipped, or,
+window (any layer): x N x C x H x W (NCHW), read in place with the padded taps skipped, or,
     with knob pad="copy", xp N x C x Hp x Wp, a zero-padded copy made by a "pad" stage (kind
     "encode"); w n_mt x Kh x C x Kw x m_tile, the OIHW weights cut into tiles of m_tile output
     channels, channels past M zero (laid out once, at build time); y N x M x Oh x Ow (NCHW).
@@ -29,7 +29,10 @@ from ..reference.storage import Storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, prim,
                    register, registers_ok, store_output)
 
-KERNELS = ("direct", "gemm")
+KERNELS = ("window", "gemm")
+# the kernel "window" was called "direct" (the name of another algorithm); plans written then
+# still load
+_OLD_KERNEL_NAMES = {"direct": "window"}
 # parallel task order: (n, M tile, row), (n, row, M tile), or (n, band, M tile, row in band):
 # TVM hands each thread a contiguous run of tasks, so m_outer splits the threads by output
 # channels, row_outer and row_band by pixels (row_band: BANDS halves of the rows, each walked M
@@ -43,11 +46,11 @@ PADS = ("inplace", "copy")  # padding: skip the padded taps, or copy x into a ze
 @dataclass(frozen=True)
 class DenseTiling:
     kernel: str   # one of KERNELS
-    block: int    # output pixels per register tile (direct: 1..32 of one row; gemm: 8..64, whole vectors)
-    m_tile: int   # output channels per register tile (direct: a power of two in 4..128; gemm: 1..16)
-    c_block: int  # direct: input channels per cache block (== C: one block)
+    block: int    # output pixels per register tile (window: 1..32 of one row; gemm: 4..64, whole vectors)
+    m_tile: int   # output channels per register tile (window: a power of two in 4..128; gemm: 1..16)
+    c_block: int  # window: input channels per cache block (0: all channels in one block)
     split: str    # one of DENSE_SPLITS ("row" = a pixel tile for gemm)
-    pad: str      # direct: one of PADS
+    pad: str      # window: one of PADS
     n_mt: int     # M tiles: ceil(M / m_tile)
 
 
@@ -62,34 +65,16 @@ def is_pointwise(spec: Conv2DSpec) -> bool:
 
 def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None) -> dict:
     """Knob defaults by layer shape and CPU, for ``kernel`` (None: gemm for pointwise layers,
-    else direct). The shapes were measured with 1 and 2 threads on AVX-512 (16 lanes, 32
-    registers); elsewhere they keep the same number of vectors per tile row and fill
-    cpu.accumulators registers (AVX2: 4 pixels x 2 vectors; 6 x 2 spilled, at half the speed).
+    else window). The policy, each rule with the measurement that chose it: docs/algorithms.md
+    section 10.4.
 
-    - pointwise: gemm, 3/4 of the registers as accumulators (24 on AVX-512, 12 on AVX2, where
-      6 channels x 2 vectors run at 224 GFLOP/s on Zen 5 against 109 for 8 x 2): 8 channels x 3
-      vectors (48 pixels) when 3 vectors divide H*W, else 12 x 2 vectors (a short last pixel
-      tile runs at a fraction of the speed: 12 x 32 leaves less of one on 7x7, 14x14 and 28x28;
-      16 x 16 and 6 x 64 were 10-25% slower);
-    - otherwise direct, B x m_tile = 8 x 2 vectors (16 accumulators; 7 x 32 was no faster even
-      on row widths that are multiples of 7, 4 x 64 and 16 x 16 were slower), m_tile one vector
-      when M is a multiple of one but not of two; at stride 2 with C >= 64, 4 x 4 vectors in
-      blocks of 64 channels (3x3 s2 256->256 at 56x56: 4.6 vs 5.2 ms; 1x1 s2 256->512: 1.35 vs
-      1.55 ms);
-    - direct: split row_outer when all the weights fit in half the L2: each thread then reads
-      its rows' input once instead of the whole input once per M tile (1x1 s2 256->512: 1.5 vs
-      1.8 ms; 64->64 3x3 at 224x224: 16.6 vs 18.7 ms). In a model the input arrives just
-      written by the op before, not in this core's cache, and that counts even when it fits in
-      L2: ResNet-50-half's 1x1 s2 128->256 at 56x56 0.24 vs 0.35 ms, 128->128 3x3 at 14x14
-      0.16 vs 0.18 (input rewritten by a channel-parallel op before each run; warm and alone
-      m_outer is up to 9 % faster), the model's all-dense build 3-4 % faster end to end;
-    - gemm: split row_outer when the layer reduces channels (C > M: the input outweighs the
-      output) and a pixel tile's input (C x block) fits in the L1: each pixel tile's input
-      (cpu.l1d) is then read once for all M tiles, not the whole input once per M tile. ResNet-50-half's
-      128->32 at 56x56 with its input just written by a channel-parallel op, as in the model:
-      0.14 vs 0.27 ms; 256->64 at 28x28: 0.11 vs 0.19. m_outer otherwise: 512->128 at 14x14
-      (64 KB of input per tile) 0.10 vs 0.11, 128->512 at 14x14 0.085 vs 0.12, and 32->128 at
-      56x56 the same alone but 0.15 vs 0.21 ms in the model.
+    - gemm: 3/4 of cpu.registers as accumulators, 3 vectors of pixels when they divide H*W
+      (else 2); split row_outer when the layer reduces channels and a pixel tile's input fits
+      in cpu.l1d, else m_outer;
+    - window: block x m_tile = cpu.accumulators // 2 pixels x 2 vectors (one vector when M is a
+      multiple of one but not of two); at stride 2 with C >= 64, a quarter of the accumulators
+      x 4 vectors in blocks of 64 channels; split row_outer when all the weights fit in half of
+      cpu.l2, else m_outer.
     """
     ow, m, c, v = spec.out_w, spec.out_channels, spec.in_channels, cpu.lanes
     if kernel == "gemm" or (kernel is None and is_pointwise(spec)):
@@ -104,7 +89,7 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None) -> dic
         m_tile = v
     if spec.stride[1] > 1 and c >= 64 and m % (4 * v) == 0:
         block, m_tile, c_block = cpu.accumulators // 4, 4 * v, 64
-    return {"kernel": "direct", "block": min(block, ow), "m_tile": m_tile, "c_block": c_block, "split": split,
+    return {"kernel": "window", "block": min(block, ow), "m_tile": m_tile, "c_block": c_block, "split": split,
             "pad": "inplace"}
 
 
@@ -116,8 +101,9 @@ def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
     if kernel == "gemm":
         if not is_pointwise(spec):
             raise KnobError("dense: kernel='gemm' needs a 1x1 stride-1 layer without padding")
-        if not (isinstance(block, int) and 8 <= block <= 64 and block % 8 == 0):
-            raise KnobError(f"dense: gemm block must be a multiple of 8 pixels in 8..64, got {block!r}")
+        # whole 4-lane vectors at least (a tail vector is masked); the default is 2-3 vectors of the CPU
+        if not (isinstance(block, int) and 4 <= block <= 64 and block % 4 == 0):
+            raise KnobError(f"dense: gemm block must be a multiple of 4 pixels in 4..64, got {block!r}")
         if not (isinstance(m_tile, int) and 1 <= m_tile <= 16):
             raise KnobError(f"dense: gemm m_tile must be an int in 1..16, got {m_tile!r}")
     else:
@@ -138,7 +124,7 @@ def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
 
 
 def tile_weights(spec: Conv2DSpec, w: np.ndarray, tl: DenseTiling) -> np.ndarray:
-    """OIHW (M x C x Kh x Kw) -> direct: n_mt x Kh x C x Kw x m_tile; gemm: n_mt x C x m_tile.
+    """OIHW (M x C x Kh x Kw) -> window: n_mt x Kh x C x Kw x m_tile; gemm: n_mt x C x m_tile.
     Output channels past M are zero."""
     wp = np.zeros((tl.n_mt * tl.m_tile,) + w.shape[1:], np.float32)
     wp[:spec.out_channels] = w
@@ -196,8 +182,8 @@ def _task(t, n_mt: int, rows: int, split: str, bands: int):
     return t // (n_mt * rows), t % n_mt, t // n_mt % rows
 
 
-def _direct_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_shape, inplace: bool):
-    """The multiply PrimFunc of the direct kernel. ``inplace``: read x itself and skip the padded
+def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_shape, inplace: bool):
+    """The multiply PrimFunc of the window kernel. ``inplace``: read x itself and skip the padded
     taps (a runtime test per kernel row, a compile-time one per border tile); otherwise read
     the padded copy xp, which has no out-of-range tap."""
     C, H, W, M = spec.in_channels, spec.height, spec.width, spec.out_channels
@@ -372,8 +358,8 @@ def _tile_classes(spec: Conv2DSpec, B: int, pl: int, width: int):
 
 
 def _copies(spec: Conv2DSpec, tl: DenseTiling) -> bool:
-    """Whether a "pad" stage copies x into a zero-padded xp first (direct, pad="copy", padding)."""
-    return tl.kernel == "direct" and tl.pad == "copy" and any(spec.padding)
+    """Whether a "pad" stage copies x into a zero-padded xp first (window, pad="copy", padding)."""
+    return tl.kernel == "window" and tl.pad == "copy" and any(spec.padding)
 
 
 def padded_storage(spec: Conv2DSpec, tl: DenseTiling) -> Storage:
@@ -395,6 +381,8 @@ class Dense(Algorithm):
     def knobs(self, spec: Conv2DSpec, knobs=None, cpu=None) -> dict:
         """As Algorithm.knobs, with the defaults of the kernel asked for (tile sizes differ)."""
         knobs = dict(knobs or {})
+        if knobs.get("kernel") in _OLD_KERNEL_NAMES:
+            knobs["kernel"] = _OLD_KERNEL_NAMES[knobs["kernel"]]
         out = default_tiling(spec, cpu_of(cpu), knobs.get("kernel"))
         unknown = sorted(set(knobs) - set(out))
         if unknown:
@@ -414,7 +402,7 @@ class Dense(Algorithm):
         if tl.kernel == "gemm":
             mul = _gemm_func(spec, tl, cpu, epilogue)
         else:
-            mul = _direct_func(spec, tl, cpu, epilogue, xin_shape, inplace=xin == "x")
+            mul = _window_func(spec, tl, cpu, epilogue, xin_shape, inplace=xin == "x")
         stages.append(Stage("multiply", "multiply", prim(mul), (xin, "w") + epilogue_inputs(epilogue),
                             (Buffer("y", spec.y_shape),)))
         return stages
@@ -429,7 +417,7 @@ class Dense(Algorithm):
         return dense_conv2d(spec, x, w)
 
     def knob_grid(self, spec, cpu):
-        for k in grid(kernel=("direct",), block=(3, 4, 6, 8), m_tile=(16, 32, 64), split=DENSE_SPLITS, pad=PADS):
+        for k in grid(kernel=("window",), block=(3, 4, 6, 8), m_tile=(16, 32, 64), split=DENSE_SPLITS, pad=PADS):
             if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
                 yield k
         if is_pointwise(spec):
