@@ -1,5 +1,7 @@
 """The target CPU as the kernels see it: one description, read from the TVM target.
 
+Specified in docs/algorithms.md section 13.
+
 Every kernel default, knob space, tile check, encoder and thread split takes a :class:`CPU`
 (``cpu_of(target)``) instead of a module constant, so that one code base builds the right
 code for AVX-512 (16 float32 lanes, 32 registers, compress stores), AVX2 (8 lanes, 16

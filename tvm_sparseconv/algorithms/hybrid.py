@@ -1,5 +1,7 @@
 """hybrid: halo segments where a channel's segment is dense, per-pixel entries where it is sparse.
 
+Specified in docs/algorithms.md section 9.
+
 halo does all B*Kw products of a stored (segment, channel), zeros included, but each weight
 vector it loads serves B pixels (FMAs from registers); pixcsr multiplies no zero, but each FMA
 loads its own weight vector, which halves the FMA rate on this CPU. Per (row, segment,

@@ -1,6 +1,6 @@
 """im2csr: the CSR of the im2col matrix, built straight from the NCHW input, times dense weights.
 
-Format (algorithms.md section 6), row-blocked by the knob ``block`` = B (B = 1 is plain im2CSR):
+Format (docs/algorithms.md section 6), row-blocked by the knob ``block`` = B (B = 1 is plain im2CSR):
 a row is a group of B consecutive output pixels of one output row, g = (n, r, sb), pixels
 s = sb*B + b (b < B; pixels s >= Ow do not exist and read 0); a column is k = (c*Kh + l)*Kw + q;
 the entry (g, k) holds the B values Xpad[n, c, r*Sh + l*Dh, s*Sw + q*Dw] and is stored when any

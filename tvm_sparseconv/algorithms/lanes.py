@@ -1,5 +1,7 @@
 """One vector of channels at a time: the vector pieces of the channels-last encoders (pixcsr, hybrid).
 
+Specified in docs/algorithms.md section 11.3 and 14.
+
 An encoder copies one channel block of an input row channels-last (``channels_last_block``:
 lanes x lanes register transposes), then takes ``lanes`` channels of a pixel per vector load,
 tests them (``nonzero``), counts them (``count``) and stores the selected ones packed

@@ -1,5 +1,7 @@
 """pixcsr: each input pixel's non-zero channels, stored once; a direct convolution that skips every zero.
 
+Specified in docs/algorithms.md section 8.
+
 Format (reference/pixcsr.py states it exactly): channels in blocks of cb = the knob ``c_block``;
 per (n, input row h, block kb, column j) a pointer range, per entry the code j*cb + (c - kb*cb)
 and the value; only non-zeros of pixels some output pixel reads are stored:

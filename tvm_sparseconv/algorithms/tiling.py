@@ -1,5 +1,7 @@
 """Output-stationary register tiles shared by the sparse kernels (im2csr, halo).
 
+Specified in docs/algorithms.md section 11.
+
 A tile is ``block`` consecutive output pixels of one output row x ``m_tile`` output channels;
 its block x m_tile accumulators stay in registers while the entries that feed it are walked,
 and each weight vector loaded serves the block's pixels. Also the two-pass encoder skeleton

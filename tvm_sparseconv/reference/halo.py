@@ -1,4 +1,4 @@
-"""halo-segment format (algorithms.md section 7) in NumPy, exactly as the TIR encoder builds it.
+"""halo-segment format (docs/algorithms.md section 7) in NumPy, exactly as the TIR encoder builds it.
 
 B = ``block`` consecutive output pixels of one output row read, in each input row, the
 L = (B-1)*Sw + (Kw-1)*Dw + 1 padded columns t*B*Sw .. t*B*Sw + L - 1 (segment t of that row,

@@ -1,5 +1,7 @@
 """Memory accounting: stored elements and bytes of a representation, and compression ratios.
 
+Specified in docs/algorithms.md section 0.5.
+
 As in the CPO/CPS authors' code, CR_X = (N*Oh*Ow*Kh*Kw*C) / (stored elements of X), every
 value, index and pointer counted once; the byte count uses the real dtypes.
 """
