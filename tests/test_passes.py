@@ -1,0 +1,214 @@
+"""Structural tests of the Relax passes: a Before module, the pass, an Expected module written
+in TVMScript, compared with tvm.ir.assert_structural_equal.
+
+The kernels RewriteConv2D inserts are generated TIR: Expected declares them with placeholder
+bodies, and the test puts in their place the algorithm's own stages (what the pass must insert,
+with the attributes it must add), so that the whole module is compared."""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.script import ir as I, relax as R, tirx as T
+
+from tvm_sparseconv.algorithms import get_algorithm
+from tvm_sparseconv.conv import Conv2DSpec, Epilogue
+from tvm_sparseconv.passes import LayerChoice, RewriteConv2D, applied_layers
+from tvm_sparseconv.passes.parallelize_rest import ParallelizeRest
+from tvm_sparseconv.passes.probe_conv_inputs import ProbeConvInputs
+from tvm_sparseconv.stages import LAYERS_ATTR, algorithm_func, kernel_table
+
+
+def _bind(mod, **params):
+    return relax.transform.BindParams("main", params)(mod)
+
+
+def _put_stages(expected, algorithm: str, spec: Conv2DSpec, epilogue: Epilogue, layers: list[str]):
+    """Expected with its placeholder kernels replaced by ``algorithm``'s stages for ``spec``."""
+    algo = get_algorithm(algorithm)
+    for st in algo.stages(spec, epilogue, algo.knobs(spec)):
+        gv = expected.get_global_var(f"{algorithm}_{st.name}")
+        expected[gv] = algorithm_func(st, algorithm).with_attr(LAYERS_ATTR, layers)
+    return expected
+
+
+def test_rewrite_replaces_conv_bias_relu_by_the_stages():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32"),
+                 b: R.Tensor((1, 4, 1, 1), "float32")):
+            with R.dataflow():
+                a = R.nn.conv2d(x, w, padding=(1, 1, 1, 1))
+                c = R.add(a, b)
+                d = R.nn.relu(c)
+                e = R.nn.max_pool2d(d)
+                R.output(e)
+            return e
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def im2col_lower(x: T.Buffer((1, 3, 8, 8), "float32"), a: T.Buffer((1, 27, 64), "float32")):
+            T.evaluate(0)
+
+        @T.prim_func(private=True)
+        def im2col_gemm(a: T.Buffer((1, 27, 64), "float32"), w_mk: T.Buffer((4, 27), "float32"),
+                        bias: T.Buffer((4,), "float32"), y: T.Buffer((1, 4, 8, 8), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w_mk: R.Tensor((4, 27), "float32"),
+                 bias: R.Tensor((4,), "float32")):
+            cls = Expected
+            with R.dataflow():
+                a = R.call_tir(cls.im2col_lower, (x,), out_ty=R.Tensor((1, 27, 64), "float32"))
+                d = R.call_tir(cls.im2col_gemm, (a, w_mk, bias), out_ty=R.Tensor((1, 4, 8, 8), "float32"))
+                e = R.nn.max_pool2d(d)
+                R.output(e)
+            return e
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype("float32")
+    b = rng.standard_normal((1, 4, 1, 1)).astype("float32")
+    after = RewriteConv2D({"conv000": LayerChoice("im2col")})(_bind(Before, w=w, b=b))
+    spec = Conv2DSpec.from_shapes((1, 3, 8, 8), (4, 3, 3, 3), padding=1)
+    expected = _put_stages(_bind(Expected, w_mk=w.reshape(4, -1), bias=b.reshape(-1)), "im2col", spec,
+                           Epilogue(bias=True, relu=True), ["conv000"])
+    tvm.ir.assert_structural_equal(after, expected)
+    assert applied_layers(after, [type("Site", (), {"key": "conv000"})]) == {"conv000": "im2col"}
+
+
+def test_rewrite_fuses_the_residual_add_and_relu_after_it():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 8, 6, 6), "float32"), r: R.Tensor((1, 8, 6, 6), "float32"),
+                 w: R.Tensor((8, 8, 1, 1), "float32")):
+            with R.dataflow():
+                a = R.nn.conv2d(x, w)
+                c = R.add(a, r)
+                d = R.nn.relu(c)
+                R.output(d)
+            return d
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def dense_multiply(x: T.Buffer((1, 8, 6, 6), "float32"), w: T.Buffer((1, 8, 8), "float32"),
+                           res: T.Buffer((1, 8, 6, 6), "float32"), y: T.Buffer((1, 8, 6, 6), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((1, 8, 6, 6), "float32"), r: R.Tensor((1, 8, 6, 6), "float32"),
+                 wt: R.Tensor((1, 8, 8), "float32")):
+            cls = Expected
+            with R.dataflow():
+                d = R.call_tir(cls.dense_multiply, (x, wt, r), out_ty=R.Tensor((1, 8, 6, 6), "float32"))
+                R.output(d)
+            return d
+
+    w = np.random.default_rng(1).standard_normal((8, 8, 1, 1)).astype("float32")
+    spec = Conv2DSpec.from_shapes((1, 8, 6, 6), (8, 8, 1, 1))
+    dense = get_algorithm("dense")
+    wt = dense.constants(spec, w, None, dense.knobs(spec))["w"]
+    assert wt.shape == (1, 8, 8)  # one M tile of 8 channels: C x m_tile (the gemm kernel's layout)
+    after = RewriteConv2D({"conv000": LayerChoice("dense")})(_bind(Before, w=w))
+    expected = _put_stages(_bind(Expected, wt=wt), "dense", spec, Epilogue(relu=True, residual=True), ["conv000"])
+    tvm.ir.assert_structural_equal(after, expected)
+
+
+def test_layers_that_share_a_kernel_name_both_in_call_order():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 8, 6, 6), "float32"), w1: R.Tensor((8, 8, 1, 1), "float32"),
+                 w2: R.Tensor((8, 8, 1, 1), "float32")):
+            with R.dataflow():
+                a = R.nn.conv2d(x, w1)
+                b = R.nn.relu(a)
+                c = R.nn.conv2d(b, w2)
+                d = R.nn.relu(c)
+                R.output(d)
+            return d
+
+    rng = np.random.default_rng(2)
+    w1, w2 = (rng.standard_normal((8, 8, 1, 1)).astype("float32") for _ in range(2))
+    after = RewriteConv2D({"conv000": LayerChoice("dense"), "conv001": LayerChoice("dense")})(
+        _bind(Before, w1=w1, w2=w2))
+    assert kernel_table(after) == {"dense_multiply": (("conv000", "conv001"), "dense")}
+
+
+def test_parallelize_rest_fuses_the_outer_loops_in_parallel_and_the_plane_inside():
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True, s_tir=True)
+        def add(a: T.Buffer((1, 64, 14, 14), "float32"), b: T.Buffer((1, 64, 14, 14), "float32"),
+                c: T.Buffer((1, 64, 14, 14), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            for n, ch, h, w in T.grid(1, 64, 14, 14):
+                with T.sblock("add"):
+                    vn, vc, vh, vw = T.axis.remap("SSSS", [n, ch, h, w])
+                    c[vn, vc, vh, vw] = a[vn, vc, vh, vw] + b[vn, vc, vh, vw]
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def add(a: T.Buffer((1, 64, 14, 14), "float32"), b: T.Buffer((1, 64, 14, 14), "float32"),
+                c: T.Buffer((1, 64, 14, 14), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            for n_ch_fused in T.parallel(64):
+                for h_w_fused in range(196):
+                    with T.sblock("add"):
+                        vn = T.axis.spatial(1, 0)
+                        vc = T.axis.spatial(64, n_ch_fused)
+                        vh = T.axis.spatial(14, h_w_fused // 14)
+                        vw = T.axis.spatial(14, h_w_fused % 14)
+                        T.reads(a[vn, vc, vh, vw], b[vn, vc, vh, vw])
+                        T.writes(c[vn, vc, vh, vw])
+                        c[vn, vc, vh, vw] = a[vn, vc, vh, vw] + b[vn, vc, vh, vw]
+
+    tvm.ir.assert_structural_equal(ParallelizeRest()(Before), Expected)
+
+
+def test_parallelize_rest_leaves_scheduled_functions_alone():
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True, s_tir=True)
+        def add(a: T.Buffer((1, 64, 14, 14), "float32"), c: T.Buffer((1, 64, 14, 14), "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for n, ch, h, w in T.grid(1, 64, 14, 14):
+                with T.sblock("copy"):
+                    vn, vc, vh, vw = T.axis.remap("SSSS", [n, ch, h, w])
+                    c[vn, vc, vh, vw] = a[vn, vc, vh, vw]
+
+    tvm.ir.assert_structural_equal(ParallelizeRest()(Before), Before)
+
+
+def test_probe_conv_inputs_returns_every_conv_input_after_the_output():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w1: R.Tensor((4, 3, 3, 3), "float32"),
+                 w2: R.Tensor((4, 4, 1, 1), "float32")):
+            with R.dataflow():
+                a = R.nn.conv2d(x, w1, padding=(1, 1, 1, 1))
+                b = R.nn.relu(a)
+                c = R.nn.conv2d(b, w2)
+                R.output(c)
+            return c
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w1: R.Tensor((4, 3, 3, 3), "float32"),
+                 w2: R.Tensor((4, 4, 1, 1), "float32")):
+            with R.dataflow():
+                a = R.nn.conv2d(x, w1, padding=(1, 1, 1, 1))
+                b = R.nn.relu(a)
+                gv = b
+                c = R.nn.conv2d(b, w2)
+                R.output(gv, c)
+            return (c, x, gv)
+
+    tvm.ir.assert_structural_equal(ProbeConvInputs()(Before), Expected)
