@@ -5,6 +5,7 @@ import numpy as np
 import tvm
 
 from .compile import Build, build_isolated, resolve_plan
+from .cpu import cpu_of
 from .frontend import Model
 from .measure import max_abs_error, time_calls, vm_latency_ms
 from .peers import available_peers, run_model_peer
@@ -26,7 +27,8 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
                 threads: int = 0, baseline: str = "dense", repeat: int = 10, peers: bool = True,
                 log=lambda s: None, ops: bool = False, rounds: int = 1) -> dict:
     """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, speedup of the plan over it};
-    with ``ops``, also ``ops``: the plan build's op_breakdown.
+    with ``ops``, also ``ops``: the plan build's op_breakdown. The result also records what ran:
+    ``input_shape``, ``threads``, ``rounds`` and ``cpu`` (cpu.CPU.to_dict() of the target).
 
     ``baseline``: an algorithm (the build with it on every layer) or the path of another plan.
     ``rounds`` > 1 times every build and peer once per round, in turn, so that the machine's
@@ -63,7 +65,8 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
             for k, (name, layers, _) in enumerate(timers)]
     t_plan = rows[0]["ms"]
     best_other = min(r["ms"] for r in rows[1:]) if len(rows) > 1 else t_plan
-    res = {"rows": rows, "speedup_vs_best": best_other / t_plan, "threads": threads, "rounds": rounds}
+    res = {"rows": rows, "speedup_vs_best": best_other / t_plan, "input_shape": list(model.input_shape),
+           "threads": threads, "rounds": rounds, "cpu": cpu_of(target).to_dict()}
     if ops:
         res["ops"] = breakdown
     return res
