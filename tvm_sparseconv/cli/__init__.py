@@ -1,0 +1,34 @@
+"""The ``tvm-sparseconv`` command.
+
+parser.py defines the arguments, commands.py runs each command (load the inputs, call the
+library), tables.py prints what it returned. ``main`` is the console script
+(``tvm_sparseconv.cli:main``) and ``python -m tvm_sparseconv.cli``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from .parser import build_parser
+
+
+def main(argv=None) -> int:
+    """Run the command in ``argv`` (default: sys.argv[1:]); 0, 2 on a usage or input error, 130
+    when interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from ..conv import ConvSpecError, UnsupportedConvError
+    from .commands import run
+
+    try:
+        return run(args, argv)
+    except (ConvSpecError, UnsupportedConvError, FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        # ModelError, PlanError, ImageError and KnobError are ValueErrors too
+        print(f"tvm-sparseconv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tvm-sparseconv: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["main", "build_parser"]

@@ -1,0 +1,266 @@
+"""One function per command: load the inputs, call the library, hand the result to tables.py.
+
+``run`` readies what parser.py parsed (threads, target, stride/padding/dilation as ints) and
+calls the command; main (``__init__.py``) turns the library's errors into exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+import numpy as np
+
+from . import tables
+from .parser import ints
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _command_line(args) -> str:
+    """The command as typed, for the results it produced (``bench --json``, ``layer --json``)."""
+    return shlex.join(["tvm-sparseconv", *args.argv])
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+def _preprocess(args, base):
+    import dataclasses
+
+    from ..images import Preprocess
+
+    pre = base or Preprocess()
+    over = {}
+    if args.scale is not None:
+        over["scale"] = args.scale
+    for k in ("mean", "std"):
+        if getattr(args, k) is not None:
+            over[k] = tuple(float(v) for v in getattr(args, k).split(","))
+    if args.bgr:
+        over["bgr"] = True
+    return dataclasses.replace(pre, **over)
+
+
+def _load_model(args):
+    from ..frontend import load_model
+    from ..models import known_labels, known_preprocess, model_path
+
+    shape = ints(args.input_shape) if args.input_shape else None
+    model = load_model(model_path(args.model), shape)
+    return model, known_preprocess(args.model), known_labels(args.model)
+
+
+def _samples(args, model, base_pre):
+    from ..images import SAMPLE_IMAGES, load_inputs
+
+    images = args.images or ([] if args.inputs else list(SAMPLE_IMAGES[:2]))
+    return load_inputs(model, images, args.inputs, _preprocess(args, base_pre))
+
+
+def _plan_for(args, model):
+    """--plan, --algorithm (where the command has it), or the plan shipped for this model and
+    target (and its database, where the command takes --database)."""
+    from ..compile import resolve_plan
+    from ..shipped import available, shipped_plan
+
+    algorithm = getattr(args, "algorithm", None)
+    if not args.plan and not algorithm:
+        found = shipped_plan(args.model, args.target)
+        if found is None:
+            raise ValueError(f"give --plan PLAN.json or --algorithm NAME (no shipped plan for {args.model} on "
+                             f"this target; shipped: {', '.join(available()) or 'none'})")
+        args.plan = found[0]
+        database = None
+        if hasattr(args, "database"):
+            args.database = database = args.database or found[1]
+        _log(f"using the shipped plan {found[0]}" + (f" and database {database}" if database else ""))
+    return resolve_plan(model, args.plan, algorithm, args.target)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def cmd_layer(args) -> int:
+    from ..algorithms import ALGORITHMS
+    from ..conv import Conv2DSpec
+    from ..layer import run_layer, synthesize_activation, synthesize_weight
+    from ..peers import available_peers
+
+    if args.input:
+        for p in (args.input, args.weight):
+            if p is None or not os.path.isfile(p):
+                raise FileNotFoundError(f"--input needs --weight, and both must exist: {p}")
+        x, w = np.load(args.input), np.load(args.weight)
+        if x.ndim == 3:
+            x = x[None]
+        spec = Conv2DSpec.from_shapes(x.shape, w.shape, args.stride, args.padding, args.dilation, args.groups)
+    else:
+        n, c, h, wd = ints(args.shape)
+        kh, kw = ints(args.kernel, 2)
+        spec = Conv2DSpec.from_shapes((n, c, h, wd), (args.out_channels, c // args.groups, kh, kw),
+                                      args.stride, args.padding, args.dilation, args.groups)
+        x = synthesize_activation(spec.x_shape, args.density, args.seed)
+        w = synthesize_weight(spec, args.seed + 1)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("the weight holds NaN or Inf")
+    algorithms = ALGORITHMS if args.algorithms == "all" else tuple(a.strip() for a in args.algorithms.split(","))
+    for a in algorithms:
+        if a not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {a!r}; choose from {', '.join(ALGORITHMS)}")
+    peers = available_peers() if args.peers else []
+    report = run_layer(spec, x, w, algorithms, args.target, args.threads, args.trials, args.work_dir, peers,
+                       args.repeat, log=_log if not args.quiet else (lambda s: None), database=args.database,
+                       knob_trials=args.knob_trials, progress=not args.quiet)
+    report["target"] = args.target_str
+    report["command"] = _command_line(args)
+    if args.json:
+        tables.print_json(report)
+    else:
+        tables.print_layer_table(report)
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from ..profile import profile
+
+    model, pre, _ = _load_model(args)
+    samples = _samples(args, model, pre)
+    _log(f"profiling {args.model} on {len(samples)} samples ...")
+    layers, _, _ = profile(model, samples, args.target, args.algorithm)
+    res = {"model": args.model, "input_shape": list(model.input_shape), "samples": len(samples),
+           "layers": [l.to_dict() for l in layers]}
+    if args.json:
+        tables.print_json(res)
+    else:
+        tables.print_profile_table(res, model.layout)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from ..compile import build
+    from ..runner import export
+    from ..target import make_target
+
+    model, pre, labels = _load_model(args)
+    plan = _plan_for(args, model)
+    target = make_target(args.target)
+    _log(f"compiling {args.model} for {target} ...")
+    b = build(model, plan, target, args.database)
+    export(b.module, args.output, model, _preprocess(args, pre), labels, b.applied, target)
+    tables.print_compiled(args.output, b.counts())
+    return 0
+
+
+def cmd_run(args) -> int:
+    from ..images import load_inputs
+    from ..runner import load, top_k
+
+    m = load(args.library)
+    if not m.input_shape and args.images:
+        raise ValueError(f"{args.library} has no sidecar .json: give preprocessed --inputs")
+    pre = _preprocess(args, m.preprocess)
+    names = list(args.images) + list(args.inputs)
+    xs = load_inputs(m, args.images, args.inputs, pre) if m.input_shape else \
+        [np.load(p) for p in args.inputs]
+    for name, x in zip(names, xs):
+        y = m(x)
+        lat = m.latency_ms(x, repeat=args.repeat)
+        tables.print_run(name, lat, y.shape, top_k(y, m.labels, 5) if y.size <= 10000 else None)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ..bench import bench_model
+
+    model, pre, _ = _load_model(args)
+    x = _samples(args, model, pre)[0]
+    plan = _plan_for(args, model)
+    res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
+                      args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops, rounds=args.rounds)
+    res = {"model": args.model, "command": _command_line(args), **res}
+    if args.json:
+        tables.print_json(res)
+    else:
+        tables.print_bench_table(res, args.repeat)
+    return 0
+
+
+def cmd_refine(args) -> int:
+    from ..tune.refine import refine_plan
+
+    model, pre, _ = _load_model(args)
+    x = _samples(args, model, pre)[0]
+    plan = _plan_for(args, model)
+    refined, report = refine_plan(model, plan, x, args.target, rounds=args.rounds, log=_log)
+    refined.save(args.output)
+    with open(args.output + ".refine.json", "w") as f:
+        json.dump(report, f, indent=1)
+    tables.print_refined(args.model, report, args.rounds, args.output)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    import time as _time
+
+    from ..tune.tuner import TuneConfig, Tuner
+
+    model, pre, _ = _load_model(args)
+    samples = _samples(args, model, pre)
+    if args.resume:
+        run_dir = args.resume
+        if not os.path.isfile(os.path.join(run_dir, "trials.jsonl")):
+            raise FileNotFoundError(f"--resume {run_dir}: no trials.jsonl there")
+    else:
+        name = os.path.splitext(os.path.basename(args.model))[0]
+        run_dir = os.path.join(args.out, f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}")
+    rpc = None
+    if args.rpc_tracker:
+        host, _, port = args.rpc_tracker.rpartition(":")
+        if not host or not port.isdigit() or not args.rpc_key:
+            raise ValueError("--rpc-tracker takes HOST:PORT and needs --rpc-key")
+        rpc = (host, int(port), args.rpc_key)
+    algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
+    cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
+                     rpc=rpc, cache=args.cache, refine=not args.no_refine,
+                     **({"algorithms": algorithms} if algorithms else {}))
+    _log(f"tuning {args.model} into {run_dir}")
+    tuner = Tuner(model, samples, run_dir, args.target, cfg, model_name=args.model, log=_log)
+    try:
+        plan = tuner.run()
+    except KeyboardInterrupt:
+        _log(f"interrupted: finished measurements are in {run_dir}; continue with --resume {run_dir}")
+        return 130
+    db = os.path.join(run_dir, "database")
+    tables.print_tuned(args.model, run_dir, [l.algorithm for l in plan.layers], db if os.path.isdir(db) else None)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..tune.report import write_report
+
+    tables.print_wrote(write_report(args.run_dir))
+    return 0
+
+
+COMMANDS = {"layer": cmd_layer, "profile": cmd_profile, "compile": cmd_compile, "bench": cmd_bench,
+            "refine": cmd_refine, "tune": cmd_tune, "report": cmd_report, "run": cmd_run}
+
+
+def run(args, argv: list[str]) -> int:
+    """Ready ``args`` (parsed from ``argv``) and run its command."""
+    from ..target import default_target, set_num_threads
+
+    args.argv = list(argv)
+    args.threads = set_num_threads(getattr(args, "threads", 0))
+    if hasattr(args, "target"):
+        args.target_str = args.target or json.dumps(default_target())
+        args.target = json.loads(args.target) if args.target and args.target.strip().startswith("{") \
+            else (args.target or default_target())
+    for k in ("stride", "dilation"):
+        if hasattr(args, k):
+            setattr(args, k, ints(getattr(args, k), 2))
+    if hasattr(args, "padding"):
+        args.padding = ints(args.padding)
+    return COMMANDS[args.command](args)

@@ -1,0 +1,140 @@
+"""The ``tvm-sparseconv`` arguments: one argparse subparser per command, nothing else.
+
+main (``__init__.py``) runs ``commands.COMMANDS[args.command]`` on what this parses.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..build import CACHE_MODES
+
+# the top-level --help's description (the text of cli.py's docstring before cli became a package)
+DESCRIPTION = "The ``tvm-sparseconv`` command."
+
+
+def ints(s: str, n: int | None = None) -> tuple[int, ...]:
+    """"1,64,56,56" or "3x3" -> (ints); one value repeated ``n`` times when ``n`` is given."""
+    v = tuple(int(a) for a in str(s).replace("x", ",").split(",") if a != "")
+    if n is not None and len(v) == 1:
+        v = v * n
+    return v
+
+
+def _known():
+    from ..models import KNOWN_MODELS
+
+    return list(KNOWN_MODELS)
+
+
+def _model_args(p, inputs: bool = True) -> None:
+    p.add_argument("model", help="an .onnx file or a known model: " + ", ".join(_known()))
+    p.add_argument("--input-shape", default=None, help="fix the model input shape, e.g. 1,224,224,3")
+    if inputs:
+        _input_args(p)
+    p.add_argument("--target", default=None, help="JSON dict target (default: this CPU)")
+    p.add_argument("--threads", type=int, default=0, help="TVM threads (default: all cores)")
+
+
+def _input_args(p) -> None:
+    g = p.add_argument_group("sample inputs and preprocessing")
+    g.add_argument("--images", nargs="+", default=[], help="image files, or skimage:NAME / sklearn:NAME samples")
+    g.add_argument("--inputs", nargs="+", default=[], help="preprocessed model inputs (.npy)")
+    g.add_argument("--scale", type=float, default=None, help="pixel multiplier (default 1/255)")
+    g.add_argument("--mean", default=None, help="per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", default=None, help="per-channel std divided by")
+    g.add_argument("--bgr", action="store_true", default=None, help="feed channels as BGR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tvm-sparseconv", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    lay = sub.add_parser("layer", help="run one conv layer through every algorithm (and the peers)")
+    src = lay.add_argument_group("the layer: from files, or synthesised")
+    src.add_argument("--input", help="activation .npy, N x C x H x W (or C x H x W)")
+    src.add_argument("--weight", help="weight .npy, M x C x Kh x Kw")
+    src.add_argument("--shape", default="1,64,56,56", help="N,C,H,W to synthesise (default %(default)s)")
+    src.add_argument("--out-channels", "-m", type=int, default=64)
+    src.add_argument("--kernel", "-k", default="3", help="Kh,Kw or one size (default %(default)s)")
+    src.add_argument("--density", type=float, default=0.3, help="share of non-zeros (default %(default)s)")
+    src.add_argument("--seed", type=int, default=0)
+    lay.add_argument("--stride", default="1")
+    lay.add_argument("--padding", default="1", help="p | ph,pw | top,left,bottom,right")
+    lay.add_argument("--dilation", default="1")
+    lay.add_argument("--groups", type=int, default=1)
+    lay.add_argument("--algorithms", default="all", help="comma list or 'all'")
+    lay.add_argument("--target", default=None, help='JSON dict, e.g. \'{"kind":"llvm","mcpu":"znver4","num-cores":2}\'')
+    lay.add_argument("--threads", type=int, default=0, help="TVM / peer threads (default: all cores)")
+    lay.add_argument("--trials", type=int, default=0, help="MetaSchedule trials per dense algorithm (0 = untuned)")
+    lay.add_argument("--work-dir", default=None, help="where --trials puts the MetaSchedule databases "
+                     "(one folder per algorithm)")
+    lay.add_argument("--database", default=None, help="a --work-dir of an earlier run: apply its tuned schedules")
+    lay.add_argument("--knob-trials", type=int, default=1, help="knob configs measured per hand-scheduled "
+                     "kernel, the defaults first (as the tuner's search); the fastest is reported")
+    lay.add_argument("--repeat", type=int, default=7, help="timed repeats (median reported)")
+    lay.add_argument("--peers", action="store_true", help="also run onnxruntime and PyTorch")
+    lay.add_argument("--json", action="store_true", help="print one JSON object")
+    lay.add_argument("--quiet", "-q", action="store_true")
+
+    pro = sub.add_parser("profile", help="measure each conv layer's input density on sample inputs")
+    _model_args(pro)
+    pro.add_argument("--algorithm", default="dense", help="how the convs run while profiling")
+    pro.add_argument("--json", action="store_true")
+
+    com = sub.add_parser("compile", help="rewrite the convs per plan, compile and export a library")
+    _model_args(com)
+    com.add_argument("--plan", default=None, help="plan JSON (from tune, or written by hand); default: the plan "
+                     "shipped in tvm_sparseconv/shipped/ for this model and target")
+    com.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
+    com.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
+    com.add_argument("-o", "--output", required=True, help="the .so to write (plus a .json beside it)")
+
+    ben = sub.add_parser("bench", help="end-to-end latency: plan vs all-dense vs onnxruntime vs PyTorch")
+    _model_args(ben)
+    ben.add_argument("--plan", default=None)
+    ben.add_argument("--algorithm", default=None)
+    ben.add_argument("--database", default=None)
+    ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense), "
+                     "or another plan's .json to compare with")
+    ben.add_argument("--rounds", type=int, default=1, help="time every build and peer this many times in turn "
+                     "(medians and per-round ratios: the machine's drift hits all alike)")
+    ben.add_argument("--repeat", type=int, default=10)
+    ben.add_argument("--no-peers", action="store_true")
+    ben.add_argument("--ops", action="store_true", help="also where the plan's time goes: ms per kind of op")
+    ben.add_argument("--json", action="store_true")
+
+    ref = sub.add_parser("refine", help="choose each dense layer's thread split inside the compiled model "
+                         "(layers timed alone cannot see where their input sits); write a plan")
+    _model_args(ref)
+    ref.add_argument("--plan", default=None, help="plan JSON (default: the shipped plan for this model)")
+    ref.add_argument("--rounds", type=int, default=7, help="interleaved end-to-end rounds (default %(default)s)")
+    ref.add_argument("-o", "--output", required=True, help="the refined plan's .json")
+
+    tun = sub.add_parser("tune", help="measure every algorithm per conv layer on real activations; write a plan")
+    _model_args(tun)
+    tun.add_argument("--trials", type=int, default=0, help="MetaSchedule trials in all for the dense TE ops "
+                     "(direct, im2col, MEC); 0 leaves them out")
+    tun.add_argument("--knob-trials", type=int, default=6, help="configs measured per layer and sparse kernel")
+    tun.add_argument("--budget-minutes", type=float, default=None, help="stop measuring new candidates after this")
+    tun.add_argument("--cache", choices=CACHE_MODES, default="fresh",
+                     help="what the caches hold when a candidate runs: fresh (default: its input just "
+                     "rewritten by a copy split over the threads, as the op before leaves it in a model; "
+                     "weights warm), warm (everything warm, the layer alone) or cold (all but the first "
+                     "argument flushed); over RPC fresh falls back to cold")
+    tun.add_argument("--no-refine", action="store_true", help="skip the last phase, which compiles the model "
+                     "with each thread split of the dense layers and keeps the fastest end to end (`refine`)")
+    tun.add_argument("--algorithms", default="all")
+    tun.add_argument("--out", default="tuning_logs", help="parent folder of the run folder (default %(default)s)")
+    tun.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    tun.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on RPC servers")
+    tun.add_argument("--rpc-key", default=None)
+
+    rep = sub.add_parser("report", help="regenerate a tuning run's report.md and plots")
+    rep.add_argument("run_dir")
+
+    run = sub.add_parser("run", help="run an exported model on images: top-5 and median latency")
+    run.add_argument("library", help="model.so written by compile")
+    _input_args(run)
+    run.add_argument("--threads", type=int, default=0)
+    run.add_argument("--repeat", type=int, default=10)
+    return p

@@ -1,0 +1,165 @@
+"""What the commands print: text tables and lines from their result dicts.
+
+Nothing here measures, compiles or loads: a printer gets what a command's library call returned
+(the same dict its ``--json`` prints) and lays it out.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..cpu import CPU
+
+
+def fmt(v, nd=2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v == float("inf"):
+            return "inf"
+        return f"{v:.{nd}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+    return str(v)
+
+
+def cpu_line(cpu: dict) -> str:
+    """The CPU a table ran on, for its header (a cpu.CPU as a dict)."""
+    return str(CPU.from_dict(cpu))
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=1))
+
+
+# -- layer ------------------------------------------------------------------------------------
+
+def print_layer_table(report: dict) -> None:
+    """layer.run_layer's report."""
+    spec = report["layer"]
+    print(f"layer N={spec['batch']} C={spec['in_channels']} H={spec['height']} W={spec['width']} "
+          f"M={spec['out_channels']} k={spec['kernel_h']}x{spec['kernel_w']} stride={tuple(spec['stride'])} "
+          f"pad={tuple(spec['padding'])} dil={tuple(spec['dilation'])} | density {report['density']:.3f} | "
+          f"threads {report['threads']} | MetaSchedule trials {report['trials']}")
+    if report.get("cpu"):
+        print(f"cpu {cpu_line(report['cpu'])}")
+    cols = [("algorithm", "algorithm", 0), ("max_abs_error", "max err", 6), ("time_ms", "total ms", 3),
+            ("encode_ms", "encode ms", 3), ("multiply_ms", "mult ms", 3), ("effective_gflops", "eff GF/s", 1),
+            ("dense_gflops", "dense GF/s", 1), ("stored_elements", "stored el", 0), ("stored_bytes", "bytes", 0),
+            ("cr_vs_im2col", "CR/im2col", 2), ("cr_vs_mec", "CR/MEC", 2)]
+    rows = [[h for _, h, _ in cols]]
+    for r in report["results"]:
+        if r.get("error"):
+            rows.append([r["algorithm"], f"unsupported: {r['error']}"] + [""] * (len(cols) - 2))
+            continue
+        rows.append([fmt(r[k], nd) if k != "algorithm" else r[k] for k, _, nd in cols])
+    widths = [max(len(row[i]) for row in rows if len(row) > i and not row[1].startswith("unsupported"))
+              for i in range(len(cols))]
+    for row in rows:
+        if row[1].startswith("unsupported"):
+            print(f"{row[0]:<{widths[0]}}  {row[1]}")
+        else:
+            print("  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(row, widths))))
+    ok = [r for r in report["results"] if r.get("time_ms")]
+    if ok:
+        best = min(ok, key=lambda r: r["time_ms"])
+        knobs = f", knobs {best['knobs']}" if best.get("knobs") else ""
+        print(f"fastest: {best['algorithm']} ({best['time_ms']:.3f} ms{knobs})")
+
+
+# -- profile ----------------------------------------------------------------------------------
+
+def print_profile_table(res: dict, layout: str) -> None:
+    """``profile --json``'s dict (model, input_shape, samples, layers: LayerProfile dicts); the
+    model's ``layout`` for the header."""
+    layers = res["layers"]
+    print(f"{res['model']}: {len(layers)} conv layers, {res['samples']} samples, input "
+          f"{tuple(res['input_shape'])} {layout}")
+    hdr = ["layer", "input CxHxW", "M", "kernel", "stride", "padding", "MMACs", "density", "+-", "min", "max",
+           "zero ch", "fused", "note"]
+    rows = [hdr]
+    for l in layers:
+        s = l["spec"]
+        rows.append([l["key"], f"{s['in_channels']}x{s['height']}x{s['width']}", str(s["out_channels"]),
+                     f"{s['kernel_h']}x{s['kernel_w']}", "x".join(map(str, s["stride"])),
+                     ",".join(map(str, s["padding"])), f"{l['macs'] / 1e6:.1f}", f"{l['density_mean']:.3f}",
+                     f"{l['density_std']:.3f}", f"{l['density_min']:.3f}", f"{l['density_max']:.3f}",
+                     f"{l['zero_channel_share']:.3f}", ("bias" if l["bias"] else "") + ("+relu" if l["relu"] else ""),
+                     l["why_dense"] or ""])
+    w = [max(len(r[i]) for r in rows) for i in range(len(hdr))]
+    for r in rows:
+        print("  ".join(c.ljust(w[i]) if i in (0, 13) else c.rjust(w[i]) for i, c in enumerate(r)).rstrip())
+    # the table's totals: all MACs, and those with a non-zero input at each layer's mean density
+    macs = sum(l["macs"] for l in layers)
+    eff = sum(l["macs"] * l["density_mean"] for l in layers)
+    print(f"total {macs / 1e9:.2f} GMACs; at the measured densities {eff / 1e9:.2f} GMACs have a non-zero input "
+          f"({100 * eff / macs:.0f}%)")
+
+
+# -- compile, run -----------------------------------------------------------------------------
+
+def print_compiled(output: str, counts: str) -> None:
+    """compile: the library written and Build.counts() of what it computes."""
+    print(f"wrote {output} (+ {os.path.basename(output)}.json); layers: {counts}")
+
+
+def print_run(name: str, latency_ms: float, output_shape, top: list | None) -> None:
+    """run, one input: its median latency, then the top-k (label, score) or the output's shape."""
+    print(f"{name}: median latency {latency_ms:.2f} ms")
+    if top is not None:
+        for label, score in top:
+            print(f"  {score:9.5f}  {label}")
+    else:
+        print(f"  output shape {output_shape}")
+
+
+# -- bench, refine ----------------------------------------------------------------------------
+
+def print_bench_table(res: dict, repeat: int) -> None:
+    """bench.bench_model's result with the bench command's fields (model, input_shape, cpu);
+    ``repeat``: the timed runs per median."""
+    rounds = res["rounds"]
+    spread = rounds > 1
+    what = f"; {rounds} rounds in turn: median round, ratios per round" if spread else ""
+    print(f"{res['model']}: input {tuple(res['input_shape'])}, {res['threads']} threads, median of {repeat} runs"
+          f"{what}")
+    print(f"cpu {cpu_line(res['cpu'])}")
+    print(f"{'':32} {'median ms':>10} {'plan speed-up':>14}{'  (min-max)' if spread else ''} {'max err':>9}  layers")
+    for r in res["rows"]:
+        lo, hi = r["plan_speedup_range"]
+        print(f"{r['name']:32} {r['ms']:10.2f} {r['plan_speedup']:13.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if spread else "")
+              + f" {fmt(r['max_abs_error'], 6):>9}  {r['layers']}")
+    print(f"plan vs the best of the others: {res['speedup_vs_best']:.2f}x")
+    if "ops" in res:
+        print("inside the plan's build, mean ms per inference (each call timed by a VM instrument):")
+        for kind, ms in res["ops"].items():
+            print(f"  {kind:30} {ms:8.3f}")
+        print(f"  {'sum':30} {sum(res['ops'].values()):8.3f}")
+
+
+def print_refined(model: str, report: dict, rounds: int, output: str) -> None:
+    """refine: tune.refine.refine_plan's report; ``output`` is the plan written."""
+    if not report["builds"]:
+        print(f"{report['why']}: wrote the plan unchanged to {output}")
+        return
+    print(f"{model}: end to end, median of {rounds} interleaved rounds")
+    for b in report["builds"]:
+        print(f"  {b['name']:16} {b['ms']:8.2f} ms  conv calls in the model {sum(b['layer_ms'].values()):7.2f} ms"
+              + ("  <- chosen" if b["name"] == report["chosen"] else ""))
+    print(f"wrote {output} (+ .refine.json: per-layer in-model ms of every build)")
+
+
+# -- tune, report -----------------------------------------------------------------------------
+
+def print_tuned(model: str, run_dir: str, algorithms: list[str], database: str | None) -> None:
+    """tune: where the plan (whose layers have ``algorithms``) and its report are, and the next
+    command (with ``database``, the run's MetaSchedule database, if it wrote one)."""
+    counts = {}
+    for a in algorithms:
+        counts[a] = counts.get(a, 0) + 1
+    print(f"plan: {os.path.join(run_dir, 'plan.json')} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
+    print(f"report: {os.path.join(run_dir, 'report.md')}")
+    print(f"next: tvm-sparseconv compile {model} --plan {os.path.join(run_dir, 'plan.json')}"
+          + (f" --database {database}" if database else "") + " -o model.so")
+
+
+def print_wrote(path: str) -> None:
+    print(f"wrote {path}")
