@@ -244,8 +244,43 @@ def cmd_report(args) -> int:
     return 0
 
 
+# the layer whose default knobs ``algorithms`` lists: a 3x3 conv in the middle of a ResNet's first stage
+REPRESENTATIVE_LAYER = ((1, 64, 56, 56), (64, 64, 3, 3))
+
+
+def _summary(algo) -> str:
+    """The first sentence of the docstring of ``algo``'s module (its first paragraph, which may
+    wrap), without a leading "name: "."""
+    import inspect
+
+    doc = inspect.getdoc(sys.modules[type(algo).__module__]) or ""
+    text = " ".join(doc.split("\n\n")[0].split())
+    return text[len(algo.name) + 2:] if text.startswith(f"{algo.name}: ") else text
+
+
+def cmd_algorithms(args) -> int:
+    from ..algorithms import ALGORITHMS, get_algorithm
+    from ..conv import Conv2DSpec
+    from ..cpu import cpu_of
+
+    spec = Conv2DSpec.from_shapes(*REPRESENTATIVE_LAYER, 1, 1)
+    cpu = cpu_of(None)
+    rows = []
+    for name in ALGORITHMS:
+        a = get_algorithm(name)
+        rows.append({"name": name, "sparse": a.sparse, "metaschedule": a.metaschedule,
+                     "fuses_residual": a.fuses_residual, "groups": a.groups,
+                     "knobs": list(a.default_knobs(spec, cpu)), "description": _summary(a)})
+    if args.markdown:
+        tables.print_algorithms_markdown(rows)
+    else:
+        tables.print_algorithms(rows, spec.to_dict(), cpu.to_dict())
+    return 0
+
+
 COMMANDS = {"layer": cmd_layer, "profile": cmd_profile, "compile": cmd_compile, "bench": cmd_bench,
-            "refine": cmd_refine, "tune": cmd_tune, "report": cmd_report, "run": cmd_run}
+            "refine": cmd_refine, "tune": cmd_tune, "report": cmd_report, "run": cmd_run,
+            "algorithms": cmd_algorithms}
 
 
 def run(args, argv: list[str]) -> int:

@@ -137,4 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     _input_args(run)
     run.add_argument("--threads", type=int, default=0)
     run.add_argument("--repeat", type=int, default=10)
+
+    alg = sub.add_parser("algorithms", help="list the convolution algorithms and their properties (the registry)")
+    alg.add_argument("--markdown", action="store_true", help="print a GitHub markdown table (the README's and "
+                     "docs' table of algorithms is this output)")
+
     return p

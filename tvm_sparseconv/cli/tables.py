@@ -163,3 +163,40 @@ def print_tuned(model: str, run_dir: str, algorithms: list[str], database: str |
 
 def print_wrote(path: str) -> None:
     print(f"wrote {path}")
+
+
+# -- algorithms -------------------------------------------------------------------------------
+
+def _algorithm_cells(r: dict, code=lambda s: s) -> list[str]:
+    """One registry row (commands.cmd_algorithms) as table cells; ``code`` marks names up."""
+    tuned = "MetaSchedule" if r["metaschedule"] else ("knobs" if r["knobs"] else "-")
+    return [code(r["name"]), "sparse" if r["sparse"] else "dense", tuned, "yes" if r["fuses_residual"] else "no",
+            "yes" if r["groups"] else "no", ", ".join(map(code, r["knobs"])) or "-", r["description"]]
+
+
+ALGORITHM_HEADER = ["algorithm", "kind", "tuned by", "fuses residual add", "groups", "knobs", "description"]
+
+
+def print_algorithms(rows: list[dict], spec: dict, cpu: dict) -> None:
+    """algorithms: the registry as a text table; the knobs are the default knob dict's names for
+    the layer ``spec`` on ``cpu``."""
+    table = [ALGORITHM_HEADER] + [_algorithm_cells(r) for r in rows]
+    w = [max(len(r[i]) for r in table) for i in range(len(ALGORITHM_HEADER))]
+    for r in table:
+        print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
+    print(f"knobs: the default knobs of a {spec['in_channels']} -> {spec['out_channels']} "
+          f"{spec['kernel_h']}x{spec['kernel_w']} layer at {spec['height']}x{spec['width']} on {cpu_line(cpu)}")
+
+
+def markdown_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """A GitHub markdown table; columns in ``right`` are right-aligned (numbers)."""
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_algorithms_markdown(rows: list[dict]) -> None:
+    """algorithms --markdown: the same table as GitHub markdown, nothing else."""
+    print(markdown_table(ALGORITHM_HEADER, [_algorithm_cells(r, lambda s: f"`{s}`") for r in rows]))
