@@ -278,9 +278,36 @@ def cmd_algorithms(args) -> int:
     return 0
 
 
+def _saved_result(path: str) -> tuple[str, dict]:
+    """("bench" or "layer", the dict) of a file that ``bench --json`` or ``layer --json`` wrote."""
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e})") from None
+    if isinstance(d, dict) and "rows" in d and "speedup_vs_best" in d:
+        return "bench", d
+    if isinstance(d, dict) and "layer" in d and "results" in d:
+        return "layer", d
+    raise ValueError(f"{path} is neither `bench --json` nor `layer --json` output")
+
+
+def cmd_results(args) -> int:
+    saved = [(path, *_saved_result(path)) for path in args.files]
+    text = tables.results_markdown(saved)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(tables.results_header(_command_line(args), args.files) + "\n\n" + text)
+        tables.print_wrote(args.output)
+    else:
+        tables.print_text(text)
+    return 0
+
+
 COMMANDS = {"layer": cmd_layer, "profile": cmd_profile, "compile": cmd_compile, "bench": cmd_bench,
             "refine": cmd_refine, "tune": cmd_tune, "report": cmd_report, "run": cmd_run,
-            "algorithms": cmd_algorithms}
+            "algorithms": cmd_algorithms, "results": cmd_results}
 
 
 def run(args, argv: list[str]) -> int:

@@ -142,4 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     alg.add_argument("--markdown", action="store_true", help="print a GitHub markdown table (the README's and "
                      "docs' table of algorithms is this output)")
 
+    res = sub.add_parser("results", help="render saved `bench --json` and `layer --json` results as markdown "
+                         "tables, one set per CPU")
+    res.add_argument("files", nargs="+", metavar="FILE.json", help="what bench --json or layer --json printed")
+    res.add_argument("-o", "--output", default=None, metavar="OUT.md", help="write the markdown here, under a "
+                     "line naming the command and files it came from (default: print it)")
     return p
