@@ -1,4 +1,6 @@
-"""dense: register-tiled direct convolution in TIR (docs/algorithms.md section 10).
+"""dense: register-tiled direct convolution in TIR.
+
+Specified in docs/algorithms.md section 10.
 
 Two kernels (knob ``kernel``), both output-stationary with the accumulators in registers:
 

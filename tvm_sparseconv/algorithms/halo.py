@@ -1,4 +1,6 @@
-"""halo: halo segments, store-once and output-stationary (docs/algorithms.md section 7).
+"""halo: halo segments, store-once and output-stationary.
+
+Specified in docs/algorithms.md section 7.
 
 Format (reference/halo.py states it exactly): each real input row h is cut into segments of
 L = (B-1)*Sw + (Kw-1)*Dw + 1 padded columns at a step of B*Sw, B = the knob ``block``: segment t

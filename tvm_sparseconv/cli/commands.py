@@ -317,9 +317,10 @@ def run(args, argv: list[str]) -> int:
     args.argv = list(argv)
     args.threads = set_num_threads(getattr(args, "threads", 0))
     if hasattr(args, "target"):
-        args.target_str = args.target or json.dumps(default_target())
-        args.target = json.loads(args.target) if args.target and args.target.strip().startswith("{") \
-            else (args.target or default_target())
+        # no --target: TVMS_TARGET when it is set (make_target's default), else this CPU
+        given = args.target or os.environ.get("TVMS_TARGET", "").strip() or None
+        args.target_str = given or json.dumps(default_target())
+        args.target = json.loads(given) if given and given.strip().startswith("{") else (given or default_target())
     for k in ("stride", "dilation"):
         if hasattr(args, k):
             setattr(args, k, ints(getattr(args, k), 2))
