@@ -6,10 +6,10 @@
 #   examples/bench_layers.sh peers  the layers of issue 5 at 0.1/0.3/0.5/0.8: the fast kernels vs the peers
 # Further arguments go to every `tvm-sparseconv layer` call, e.g. `peers --knob-trials 8` (each
 # kernel on 8 knob configs, the fastest reported; ~8x the time).
-# JSON goes to build/bench/, a markdown table to stdout (examples/layer_table.py).
+# JSON goes to build/bench/ (or $OUT), markdown tables to stdout (tvm-sparseconv results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=build/bench
+out=${OUT:-build/bench}
 mkdir -p "$out"
 which=${1:-vgg}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -34,7 +34,7 @@ if [ "$which" = vgg ]; then
       layer "$1" "$2" "$3" 3 1 1 "$d" all --database "$db"
     done
   done
-  python examples/layer_table.py --wide "$out"/v56-*.json "$out"/v28-*.json "$out"/v14-*.json
+  tvm-sparseconv results "$out"/v56-*.json "$out"/v28-*.json "$out"/v14-*.json
 else
   for spec in "p56 1,256,56,56 256 3 1 1" "p28 1,512,28,28 512 3 1 1" "p14 1,512,14,14 512 3 1 1" \
               "p112 1,128,112,112 128 3 1 1" "pw14 1,256,14,14 1024 1 1 0" "s2 1,256,56,56 256 3 2 1"; do
@@ -43,6 +43,6 @@ else
       layer "$1" "$2" "$3" "$4" "$5" "$6" "$d" dense,halo,pixcsr,hybrid,cpo,im2csr
     done
   done
-  python examples/layer_table.py --compact "$out"/p56-*.json "$out"/p28-*.json "$out"/p14-*.json \
+  tvm-sparseconv results "$out"/p56-*.json "$out"/p28-*.json "$out"/p14-*.json \
     "$out"/p112-*.json "$out"/pw14-*.json "$out"/s2-*.json
 fi

@@ -258,22 +258,52 @@ def _bench_section(saved: list[tuple[str, dict]]) -> list[str]:
     return out + _commands(saved, lambda d: d.get("model"))
 
 
+PEERS = ("onnxruntime", "pytorch")
+
+
 def _layer_section(saved: list[tuple[str, dict]]) -> list[str]:
-    """One table of ``layer --json`` results (one CPU): a row per layer and algorithm or peer, its
-    speed-up over the fastest dense one (a dense algorithm or a peer) of the same run."""
+    """The ``layer --json`` results of one CPU: a summary, one row per layer and density (the
+    fastest algorithm, encode included, against the fastest peer of that layer over all its
+    densities: a dense peer's time does not depend on the density, so one slow peer run does not
+    flatter the ratio), then a row per layer and algorithm or peer with its speed-up over the
+    fastest dense one (a dense algorithm or a peer) of the same run."""
     from ..algorithms import SPARSE
 
+    def ok(d):
+        return [r for r in d["results"] if r.get("time_ms") and not r.get("error")]
+
+    best_peer: dict[str, dict] = {}
+    for _, d in saved:
+        for r in ok(d):
+            key = layer_label(d["layer"])
+            if r["algorithm"] in PEERS and (key not in best_peer or r["time_ms"] < best_peer[key]["time_ms"]):
+                best_peer[key] = r
+    summary = []
+    for _, d in saved:
+        ours = [r for r in ok(d) if r["algorithm"] not in PEERS]
+        if not ours:
+            continue
+        b, p = min(ours, key=lambda r: r["time_ms"]), best_peer.get(layer_label(d["layer"]))
+        summary.append([layer_label(d["layer"]), f"{d['density']:.3f}", b["algorithm"], _ms(b["time_ms"]),
+                        fmt(b.get("effective_gflops"), 0), f"{p['algorithm']} {_ms(p['time_ms'])}" if p else "-",
+                        f"{p['time_ms'] / b['time_ms']:.2f}x" if p else "-"])
     header = ["layer", "density", "threads", "algorithm", "ms", "speed-up vs the fastest dense"]
     rows = []
     for _, d in saved:
-        ok = [r for r in d["results"] if r.get("time_ms") and not r.get("error")]
-        dense = [r["time_ms"] for r in ok if r["algorithm"] not in SPARSE]
+        dense = [r["time_ms"] for r in ok(d) if r["algorithm"] not in SPARSE]
         ref = min(dense) if dense else None
         for r in d["results"]:
             t = r.get("time_ms") if not r.get("error") else None
             rows.append([layer_label(d["layer"]), f"{d['density']:.3f}", fmt(d.get("threads")), r["algorithm"],
                          _ms(t), f"{ref / t:.2f}x" if ref and t else "-"])
-    out = ["### Layers (`layer`)", "", markdown_table(header, rows, {1, 2, 4, 5}), ""]
+    out = ["### Layers (`layer`)", ""]
+    if summary:
+        out += ["The fastest algorithm per layer and density (encode included; effective GFLOP/s counts "
+                "only the multiplies with a non-zero input) against the fastest peer:", "",
+                markdown_table(["layer", "density", "fastest", "ms", "eff. GFLOP/s", "fastest peer ms",
+                                "speed-up"], summary, {1, 3, 4, 5, 6}), "",
+                "Every algorithm:", ""]
+    out += [markdown_table(header, rows, {1, 2, 4, 5}), ""]
     return out + _commands(saved, lambda d: layer_label(d["layer"]))
 
 
