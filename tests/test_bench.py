@@ -2,13 +2,10 @@
 against another plan."""
 import numpy as np
 import pytest
-import tvm
-from tvm import relax
 
 from tvm_sparseconv import bench
-from tvm_sparseconv.compile import compile as tvms_compile
-from tvm_sparseconv.frontend import Model
-from tvm_sparseconv.graph import find_conv_sites
+from tvm_sparseconv.compile import build, resolve_plan
+from tvm_sparseconv.frontend import Model, load_model
 from tvm_sparseconv.plan import Plan
 
 from test_relax_rewrite import small_module
@@ -17,9 +14,10 @@ from test_relax_rewrite import small_module
 def test_op_breakdown_names_our_kernels_and_the_rest():
     """bench --ops: every call inside the model is timed and filed under its kind."""
     mod, *_ = small_module(groups=2)  # the grouped 1x1 falls back to TVM's conv2d
-    vm = relax.VirtualMachine(tvms_compile(mod, algorithm="pixcsr"), tvm.cpu())
+    model = load_model(mod)
+    b = build(model, resolve_plan(model, None, "pixcsr"), None)
     x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype("float32")
-    ops = bench.op_breakdown(vm, x, runs=3)
+    ops = bench.op_breakdown(b, x, runs=3)
     assert "conv pixcsr" in ops and all(v > 0 for v in ops.values())
     assert not any(k.startswith("pixcsr") or k[-1].isdigit() for k in ops)  # kinds, not call names
     assert any("conv2d" in k for k in ops)  # the fallback, under TVM's own name
@@ -47,7 +45,7 @@ def test_bench_rounds_against_another_plan(tmp_path, monkeypatch):
     mod, *_ = small_module()
     model = Model(mod, "x", (1, 4, 9, 9), "NCHW", "small")
     other = tmp_path / "other.json"
-    Plan.uniform(find_conv_sites(mod["main"]), "hybrid").save(str(other))
+    Plan.uniform(model.sites, "hybrid").save(str(other))
     x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype("float32")
     res = bench.bench_model(model, x, algorithm="pixcsr", baseline=str(other), repeat=2, peers=False, rounds=3)
     assert timed == [2] * 6  # 3 rounds of the 2 builds, each with the repeat asked for

@@ -112,5 +112,5 @@ def test_defaults_follow_the_target(algorithm):
         for case in GRID + [((1, 256, 56, 56), 256, (3, 3), 1, 1, 1), ((1, 256, 14, 14), 1024, (1, 1), 1, 0, 1)]:
             spec = grid_spec(case)
             k = algo.knobs(spec, None, cpu)
-            if "block" in k and algorithm in ("halo", "im2csr", "hybrid") or k.get("kernel") == "direct":
+            if "block" in k and algorithm in ("halo", "im2csr", "hybrid") or k.get("kernel") == "window":
                 assert k["block"] * k["m_tile"] / cpu.lanes <= cpu.registers * 3 // 4, (target, case, k)

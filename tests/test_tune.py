@@ -123,7 +123,8 @@ def test_cache_mode_is_recorded_and_not_mixed(small_model, tmp_path, cache):
 def test_refine_times_each_split_inside_the_model(small_model, tmp_path):
     from tvm_sparseconv.cli import main
     from tvm_sparseconv.compile import resolve_plan
-    from tvm_sparseconv.tune.refine import call_layout, layer_ms
+    from tvm_sparseconv.compile import Build, build
+    from tvm_sparseconv.tune.refine import layer_ms
 
     path, m, xs = small_model
     np.save(tmp_path / "x.npy", xs[0])
@@ -149,9 +150,15 @@ def test_refine_times_each_split_inside_the_model(small_model, tmp_path):
     y = vm["main"](tvm.runtime.tensor(xs[0])).numpy()
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: xs[0]})[0]
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
-    # calls that do not add up to the plan's layers are an error, not a misattribution
-    with pytest.raises(RuntimeError, match="3 kernel calls per inference, the plan implies 2"):
-        layer_ms(vm, tvm.runtime.tensor(xs[0]), call_layout(m, refined, None)[:2], runs=2)
+    # each layer's calls, found by the kernels' attributes; calls that do not add up to the
+    # layers a kernel names are an error, not a misattribution
+    b = build(m, refined, None)
+    assert set(layer_ms(b, tvm.runtime.tensor(xs[0]), runs=2)) == keys
+    name, (layers, algo) = next(iter(b.kernels.items()))
+    wrong = Build(b.module, b.applied, {**b.kernels, name: (layers * 2, algo)})
+    with pytest.raises(RuntimeError, match=f"{name} was called {2 * len(layers)} times in 2 inferences; "
+                                           f"{2 * len(layers)} layers call it"):
+        layer_ms(wrong, tvm.runtime.tensor(xs[0]), runs=2)
 
 
 def test_corrupt_or_foreign_log_is_refused(tmp_path):

@@ -47,13 +47,16 @@ def _resolve(sites, plan, algorithm, target, model_info=None) -> Plan:
 
 def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
     """tvm-sparseconv's passes over a module whose ``main`` has the conv layers ``sites``; run
-    them with ``target`` entered (dlight reads it from there)."""
+    them with ``target`` entered (dlight reads it from there). The plan is checked against the
+    sites here, so that a PlanError reaches the caller as itself (raised inside a pass, it would
+    come out as a RuntimeError)."""
+    choices = plan.choices(sites)
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.Lower")
     def lower_pass(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         from tvm.s_tir import dlight as dl
 
-        mod = RewriteConv2D(plan.choices(sites), target, sites=sites)(mod)
+        mod = RewriteConv2D(choices, target, sites=sites)(mod)
         mod = tvm.transform.Sequential([
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
             relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
@@ -168,7 +171,7 @@ def pipeline(plan=None, algorithm: str | None = None, database=None) -> tvm.tran
         target = tvm.target.Target.current(allow_none=True) or make_target(None)
         sites = find_conv_sites(mod["main"])
         chosen = _resolve(sites, plan, None if plan is not None else (algorithm or "dense"), target)
-        mod = _lowering(chosen, sites, target, database)(mod)
+        mod = _lowering(chosen, sites, target, database)(mod)  # a PlanError surfaces as a RuntimeError
         return relax.get_pipeline("default")(mod)
 
     return run
