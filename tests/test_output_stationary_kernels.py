@@ -61,6 +61,7 @@ def check_layer(layer: CompiledLayer, w: np.ndarray, densities=DENSITIES, seed: 
             assert nnz == 0 and layer.storage().elements == pointers
 
 
+@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_grid_all_densities(algorithm, grid_case):
     w = weight(grid_case)
@@ -82,6 +83,7 @@ VARIANTS = [(a, k) for a in ALGORITHMS[:2] for k in KNOB_VARIANTS] + [("pixcsr",
     [("hybrid", k) for k in HYBRID_VARIANTS]
 
 
+@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
 @pytest.mark.parametrize("algorithm,knobs", VARIANTS,
                          ids=lambda v: v if isinstance(v, str) else "-".join(f"{a}{b}" for a, b in v.items()))
 @pytest.mark.parametrize("case", [GRID[2], GRID[7], GRID[8]], ids=("k3s2asym", "dil2", "k1s2batch2"))
@@ -300,6 +302,7 @@ def small_layers(draw):
     return spec, knobs, draw(st.sampled_from((0.0, 0.2, 0.6, 1.0))), draw(st.integers(0, 2**16))
 
 
+@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @settings(max_examples=6, deadline=None)
 @given(case=small_layers())

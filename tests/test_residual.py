@@ -27,8 +27,9 @@ def test_the_kernels_that_fuse():
     assert {"dense", "hybrid", "pixcsr", "halo", "im2csr"} <= set(FUSING)
 
 
+@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
 @pytest.mark.parametrize("algorithm,knobs", [(a, None) for a in FUSING] +
-                         [("dense", {"kernel": "direct", "pad": "copy"}), ("dense", {"c_block": 8})])
+                         [("dense", {"kernel": "window", "pad": "copy"}), ("dense", {"c_block": 8})])
 @pytest.mark.parametrize("case", [GRID[0], GRID[1], GRID[2], GRID[8]], ids=("k1", "k3", "k3s2batch2", "k1s2batch2"))
 @pytest.mark.parametrize("density", [0.3, 1.0])
 def test_residual_epilogue(algorithm, knobs, case, density):

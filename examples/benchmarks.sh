@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Measure on this CPU and regenerate docs/benchmarks.md: the shipped models end to end (bench,
+# 5 rounds in turn) and the per-layer set against the peers (examples/bench_layers.sh peers).
+# The JSON goes to docs/results/<target key>/; docs/benchmarks.md is made from every CPU's.
+# Run it alone: anything else on the cores makes the timings worthless. About 20 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+key=$(python -c "from tvm_sparseconv.target import target_key; print(target_key(None))")
+out=docs/results/$key
+mkdir -p "$out/layers"
+for model in vgg16-tumor resnet50-nsfw; do
+  tvm-sparseconv bench "$model" --images skimage:astronaut --rounds 5 --repeat 5 --json > "$out/bench-$model.json"
+done
+OUT=$out/layers bash examples/bench_layers.sh peers > /dev/null
+tvm-sparseconv results docs/results/*/bench-*.json docs/results/*/layers/*.json -o docs/benchmarks.md
