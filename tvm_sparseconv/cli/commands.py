@@ -298,7 +298,7 @@ def cmd_results(args) -> int:
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
-            f.write(tables.results_header(_command_line(args), args.files) + "\n\n" + text)
+            f.write(tables.results_header(args.files) + "\n\n" + text)
         tables.print_wrote(args.output)
     else:
         tables.print_text(text)
