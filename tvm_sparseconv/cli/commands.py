@@ -20,6 +20,15 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _emit(args, result: dict, table) -> int:
+    """Print ``result`` as JSON with --json, else with its table printer."""
+    if args.json:
+        tables.print_json(result)
+    else:
+        table(result)
+    return 0
+
+
 def _command_line(args) -> str:
     """The command as typed, for the results it produced (``bench --json``, ``layer --json``)."""
     return shlex.join(["tvm-sparseconv", *args.argv])
@@ -115,11 +124,7 @@ def cmd_layer(args) -> int:
                        knob_trials=args.knob_trials, progress=not args.quiet)
     report["target"] = args.target_str
     report["command"] = _command_line(args)
-    if args.json:
-        tables.print_json(report)
-    else:
-        tables.print_layer_table(report)
-    return 0
+    return _emit(args, report, tables.print_layer_table)
 
 
 def cmd_profile(args) -> int:
@@ -131,11 +136,7 @@ def cmd_profile(args) -> int:
     layers, _, _ = profile(model, samples, args.target, args.algorithm)
     res = {"model": args.model, "input_shape": list(model.input_shape), "samples": len(samples),
            "layers": [l.to_dict() for l in layers]}
-    if args.json:
-        tables.print_json(res)
-    else:
-        tables.print_profile_table(res, model.layout)
-    return 0
+    return _emit(args, res, lambda r: tables.print_profile_table(r, model.layout))
 
 
 def cmd_compile(args) -> int:
@@ -180,11 +181,7 @@ def cmd_bench(args) -> int:
     res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
                       args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops, rounds=args.rounds)
     res = {"model": args.model, "command": _command_line(args), **res}
-    if args.json:
-        tables.print_json(res)
-    else:
-        tables.print_bench_table(res, args.repeat)
-    return 0
+    return _emit(args, res, lambda r: tables.print_bench_table(r, args.repeat))
 
 
 def cmd_refine(args) -> int:
