@@ -102,7 +102,8 @@ def _scheduled(func: tvm.tirx.PrimFunc, db, target) -> tvm.tirx.PrimFunc | None:
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod  # the form tasks are hashed in
 
     sch = ms.tir_integration.compile_tir(db, _normalize_mod(func), target)
-    return None if sch is None else sch.mod["main"]
+    # the task's module names its function "main": the caller's module names it
+    return None if sch is None else sch.mod["main"].without_attr("global_symbol")
 
 
 def apply_database(mod: tvm.IRModule, database, target) -> tvm.IRModule:
