@@ -8,7 +8,7 @@ from .compile import Build, build_isolated, resolve_plan
 from .cpu import cpu_of
 from .frontend import Model
 from .measure import max_abs_error, time_calls, vm_latency_ms
-from .peers import available_peers, run_model_peer
+from .peers import PeerError, available_peers, run_model_peer
 from .target import make_target
 
 
@@ -26,14 +26,19 @@ def op_breakdown(b: Build, x: np.ndarray, runs: int = 20) -> dict[str, float]:
 def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = None, database=None, target=None,
                 threads: int = 0, baseline: str = "dense", repeat: int = 10, peers: bool = True,
                 log=lambda s: None, ops: bool = False, rounds: int = 1) -> dict:
-    """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, speedup of the plan over it};
-    with ``ops``, also ``ops``: the plan build's op_breakdown. The result also records what ran:
-    ``input_shape``, ``threads``, ``rounds`` and ``cpu`` (cpu.CPU.to_dict() of the target).
+    """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, speedup of the plan over it,
+    skipped}; with ``ops``, also ``ops``: the plan build's op_breakdown. The result also records
+    what ran: ``input_shape``, ``threads``, ``rounds`` and ``cpu`` (cpu.CPU.to_dict() of the target).
 
     ``baseline``: an algorithm (the build with it on every layer) or the path of another plan.
     ``rounds`` > 1 times every build and peer once per round, in turn, so that the machine's
     drift hits them alike: ``ms`` is the median of the rounds' medians, ``plan_speedup`` the
-    median of the per-round ratios (``plan_speedup_range`` their min and max)."""
+    median of the per-round ratios (``plan_speedup_range`` their min and max).
+
+    A peer that cannot run the model (peers.PeerError, in any round) is a row with ``skipped``
+    its one-line reason and None for ms, max_abs_error and the speed-ups; the other rows, and
+    ``speedup_vs_best`` over those that ran, are as without it. ``skipped`` is None on the rows
+    that ran. A build that fails is an error, not a skip: the builds are what is measured."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     target = make_target(target)
@@ -52,19 +57,31 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
         for peer in available_peers():
             timers.append((peer, "", lambda peer=peer: run_model_peer(peer, model.onnx_path, x, threads, repeat)))
     times = np.zeros((rounds, len(timers)))
-    ys = {}
+    ys, skipped = {}, {}
     for r in range(rounds):
         for k, (name, _, timed) in enumerate(timers):
+            if name in skipped:
+                continue
             log(f"timing {name}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else ""))
-            ys[name], times[r, k] = timed()
+            try:
+                ys[name], times[r, k] = timed()
+            except PeerError as e:  # only the peers raise it
+                log(f"{name} skipped: {e}")
+                skipped[name] = str(e)
+                ys.pop(name, None)  # an earlier round's output is no reference
     ref = ys.get("onnxruntime", ys[timers[1][0]])
     ratios = times / times[:, :1]
-    rows = [{"name": name, "ms": float(np.median(times[:, k])), "layers": layers,
-             "max_abs_error": max_abs_error(ys[name], ref), "plan_speedup": float(np.median(ratios[:, k])),
-             "plan_speedup_range": [float(ratios[:, k].min()), float(ratios[:, k].max())]}
-            for k, (name, layers, _) in enumerate(timers)]
+    rows = []
+    for k, (name, layers, _) in enumerate(timers):
+        if name in skipped:
+            rows.append({"name": name, "ms": None, "layers": layers, "max_abs_error": None, "plan_speedup": None,
+                         "plan_speedup_range": None, "skipped": skipped[name]})
+            continue
+        rows.append({"name": name, "ms": float(np.median(times[:, k])), "layers": layers,
+                     "max_abs_error": max_abs_error(ys[name], ref), "plan_speedup": float(np.median(ratios[:, k])),
+                     "plan_speedup_range": [float(ratios[:, k].min()), float(ratios[:, k].max())], "skipped": None})
     t_plan = rows[0]["ms"]
-    best_other = min(r["ms"] for r in rows[1:]) if len(rows) > 1 else t_plan
+    best_other = min((r["ms"] for r in rows[1:] if r["ms"] is not None), default=t_plan)
     res = {"rows": rows, "speedup_vs_best": best_other / t_plan, "input_shape": list(model.input_shape),
            "threads": threads, "rounds": rounds, "cpu": cpu_of(target).to_dict()}
     if ops:

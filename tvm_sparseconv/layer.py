@@ -131,9 +131,14 @@ def measure_compiled(name: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, 
 
 
 def measure_peer(peer: str, spec: Conv2DSpec, x, w, ref, nz_macs: int, threads: int, repeat: int = 7) -> Record:
-    from .peers import run_peer
+    """``peer`` timed on the layer (peers.run_peer); a peer that cannot run it (peers.PeerError:
+    it raised, or its process died) is a Record whose ``error`` is the one-line reason."""
+    from .peers import PeerError, run_peer
 
-    y, ms = run_peer(peer, spec, x, w, threads, repeat)
+    try:
+        y, ms = run_peer(peer, spec, x, w, threads, repeat)
+    except PeerError as e:
+        return Record(peer, error=str(e))
     return Record(peer, max_abs_error(y, ref), ms, None, ms, 2e-6 * nz_macs / ms, 2e-6 * spec.macs / ms)
 
 
@@ -166,6 +171,8 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
               log=lambda s: None, database: str | None = None, knob_trials: int = 1,
               progress: bool = False) -> dict:
     """Every algorithm (and peer) on one layer; returns {"layer", "density", ..., "results": [...]}.
+    An algorithm that does not support the layer, a candidate that crashed and a peer that
+    cannot run the layer are results with ``error`` set; the others still run.
 
     A hand-scheduled kernel runs its first ``knob_trials`` knob candidates (search_knobs) and
     reports the fastest. ``progress``: a progress line with ETA on stderr, one step per run."""
@@ -183,7 +190,7 @@ def run_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, algorithms=ALGORIT
                                     trials=trials, work_dir=work_dir, database=database))
     for p in peers:
         results.append(measure_peer(p, spec, x, w, ref, nz, threads, repeat))
-        step(f"{p}: {results[-1].time_ms:.3f} ms")
+        step(f"{p}: {results[-1].error or f'{results[-1].time_ms:.3f} ms'}")
     return {"layer": spec.to_dict(), "density": float(np.count_nonzero(x)) / x.size, "nonzero_macs": nz,
             "dense_macs": spec.macs, "cpu": cpu_of(target).to_dict(), "threads": threads, "trials": trials,
             "knob_trials": knob_trials,

@@ -1,135 +1,397 @@
 """Run an ONNX CNN graph with PyTorch's own operators (the PyTorch peer for ONNX models).
 
-A small interpreter over the ops that static CNN graphs use (Conv, Relu, pools, Gemm,
-MatMul, elementwise, Transpose, Reshape, Flatten, Softmax, Concat, BatchNormalization);
-any other op is refused by name. The convs run in torch's own kernels (oneDNN), which
-is what a PyTorch user of the model would get.
+A small interpreter over the ops of static CNN graphs; the convs, pools and resizes run in
+torch's own kernels (oneDNN), which is what a PyTorch user of the model would get. Each op
+follows the ONNX definition of the model's opset (11-19 for Resize; attributes that became
+inputs, as Clip's bounds, Squeeze's axes or Pad's pads, are read from wherever the opset puts
+them):
+
+- Conv (1-3-D, groups, dilations, asymmetric pads, auto_pad), BatchNormalization, Gemm,
+  MatMul, Relu, Sigmoid, HardSigmoid, HardSwish, Clip (ReLU6), Softmax;
+- MaxPool, AveragePool (ceil_mode, count_include_pad, asymmetric pads, auto_pad),
+  GlobalAveragePool, GlobalMaxPool;
+- Add, Sub, Mul, Div (broadcasting), Concat, Flatten, Reshape, Transpose, Squeeze,
+  Unsqueeze, ReduceMean, Pad (constant), Identity, Dropout (inference: the identity), Constant;
+- Resize, nearest and linear, where F.interpolate computes what ONNX defines (see _resize).
+
+Any other op, or a variant whose semantics torch does not have (Pad reflect, Resize cubic,
+...), raises NotImplementedError naming it: the other op at load, the variant when it runs.
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _refuse(op: str, variant: str = ""):
+    raise NotImplementedError(f"the PyTorch peer does not run ONNX op {op}" + (f" with {variant}" if variant else ""))
 
 
 class OnnxTorch:
+    """``OnnxTorch(path)(x)``: the model's first output for its one non-constant input ``x``
+    (a float32 torch tensor), computed with torch ops under inference_mode."""
+
     def __init__(self, onnx_path: str):
         import onnx
-        import torch
-        from onnx import numpy_helper
+        from onnx import helper, numpy_helper
 
         m = onnx.load(onnx_path)
-        self.graph = m.graph
+        self.opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.consts = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in m.graph.initializer}
+        self.steps = []  # (op function, input names, output names, attributes), in graph order
         for n in m.graph.node:
+            standard = n.domain in ("", "ai.onnx")
+            if not standard or n.op_type not in _OPS:
+                _refuse(n.op_type if standard else f"{n.domain}.{n.op_type}")
+            # attributes decoded once, so that a timed call pays only for the ops themselves
+            attrs = {a.name: _decode(helper.get_attribute_value(a)) for a in n.attribute}
             if n.op_type == "Constant":
-                self.consts[n.output[0]] = torch.from_numpy(numpy_helper.to_array(n.attribute[0].t).copy())
-            elif n.op_type not in _OPS:
-                raise NotImplementedError(f"the PyTorch peer does not run ONNX op {n.op_type}")
+                self.consts[n.output[0]] = _constant(attrs)
+            else:
+                self.steps.append((_OPS[n.op_type], list(n.input), list(n.output), attrs))
         self.input = [i.name for i in m.graph.input if i.name not in self.consts][0]
+        self.output = m.graph.output[0].name
 
-    def __call__(self, x):
-        import onnx
-        import torch
-
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         env = dict(self.consts)
         env[self.input] = x
         with torch.inference_mode():
-            for n in self.graph.node:
-                if n.op_type == "Constant":
-                    continue
-                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-                ins = [env[i] if i else None for i in n.input]
-                out = _OPS[n.op_type](ins, attrs)
-                env[n.output[0]] = out
-            return env[self.graph.output[0].name]
+            for fn, ins, outs, attrs in self.steps:
+                y = fn([env[i] if i else None for i in ins], attrs, self.opset)
+                for name, v in zip(outs, y if isinstance(y, tuple) else (y,)):
+                    env[name] = v
+            return env[self.output]
 
 
-def _pads2d(pads):
-    # ONNX (top, left, bottom, right) -> F.pad (left, right, top, bottom)
-    t, l, b, r = pads
-    return (l, r, t, b)
+def _decode(v):
+    """String attributes come as bytes."""
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, list) and v and isinstance(v[0], bytes):
+        return [s.decode() for s in v]
+    return v
 
 
-def _conv(ins, a):
-    import torch.nn.functional as F
+def _constant(attrs: dict) -> torch.Tensor:
+    from onnx import numpy_helper
 
+    (name, v), = attrs.items()
+    if name == "value":
+        return torch.from_numpy(numpy_helper.to_array(v).copy())
+    if name in ("value_float", "value_floats", "value_int", "value_ints"):
+        return torch.from_numpy(np.array(v, np.float32 if "float" in name else np.int64))
+    _refuse("Constant", name)
+
+
+_OPS: dict = {"Constant": None}
+
+
+def op(*names):
+    """Register ``fn(inputs, attributes, opset)`` (a missing optional input is None) as ``names``."""
+    def register(fn):
+        for n in names:
+            _OPS[n] = fn
+        return fn
+    return register
+
+
+def _given(ins: list, i: int):
+    """Optional input ``i``, or None when absent, unnamed or empty (opset 11 Resize's scales)."""
+    v = ins[i] if len(ins) > i else None
+    return v if v is not None and v.numel() else None
+
+
+def _axes(ins: list, a: dict, opset: int, input_since: int):
+    """An op's axes: the ``axes`` attribute before opset ``input_since``, its second input since."""
+    if opset < input_since:
+        return a.get("axes")
+    v = _given(ins, 1)
+    return None if v is None else v.tolist()
+
+
+def _torch_pads(begin, end) -> list:
+    """ONNX per-axis (begin, end) pads as F.pad's list (last axis first)."""
+    return [p for b, e in zip(reversed(begin), reversed(end)) for p in (b, e)]
+
+
+# -- elementwise --------------------------------------------------------------------------------
+
+op("Relu")(lambda ins, a, opset: ins[0].relu())
+op("Sigmoid")(lambda ins, a, opset: ins[0].sigmoid())
+op("HardSigmoid")(lambda ins, a, opset: (a.get("alpha", 0.2) * ins[0] + a.get("beta", 0.5)).clamp(0.0, 1.0))
+op("HardSwish")(lambda ins, a, opset: F.hardswish(ins[0]))  # x * HardSigmoid(x, 1/6, 1/2), as ONNX
+op("Identity")(lambda ins, a, opset: ins[0])
+op("Add")(lambda ins, a, opset: ins[0] + ins[1])  # torch broadcasts as ONNX (numpy's rules)
+op("Sub")(lambda ins, a, opset: ins[0] - ins[1])
+op("Mul")(lambda ins, a, opset: ins[0] * ins[1])
+
+
+@op("Div")
+def _div(ins, a, opset):
+    x, y = ins
+    # ONNX integer division truncates; torch's / would give floats
+    return x / y if x.is_floating_point() else torch.div(x, y, rounding_mode="trunc")
+
+
+@op("Clip")
+def _clip(ins, a, opset):
+    """Bounds are attributes before opset 11, optional inputs since; none means unbounded."""
+    if opset < 11:
+        lo, hi = a.get("min"), a.get("max")
+    else:
+        lo, hi = (None if (v := _given(ins, i)) is None else v.item() for i in (1, 2))
+    return ins[0] if lo is None and hi is None else ins[0].clamp(lo, hi)
+
+
+@op("Dropout")
+def _dropout(ins, a, opset):
+    """Inference: the identity, and an all-true mask for a second output."""
+    return ins[0], torch.ones_like(ins[0], dtype=torch.bool)
+
+
+@op("Softmax")
+def _softmax(ins, a, opset):
+    x = ins[0]
+    if opset >= 13:
+        return x.softmax(a.get("axis", -1))
+    # before opset 13: over the input coerced to 2-D at ``axis`` (default 1), i.e. over all of
+    # the axes from ``axis`` on at once
+    return x.flatten(a.get("axis", 1) % x.dim()).softmax(-1).reshape(x.shape)
+
+
+# -- shapes -------------------------------------------------------------------------------------
+
+op("Concat")(lambda ins, a, opset: torch.cat(ins, a["axis"]))
+op("Flatten")(lambda ins, a, opset: ins[0].reshape(math.prod(ins[0].shape[:a.get("axis", 1)]), -1))
+
+
+@op("Transpose")
+def _transpose(ins, a, opset):
+    return ins[0].permute(*a.get("perm", reversed(range(ins[0].dim()))))
+
+
+@op("Reshape")
+def _reshape(ins, a, opset):
+    """A 0 in the shape copies the input's dim (unless allowzero); -1 is inferred."""
+    x = ins[0]
+    shape = [int(v) for v in ins[1].tolist()]
+    return x.reshape([x.shape[i] if v == 0 and not a.get("allowzero", 0) else v for i, v in enumerate(shape)])
+
+
+@op("Squeeze")
+def _squeeze(ins, a, opset):
+    axes = _axes(ins, a, opset, 13)
+    return ins[0].squeeze(tuple(axes)) if axes else ins[0].squeeze()
+
+
+@op("Unsqueeze")
+def _unsqueeze(ins, a, opset):
+    x, axes = ins[0], _axes(ins, a, opset, 13)
+    rank = x.dim() + len(axes)  # negative axes count from the end of the output
+    for ax in sorted(v % rank for v in axes):
+        x = x.unsqueeze(ax)
+    return x
+
+
+@op("ReduceMean")
+def _reduce_mean(ins, a, opset):
+    x, axes = ins[0], _axes(ins, a, opset, 18)
+    if not axes:
+        if a.get("noop_with_empty_axes", 0):
+            return x
+        axes = range(x.dim())
+    return x.mean(dim=tuple(axes), keepdim=bool(a.get("keepdims", 1)))
+
+
+@op("Pad")
+def _pad(ins, a, opset):
+    """ONNX pads are (begin of each axis..., end of each axis...); negative ones crop."""
+    x, mode = ins[0], a.get("mode", "constant")
+    if mode != "constant":
+        _refuse("Pad", f"mode {mode}")
+    if opset < 11:
+        pads, value, axes = a["pads"], a.get("value", 0.0), None
+    else:
+        pads, value, axes = ins[1].tolist(), _given(ins, 2), _given(ins, 3)
+        value, axes = (0.0 if value is None else value.item()), (None if axes is None else axes.tolist())
+    axes = [v % x.dim() for v in axes] if axes else list(range(x.dim()))
+    begin, end = [0] * x.dim(), [0] * x.dim()
+    for i, ax in enumerate(axes):
+        begin[ax], end[ax] = pads[i], pads[len(axes) + i]
+    return F.pad(x, _torch_pads(begin, end), value=value)
+
+
+# -- conv, pools, dense ---------------------------------------------------------------------------
+
+def _window(a: dict, x: torch.Tensor, kernel) -> tuple[list, list, list, list]:
+    """(strides, dilations, begin pads, end pads) over the spatial axes of a Conv or pool node
+    on ``x``, with auto_pad resolved (SAME_UPPER puts the odd pixel at the end)."""
+    n, sizes = len(kernel), x.shape[2:]
+    s, d = list(a.get("strides", [1] * n)), list(a.get("dilations", [1] * n))
+    auto = a.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        total = [max((-(-size // st) - 1) * st + (k - 1) * dl + 1 - size, 0)
+                 for size, st, k, dl in zip(sizes, s, kernel, d)]
+        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        return s, d, begin, [t - b for t, b in zip(total, begin)]
+    pads = [0] * (2 * n) if auto == "VALID" else list(a.get("pads", [0] * (2 * n)))
+    return s, d, pads[:n], pads[n:]
+
+
+@op("Conv")
+def _conv(ins, a, opset):
     x, w = ins[0], ins[1]
     b = ins[2] if len(ins) > 2 else None
-    pads = a.get("pads", [0, 0, 0, 0])
-    if pads[0] != pads[2] or pads[1] != pads[3]:
-        x, pad = F.pad(x, _pads2d(pads)), 0
-    else:
-        pad = (pads[0], pads[1])
-    return F.conv2d(x, w, b, a.get("strides", [1, 1]), pad, a.get("dilations", [1, 1]), a.get("group", 1))
+    s, d, pb, pe = _window(a, x, a.get("kernel_shape", w.shape[2:]))
+    if pb != pe:  # torch pads symmetrically only
+        x, pb = F.pad(x, _torch_pads(pb, pe)), 0
+    return getattr(F, f"conv{w.dim() - 2}d")(x, w, b, s, pb, d, a.get("group", 1))
 
 
-def _pool(kind):
-    def run(ins, a):
-        import torch.nn.functional as F
+def _pool_out(size, k, s, d, b, e, ceil) -> int:
+    """ONNX pool output length. In ceil mode a last window that would start in the end padding
+    is dropped (as torch and onnxruntime do)."""
+    span = size + b + e - (k - 1) * d - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    return out - 1 if ceil and (out - 1) * s >= size + b else out
 
-        x = ins[0]
-        pads = a.get("pads", [0, 0, 0, 0])
-        k, s = a["kernel_shape"], a.get("strides", [1, 1])
+
+def _pool(kind: str):
+    def run(ins, a, opset):
+        x, k = ins[0], list(a["kernel_shape"])
+        s, d, pb, pe = _window(a, x, k)
+        ceil, include_pad = bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0))
+        if kind == "avg" and set(d) != {1}:
+            _refuse("AveragePool", "dilations")
+        fn = getattr(F, f"{kind}_pool{len(k)}d")
+        # torch's own padding: symmetric, at most half the (dilated) kernel; the ceil-mode rule
+        # and count_include_pad's divisor are then ONNX's
+        if pb == pe and all(2 * p <= (kk - 1) * dl + 1 for p, kk, dl in zip(pb, k, d)):
+            if kind == "max":
+                return fn(x, k, s, pb, d, ceil_mode=ceil)
+            return fn(x, k, s, pb, ceil_mode=ceil, count_include_pad=include_pad)
+        # otherwise pad by hand to exactly the windows ONNX has (the ceil mode's last one may
+        # reach past the end padding: ``extra``) and pool without padding
+        out = [_pool_out(*v, ceil) for v in zip(x.shape[2:], k, s, d, pb, pe)]
+        extra = [max(0, (o - 1) * st + (kk - 1) * dl + 1 - (size + b + e))
+                 for o, st, kk, dl, size, b, e in zip(out, s, k, d, x.shape[2:], pb, pe)]
+        pe_all = [e + x_ for e, x_ in zip(pe, extra)]
         if kind == "max":
-            if any(pads):
-                x = F.pad(x, _pads2d(pads), value=float("-inf"))
-            return F.max_pool2d(x, k, s, 0, ceil_mode=bool(a.get("ceil_mode", 0)))
-        if pads[0] != pads[2] or pads[1] != pads[3]:
-            raise NotImplementedError("asymmetric AveragePool padding")
-        return F.avg_pool2d(x, k, s, (pads[0], pads[1]), ceil_mode=bool(a.get("ceil_mode", 0)),
-                            count_include_pad=bool(a.get("count_include_pad", 0)))
+            return fn(F.pad(x, _torch_pads(pb, pe_all), value=float("-inf")), k, s, 0, d)
+        # the mean over the counted elements: the input, and the pads with count_include_pad
+        # (never the ceil mode's extra), as a window sum over a window count
+        counted = F.pad(F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype), _torch_pads(pb, pe),
+                              value=float(include_pad)), _torch_pads([0] * len(k), extra))
+        return fn(F.pad(x, _torch_pads(pb, pe_all)), k, s) / fn(counted, k, s)
     return run
 
 
-def _gemm(ins, a):
+op("MaxPool")(_pool("max"))
+op("AveragePool")(_pool("avg"))
+op("GlobalAveragePool")(lambda ins, a, opset: ins[0].mean(dim=tuple(range(2, ins[0].dim())), keepdim=True))
+op("GlobalMaxPool")(lambda ins, a, opset: ins[0].amax(dim=tuple(range(2, ins[0].dim())), keepdim=True))
+
+
+@op("BatchNormalization")
+def _bn(ins, a, opset):
+    """Inference: (x - mean) / sqrt(var + epsilon) * scale + B, per channel (axis 1)."""
+    x, scale, bias, mean, var = ins[:5]
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))
+
+
+@op("Gemm")
+def _gemm(ins, a, opset):
+    """alpha * A' @ B' + beta * C (C broadcast, optional); ' is the transpose where transA/B."""
     x, w = ins[0], ins[1]
-    if a.get("transA", 0):
-        x = x.T
-    if a.get("transB", 0):
-        w = w.T
+    x, w = (x.T if a.get("transA", 0) else x), (w.T if a.get("transB", 0) else w)
     y = a.get("alpha", 1.0) * (x @ w)
-    if len(ins) > 2 and ins[2] is not None:
-        y = y + a.get("beta", 1.0) * ins[2]
-    return y
+    return y if _given(ins, 2) is None else y + a.get("beta", 1.0) * ins[2]
 
 
-def _reshape(ins, a):
-    shape = [int(v) for v in ins[1].tolist()]
-    shape = [ins[0].shape[i] if v == 0 and not a.get("allowzero", 0) else v for i, v in enumerate(shape)]
-    return ins[0].reshape(shape)
+op("MatMul")(lambda ins, a, opset: torch.matmul(ins[0], ins[1]))  # numpy's matmul, as ONNX
 
 
-def _bn(ins, a):
-    import torch.nn.functional as F
+# -- Resize ---------------------------------------------------------------------------------------
 
-    return F.batch_norm(ins[0], ins[3], ins[4], ins[1], ins[2], False, 0.0, a.get("epsilon", 1e-5))
+@op("Resize")
+def _resize(ins, a, opset):
+    """ONNX Resize (opsets 11-19) of the spatial axes of an N, C, ... input, by F.interpolate:
+
+    - linear: half_pixel, and pytorch_half_pixel to lengths above 1, are F.interpolate's
+      align_corners=False (both clamp source coordinates below 0 to 0); align_corners is
+      align_corners=True; asymmetric and the other modes have no torch equivalent;
+    - nearest: torch's "nearest" (floor of dst / scale) or "nearest-exact" (floor of
+      (dst + 0.5) / scale), whichever picks the same source pixels as ONNX's coordinate
+      transformation and nearest_mode for these lengths (_nearest_modes); asymmetric + floor
+      is always "nearest", half_pixel + round_prefer_ceil always "nearest-exact".
+
+    The scale is the given one (F.interpolate's scale_factor, not recomputed), or, with sizes,
+    output / input length, as torch's size= uses it. Anything else is refused by name."""
+    x = ins[0]
+    if opset < 11:
+        _refuse("Resize", f"opset {opset} semantics")
+    mode, ctm = a.get("mode", "nearest"), a.get("coordinate_transformation_mode", "half_pixel")
+    if mode not in ("nearest", "linear"):
+        _refuse("Resize", f"mode {mode}")
+    for name, ok in (("antialias", 0), ("keep_aspect_ratio_policy", "stretch")):
+        if a.get(name, ok) != ok:
+            _refuse("Resize", f"{name} {a[name]}")
+    if not 3 <= x.dim() <= 5:
+        _refuse("Resize", f"a {x.dim()}-D input")
+    # opset 18's ``axes``: scales or sizes for those axes only
+    axes = [v % x.dim() for v in a.get("axes", range(x.dim()))]
+    scales, sizes = _given(ins, 2), _given(ins, 3)
+    if scales is None and sizes is None:
+        raise ValueError("Resize without scales or sizes")
+    if scales is not None:
+        full = dict(zip(axes, scales.tolist()))
+        scale = [float(full.get(i, 1.0)) for i in range(x.dim())]
+        out = [int(n * s) for n, s in zip(x.shape, scale)]
+        kw = {"scale_factor": scale[2:], "recompute_scale_factor": False}
+    else:
+        full = dict(zip(axes, sizes.tolist()))
+        out = [int(full.get(i, n)) for i, n in enumerate(x.shape)]
+        scale = [o / n for o, n in zip(out, x.shape)]
+        kw = {"size": out[2:]}
+    if out[:2] != list(x.shape[:2]):
+        _refuse("Resize", "resizing the batch or channel axis")
+    if mode == "linear":
+        if ctm == "pytorch_half_pixel" and min(out[2:]) == 1:
+            _refuse("Resize", "linear pytorch_half_pixel to length 1")
+        if ctm not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+            _refuse("Resize", f"linear coordinate_transformation_mode {ctm}")
+        return F.interpolate(x, mode=("linear", "bilinear", "trilinear")[x.dim() - 3],
+                             align_corners=ctm == "align_corners", **kw)
+    rounding = a.get("nearest_mode", "round_prefer_floor")
+    modes = {"nearest", "nearest-exact"}
+    for n, o, s in zip(x.shape[2:], out[2:], scale[2:]):
+        modes &= _nearest_modes(ctm, rounding, n, o, s, scales is not None)
+    if not modes:
+        _refuse("Resize", f"nearest {ctm} {rounding} from {list(x.shape[2:])} to {out[2:]}")
+    return F.interpolate(x, mode=min(modes), **kw)  # "nearest" when both
 
 
-def _lazy(name):
-    def run(ins, a):
-        import torch
-
-        return getattr(torch, name)(*ins)
-    return run
-
-
-_OPS = {
-    "Conv": _conv,
-    "Relu": lambda ins, a: ins[0].relu(),
-    "MaxPool": _pool("max"),
-    "AveragePool": _pool("avg"),
-    "GlobalAveragePool": lambda ins, a: ins[0].mean(dim=(2, 3), keepdim=True),
-    "Gemm": _gemm,
-    "MatMul": _lazy("matmul"),
-    "Add": _lazy("add"),
-    "Sub": _lazy("sub"),
-    "Mul": _lazy("mul"),
-    "Div": _lazy("div"),
-    "Transpose": lambda ins, a: ins[0].permute(*a["perm"]),
-    "Reshape": _reshape,
-    "Flatten": lambda ins, a: ins[0].reshape(int(np.prod(ins[0].shape[:a.get("axis", 1)])), -1),
-    "Softmax": lambda ins, a: ins[0].softmax(a.get("axis", -1)),
-    "Concat": lambda ins, a: __import__("torch").cat(ins, a["axis"]),
-    "BatchNormalization": _bn,
-    "Identity": lambda ins, a: ins[0],
-    "Constant": None,
-}
+@functools.lru_cache(maxsize=None)
+def _nearest_modes(ctm: str, rounding: str, n_in: int, n_out: int, scale: float, by_scale: bool) -> frozenset:
+    """The F.interpolate nearest modes that pick the same source index as ONNX Resize (nearest,
+    ``ctm``, nearest_mode ``rounding``) on every output position of one axis n_in -> n_out.
+    ONNX's indices come from its formulas; torch's from interpolating a ramp 0..n_in-1, so that
+    its own float arithmetic decides."""
+    dst = np.arange(n_out, dtype=np.float64)
+    one = n_out == 1  # pytorch_half_pixel and align_corners map a length-1 output to 0
+    src = {"half_pixel": (dst + 0.5) / scale - 0.5,
+           "pytorch_half_pixel": 0 * dst if one else (dst + 0.5) / scale - 0.5,
+           "align_corners": 0 * dst if one else dst * (n_in - 1) / max(n_out - 1, 1),
+           "asymmetric": dst / scale}.get(ctm)
+    if src is None or rounding not in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"):
+        return frozenset()
+    idx = {"round_prefer_floor": np.ceil(src - 0.5), "round_prefer_ceil": np.floor(src + 0.5),
+           "floor": np.floor(src), "ceil": np.ceil(src)}[rounding].clip(0, n_in - 1)
+    ramp = torch.arange(n_in, dtype=torch.float32).reshape(1, 1, n_in)
+    kw = {"scale_factor": scale, "recompute_scale_factor": False} if by_scale else {"size": n_out}
+    return frozenset(m for m in ("nearest", "nearest-exact")
+                     if np.array_equal(F.interpolate(ramp, mode=m, **kw).reshape(-1).numpy(), idx))

@@ -60,7 +60,8 @@ def pytorch_layer(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, threads: int, 
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
+    if threads > 0:  # 0: torch's default, as onnxruntime's intra_op_num_threads = 0
+        torch.set_num_threads(threads)
     pt, pl, pb, pr = spec.padding
     xt, wt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(w))
 
@@ -93,7 +94,8 @@ def pytorch_model(onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
 
     from .onnx_torch import OnnxTorch
 
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     m = OnnxTorch(onnx_path)
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     return m(xt).numpy(), _median_ms(lambda: m(xt), repeat, 0.5)
@@ -102,8 +104,29 @@ def pytorch_model(onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
 MODEL_PEERS = {"onnxruntime": onnxruntime_model, "pytorch": pytorch_model}
 
 
+class PeerError(RuntimeError):
+    """A peer could not run a model or a layer: it refused it, raised, or its process died.
+    str() is the reason, one line; callers show the peer as skipped."""
+
+
+def _failure(returncode: int, stderr: str, limit: int = 300) -> str:
+    """Why a child process failed, in one line: the signal that killed it, else the last line of
+    its stderr (a traceback's, the exception), at most ``limit`` characters."""
+    import signal
+
+    if returncode < 0:
+        try:
+            return f"crashed: {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"crashed: signal {-returncode}"
+    lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+    why = lines[-1] if lines else f"exited with code {returncode}"
+    return why if len(why) <= limit else why[:limit - 3] + "..."
+
+
 def _child(arrays: dict, meta: dict):
-    """Run ``python -m tvm_sparseconv.peers`` on saved inputs; returns (output, ms)."""
+    """Run ``python -m tvm_sparseconv.peers`` on saved inputs; returns (output, ms). A child that
+    fails or dies raises PeerError."""
     import json
     import subprocess
     import sys
@@ -116,12 +139,13 @@ def _child(arrays: dict, meta: dict):
             json.dump(meta, f)
         proc = subprocess.run([sys.executable, "-m", "tvm_sparseconv.peers", d], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{meta['peer']} failed: {proc.stderr.strip()[-2000:]}")
+            raise PeerError(_failure(proc.returncode, proc.stderr))
         return np.load(f"{d}/y.npy"), float(open(f"{d}/ms.txt").read())
 
 
 def run_peer(peer: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, threads: int, repeat: int = 7):
-    """(output, median ms) of ``peer`` on one layer, measured in a child process.
+    """(output, median ms) of ``peer`` on one layer, measured in a child process; PeerError when
+    the peer cannot run it.
 
     TVM's thread pool and the peers' OpenMP pools both spin-wait; sharing one process on a
     2-core machine slows whichever runs second by 10x or more, so each peer gets its own.
@@ -133,7 +157,8 @@ def run_peer(peer: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, threads:
 
 
 def run_model_peer(peer: str, onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
-    """(output, median ms) of ``peer`` on a whole ONNX model, in a child process."""
+    """(output, median ms) of ``peer`` on a whole ONNX model, in a child process; PeerError when
+    the peer cannot run it (the PyTorch peer refuses ops it does not have, onnx_torch)."""
     if peer not in MODEL_PEERS:
         raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(MODEL_PEERS)}")
     return _child({"x": x}, {"kind": "model", "peer": peer, "onnx": onnx_path, "threads": threads,

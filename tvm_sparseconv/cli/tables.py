@@ -10,6 +10,8 @@ import os
 
 from ..cpu import CPU
 
+PEERS = ("onnxruntime", "pytorch")  # the rows of a ``layer`` report that are not our algorithms
+
 
 def fmt(v, nd=2) -> str:
     if v is None:
@@ -47,14 +49,14 @@ def print_layer_table(report: dict) -> None:
             ("cr_vs_im2col", "CR/im2col", 2), ("cr_vs_mec", "CR/MEC", 2)]
     rows = [[h for _, h, _ in cols]]
     for r in report["results"]:
-        if r.get("error"):
-            rows.append([r["algorithm"], f"unsupported: {r['error']}"] + [""] * (len(cols) - 2))
-            continue
-        rows.append([fmt(r[k], nd) if k != "algorithm" else r[k] for k, _, nd in cols])
-    widths = [max(len(row[i]) for row in rows if len(row) > i and not row[1].startswith("unsupported"))
-              for i in range(len(cols))]
+        if r.get("error"):  # a one-line reason instead of the numbers
+            why = "skipped" if r["algorithm"] in PEERS else "unsupported"
+            rows.append([r["algorithm"], f"{why}: {r['error']}"])
+        else:
+            rows.append([fmt(r[k], nd) if k != "algorithm" else r[k] for k, _, nd in cols])
+    widths = [max(len(row[i]) for row in rows if len(row) == len(cols)) for i in range(len(cols))]
     for row in rows:
-        if row[1].startswith("unsupported"):
+        if len(row) < len(cols):
             print(f"{row[0]:<{widths[0]}}  {row[1]}")
         else:
             print("  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(row, widths))))
@@ -124,6 +126,9 @@ def print_bench_table(res: dict, repeat: int) -> None:
     print(f"cpu {cpu_line(res['cpu'])}")
     print(f"{'':32} {'median ms':>10} {'plan speed-up':>14}{'  (min-max)' if spread else ''} {'max err':>9}  layers")
     for r in res["rows"]:
+        if r.get("skipped"):  # a peer that could not run the model
+            print(f"{r['name']:32} skipped: {r['skipped']}")
+            continue
         lo, hi = r["plan_speedup_range"]
         print(f"{r['name']:32} {r['ms']:10.2f} {r['plan_speedup']:13.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if spread else "")
               + f" {fmt(r['max_abs_error'], 6):>9}  {r['layers']}")
@@ -259,9 +264,6 @@ def _bench_section(saved: list[tuple[str, dict]]) -> list[str]:
     out = ["### End to end (`bench`)", "",
            markdown_table(header, rows, set(range(2, len(header)))), ""]
     return out + _commands(saved, lambda d: d.get("model"))
-
-
-PEERS = ("onnxruntime", "pytorch")
 
 
 def _layer_section(saved: list[tuple[str, dict]]) -> list[str]:
