@@ -33,6 +33,7 @@ def check_all_densities(spec, knobs=None, seed=0):
     return layer
 
 
+@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
 @pytest.mark.parametrize("knobs", KNOB_SETS, ids=["defaults", "tails-cblock-rowouter", "odd-tiles-padcopy-rowband"])
 def test_grid_all_densities(grid_case, knobs):
     check_all_densities(grid_case, knobs)

@@ -176,6 +176,7 @@ def test_pixcsr_transposed_tiles(shape, wshape, stride, padding, knobs):
 HYBRID_TILE_KNOBS = ({}, {"block": 3}, {"dense_from": 2})  # added to the first three TILE_CASES
 
 
+@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
 @pytest.mark.parametrize("shape,wshape,stride,padding,knobs",
                          [(*case[:4], {**case[4], **extra}) for case, extra in zip(TILE_CASES, HYBRID_TILE_KNOBS)],
                          ids=TILE_IDS[:3])
