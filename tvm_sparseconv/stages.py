@@ -116,7 +116,6 @@ def apply_database(mod: tvm.IRModule, database, target) -> tvm.IRModule:
         if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "op_pattern" in f.attrs \
                 and "tirx.is_scheduled" not in f.attrs:
             bare = _bare(f)
-            symbol = bare.attrs.get("global_symbol")
             sch = _scheduled(bare.without_attr("global_symbol"), db, target)
             if sch is not None:
                 keep = {k: f.attrs[k] for k in (LAYERS_ATTR, ALGORITHM_ATTR, "global_symbol") if k in f.attrs}

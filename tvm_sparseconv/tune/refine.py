@@ -92,7 +92,7 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     if rounds < 1 or runs < 1:
         raise ValueError(f"rounds and runs must be >= 1, got {rounds} and {runs}")
     target = make_target(target)
-    applied = {k: a for k, a in ((l.key, l.algorithm) for l in plan.layers)}
+    applied = {l.key: l.algorithm for l in plan.layers}  # what the plan asks for, before any build
     if not dense_splits(model, plan, applied, target):  # nothing to compile for
         return plan, {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
     xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))
