@@ -7,7 +7,9 @@ import socket
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.cpu import cpu_of
@@ -88,3 +90,41 @@ def free_port() -> int:
 @pytest.fixture(params=GRID, ids=grid_id)
 def grid_case(request):
     return grid_spec(request.param)
+
+
+def small_onnx(path):
+    """x (1, 4, 9, 9) -> conv 3x3 + bias -> relu -> conv 1x1 -> relu."""
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(rng.standard_normal(s).astype("float32"), n)
+            for n, s in (("w1", (8, 4, 3, 3)), ("b1", (8,)), ("w2", (8, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c2"], ["y"])]
+    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 9, 9])], init)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """ResNet-50 (open_nsfw) cut after its 3rd conv's ReLU: stem 7x7/2, 1x1, 3x3 at 56x56."""
+    from tvm_sparseconv.frontend import load_model, static_onnx
+    from tvm_sparseconv.images import load_inputs
+    from tvm_sparseconv.models import known_preprocess, model_path
+
+    d = tmp_path_factory.mktemp("small")
+    p, inp, _ = static_onnx(model_path("resnet50-nsfw"), out_dir=str(d))
+    g = onnx.load(p)
+    convs = [n for n in g.graph.node if n.op_type == "Conv"]
+    relu = next(n for n in g.graph.node if n.op_type == "Relu" and
+                any(convs[2].output[0] in m.input for m in g.graph.node if m.output[0] == n.input[0]) or
+                (n.op_type == "Relu" and n.input[0] == convs[2].output[0]))
+    out = str(d / "r50_first3.onnx")
+    onnx.utils.extract_model(p, out, [inp], [relu.output[0]])
+    m = load_model(out)
+    xs = load_inputs(m, ["skimage:astronaut"], preprocess=known_preprocess("resnet50-nsfw"))
+    return out, m, xs

@@ -9,15 +9,15 @@ import shlex
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from tvm_sparseconv.algorithms import ALGORITHMS, SPARSE, get_algorithm
 from tvm_sparseconv.cli import main
 from tvm_sparseconv.cli.commands import REPRESENTATIVE_LAYER
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.cpu import CPU, cpu_of
+
+from conftest import small_onnx
 
 
 def cells(line: str) -> list[str]:
@@ -45,23 +45,6 @@ def test_algorithms_markdown_is_the_registry(capsys):
         assert r[5] == (", ".join(f"`{k}`" for k in knobs) or "-")
         doc = " ".join(inspect.getdoc(sys.modules[type(a).__module__]).split())
         assert r[6] and (doc.startswith(r[6]) or doc.startswith(f"{a.name}: {r[6]}"))  # its first sentence
-
-
-def small_onnx(path):
-    """x (1, 4, 9, 9) -> conv 3x3 + bias -> relu -> conv 1x1 -> relu."""
-    rng = np.random.default_rng(0)
-    init = [numpy_helper.from_array(rng.standard_normal(s).astype("float32"), n)
-            for n, s in (("w1", (8, 4, 3, 3)), ("b1", (8,)), ("w2", (8, 8, 1, 1)))]
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1]),
-             helper.make_node("Relu", ["c2"], ["y"])]
-    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 9, 9])], init)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

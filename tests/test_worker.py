@@ -4,6 +4,7 @@ measure candidates through it.
 The jobs below are module-level functions of this test module: the spawned child imports it by
 name, finding it because "spawn" gives the child this process's sys.path (tests/ is on it).
 """
+import importlib
 import json
 import os
 import time
@@ -158,3 +159,103 @@ def test_tuner_records_a_crashed_candidate_and_goes_on(tmp_path):
     t.measure([wl])
     ok = [r for r in t.trials.records if r["algorithm"] == "pixcsr"]
     assert ok and all(r["time_ms"] > 0 and r["max_abs_error"] < 1e-4 for r in ok)
+
+
+# -- whole-model builds: the compile and profile commands --------------------------------------
+
+COMPILE = importlib.import_module("tvm_sparseconv.compile")  # the package's `compile` is the function
+
+def abort_in_codegen(model, plan, target, database, path):
+    """compile._compile_to with tvm.compile replaced, in this child (which then dies), by LLVM's
+    fatal error in the function of layer conv001, as LLVM reports one ("In function: ...")."""
+    import tvm
+
+    from tvm_sparseconv.stages import kernel_table
+
+    def fatal(mod, target=None, **kwargs):
+        name = next(n for n, (layers, _) in kernel_table(mod).items() if "conv001" in layers)
+        abort_like_llvm(f"Cannot select: t7: v16f32 = X86ISD::VPERMV3 t2, t4, t6\nIn function: {name}_compute_")
+
+    tvm.compile = fatal
+    return COMPILE._compile_to(model, plan, target, database, path)
+
+
+def abort_at_once(*args):
+    abort_like_llvm("Cannot select: test")
+
+
+def run_main(args, capsys) -> tuple[int, list[str]]:
+    from tvm_sparseconv.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().err.splitlines()
+
+
+def test_compile_command_survives_an_llvm_abort_and_names_the_layer(tmp_path, monkeypatch, capsys):
+    from conftest import small_onnx
+
+    model = small_onnx(tmp_path / "small.onnx")
+    monkeypatch.setattr(COMPILE, "_compile_to", abort_in_codegen)
+    out = tmp_path / "out" / "model.so"
+    code, err = run_main(["compile", model, "--algorithm", "dense", "-o", str(out)], capsys)
+    assert code == 1
+    first = next(i for i, l in enumerate(err) if l.startswith("tvm-sparseconv: error:"))
+    assert err[first] == ("tvm-sparseconv: error: building layer conv001 (dense): worker killed by SIGABRT: "
+                          "LLVM ERROR: Cannot select: t7: v16f32 = X86ISD::VPERMV3 t2, t4, t6")
+    tail = err[first + 1:]
+    assert tail[0] == "the worker's last lines on stderr:"
+    assert tail[1].startswith("  LLVM ERROR: Cannot select: t7") and tail[2].startswith("  In function: dense_")
+    assert tail[2].endswith("_compute_") and tail[3] == "  PLEASE submit a bug report"
+    assert not any("Traceback" in l for l in err)
+    assert os.listdir(out.parent) == []  # neither a library nor the build's temp folder
+
+
+def test_profile_command_survives_an_llvm_abort(tmp_path, monkeypatch, capsys):
+    from conftest import small_onnx
+
+    model = small_onnx(tmp_path / "small.onnx")
+    np.save(tmp_path / "x.npy", np.ones((1, 4, 9, 9), np.float32))
+    monkeypatch.setattr(COMPILE, "_compile_to", abort_at_once)
+    code, err = run_main(["profile", model, "--inputs", str(tmp_path / "x.npy")], capsys)
+    assert code == 1
+    # no kernel table yet: what is known is the plan's algorithm (profile builds the model dense)
+    assert "tvm-sparseconv: error: building the model (dense): worker killed by SIGABRT: " \
+           "LLVM ERROR: Cannot select: test" in err
+    tail = err[err.index("the worker's last lines on stderr:") + 1:]
+    # from LLVM's message on, then the Python stack faulthandler dumped at the abort
+    assert tail[:3] == ["  LLVM ERROR: Cannot select: test", "  PLEASE submit a bug report",
+                        "  Fatal Python error: Aborted"]
+    assert any("abort_at_once" in l for l in tail)
+
+
+def test_compile_command_writes_a_library_that_runs_alone(tmp_path, capsys):
+    """The library `compile` exported from its worker, run in a fresh process with its sidecar,
+    against the same plan compiled in this process and against onnxruntime."""
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from conftest import small_onnx
+    from tvm_sparseconv.compile import compile as tvms_compile
+
+    model = small_onnx(tmp_path / "small.onnx")
+    x = activation(Conv2DSpec.from_shapes((1, 4, 9, 9), (8, 4, 3, 3), 1, 1), 0.5)
+    np.save(tmp_path / "x.npy", x)
+    lib = tmp_path / "out" / "model.so"
+    code, _ = run_main(["compile", model, "--algorithm", "halo", "-o", str(lib)], capsys)
+    assert code == 0
+    assert sorted(os.listdir(lib.parent)) == ["model.so", "model.so.json"]
+    assert json.loads((tmp_path / "out" / "model.so.json").read_text())["layers"] == \
+        {"conv000": "halo", "conv001": "halo"}
+    run = ("import sys, numpy as np; from tvm_sparseconv.runner import load; "
+           "np.save(sys.argv[3], load(sys.argv[1])(np.load(sys.argv[2])))")
+    subprocess.run([sys.executable, "-c", run, str(lib), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                   check=True)
+    y = np.load(tmp_path / "y.npy")
+    here = relax.VirtualMachine(tvms_compile(model, algorithm="halo"), tvm.cpu())["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose(y, here.numpy(), rtol=1e-6, atol=1e-6)
+    ref = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)

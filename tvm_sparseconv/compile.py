@@ -13,6 +13,11 @@ can write ``tvm.compile(mod, target, relax_pipeline=pipeline(plan))``.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import tvm
@@ -25,6 +30,7 @@ from .passes.parallelize_rest import ParallelizeRest
 from .plan import Plan
 from .stages import apply_database, kernel_table, open_database
 from .target import make_target
+from .worker import Cached, CandidateCrash, shared_worker
 
 
 def resolve_plan(model: Model, plan=None, algorithm: str | None = None, target=None) -> Plan:
@@ -118,28 +124,73 @@ def build(model: Model, plan: Plan, target, database=None) -> Build:
 
 def _compile_to(model: Model, plan: dict, target: str, database, path: str) -> tuple[dict, dict]:
     """Worker job: build ``model`` with ``plan``, export the library to ``path``; returns
-    (applied, kernels)."""
-    b = build(model, Plan.from_dict(plan), target, database)
-    b.module.export_library(path)
-    return b.applied, b.kernels
+    (applied, kernels). The kernel table goes to ``path + ".kernels.json"`` before tvm.compile
+    runs, so that a compiler crash can be traced to the layers of the function it names."""
+    target = make_target(target)
+    mod, applied = lower(model, Plan.from_dict(plan), target, database)
+    kernels = kernel_table(mod)
+    with open(path + ".kernels.json", "w") as f:
+        json.dump(kernels, f)
+    tvm.compile(mod, target=target).export_library(path)
+    return applied, kernels
 
 
-def build_isolated(model: Model, plan: Plan, target, database=None, worker=None) -> Build:
-    """``build``, run in a worker process (worker.py): an LLVM error in one build of a long
-    ``bench`` or ``refine`` becomes a CandidateCrash for that build, not the end of the process.
-    The library is exported and loaded back, as a user's would be."""
-    import os
-    import shutil
-    import tempfile
+def _crashed_in(tail: str, kernels: dict, plan: Plan) -> str:
+    """What a build that crashed the compiler was building, as far as its stderr ``tail`` and
+    the ``kernels`` table tell: "layer conv001 (dense)" when LLVM names one of our functions
+    ("In function: NAME", NAME or a name LLVM derived from it such as NAME_compute_), else
+    "the model (its algorithms)", and the function LLVM named if it is not ours."""
+    named = re.findall(r"In function: (\S+)", tail)
+    if named:
+        fn = named[-1]
+        ours = [k for k in kernels if fn == k or fn.startswith(k + "_")]
+        if ours:
+            layers, algorithm = kernels[max(ours, key=len)]
+            if layers:
+                return f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)} ({algorithm})"
+            return f"function {fn} ({algorithm})"
+    algorithms = sorted({l.algorithm for l in plan.layers})
+    where = f"the model ({', '.join(algorithms)})" if algorithms else "the model"
+    return where + (f", in function {named[-1]}" if named else "")
 
-    from .worker import Cached, shared_worker
 
-    d = tempfile.mkdtemp(prefix="tvms-build-")
+def compiler_crash(e: CandidateCrash, kernels_path: str, plan: Plan) -> CandidateCrash:
+    """The CandidateCrash ``e`` of a whole-model build, its message prefixed with what it was
+    building (_crashed_in; the kernel table _compile_to left at ``kernels_path``, if any)."""
     try:
-        path = os.path.join(d, "model.so")
-        applied, kernels = (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(),
-                                                             str(make_target(target)), database, path)
-        return Build(tvm.runtime.load_module(path), applied, kernels)
+        with open(kernels_path) as f:
+            kernels = json.load(f)
+    except (OSError, ValueError):  # the build died before lowering was done
+        kernels = {}
+    return CandidateCrash(f"building {_crashed_in(e.tail, kernels, plan)}: {e}", tail=e.tail)
+
+
+def build_isolated(model: Model, plan: Plan, target, database=None, worker=None, path: str | None = None,
+                   timeout: float | None = None) -> Build:
+    """``build``, run in a worker process (worker.py): an LLVM error in one build of a long
+    ``bench`` or ``refine``, or in the ``compile`` command, becomes a CandidateCrash naming what
+    it was building (compiler_crash), not the end of the process. The library is exported and
+    loaded back, as a user's would be.
+
+    ``path``: where the library is kept (written whole or not at all: exported beside it, then
+    renamed); None: a temp file, removed once loaded. ``timeout``: seconds (None: the worker's
+    default, 600; math.inf: none)."""
+    target = make_target(target)
+    if path is not None:
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    d = tempfile.mkdtemp(prefix=".tvms-build-", dir=os.path.dirname(path) if path else None)
+    try:
+        out = os.path.join(d, os.path.basename(path) if path else "model.so")
+        try:
+            applied, kernels = (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(),
+                                                                 str(target), database, out, timeout=timeout)
+        except CandidateCrash as e:
+            raise compiler_crash(e, out + ".kernels.json", plan) from None
+        if path is not None:
+            os.replace(out, path)
+            out = path
+        return Build(tvm.runtime.load_module(out), applied, kernels)
     finally:
         shutil.rmtree(d, ignore_errors=True)  # the loaded library stays mapped
 
@@ -152,6 +203,10 @@ def compile(model, target=None, plan=None, algorithm: str | None = None, databas
     layer that supports it ("dense", "cpo", ...; "direct" = TVM's own conv2d everywhere).
     The result runs with ``relax.VirtualMachine(ex, tvm.cpu())`` and exports with
     ``ex.export_library("model.so")``.
+
+    It compiles in this process, so a fatal LLVM error (an abort) ends the process. The
+    ``tvm-sparseconv compile`` and ``profile`` commands build in a worker process instead
+    (build_isolated), where such a crash is an error naming the layer or algorithm.
     """
     m = model if isinstance(model, Model) else load_model(model, input_shape)
     return build(m, resolve_plan(m, plan, algorithm, target), target, database).module

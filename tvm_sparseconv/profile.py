@@ -1,13 +1,17 @@
-"""Measure each conv layer's input sparsity on sample inputs, running the model in TVM."""
+"""Measure each conv layer's input sparsity on sample inputs, running the model in TVM.
+
+The probed model is compiled in a worker process (compile.build_isolated): a compiler crash
+is a CandidateCrash naming what it was building, not the end of the caller."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 
-from .compile import build, resolve_plan
+from .compile import build_isolated, resolve_plan
 from .frontend import Model
 from .passes.probe_conv_inputs import ProbeConvInputs
 from .target import make_target
@@ -43,7 +47,7 @@ def run_with_probes(model: Model, samples, target=None, algorithm: str = "dense"
     """Run the model on each sample; returns (outputs, per-layer lists of NCHW conv inputs)."""
     target = make_target(target)
     probed = dataclasses.replace(model, mod=ProbeConvInputs()(model.mod))
-    vm = build(probed, resolve_plan(model, None, algorithm, target), target).vm()
+    vm = build_isolated(probed, resolve_plan(model, None, algorithm, target), target, timeout=math.inf).vm()
     sites = model.sites
     outputs, acts = [], [[] for _ in sites]
     for x in samples:

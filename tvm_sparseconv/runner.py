@@ -28,12 +28,20 @@ def export(ex: tvm.runtime.Executable, path: str, model, preprocess: Preprocess 
     """Write the library and its sidecar."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ex.export_library(path)
+    write_sidecar(path, model, preprocess, labels, applied, target)
+
+
+def write_sidecar(path: str, model, preprocess: Preprocess | None, labels, applied: dict, target) -> None:
+    """The sidecar of the library at ``path``: input shape, layout, preprocessing, labels, and
+    ``applied`` ({layer key: algorithm})."""
     meta = {"format": SIDECAR_FORMAT, "version": 1, "source": model.source, "input_name": model.input_name,
             "input_shape": list(model.input_shape), "layout": model.layout,
             "preprocess": dataclasses.asdict(preprocess) if preprocess else None,
             "labels": list(labels) if labels else None, "target": str(target), "layers": applied}
-    with open(sidecar_path(path), "w") as f:
+    tmp = sidecar_path(path) + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
+    os.replace(tmp, sidecar_path(path))
 
 
 @dataclasses.dataclass

@@ -13,7 +13,10 @@ arguments (targets as JSON strings, arrays as NumPy arrays); :meth:`Worker.call`
 result, and an exception the job raises is raised again in the caller, the child kept. When
 the child dies (abort, segfault) or a job overruns its timeout, the call raises
 :class:`CandidateCrash`, one line naming the signal and the child's last error line on stderr
-(which goes to a temp file for that), and the next job starts a fresh child.
+(which goes to a temp file for that; the exception's ``tail`` holds its last lines), and the
+next job starts a fresh child. On Linux the child dies with the thread that started it (the
+first job's caller; the main thread in this package), so that a tune killed outright leaves no
+child compiling on.
 
 Environment: ``TVMS_IN_PROCESS=1`` runs jobs in the calling process instead (debugging,
 profilers); ``TVMS_CANDIDATE_TIMEOUT`` is the default per-job timeout in seconds (600).
@@ -41,7 +44,12 @@ _ERROR_LINE = re.compile(r"(?i)error\b")
 
 class CandidateCrash(RuntimeError):
     """The child process died or hung running a job (the message is one line); the job's
-    candidate failed, the caller goes on and the next job gets a fresh child."""
+    candidate failed, the caller goes on and the next job gets a fresh child. ``tail``: the
+    last lines the child wrote to stderr ("" when there were none)."""
+
+    def __init__(self, message: str, tail: str = ""):
+        super().__init__(message)
+        self.tail = tail
 
 
 class Cached:
@@ -130,7 +138,8 @@ class Worker:
         os.close(fd)
         self._conn, child = ctx.Pipe()
         # daemon: multiprocessing's own exit hook terminates it should ours not have run
-        self._proc = ctx.Process(target=_serve, args=(child, self._log), name="tvms-worker", daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, self._log, os.getpid()), name="tvms-worker",
+                                 daemon=True)
         self._proc.start()
         child.close()
         try:
@@ -174,7 +183,7 @@ class Worker:
         else:
             how = f"worker exited with code {code}"
         line = last_error_line(tail)
-        return CandidateCrash(f"{how}: {line}" if line else how)
+        return CandidateCrash(f"{how}: {line}" if line else how, tail=last_lines(tail))
 
     def _stderr_tail(self, size: int = 65536) -> str:
         try:
@@ -223,6 +232,15 @@ def last_error_line(text: str, width: int = 300) -> str:
     return ""
 
 
+def last_lines(text: str, n: int = 25, width: int = 300) -> str:
+    """Up to ``n`` non-empty lines of a crashed child's stderr, each cut at ``width`` characters:
+    from the last ``LLVM ERROR`` line on (its message, the function it names, then LLVM's and
+    Python's stack dumps, which would crowd it out of a plain tail), else the last ``n``."""
+    lines = [l.rstrip()[:width] for l in text.splitlines() if l.strip()]
+    llvm = [i for i, l in enumerate(lines) if "LLVM ERROR" in l]
+    return "\n".join(lines[llvm[-1]:llvm[-1] + n] if llvm else lines[-n:])
+
+
 def _plain(a):
     return a.value if isinstance(a, Cached) else a
 
@@ -238,9 +256,25 @@ def _remote_error(blob, kind: str, text: str, tb: str) -> BaseException:
     return e
 
 
-def _serve(conn, log_path: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this child when the thread that started it ends, so a parent
+    killed outright (SIGKILL, the OOM killer) leaves no child compiling on. Without prctl the
+    child still ends, once its job is done, at the closed pipe."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _serve(conn, log_path: str, parent: int) -> None:
     """The child: stderr to ``log_path`` (C code's too: LLVM writes its fatal errors to fd 2),
     then one job per message until an empty message or the parent's end of the pipe."""
+    _die_with_parent(parent)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 2)
     os.close(fd)

@@ -13,11 +13,13 @@ from .parser import build_parser
 
 
 def main(argv=None) -> int:
-    """Run the command in ``argv`` (default: sys.argv[1:]); 0, 2 on a usage or input error, 130
-    when interrupted."""
+    """Run the command in ``argv`` (default: sys.argv[1:]); 0, 2 on a usage or input error, 1
+    when a build crashed its worker process (an LLVM abort: one error line naming what it was
+    building, then the worker's last stderr lines), 130 when interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from ..conv import ConvSpecError, UnsupportedConvError
+    from ..worker import CandidateCrash
     from .commands import run
 
     try:
@@ -26,6 +28,12 @@ def main(argv=None) -> int:
         # ModelError, PlanError, ImageError and KnobError are ValueErrors too
         print(f"tvm-sparseconv: error: {e}", file=sys.stderr)
         return 2
+    except CandidateCrash as e:
+        print(f"tvm-sparseconv: error: {e}", file=sys.stderr)
+        if e.tail:
+            print("the worker's last lines on stderr:\n" + "\n".join("  " + l for l in e.tail.splitlines()),
+                  file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tvm-sparseconv: interrupted", file=sys.stderr)
         return 130

@@ -140,16 +140,19 @@ def cmd_profile(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from ..compile import build
-    from ..runner import export
+    import math
+
+    from ..compile import build_isolated
+    from ..runner import write_sidecar
     from ..target import make_target
 
     model, pre, labels = _load_model(args)
     plan = _plan_for(args, model)
     target = make_target(args.target)
     _log(f"compiling {args.model} for {target} ...")
-    b = build(model, plan, target, args.database)
-    export(b.module, args.output, model, _preprocess(args, pre), labels, b.applied, target)
+    # in the worker: a compiler crash is an error naming the layer, not the end of this process
+    b = build_isolated(model, plan, target, args.database, path=args.output, timeout=math.inf)
+    write_sidecar(args.output, model, _preprocess(args, pre), labels, b.applied, target)
     tables.print_compiled(args.output, b.counts())
     return 0
 
@@ -220,12 +223,11 @@ def cmd_tune(args) -> int:
         rpc = (host, int(port), args.rpc_key)
     algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
     cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
-                     rpc=rpc, cache=args.cache, refine=not args.no_refine,
+                     rpc=rpc, cache=args.cache, refine=not args.no_refine, refine_rounds=args.refine_rounds,
                      **({"algorithms": algorithms} if algorithms else {}))
     _log(f"tuning {args.model} into {run_dir}")
-    tuner = Tuner(model, samples, run_dir, args.target, cfg, model_name=args.model, log=_log)
     try:
-        plan = tuner.run()
+        plan = Tuner(model, samples, run_dir, args.target, cfg, model_name=args.model, log=_log).run()
     except KeyboardInterrupt:
         _log(f"interrupted: finished measurements are in {run_dir}; continue with --resume {run_dir}")
         return 130
