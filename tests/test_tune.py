@@ -4,7 +4,6 @@ import os
 import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tvm
@@ -13,9 +12,6 @@ from tvm import relax
 from tvm_sparseconv.algorithms import get_algorithm
 from tvm_sparseconv.compile import compile as tvms_compile
 from tvm_sparseconv.conv import Conv2DSpec
-from tvm_sparseconv.frontend import load_model, static_onnx
-from tvm_sparseconv.images import load_inputs
-from tvm_sparseconv.models import known_preprocess, model_path
 from tvm_sparseconv.plan import Plan
 from tvm_sparseconv.tune.log import TuningLog, TuningLogError
 from tvm_sparseconv.tune.report import write_report
@@ -24,23 +20,6 @@ from tvm_sparseconv.tune.tuner import TuneConfig, Tuner, settled
 from conftest import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    """ResNet-50 (open_nsfw) cut after its 3rd conv's ReLU: stem 7x7/2, 1x1, 3x3 at 56x56."""
-    d = tmp_path_factory.mktemp("small")
-    p, inp, _ = static_onnx(model_path("resnet50-nsfw"), out_dir=str(d))
-    g = onnx.load(p)
-    convs = [n for n in g.graph.node if n.op_type == "Conv"]
-    relu = next(n for n in g.graph.node if n.op_type == "Relu" and
-                any(convs[2].output[0] in m.input for m in g.graph.node if m.output[0] == n.input[0]) or
-                (n.op_type == "Relu" and n.input[0] == convs[2].output[0]))
-    out = str(d / "r50_first3.onnx")
-    onnx.utils.extract_model(p, out, [inp], [relu.output[0]])
-    m = load_model(out)
-    xs = load_inputs(m, ["skimage:astronaut"], preprocess=known_preprocess("resnet50-nsfw"))
-    return out, m, xs
 
 
 def run_tuner(m, xs, run_dir, log=lambda s: None, **cfg):
@@ -99,7 +78,9 @@ def test_resume_repeats_no_finished_measurement(small_model, tmp_path):
         f.write('{"workload": "x", "algo')
     said = []
     t2, p2 = run_tuner(m, xs, tmp_path / "run", log=said.append, refine=True, **cfg)
-    assert len(t2.trials.records) == n1  # nothing measured again, the cut line dropped
+    assert len(t2.trials.records) == n1  # nothing measured again, the cut line dropped, with a warning
+    assert any(s.endswith("trials.jsonl: its last line was cut short by an interrupt; dropped (23 bytes)")
+               for s in said)
     assert any("reusing refine.json" in s for s in said) and p2.to_dict() == p1.to_dict()  # nor refined again
     assert "## Refine" in (tmp_path / "run" / "report.md").read_text()
     (tmp_path / "run" / "refine.json").write_text('{"builds": [')  # cut short

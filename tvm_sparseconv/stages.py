@@ -82,12 +82,16 @@ def kernel_table(mod: tvm.IRModule) -> dict[str, tuple[tuple[str, ...], str]]:
 
 
 # -- MetaSchedule's database --------------------------------------------------------------------
+# the two JSON-lines files of a MetaSchedule JSON database (its work dir): workloads, then records
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
 def open_database(database) -> ms.database.Database:
     """A MetaSchedule database, or a work dir holding database_{workload,tuning_record}.json."""
     if isinstance(database, ms.database.Database):
         return database
     path = os.fspath(database)
-    files = [os.path.join(path, f) for f in ("database_workload.json", "database_tuning_record.json")]
+    files = [os.path.join(path, f) for f in DATABASE_FILES]
     if not os.path.isdir(path) or not all(os.path.isfile(f) for f in files):
         raise FileNotFoundError(f"{path} is not a MetaSchedule JSON database (needs "
                                 f"{', '.join(map(os.path.basename, files))})")

@@ -123,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "argument flushed); over RPC fresh falls back to cold")
     tun.add_argument("--no-refine", action="store_true", help="skip the last phase, which compiles the model "
                      "with each thread split of the dense layers and keeps the fastest end to end (`refine`)")
+    tun.add_argument("--refine-rounds", type=int, default=7,
+                     help="refine's interleaved end-to-end rounds (default %(default)s)")
     tun.add_argument("--algorithms", default="all")
     tun.add_argument("--out", default="tuning_logs", help="parent folder of the run folder (default %(default)s)")
-    tun.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    tun.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted or killed run: "
+                     "it repeats no finished profile, measurement, MetaSchedule trial or refine build")
     tun.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on RPC servers")
     tun.add_argument("--rpc-key", default=None)
 

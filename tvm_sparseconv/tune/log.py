@@ -5,7 +5,12 @@ Line 1 is a header naming the format, version, model, target and cache ("fresh",
 measured candidate: {"workload", "algorithm", "knobs", "time_ms", "encode_ms",
 "multiply_ms", "max_abs_error", "error"} or a phase marker {"done": "<phase>"}. A crash
 or Ctrl-C loses at most the measurement under way; ``--resume`` reads the log back and
-repeats nothing it holds. A log of another format, model, target or cache is refused.
+repeats nothing it holds (a last line cut short by a kill is dropped, with a warning). A log
+of another format, model, target or cache is refused.
+
+The other files of a run folder are written whole or not at all (``write_atomically``), and
+the JSON-lines files that others append to (MetaSchedule's database) are mended the same way
+on resume (``drop_torn_tail``).
 """
 from __future__ import annotations
 
@@ -24,9 +29,45 @@ def knob_key(knobs: dict) -> str:
     return json.dumps(knobs, sort_keys=True)
 
 
+def write_atomically(path: str, write, binary: bool = False) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, then rename it to ``path``: a kill
+    leaves the old file or the new one, never a part (at worst a stray temp file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb" if binary else "w") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def drop_torn_tail(path: str, warn=lambda s: None) -> None:
+    """A JSON-lines file whose last line a kill cut short: that line is dropped (the file
+    rewritten atomically) and ``warn`` told; a whole last line that lacks its newline gets one.
+    Lines before the last are the reader's to check."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    head, _, last = data.rstrip(b"\n").rpartition(b"\n")
+    if not last.strip():
+        return
+    try:
+        json.loads(last)
+        if data.endswith(b"\n"):
+            return
+        keep = data + b"\n"
+    except (ValueError, UnicodeDecodeError):
+        warn(f"{path}: its last line was cut short by an interrupt; dropped ({len(last)} bytes)")
+        keep = head + b"\n" if head else b""
+    write_atomically(path, lambda f: f.write(keep), binary=True)
+
+
 class TuningLog:
-    def __init__(self, path: str, header: dict):
+    """The log at ``path`` (read back if it exists); ``warn`` hears of a dropped torn line."""
+
+    def __init__(self, path: str, header: dict, warn=lambda s: None):
         self.path = path
+        self.warn = warn
         self.header = {"format": LOG_FORMAT, "version": LOG_VERSION, **header}
         self.records: list[dict] = []
         self.done_phases: set[str] = set()
@@ -34,8 +75,7 @@ class TuningLog:
             self._read()
         else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(json.dumps(self.header) + "\n")
+            write_atomically(path, lambda f: f.write(json.dumps(self.header) + "\n"))
 
     @classmethod
     def read(cls, path: str) -> "TuningLog":
@@ -52,6 +92,7 @@ class TuningLog:
         return cls(path, {k: v for k, v in head.items() if k not in ("format", "version")})
 
     def _read(self) -> None:
+        drop_torn_tail(self.path, self.warn)
         with open(self.path) as f:
             lines = f.read().split("\n")
         try:
@@ -72,9 +113,6 @@ class TuningLog:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                if i == len(body) - 1:  # a line cut short by a crash: drop it, it is re-measured
-                    self._rewrite(body[:-1])
-                    break
                 raise TuningLogError(f"{self.path}: line {i + 2} is corrupt ({e})") from e
             if "done" in rec:
                 self.done_phases.add(rec["done"])
@@ -82,12 +120,6 @@ class TuningLog:
                 raise TuningLogError(f"{self.path}: line {i + 2} is not a measurement record")
             else:
                 self.records.append(rec)
-
-    def _rewrite(self, body: list[str]) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self.header) + "\n" + "".join(l + "\n" for l in body))
-        os.replace(tmp, self.path)
 
     def append(self, rec: dict) -> None:
         with open(self.path, "a") as f:

@@ -16,7 +16,8 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from ..algorithms.base import Stage
-from ..stages import stage_func
+from ..stages import DATABASE_FILES, stage_func
+from .log import drop_torn_tail
 
 
 @contextlib.contextmanager
@@ -56,3 +57,17 @@ def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, see
             cost_model=ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                               adaptive_training=True),
             database="json", num_tuning_cores=int(target.attrs.get("num-cores", 1)), seed=seed)
+
+
+def database_trials(work_dir: str, warn=lambda s: None) -> int:
+    """How many trials the JSON database in ``work_dir`` holds (one tuning record each; 0 if
+    there is none), once a last line a kill cut short is dropped from either file (``warn``
+    says so): MetaSchedule appends a line per workload and per measured trial, and would not
+    read a torn one back."""
+    for name in DATABASE_FILES:
+        drop_torn_tail(os.path.join(work_dir, name), warn)
+    path = os.path.join(work_dir, DATABASE_FILES[1])
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())

@@ -14,10 +14,22 @@ splits, so it is chosen with all of them compiled together:
    rounds. The build with the lowest median ratio to the plan per round replaces the plan if
    that ratio is below 1 - ``margin`` and it was faster in at least 2/3 of the rounds (on
    VGG-16 the per-round ratios of equal builds spread over 0.94-1.04).
+
+Given a file (``save_to``; the tuner's refine.json), each unit is kept there as it finishes,
+the file replaced whole each time: every build (its library in the folder beside the file,
+``refine-builds/`` for ``refine.json``, or the crash that left it out), each build's per-layer
+times in each lap, the mix's, and each end-to-end round. A kill loses at most the unit under
+way; a later call with the same plan, target, input and round counts goes on from the file,
+and a finished file holds the report (the libraries removed), which such a call returns.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import shutil
+import time
 
 import numpy as np
 import tvm
@@ -30,6 +42,9 @@ from ..measure import Progress, time_calls
 from ..plan import Plan
 from ..target import make_target
 from ..worker import CandidateCrash
+from .log import write_atomically
+
+LAPS = 3  # interleaved rounds of per-layer times
 
 
 def layer_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict[str, float]:
@@ -81,62 +96,174 @@ def dense_splits(model: Model, plan: Plan, applied: dict[str, str], target) -> d
             if l.algorithm == "dense" and applied.get(l.key) == "dense"}
 
 
+class Saved:
+    """refine's finished units in the file ``path`` (the module docstring), or in memory only
+    when ``path`` is None. ``key`` names what they were measured for; a file made for another
+    key, or unreadable, is started afresh (``log`` says why). ``report`` is a finished file's
+    report, else None; ``units`` the unfinished one's: {"builds": {name: record}, "laps": [{name:
+    {layer: ms}}] * LAPS, "mix_layer_ms": {layer: ms} or None, "round_ms": [{name: ms}]}."""
+
+    def __init__(self, path: str | None, key: dict, log):
+        self.path, self.key = path, key
+        self.dir = os.path.splitext(path)[0] + "-builds" if path else None
+        self.report = None
+        self.units = {"builds": {}, "laps": [{} for _ in range(LAPS)], "mix_layer_ms": None, "round_ms": []}
+        old = None
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f)
+            except ValueError as e:
+                log(f"refine: {path} is unreadable ({e}); refining from the start")
+            if isinstance(old, dict) and any(old.get(k) != v for k, v in key.items()):
+                log(f"refine: {path} was made for another plan, target, input or round count; refining from the start")
+                old = None
+        going_on = isinstance(old, dict) and isinstance(old.get("progress"), dict)
+        if going_on:
+            self.units.update(old["progress"])
+        elif isinstance(old, dict) and {"splits", "builds", "chosen"} <= set(old):
+            self.report = {k: v for k, v in old.items() if k not in key}
+        if self.dir and os.path.isdir(self.dir):
+            if not going_on:  # libraries of another plan, or of a finished refine
+                shutil.rmtree(self.dir, ignore_errors=True)
+            else:  # builds a kill cut short (compile.build_isolated's temp folders)
+                for d in os.listdir(self.dir):
+                    if d.startswith(".tvms-build-"):
+                        shutil.rmtree(os.path.join(self.dir, d), ignore_errors=True)
+
+    def save(self) -> None:
+        if self.path:
+            write_atomically(self.path, lambda f: json.dump({**self.key, "progress": self.units}, f, indent=1))
+
+    def library(self, name: str) -> str | None:
+        """Where the build ``name``'s library is kept (None in memory)."""
+        return os.path.join(self.dir, name.replace(" ", "_") + ".so") if self.dir else None
+
+    def build(self, name: str, splits: dict):
+        """(True, the Build or None if it crashed) of a build an earlier call finished with these
+        ``splits``; (False, None) if there is none."""
+        rec = self.units["builds"].get(name)
+        if rec is None or rec.get("splits") != splits:
+            return False, None
+        if "crash" in rec:
+            return True, None
+        lib = os.path.join(self.dir, rec["library"])
+        if not os.path.isfile(lib):
+            return False, None
+        kernels = {k: (tuple(v[0]), v[1]) for k, v in rec["kernels"].items()}
+        return True, Build(tvm.runtime.load_module(lib), rec["applied"], kernels)
+
+    def add_build(self, name: str, splits: dict, b: Build | None, compile_s: float, crash: str | None = None) -> None:
+        rec = {"splits": splits, "compile_s": round(compile_s, 3), "built_at": time.time()}
+        if b is None:
+            rec["crash"] = crash
+        else:
+            rec.update(library=os.path.basename(self.library(name)) if self.dir else None, applied=b.applied,
+                       kernels=b.kernels)
+        self.units["builds"][name] = rec
+        self.save()
+
+    def finish(self, report: dict) -> dict:
+        """Keep the report (each build's compile_s and built_at added) in place of the units."""
+        for b in report["builds"]:
+            rec = self.units["builds"].get(b["name"], {})
+            b.update({k: rec[k] for k in ("compile_s", "built_at") if k in rec})
+        self.report = report
+        if self.path:
+            write_atomically(self.path, lambda f: json.dump({**self.key, **report}, f, indent=1))
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return report
+
+
 def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7, runs: int = 20,
-                margin: float = 0.02, log=lambda s: None) -> tuple[Plan, dict]:
+                margin: float = 0.02, log=lambda s: None, save_to: str | None = None) -> tuple[Plan, dict]:
     """(the fastest of the plan and its split variants end to end, a report).
 
     ``x``: one real input (the model's input shape). Report: ``builds``, per build its name,
-    median ms end to end and {layer key: in-model ms}; ``chosen``, the winner's name;
-    ``splits``, its {layer key: split} of the dense layers; ``mix``, the per-layer fastest;
-    ``round_ms``, every round's end-to-end ms per build."""
+    median ms end to end, {layer key: in-model ms}, and its compile_s and built_at (time.time()
+    when its compile ended); ``chosen``, the winner's name; ``splits``, its {layer key: split}
+    of the dense layers; ``mix``, the per-layer fastest; ``round_ms``, every round's end-to-end
+    ms per build. ``save_to``: a file that keeps each unit as it finishes (module docstring)."""
     if rounds < 1 or runs < 1:
         raise ValueError(f"rounds and runs must be >= 1, got {rounds} and {runs}")
     target = make_target(target)
+    x = np.ascontiguousarray(x, np.float32)
+    saved = Saved(save_to, {"base": [[l.key, l.algorithm, l.knobs] for l in plan.layers], "target": str(target),
+                            "input": hashlib.sha1(x.tobytes()).hexdigest(), "rounds": rounds, "runs": runs}, log)
+    if saved.report is not None:
+        log(f"refine: done in an earlier run ({saved.report['chosen']}), reusing {os.path.basename(save_to)}")
+        return apply_report(plan, saved.report), saved.report
+    nothing = {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
     applied = {l.key: l.algorithm for l in plan.layers}  # what the plan asks for, before any build
     if not dense_splits(model, plan, applied, target):  # nothing to compile for
-        return plan, {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
-    xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))
+        return plan, saved.finish(nothing)
+    xt = tvm.runtime.tensor(x)
     p = Progress("refine", len(DENSE_SPLITS) + 4 + rounds)
-    builds = {"plan": build_isolated(model, plan, target)}  # a crash of the plan itself ends refine
-    p.step("compiled: plan")
+    builds = {}
+
+    def add(name: str, splits: dict) -> bool:
+        """Compile one build in the worker (or take an earlier call's); one that crashes LLVM is
+        left out, except the plan itself, whose crash ends refine."""
+        done, b = saved.build(name, splits)
+        if done:
+            p.step(f"reused: {name}" if b is not None else f"left out in an earlier run: {name}")
+        else:
+            t0 = time.monotonic()
+            try:
+                b = build_isolated(model, with_splits(plan, splits), target, path=saved.library(name))
+            except CandidateCrash as e:
+                if name == "plan":
+                    raise
+                saved.add_build(name, splits, None, time.monotonic() - t0, crash=str(e))
+                p.step(f"left out: {name} ({e})")
+                log(f"refine: the build {name!r} crashed and is left out: {e}")
+                return False
+            saved.add_build(name, splits, b, time.monotonic() - t0)
+            p.step(f"compiled: {name}")
+        if b is not None:
+            builds[name] = b
+        return b is not None
+
+    add("plan", {})
     original = dense_splits(model, plan, builds["plan"].applied, target)
     if not original:
-        return plan, {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
+        return plan, saved.finish(nothing)
     splits = {"plan": original, **{f"all {s}": {k: s for k in original} for s in DENSE_SPLITS}}
-
-    def add(name):
-        """Compile one build (in the worker); a build that crashes LLVM is left out."""
-        try:
-            builds[name] = build_isolated(model, with_splits(plan, splits[name]), target)
-        except CandidateCrash as e:
-            del splits[name]
-            p.step(f"left out: {name} ({e})")
-            log(f"refine: the build {name!r} crashed and is left out: {e}")
-            return
-        p.step(f"compiled: {name}")
-
     for name in list(splits)[1:]:
-        add(name)
-    # the per-layer times in interleaved rounds too: the machine's drift must not pick a split
-    laps = {name: [] for name in splits}
-    for _ in range(3):
+        if not add(name, splits[name]):
+            del splits[name]
+    # the per-layer times in interleaved laps too: the machine's drift must not pick a split
+    laps = saved.units["laps"]
+    for lap in laps:
         for name in splits:
-            laps[name].append(layer_ms(builds[name], xt, runs))
-    per_layer = {n: {k: float(np.median([lap[k] for lap in laps[n]])) for k in laps[n][0]} for n in splits}
+            if name not in lap:
+                lap[name] = layer_ms(builds[name], xt, runs)
+                saved.save()
+    per_layer = {n: {k: float(np.median([lap[n][k] for lap in laps])) for k in laps[0][n]} for n in splits}
     p.step("conv calls in the model: " + ", ".join(f"{n} {sum(v.values()):.2f} ms" for n, v in per_layer.items()))
     built = [s for s in DENSE_SPLITS if f"all {s}" in per_layer]
     if built:
         splits["mix"] = {k: min(built, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
-        add("mix")
+        if not add("mix", splits["mix"]):
+            del splits["mix"]
     if "mix" in splits:
-        per_layer["mix"] = layer_ms(builds["mix"], xt, runs)
+        if saved.units["mix_layer_ms"] is None:
+            saved.units["mix_layer_ms"] = layer_ms(builds["mix"], xt, runs)
+            saved.save()
+        per_layer["mix"] = saved.units["mix_layer_ms"]
         p.step("mix timed")
     names = list(splits)
+    done_rounds = saved.units["round_ms"]
     times = np.zeros((rounds, len(names)))
     for r in range(rounds):
-        for j, name in enumerate(names):
-            fe = builds[name].vm().time_evaluator("main", tvm.cpu(), number=1, repeat=10, min_repeat_ms=100)
-            times[r, j] = float(np.median(fe(xt).results)) * 1e3
+        if r == len(done_rounds):
+            row = {}
+            for name in names:
+                fe = builds[name].vm().time_evaluator("main", tvm.cpu(), number=1, repeat=10, min_repeat_ms=100)
+                row[name] = float(np.median(fe(xt).results)) * 1e3
+            done_rounds.append(row)
+            saved.save()
+        times[r] = [done_rounds[r][n] for n in names]
         p.step(f"round {r + 1}: " + ", ".join(f"{n} {t:.2f}" for n, t in zip(names, times[r])))
     med = np.median(times, axis=0)
     ratio = times / times[:, :1]  # per round against the plan: the machine's drift cancels
@@ -150,4 +277,4 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     report = {"builds": [{"name": n, "ms": float(m), "layer_ms": per_layer[n]} for n, m in zip(names, med)],
               "chosen": chosen, "splits": splits[chosen], "mix": splits.get("mix", {}),
               "round_ms": {n: times[:, j].tolist() for j, n in enumerate(names)}}
-    return apply_report(plan, report), report
+    return apply_report(plan, report), saved.finish(report)

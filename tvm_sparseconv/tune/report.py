@@ -87,6 +87,10 @@ def _refine_section(f, run_dir: str) -> None:
     try:
         with open(path) as g:
             ref = json.load(g)
+        if "progress" in ref:
+            done = ref["progress"]["builds"]
+            f.write(f"\nRefine did not finish ({len(done)} builds compiled): `--resume` goes on from refine.json.\n")
+            return
         builds, rounds = ref["builds"], ref.get("round_ms", {})
     except (ValueError, KeyError, TypeError):
         f.write("\nrefine.json is unreadable: the refine phase runs again on --resume.\n")

@@ -2,15 +2,24 @@
 tune its knobs (MetaSchedule for the dense TE stages, an XGBoost-guided search for the
 hand-scheduled kernels) and pick the fastest, encode included.
 
-Output, in the run folder: ``profile.json``, ``trials.jsonl`` (every measured candidate),
-``database/`` (MetaSchedule JSON database), ``plan.json`` and ``report.md`` with plots.
+Output, in the run folder: ``profile.json`` and ``activations.npz`` (each conv layer's recorded
+inputs), ``trials.jsonl`` (every measured candidate), ``database/`` (MetaSchedule JSON
+database), ``plan.json``, ``refine.json`` and ``report.md`` with plots.
 
 Each candidate is built, checked and timed in a child process (worker.py): one that crashes
 (an LLVM fatal error, a segfault) or hangs is logged as failed and the tune goes on.
+
+Every phase keeps its finished units as they finish, so that a run killed at any point and
+resumed (a Tuner on the same run folder) loses at most the unit under way and repeats none
+of the others: the profile (both files, written whole once it is done, and reused while the
+samples are the same), MetaSchedule's trials (its database; a resumed search gets the budget
+the records leave), each measurement (trials.jsonl), and each refine build, lap and round
+(refine.json, refine.py).
 """
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import time
@@ -30,7 +39,7 @@ from ..reference import dense_conv2d
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import KnobCostModel
-from .log import TuningLog
+from .log import TuningLog, write_atomically
 from .workloads import Workload, extract_workloads
 
 
@@ -61,6 +70,7 @@ class TuneConfig:
     repeat: int = 5
     cache: str = "fresh"           # what the caches hold when a candidate runs: CompiledLayer.time
     refine: bool = True            # then choose the dense layers' thread splits inside the model
+    refine_rounds: int = 7         # refine's interleaved end-to-end rounds
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
     candidate_timeout: float | None = None  # s per candidate; None: worker.py's default (600)
@@ -107,15 +117,20 @@ class Tuner:
         self.say = log
         if self.cfg.cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cfg.cache!r}")
+        if self.cfg.refine_rounds < 1:
+            raise ValueError(f"refine_rounds must be >= 1, got {self.cfg.refine_rounds}")
         if self.cfg.rpc and self.cfg.cache == "fresh":  # the refresh is a callback into this process
             self.cfg = replace(self.cfg, cache="cold")
             log("RPC: candidates are timed cold (inputs cannot be refreshed on a remote server)")
         os.makedirs(run_dir, exist_ok=True)
+        for f in os.listdir(run_dir):  # a file a kill cut short while it was written (log.write_atomically)
+            if f.endswith(".tmp"):
+                os.remove(os.path.join(run_dir, f))
         self.db_dir = os.path.join(run_dir, "database")
         self.trials = TuningLog(os.path.join(run_dir, "trials.jsonl"),
                                 {"model": model_name or os.path.basename(str(model.source)),
                                  "input_shape": list(model.input_shape), "target": str(self.target),
-                                 "cache": self.cfg.cache, "cpu": cpu_of(self.target).to_dict()})
+                                 "cache": self.cfg.cache, "cpu": cpu_of(self.target).to_dict()}, warn=log)
         self.cost = KnobCostModel(self.cfg.seed)
         self.deadline = time.monotonic() + 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
         if self.cfg.rpc:  # a wrong tracker address fails here, not as every candidate's error
@@ -138,22 +153,47 @@ class Tuner:
         return plan
 
     def profile(self) -> list[Workload]:
-        p = Progress("profile", 1)
-        layers, acts, _ = profile(self.model, self.samples, self.target)
+        """Each conv layer's inputs on the samples, as workloads; kept in profile.json and
+        activations.npz (the latter written first: profile.json, naming the samples' digest, marks
+        the pair done), and reused from them while the samples are the same."""
         sites = self.model.sites
-        with open(os.path.join(self.run_dir, "profile.json"), "w") as f:
-            json.dump({"samples": len(self.samples), "layers": [l.to_dict() for l in layers]}, f, indent=1)
-        p.step(f"{len(layers)} conv layers")
+        path, acts_path = os.path.join(self.run_dir, "profile.json"), os.path.join(self.run_dir, "activations.npz")
+        digest = hashlib.sha1(b"".join(np.ascontiguousarray(x, np.float32).tobytes() for x in self.samples)).hexdigest()
+        acts = self._saved_profile(path, acts_path, digest, sites)
+        if acts is None:
+            p = Progress("profile", 1)
+            layers, acts, _ = profile(self.model, self.samples, self.target)
+            write_atomically(acts_path, lambda f: np.savez(f, **{f"{s.key}/{j}": a for s, per in zip(sites, acts)
+                                                                  for j, a in enumerate(per)}), binary=True)
+            write_atomically(path, lambda f: json.dump({"samples": len(self.samples), "samples_sha1": digest,
+                                                        "layers": [l.to_dict() for l in layers]}, f, indent=1))
+            p.step(f"{len(layers)} conv layers")
+        else:
+            self.say("profile: done in an earlier run, reusing profile.json and activations.npz")
         self.workloads = extract_workloads(sites, acts)
         self.say(f"{len(sites)} conv layers -> {len(self.workloads)} workloads")
         return self.workloads
+
+    def _saved_profile(self, path: str, acts_path: str, digest: str, sites) -> list[list[np.ndarray]] | None:
+        """The activations an earlier run of these samples kept, per layer and sample, or None."""
+        try:
+            with open(path) as f:
+                if json.load(f).get("samples_sha1") != digest:
+                    return None
+            with np.load(acts_path) as z:
+                acts = [[z[f"{s.key}/{j}"] for j in range(len(self.samples))] for s in sites]
+        except (OSError, ValueError, KeyError, AttributeError):  # none, another model, or unreadable
+            return None
+        if any(a.shape != tuple(s.spec.x_shape) for s, per in zip(sites, acts) for a in per):
+            return None
+        return acts
 
     def metaschedule(self, workloads: list[Workload]) -> None:
         """One MetaSchedule run over the TE stages of every (workload, direct/im2col/mec)."""
         if "metaschedule" in self.trials.done_phases:
             self.say("MetaSchedule: done in an earlier run, reusing database/")
             return
-        from .metaschedule import tune_stages
+        from .metaschedule import database_trials, tune_stages
 
         stages, names = [], []
         for w in workloads:
@@ -164,8 +204,15 @@ class Tuner:
                     if st.tunable:
                         stages.append(st)
                         names.append(f"{a}_{st.name}_{len(names)}")
+        done = database_trials(self.db_dir, self.say)
+        left = self.cfg.trials - done
+        if left <= 0:
+            self.trials.mark_done("metaschedule")
+            self.say(f"MetaSchedule: done in an earlier run ({done} trials in database/)")
+            return
         p = Progress("metaschedule", 1)
-        self.say(f"MetaSchedule: {self.cfg.trials} trials over {len(stages)} tasks (XGBoost cost model)")
+        self.say(f"MetaSchedule: {left} trials over {len(stages)} tasks (XGBoost cost model)"
+                 + (f", after {done} in database/ from an earlier run" if done else ""))
         runner = "local"
         if self.cfg.rpc:
             from tvm.s_tir import meta_schedule as ms
@@ -173,7 +220,8 @@ class Tuner:
             host, port, key = self.cfg.rpc
             runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                                              tracker_key=key, session_timeout_sec=300))
-        tune_stages(stages, self.target, self.db_dir, self.cfg.trials, self.cfg.seed, runner, names)
+        # another seed after a resume: the same one would sample the measured schedules again
+        tune_stages(stages, self.target, self.db_dir, left, self.cfg.seed + done, runner, names)
         self.trials.mark_done("metaschedule")
         p.step("database written")
 
@@ -270,29 +318,14 @@ class Tuner:
         return plan
 
     def refine(self, plan: Plan) -> Plan:
-        """refine.refine_plan on the first sample; its choice is kept in refine.json, so that a
-        resumed run whose selection did not change reuses it instead of compiling again."""
-        from .refine import apply_report, refine_plan
+        """refine.refine_plan on the first sample, keeping its units in refine.json as they
+        finish: a resumed run goes on from there, or reuses its report if it was done."""
+        from .refine import refine_plan
 
         if self.cfg.rpc:
             self.say("refine: skipped (it times the model on this machine, the candidates ran over RPC)")
             return plan
-        path = os.path.join(self.run_dir, "refine.json")
-        base = [[l.key, l.algorithm, l.knobs] for l in plan.layers]
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    old = json.load(f)
-            except ValueError:  # cut short by an interrupt: refine again
-                old = {}
-            if isinstance(old, dict) and old.get("base") == base and {"splits", "builds", "chosen"} <= set(old):
-                self.say(f"refine: done in an earlier run ({old['chosen']}), reusing refine.json")
-                plan = apply_report(plan, old)
-                plan.save(os.path.join(self.run_dir, "plan.json"))
-                return plan
-        refined, report = refine_plan(self.model, plan, self.samples[0], self.target, log=self.say)
-        report["base"] = base
+        refined, _ = refine_plan(self.model, plan, self.samples[0], self.target, rounds=self.cfg.refine_rounds,
+                                 log=self.say, save_to=os.path.join(self.run_dir, "refine.json"))
         refined.save(os.path.join(self.run_dir, "plan.json"))
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
         return refined
