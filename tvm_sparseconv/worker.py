@@ -4,7 +4,7 @@ Building or timing one candidate can end its process outright: LLVM's instructio
 calls abort() (``LLVM ERROR: Cannot select ...``), a wrong kernel segfaults, a schedule hangs.
 MetaSchedule runs its builders and runners in child processes for the same reason; ``layer``
 and ``tune`` run each candidate's build, check and timing through a :class:`Worker`, and
-``bench`` and ``refine`` each whole-model build (compile.build_isolated).
+``compile``, ``profile``, ``bench`` and ``refine`` each whole-model build (compile.build_isolated).
 
 A Worker keeps one child process (multiprocessing "spawn": TVM's thread pool does not survive
 a fork; it inherits the environment, TVM_NUM_THREADS included) and reuses it across jobs, as

@@ -19,8 +19,9 @@ Given a file (``save_to``; the tuner's refine.json), each unit is kept there as 
 the file replaced whole each time: every build (its library in the folder beside the file,
 ``refine-builds/`` for ``refine.json``, or the crash that left it out), each build's per-layer
 times in each lap, the mix's, and each end-to-end round. A kill loses at most the unit under
-way; a later call with the same plan, target, input and round counts goes on from the file,
-and a finished file holds the report (the libraries removed), which such a call returns.
+way; a later call with the same plan, target and input goes on from the file (with the
+rounds it asks for), and a finished file holds the report (the libraries removed), which such
+a call returns.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ class Saved:
             except ValueError as e:
                 log(f"refine: {path} is unreadable ({e}); refining from the start")
             if isinstance(old, dict) and any(old.get(k) != v for k, v in key.items()):
-                log(f"refine: {path} was made for another plan, target, input or round count; refining from the start")
+                log(f"refine: {path} was made for another plan, target or input; refining from the start")
                 old = None
         going_on = isinstance(old, dict) and isinstance(old.get("progress"), dict)
         if going_on:
@@ -189,7 +190,7 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     target = make_target(target)
     x = np.ascontiguousarray(x, np.float32)
     saved = Saved(save_to, {"base": [[l.key, l.algorithm, l.knobs] for l in plan.layers], "target": str(target),
-                            "input": hashlib.sha1(x.tobytes()).hexdigest(), "rounds": rounds, "runs": runs}, log)
+                            "input": hashlib.sha1(x.tobytes()).hexdigest(), "runs": runs}, log)
     if saved.report is not None:
         log(f"refine: done in an earlier run ({saved.report['chosen']}), reusing {os.path.basename(save_to)}")
         return apply_report(plan, saved.report), saved.report
@@ -256,7 +257,7 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     done_rounds = saved.units["round_ms"]
     times = np.zeros((rounds, len(names)))
     for r in range(rounds):
-        if r == len(done_rounds):
+        if r >= len(done_rounds):
             row = {}
             for name in names:
                 fe = builds[name].vm().time_evaluator("main", tvm.cpu(), number=1, repeat=10, min_repeat_ms=100)
