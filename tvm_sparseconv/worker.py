@@ -13,10 +13,10 @@ arguments (targets as JSON strings, arrays as NumPy arrays); :meth:`Worker.call`
 result, and an exception the job raises is raised again in the caller, the child kept. When
 the child dies (abort, segfault) or a job overruns its timeout, the call raises
 :class:`CandidateCrash`, one line naming the signal and the child's last error line on stderr
-(which goes to a temp file for that; the exception's ``tail`` holds its last lines), and the
-next job starts a fresh child. On Linux the child dies with the thread that started it (the
-first job's caller; the main thread in this package), so that a tune killed outright leaves no
-child compiling on.
+(which goes to a temp file for that, nameless once the child has it open; the exception's
+``tail`` holds its last lines), and the next job starts a fresh child. On Linux the child dies
+with the thread that started it (the first job's caller; the main thread in this package), so
+that a tune killed outright leaves no child compiling on, nor a file behind.
 
 Environment: ``TVMS_IN_PROCESS=1`` runs jobs in the calling process instead (debugging,
 profilers); ``TVMS_CANDIDATE_TIMEOUT`` is the default per-job timeout in seconds (600).
@@ -134,12 +134,11 @@ class Worker:
         """A fresh child, waited for while it imports TVM (not part of any job's time)."""
         limit = max(self.timeout, START_TIMEOUT_S)
         ctx = multiprocessing.get_context("spawn")
-        fd, self._log = tempfile.mkstemp(prefix="tvms-worker-", suffix=".stderr")
-        os.close(fd)
+        fd, name = tempfile.mkstemp(prefix="tvms-worker-", suffix=".stderr")
+        self._log = os.fdopen(fd, "rb+")
         self._conn, child = ctx.Pipe()
         # daemon: multiprocessing's own exit hook terminates it should ours not have run
-        self._proc = ctx.Process(target=_serve, args=(child, self._log, os.getpid()), name="tvms-worker",
-                                 daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, name, os.getpid()), name="tvms-worker", daemon=True)
         self._proc.start()
         child.close()
         try:
@@ -149,6 +148,10 @@ class Worker:
             self._conn.recv_bytes()
         except (EOFError, OSError):
             raise self._crash() from None
+        finally:
+            # the child has it open now (or is dead): nameless, it goes with the last of the two
+            # processes however they end, a kill -9 included
+            os.remove(name)
 
     def _message(self, fn, args, kwargs) -> tuple[bytes, dict]:
         """The pickled job, each Cached value the child holds replaced by its key; and the
@@ -186,19 +189,16 @@ class Worker:
         return CandidateCrash(f"{how}: {line}" if line else how, tail=last_lines(tail))
 
     def _stderr_tail(self, size: int = 65536) -> str:
-        try:
-            with open(self._log, "rb") as f:
-                f.seek(max(0, os.path.getsize(self._log) - size))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        end = self._log.seek(0, os.SEEK_END)
+        self._log.seek(max(0, end - size))
+        return self._log.read().decode(errors="replace")
 
     def _forward_stderr(self) -> None:
         """What the job wrote to stderr (TVM warnings, logging) goes on to ours, then the file
         is emptied (the child appends): after a crash it holds the crashed job's output alone."""
-        with open(self._log, "rb+") as f:
-            text = f.read().decode(errors="replace")
-            f.truncate(0)
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace")
+        self._log.truncate(0)
         if text:
             sys.stderr.write(text)
             sys.stderr.flush()
@@ -215,8 +215,8 @@ class Worker:
                 self._proc.kill()
                 self._proc.join()
             self._conn.close()
-        if self._log is not None and os.path.exists(self._log):
-            os.remove(self._log)
+        if self._log is not None:
+            self._log.close()
         self._proc = self._conn = self._log = None
         self._held = {}
 
