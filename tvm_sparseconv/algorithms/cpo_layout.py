@@ -11,7 +11,7 @@ non-zero (the valid prefix is the last pointer):
     cpo_vals     (cap,)               float32  cap = max(N*C*H*ncols, 1)
     cpo_rows     (cap,)               int32    padded row of each value
     cpo_ptr      (N*C*ncols + 1,)     int32    group g's values and rows: [ptr[g], ptr[g + 1])
-    cps_stream   (stream_cap,)        int32    per set of 4 rows, an entry then its values' bits
+    cps_stream   (stream_cap,)        int32    per non-empty set of 4 rows: an entry, its values' bits
     cps_ptr      (N*C*ncols + 1,)     int32    group g's stream: [ptr[g], ptr[g + 1])
 
 stream_cap = max(N*C*ncols*(H + sets), 1), ``sets`` the aligned sets of 4 padded rows that
