@@ -19,6 +19,8 @@ from tvm_sparseconv.reference.cpo import (column_order, cpo_encode, cpo_storage,
                                           cps_storage)
 from tvm_sparseconv.reference.dense import is_nonzero
 
+from conftest import random_sparse, relu_like
+
 
 def counted(spec: Conv2DSpec, x: np.ndarray) -> tuple[int, int, int]:
     """(NZEs, non-empty sets of 4 padded rows, pointers) of the kept columns, from x alone."""
@@ -41,11 +43,10 @@ def inputs(kind: str, shape, density: float, rng) -> np.ndarray:
         x.reshape(-1)[idx] = rng.standard_normal(len(idx))
         return x
     if kind == "clustered":
-        return synthesize_activation(shape, density, int(rng.integers(2 ** 16)), zero_channels=0.3)
-    x = rng.standard_normal(shape).astype(np.float32)
+        return relu_like(shape, density, rng, zero_channels=0.3)
     if kind == "dense":
-        return np.where(x == 0, 1, x).astype(np.float32)
-    x[rng.random(shape) >= density] = 0
+        return relu_like(shape, 1.0, rng)
+    x = random_sparse(shape, density, rng)
     if kind == "zero-channels":
         x[:, rng.random(shape[1]) < 0.5] = 0
     return x
@@ -106,10 +107,7 @@ REGRESSION = {
 def test_cps_not_larger_on_the_layers_that_were(name):
     xs, ws, stride, pad, density = REGRESSION[name]
     spec = Conv2DSpec.from_shapes(xs, ws, stride, pad)
-    rng = np.random.default_rng(0)
-    uniform = rng.standard_normal(xs).astype(np.float32)
-    uniform[rng.random(xs) >= density] = 0
-    for x in (synthesize_activation(xs, density, seed=0), uniform):
+    for x in (synthesize_activation(xs, density, seed=0), random_sparse(xs, density, np.random.default_rng(0))):
         s_cpo, s_cps = cpo_storage(cpo_encode(spec, x)), cps_storage(cps_encode(spec, x))
         assert s_cps.elements <= s_cpo.elements and s_cps.bytes <= s_cpo.bytes
         if density == 0:
