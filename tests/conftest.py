@@ -70,6 +70,26 @@ def weight(spec: Conv2DSpec, seed: int = 1) -> np.ndarray:
     return synthesize_weight(spec, seed)
 
 
+def relu_like(shape, density, rng, zero_channels=0.1):
+    """ReLU-like activation: smoothed noise thresholded at the (1 - density) quantile, so the
+    zeros are spatially clustered; some channels all zero. Density 1: no zeros at all."""
+    n, c, h, w = shape
+    if density >= 1:
+        return (np.abs(rng.standard_normal(shape)) + 0.1).astype(np.float32)
+    z = rng.standard_normal((n, c, h + 2, w + 2))
+    z = sum(z[:, :, a:a + h, b:b + w] for a in range(3) for b in range(3))
+    x = np.where(z > np.quantile(z, 1 - density), z, 0).astype(np.float32) if density > 0 else np.zeros(shape, np.float32)
+    x[:, rng.random(c) < zero_channels] = 0
+    return x
+
+
+def random_sparse(shape, density, rng):
+    """Uniformly scattered non-zeros of both signs (coverage rather than realism)."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[rng.random(shape) >= density] = 0
+    return x
+
+
 def assert_conv_close(y: np.ndarray, ref: np.ndarray, spec: Conv2DSpec) -> None:
     """Float32 sums in another order: tolerance grows with the reduction length, scaled by the
     largest finite output (an Inf or NaN in ref must not make every finite element pass). NaN

@@ -11,30 +11,11 @@ from tvm_sparseconv.conv import Conv2DSpec, ConvSpecError, UnsupportedConvError
 from tvm_sparseconv.reference import dense_conv2d, pad_input
 from tvm_sparseconv.reference.cpo import (column_order, column_types, cpo_encode, cpo_multiply, cps_decode,
                                           cps_encode, cps_multiply)
+from tvm_sparseconv.reference.dense import is_nonzero
+
+from conftest import random_sparse, relu_like
 
 DENSITIES = (0.0, 0.05, 0.3, 0.7, 1.0)
-
-
-# -- inputs ---------------------------------------------------------------------------------
-
-def relu_like(shape, density, rng, zero_channels=0.1):
-    """ReLU-like activation: smoothed noise thresholded at the (1 - density) quantile, so the
-    zeros are spatially clustered; some channels all zero. Density 1: no zeros at all."""
-    n, c, h, w = shape
-    if density >= 1:
-        return (np.abs(rng.standard_normal(shape)) + 0.1).astype(np.float32)
-    z = rng.standard_normal((n, c, h + 2, w + 2))
-    z = sum(z[:, :, a:a + h, b:b + w] for a in range(3) for b in range(3))
-    x = np.where(z > np.quantile(z, 1 - density), z, 0).astype(np.float32) if density > 0 else np.zeros(shape, np.float32)
-    x[:, rng.random(c) < zero_channels] = 0
-    return x
-
-
-def random_sparse(shape, density, rng):
-    """Uniformly scattered non-zeros of both signs (coverage rather than realism)."""
-    x = rng.standard_normal(shape).astype(np.float32)
-    x[rng.random(shape) >= density] = 0
-    return x
 
 
 def tol(spec):
@@ -143,7 +124,30 @@ def test_nan_inf_negative_zero(alg, multiply):
     np.testing.assert_allclose(y, want, equal_nan=True, **tol(spec))
     check_encoding(layer, x)
     # -0.0 is a zero: it is not stored
-    assert int(layer.produced()[f"{alg}_{'vptr' if alg == 'cps' else 'ptr'}"][-1]) == int((x != 0).sum())
+    stored = layer.algorithm.unpack(spec, layer.produced())
+    assert len((cps_decode(spec, stored) if alg == "cps" else stored).values) == int((x != 0).sum())
+
+
+@pytest.mark.parametrize("multiply", ["gather", "scatter"])
+@pytest.mark.parametrize("top", range(4))
+def test_cps_every_set_pattern(top, multiply):
+    """Every 4-bit pattern of a set of 4 padded rows (a column per pattern, shifted per set),
+    at each alignment of the sets to the input rows (top padding 0-3), with NaN, +-Inf and -0.0
+    inside packed sets and as single NZEs: the compiled stream equals the reference's and the
+    output the dense float64 oracle's; the scatter's row tiles skip sets outside them."""
+    spec = Conv2DSpec.from_shapes((1, 2, 11, 16), (20, 2, 3, 3), 1, (top, 1, 3 - top, 1))
+    rng = np.random.default_rng(top)
+    w = rng.standard_normal(spec.w_shape).astype(np.float32)
+    i = np.arange(spec.padded_h)[:, None]
+    pattern = (np.arange(16)[None, :] + 5 * (i // 4)) % 16 >> (i % 4) & 1  # padded row i, column j
+    x = np.where(pattern[top:top + spec.height] == 1, rng.standard_normal(spec.x_shape), 0).astype(np.float32)
+    x[0, 1] = np.where(x[0, 1] == 0, -0.0, x[0, 1])  # -0.0 everywhere the pattern has no NZE
+    x[0, 0, 1, 7], x[0, 0, 5, 3], x[0, 1, 9, 12], x[0, 1, 2, 15] = np.nan, np.inf, -np.inf, np.nan
+    assert np.isnan(x).sum() == 2 and np.isinf(x).sum() == 2
+    layer = CompiledLayer("cps", spec, w, knobs={"multiply": multiply, "row_tile": 2})
+    y = layer(x)
+    np.testing.assert_allclose(y, dense_conv2d(spec, x, w), equal_nan=True, **tol(spec))
+    check_encoding(layer, x)
 
 
 def test_groups_raise():
@@ -176,14 +180,34 @@ def test_worked_example():
 
 
 def test_cps_entries():
-    """Sets of 4 rows: 3-4 NZEs -> one flagged entry (base, mask); 1-2 -> raw rows."""
-    spec = Conv2DSpec.from_shapes((1, 1, 12, 1), (1, 1, 1, 1))
+    """Sets of 4 rows: 2-4 NZEs -> one flagged entry (base, mask), 1 -> its raw row; each entry
+    followed by its values' bits."""
+    spec = Conv2DSpec.from_shapes((1, 1, 16, 1), (1, 1, 1, 1))
     x = np.zeros(spec.x_shape, np.float32)
-    x[0, 0, [0, 1, 3, 5, 8, 9, 10, 11], 0] = 1  # set 0: 3 NZEs, set 1: 1, set 2: 4
+    rows = [0, 1, 3, 5, 8, 9, 10, 11, 13, 14]  # set 0: 3 NZEs, set 1: 1, set 2: 4, set 3: 2
+    x[0, 0, rows, 0] = np.arange(1, 11)
     cps = cps_encode(spec, x)
-    flag = -2 ** 31
-    np.testing.assert_array_equal(cps.index, [flag | 0 << 4 | 0b1011, 5, flag | 8 << 4 | 0b1111])
-    np.testing.assert_array_equal(cps_decode(spec, cps).rows, cpo_encode(spec, x).rows)
+    flag, v = -2 ** 31, np.arange(1, 11, dtype=np.float32).view(np.int32)
+    np.testing.assert_array_equal(cps.stream, [flag | 0 << 4 | 0b1011, *v[:3], 5, v[3], flag | 8 << 4 | 0b1111,
+                                               *v[4:8], flag | 12 << 4 | 0b0110, *v[8:]])
+    np.testing.assert_array_equal(cps.ptr, [0, 14])
+    dec = cps_decode(spec, cps)
+    np.testing.assert_array_equal(dec.rows, rows)
+    np.testing.assert_array_equal(dec.values, np.arange(1, 11))
+
+
+def test_cps_decode_refuses_a_malformed_stream():
+    spec = Conv2DSpec.from_shapes((1, 1, 8, 1), (1, 1, 1, 1))
+    x = np.zeros(spec.x_shape, np.float32)
+    x[0, 0, [4, 6], 0] = 1
+    cps = cps_encode(spec, x)
+    cps.ptr[-1] -= 1  # the last value cut off
+    with pytest.raises(ValueError, match="group 0"):
+        cps_decode(spec, cps)
+    cps.ptr[-1] += 1
+    cps.stream[0] = -2 ** 31 | 4 << 4  # a set without rows
+    with pytest.raises(ValueError, match="0 rows"):
+        cps_decode(spec, cps)
 
 
 layer_shapes = st.tuples(
@@ -206,15 +230,12 @@ def spec_or_skip(s):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(s=layer_shapes, density=st.floats(0, 1), seed=st.integers(0, 2 ** 16))
-def test_cps_never_longer_and_decodes_to_cpo(s, density, seed):
+def test_reference_multiplies(s, density, seed):
+    """The NumPy twins store every NZE some window reads, once, and multiply to the dense
+    oracle (the CPS format against CPO's: tests/test_cps_storage.py)."""
     spec = spec_or_skip(s)
     x = random_sparse(spec.x_shape, density, np.random.default_rng(seed))
     cpo, cps = cpo_encode(spec, x), cps_encode(spec, x)
-    assert len(cps.index) <= len(cpo.rows)
-    dec = cps_decode(spec, cps)
-    np.testing.assert_array_equal(dec.rows, cpo.rows)
-    np.testing.assert_array_equal(dec.values.view(np.int32), cpo.values.view(np.int32))
-    # every NZE of a column some window reads is stored, once
     assert len(cpo.values) == int((pad_input(spec, x)[..., column_order(spec)] != 0).sum())
     w = np.random.default_rng(seed).standard_normal(spec.w_shape).astype(np.float32)
     want = dense_conv2d(spec, x, w)
@@ -244,5 +265,9 @@ def test_reference_algorithm_api():
     nnz, ncols = int((x != 0).sum()), len(column_order(spec))
     ptrs = spec.batch * spec.in_channels * ncols + 1
     assert s_cpo.elements == 2 * nnz + ptrs + ncols and s_cpo.bytes == 4 * s_cpo.elements
-    entries = len(cps_encode(spec, x).index)
-    assert s_cps.elements == nnz + entries + 2 * ptrs + ncols
+    # one entry per non-empty aligned set of 4 padded rows of a kept column, counted on the input
+    xp = pad_input(spec, x)[..., column_order(spec)]
+    xp = np.pad(xp, ((0, 0), (0, 0), (0, -xp.shape[2] % 4), (0, 0)))
+    n, c, hp, k = xp.shape
+    entries = int(is_nonzero(xp).reshape(n, c, hp // 4, 4, k).any(axis=3).sum())
+    assert s_cps.elements == nnz + entries + ptrs + ncols and s_cps.bytes == 4 * s_cps.elements

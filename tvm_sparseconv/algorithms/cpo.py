@@ -8,8 +8,8 @@ format and both kernels). Two stages:
     encode    x, cols -> cpo_vals, cpo_rows, cpo_ptr           (cpo_encoder.py)
     multiply  cpo_vals, cpo_rows, cpo_ptr, cols, wt [, bias] -> y   (cpo_multiply.py)
 
-CPS (cps.py) is this class with ``packed = True``: the same kernels with the rows packed in
-sets of 4.
+CPS (cps.py) is this class with ``packed = True`` and its own format: the same kernels over
+one stream per group, each set of 4 rows an entry followed by its values.
 
 Knobs: multiply ("gather" | "scatter"), m_tile (output channels per vector block),
 pixels (gather: output pixels per register block), chunks (gather: parallel tasks),
@@ -53,13 +53,9 @@ class CPOAlgorithm(Algorithm):
 
     def format_buffers(self, spec: Conv2DSpec) -> tuple[Buffer, ...]:
         """The encoder's outputs, the multiply's first inputs (shapes: cpo_layout.py)."""
-        g, p = Geometry(spec), self.name
-        ind = "index" if self.packed else "rows"
-        bufs = (Buffer(f"{p}_vals", (g.cap,)), Buffer(f"{p}_{ind}", (g.cap,), "int32"),
-                Buffer(f"{p}_{'vptr' if self.packed else 'ptr'}", (g.groups + 1,), "int32"))
-        if self.packed:
-            bufs += (Buffer(f"{p}_iptr", (g.groups + 1,), "int32"),)
-        return bufs
+        g = Geometry(spec)
+        return (Buffer("cpo_vals", (g.cap,)), Buffer("cpo_rows", (g.cap,), "int32"),
+                Buffer("cpo_ptr", (g.groups + 1,), "int32"))
 
     def constants(self, spec, weight, bias, knobs):
         mt, mp = m_tiling(spec.out_channels, int(knobs["m_tile"]))

@@ -5,18 +5,22 @@ twin). ``ncols`` padded columns are kept (those some window reads), in
 the static order ``cols`` (by overlap type, then column: a build-time constant); a group is
 (image n, channel c, position k), g = (n*C + c)*ncols + k, holding the NZEs of padded column
 cols[k] by ascending padded row. Data-dependent arrays are sized for every input element
-non-zero (``cap``; the valid prefix is the last pointer):
+non-zero (the valid prefix is the last pointer):
 
-    cols                   (max(ncols, 1),)     int32    padded column at each position
-    cpo_vals / cps_vals    (cap,)               float32  cap = max(N*C*H*ncols, 1)
-    cpo_rows               (cap,)               int32    padded row of each value
-    cps_index              (cap,)               int32    CPS entries (a set of 4 rows, or a raw row)
-    cpo_ptr / cps_vptr     (N*C*ncols + 1,)     int32    group g's values: [ptr[g], ptr[g + 1])
-    cps_iptr               (N*C*ncols + 1,)     int32    group g's index entries (CPS only)
+    cols         (max(ncols, 1),)     int32    padded column at each position
+    cpo_vals     (cap,)               float32  cap = max(N*C*H*ncols, 1)
+    cpo_rows     (cap,)               int32    padded row of each value
+    cpo_ptr      (N*C*ncols + 1,)     int32    group g's values and rows: [ptr[g], ptr[g + 1])
+    cps_stream   (stream_cap,)        int32    per non-empty set of 4 rows: an entry, its values' bits
+    cps_ptr      (N*C*ncols + 1,)     int32    group g's stream: [ptr[g], ptr[g + 1])
 
-The kernels are written once for CPS's buffers (vals, index, vptr, iptr): CPO's rows are its
-index entries, one row each, and its one pointer array serves values and entries, so its
-kernels are CPS's signature without ``iptr`` (:func:`without_iptr`).
+stream_cap = max(N*C*ncols*(H + sets), 1), ``sets`` the aligned sets of 4 padded rows that
+hold an input row: a column holds at most H values and one entry per set, both reached when
+every element is non-zero.
+
+The kernels are written once with CPO's parameters (vals, index, ptr): CPO's ``index`` is its
+rows, CPS's is its stream, which carries the values too, so CPS's kernels are that signature
+without ``vals`` (:func:`for_format`).
 
 Weights (``wt``): [Mp/Mt][C][Kh][Kw][Mt] float32, Mt the M tile and Mp = M rounded up to a
 multiple of it with zero filters (:func:`m_tiling`, :func:`weight_layout`).
@@ -27,7 +31,7 @@ import numpy as np
 import tvm
 
 from ..conv import Conv2DSpec
-from ..reference.cpo import column_order
+from ..reference.cpo import CPS_SET, column_order
 from .base import KnobError
 
 MIN_TILE = 16  # M tiles are halved down to 16 channels at least (a layout choice, for every ISA)
@@ -70,6 +74,10 @@ class Geometry:
         self.cols_len = max(self.ncols, 1)  # the ``cols`` constant: never an empty buffer
         self.groups = self.n * self.c * self.ncols  # (n, c, column) groups: pointer count - 1
         self.cap = max(self.n * self.c * self.h * self.ncols, 1)  # every element non-zero
+        pt = spec.padding[0]
+        # CPS: the aligned sets of 4 padded rows that hold input rows, [set_lo, set_hi)
+        self.set_lo, self.set_hi = pt // CPS_SET, (pt + self.h - 1) // CPS_SET + 1
+        self.stream_cap = max(self.groups * (self.h + self.set_hi - self.set_lo), 1)
 
     def cols_constant(self) -> np.ndarray:
         """int32 [cols_len]: ``cols``, zero-padded to one element when no column is kept."""
@@ -78,9 +86,13 @@ class Geometry:
         return out
 
 
-def without_iptr(func: tvm.tirx.PrimFunc, packed: bool) -> tvm.tirx.PrimFunc:
-    """A kernel written with CPS's parameters, for CPO (packed=False) without ``iptr``: its
-    body reads only ``vptr`` then, CPO's one pointer array (like base.drop_unused for bias/res)."""
-    if packed:
+def for_format(func: tvm.tirx.PrimFunc, packed: bool) -> tvm.tirx.PrimFunc:
+    """A kernel written with CPO's parameters (vals, index, ptr, ...): CPO's (packed=False) as
+    is, CPS's without ``vals``, which its body never reads (the stream is ``index``; like
+    base.drop_unused for bias/res)."""
+    if not packed:
         return func
-    return tvm.tirx.PrimFunc([p for p in func.params if p.name != "iptr"], func.body, func.ret_type, func.attrs)
+    keep = [p for p in func.params if p.name != "vals"]
+    if len(keep) != len(func.params) - 1:  # TVMScript renames a parameter bound to another name
+        raise RuntimeError(f"no parameter 'vals' among {[p.name for p in func.params]}")
+    return tvm.tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs)

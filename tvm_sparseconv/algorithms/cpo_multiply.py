@@ -1,7 +1,7 @@
 """The CPO and CPS multiply: gather and scatter kernels over either format.
 
     CPO: cpo_vals, cpo_rows, cpo_ptr, cols, wt [, bias] -> y (N, M, Oh, Ow) float32
-    CPS: cps_vals, cps_index, cps_vptr, cps_iptr, cols, wt [, bias] -> y
+    CPS: cps_stream, cps_ptr, cols, wt [, bias] -> y
 
 (format shapes and wt = [Mp/Mt][C][Kh][Kw][Mt] in cpo_layout.py). Both kernels read the
 format through one storage-order walk (``walk``) that decodes CPS entries on the fly, so
@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.cpo import CPS_BASE_MASK, CPS_SET
 from .base import KnobError, drop_unused, nonzero, prim, store_output
-from .cpo_layout import Geometry, m_tiling, without_iptr
+from .cpo_layout import Geometry, for_format, m_tiling
 
 
 def on_grid(d, stride: int):
@@ -53,7 +53,6 @@ def multiply(spec: Conv2DSpec, epilogue: Epilogue, knobs, packed: bool):
         raise KnobError(f"multiply must be 'gather' or 'scatter', got {kind!r}")
     MT, MP = m_tiling(M, int(knobs["m_tile"]))
     MO = MP // MT
-    ES = CPS_SET if packed else 1  # rows one index entry may stand for
     # gather: groups of B output pixels of a row, each reading L padded columns
     B = max(1, min(int(knobs["pixels"]), OW))
     NG = -(-OW // B)
@@ -66,38 +65,45 @@ def multiply(spec: Conv2DSpec, epilogue: Epilogue, knobs, packed: bool):
     RT = -(-OH // R)
 
     # -- the walk over the format -------------------------------------------------------------
-    # CPO's entries are its rows (one each); the decoders fold to constants when not packed.
     def entry_base(ent):
-        """First padded row of an index entry (a CPS set: its base row)."""
-        return tvm.tirx.if_then_else(ent >= 0, ent, (ent >> 4) & CPS_BASE_MASK) if packed else ent
+        """First padded row of a CPS entry (a set: its base row; a raw row: itself)."""
+        return tvm.tirx.if_then_else(ent >= 0, ent, (ent >> 4) & CPS_BASE_MASK)
 
     def entry_mask(ent):
         """Bit t: padded row base + t holds one of the entry's values."""
-        return tvm.tirx.if_then_else(ent >= 0, 1, ent & 15) if packed else 1
+        return tvm.tirx.if_then_else(ent >= 0, 1, ent & 15)
 
-    def entry_count(ent):
-        return tvm.tirx.popcount(entry_mask(ent)) if packed else 1
-
-    def values_before(ent, t):
-        """The entry's values in rows base .. base + t - 1."""
-        return tvm.tirx.popcount(entry_mask(ent) & ((1 << t) - 1)) if packed else 0
+    def values_before(mask, t):
+        """An entry's values in rows base .. base + t - 1, from its mask."""
+        return tvm.tirx.popcount(mask & ((1 << t) - 1))
 
     @T.macro
     def walk(fmt, n, c, lo, hi, vp, action, ctx):
         """action(ctx, v, i, j, c) for each NZE v at padded (i, j) of image n, channel c, in
-        storage order, skipping index entries wholly outside rows [lo, hi] (a CPS set may
-        still bring rows just outside: actions check the row). fmt = (vals, index, vptr,
-        iptr, cols); CPO passes (vals, rows, ptr, ptr, cols). vp: a 1-int scratch."""
-        vals_, index_, vptr_, iptr_, cols_ = fmt[0], fmt[1], fmt[2], fmt[3], fmt[4]
+        storage order, skipping the NZEs (CPO) or entries (CPS) wholly outside rows [lo, hi]
+        (a CPS set may still bring rows just outside: actions check the row).
+        fmt = (vals, index, ptr, cols): CPO's index is its rows; CPS's is its stream (vals
+        unused), walked entry by entry with the cursor vp (a 1-int scratch)."""
+        # no name is bound to fmt[0]: TVMScript would rename CPS's unused ``vals`` parameter,
+        # which for_format drops by name
+        index_, ptr_, cols_ = fmt[1], fmt[2], fmt[3]
         for k in range(NCOL):
-            vp[0] = vptr_[(n * C + c) * NCOL + k]
-            for e in range(iptr_[(n * C + c) * NCOL + k], iptr_[(n * C + c) * NCOL + k + 1]):
-                if entry_base(index_[e]) + (ES - 1) >= lo and entry_base(index_[e]) <= hi:
-                    for t in T.unroll(ES):
-                        if (entry_mask(index_[e]) >> t) & 1 == 1:
-                            action(ctx, vals_[vp[0] + values_before(index_[e], t)], entry_base(index_[e]) + t,
-                                   cols_[k], c)
-                vp[0] = vp[0] + entry_count(index_[e])
+            if packed:
+                vp[0] = ptr_[(n * C + c) * NCOL + k]
+                while vp[0] < ptr_[(n * C + c) * NCOL + k + 1]:
+                    base = entry_base(index_[vp[0]])
+                    mask = entry_mask(index_[vp[0]])
+                    if base + (CPS_SET - 1) >= lo and base <= hi:
+                        for t in T.unroll(CPS_SET):
+                            if (mask >> t) & 1 == 1:
+                                # the value after the entry and the set's values in rows below t
+                                action(ctx, T.reinterpret("float32", index_[vp[0] + 1 + values_before(mask, t)]),
+                                       base + t, cols_[k], c)
+                    vp[0] = vp[0] + 1 + T.popcount(mask)
+            else:
+                for e in range(ptr_[(n * C + c) * NCOL + k], ptr_[(n * C + c) * NCOL + k + 1]):
+                    if index_[e] >= lo and index_[e] <= hi:
+                        action(ctx, fmt[0][e], index_[e], cols_[k], c)
 
     @T.macro
     def store(y_, bias_, res_, acc_val, n, m, r, s):
@@ -204,18 +210,16 @@ def multiply(spec: Conv2DSpec, epilogue: Epilogue, knobs, packed: bool):
                           task // MO % RT * R + r, s)
 
     body = gather_body if kind == "gather" else scatter_body
+    ICAP = g.stream_cap if packed else CAP
 
-    def fmt_of(vals, index, vptr, iptr, cols):
-        """The format as walk reads it: CPO's one pointer array serves values and entries."""
-        return (vals, index, vptr, iptr if packed else vptr, cols)
-
-    # CPS's signature with every epilogue input; CPO drops ``iptr``, drop_unused what ``epilogue`` does not read
+    # CPO's signature with every epilogue input; CPS drops ``vals`` (its values are in the
+    # stream, ``index``), drop_unused what ``epilogue`` does not read
     @T.prim_func
-    def multiply(vals: T.Buffer((CAP,), "float32"), index: T.Buffer((CAP,), "int32"),
-                 vptr: T.Buffer((G + 1,), "int32"), iptr: T.Buffer((G + 1,), "int32"),
-                 cols: T.Buffer((NCL,), "int32"), wt: T.Buffer((MO, C, KH, KW, MT), "float32"),
+    def multiply(vals: T.Buffer((CAP,), "float32"), index: T.Buffer((ICAP,), "int32"),
+                 ptr: T.Buffer((G + 1,), "int32"), cols: T.Buffer((NCL,), "int32"),
+                 wt: T.Buffer((MO, C, KH, KW, MT), "float32"),
                  bias: T.Buffer((M,), "float32"), res: T.Buffer(spec.y_shape, "float32"),
                  y: T.Buffer(spec.y_shape, "float32")):
-        body(fmt_of(vals, index, vptr, iptr, cols), wt, bias, res, y)
+        body((vals, index, ptr, cols), wt, bias, res, y)
 
-    return prim(drop_unused(without_iptr(multiply, packed), epilogue))
+    return prim(drop_unused(for_format(multiply, packed), epilogue))

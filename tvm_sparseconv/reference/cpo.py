@@ -14,13 +14,18 @@ padded row i:
   values float32 [nnz], rows int32 [nnz] (padded row i),
   ptr int32 [N*C*ncols + 1]: column (n, c, k) is values[ptr[g]:ptr[g+1]], g = (n*C + c)*ncols + k.
 
-CPS: the same traversal, values and value pointers (``vptr`` == CPO's ptr); the rows of
-each column are cut into aligned sets of 4 padded rows {4b .. 4b+3}. A set with 3 or 4
-NZEs is one int32 entry ``FLAG | (4b << 4) | mask`` (FLAG = the sign bit, bit t of the
-mask = row 4b + t is non-zero), a set with 1 or 2 NZEs is its raw rows (>= 0), an empty
-set is nothing; ``iptr`` [N*C*ncols + 1] points into the entries like ptr into the values.
-The entries of a column are in ascending row order, so decoding them in order yields the
-column's values in order.
+CPS: the same traversal and values; the rows of each column are cut into aligned sets of 4
+padded rows {4b .. 4b+3}, and each non-empty set is one int32 entry followed by its values
+(their float32 bits) in one int32 stream:
+  - 2-4 NZEs: ``FLAG | (4b << 4) | mask`` (FLAG = the sign bit, bit t of the mask = row
+    4b + t is non-zero), then the popcount(mask) values by ascending row;
+  - 1 NZE: its raw padded row (>= 0), then its value.
+  stream int32 [entries + nnz], ptr int32 [N*C*ncols + 1]: group g is stream[ptr[g]:ptr[g+1]].
+**(design)** The paper keeps the values and the entries in two arrays, so each group needs a
+pointer into each; one interleaved stream needs one pointer array, and a set is packed from 2
+NZEs on (the paper: from 3). Then CPS stores entries + nnz + (groups + 1) + ncols elements,
+at most CPO's 2*nnz + (groups + 1) + ncols (equal only when no set holds 2 NZEs or more), on
+every input; an all-zero input stores the pointers and the column order alone.
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ from .storage import Storage
 
 CPS_FLAG = np.int32(-2 ** 31)  # top bit: this entry is (base row, mask)
 CPS_BASE_MASK = 0x07FFFFFF  # base row after >> 4, with the sign bits cleared
-CPS_SET = 4
+CPS_SET = 4  # padded rows per set
+CPS_PACK = 2  # a set with this many NZEs or more is one flagged entry; a single NZE stays a raw row
 
 
 def column_types(spec: Conv2DSpec) -> np.ndarray:
@@ -63,11 +69,9 @@ class CPO:
 
 @dataclass
 class CPS:
-    values: np.ndarray  # float32 [nnz], as CPO
-    index: np.ndarray  # int32 [entries]: raw rows (>= 0) or FLAG | base << 4 | mask
-    vptr: np.ndarray  # int32 [N*C*ncols + 1] into values (CPO's ptr)
-    iptr: np.ndarray  # int32 [N*C*ncols + 1] into index
-    cols: np.ndarray
+    stream: np.ndarray  # int32 [entries + nnz]: each entry, then its values' float32 bits
+    ptr: np.ndarray  # int32 [N*C*ncols + 1] into stream
+    cols: np.ndarray  # int32 [ncols], as CPO
 
 
 def cpo_encode(spec: Conv2DSpec, x: np.ndarray) -> CPO:
@@ -82,33 +86,30 @@ def cpo_encode(spec: Conv2DSpec, x: np.ndarray) -> CPO:
     return CPO(xt[nz].astype(np.float32), rows, ptr, cols)
 
 
-def _cps_column(rows: np.ndarray) -> list[int]:
-    """The CPS index entries of one column's ascending padded rows."""
-    out = []
-    sets = rows // CPS_SET
-    for b in np.unique(sets):
-        r = rows[sets == b]
-        if len(r) >= 3:
-            mask = int(np.bitwise_or.reduce(1 << (r - CPS_SET * b)))
-            out.append(int(CPS_FLAG) | (int(CPS_SET * b) << 4) | mask)
-        else:
-            out.extend(int(i) for i in r)
-    return out
-
-
 def cps_encode(spec: Conv2DSpec, x: np.ndarray) -> CPS:
     """N x C x H x W activation -> CPS (same arrays and order as the compiled encoder)."""
     cpo = cpo_encode(spec, x)
-    entries, iptr = [], [0]
-    for g in range(len(cpo.ptr) - 1):
-        entries += _cps_column(cpo.rows[cpo.ptr[g]:cpo.ptr[g + 1]])
-        iptr.append(len(entries))
-    return CPS(cpo.values, np.array(entries, np.int64).astype(np.int32),
-               cpo.ptr, np.array(iptr, np.int32), cpo.cols)
+    rows, nnz, groups = cpo.rows.astype(np.int64), len(cpo.rows), len(cpo.ptr) - 1
+    g = np.repeat(np.arange(groups), np.diff(cpo.ptr))  # group of each NZE
+    b = rows // CPS_SET  # set of each NZE
+    first = np.ones(nnz, bool)  # the first NZE of each (group, set)
+    first[1:] = (g[1:] != g[:-1]) | (b[1:] != b[:-1])
+    starts = np.flatnonzero(first)  # NZEs before each set, in storage order
+    sets = len(starts)
+    count = np.diff(np.append(starts, nnz))
+    mask = np.bitwise_or.reduceat(1 << (rows - CPS_SET * b), starts) if sets else np.zeros(0, np.int64)
+    entries = np.where(count >= CPS_PACK, int(CPS_FLAG) | (CPS_SET * b[starts]) << 4 | mask, rows[starts])
+    # set s starts at stream position starts[s] + s (the NZEs and the entries before it)
+    stream = np.empty(nnz + sets, np.int32)
+    stream[starts + np.arange(sets)] = entries.astype(np.int32)
+    stream[np.arange(nnz) + np.cumsum(first)] = cpo.values.view(np.int32)  # NZE i: after i NZEs and the entries up to its set's
+    per_group = np.bincount(g[starts], minlength=groups)
+    ptr = (cpo.ptr + np.concatenate([[0], np.cumsum(per_group)])).astype(np.int32)
+    return CPS(stream, ptr, cpo.cols)
 
 
-def cps_decode_entry(e: int) -> list[int]:
-    """Padded rows of one CPS entry."""
+def cps_entry_rows(e: int) -> list[int]:
+    """Padded rows of one CPS entry (ascending)."""
     e = int(np.int32(e))
     if e >= 0:
         return [e]
@@ -117,15 +118,25 @@ def cps_decode_entry(e: int) -> list[int]:
 
 
 def cps_decode(spec: Conv2DSpec, cps: CPS) -> CPO:
-    """CPS -> the CPO it encodes (rows expanded; values and pointers are shared)."""
-    rows = []
-    for g in range(len(cps.iptr) - 1):
-        col = [i for e in cps.index[cps.iptr[g]:cps.iptr[g + 1]] for i in cps_decode_entry(e)]
-        if len(col) != cps.vptr[g + 1] - cps.vptr[g]:
-            raise ValueError(f"CPS column {g}: {len(col)} decoded rows for "
-                             f"{cps.vptr[g + 1] - cps.vptr[g]} values")
-        rows += col
-    return CPO(cps.values, np.array(rows, np.int32), cps.vptr, cps.cols)
+    """CPS -> the CPO it encodes (rows and values unpacked from the stream, CPO's pointers).
+
+    Raises ValueError on a malformed stream: a flagged entry without rows, or an entry whose
+    values run past its group."""
+    rows, at, counts = [], [], []
+    for g in range(len(cps.ptr) - 1):
+        p, end, n = int(cps.ptr[g]), int(cps.ptr[g + 1]), 0
+        while p < end:
+            r = cps_entry_rows(cps.stream[p])
+            if not r or p + 1 + len(r) > end:
+                raise ValueError(f"CPS group {g}: entry {int(cps.stream[p]):#x} at {p} has {len(r)} rows, "
+                                 f"the group ends at {end}")
+            rows += r
+            at += range(p + 1, p + 1 + len(r))
+            p, n = p + 1 + len(r), n + len(r)
+        counts.append(n)
+    ptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32)
+    values = cps.stream[np.array(at, np.int64)].view(np.float32)
+    return CPO(values, np.array(rows, np.int32), ptr, cps.cols)
 
 
 def cpo_multiply(spec: Conv2DSpec, cpo: CPO, w: np.ndarray) -> np.ndarray:
@@ -163,5 +174,5 @@ def cpo_storage(cpo: CPO) -> Storage:
 
 
 def cps_storage(cps: CPS) -> Storage:
-    """values + index entries + value pointers + index pointers + the column order (once)."""
-    return Storage.of(cps.values, cps.index, cps.vptr, cps.iptr, cps.cols)
+    """the stream (entries and values) + pointers + the column order (once)."""
+    return Storage.of(cps.stream, cps.ptr, cps.cols)
