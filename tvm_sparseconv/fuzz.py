@@ -223,11 +223,13 @@ def layer_features(layer: FuzzLayer, x: np.ndarray) -> set[str]:
     zero_chan_nan = any(np.isnan(x[n, c]).sum() == np.count_nonzero(x[n, c]) == 1
                         for n, c in np.argwhere(np.isnan(x).any(axis=(2, 3))))
     has = {
-        "batch>1": s.batch > 1, "non-square input": s.height != s.width, "1-pixel input side": min(s.height, s.width) == 1,
+        "batch>1": s.batch > 1, "non-square input": s.height != s.width,
+        "1-pixel input side": min(s.height, s.width) == 1,
         "rectangular kernel": s.kernel_h != s.kernel_w, "1x1 kernel": s.kernel_h == s.kernel_w == 1,
         "5-tap kernel side": max(s.kernel_h, s.kernel_w) == MAX_KERNEL, "stride>1": max(s.stride) > 1,
         "unequal strides": s.stride[0] != s.stride[1], "dilation>1": max(s.dilation) > 1,
-        "asymmetric padding": pt != pb or pl != pr, "same padding": layer.padding_kind == "same" and (pt, pl, pb, pr) != (0,) * 4,
+        "asymmetric padding": pt != pb or pl != pr,
+        "same padding": layer.padding_kind == "same" and max(s.padding) > 0,
         "padding beyond the kernel": max(pt, pb) >= eff_h or max(pl, pr) >= eff_w,
         "grouped": 1 < s.groups < s.in_channels, "depthwise": s.groups == s.in_channels > 1,
         "density 0": not live, "density 1": bool(nz.all()),
@@ -276,8 +278,9 @@ def candidates(layer: FuzzLayer, algorithms=ALGORITHMS, target=None, knob_dicts:
         k = min(max(int(knob_dicts), 1), len(space))
         with_defaults = k == len(space) or bool(rng.random() < 0.5)
         others = rng.choice(np.arange(1, len(space)), k - with_defaults, replace=False) if k > with_defaults else []
+        picks = [0] * with_defaults + sorted(int(i) for i in others)
         residual = layer.residual and algo.fuses_residual
-        out += [Candidate(name, space[i], i != 0, residual) for i in [0] * with_defaults + sorted(int(i) for i in others)]
+        out += [Candidate(name, space[i], i != 0, residual) for i in picks]
     return out
 
 
@@ -288,7 +291,7 @@ class Redzones:
     output, residual) moved into NumPy memory between two guard zones of GUARD_BYTES, which are
     filled with a known pattern before a run and compared after it.
 
-    A write outside a buffer (within the guard) shows as changed guard bytes; a read outside it
+    A write outside a buffer (within the guard) shows as changed guard elements; a read outside it
     that reaches the output shows as an output that changes when the guards are filled with the
     other pattern (FILLS: a NaN and a finite value, so a product with 0 differs too). Reads whose
     value is dropped, and accesses past the guard, are not seen. The buffers stay 64-byte
@@ -398,7 +401,8 @@ def mismatch(y: np.ndarray, ref: np.ndarray) -> str:
     if fin.any():
         d = np.where(fin, np.abs(y.astype(np.float64) - ref), 0)
         i = np.unravel_index(int(np.argmax(d)), d.shape)
-        parts.append(f"largest finite error {d[i]:.3g} at {tuple(int(v) for v in i)} (got {y[i]:.6g}, want {ref[i]:.6g})")
+        parts.append(f"largest finite error {d[i]:.3g} at {tuple(int(v) for v in i)} "
+                     f"(got {y[i]:.6g}, want {ref[i]:.6g})")
     return "; ".join(parts)
 
 
