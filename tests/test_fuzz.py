@@ -14,7 +14,7 @@ import tvm
 from tvm.script import tirx as T
 
 from tvm_sparseconv import fuzz
-from tvm_sparseconv.algorithms import ALGORITHMS, get_algorithm, knob_space
+from tvm_sparseconv.algorithms import ALGORITHMS, KnobError, get_algorithm, knob_space
 from tvm_sparseconv.cli import main
 from tvm_sparseconv.conv import Conv2DSpec
 
@@ -233,3 +233,18 @@ def test_an_out_of_bounds_error_fails_the_candidate_not_the_campaign(monkeypatch
 
 def raise_out_of_bounds(*args):
     raise fuzz.OutOfBounds("out-of-bounds write: y: wrote 4 bytes past its end")
+
+
+def refuse_every_knob(algorithm, *args):
+    raise KnobError(f"{algorithm}: no such tile here")
+
+
+def test_a_refused_sampled_knob_is_a_refusal_but_refused_defaults_are_an_error(monkeypatch):
+    monkeypatch.setenv("TVMS_IN_PROCESS", "1")  # the job raises at once: no child needed
+    k = _plain_layer()
+    space = knob_space("halo", fuzz.generate_layer(0, k).spec)
+    res = fuzz.run_campaign(0, only=[k], algorithms=("halo",), knob_dicts=len(space), progress=False,
+                            job=refuse_every_knob)
+    assert (res.candidates, res.refusals, res.errors, res.wrong) == (len(space), len(space) - 1, 1, 0)
+    assert res.failed and [(c["knobs"], c["sampled_knobs"]) for c in res.failures] == [(space[0], False)]
+    assert res.failures[0]["error"] == "KnobError: halo: no such tile here"
