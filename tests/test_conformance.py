@@ -2,9 +2,9 @@
 NumPy reference, with and without the bias + ReLU epilogue.
 
 Before each run every buffer the layer's stages write (the intermediates and "y") is filled
-with NaN, so a kernel that leaves an output element unwritten (a tile tail it skips, a batch
-it forgets, an empty row it does not clear) shows as a NaN where the reference has a number,
-whatever the buffer held before. A new algorithm joins the registry and is tested here.
+with NaN (CompiledLayer.poison), so a kernel that leaves an output element unwritten (a tile
+tail it skips, a batch it forgets, an empty row it does not clear) shows as a NaN where the
+reference has a number, whatever the buffer held before. A new algorithm joins the registry and is tested here.
 """
 import numpy as np
 import pytest
@@ -51,15 +51,6 @@ CASES = {
 EPILOGUES = {"plain": False, "bias-relu": True}
 
 
-def poison(layer: CompiledLayer) -> None:
-    """Every stage output, "y" included, filled with NaN (an int buffer with -1: it cannot
-    hold a NaN, and -1 is no valid pointer or index)."""
-    for st in layer.stages:
-        for b in st.outputs:
-            dtype = np.dtype(b.dtype)
-            layer.buffers[b.name].copyfrom(np.full(b.shape, np.nan if dtype.kind == "f" else -1, dtype))
-
-
 @pytest.fixture(scope="module")
 def layers():
     """Compiled layers by (algorithm, spec, epilogue): the cases on one spec share them."""
@@ -84,7 +75,7 @@ def test_conformance(algorithm, case, epilogue, layers):
     x = make_input(spec)
     ref = dense_conv2d(spec, x, w, bias, relu=EPILOGUES[epilogue])  # accumulated in float64
 
-    poison(layer)
+    layer.poison()
     assert np.isnan(layer.buffers["y"].numpy()).all()
     layer.set_input(x)
     layer.run()

@@ -85,6 +85,16 @@ class CompiledLayer:
         if residual:  # zeros until set_input gives one
             self.buffers["res"] = tvm.runtime.tensor(np.zeros(spec.y_shape, np.float32), self.dev)
 
+    def poison(self) -> None:
+        """Fill every buffer the stages write ("y" and the intermediates) with NaN (an int buffer
+        with -1: it cannot hold a NaN, and -1 is no valid pointer or index), so that an output
+        element a kernel leaves unwritten shows as a NaN where the reference has a number,
+        whatever the buffer held before."""
+        for st in self.stages:
+            for b in st.outputs:
+                dtype = np.dtype(b.dtype)
+                self.buffers[b.name].copyfrom(np.full(b.shape, np.nan if dtype.kind == "f" else -1, dtype))
+
     def _args(self, st: Stage):
         return [self.buffers[n] for n in st.inputs] + [self.buffers[b.name] for b in st.outputs]
 

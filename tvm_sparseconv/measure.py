@@ -1,5 +1,6 @@
-"""Measuring: the error against a reference, the time of each call inside a compiled model,
-and a progress line with ETA for long work. Used by layer, bench, refine and the tuner."""
+"""Measuring: the error against a reference and the tolerance it is held to, the time of each
+call inside a compiled model, and a progress line with ETA for long work. Used by layer, bench,
+refine, the tuner and the fuzzer."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +16,15 @@ def max_abs_error(y: np.ndarray, ref: np.ndarray) -> float:
                                                                                ref[~fin & ~np.isnan(ref)]):
         return float("inf")
     return float(np.max(np.abs(y[fin] - ref[fin]), initial=0.0))
+
+
+def tolerance(spec, ref: np.ndarray) -> float:
+    """The largest max_abs_error a float32 kernel may have against the float64 ``ref`` of layer
+    ``spec`` (a conv.Conv2DSpec): sums in another order lose more with a longer reduction, scaled
+    by the largest finite output (an Inf in ref must not make every error pass)."""
+    red = spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    scale = float(np.abs(ref[np.isfinite(ref)]).max(initial=1.0))
+    return 1e-4 + 2e-5 * np.sqrt(red) * scale
 
 
 def vm_latency_ms(vm, x: np.ndarray, repeat: int = 10) -> tuple[np.ndarray, float]:

@@ -82,7 +82,7 @@ class Worker:
     def __init__(self, timeout: float | None = None, isolate: bool | None = None):
         self.timeout = float(os.environ.get("TVMS_CANDIDATE_TIMEOUT", DEFAULT_TIMEOUT_S)) if timeout is None \
             else float(timeout)
-        self.isolate = os.environ.get("TVMS_IN_PROCESS", "0") in ("", "0") if isolate is None else bool(isolate)
+        self.isolate = isolated() if isolate is None else bool(isolate)
         self._proc = self._conn = self._log = None
         self._held: dict = {}  # Cached values the child holds, by id (held here too: ids stay unique)
         _LIVE.add(self)
@@ -219,6 +219,11 @@ class Worker:
             self._log.close()
         self._proc = self._conn = self._log = None
         self._held = {}
+
+
+def isolated() -> bool:
+    """Whether a Worker runs its jobs in a child process by default (unless TVMS_IN_PROCESS=1)."""
+    return os.environ.get("TVMS_IN_PROCESS", "0") in ("", "0")
 
 
 def last_error_line(text: str, width: int = 300) -> str:

@@ -243,6 +243,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_fuzz(args) -> int:
+    from ..algorithms import ALGORITHMS
+    from ..fuzz import run_campaign
+
+    algorithms = ALGORITHMS if args.algorithms == "all" else tuple(a.strip() for a in args.algorithms.split(","))
+    only = ints(args.only) if args.only else None
+    res = run_campaign(args.seed, args.layers, only, algorithms, args.target, args.knob_dicts, args.bounds_check,
+                       args.jobs, args.timeout, on_failure=tables.print_fuzz_failure)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"command": _command_line(args), **res.to_dict()}, f, indent=1)
+    tables.print_fuzz_summary(res.to_dict())
+    return 130 if res.interrupted else 1 if res.failed else 0
+
+
 # the layer whose default knobs ``algorithms`` lists: a 3x3 conv in the middle of a ResNet's first stage
 REPRESENTATIVE_LAYER = ((1, 64, 56, 56), (64, 64, 3, 3))
 
@@ -306,7 +322,7 @@ def cmd_results(args) -> int:
 
 COMMANDS = {"layer": cmd_layer, "profile": cmd_profile, "compile": cmd_compile, "bench": cmd_bench,
             "refine": cmd_refine, "tune": cmd_tune, "report": cmd_report, "run": cmd_run,
-            "algorithms": cmd_algorithms, "results": cmd_results}
+            "algorithms": cmd_algorithms, "results": cmd_results, "fuzz": cmd_fuzz}
 
 
 def run(args, argv: list[str]) -> int:

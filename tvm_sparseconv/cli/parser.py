@@ -145,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     alg.add_argument("--markdown", action="store_true", help="print a GitHub markdown table (the README's and "
                      "docs' table of algorithms is this output)")
 
+    fuz = sub.add_parser("fuzz", help="random small conv layers through every algorithm, each output checked "
+                         "against the float64 reference (docs/fuzz.md); exit code 1 on any wrong answer or error")
+    fuz.add_argument("--layers", type=int, default=100, help="layers 0..N-1 of the campaign (default %(default)s)")
+    fuz.add_argument("--seed", type=int, default=0, help="the campaign's seed: layer k's own seed follows from "
+                     "it and k (default %(default)s)")
+    fuz.add_argument("--only", default=None, metavar="K[,K...]", help="run only these layers of the campaign "
+                     "(what a failing case's rerun line says)")
+    fuz.add_argument("--algorithms", default="all", help="comma list or 'all'")
+    fuz.add_argument("--knob-dicts", type=int, default=1, help="knob dicts per algorithm and layer, drawn from its "
+                     "knob space, the defaults in half the draws (default %(default)s)")
+    fuz.add_argument("--bounds-check", action=argparse.BooleanOptionalAction, default=True,
+                     help="put guard zones around every buffer and run each candidate twice: an access outside a "
+                     "buffer is an error (default: on)")
+    fuz.add_argument("--json", metavar="OUT", default=None, help="write the counts and every failing case "
+                     "(layer, seeds, algorithm, knobs, max error or error text, rerun command) here")
+    fuz.add_argument("--jobs", type=int, default=1, help="layers built at once, one worker process each "
+                     "(default %(default)s)")
+    fuz.add_argument("--timeout", type=float, default=300, help="seconds a candidate's build and run may take "
+                     "before it counts as an error (default %(default)s)")
+    fuz.add_argument("--target", default=None, help="JSON dict target (default: this CPU)")
+    fuz.add_argument("--threads", type=int, default=0, help="TVM threads per worker (default: all cores)")
+
     res = sub.add_parser("results", help="render saved `bench --json` and `layer --json` results as markdown "
                          "tables, one set per CPU")
     res.add_argument("files", nargs="+", metavar="FILE.json", help="what bench --json or layer --json printed")

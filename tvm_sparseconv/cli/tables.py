@@ -336,3 +336,29 @@ def results_markdown(saved: list[tuple[str, str, dict]]) -> str:
         if by_kind["layer"]:
             out += _layer_section(by_kind["layer"])
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+# -- fuzz -------------------------------------------------------------------------------------
+
+def print_fuzz_failure(case: dict) -> None:
+    """One failing case of a fuzz campaign (fuzz.failure_case), as it is found: two lines."""
+    what = case["error"] if case["status"] == "error" else \
+        f"max abs error {fmt(case['max_abs_error'], 4)} > {case['tolerance']:.2g}: {case['error']}"
+    print(f"{case['status'].upper()} layer {case['layer']} (seed {case['layer_seed']}) {case['algorithm']} "
+          f"{case['knobs']}: {what}")
+    print(f"  {case['description']}; rerun: {case['rerun']}", flush=True)
+
+
+def print_fuzz_summary(res: dict) -> None:
+    """A campaign's end (fuzz.CampaignResult.to_dict): build seconds by algorithm and the rate on
+    stderr, then the summary as the last line on stdout."""
+    import sys
+
+    secs = sorted(res["seconds_by_algorithm"].items(), key=lambda kv: -kv[1])
+    if secs:
+        print("seconds by algorithm (build and run): " + ", ".join(f"{a} {s:.0f}" for a, s in secs), file=sys.stderr)
+    if res.get("layers_per_minute"):
+        print(f"{res['elapsed_s']:.0f} s, {res['layers_per_minute']:.1f} layers/minute", file=sys.stderr)
+    if res.get("interrupted"):
+        print(f"interrupted: the counts below are those of the {res['layers']} layers finished", file=sys.stderr)
+    print(res["summary"], flush=True)

@@ -32,7 +32,7 @@ from ..build import CACHE_MODES, CompiledLayer
 from ..conv import UnsupportedConvError
 from ..cpu import cpu_of
 from ..frontend import Model
-from ..measure import Progress, max_abs_error
+from ..measure import Progress, max_abs_error, tolerance
 from ..plan import Plan, PlanLayer
 from ..profile import profile
 from ..reference import dense_conv2d
@@ -74,11 +74,6 @@ class TuneConfig:
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
     candidate_timeout: float | None = None  # s per candidate; None: worker.py's default (600)
-
-
-def _tolerance(w: Workload, ref: np.ndarray) -> float:
-    red = w.spec.in_channels // w.spec.groups * w.spec.kernel_h * w.spec.kernel_w
-    return 1e-4 + 2e-5 * np.sqrt(red) * float(np.nanmax(np.abs(ref), initial=1.0))
 
 
 def measure_candidate(a: str, spec, weight, bias, relu: bool, target: str, knobs: dict, db: str | None,
@@ -279,7 +274,7 @@ class Tuner:
         try:
             rec.update(shared_worker().call(
                 measure_candidate, a, w.spec, Cached(w.weight), w.bias, w.relu, str(self.target), knobs,
-                self.db_dir if a in METASCHEDULE else None, Cached(w.x), Cached(ref), _tolerance(w, ref),
+                self.db_dir if a in METASCHEDULE else None, Cached(w.x), Cached(ref), tolerance(w.spec, ref),
                 self.cfg.repeat, self.cfg.cache, self.cfg.rpc, timeout=self.cfg.candidate_timeout))
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
