@@ -128,6 +128,14 @@ def test_not_a_checkpoint(empty_cache, tmp_path):
         zoo.cached_onnx(str(bad), "mobilenet_v2")
 
 
+def test_unwritable_cache(checkpoint, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(ModelError, match="cannot write the ONNX export of mobilenet_v2 into .*XDG_CACHE_HOME"):
+        zoo.cached_onnx(checkpoint, "mobilenet_v2")
+
+
 def test_model_path_exports_into_the_cache(checkpoint, cache):
     p = model_path("mobilenet-v2")
     assert p.startswith(str(cache)) and p.endswith(".onnx") and os.path.isfile(p)

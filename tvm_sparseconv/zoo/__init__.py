@@ -77,8 +77,12 @@ def cached_onnx(checkpoint: str, network: str) -> str:
     except Exception as e:
         # torch's message spans lines (one per kind of mismatch): one line for the CLI's error
         raise ModelError(f"{checkpoint} is not a {network} checkpoint: {' '.join(str(e).split())}") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ModelError(f"cannot write the ONNX export of {network} into {out.parent} ({e}); set XDG_CACHE_HOME "
+                         "to a writable folder") from e
     os.close(fd)
     try:
         with warnings.catch_warnings():
