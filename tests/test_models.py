@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 MODELS = ("vgg16-tumor", "resnet50-nsfw", "mobilenet-v2")
 # per model, two photos: the first for the one-algorithm builds, the second for the mixed plan
-IMAGES = {"vgg16-tumor": ("skimage:astronaut", "sklearn:china"), "resnet50-nsfw": ("skimage:astronaut", "sklearn:china"),
+IMAGES = {"vgg16-tumor": ("skimage:astronaut", "sklearn:china"),
+          "resnet50-nsfw": ("skimage:astronaut", "sklearn:china"),
           "mobilenet-v2": ("skimage:chelsea", "skimage:coffee")}
 # MobileNet-V2's top-1 ImageNet classes that a person would accept for a sample photo. The other
 # photos get classes no one would call right (astronaut: bobsled, rocket: obelisk, flower:
