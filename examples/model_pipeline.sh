@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real CNN end to end: profile -> plan -> compile -> export -> run -> bench.
-# usage: examples/model_pipeline.sh MODEL [IMAGE...]   (MODEL: resnet50-nsfw, vgg16-tumor or an .onnx file)
+# usage: examples/model_pipeline.sh MODEL [IMAGE...]   (MODEL: resnet50-nsfw, vgg16-tumor, mobilenet-v2 or an .onnx file)
 # The plan is the one shipped in tvm_sparseconv/shipped/ for this CPU; on another CPU it is tuned here first
 # (a 15-minute budget; raise --budget-minutes / --trials for a better plan).
 set -euo pipefail

