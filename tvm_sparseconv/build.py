@@ -45,7 +45,8 @@ class CompiledLayer:
     """One conv layer compiled with one algorithm.
 
     ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow;
-    with ``residual``, ``layer(x, res)`` adds res (N x M x Oh x Ow) before the ReLU.
+    with ``residual``, ``layer(x, res)`` adds res (N x M x Oh x Ow) before the ReLU; ``clip``
+    (with ``relu``) bounds the output to [0, clip] (conv.Epilogue).
     Constants (re-laid-out weights) are uploaded once; intermediate buffers are
     allocated once at their worst-case size and reused. With an RPC ``session`` the
     library is exported, uploaded and run on the remote CPU instead.
@@ -53,7 +54,8 @@ class CompiledLayer:
 
     def __init__(self, algorithm: str | Algorithm, spec: Conv2DSpec, weight: np.ndarray,
                  bias: np.ndarray | None = None, relu: bool = False, target=None,
-                 knobs: Mapping | None = None, database=None, session=None, residual: bool = False):
+                 knobs: Mapping | None = None, database=None, session=None, residual: bool = False,
+                 clip: float | None = None):
         self.algorithm = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
         self.spec = spec
         self.algorithm.check(spec)
@@ -62,7 +64,7 @@ class CompiledLayer:
         weight = np.asarray(weight, np.float32)
         if weight.shape != spec.w_shape:
             raise ConvSpecError(f"weight shape {weight.shape} does not match the layer's {spec.w_shape}")
-        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual))
+        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual), clip=clip)
         self.target = make_target(target)
         self.knobs = self.algorithm.knobs(spec, knobs, self.target)
         self.stages = self.algorithm.stages(spec, self.epilogue, self.knobs, self.target)

@@ -158,9 +158,16 @@ class Conv2DSpec:
 
 @dataclass(frozen=True)
 class Epilogue:
-    """What is applied to the accumulators before they are stored: + bias[m], + res[n, m, r, s]
-    (a residual input of y's shape, when the graph adds one), then max(., 0)."""
+    """What is applied to the accumulators before they are stored, in this order: + bias[m],
+    + res[n, m, r, s] (a residual input of y's shape, when the graph adds one), then
+    max(., 0) with ``relu``, then min(., clip) with ``clip`` (ReLU6 is relu and clip 6.0; any
+    clip(0, a) is relu and clip a). NaN passes both bounds, as in the graph's own ops."""
 
     bias: bool = False
     relu: bool = False
     residual: bool = False
+    clip: float | None = None
+
+    def __post_init__(self):
+        if self.clip is not None and not (self.relu and float(self.clip) > 0):
+            raise ConvSpecError(f"clip={self.clip}: an epilogue clips to [0, a] with relu=True and a > 0")

@@ -98,8 +98,11 @@ def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: st
 
 
 def fold(mod: tvm.IRModule) -> tvm.IRModule:
-    """Fold constant expressions (reshape(bias) -> bias) so patterns see plain constants."""
-    return relax.transform.FoldConstant()(mod)
+    """Fold constant expressions (reshape(bias) -> bias) so patterns see plain constants, and
+    turn imported scalar clamps into Relax ops (passes/clamps_as_ops.py): one form for graph.py."""
+    from .passes.clamps_as_ops import ClampsAsOps
+
+    return ClampsAsOps(relax.transform.FoldConstant()(mod))
 
 
 def load_model(model, input_shape: Sequence[int] | None = None, layout: str | None = None) -> Model:

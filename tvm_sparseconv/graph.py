@@ -18,6 +18,7 @@ from .conv import Conv2DSpec, Epilogue
 CONV = tvm.ir.Op.get("relax.nn.conv2d")
 ADD = tvm.ir.Op.get("relax.add")
 RELU = tvm.ir.Op.get("relax.nn.relu")
+MAXIMUM, MINIMUM, CLIP = (tvm.ir.Op.get(f"relax.{n}") for n in ("maximum", "minimum", "clip"))
 
 # data_layout -> axes that turn it into NCHW; kernel_layout -> axes that turn it into OIHW
 _TO_NCHW = {"NCHW": None, "NHWC": (0, 3, 1, 2)}
@@ -26,19 +27,21 @@ _TO_OIHW = {"OIHW": None, "HWIO": (3, 2, 0, 1), "OHWI": (0, 3, 1, 2), "HWOI": (2
 
 @dataclass(frozen=True)
 class ResidualAdd:
-    """conv (+ bias) -> add(., residual) [-> ReLU]: the chain a kernel that fuses the residual add
-    replaces (``root`` its last var, ``absorbed`` the vars before it), ``residual`` the other
-    operand of the add (y-shaped, NCHW)."""
+    """conv (+ bias) -> add(., residual) [-> ReLU or clip(0, a)]: the chain a kernel that fuses the
+    residual add replaces (``root`` its last var, ``absorbed`` the vars before it), ``residual``
+    the other operand of the add (y-shaped, NCHW)."""
 
     residual: relax.Expr
     root: relax.Var
     absorbed: tuple
     relu: bool
+    clip: float | None = None
 
 
 @dataclass
 class ConvSite:
-    """One conv2d call, with the bias add and ReLU that directly and only consume it.
+    """One conv2d call, with the bias add and activation (ReLU, or a clip(0, a) such as ReLU6:
+    ``relu`` and ``clip``, conv.Epilogue's) that directly and only consume it.
 
     ``weight`` is the OIHW weight when it is a constant (else None); ``root`` is the last
     var of the fused chain (conv, + bias, ReLU) whose value a rewrite replaces; ``absorbed``
@@ -59,17 +62,18 @@ class ConvSite:
     relu: bool = False
     why_dense: str | None = None
     residual_add: ResidualAdd | None = None
+    clip: float | None = None
 
     def epilogue(self, fused: bool = False) -> Epilogue:
-        """What a kernel for this layer computes after the convolution: its bias and ReLU, or with
-        ``fused`` the residual_add chain (the residual add, and the ReLU when the chain ends in one)."""
-        relu = self.residual_add.relu if fused else self.relu
-        return Epilogue(bias=self.bias is not None, relu=relu, residual=fused)
+        """What a kernel for this layer computes after the convolution: its bias and activation,
+        or with ``fused`` the residual_add chain (the residual add, then the chain's activation)."""
+        act = self.residual_add if fused else self
+        return Epilogue(bias=self.bias is not None, relu=act.relu, residual=fused, clip=act.clip)
 
     def describe(self) -> dict:
         s = self.spec
         return {"key": self.key, "spec": s.to_dict(), "bias": self.bias is not None, "relu": self.relu,
-                "residual_add": self.residual_add is not None, "data_layout": self.data_layout,
+                "clip": self.clip, "residual_add": self.residual_add is not None, "data_layout": self.data_layout,
                 "why_dense": self.why_dense}
 
 
@@ -158,7 +162,7 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
         why = "the weight is not a constant"
     if why is None and (x.ty.dtype != "float32" or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))):
         why = f"dtype {x.ty.dtype} (the kernels are float32)"
-    root, absorbed, bias, relu = var, [], None, False
+    root, absorbed, bias, relu, clip = var, [], None, False, None
     if why is None:
         nxt = _only_consumer(root, uses, consumer)
         if nxt is not None and bindings[nxt].op == ADD:
@@ -168,14 +172,62 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
             if b is not None:
                 absorbed.append(root)
                 root, bias = nxt, b
-                nxt = _only_consumer(root, uses, consumer)
-        if nxt is not None and bindings[nxt].op == RELU:
-            absorbed.append(root)
-            root, relu = nxt, True
+        root, relu, clip = _activation(root, absorbed, bindings, uses, consumer)
     residual = None if why is not None or relu or data_layout != "NCHW" else _residual_add(
         root, absorbed, spec, bindings, uses, consumer)
     return ConvSite(index, f"conv{index:03d}", spec, data_layout, var, root, tuple(absorbed), weight, bias, relu, why,
-                    residual)
+                    residual, clip)
+
+
+def _scalar(e) -> float | None:
+    """The value of a one-element float constant or a PrimValue, else None."""
+    if isinstance(e, (tvm.tirx.FloatImm, tvm.tirx.IntImm)):  # a relax.prim_value
+        return float(e.value)
+    v = _const_value(e)
+    return float(v.reshape(-1)[0]) if v is not None and v.size == 1 and v.dtype.kind == "f" else None
+
+
+def _bounds(call, x) -> tuple[float, float] | None:
+    """(lo, hi) when ``call`` bounds ``x`` elementwise by constants: relu, maximum/minimum with a
+    scalar constant, clip; else None."""
+    if not isinstance(call, relax.Call):
+        return None
+    if call.op == RELU:
+        return 0.0, np.inf
+    if call.op == CLIP and call.args[0].same_as(x):
+        lo, hi = _scalar(call.args[1]), _scalar(call.args[2])
+        return None if lo is None or hi is None else (lo, hi)
+    if call.op in (MAXIMUM, MINIMUM):
+        a, b = call.args
+        c = _scalar(b) if a.same_as(x) else _scalar(a) if b.same_as(x) else None
+        if c is not None:
+            return (c, np.inf) if call.op == MAXIMUM else (-np.inf, c)
+    return None
+
+
+def _bounded(root, bindings, uses, consumer):
+    """(the var, lo, hi) when the only consumer of ``root`` bounds it by constants, else None."""
+    nxt = _only_consumer(root, uses, consumer)
+    b = _bounds(bindings.get(nxt), root) if nxt is not None else None
+    return None if b is None else (nxt, *b)
+
+
+def _activation(root, absorbed: list, bindings, uses, consumer) -> tuple:
+    """Follow ``root`` through a ReLU or a clip to [0, a] that only it feeds: relu, maximum(., 0)
+    or clip(., 0, a), then optionally minimum(., a) after the first two (a > 0). The vars passed
+    go into ``absorbed``. Returns (the new root, relu, clip) as conv.Epilogue has them."""
+    first = _bounded(root, bindings, uses, consumer)
+    if first is None or first[1] != 0.0 or not first[2] > 0:
+        return root, False, None
+    absorbed.append(root)
+    root, _, hi = first
+    if hi < np.inf:
+        return root, True, hi
+    second = _bounded(root, bindings, uses, consumer)
+    if second is None or second[1] != -np.inf or not 0 < second[2] < np.inf:
+        return root, True, None
+    absorbed.append(root)
+    return second[0], True, second[2]
 
 
 def _residual_add(root, absorbed, spec: Conv2DSpec, bindings, uses, consumer) -> ResidualAdd | None:
@@ -189,9 +241,6 @@ def _residual_add(root, absorbed, spec: Conv2DSpec, bindings, uses, consumer) ->
     if (other.same_as(root) or _const_value(other) is not None or not isinstance(ty, relax.TensorType)
             or ty.dtype != "float32" or ty.shape is None or [int(v) for v in ty.shape] != list(spec.y_shape)):
         return None
-    chain, root, relu = [*absorbed, root], nxt, False
-    after = _only_consumer(root, uses, consumer)
-    if after is not None and bindings[after].op == RELU:
-        chain.append(root)
-        root, relu = after, True
-    return ResidualAdd(other, root, tuple(chain), relu)
+    chain = [*absorbed, root]
+    root, relu, clip = _activation(nxt, chain, bindings, uses, consumer)
+    return ResidualAdd(other, root, tuple(chain), relu, clip)

@@ -32,6 +32,7 @@ class LayerProfile:
     bias: bool
     relu: bool
     why_dense: str | None
+    clip: float | None = None  # the activation's upper bound (ReLU6: 6.0), conv.Epilogue's
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,5 +69,5 @@ def profile(model: Model, samples, target=None, algorithm: str = "dense"):
         d = st[:, 0]
         layers.append(LayerProfile(s.key, s.spec.to_dict(), s.spec.macs, float(d.mean()), float(d.std()),
                                    float(d.min()), float(d.max()), float(st[:, 1].mean()), s.bias is not None,
-                                   s.relu, s.why_dense))
+                                   s.relu, s.why_dense, s.clip))
     return layers, acts, outputs

@@ -168,9 +168,10 @@ def registers_ok(cpu: CPU, pixels: int, m_tile: int) -> bool:
 
 def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     """TIR expression: accumulator ``v`` of output channel ``m`` after bias, the residual
-    ``res_buf[at]`` (``at``: the output element's indices) and ReLU.
+    ``res_buf[at]`` (``at``: the output element's indices), ReLU and the clip (conv.Epilogue).
 
-    ReLU is select(v < 0, 0, v) so that NaN propagates (max() would drop it).
+    The bounds are select(v < 0, 0, v) and select(v > a, a, v) so that NaN propagates (max()
+    and min() would drop it).
     """
     if epilogue.bias:
         v = v + bias_buf[m]
@@ -178,6 +179,9 @@ def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
         v = v + res_buf[at]
     if epilogue.relu:
         v = tvm.tirx.Select(v < tvm.tirx.const(0.0, "float32"), tvm.tirx.const(0.0, "float32"), v)
+    if epilogue.clip is not None:
+        a = tvm.tirx.const(float(epilogue.clip), "float32")
+        v = tvm.tirx.Select(v > a, a, v)
     return v
 
 

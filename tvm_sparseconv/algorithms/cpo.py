@@ -38,6 +38,7 @@ class CPOAlgorithm(Algorithm):
 
     name = "cpo"
     sparse = True
+    fuses_residual = True
     packed = False
     knob_defaults = {"multiply": "gather", "m_tile": 64, "pixels": 4, "chunks": 2, "row_tile": 0}
 

@@ -6,7 +6,7 @@ from tvm import te
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import im2col_lower, im2col_multiply, im2col_storage
 from .base import Buffer, Stage, bias_constant, register
-from .lowering import Lowering, padded_read, te_bias, te_epilogue
+from .lowering import Lowering, padded_read, te_epilogue
 
 
 @register
@@ -32,11 +32,10 @@ class Im2col(Lowering):
 
         a_in = te.placeholder(a.shape, "float32", name="a")
         w = te.placeholder((spec.out_channels, k), "float32", name="w_mk")
-        bias, bias_in = te_bias(spec, epilogue)
         r = te.reduce_axis((0, k), name="k")
         y = te.compute(spec.y_shape, lambda n, m, h, v: te.sum(w[m, r] * a_in[n, r, h * ow + v], axis=r), name="gemm")
-        y = te_epilogue(y, bias[0] if bias else None, epilogue)
-        gemm = Stage("gemm", "multiply", te.create_prim_func([a_in, w, *bias, y]), ("a", "w_mk", *bias_in),
+        y, ep_in, ep_names = te_epilogue(spec, y, epilogue)
+        gemm = Stage("gemm", "multiply", te.create_prim_func([a_in, w, *ep_in, y]), ("a", "w_mk", *ep_names),
                      (Buffer("y", spec.y_shape),), tunable=True)
         return [lower, gemm]
 

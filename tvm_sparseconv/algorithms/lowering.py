@@ -6,7 +6,7 @@ from tvm import te
 
 from ..conv import Conv2DSpec, Epilogue
 from ..reference.storage import Storage
-from .base import Algorithm, epilogue_value
+from .base import Algorithm, epilogue_inputs, epilogue_value
 
 
 def padded_read(spec: Conv2DSpec, x: te.Tensor, n, c, ih, iw):
@@ -16,18 +16,22 @@ def padded_read(spec: Conv2DSpec, x: te.Tensor, n, c, ih, iw):
     return tvm.tirx.if_then_else(inside, x[n, c, ih - pt, iw - pl], tvm.tirx.const(0.0, "float32"))
 
 
-def te_epilogue(y: te.Tensor, bias: te.Tensor | None, epilogue: Epilogue) -> te.Tensor:
-    """Bias + ReLU on an N x M x Oh x Ow TE tensor, as one elementwise stage."""
-    if not (epilogue.bias or epilogue.relu):
-        return y
-    return te.compute(y.shape, lambda n, m, h, w: epilogue_value(y[n, m, h, w], m, bias, epilogue), name="y")
+def te_epilogue(spec: Conv2DSpec, y: te.Tensor, epilogue: Epilogue) -> tuple[te.Tensor, list, tuple]:
+    """The epilogue (bias, residual, ReLU, clip: conv.Epilogue) on an N x M x Oh x Ow TE tensor
+    as one elementwise stage.
 
-
-def te_bias(spec: Conv2DSpec, epilogue: Epilogue) -> tuple[list, tuple]:
-    """The bias placeholder list and input-name tuple (both empty without a bias)."""
-    if not epilogue.bias:
-        return [], ()
-    return [te.placeholder((spec.out_channels,), "float32", name="bias")], ("bias",)
+    Returns (the output, the epilogue's placeholders, their input names): ``bias`` (M) and ``res``
+    (N x M x Oh x Ow) when used, in base.epilogue_inputs' order; ``y`` itself when there is
+    nothing to apply.
+    """
+    names = epilogue_inputs(epilogue)
+    shapes = {"bias": (spec.out_channels,), "res": spec.y_shape}
+    ph = {n: te.placeholder(shapes[n], "float32", name=n) for n in names}
+    if epilogue == Epilogue():
+        return y, [], ()
+    out = te.compute(y.shape, lambda n, m, h, w: epilogue_value(y[n, m, h, w], m, ph.get("bias"), epilogue,
+                                                                ph.get("res"), (n, m, h, w)), name="y")
+    return out, [ph[n] for n in names], names
 
 
 class Lowering(Algorithm):
@@ -35,6 +39,7 @@ class Lowering(Algorithm):
     are TE, which MetaSchedule tunes."""
 
     metaschedule = True
+    fuses_residual = True
 
     def lowered_storage(self, spec: Conv2DSpec) -> Storage:
         raise NotImplementedError

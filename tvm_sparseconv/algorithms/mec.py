@@ -7,7 +7,7 @@ from tvm import te
 from ..conv import Conv2DSpec, Epilogue
 from ..reference import mec_lower, mec_multiply, mec_storage
 from .base import Buffer, Stage, bias_constant, register
-from .lowering import Lowering, padded_read, te_bias, te_epilogue
+from .lowering import Lowering, padded_read, te_epilogue
 
 
 @register
@@ -30,12 +30,11 @@ class MEC(Lowering):
 
         l_in = te.placeholder(shape, "float32", name="l")
         w = te.placeholder((kh, kw, c, spec.out_channels), "float32", name="w_lqcm")
-        bias, bias_in = te_bias(spec, epilogue)
         rl, rq, rc = te.reduce_axis((0, kh), "rl"), te.reduce_axis((0, kw), "rq"), te.reduce_axis((0, c), "rc")
         y = te.compute(spec.y_shape, lambda n, m, r, v: te.sum(
             l_in[n, v, r * sh + rl * dh, rq, rc] * w[rl, rq, rc, m], axis=[rl, rq, rc]), name="gemm")
-        y = te_epilogue(y, bias[0] if bias else None, epilogue)
-        gemm = Stage("gemm", "multiply", te.create_prim_func([l_in, w, *bias, y]), ("l", "w_lqcm", *bias_in),
+        y, ep_in, ep_names = te_epilogue(spec, y, epilogue)
+        gemm = Stage("gemm", "multiply", te.create_prim_func([l_in, w, *ep_in, y]), ("l", "w_lqcm", *ep_names),
                      (Buffer("y", spec.y_shape),), tunable=True)
         return [lower, gemm]
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, get_algorithm, knob_space
 from ..build import CACHE_MODES, CompiledLayer
-from ..conv import UnsupportedConvError
+from ..conv import Epilogue, UnsupportedConvError
 from ..cpu import cpu_of
 from ..frontend import Model
 from ..measure import Progress, max_abs_error, tolerance
@@ -76,7 +76,7 @@ class TuneConfig:
     candidate_timeout: float | None = None  # s per candidate; None: worker.py's default (600)
 
 
-def measure_candidate(a: str, spec, weight, bias, relu: bool, target: str, knobs: dict, db: str | None,
+def measure_candidate(a: str, spec, weight, bias, epilogue: Epilogue, target: str, knobs: dict, db: str | None,
                       x: np.ndarray, ref: np.ndarray, tol: float, repeat: int, cache: str, rpc) -> dict:
     """Build one candidate, check it against ``ref`` and time it: the job Tuner._measure_one runs
     in the worker. Over RPC, ``rpc`` (host, port, key) opens a session from the tracker in this
@@ -89,7 +89,7 @@ def measure_candidate(a: str, spec, weight, bias, relu: bool, target: str, knobs
         host, port, key = rpc
         session = tvm_rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=600)
     try:
-        layer = CompiledLayer(a, spec, weight, bias, relu, target, knobs, db, session)
+        layer = CompiledLayer(a, spec, weight, bias, epilogue.relu, target, knobs, db, session, clip=epilogue.clip)
         err = max_abs_error(layer(x), ref)
         if not err <= tol:
             return {"error": f"wrong result: max abs error {err:.3g}", "max_abs_error": err}
@@ -260,7 +260,7 @@ class Tuner:
                         p.step(f"{a}: budget spent, skipped")
                         continue
                     if ref is None:
-                        ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu)
+                        ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu, clip=w.clip)
                     rec = self._measure_one(w, a, knobs, ref)
                     self.trials.append(rec)
                 if rec.get("time_ms"):
@@ -273,7 +273,7 @@ class Tuner:
         rec = {"workload": w.id, "algorithm": a, "knobs": knobs, "density": w.density}
         try:
             rec.update(shared_worker().call(
-                measure_candidate, a, w.spec, Cached(w.weight), w.bias, w.relu, str(self.target), knobs,
+                measure_candidate, a, w.spec, Cached(w.weight), w.bias, w.epilogue, str(self.target), knobs,
                 self.db_dir if a in METASCHEDULE else None, Cached(w.x), Cached(ref), tolerance(w.spec, ref),
                 self.cfg.repeat, self.cfg.cache, self.cfg.rpc, timeout=self.cfg.candidate_timeout))
         except Exception as e:

@@ -28,18 +28,21 @@ class Workload:
     density: float
     densities: list = field(default_factory=list)
     why_dense: str | None = None
+    clip: float | None = None
 
     @property
     def epilogue(self) -> Epilogue:
-        """Bias and ReLU as the layers have them (a workload's candidates never fuse a residual)."""
-        return Epilogue(bias=self.bias is not None, relu=self.relu)
+        """Bias, ReLU and clip as the layers have them (a workload's candidates never fuse a
+        residual)."""
+        return Epilogue(bias=self.bias is not None, relu=self.relu, clip=self.clip)
 
 
 def workload_id(site: ConvSite) -> str:
     s = site.spec
     return (f"{s.batch}x{s.in_channels}x{s.height}x{s.width}-m{s.out_channels}-k{s.kernel_h}x{s.kernel_w}"
             f"-s{s.stride[0]}x{s.stride[1]}-p{'.'.join(map(str, s.padding))}-d{s.dilation[0]}x{s.dilation[1]}"
-            f"-g{s.groups}{'-bias' if site.bias is not None else ''}{'-relu' if site.relu else ''}")
+            f"-g{s.groups}{'-bias' if site.bias is not None else ''}{'-relu' if site.relu else ''}"
+            f"{f'-clip{site.clip:g}' if site.clip is not None else ''}")
 
 
 def extract_workloads(sites: list[ConvSite], activations: list[list[np.ndarray]]) -> list[Workload]:
@@ -54,5 +57,5 @@ def extract_workloads(sites: list[ConvSite], activations: list[list[np.ndarray]]
         d, i, j = cands[len(cands) // 2]
         s = sites[idx[0]]
         out.append(Workload(wid, s.spec, s.relu, [sites[k].key for k in idx], s.weight, s.bias,
-                            activations[i][j], d, [c[0] for c in cands], s.why_dense))
+                            activations[i][j], d, [c[0] for c in cands], s.why_dense, s.clip))
     return out

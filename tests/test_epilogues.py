@@ -1,0 +1,178 @@
+"""Clip epilogues (ReLU6, any clip(0, a)) and residual adds without an activation, in every
+kernel and as the graph matcher finds them in models imported from ONNX and torch.
+
+The kernel grid with a residual is test_residual.py; bias and ReLU alone are test_conformance.py.
+"""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvm_sparseconv.algorithms import ALGORITHMS
+from tvm_sparseconv.build import CompiledLayer
+from tvm_sparseconv.compile import compile as tvms_compile, lower, resolve_plan
+from tvm_sparseconv.conv import ConvSpecError, Epilogue
+from tvm_sparseconv.frontend import load_model
+from tvm_sparseconv.passes.clamps_as_ops import scalar_clamp
+from tvm_sparseconv.plan import Plan, PlanLayer
+from tvm_sparseconv.reference import dense_conv2d
+
+from conftest import GRID, activation, assert_conv_close, grid_spec, weight
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+
+def test_clip_needs_relu_and_a_positive_bound():
+    assert Epilogue(relu=True, clip=6.0).clip == 6.0
+    for bad in (dict(clip=6.0), dict(relu=True, clip=0.0), dict(relu=True, clip=-1.0)):
+        with pytest.raises(ConvSpecError, match="clip"):
+            Epilogue(**bad)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_kernel_clips(algorithm):
+    """bias + ReLU + clip(0, 0.5), then the same with a residual (NaN and Inf in it) before
+    them: the bound cuts a large share of the outputs, NaN passes it, +Inf becomes the bound."""
+    spec = grid_spec(GRID[1])
+    x, w = activation(spec, 0.5), weight(spec)
+    bias = np.linspace(-1, 1, spec.out_channels).astype(np.float32)
+    res = np.random.default_rng(7).standard_normal(spec.y_shape).astype(np.float32)
+    res.flat[[3, 11]] = np.nan, np.inf
+    for r in (None, res):
+        layer = CompiledLayer(algorithm, spec, w, bias, True, residual=r is not None, clip=0.5)
+        y = layer(x) if r is None else layer(x, r)
+        ref = dense_conv2d(spec, x, w, bias, True, residual=r, clip=0.5)
+        assert (ref == 0.5).mean() > 0.1 and np.nanmax(y) <= 0.5
+        assert np.isnan(y).sum() == np.isnan(ref).sum() == (0 if r is None else 1)
+        assert_conv_close(y, ref, spec)
+
+
+# -- the graph: ONNX and torch forms ---------------------------------------------------------------
+class Inverted(torch.nn.Module):
+    """A MobileNet-V2-like block: 1x1 expand + ReLU6, 3x3 + ReLU6, 1x1 project, + the input
+    (no activation after the add), then a conv + clip(0, 2) and a conv + clamp(min=0)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.expand = torch.nn.Conv2d(8, 24, 1)
+        self.mid = torch.nn.Conv2d(24, 24, 3, padding=1)
+        self.project = torch.nn.Conv2d(24, 8, 1)
+        self.tail = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.last = torch.nn.Conv2d(8, 8, 1)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+
+    def forward(self, x):
+        h = torch.nn.functional.relu6(self.expand(x))
+        h = torch.nn.functional.relu6(self.mid(h))
+        y = self.project(h) + x
+        y = torch.clamp(self.tail(y), 0.0, 2.0)
+        return torch.clamp(self.last(y), min=0.0)
+
+
+SHAPE = (1, 8, 10, 10)
+
+
+@pytest.fixture(scope="module")
+def inverted_onnx(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("epi") / "inverted.onnx")
+    torch.onnx.export(Inverted().eval(), (torch.zeros(SHAPE),), path, dynamo=False, opset_version=13,
+                      input_names=["x"])
+    return path
+
+
+def expected_sites(sites):
+    got = [(s.relu, s.clip, s.residual_add is not None) for s in sites]
+    assert got == [(True, 6.0, False), (True, 6.0, False), (False, None, True), (True, 2.0, False),
+                   (True, None, False)]
+    fused = sites[2].residual_add
+    assert not fused.relu and fused.clip is None
+
+
+def test_onnx_clips_and_residual_are_found(inverted_onnx):
+    expected_sites(load_model(inverted_onnx).sites)
+
+
+def test_torch_clips_and_residual_are_found():
+    ep = torch.export.export(Inverted().eval(), (torch.zeros(SHAPE),))
+    expected_sites(load_model(ep).sites)
+
+
+def test_a_clip_that_is_not_an_activation_stays_in_the_graph():
+    """clip(-1, 1), a clip of a conv whose output is used again, and a per-channel maximum are
+    not absorbed: the conv keeps its plain epilogue."""
+    rng = np.random.default_rng(0)
+    w = relax.const(rng.standard_normal((4, 4, 1, 1)).astype(np.float32))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 5, 5), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.clip(bb.emit(relax.op.nn.conv2d(x, w)), -1.0, 1.0))
+            c2 = bb.emit(relax.op.nn.conv2d(a, w))
+            c = bb.emit(relax.op.add(bb.emit(relax.op.clip(c2, 0.0, 6.0)), c2))
+            d = bb.emit(relax.op.maximum(bb.emit(relax.op.nn.conv2d(c, w)),
+                                         relax.const(np.zeros((1, 4, 1, 1), np.float32))))
+            out = bb.emit_output(d)
+        bb.emit_func_output(out)
+    sites = load_model(bb.get()).sites
+    assert [(s.relu, s.clip, len(s.absorbed)) for s in sites] == [(False, None, 0)] * 3
+
+
+def test_only_scalar_clamps_become_ops(inverted_onnx):
+    """The ONNX import's TE max/min against a scalar constant are recognised; other TE
+    PrimFuncs (an add of two tensors) are not."""
+    import onnx as onnx_
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(onnx_.load(inverted_onnx), shape_dict={"x": list(SHAPE)}, keep_params_in_input=False)
+    kinds = {gv.name_hint: scalar_clamp(f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert {tvm.tirx.Max, tvm.tirx.Min} <= set(kinds.values())
+    bb = relax.BlockBuilder()
+    a, b = relax.Var("a", relax.TensorType((2, 3), "float32")), relax.Var("b", relax.TensorType((2, 3), "float32"))
+    with bb.function("main", [a, b]):
+        out = bb.emit_te(tvm.topi.add, a, b)
+        bb.emit_func_output(out)
+    assert all(scalar_clamp(f) is None for _, f in bb.get().functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def _run_model(path, algorithm, mixed=None):
+    """(output, onnxruntime's, the Relax ops left in main, the applied algorithms): ``algorithm``
+    on every layer, or ``mixed[i]`` on layer i."""
+    model = load_model(path)
+    plan = None if mixed is None else Plan([PlanLayer(s.key, s.spec.to_dict(), a) for s, a in zip(model.sites, mixed)])
+    x = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32) * 2
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    target = {"kind": "llvm"}
+    plan = resolve_plan(model, plan, algorithm, target)
+    lowered, applied = lower(model, plan, target)
+    ops = {c.op.name for c in _calls(lowered["main"]) if isinstance(c.op, tvm.ir.Op)}
+    vm = relax.VirtualMachine(tvms_compile(model, target, plan=plan), tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    return y, want, ops, applied
+
+
+def _calls(func):
+    out = []
+    relax.analysis.post_order_visit(func.body, lambda e: out.append(e) if isinstance(e, relax.Call) else None)
+    return out
+
+
+def test_mixed_plan_fuses_every_activation_and_the_add(inverted_onnx):
+    """One algorithm per layer (dense, a sparse CSR, CPO, im2col, MEC): every clip, the ReLU and the
+    residual add go into the kernels, and the model matches onnxruntime."""
+    y, want, ops, applied = _run_model(inverted_onnx, None, ["dense", "pixcsr", "cpo", "im2col", "mec"])
+    assert set(applied.values()) == {"dense", "pixcsr", "cpo", "im2col", "mec"}
+    assert not ops & {"relax.maximum", "relax.minimum", "relax.add", "relax.nn.conv2d"}, ops
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # one model build per algorithm
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_on_the_block(inverted_onnx, algorithm):
+    y, want, ops, applied = _run_model(inverted_onnx, algorithm)
+    assert set(applied.values()) == {algorithm}
+    assert not ops & {"relax.maximum", "relax.minimum", "relax.add"}, ops
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
