@@ -23,14 +23,6 @@ def sidecar_path(lib_path: str) -> str:
     return lib_path + ".json"
 
 
-def export(ex: tvm.runtime.Executable, path: str, model, preprocess: Preprocess | None, labels, applied: dict,
-           target) -> None:
-    """Write the library and its sidecar."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ex.export_library(path)
-    write_sidecar(path, model, preprocess, labels, applied, target)
-
-
 def write_sidecar(path: str, model, preprocess: Preprocess | None, labels, applied: dict, target) -> None:
     """The sidecar of the library at ``path``: input shape, layout, preprocessing, labels, and
     ``applied`` ({layer key: algorithm})."""
