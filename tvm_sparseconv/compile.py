@@ -124,21 +124,28 @@ def _compile_to(model: Model, plan: dict, target: str, database, path: str) -> t
     return b.applied, b.kernels
 
 
+def export_isolated(model: Model, plan: Plan, target, path: str, database=None, worker=None) -> tuple[dict, dict]:
+    """``build`` in a worker process (worker.py), the library exported to ``path`` there; returns
+    the Build's (applied, kernels). An LLVM error in one build of a long run becomes a
+    CandidateCrash for that build, not the end of the process."""
+    from .worker import Cached, shared_worker
+
+    return (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(), str(make_target(target)),
+                                            database, path)
+
+
 def build_isolated(model: Model, plan: Plan, target, database=None, worker=None) -> Build:
-    """``build``, run in a worker process (worker.py): an LLVM error in one build of a long
+    """``build``, run in a worker process (export_isolated): an LLVM error in one build of a long
     ``bench`` or ``refine`` becomes a CandidateCrash for that build, not the end of the process.
     The library is exported and loaded back, as a user's would be."""
     import os
     import shutil
     import tempfile
 
-    from .worker import Cached, shared_worker
-
     d = tempfile.mkdtemp(prefix="tvms-build-")
     try:
         path = os.path.join(d, "model.so")
-        applied, kernels = (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(),
-                                                             str(make_target(target)), database, path)
+        applied, kernels = export_isolated(model, plan, target, path, database, worker)
         return Build(tvm.runtime.load_module(path), applied, kernels)
     finally:
         shutil.rmtree(d, ignore_errors=True)  # the loaded library stays mapped
