@@ -148,13 +148,17 @@ def test_peak_rss_of_the_library_and_onnxruntime_at_batch_1_and_2(small, tmp_pat
         lib = str(tmp_path / f"halo{batch}.so")
         build(m, Plan.uniform(m.sites, "halo"), None).module.export_library(lib)
         ref = reference(path, xb)
-        for runner, f in (("tvm", lib), ("onnxruntime", m.onnx_path)):
-            r = memory.peak_rss(runner, f, xb, threads=2)
-            assert r["modules"] == [runner]
+        readings = {}
+        for runner, f in (("tvm", lib), ("tvm-runtime", lib), ("onnxruntime", m.onnx_path)):
+            r = readings[runner] = memory.peak_rss(runner, f, xb, threads=2)
+            assert r["modules"] == [runner.split("-")[0]]
+            assert r["libraries"] == {"tvm": ["libtvm_runtime", "libtvm_compiler"], "tvm-runtime": ["libtvm_runtime"],
+                                      "onnxruntime": []}[runner]
             assert 0 < r["import_mb"] < r["load_mb"] <= r["peak_mb"] and r["peak_over_import_mb"] > 0
             assert r["peak_mb"] == max(r["load_peak_mb"], r["run_peak_mb"])
             assert r["ru_maxrss_mb"] == pytest.approx(r["peak_mb"], rel=0.05)  # getrusage agrees with VmHWM
             np.testing.assert_allclose(r["output"], ref, rtol=1e-4, atol=1e-4)
+        assert readings["tvm-runtime"]["import_mb"] < readings["tvm"]["import_mb"]  # no compiler library
 
 
 @pytest.mark.slow
@@ -166,7 +170,7 @@ def test_measure_model_at_batch_1_and_2(small):
     assert [e["batch"] for e in res["batches"]] == [1, 2]
     for e in res["batches"]:
         builds = {b["name"]: b for b in e["builds"]}
-        assert list(builds) == ["plan", "all dense", "onnxruntime"]
+        assert list(builds) == ["plan", memory.RUNTIME_ONLY, "all dense", "onnxruntime"]
         assert builds["plan"]["layers"] == "halo 2" and builds["all dense"]["layers"] == "dense 2"
         for name, b in builds.items():
             assert b["modules"] == (["onnxruntime"] if name == "onnxruntime" else ["tvm"])
@@ -190,6 +194,7 @@ def test_peak_rss_errors(tmp_path):
         memory.peak_rss("tvm", str(bad), x)
 
 
+@pytest.mark.slow
 def test_format_storage_against_the_compiled_encoders(small):
     """The stored counts on an activation equal what the compiled stages produce (CompiledLayer,
     independent of the NumPy encoders) and never exceed the worst-case buffers."""
@@ -233,7 +238,7 @@ def test_memory_command(small, tmp_path, capsys):
                        "--threads", "2", "--json", str(out), "--markdown", str(md)], capsys)
     res = json.loads(out.read_text())
     assert res["model"] == path and res["plan"] == "all pixcsr" and res["images"] == [x]
-    assert [b["name"] for b in res["batches"][0]["builds"]] == ["plan", "all dense"]
+    assert [b["name"] for b in res["batches"][0]["builds"]] == ["plan", memory.RUNTIME_ONLY, "all dense"]
     assert [l["algorithm"] for l in res["batches"][0]["layers"]] == ["pixcsr", "pixcsr"]
     assert "formats" not in res
     lines = text.splitlines()
@@ -261,7 +266,7 @@ def test_memory_command_with_onnxruntime_and_formats(small, tmp_path, capsys):
                        "--formats", "--json", str(out)], capsys)
     res = json.loads(out.read_text())
     assert [e["batch"] for e in res["batches"]] == [1, 2]
-    assert [b["name"] for b in res["batches"][1]["builds"]] == ["plan", "all dense", "onnxruntime"]
+    assert [b["name"] for b in res["batches"][1]["builds"]] == ["plan", memory.RUNTIME_ONLY, "all dense", "onnxruntime"]
     assert [l["key"] for l in res["formats"]["layers"]] == ["conv000", "conv001"]
     assert list(res["formats"]["layers"][0]["algorithms"]) == list(ALGORITHMS)
     assert "Formats, stored MB on the samples' activations:" in text

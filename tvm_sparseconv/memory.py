@@ -40,6 +40,7 @@ from .reference.storage import Storage, compression_ratios
 from .target import make_target
 
 MB = 1e6
+RUNTIME_ONLY = "plan, TVM runtime only"  # measure_model's row of the plan's library in runtime-only mode
 
 
 def buffer_bytes(b: Buffer) -> int:
@@ -188,18 +189,20 @@ def storage_plan(model: Model, plan: Plan, target=None, database=None) -> dict:
 # -- peak resident memory -----------------------------------------------------------------------
 
 CHILD = Path(__file__).with_name("rss_child.py")
-RUNNERS = ("tvm", "onnxruntime")
+RUNNERS = ("tvm", "tvm-runtime", "onnxruntime")
 
 
 def peak_rss(runner: str, model_file: str, x: np.ndarray, threads: int = 0, runs: int = 2) -> dict:
     """Run ``model_file`` ``runs`` times on ``x`` in a fresh process that imports numpy and only
-    ``runner`` ("tvm": an exported library; "onnxruntime": an .onnx file), PyTorch hidden, and
-    measure its memory (rss_child.py). Returns, in MB: ``import_mb`` (VmRSS after the imports),
+    ``runner`` ("tvm": an exported library; "tvm-runtime": the same in TVM's runtime-only mode,
+    TVM_USE_RUNTIME_LIB=1; "onnxruntime": an .onnx file), PyTorch hidden, and measure its memory
+    (rss_child.py). Returns, in MB: ``import_mb`` (VmRSS after the imports),
     ``load_mb`` (VmRSS once the model is loaded), ``load_peak_mb`` (the peak while loading:
     VmHWM then), ``run_peak_mb`` (the peak while running: VmHWM, reset after loading), ``peak_mb``
     (the larger: the process's peak), ``peak_over_import_mb``, ``ru_maxrss_mb`` (getrusage's
     reading of the same peak); ``modules`` (tvm, onnxruntime, torch and tvm_sparseconv as far
-    as the child imported them) and ``output`` (the last output). ``threads``: TVM's pool /
+    as the child imported them), ``libraries`` (libtvm_runtime, libtvm_compiler as far as it
+    mapped them) and ``output`` (the last output). ``threads``: TVM's pool /
     onnxruntime's intra-op threads (0: the runtime's default).
 
     The child is started through /bin/sh: Linux carries a process's ru_maxrss over an exec, so a
@@ -214,6 +217,10 @@ def peak_rss(runner: str, model_file: str, x: np.ndarray, threads: int = 0, runs
     env = dict(os.environ)
     if threads:
         env["TVM_NUM_THREADS"] = str(threads)
+    if runner == "tvm-runtime":
+        env["TVM_USE_RUNTIME_LIB"] = "1"
+    else:
+        env.pop("TVM_USE_RUNTIME_LIB", None)
     with tempfile.TemporaryDirectory(prefix="tvms-rss-") as d:
         np.save(os.path.join(d, "x.npy"), np.ascontiguousarray(x, np.float32))
         out = os.path.join(d, "out")
@@ -227,11 +234,12 @@ def peak_rss(runner: str, model_file: str, x: np.ndarray, threads: int = 0, runs
         with open(out + ".json") as f:
             kb = json.load(f)
         y = np.load(out + ".npy")
-    mb = {k: v * 1024 / MB for k, v in kb.items() if k != "modules"}  # kB as Linux counts them
+    mb = {k: v * 1024 / MB for k, v in kb.items() if isinstance(v, int)}  # kB as Linux counts them
     peak = max(mb["load_hwm"], mb["run_hwm"])
     return {"import_mb": mb["import_rss"], "load_mb": mb["load_rss"], "load_peak_mb": mb["load_hwm"],
             "run_peak_mb": mb["run_hwm"], "peak_mb": peak, "peak_over_import_mb": peak - mb["import_rss"],
-            "ru_maxrss_mb": max(mb["load_maxrss"], mb["run_maxrss"]), "modules": kb["modules"], "output": y}
+            "ru_maxrss_mb": max(mb["load_maxrss"], mb["run_maxrss"]), "modules": kb["modules"],
+            "libraries": kb["libraries"], "output": y}
 
 
 # -- the model at another batch -------------------------------------------------------------------
@@ -269,9 +277,10 @@ def measure_model(model: Model, plan: Plan, samples: list[np.ndarray], batches=(
 
     ``layers`` (layer_memory) and ``totals`` (layer_totals); ``builds``: for the plan and the
     ``baseline`` algorithm on every layer, the storage_plan and the median_rss of the exported
-    library (built in the worker, exported to a temp folder, run in fresh processes), and
-    onnxruntime's median_rss on the same input when ``peers`` (an ONNX model, onnxruntime
-    installed); each build's ``max_abs_error`` against onnxruntime's output (or the baseline's).
+    library (built in the worker, exported to a temp folder, run in fresh processes), the plan's
+    library again in TVM's runtime-only mode (RUNTIME_ONLY, second), and onnxruntime's median_rss on the same input when ``peers`` (an ONNX model, onnxruntime
+    installed); each row's ``runner`` (peak_rss) and ``max_abs_error`` against onnxruntime's output
+    (or the baseline's).
     ``samples``: model inputs (images), cycled to fill a batch."""
     import importlib.util
     import shutil
@@ -300,13 +309,19 @@ def measure_model(model: Model, plan: Plan, samples: list[np.ndarray], batches=(
                 counts = {}
                 for a in applied.values():
                     counts[a] = counts.get(a, 0) + 1
-                entry["builds"].append({"name": name, "layers": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-                                        "storage_plan": sp, **rss})
+                row = {"name": name, "layers": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+                       "storage_plan": sp}
+                entry["builds"].append({**row, "runner": "tvm", **rss})
+                if name == "plan":  # the same library on TVM's runtime alone, as a deployment runs it
+                    rss = median_rss("tvm-runtime", lib, x, threads, repeat)
+                    outputs[RUNTIME_ONLY] = rss.pop("output")
+                    entry["builds"].append({**row, "name": RUNTIME_ONLY, "runner": "tvm-runtime", **rss})
             if ort:
                 log(f"batch {batch}: onnxruntime peak RSS")
                 rss = median_rss("onnxruntime", m.onnx_path, x, threads, repeat)
                 outputs["onnxruntime"] = rss.pop("output")
-                entry["builds"].append({"name": "onnxruntime", "layers": "", "storage_plan": None, **rss})
+                entry["builds"].append({"name": "onnxruntime", "layers": "", "storage_plan": None,
+                                        "runner": "onnxruntime", **rss})
         finally:
             shutil.rmtree(d, ignore_errors=True)
         ref = outputs.get("onnxruntime", outputs[f"all {baseline}"])

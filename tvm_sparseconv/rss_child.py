@@ -6,10 +6,12 @@ the TVM runtime alone), nor have the package's folder on sys.path. Arguments:
 
     RUNNER MODEL X OUT THREADS RUNS
 
-RUNNER ``tvm`` imports numpy and tvm, loads the exported library MODEL and runs its ``main``;
-``onnxruntime`` imports numpy and onnxruntime and runs the .onnx MODEL (default session options,
-THREADS intra-op threads, 0 = onnxruntime's default). X is the input (.npy), RUNS how many
-inferences.
+RUNNER ``tvm`` imports numpy and tvm, loads the exported library MODEL and runs its ``main`` in
+a VirtualMachine; ``tvm-runtime`` does the same in TVM's runtime-only mode (the parent sets
+TVM_USE_RUNTIME_LIB=1: ``import tvm`` loads libtvm_runtime without the compiler library, as a
+machine that only runs models needs); ``onnxruntime`` imports numpy and onnxruntime and runs
+the .onnx MODEL (default session options, THREADS intra-op threads, 0 = onnxruntime's default).
+X is the input (.npy), RUNS how many inferences.
 
 PyTorch is hidden (``sys.modules["torch"] = None``: importing it fails as if it were not
 installed). tvm_ffi imports it whenever it can, about 200 MB resident, although neither runtime
@@ -22,7 +24,8 @@ read again after the runs (``run_hwm``: the peak while running). getrusage's ru_
 at both points (``load_maxrss``, ``run_maxrss``), a second reading of the same peaks (Linux
 carries ru_maxrss over from the parent of an exec: memory.peak_rss starts this child through a
 shell so that it starts small). ``modules``: which of tvm, onnxruntime, torch and
-tvm_sparseconv the process imported. OUT.npy gets the last output.
+tvm_sparseconv the process imported; ``libraries``: which of TVM's runtime and compiler libraries
+it mapped (/proc/self/maps). OUT.npy gets the last output.
 """
 import json
 import resource
@@ -56,12 +59,12 @@ def main(runner: str, model: str, x_path: str, out: str, threads: int, runs: int
     sys.modules["torch"] = None
     import numpy as np
 
-    if runner == "tvm":
+    if runner in ("tvm", "tvm-runtime"):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # relax.VirtualMachine; tvm.relax needs the compiler
 
         imported = status()
-        vm = relax.VirtualMachine(tvm.runtime.load_module(model), tvm.cpu())
+        vm = VirtualMachine(tvm.runtime.load_module(model), tvm.cpu())
         x = tvm.runtime.tensor(np.load(x_path))
         loaded = reset()
         for _ in range(runs):
@@ -84,10 +87,13 @@ def main(runner: str, model: str, x_path: str, out: str, threads: int, runs: int
     np.save(out + ".npy", y)
     seen = sorted({m.split(".")[0] for m, v in sys.modules.items() if v is not None}
                   & {"tvm", "onnxruntime", "torch", "tvm_sparseconv"})
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    libs = [lib for lib in ("libtvm_runtime", "libtvm_compiler") if lib in maps]
     kb = {"import_rss": imported["VmRSS"], "load_rss": loaded["VmRSS"], "load_hwm": loaded["VmHWM"],
           "load_maxrss": loaded["maxrss"], "run_hwm": end["VmHWM"], "run_maxrss": maxrss()}
     with open(out + ".json", "w") as f:
-        json.dump({**kb, "modules": seen}, f)
+        json.dump({**kb, "modules": seen, "libraries": libs}, f)
 
 
 if __name__ == "__main__":

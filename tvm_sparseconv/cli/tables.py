@@ -458,11 +458,16 @@ def _memory_findings(res: dict) -> list[str]:
                  f"run peak {plan['run_peak_mb']:.1f})")
         if other:
             line += f"; all {res['baseline']} {other['peak_mb']:.1f} MB"
+        alone = next((b for b in e["builds"] if b.get("runner") == "tvm-runtime"), None)
+        if alone:
+            line += f"; the plan on TVM's runtime alone {alone['peak_mb']:.1f} MB"
         ort = builds.get("onnxruntime")
         if ort:
-            d = plan["peak_mb"] - ort["peak_mb"]
-            line += (f"; onnxruntime {ort['peak_mb']:.1f} MB: the plan's peak is {abs(d):.1f} MB "
-                     f"{'above' if d > 0 else 'below'} onnxruntime's")
+            line += f"; onnxruntime {ort['peak_mb']:.1f} MB"
+            for what, b in (("the plan", plan), ("on the runtime alone", alone)):
+                if b:
+                    d = b["peak_mb"] - ort["peak_mb"]
+                    line += f"; {what} {abs(d):.1f} MB {'above' if d > 0 else 'below'} onnxruntime"
         out.append(line + ".")
     return out
 
@@ -477,8 +482,10 @@ MEMORY_LEGEND = (
     "\"tensors unshared\" what the tensors would take one by one. The resident-memory table runs the exported "
     "library in a fresh process that imports numpy and tvm only, and the ONNX file in one that imports "
     "onnxruntime only (default session options); PyTorch is hidden from both (tvm_ffi imports it whenever it is "
-    "installed, about 190 MB, although neither runtime uses it). It reads VmRSS after the imports and after "
-    "loading the model, and VmHWM (the peak) while loading and while running (reset in between); "
+    "installed, about 190 MB, although neither runtime uses it); the row \"plan, TVM runtime only\" runs the "
+    "plan's library again in TVM's runtime-only mode (TVM_USE_RUNTIME_LIB=1: import tvm loads the runtime "
+    "library without the compiler's, as a machine that only runs models can). It reads VmRSS after the imports "
+    "and after loading the model, and VmHWM (the peak) while loading and while running (reset in between); "
     "\"max err\" is against onnxruntime's output. The formats tables count what each algorithm's format stores "
     "on the activations of the sample photos (its NumPy encoder, its default knobs for this CPU, the mean over "
     "the photos) against the buffers it allocates; im2col's and MEC's lowered matrices are the baselines of "
