@@ -435,41 +435,44 @@ def _format_tables(formats: dict) -> list:
 
 
 def _memory_findings(res: dict) -> list[str]:
-    """The sentences that read the numbers: what the worst-case sizing costs, whether Relax's
-    storage plan shares the workspaces across layers, and the peak against onnxruntime's."""
+    """The sentences that read the numbers, per batch: what the worst-case sizing costs, what
+    Relax's storage plan makes of it, what sets the plan's peak and how it compares with the
+    all-dense build's (the peak without any workspace) and onnxruntime's."""
     out = []
     for e in res["batches"]:
         t = e["totals"]
         builds = {b["name"]: b for b in e["builds"]}
-        plan = builds["plan"]
+        plan, other = builds["plan"], builds.get(f"all {res['baseline']}")
+        alone = next((b for b in e["builds"] if b.get("runner") == "tvm-runtime"), None)
+        ort = builds.get("onnxruntime")
         sp = plan["storage_plan"]
         line = (f"Batch {e['batch']}: the conv layers' workspaces add up to {_mb(t['workspace_bytes'])} MB "
-                f"({fmt(t['workspace_over_activation'])}x the layers' inputs, {_mb(t['activation_bytes'])} MB), the "
-                f"largest {_mb(t['largest_workspace_bytes'])} MB ({t['largest_workspace_layer'] or '-'}); Relax's "
-                f"storage plan puts all {_mb(sp['tensor_bytes'])} MB of the plan's intermediate tensors (workspaces "
-                f"and activations) in {sp['storages']} blocks of {_mb(sp['planned_bytes'])} MB")
-        other = builds.get(f"all {res['baseline']}")
+                f"({fmt(t['workspace_over_activation'])}x the layers' inputs, {_mb(t['activation_bytes'])} MB; the "
+                f"largest {_mb(t['largest_workspace_bytes'])} MB, {t['largest_workspace_layer'] or '-'}). Relax's "
+                f"storage plan holds all {_mb(sp['tensor_bytes'])} MB of the plan's intermediate tensors (workspaces "
+                f"and activations) in {sp['storages']} blocks of {_mb(sp['planned_bytes'])} MB in all")
         if other:
-            line += (f", against {_mb(other['storage_plan']['planned_bytes'])} MB for the all-{res['baseline']} "
-                     f"build")
-        line += "."
+            line += f" (the all-{res['baseline']} build: {_mb(other['storage_plan']['planned_bytes'])} MB)"
         phase = "loading the library" if plan["load_peak_mb"] >= plan["run_peak_mb"] else "running it"
-        line += (f" Peak RSS: plan {plan['peak_mb']:.1f} MB, set by {phase} (load peak {plan['load_peak_mb']:.1f}, "
+        line += (f". Peak RSS: plan {plan['peak_mb']:.1f} MB, set by {phase} (load peak {plan['load_peak_mb']:.1f}, "
                  f"run peak {plan['run_peak_mb']:.1f})")
         if other:
-            line += f"; all {res['baseline']} {other['peak_mb']:.1f} MB"
-        alone = next((b for b in e["builds"] if b.get("runner") == "tvm-runtime"), None)
+            d = plan["peak_mb"] - other["peak_mb"]
+            line += (f"; all {res['baseline']} {other['peak_mb']:.1f} MB, so the plan's worst-case workspaces move "
+                     f"the peak by {d:+.1f} MB")
         if alone:
             line += f"; the plan on TVM's runtime alone {alone['peak_mb']:.1f} MB"
-        ort = builds.get("onnxruntime")
         if ort:
-            line += f"; onnxruntime {ort['peak_mb']:.1f} MB"
-            for what, b in (("the plan", plan), ("on the runtime alone", alone)):
-                if b:
-                    d = b["peak_mb"] - ort["peak_mb"]
-                    line += f"; {what} {abs(d):.1f} MB {'above' if d > 0 else 'below'} onnxruntime"
+            line += f"; onnxruntime {ort['peak_mb']:.1f} MB: the plan's peak is {_above(plan, ort)}"
+            if alone:
+                line += f" ({_above(alone, ort)} on the runtime alone)"
         out.append(line + ".")
     return out
+
+
+def _above(b: dict, ref: dict) -> str:
+    d = b["peak_mb"] - ref["peak_mb"]
+    return f"{abs(d):.1f} MB {'above' if d > 0 else 'below'} onnxruntime's"
 
 
 MEMORY_LEGEND = (
