@@ -14,9 +14,10 @@ from tvm_sparseconv import memory
 from tvm_sparseconv.algorithms import ALGORITHMS, get_algorithm
 from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.cli import main
-from tvm_sparseconv.compile import lower
+from tvm_sparseconv.compile import build, lower
+from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.frontend import load_model
-from tvm_sparseconv.plan import Plan, PlanError
+from tvm_sparseconv.plan import Plan, PlanError, PlanLayer
 from tvm_sparseconv.reference import dense_conv2d
 from tvm_sparseconv.reference.storage import im2col_storage, mec_storage
 from tvm_sparseconv.stages import ALGORITHM_ATTR, LAYERS_ATTR
@@ -41,8 +42,6 @@ def reference(path, x):
 
     g = onnx.load(path).graph
     w = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in g.initializer}
-    from tvm_sparseconv.conv import Conv2DSpec
-
     s1 = Conv2DSpec.from_shapes(x.shape, w["w1"].shape, padding=1)
     h = dense_conv2d(s1, x.astype(np.float64), w["w1"], w["b1"], relu=True)
     s2 = Conv2DSpec.from_shapes(h.shape, w["w2"].shape)
@@ -123,8 +122,6 @@ def test_relax_storage_plan_shares_blocks(small):
 def test_plan_with_batch():
     spec = {"batch": 1, "in_channels": 4, "height": 9, "width": 9, "out_channels": 8, "kernel_h": 3,
             "kernel_w": 3, "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1}
-    from tvm_sparseconv.plan import PlanLayer
-
     p = Plan([PlanLayer("conv000", spec, "halo", {"block": 4})], model={"input_shape": [1, 4, 9, 9]})
     q = p.with_batch(8)
     assert q.layers[0].spec["batch"] == 8 and q.layers[0].knobs == {"block": 4}
@@ -138,8 +135,6 @@ def test_peak_rss_of_the_library_and_onnxruntime_at_batch_1_and_2(small, tmp_pat
     """A library exported per batch runs in a fresh process that imports tvm (and neither
     tvm_sparseconv nor torch), onnxruntime in one that imports onnxruntime only; both give
     positive, ordered memory readings and the model's output (against NumPy float64)."""
-    from tvm_sparseconv.compile import build
-
     path, model, x = small
     for batch in (1, 2):
         m = memory.at_batch(model, batch)
