@@ -112,8 +112,9 @@ def grid_case(request):
     return grid_spec(request.param)
 
 
-def small_onnx(path):
-    """x (1, 4, 9, 9) -> conv 3x3 + bias -> relu -> conv 1x1 -> relu."""
+def small_onnx(path, batch=1):
+    """x (batch, 4, 9, 9) -> conv 3x3 + bias -> relu -> conv 1x1 -> relu; ``batch`` a size, or a
+    name for a free batch dimension (fixed when the model is imported)."""
     rng = np.random.default_rng(0)
     init = [numpy_helper.from_array(rng.standard_normal(s).astype("float32"), n)
             for n, s in (("w1", (8, 4, 3, 3)), ("b1", (8,)), ("w2", (8, 8, 1, 1)))]
@@ -121,8 +122,8 @@ def small_onnx(path):
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1]),
              helper.make_node("Relu", ["c2"], ["y"])]
-    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 9, 9])], init)
+    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 9, 9])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 9, 9])], init)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     onnx.save(m, str(path))

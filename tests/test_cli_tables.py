@@ -136,4 +136,4 @@ def test_results_groups_by_cpu_and_refuses_other_json(saved, tmp_path, capsys):
 
     (tmp_path / "plan.json").write_text(json.dumps({"format": "tvm-sparseconv-plan"}))
     assert main(["results", str(tmp_path / "plan.json")]) == 2
-    assert "neither `bench --json` nor `layer --json` output" in capsys.readouterr().err
+    assert "is not the output of `bench --json`, `layer --json` or `memory --json`" in capsys.readouterr().err

@@ -105,6 +105,19 @@ class Plan:
             layers.append(PlanLayer(s.key, s.spec.to_dict(), chosen))
         return cls(layers, target, model or {})
 
+    def with_batch(self, batch: int) -> "Plan":
+        """The same choices for the model run on ``batch`` images at once: every layer's spec
+        (and the model's input shape, when recorded) with that batch, the knobs as they are
+        (each is still checked against its layer when the plan is applied)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise PlanError(f"batch must be a positive int, got {batch!r}")
+        layers = [PlanLayer(l.key, {**l.spec, "batch": batch}, l.algorithm, dict(l.knobs), dict(l.note))
+                  for l in self.layers]
+        model = dict(self.model)
+        if model.get("input_shape"):
+            model["input_shape"] = [batch, *model["input_shape"][1:]]
+        return Plan(layers, self.target, model, self.cpu)
+
     def choices(self, sites: list[ConvSite]) -> dict[str, LayerChoice]:
         """Check the plan against the model's layers; key -> LayerChoice."""
         by_key = {s.key: s for s in sites}

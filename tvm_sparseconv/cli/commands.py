@@ -62,11 +62,17 @@ def _load_model(args):
     return model, known_preprocess(args.model), known_labels(args.model)
 
 
-def _samples(args, model, base_pre):
-    from ..images import SAMPLE_IMAGES, load_inputs
+def _image_names(args) -> list[str]:
+    """--images, or the first two sample photos when neither --images nor --inputs is given."""
+    from ..images import SAMPLE_IMAGES
 
-    images = args.images or ([] if args.inputs else list(SAMPLE_IMAGES[:2]))
-    return load_inputs(model, images, args.inputs, _preprocess(args, base_pre))
+    return list(args.images or ([] if args.inputs else SAMPLE_IMAGES[:2]))
+
+
+def _samples(args, model, base_pre):
+    from ..images import load_inputs
+
+    return load_inputs(model, _image_names(args), args.inputs, _preprocess(args, base_pre))
 
 
 def _plan_for(args, model):
@@ -187,6 +193,37 @@ def cmd_bench(args) -> int:
     return _emit(args, res, lambda r: tables.print_bench_table(r, args.repeat))
 
 
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def cmd_memory(args) -> int:
+    from ..memory import measure_formats, measure_model
+
+    if min(args.batch) < 1:
+        raise ValueError(f"--batch takes positive sizes, got {args.batch}")
+    model, pre, _ = _load_model(args)
+    plan = _plan_for(args, model)
+    plan.choices(model.sites)  # a plan for another model: its PlanError now, before any image or build
+    samples = _samples(args, model, pre)
+    used = args.plan and (os.path.relpath(args.plan) if os.path.isfile(args.plan) else args.plan)
+    res = {"model": args.model, "command": _command_line(args), "plan": used or f"all {args.algorithm}",
+           "images": _image_names(args) + list(args.inputs),
+           **measure_model(model, plan, samples, tuple(args.batch), args.target, args.threads, args.baseline,
+                           args.database, not args.no_peers, args.repeat, log=_log)}
+    if args.formats:
+        _log(f"formats: {args.model} on {len(samples)} samples ...")
+        res["formats"] = measure_formats(model, samples, args.target)
+    if args.json:
+        _write(args.json, json.dumps(res, indent=1) + "\n")
+    if args.markdown:
+        _write(args.markdown, tables.memory_markdown(res, level=1))
+    tables.print_memory(res)
+    return 0
+
+
 def cmd_refine(args) -> int:
     from ..tune.refine import refine_plan
 
@@ -294,7 +331,8 @@ def cmd_algorithms(args) -> int:
 
 
 def _saved_result(path: str) -> tuple[str, dict]:
-    """("bench" or "layer", the dict) of a file that ``bench --json`` or ``layer --json`` wrote."""
+    """("bench", "layer" or "memory", the dict) of a file that ``bench --json``, ``layer --json``
+    or ``memory --json`` wrote."""
     with open(path) as f:
         try:
             d = json.load(f)
@@ -304,16 +342,16 @@ def _saved_result(path: str) -> tuple[str, dict]:
         return "bench", d
     if isinstance(d, dict) and "layer" in d and "results" in d:
         return "layer", d
-    raise ValueError(f"{path} is neither `bench --json` nor `layer --json` output")
+    if isinstance(d, dict) and "batches" in d and "model" in d:
+        return "memory", d
+    raise ValueError(f"{path} is not the output of `bench --json`, `layer --json` or `memory --json`")
 
 
 def cmd_results(args) -> int:
     saved = [(path, *_saved_result(path)) for path in args.files]
     text = tables.results_markdown(saved)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(tables.results_header(args.files) + "\n\n" + text)
+        _write(args.output, tables.results_header(args.files) + "\n\n" + text)
         tables.print_wrote(args.output)
     else:
         tables.print_text(text)
@@ -321,7 +359,7 @@ def cmd_results(args) -> int:
 
 
 COMMANDS = {"layer": cmd_layer, "profile": cmd_profile, "compile": cmd_compile, "bench": cmd_bench,
-            "refine": cmd_refine, "tune": cmd_tune, "report": cmd_report, "run": cmd_run,
+            "memory": cmd_memory, "refine": cmd_refine, "tune": cmd_tune, "report": cmd_report, "run": cmd_run,
             "algorithms": cmd_algorithms, "results": cmd_results, "fuzz": cmd_fuzz}
 
 

@@ -103,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--ops", action="store_true", help="also where the plan's time goes: ms per kind of op")
     ben.add_argument("--json", action="store_true")
 
+    mem = sub.add_parser("memory", help="memory per conv layer (worst-case workspace buffers, constants), Relax's "
+                         "storage plan, and the peak RSS of the exported library against onnxruntime's")
+    _model_args(mem)
+    mem.add_argument("--plan", default=None, help="plan JSON (default: the plan shipped for this model and target)")
+    mem.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
+    mem.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
+    mem.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes, each built, exported and "
+                     "run in a fresh process (default: 1 8)")
+    mem.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense)")
+    mem.add_argument("--no-peers", action="store_true", help="leave out onnxruntime")
+    mem.add_argument("--repeat", type=int, default=3, help="fresh processes per build and batch; the median peak "
+                     "is reported (default %(default)s)")
+    mem.add_argument("--formats", action="store_true", help="also what each algorithm's format stores on the "
+                     "sample images' activations, per layer, against im2col and MEC")
+    mem.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
+    mem.add_argument("--markdown", default=None, metavar="OUT", help="also write the tables as markdown")
+
     ref = sub.add_parser("refine", help="choose each dense layer's thread split inside the compiled model "
                          "(layers timed alone cannot see where their input sits); write a plan")
     _model_args(ref)
@@ -167,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     fuz.add_argument("--target", default=None, help="JSON dict target (default: this CPU)")
     fuz.add_argument("--threads", type=int, default=0, help="TVM threads per worker (default: all cores)")
 
-    res = sub.add_parser("results", help="render saved `bench --json` and `layer --json` results as markdown "
-                         "tables, one set per CPU")
-    res.add_argument("files", nargs="+", metavar="FILE.json", help="what bench --json or layer --json printed")
+    res = sub.add_parser("results", help="render saved `bench --json`, `layer --json` and `memory --json` results "
+                         "as markdown tables, one set per CPU")
+    res.add_argument("files", nargs="+", metavar="FILE.json", help="what bench --json or layer --json printed, "
+                     "or memory --json wrote")
     res.add_argument("-o", "--output", default=None, metavar="OUT.md", help="write the markdown here, under a "
                      "line naming the command and files it came from (default: print it)")
     return p

@@ -321,13 +321,13 @@ def _commands(saved, label) -> list[str]:
 
 
 def results_markdown(saved: list[tuple[str, str, dict]]) -> str:
-    """Saved results, (path, "bench" or "layer", dict) each, as markdown: a section per CPU
-    (the ``cpu`` dict each recorded; "CPU not recorded" for files without it), its ``bench``
-    table then its ``layer`` table, in the order of the files."""
+    """Saved results, (path, "bench", "layer" or "memory", dict) each, as markdown: a section per
+    CPU (the ``cpu`` dict each recorded; "CPU not recorded" for files without it), its ``bench``
+    table, its ``layer`` table, then a section per ``memory`` result, in the order of the files."""
     groups: dict[str, dict[str, list]] = {}
     for path, kind, d in saved:
         cpu = cpu_line(d["cpu"]) if d.get("cpu") else "CPU not recorded"
-        groups.setdefault(cpu, {"bench": [], "layer": []})[kind].append((path, d))
+        groups.setdefault(cpu, {"bench": [], "layer": [], "memory": []})[kind].append((path, d))
     out = []
     for cpu, by_kind in groups.items():
         out += [f"## {cpu}", ""]
@@ -335,6 +335,10 @@ def results_markdown(saved: list[tuple[str, str, dict]]) -> str:
             out += _bench_section(by_kind["bench"])
         if by_kind["layer"]:
             out += _layer_section(by_kind["layer"])
+        if by_kind["memory"]:
+            out += ["### Memory (`memory`)", "", MEMORY_LEGEND, ""]
+        for _, d in by_kind["memory"]:
+            out += [memory_markdown(d, level=4, legend=False)]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -362,3 +366,191 @@ def print_fuzz_summary(res: dict) -> None:
     if res.get("interrupted"):
         print(f"interrupted: the counts below are those of the {res['layers']} layers finished", file=sys.stderr)
     print(res["summary"], flush=True)
+# -- memory -----------------------------------------------------------------------------------
+
+def _mb(b) -> str:
+    return "-" if b is None else f"{b / 1e6:.2f}"
+
+
+def _chw(spec: dict) -> str:
+    return f"{spec['in_channels']}x{spec['height']}x{spec['width']}"
+
+
+def _memory_tables(res: dict) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
+    """memory.measure_model's result (with the memory command's fields) as tables: (title,
+    header, rows, right-aligned columns). The text and the markdown printers lay these out."""
+    out = []
+    rows = []
+    for e in res["batches"]:
+        for b in e["builds"]:
+            sp = b.get("storage_plan") or {}
+            rows.append([str(e["batch"]), b["name"], b["layers"] or "-"]
+                        + [f"{b[k]:.1f}" for k in ("import_mb", "load_mb", "load_peak_mb", "run_peak_mb", "peak_mb",
+                                                   "peak_over_import_mb")]
+                        + [_mb(sp.get("planned_bytes")), _mb(sp.get("tensor_bytes")), fmt(b["max_abs_error"], 6)])
+    out.append((f"Resident memory of a fresh process running the model, MB (VmRSS / VmHWM; the median of "
+                f"{res.get('repeat', 1)} processes by peak)",
+                ["batch", "build", "layers", "imported", "loaded", "load peak", "run peak", "peak",
+                 "peak - imported", "Relax storage plan", "tensors unshared", "max err"], rows,
+                {0, *range(3, 12)}))
+    first = res["batches"][0]
+    rows = []
+    for l in first["layers"]:
+        act = l["activation_bytes"]
+        rows.append([l["key"], l["algorithm"], _chw(l["spec"]), _mb(act), _mb(l["workspace_bytes"]),
+                     f"{l['workspace_bytes'] / act:.2f}", _mb(l["constant_bytes"]), _mb(l["total_bytes"]),
+                     ", ".join(f"{b['name']} {b['bytes'] / 1e6:.2f}" for b in l["buffers"]) or (l["note"] or "-")])
+    t = first["totals"]
+    rows.append(["total", "", "", _mb(t["activation_bytes"]), _mb(t["workspace_bytes"]),
+                 fmt(t["workspace_over_activation"]), _mb(t["constant_bytes"]),
+                 _mb(t["workspace_bytes"] + t["constant_bytes"]), ""])
+    out.append((f"Conv layers at batch {first['batch']}: workspace buffers sized for the worst case, constants (MB)",
+                ["layer", "algorithm", "input CxHxW", "input", "workspace", "x input", "constants", "total",
+                 "workspace buffers"], rows, {3, 4, 5, 6, 7}))
+    if res.get("formats"):
+        out += _format_tables(res["formats"])
+    return out
+
+
+def _format_tables(formats: dict) -> list:
+    """memory.format_storage's rows as three tables (stored elements, stored bytes on the samples'
+    activations; worst-case buffer bytes), a column per algorithm, the model's sums last; then
+    the model's compression ratios against im2col and MEC."""
+    layers = formats["layers"]
+    names = list(layers[0]["algorithms"]) if layers else []
+    tables = []
+    for title, key, unit, show in (
+            ("stored elements (thousands) on the samples' activations", "elements", 1e3, lambda v: f"{v / 1e3:.1f}"),
+            ("stored MB on the samples' activations", "bytes", 1e6, _mb),
+            ("MB of the buffers allocated (worst case: every element non-zero)", "worst_case_bytes", 1e6, _mb)):
+        rows, total = [], dict.fromkeys(names, 0)
+        for l in layers:
+            row = [l["key"], _chw(l["spec"]), f"{l['spec']['kernel_h']}x{l['spec']['kernel_w']}",
+                   f"{l['density']:.3f}"]
+            for n in names:
+                a = l["algorithms"][n]
+                if "error" in a or total[n] is None:
+                    total[n] = None
+                if "error" in a:
+                    row.append("n/a")
+                else:
+                    row.append(show(a[key]))
+                    total[n] = None if total[n] is None else total[n] + a[key]
+            rows.append(row)
+        rows.append(["total", "", "", ""] + [show(total[n]) if total[n] is not None else "n/a" for n in names])
+        tables.append((f"Formats, {title}", ["layer", "input CxHxW", "kernel", "density"] + names, rows,
+                       set(range(3, 4 + len(names)))))
+    ok = [n for n in names if all("error" not in l["algorithms"][n] for l in layers)]
+    rows = []
+    for n in ok:
+        el = sum(l["algorithms"][n]["elements"] for l in layers)
+        by = sum(l["algorithms"][n]["bytes"] for l in layers)
+        worst = sum(l["algorithms"][n]["worst_case_bytes"] for l in layers)
+        base = {b: (sum(l["algorithms"][b]["elements"] for l in layers), sum(l["algorithms"][b]["bytes"] for l in layers))
+                for b in ("im2col", "mec") if b in ok}
+        cr = [f"{base[b][i] / v:.2f}" if b in base and v else "-" for b in ("im2col", "mec") for i, v in ((0, el), (1, by))]
+        rows.append([n, f"{el / 1e3:.1f}", _mb(by), _mb(worst), f"{worst / by:.2f}" if by else "-"] + cr)
+    tables.append(("Formats, the model's sums: compression ratio (CR) against im2col and MEC (higher: smaller), "
+                   "worst case against what the samples needed",
+                   ["algorithm", "stored k elements", "stored MB", "worst-case MB", "worst / stored",
+                    "CR im2col (elements)", "CR im2col (bytes)", "CR MEC (elements)", "CR MEC (bytes)"], rows,
+                   set(range(1, 9))))
+    return tables
+
+
+def _memory_findings(res: dict) -> list[str]:
+    """The sentences that read the numbers, per batch: what the worst-case sizing costs, what
+    Relax's storage plan makes of it, what sets the plan's peak and how it compares with the
+    all-dense build's (the peak without any workspace) and onnxruntime's."""
+    out = []
+    for e in res["batches"]:
+        t = e["totals"]
+        builds = {b["name"]: b for b in e["builds"]}
+        plan, other = builds["plan"], builds.get(f"all {res['baseline']}")
+        alone = next((b for b in e["builds"] if b.get("runner") == "tvm-runtime"), None)
+        ort = builds.get("onnxruntime")
+        sp = plan["storage_plan"]
+        line = (f"Batch {e['batch']}: the conv layers' workspaces add up to {_mb(t['workspace_bytes'])} MB "
+                f"({fmt(t['workspace_over_activation'])}x the layers' inputs, {_mb(t['activation_bytes'])} MB; the "
+                f"largest {_mb(t['largest_workspace_bytes'])} MB, {t['largest_workspace_layer'] or '-'}). Relax's "
+                f"storage plan holds all {_mb(sp['tensor_bytes'])} MB of the plan's intermediate tensors (workspaces "
+                f"and activations) in {sp['storages']} blocks of {_mb(sp['planned_bytes'])} MB in all")
+        if other:
+            line += f" (the all-{res['baseline']} build: {_mb(other['storage_plan']['planned_bytes'])} MB)"
+        phase = "loading the library" if plan["load_peak_mb"] >= plan["run_peak_mb"] else "running it"
+        line += (f". Peak RSS: plan {plan['peak_mb']:.1f} MB, set by {phase} (load peak {plan['load_peak_mb']:.1f}, "
+                 f"run peak {plan['run_peak_mb']:.1f})")
+        if other:
+            d = plan["peak_mb"] - other["peak_mb"]
+            line += (f"; all {res['baseline']} {other['peak_mb']:.1f} MB, so the plan's worst-case workspaces move "
+                     f"the peak by {d:+.1f} MB")
+        if alone:
+            line += f"; the plan on TVM's runtime alone {alone['peak_mb']:.1f} MB"
+        if ort:
+            line += f"; onnxruntime {ort['peak_mb']:.1f} MB: the plan's peak is {_above(plan, ort)}"
+            if alone:
+                line += f" ({_above(alone, ort)} on the runtime alone)"
+        out.append(line + ".")
+    return out
+
+
+def _above(b: dict, ref: dict) -> str:
+    d = b["peak_mb"] - ref["peak_mb"]
+    return f"{abs(d):.1f} MB {'above' if d > 0 else 'below'} onnxruntime's"
+
+
+MEMORY_LEGEND = (
+    "How to read the memory tables. Every buffer a conv layer's stages write before its output is "
+    "allocated for the worst case (every element of the activation non-zero), so a layer's workspace is "
+    "fixed at compile time: the conv-layer table lists each buffer (MB) and the workspace as a multiple of "
+    "the layer's input activation. Relax's StaticPlanBlockMemory (in tvm.compile's default pipeline) puts "
+    "every intermediate tensor of the model, workspaces and activations, into storage blocks that tensors "
+    "with disjoint lifetimes share, across layers: \"Relax storage plan\" is the sum of the blocks, "
+    "\"tensors unshared\" what the tensors would take one by one. The resident-memory table runs the exported "
+    "library in a fresh process that imports numpy and tvm only, and the ONNX file in one that imports "
+    "onnxruntime only (default session options); PyTorch is hidden from both (tvm_ffi imports it whenever it is "
+    "installed, about 190 MB, although neither runtime uses it); the row \"plan, TVM runtime only\" runs the "
+    "plan's library again in TVM's runtime-only mode (TVM_USE_RUNTIME_LIB=1: import tvm loads the runtime "
+    "library without the compiler's, as a machine that only runs models can). It reads VmRSS after the imports "
+    "and after loading the model, and VmHWM (the peak) while loading and while running (reset in between); "
+    "\"max err\" is against onnxruntime's output. The formats tables count what each algorithm's format stores "
+    "on the activations of the sample photos (its NumPy encoder, its default knobs for this CPU, the mean over "
+    "the photos) against the buffers it allocates; im2col's and MEC's lowered matrices are the baselines of "
+    "the compression ratios. CPO and CPS count their column order, a constant, with the format.")
+
+
+def _text_table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    w = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return ["  ".join(c.rjust(w[i]) if i in right else c.ljust(w[i]) for i, c in enumerate(r)).rstrip()
+            for r in [header] + rows]
+
+
+def _memory_head(res: dict) -> str:
+    return (f"{res['model']}: input {tuple(res['input_shape'])} {res['layout']}, plan {res['plan']}, "
+            f"{res['threads']} threads, samples: {', '.join(res['images'])}")
+
+
+def print_memory(res: dict) -> None:
+    """memory: its tables and findings as text."""
+    print(_memory_head(res))
+    print(f"cpu {cpu_line(res['cpu'])}")
+    for title, header, rows, right in _memory_tables(res):
+        print(f"\n{title}:")
+        print("\n".join(_text_table(header, rows, right)))
+    print()
+    for line in _memory_findings(res):
+        print(line)
+
+
+def memory_markdown(res: dict, level: int = 2, legend: bool = True) -> str:
+    """memory's result as a markdown section (its heading at ``level``): the findings, how to
+    read the tables (MEMORY_LEGEND, unless ``legend`` is False), the tables, the command."""
+    h = "#" * level
+    out = [f"{h} {res['model']}", "", _memory_head(res) + ".", ""] + [l + "\n" for l in _memory_findings(res)]
+    if legend:
+        out += [MEMORY_LEGEND, ""]
+    for title, header, rows, right in _memory_tables(res):
+        out += [f"{h}# {title}", "", markdown_table(header, rows, right), ""]
+    if res.get("command"):
+        out += [f"Command: `{res['command']}`", ""]
+    return "\n".join(out)
