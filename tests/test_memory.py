@@ -16,7 +16,8 @@ from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.cli import main
 from tvm_sparseconv.compile import build, lower
 from tvm_sparseconv.conv import Conv2DSpec
-from tvm_sparseconv.frontend import load_model
+from tvm_sparseconv.frontend import at_batch, load_model
+from tvm_sparseconv.images import batch_input
 from tvm_sparseconv.plan import Plan, PlanError, PlanLayer
 from tvm_sparseconv.reference import dense_conv2d
 from tvm_sparseconv.reference.storage import im2col_storage, mec_storage
@@ -137,9 +138,9 @@ def test_peak_rss_of_the_library_and_onnxruntime_at_batch_1_and_2(small, tmp_pat
     positive, ordered memory readings and the model's output (against NumPy float64)."""
     path, model, x = small
     for batch in (1, 2):
-        m = memory.at_batch(model, batch)
+        m = at_batch(model, batch)
         assert m.input_shape == (batch, 4, 9, 9)
-        xb = memory.batch_input([x, 2 * x], batch)
+        xb = batch_input([x, 2 * x], batch)
         lib = str(tmp_path / f"halo{batch}.so")
         build(m, Plan.uniform(m.sites, "halo"), None).module.export_library(lib)
         ref = reference(path, xb)

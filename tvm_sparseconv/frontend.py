@@ -144,3 +144,13 @@ def _from_relax(mod: tvm.IRModule, source: str, layout: str | None) -> Model:
     p = params[0]
     shape = tuple(int(v) for v in p.ty.shape)
     return Model(fold(mod), p.name, shape, layout or guess_layout(shape), source)
+
+
+def at_batch(model: Model, batch: int) -> Model:
+    """``model`` imported again with ``batch`` images per inference (the same ONNX file)."""
+    if model.input_shape[0] == batch:
+        return model
+    if not model.onnx_path or not os.path.isfile(model.source):
+        raise ModelError(f"{model.source}: only a model read from an ONNX file can be imported again at batch "
+                         f"{batch}")
+    return load_model(model.source, (batch, *model.input_shape[1:]), model.layout)

@@ -183,9 +183,16 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     from ..bench import bench_model
+    from ..frontend import at_batch
+    from ..images import batch_input
 
     model, pre, _ = _load_model(args)
-    x = _samples(args, model, pre)[0]
+    samples = _samples(args, model, pre)
+    x = samples[0]
+    if args.batch is not None:
+        if args.batch < 1:
+            raise ValueError(f"--batch takes a positive size, got {args.batch}")
+        model, x = at_batch(model, args.batch), batch_input(samples, args.batch)
     plan = _plan_for(args, model)
     res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
                       args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops, rounds=args.rounds)

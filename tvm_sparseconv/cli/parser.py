@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--database", default=None)
     ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense), "
                      "or another plan's .json to compare with")
+    ben.add_argument("--batch", type=int, default=None, help="images per inference: the model imported at this "
+                     "batch, the sample images repeated to fill it, the plan (tuned at any batch) applied as it is")
     ben.add_argument("--rounds", type=int, default=1, help="time every build and peer this many times in turn "
                      "(medians and per-round ratios: the machine's drift hits all alike)")
     ben.add_argument("--repeat", type=int, default=10)
