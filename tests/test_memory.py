@@ -279,8 +279,9 @@ def test_memory_command_errors(small, tmp_path, capsys):
     assert "is not a plan" in capsys.readouterr().err
     assert main(["memory", path, "--plan", str(tmp_path / "nope.json")]) == 2
     assert "plan file not found" in capsys.readouterr().err
-    other = Plan.uniform(load_model(small_onnx(tmp_path / "o.onnx", batch=2)).sites, "halo")
-    other.save(str(tmp_path / "other.json"))
+    other = Plan.uniform(load_model(small_onnx(tmp_path / "o.onnx", batch=2)).sites, "halo").to_dict()
+    other["layers"][0]["spec"]["out_channels"] = 16  # another model's layer (the batch alone may differ)
+    (tmp_path / "other.json").write_text(json.dumps(other))
     assert main(["memory", path, "--plan", str(tmp_path / "other.json"), "--batch", "1"]) == 2
     assert "conv000" in capsys.readouterr().err  # a plan for another model names the layer
     assert main(["memory", path, "--inputs", os.path.join(os.path.dirname(path), "x.npy"), "--algorithm", "dense",
