@@ -2,12 +2,13 @@
 # An emulated AArch64 machine on this x86-64 host, serving TVM's RPC on 127.0.0.1.
 #
 #   tools/arm_rpc.sh up [--tracker] [--servers N]   build the root if needed, start, wait until ready
-#   tools/arm_rpc.sh down                           stop everything this script started, unmount
+#   tools/arm_rpc.sh down [--tracker | --server]    stop what `up` started (or only that mode's), unmount
 #   tools/arm_rpc.sh status                         what runs; exit 0 when a bench is up
 #   tools/arm_rpc.sh root                           only install the tools and build the cached root
 #
 # `up` starts one RPC server on $TVMS_ARM_PORT; `up --tracker` starts an RPC tracker on
-# $TVMS_ARM_TRACKER_PORT and N (default 2) servers registered under key $TVMS_ARM_KEY (what
+# $TVMS_ARM_TRACKER_PORT (on the host, as it would run for a real board: it only pairs clients
+# with servers) and N (default 2) emulated servers registered under key $TVMS_ARM_KEY (what
 # `tvm-sparseconv tune --rpc-tracker` and MetaSchedule's RPCRunner use). Both may run at once.
 # Every command is idempotent: `up` reuses what already runs, `down` on a stopped bench does nothing.
 #
@@ -220,10 +221,17 @@ assert rpc.connect('127.0.0.1', $PORT, session_timeout=60).cpu().exist"
 }
 
 cmd_down() {
-    local n
-    for n in $(names); do stop "$n"; done
-    [ -d "$ROOT" ] && unmount_root
-    say "down"
+    local n pattern='.*'
+    case "${1:-}" in
+        --tracker) pattern='^(tracker|tracked-[0-9]+)$' ;;
+        --server) pattern='^server$' ;;
+        "") ;;
+        *) die "unknown option $1" ;;
+    esac
+    for n in $(names | grep -E "$pattern" || true); do stop "$n"; done
+    # the root stays mounted while a server of the other mode runs in it
+    if [ -z "$(names)" ] && [ -d "$ROOT" ]; then unmount_root; fi
+    say "down${1:+ ($1)}"
 }
 
 cmd_status() {
@@ -237,7 +245,7 @@ cmd_status() {
 
 case "${1:-}" in
     up) shift; cmd_up "$@" ;;
-    down) cmd_down ;;
+    down) shift; cmd_down "$@" ;;
     status) cmd_status ;;
     root) need_root "root"; build_root; say "root ready: $ROOT" ;;
     *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;

@@ -11,6 +11,10 @@ import tvm
 CROSS_CC_ENV = "TVMS_CROSS_CC"  # the compiler that links libraries for a target of another architecture
 
 
+class CrossCompilerError(RuntimeError):
+    """A library for another architecture cannot be linked here: no cross compiler."""
+
+
 def host_cpu() -> str:
     """LLVM's name for this CPU (``"native"`` would silently build generic code)."""
     return tvm.target.codegen.llvm_get_system_cpu()
@@ -50,6 +54,12 @@ def host_arch(triple) -> bool:
     return arch == host or {arch, host} <= {"aarch64", "arm64"}
 
 
+def runs_here(target) -> bool:
+    """Code for ``target`` is of this machine's architecture (it loads here; whether this CPU
+    has every instruction the target's mcpu/mattr allow is not checked)."""
+    return host_arch(make_target(target).attrs.get("mtriple"))
+
+
 def target_triple(target) -> str:
     """The target's LLVM triple (its ``mtriple``, else this machine's)."""
     t = make_target(target)
@@ -61,8 +71,8 @@ def cross_compiler(target=None, cc: str | None = None):
     the target is this machine's architecture (TVM's default: the host's compiler), else TVM's
     cross_compiler around ``cc``, the environment's TVMS_CROSS_CC, or the first of
     ``<mtriple>-gcc`` and ``<arch>-linux-gnu-gcc`` found on PATH (Debian's
-    gcc-aarch64-linux-gnu is ``aarch64-linux-gnu-gcc``). Raises RuntimeError naming what to
-    install or set when none is found.
+    gcc-aarch64-linux-gnu is ``aarch64-linux-gnu-gcc``). Raises CrossCompilerError naming what
+    to install or set when none is found.
 
     A fresh function per call: TVM's cross_compiler appends each call's options to the list it
     was made with."""
@@ -75,7 +85,8 @@ def cross_compiler(target=None, cc: str | None = None):
     named = cc or os.environ.get(CROSS_CC_ENV, "").strip()
     if named:
         if shutil.which(named.split()[0]) is None:
-            raise RuntimeError(f"cross compiler {named!r} (from {'cc=' if cc else CROSS_CC_ENV}) not found on PATH")
+            source = "" if cc else f" (from {CROSS_CC_ENV})"
+            raise CrossCompilerError(f"cross compiler {named!r}{source} is not on PATH")
         compiler = named.split()
         return tvm_cc.cross_compiler(compiler[0], options=compiler[1:])
     arch = triple.split("-")[0]
@@ -84,7 +95,7 @@ def cross_compiler(target=None, cc: str | None = None):
         if shutil.which(name):
             return tvm_cc.cross_compiler(name, options=[])
     package = " (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)" if arch in ("aarch64", "arm64") else ""
-    raise RuntimeError(f"the target's triple {triple} is not this machine's ({platform.machine()}): linking its "
+    raise CrossCompilerError(f"the target's triple {triple} is not this machine's ({platform.machine()}): linking its "
                        f"library needs a cross compiler, and none of {', '.join(tried)} is on PATH{package}; "
                        f"or name one with {CROSS_CC_ENV}=COMPILER")
 
