@@ -15,7 +15,7 @@
 # The root: Debian bookworm arm64 (debootstrap minbase + python3), a venv /opt/tvm in it with
 # apache-tvm and its runtime's dependencies from aarch64 wheels that pip downloads on the host (the
 # host's versions of each package, so that both ends speak the same RPC). Binaries run through
-# qemu-user-static (binfmt_misc). Built once, about 10 minutes, and cached in $TVMS_ARM_ROOT;
+# qemu-user-static (binfmt_misc). Built once, 5-10 minutes, and cached in $TVMS_ARM_ROOT;
 # `rm -rf` it to rebuild. Needs root (apt-get, debootstrap, mount, chroot).
 #
 # Environment (defaults):
@@ -24,6 +24,7 @@
 #   TVMS_ARM_TRACKER_PORT  9290    the tracker; its servers listen from TVMS_ARM_PORT + 1 on
 #   TVMS_ARM_KEY           arm64   the tracker key of its servers
 #   TVMS_ARM_TIMEOUT       600     seconds `up` waits for the servers (TVM's import is slow under qemu)
+#   TVMS_ARM_PYTHON        python3 the host's Python with TVM (the versions to install, the tracker)
 set -euo pipefail
 
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/tvm_sparseconv"
@@ -40,7 +41,7 @@ PY=/opt/tvm/bin/python            # inside the root
 WHEEL_PLATFORM=(--platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64
                 --platform manylinux2014_aarch64 --python-version 3.11 --implementation cp)
 PACKAGES=(apache-tvm apache-tvm-ffi numpy ml_dtypes typing_extensions psutil cloudpickle tornado)
-HOST_PYTHON="${PYTHON:-python3}"
+HOST_PYTHON="${TVMS_ARM_PYTHON:-python3}"
 
 say() { echo "arm_rpc: $*" >&2; }
 die() { say "error: $*"; exit 1; }
