@@ -165,7 +165,7 @@ def test_tuner_records_a_crashed_candidate_and_goes_on(tmp_path):
 
 COMPILE = importlib.import_module("tvm_sparseconv.compile")  # the package's `compile` is the function
 
-def abort_in_codegen(model, plan, target, database, path):
+def abort_in_codegen(model, plan, target, database, path, cc=None):
     """compile._compile_to with tvm.compile replaced, in this child (which then dies), by LLVM's
     fatal error in the function of layer conv001, as LLVM reports one ("In function: ...")."""
     import tvm
@@ -177,7 +177,7 @@ def abort_in_codegen(model, plan, target, database, path):
         abort_like_llvm(f"Cannot select: t7: v16f32 = X86ISD::VPERMV3 t2, t4, t6\nIn function: {name}_compute_")
 
     tvm.compile = fatal
-    return COMPILE._compile_to(model, plan, target, database, path)
+    return COMPILE._compile_to(model, plan, target, database, path, cc)
 
 
 def abort_at_once(*args):

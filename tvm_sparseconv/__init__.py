@@ -13,9 +13,10 @@ from .build import CompiledLayer  # noqa: E402
 from .frontend import Model, ModelError, load_model  # noqa: E402
 from .plan import Plan, PlanError  # noqa: E402
 from .compile import compile, lower, pipeline  # noqa: E402
+from .target import export_library  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["Conv2DSpec", "ConvSpecError", "Epilogue", "UnsupportedConvError", "ALGORITHMS", "SPARSE",
            "get_algorithm", "CompiledLayer", "Model", "ModelError", "load_model", "Plan", "PlanError",
-           "compile", "lower", "pipeline"]
+           "compile", "lower", "pipeline", "export_library"]

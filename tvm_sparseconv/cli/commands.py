@@ -157,7 +157,8 @@ def cmd_compile(args) -> int:
     target = make_target(args.target)
     _log(f"compiling {args.model} for {target} ...")
     # in the worker: a compiler crash is an error naming the layer, not the end of this process
-    b = build_isolated(model, plan, target, args.database, path=args.output, timeout=math.inf)
+    b = build_isolated(model, plan, target, args.database, path=args.output, timeout=math.inf,
+                       cc=args.cross_compiler)
     write_sidecar(args.output, model, _preprocess(args, pre), labels, b.applied, target)
     tables.print_compiled(args.output, b.counts())
     return 0

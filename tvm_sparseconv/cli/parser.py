@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
     com.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
     com.add_argument("-o", "--output", required=True, help="the .so to write (plus a .json beside it)")
+    com.add_argument("--cross-compiler", default=None, metavar="CC", help="for a target of another architecture "
+                     "(an aarch64 mtriple): the compiler that links the library (default: $TVMS_CROSS_CC, else "
+                     "MTRIPLE-gcc, e.g. aarch64-linux-gnu-gcc)")
 
     ben = sub.add_parser("bench", help="end-to-end latency: plan vs all-dense vs onnxruntime vs PyTorch")
     _model_args(ben)
