@@ -1,0 +1,158 @@
+"""A plan without tuning: per layer, the candidate the cost model predicts fastest.
+
+``predict_plan`` takes each conv layer's input density from a profile of sample inputs (or,
+without any, ``default_densities``), asks the cost model (cost_model.py) for the time of every
+candidate a tune would measure on the layer (space.candidates: every registered hand-scheduled
+algorithm that takes the layer, the first configs of its knob space), and picks among the
+predictions by the tuner's own rules (space.choose: a sparse kernel only when it beats the best
+dense one by the margin; non-default knobs only when they beat the defaults by KNOB_MARGIN).
+
+Without a cost model (missing or corrupt file) or for a layer whose algorithms it has no data
+on, the fixed rule decides (``rule_choice``): hybrid below density RULE_DENSITY, the dense kernel
+at or above, a registered dense hand-scheduled algorithm where neither takes the layer (grouped
+convs), TVM's conv2d where none does. The rule is also the evaluation's baseline (evaluate.py).
+docs/cost-model.md documents both.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..algorithms import ALGORITHMS, REGISTRY, get_algorithm
+from ..cpu import cpu_of
+from ..frontend import Model, load_model
+from ..plan import Plan, PlanLayer
+from ..target import make_target, target_key
+from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
+from .space import KNOB_TRIALS, candidates, choose, supports
+
+RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
+RULE_SPARSE, RULE_DENSE = "hybrid", "dense"
+# default input density of a layer fed by a ReLU (graph.ConvSite.input_relu), without sample
+# inputs: DEFAULT_FIRST at the model's first layer falling linearly to DEFAULT_LAST at its last
+# (a least-squares line through the shipped profiles of VGG-16 and ResNet-50: 0.745 - 0.399 x
+# depth); 1.0 for any other input (the image, a linear bottleneck's output)
+DEFAULT_FIRST, DEFAULT_LAST = 0.75, 0.35
+MARGIN = 0.03       # a sparse kernel must beat the best dense one by this share (the tuner's)
+KNOB_MARGIN = 0.10  # non-default knobs must beat the defaults by this share: a prediction is rougher
+                    # than a measurement, and the defaults carry what was measured in models
+
+
+def default_densities(sites) -> list[Density]:
+    """The documented default density of each conv layer's input (module docstring)."""
+    n = len(sites)
+    out = []
+    for i, s in enumerate(sites):
+        depth = i / (n - 1) if n > 1 else 0.0
+        out.append(Density(DEFAULT_FIRST - (DEFAULT_FIRST - DEFAULT_LAST) * depth if s.input_relu else 1.0))
+    return out
+
+
+def rule_choice(spec, why_dense: str | None, density: float, target=None) -> tuple[str, dict]:
+    """(algorithm, knobs) of the fixed rule for one layer: RULE_SPARSE (its default knobs) below
+    RULE_DENSITY, RULE_DENSE at or above; where neither takes the layer, the first registered dense
+    hand-scheduled algorithm that does; "direct" (TVM's conv2d) where none does."""
+    order = ((RULE_SPARSE,) if density < RULE_DENSITY else ()) + (RULE_DENSE,) + tuple(
+        a for a in ALGORITHMS if not REGISTRY[a].sparse and not REGISTRY[a].metaschedule)
+    for a in order:
+        if a in REGISTRY and supports(a, spec, why_dense):
+            return a, get_algorithm(a).knobs(spec, None, target)
+    return "direct", {}
+
+
+def _model_info(model: Model, how: str, densities: str) -> dict:
+    return {"source": model.source, "input_shape": list(model.input_shape), "plan": how, "densities": densities}
+
+
+def _densities(model: Model, images, target) -> tuple[list[Density], str]:
+    """Each layer's input density: a profile of ``images`` (model inputs), or the defaults."""
+    if images is None or len(images) == 0:
+        return default_densities(model.sites), "defaults (docs/cost-model.md)"
+    from ..profile import profile
+
+    layers, _, _ = profile(model, list(images), target)
+    return ([Density(l.density_mean, l.density_std, l.zero_channel_share) for l in layers],
+            f"profile of {len(images)} sample input{'s' * (len(images) != 1)}")
+
+
+def rule_plan(model: Model, target=None, densities: list[Density] | None = None, how: str = "rule") -> Plan:
+    """The fixed rule's plan (rule_choice per layer) at ``densities`` (default_densities when None)."""
+    target = make_target(target)
+    sites = model.sites
+    dens = densities if densities is not None else default_densities(sites)
+    layers = []
+    for s, d in zip(sites, dens):
+        a, knobs = rule_choice(s.spec, s.why_dense, d.mean, target)
+        layers.append(PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "rule"}))
+    return Plan(layers, _target_dict(target), _model_info(model, how, "given" if densities else "defaults"),
+                cpu_of(target).to_dict())
+
+
+def _target_dict(target) -> dict | None:
+    import json
+
+    s = str(target)
+    return json.loads(s) if s.startswith("{") else None
+
+
+def predicted_layers(cost: CostModel, sites, densities: list[Density], target,
+                     knob_trials: int = KNOB_TRIALS) -> list[PlanLayer]:
+    """Per site, the candidate with the lowest predicted time (module docstring), with a note of
+    its predicted ms and the best dense one's; the rule where the model knows no candidate."""
+    cpu = cpu_of(target)
+    pools, asks = [], []
+    spaces: dict = {}  # identical layers share their candidates
+    for s, d in zip(sites, densities):
+        key = (s.spec, s.why_dense)
+        if key not in spaces:
+            spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, ALGORITHMS, target, knob_trials, False)
+                           if cost.knows(a) for k in ks]
+        pool = spaces[key]
+        pools.append(pool)
+        asks += [Candidate(a, k, s.spec, d, cpu, s.epilogue()) for a, k in pool]
+    pred = cost.predict_ms(asks) if asks else np.zeros(0)
+    layers, at = [], 0
+    for s, d, pool in zip(sites, densities, pools):
+        ms = pred[at:at + len(pool)]
+        at += len(pool)
+        recs = [{"algorithm": a, "knobs": k, "time_ms": float(t)} for (a, k), t in zip(pool, ms)]
+        best, best_dense = choose(recs, s.spec, MARGIN, target, knob_margin=KNOB_MARGIN)
+        if best is None:
+            a, knobs = rule_choice(s.spec, s.why_dense, d.mean, target)
+            layers.append(PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "rule"}))
+            continue
+        layers.append(PlanLayer(s.key, s.spec.to_dict(), best["algorithm"], best["knobs"],
+                                {"density": d.mean, "by": "cost model", "predicted_ms": best["time_ms"],
+                                 "predicted_dense_ms": best_dense["time_ms"] if best_dense else None}))
+    return layers
+
+
+def predict_plan(model, target=None, images=None, cost_model=None, fallback: bool = True,
+                 log=lambda s: None) -> Plan:
+    """A plan for ``model`` (a Model, or what load_model takes) on ``target`` (None: this CPU)
+    without measuring any kernel.
+
+    ``images``: model inputs (arrays of the model's input shape, as images.load_inputs makes
+    them) to profile the densities on; None: default_densities. ``cost_model``: a CostModel or
+    the path of one (None: the shipped model). When the model file is missing or corrupt, the
+    CostModelError is told to ``log`` and the plan is the fixed rule's (rule_plan), unless
+    ``fallback`` is False: then it is raised."""
+    m = model if isinstance(model, Model) else load_model(model)
+    target = make_target(target)
+    try:
+        cost = cost_model if isinstance(cost_model, CostModel) else load_cost_model(cost_model)
+    except CostModelError as e:
+        if not fallback:
+            raise
+        log(f"{e}; the plan follows the fixed rule instead: {RULE_SPARSE} below input density {RULE_DENSITY}, "
+            f"{RULE_DENSE} above (docs/cost-model.md)")
+        cost = None
+    densities, how = _densities(m, images, target)
+    if cost is None:
+        plan = rule_plan(m, target, densities, how="rule (no cost model)")
+        plan.model["densities"] = how
+        return plan
+    layers = predicted_layers(cost, m.sites, densities, target)
+    info = _model_info(m, "predicted", how)
+    info["cost_model"] = cost.path or "in memory"
+    info["target_key"] = target_key(target)
+    return Plan(layers, _target_dict(target), info, cpu_of(target).to_dict())
