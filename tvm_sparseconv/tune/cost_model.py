@@ -231,13 +231,17 @@ class TrainingRun:
 
     @property
     def cpu_key(self) -> str:
-        """What tells CPUs apart in a leave-one-CPU-out evaluation: the CPU's name and ISA (the
-        AVX2 code path tuned on an AVX-512 host is another CPU: its target names another mcpu)."""
-        return f"{self.cpu.name} ({self.cpu.isa}, {self.cpu.cores} cores)"
+        return cpu_key(self.cpu)
 
     def describe(self) -> dict:
         return {"run": self.name, "model": self.model, "cpu": self.cpu.to_dict(), "records": len(self.rows),
                 "sha256": self.sha256}
+
+
+def cpu_key(cpu: CPU) -> str:
+    """What tells CPUs apart in a leave-one-CPU-out evaluation: the CPU's name, ISA and cores (the
+    AVX2 code path tuned on an AVX-512 host is another CPU: its target names another mcpu)."""
+    return f"{cpu.name} ({cpu.isa}, {cpu.cores} cores)"
 
 
 def shipped_runs() -> list[str]:
@@ -363,6 +367,11 @@ class RefitModel:
         self.y: list[float] = []
         self.booster = None
         self.names: list[str] = []
+
+    def knows(self, algorithm: str) -> bool:
+        """The prior has data on ``algorithm``, or this run has measured it."""
+        return (self.prior is not None and self.prior.knows(algorithm)) or any(
+            c.algorithm == algorithm for c in self.cands)
 
     def add(self, c: Candidate, ms: float) -> None:
         self.cands.append(c)

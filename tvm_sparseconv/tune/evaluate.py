@@ -88,3 +88,52 @@ def offline(runs: list[TrainingRun], params: dict | None = None, rounds: int = R
         rows.append({"cpu": cpu, "runs": [r.name for r in test], "trained_on": [r.name for r in train],
                      **held_out_scores(model, test)})
     return rows
+
+
+def end_to_end(models: list[str], runs: list[TrainingRun], target=None, images=None, tuned: dict | None = None,
+               repeat: int = 10, rounds: int = 3, log=lambda s: None) -> dict:
+    """On this machine, for each known model of ``models``: (a) the predicted plan of a cost
+    model trained on the ``runs`` of the other CPUs than ``target``'s (cost_model.cpu_key), (b)
+    the tuned plan for this CPU (``tuned[model]``, a plan file, else the shipped one; left out
+    when there is none), (c) the fixed rule's plan; (a) and (c) at the densities of a profile of
+    ``images`` (names, default: the first two sample photos), all compiled and timed on the first
+    in ``rounds`` interleaved rounds (bench.time_plans). Returns {"cpu", "cpu_description",
+    "trained_on", "models": [{"model", "rows", "tuned_plan"}]}; a row's ``vs_tuned`` is its median
+    over the tuned plan's."""
+    from ..bench import time_plans
+    from ..cpu import cpu_of
+    from ..frontend import load_model
+    from ..images import SAMPLE_IMAGES, load_inputs
+    from ..models import known_preprocess, model_path
+    from ..plan import Plan
+    from ..shipped import shipped_plan
+    from ..target import make_target
+    from .cost_model import cpu_key
+    from .predict import densities_of, model_plan, rule_plan
+
+    target = make_target(target)
+    cpu = cpu_of(target)
+    train = [r for r in runs if r.cpu_key != cpu_key(cpu)]
+    if not train:
+        raise ValueError(f"every log given was measured on {cpu_key(cpu)}: leaving it out leaves nothing to train on")
+    log(f"training on {len(train)} runs of other CPUs than {cpu_key(cpu)}")
+    cost = CostModel.train(train)
+    out = []
+    for name in models:
+        m = load_model(model_path(name))
+        samples = load_inputs(m, list(images or SAMPLE_IMAGES[:2]), [], known_preprocess(name))
+        densities, where = densities_of(m, samples, target)
+        plans = {"predicted": model_plan(m, cost, target, densities, where)}
+        shipped = shipped_plan(name, target)
+        tuned_path, database = ((tuned or {}).get(name), None) if (tuned or {}).get(name) else (shipped or (None, None))
+        if tuned_path:
+            plans["tuned"] = Plan.load(tuned_path)
+        else:
+            log(f"{name}: no tuned plan for {cpu_key(cpu)} (none shipped, none given): its row is left out")
+        plans["rule"] = rule_plan(m, target, densities, where)
+        rows = time_plans(m, samples[0], plans, target, database, repeat, rounds, log)
+        ref = next((r["ms"] for r in rows if r["name"] == "tuned"), None)
+        for r in rows:
+            r["vs_tuned"] = r["ms"] / ref if ref else None
+        out.append({"model": name, "tuned_plan": tuned_path, "rows": rows})
+    return {"cpu": cpu_key(cpu), "cpu_description": str(cpu), "trained_on": [r.name for r in train], "models": out}

@@ -15,6 +15,8 @@ docs/cost-model.md documents both.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from ..algorithms import ALGORITHMS, REGISTRY, get_algorithm
@@ -59,12 +61,9 @@ def rule_choice(spec, why_dense: str | None, density: float, target=None) -> tup
     return "direct", {}
 
 
-def _model_info(model: Model, how: str, densities: str) -> dict:
-    return {"source": model.source, "input_shape": list(model.input_shape), "plan": how, "densities": densities}
-
-
-def _densities(model: Model, images, target) -> tuple[list[Density], str]:
-    """Each layer's input density: a profile of ``images`` (model inputs), or the defaults."""
+def densities_of(model: Model, images, target) -> tuple[list[Density], str]:
+    """Each conv layer's input density profile and where it came from: a profile of ``images``
+    (model inputs) on ``target``, or default_densities when there are none."""
     if images is None or len(images) == 0:
         return default_densities(model.sites), "defaults (docs/cost-model.md)"
     from ..profile import profile
@@ -74,68 +73,72 @@ def _densities(model: Model, images, target) -> tuple[list[Density], str]:
             f"profile of {len(images)} sample input{'s' * (len(images) != 1)}")
 
 
-def rule_plan(model: Model, target=None, densities: list[Density] | None = None, how: str = "rule") -> Plan:
+def _plan(model: Model, layers: list[PlanLayer], target, info: dict) -> Plan:
+    s = str(target)
+    return Plan(layers, json.loads(s) if s.startswith("{") else None,
+                {"source": model.source, "input_shape": list(model.input_shape), **info}, cpu_of(target).to_dict())
+
+
+def _rule_layer(s, d: Density, target) -> PlanLayer:
+    a, knobs = rule_choice(s.spec, s.why_dense, d.mean, target)
+    return PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "rule"})
+
+
+def rule_plan(model: Model, target=None, densities: list[Density] | None = None,
+              densities_from: str = "defaults (docs/cost-model.md)") -> Plan:
     """The fixed rule's plan (rule_choice per layer) at ``densities`` (default_densities when None)."""
     target = make_target(target)
+    dens = densities if densities is not None else default_densities(model.sites)
+    return _plan(model, [_rule_layer(s, d, target) for s, d in zip(model.sites, dens)], target,
+                 {"plan": "rule", "densities": densities_from})
+
+
+def model_plan(model: Model, cost: CostModel, target=None, densities: list[Density] | None = None,
+               densities_from: str = "defaults (docs/cost-model.md)", knob_trials: int = KNOB_TRIALS) -> Plan:
+    """The cost model's plan at ``densities`` (default_densities when None): per layer, among the
+    candidates a tune would measure (space.candidates with ``knob_trials``) that the model has
+    data on, the one space.choose picks by the predicted times, with a note of its predicted ms
+    and the best dense one's; the rule where the model knows no candidate of the layer."""
+    target = make_target(target)
+    cpu = cpu_of(target)
     sites = model.sites
     dens = densities if densities is not None else default_densities(sites)
-    layers = []
-    for s, d in zip(sites, dens):
-        a, knobs = rule_choice(s.spec, s.why_dense, d.mean, target)
-        layers.append(PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "rule"}))
-    return Plan(layers, _target_dict(target), _model_info(model, how, "given" if densities else "defaults"),
-                cpu_of(target).to_dict())
-
-
-def _target_dict(target) -> dict | None:
-    import json
-
-    s = str(target)
-    return json.loads(s) if s.startswith("{") else None
-
-
-def predicted_layers(cost: CostModel, sites, densities: list[Density], target,
-                     knob_trials: int = KNOB_TRIALS) -> list[PlanLayer]:
-    """Per site, the candidate with the lowest predicted time (module docstring), with a note of
-    its predicted ms and the best dense one's; the rule where the model knows no candidate."""
-    cpu = cpu_of(target)
     pools, asks = [], []
     spaces: dict = {}  # identical layers share their candidates
-    for s, d in zip(sites, densities):
+    for s, d in zip(sites, dens):
         key = (s.spec, s.why_dense)
         if key not in spaces:
             spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, ALGORITHMS, target, knob_trials, False)
                            if cost.knows(a) for k in ks]
-        pool = spaces[key]
-        pools.append(pool)
-        asks += [Candidate(a, k, s.spec, d, cpu, s.epilogue()) for a, k in pool]
+        pools.append(spaces[key])
+        asks += [Candidate(a, k, s.spec, d, cpu, s.epilogue()) for a, k in spaces[key]]
     pred = cost.predict_ms(asks) if asks else np.zeros(0)
     layers, at = [], 0
-    for s, d, pool in zip(sites, densities, pools):
+    for s, d, pool in zip(sites, dens, pools):
         ms = pred[at:at + len(pool)]
         at += len(pool)
         recs = [{"algorithm": a, "knobs": k, "time_ms": float(t)} for (a, k), t in zip(pool, ms)]
         best, best_dense = choose(recs, s.spec, MARGIN, target, knob_margin=KNOB_MARGIN)
         if best is None:
-            a, knobs = rule_choice(s.spec, s.why_dense, d.mean, target)
-            layers.append(PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "rule"}))
+            layers.append(_rule_layer(s, d, target))
             continue
         layers.append(PlanLayer(s.key, s.spec.to_dict(), best["algorithm"], best["knobs"],
                                 {"density": d.mean, "by": "cost model", "predicted_ms": best["time_ms"],
                                  "predicted_dense_ms": best_dense["time_ms"] if best_dense else None}))
-    return layers
+    return _plan(model, layers, target, {"plan": "predicted", "densities": densities_from,
+                                         "cost_model": cost.path or "in memory", "target_key": target_key(target)})
 
 
 def predict_plan(model, target=None, images=None, cost_model=None, fallback: bool = True,
                  log=lambda s: None) -> Plan:
     """A plan for ``model`` (a Model, or what load_model takes) on ``target`` (None: this CPU)
-    without measuring any kernel.
+    without measuring any kernel: model_plan, or rule_plan without a cost model.
 
     ``images``: model inputs (arrays of the model's input shape, as images.load_inputs makes
     them) to profile the densities on; None: default_densities. ``cost_model``: a CostModel or
     the path of one (None: the shipped model). When the model file is missing or corrupt, the
-    CostModelError is told to ``log`` and the plan is the fixed rule's (rule_plan), unless
-    ``fallback`` is False: then it is raised."""
+    CostModelError is told to ``log`` and the plan is the fixed rule's, unless ``fallback`` is
+    False: then it is raised."""
     m = model if isinstance(model, Model) else load_model(model)
     target = make_target(target)
     try:
@@ -146,13 +149,7 @@ def predict_plan(model, target=None, images=None, cost_model=None, fallback: boo
         log(f"{e}; the plan follows the fixed rule instead: {RULE_SPARSE} below input density {RULE_DENSITY}, "
             f"{RULE_DENSE} above (docs/cost-model.md)")
         cost = None
-    densities, how = _densities(m, images, target)
+    densities, where = densities_of(m, images, target)
     if cost is None:
-        plan = rule_plan(m, target, densities, how="rule (no cost model)")
-        plan.model["densities"] = how
-        return plan
-    layers = predicted_layers(cost, m.sites, densities, target)
-    info = _model_info(m, "predicted", how)
-    info["cost_model"] = cost.path or "in memory"
-    info["target_key"] = target_key(target)
-    return Plan(layers, _target_dict(target), info, cpu_of(target).to_dict())
+        return rule_plan(m, target, densities, where)
+    return model_plan(m, cost, target, densities, where)
