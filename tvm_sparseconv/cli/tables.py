@@ -174,12 +174,14 @@ def predicted_line(model: str, key: str, plan) -> str:
         counts[l.algorithm] = counts.get(l.algorithm, 0) + 1
     how = plan.model.get("plan")
     what = "predicted by the cost model" if how == "predicted" else "of the fixed rule (no cost model)"
-    return (f"no plan shipped for {model} on {key}: using a plan {what} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; "
+    layers = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return (f"no plan shipped for {model} on {key}: using a plan {what} ({layers}; "
             f"densities: {plan.model.get('densities')}); for a faster one, tune it: "
             f"tvm-sparseconv tune {model} --images ... (then --plan RUN/plan.json)")
 
 
-def print_cost_model(path: str, trained_on: list[dict], features: int, rounds: int, same: bool | None = None) -> None:
+def print_cost_model(path: str, trained_on: list[dict], features: int, rounds: int,
+                     same: bool | None = None) -> None:
     """cost-model train/show: the file, and the runs the model was trained on."""
     print(f"cost model {path}: {features} features, {rounds} trees, trained on {len(trained_on)} runs "
           f"({sum(r.get('records', 0) for r in trained_on)} measured candidates)")
@@ -187,7 +189,8 @@ def print_cost_model(path: str, trained_on: list[dict], features: int, rounds: i
         print(f"  {r.get('run')}: {r.get('model')} on {r.get('cpu', {}).get('name')} "
               f"({r.get('cpu', {}).get('isa')}), {r.get('records')} candidates, sha256 {str(r.get('sha256'))[:12]}")
     if same is not None:
-        print("the same predictions as the shipped model: " + ("yes" if same else "NO (another xgboost, or other logs)"))
+        print("the same predictions as the shipped model: "
+              + ("yes" if same else "NO (another xgboost, or other logs)"))
 
 
 def print_cost_model_evaluation(res: dict) -> None:
@@ -199,7 +202,8 @@ def print_cost_model_evaluation(res: dict) -> None:
             continue
         rows.append([r["cpu"], str(r["layers"]), f"{r['top1']:.2f}", f"{r['same_algo']:.2f}", f"{r['recall@3']:.2f}",
                      f"{r['recall@5']:.2f}", f"{100 * r['regret']:.1f} %", f"{100 * r['rule_regret']:.1f} %"])
-    print("offline, leaving one CPU out (trained on the others' logs; per layer, among the candidates its log measured):")
+    print("offline, leaving one CPU out (trained on the others' logs; per layer, among the candidates its log "
+          "measured):")
     for line in _text_table(rows[0], rows[1:], set(range(1, 8))):
         print(line)
     if len(rows) == 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..algorithms import REGISTRY, get_algorithm
+from ..algorithms import REGISTRY
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
 from ..shipped import SHIPPED

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, get_algorithm
 from ..build import CACHE_MODES, CompiledLayer
-from ..conv import Epilogue, UnsupportedConvError
+from ..conv import Epilogue
 from ..cpu import cpu_of
 from ..frontend import Model
 from ..measure import Progress, max_abs_error, tolerance
