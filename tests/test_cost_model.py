@@ -26,8 +26,9 @@ from tvm_sparseconv.tune import cost_model as cm
 from tvm_sparseconv.tune.cost_model import (Candidate, CostModel, CostModelError, Density, RefitModel, TrainingRun,
                                             load_cost_model, roofline_ms, shipped_runs)
 from tvm_sparseconv.tune.evaluate import held_out_scores, offline
-from tvm_sparseconv.tune.predict import (DEFAULT_FIRST, DEFAULT_LAST, KNOB_MARGIN, MARGIN, RULE_DENSITY,
-                                         default_densities, predict_plan, rule_choice, rule_plan)
+from tvm_sparseconv.tune.predict import (DEFAULT_FIRST, DEFAULT_LAST, KNOB_MARGIN, RULE_DENSITY, default_densities,
+                                         predict_plan, rule_choice, rule_plan)
+from tvm_sparseconv.tune.space import MARGIN
 
 from conftest import AVX2_TARGET, small_onnx
 
@@ -391,3 +392,29 @@ def test_predicted_plan_of_every_shipped_model(name, tmp_path):
     ref = ort.InferenceSession(m.onnx_path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: x})[0]
     np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(np.argmax(y, axis=-1), np.argmax(ref, axis=-1))
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_runs_the_three_plans(mixed, runs, tmp_path, capsys):
+    """cost-model evaluate --end-to-end on a small model: the predicted, tuned and rule plans, each
+    compiled and run, their outputs agreeing (the times are not checked: they are the lead's)."""
+    path, m = mixed
+    x = np.maximum(np.random.default_rng(2).standard_normal((1, 8, 16, 16)), 0).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    from tvm_sparseconv.compile import resolve_plan
+
+    resolve_plan(m, None, "dense", FOREIGN).save(str(tmp_path / "tuned.json"))
+    rc = main(["cost-model", "evaluate", "--end-to-end", "--models", path, "--inputs", str(tmp_path / "x.npy"),
+               "--tuned", f"{path}={tmp_path / 'tuned.json'}", "--target", json.dumps(FOREIGN), "--rounds", "1",
+               "--repeat", "1", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {r["cpu"] for r in res["offline"]} == {r.cpu_key for r in runs}
+    e2e = res["end_to_end"]
+    assert e2e["cpu"] == cm.cpu_key(cpu_of(FOREIGN)) and e2e["trained_on"] == [r.name for r in runs]
+    (row,) = e2e["models"]
+    assert [r["name"] for r in row["rows"]] == ["predicted", "tuned", "rule"]
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for r in row["rows"]:
+        assert r["ms"] > 0 and r["max_abs_error"] <= 2e-5 * float(np.abs(ref).max())
+    assert next(r for r in row["rows"] if r["name"] == "tuned")["vs_tuned"] == 1.0

@@ -403,7 +403,7 @@ def cmd_cost_model(args) -> int:
                 raise ValueError(f"--tuned takes MODEL=PLAN.json, got {t!r}")
             tuned[name] = path
         res["end_to_end"] = end_to_end(args.models, runs, args.target, args.images or None, tuned, args.repeat,
-                                       args.rounds, log=_log)
+                                       args.rounds, log=_log, inputs=args.inputs or None)
     return _emit(args, res, tables.print_cost_model_evaluation)
 
 

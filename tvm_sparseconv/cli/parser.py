@@ -182,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     eva.add_argument("runs", nargs="*", metavar="RUN", help="tuning run folders, default: the shipped ones")
     eva.add_argument("--end-to-end", action="store_true", help="also compile and time the three plans of each "
                      "--models on this CPU, the model trained without this CPU's logs")
-    eva.add_argument("--models", nargs="+", default=["vgg16-tumor", "resnet50-nsfw"], help="known models to time "
-                     "(default: %(default)s)")
+    eva.add_argument("--models", nargs="+", default=["vgg16-tumor", "resnet50-nsfw"], help="known models or .onnx "
+                     "files to time (default: %(default)s)")
     eva.add_argument("--images", nargs="+", default=[], help="sample images profiled for the densities (default: "
                      "the first two sample photos); the first is timed")
+    eva.add_argument("--inputs", nargs="+", default=[], help="or preprocessed model inputs (.npy)")
     eva.add_argument("--tuned", nargs="+", default=[], metavar="MODEL=PLAN", help="the tuned plan of a model on "
                      "this CPU (default: the shipped one)")
     eva.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from .cost_model import PARAMS, ROUNDS, CostModel, TrainingRun
-from .predict import KNOB_MARGIN, MARGIN, RULE_DENSE, RULE_DENSITY, RULE_SPARSE
-from .space import choose
+from .predict import KNOB_MARGIN, RULE_DENSE, RULE_DENSITY, RULE_SPARSE
+from .space import MARGIN, choose
 
 TOP_K = (1, 3, 5)  # the offline table's recall@k: the measured best among the k predicted fastest
 
@@ -91,15 +91,16 @@ def offline(runs: list[TrainingRun], params: dict | None = None, rounds: int = R
 
 
 def end_to_end(models: list[str], runs: list[TrainingRun], target=None, images=None, tuned: dict | None = None,
-               repeat: int = 10, rounds: int = 3, log=lambda s: None) -> dict:
-    """On this machine, for each known model of ``models``: (a) the predicted plan of a cost
-    model trained on the ``runs`` of the other CPUs than ``target``'s (cost_model.cpu_key), (b)
-    the tuned plan for this CPU (``tuned[model]``, a plan file, else the shipped one; left out
-    when there is none), (c) the fixed rule's plan; (a) and (c) at the densities of a profile of
-    ``images`` (names, default: the first two sample photos), all compiled and timed on the first
-    in ``rounds`` interleaved rounds (bench.time_plans). Returns {"cpu", "cpu_description",
-    "trained_on", "models": [{"model", "rows", "tuned_plan"}]}; a row's ``vs_tuned`` is its median
-    over the tuned plan's."""
+               repeat: int = 10, rounds: int = 3, log=lambda s: None, inputs=None) -> dict:
+    """On this machine, for each model of ``models`` (known names or .onnx paths): (a) the
+    predicted plan of a cost model trained on the ``runs`` of the other CPUs than ``target``'s
+    (cost_model.cpu_key), (b) the tuned plan for this CPU (``tuned[model]``, a plan file, else the
+    shipped one; left out when there is none), (c) the fixed rule's plan; (a) and (c) at the
+    densities of a profile of the sample inputs (``images``: names, preprocessed as the known
+    model wants; ``inputs``: .npy model inputs; neither: the first two sample photos), all
+    compiled and timed on the first in ``rounds`` interleaved rounds (bench.time_plans). Returns
+    {"cpu", "cpu_description", "trained_on", "models": [{"model", "rows", "tuned_plan"}]}; a row's
+    ``vs_tuned`` is its median over the tuned plan's."""
     from ..bench import time_plans
     from ..cpu import cpu_of
     from ..frontend import load_model
@@ -121,8 +122,9 @@ def end_to_end(models: list[str], runs: list[TrainingRun], target=None, images=N
     out = []
     for name in models:
         m = load_model(model_path(name))
-        samples = load_inputs(m, list(images or SAMPLE_IMAGES[:2]), [], known_preprocess(name))
-        densities, where = densities_of(m, samples, target)
+        names = list(images or ([] if inputs else SAMPLE_IMAGES[:2]))
+        samples = load_inputs(m, names, list(inputs or []), known_preprocess(name))
+        densities, where = densities_of(m, samples)
         plans = {"predicted": model_plan(m, cost, target, densities, where)}
         shipped = shipped_plan(name, target)
         tuned_path, database = ((tuned or {}).get(name), None) if (tuned or {}).get(name) else (shipped or (None, None))

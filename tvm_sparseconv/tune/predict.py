@@ -25,7 +25,7 @@ from ..frontend import Model, load_model
 from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
-from .space import KNOB_TRIALS, candidates, choose, supports
+from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
 RULE_SPARSE, RULE_DENSE = "hybrid", "dense"
@@ -34,7 +34,6 @@ RULE_SPARSE, RULE_DENSE = "hybrid", "dense"
 # (a least-squares line through the shipped profiles of VGG-16 and ResNet-50: 0.745 - 0.399 x
 # depth); 1.0 for any other input (the image, a linear bottleneck's output)
 DEFAULT_FIRST, DEFAULT_LAST = 0.75, 0.35
-MARGIN = 0.03       # a sparse kernel must beat the best dense one by this share (the tuner's)
 KNOB_MARGIN = 0.10  # non-default knobs must beat the defaults by this share: a prediction is rougher
                     # than a measurement, and the defaults carry what was measured in models
 
@@ -61,14 +60,15 @@ def rule_choice(spec, why_dense: str | None, density: float, target=None) -> tup
     return "direct", {}
 
 
-def densities_of(model: Model, images, target) -> tuple[list[Density], str]:
+def densities_of(model: Model, images) -> tuple[list[Density], str]:
     """Each conv layer's input density profile and where it came from: a profile of ``images``
-    (model inputs) on ``target``, or default_densities when there are none."""
+    (model inputs), or default_densities when there are none. The densities are the model's,
+    not the CPU's: the profile runs on this machine, whatever CPU the plan is for."""
     if images is None or len(images) == 0:
         return default_densities(model.sites), "defaults (docs/cost-model.md)"
     from ..profile import profile
 
-    layers, _, _ = profile(model, list(images), target)
+    layers, _, _ = profile(model, list(images), None)
     return ([Density(l.density_mean, l.density_std, l.zero_channel_share) for l in layers],
             f"profile of {len(images)} sample input{'s' * (len(images) != 1)}")
 
@@ -149,7 +149,7 @@ def predict_plan(model, target=None, images=None, cost_model=None, fallback: boo
         log(f"{e}; the plan follows the fixed rule instead: {RULE_SPARSE} below input density {RULE_DENSITY}, "
             f"{RULE_DENSE} above (docs/cost-model.md)")
         cost = None
-    densities, where = densities_of(m, images, target)
+    densities, where = densities_of(m, images)
     if cost is None:
         return rule_plan(m, target, densities, where)
     return model_plan(m, cost, target, densities, where)

@@ -10,6 +10,7 @@ from ..algorithms import DENSE, METASCHEDULE, get_algorithm, knob_space
 from ..conv import Conv2DSpec, UnsupportedConvError
 
 KNOB_TRIALS = 6     # configs measured per (workload, hand-scheduled kernel) by an exhaustive tune
+MARGIN = 0.03       # the share by which sparse must beat dense, and knobs their defaults (choose)
 POOL_PER_TRIAL = 4  # a hand-scheduled kernel's pool: this many configs per measured one
 
 

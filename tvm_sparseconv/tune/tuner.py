@@ -48,7 +48,7 @@ from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
 from .log import TuningLog, write_atomically
-from .space import KNOB_TRIALS, candidates, choose, supports
+from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
 from .workloads import Workload, extract_workloads
 
 SEARCHES = ("model", "exhaustive")
@@ -66,7 +66,7 @@ class TuneConfig:
     cost_model: str | None = None  # the prior of the model search (None: the shipped model)
     budget_minutes: float | None = None
     algorithms: tuple = ALGORITHMS
-    margin: float = 0.03           # share by which sparse must beat dense, and knobs their defaults
+    margin: float = MARGIN         # share by which sparse must beat dense, and knobs their defaults
     repeat: int = 5
     cache: str = "fresh"           # what the caches hold when a candidate runs: CompiledLayer.time
     refine: bool = True            # then choose the dense layers' thread splits inside the model
