@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..build import CACHE_MODES
+from ..tune.space import EXPLORE, KNOB_TRIALS, TOP_K
 
 # the top-level --help's description (the text of cli.py's docstring before cli became a package)
 DESCRIPTION = "The ``tvm-sparseconv`` command."
@@ -142,13 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(tun)
     tun.add_argument("--trials", type=int, default=0, help="MetaSchedule trials in all for the dense TE ops "
                      "(direct, im2col, MEC); 0 leaves them out")
-    tun.add_argument("--knob-trials", type=int, default=6, help="each hand-scheduled kernel's pool is its first "
+    tun.add_argument("--knob-trials", type=int, default=KNOB_TRIALS, help="each hand-scheduled kernel's pool is its first "
                      "4x this many configs; --exhaustive measures this many of each per layer (default %(default)s)")
     tun.add_argument("--exhaustive", action="store_true", help="measure --knob-trials configs of every algorithm "
                      "per layer, instead of the cost model's most promising candidates")
-    tun.add_argument("--top-k", type=int, default=4, help="candidates per layer with the lowest predicted time "
+    tun.add_argument("--top-k", type=int, default=TOP_K, help="candidates per layer with the lowest predicted time "
                      "that are measured (default %(default)s)")
-    tun.add_argument("--explore", type=int, default=1, help="other candidates per layer measured, drawn at random "
+    tun.add_argument("--explore", type=int, default=EXPLORE, help="other candidates per layer measured, drawn at random "
                      "(default %(default)s)")
     tun.add_argument("--cost-model", default=None, metavar="FILE", help="the prior of the search (default: the "
                      "shipped cost model; missing or corrupt: the exhaustive search)")

@@ -11,6 +11,7 @@ from ..conv import Conv2DSpec, UnsupportedConvError
 
 KNOB_TRIALS = 6     # configs measured per (workload, hand-scheduled kernel) by an exhaustive tune
 MARGIN = 0.03       # the share by which sparse must beat dense, and knobs their defaults (choose)
+TOP_K, EXPLORE = 4, 1  # the model search: per workload, the best predicted and the random others measured
 POOL_PER_TRIAL = 4  # a hand-scheduled kernel's pool: this many configs per measured one
 
 

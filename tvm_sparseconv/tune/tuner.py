@@ -48,7 +48,7 @@ from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
 from .log import TuningLog, write_atomically
-from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
+from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, supports
 from .workloads import Workload, extract_workloads
 
 SEARCHES = ("model", "exhaustive")
@@ -61,8 +61,8 @@ class TuneConfig:
                                     # of a pool of 4x as many (space.candidates); the model's pool too
     search: str = "model"          # "model": per workload, the top_k candidates by the cost model and
                                    # ``explore`` random others; "exhaustive": knob_trials per algorithm
-    top_k: int = 4
-    explore: int = 1
+    top_k: int = TOP_K
+    explore: int = EXPLORE
     cost_model: str | None = None  # the prior of the model search (None: the shipped model)
     budget_minutes: float | None = None
     algorithms: tuple = ALGORITHMS
