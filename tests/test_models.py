@@ -94,6 +94,12 @@ def ort_conv_input_densities(m, x):
     return [np.count_nonzero(outs[nm]) / outs[nm].size for nm in names]
 
 
+def test_input_relu_matches_the_onnx_graph(model):
+    """graph.ConvSite.input_relu (the default densities of predicted plans) against the ONNX graph."""
+    _, m, _, _ = model
+    assert [s.input_relu for s in m.sites] == conv_inputs_after_relu(m)
+
+
 def test_profile_densities_equal_onnxruntime_zero_counts(model):
     name, m, xs, _ = model
     layers, acts, _ = profile(m, xs[:1])

@@ -146,7 +146,8 @@ def test_tuner_records_a_crashed_candidate_and_goes_on(tmp_path):
     model = Model(None, "x", SPEC.x_shape, "NCHW", "tiny")  # measure() reads only the trials log
     said = []
     t = Tuner(model, [x], str(tmp_path), config=TuneConfig(knob_trials=1, algorithms=("halo", "dense"),
-                                                            candidate_timeout=0.01), log=said.append)
+                                                            search="exhaustive", candidate_timeout=0.01),
+              log=said.append)
     wl = Workload("tiny", SPEC, False, ["conv0"], w, None, x, 0.3)
     t.measure([wl])
     recs = [json.loads(l) for l in open(tmp_path / "trials.jsonl").read().splitlines()[1:]]

@@ -19,4 +19,14 @@ __version__ = "0.1.0"
 
 __all__ = ["Conv2DSpec", "ConvSpecError", "Epilogue", "UnsupportedConvError", "ALGORITHMS", "SPARSE",
            "get_algorithm", "CompiledLayer", "Model", "ModelError", "load_model", "Plan", "PlanError",
-           "compile", "lower", "pipeline", "export_library"]
+           "compile", "lower", "pipeline", "export_library", "predict_plan"]
+
+
+def __getattr__(name):
+    # predict_plan lives with the tuner (tune/predict.py, the cost model): imported on first use,
+    # so that importing the package imports the core only
+    if name == "predict_plan":
+        from .tune.predict import predict_plan
+
+        return predict_plan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
