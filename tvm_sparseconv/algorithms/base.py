@@ -174,7 +174,8 @@ def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     The bounds are select(v < 0, 0, v) and select(v > a, a, v) so that NaN propagates (max()
     and min() would drop it).
     """
-    lanes = v.ty.dtype.lanes
+    ty = getattr(v, "ty", None)  # a TE tensor element (TensorSlice) has none: a scalar
+    lanes = ty.dtype.lanes if ty is not None else 1
 
     def const(a):  # a float32 constant as wide as v (Select takes no scalar beside a vector)
         c = tvm.tirx.const(float(a), "float32")

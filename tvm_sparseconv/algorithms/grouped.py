@@ -423,8 +423,8 @@ class Grouped(Algorithm):
         self.check(spec)
         tl, cpu = make_tiling(spec, knobs), cpu_of(cpu)
         make = _channels_func if tl.vector == "channels" else _width_func
-        return [Stage("multiply", "multiply", prim(make(spec, tl, cpu, epilogue)), ("x", "w") + epilogue_inputs(epilogue),
-                      (Buffer("y", spec.y_shape),))]
+        return [Stage("multiply", "multiply", prim(make(spec, tl, cpu, epilogue)),
+                      ("x", "w") + epilogue_inputs(epilogue), (Buffer("y", spec.y_shape),))]
 
     def storage(self, spec, knobs, produced):
         return Storage(0, 0)  # the packed rows are a per-task scratch, not a stored format
