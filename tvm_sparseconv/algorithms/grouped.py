@@ -4,27 +4,28 @@ Specified in docs/algorithms.md section 15.
 
 Layers with groups G > 1: depthwise (G = C, M = C*k for a channel multiplier k >= 1) and
 grouped (1 < G < C). Output channel m reads the Cg = C/G input channels of its group
-m // Mg (Mg = M/G). Two kernels (knob ``vector``, the axis the vector lanes run along), both
-output-stationary with the accumulators in registers, each parallel task packing the input
-rows it reads into a scratch with the padding materialised (so that no tap is tested):
+m // Mg (Mg = M/G). x N x C x H x W and y N x M x Oh x Ow are NCHW. Two kernels (knob
+``vector``, the axis the vector lanes run along), both output-stationary with the
+accumulators in registers, each parallel task first packing the input rows its outputs read
+into a scratch with the padding materialised (so that no tap is tested):
 
-channels: x N x C x H x W (NCHW) is packed per task (n, channel block mb, band of ``rows``
-    output rows) into xs Cg x Rin x Wp x cb, cb = ``c_block`` output channels (one vector of
-    the CPU's lanes by default): lane j of xs[ci] holds the input channel that output channel
-    mb*cb + j reads as its ci-th (by lanes x lanes register transposes for depthwise layers
-    without a multiplier, lanes.Lanes.transpose_tile; else element by element; 0 past M). w
-    n_mb x Cg x Kh x Kw x cb (OIHW re-laid-out once, channels past M zero). A register tile is
-    ``block`` consecutive output pixels of one row x cb channels: acc[b, :] += xs[ci, i, j, :]
-    * w[mb, ci, l, q, :], one weight vector per tap serving the block's pixels.
-width: per task (n, group g, band) the Cg input planes' rows are copied into xs Cg x Rin x Wp
-    (zero borders); for each of the group's Mg output channels a register tile is ``block``
-    consecutive output pixels of one row, in vectors along W: acc[p] += xs[ci, i, s*Sw + q*Dw]
-    * w[m, ci, l, q] (the weight a broadcast; w is the OIHW weight as given). Its loads and
-    stores are contiguous at stride 1; at Sw > 1 they are strided (correct, not fast).
+channels: tasks (n, channel block mb, band of ``rows`` output rows); xs Cg x Rin x Wp x cb,
+    cb = ``c_block`` output channels (one vector of the CPU's lanes by default): lane j of
+    xs[ci] holds the input channel that output channel mb*cb + j reads as its ci-th (lanes x
+    lanes register transposes for depthwise layers without a multiplier, else element by
+    element; 0 past M). w n_mb x Cg x Kh x Kw x cb (OIHW re-laid-out once, channels past M
+    zero). A register tile is ``tile_rows`` rows x ``block`` pixels x cb channels:
+    acc[k, b, :] += xs[ci, i, j, :] * w[mb, ci, l, q, :], one weight vector per tap serving
+    the tile's pixels; stored by register transposes as vectors of pixels per channel.
+width: tasks (n, group g, band); xs Cg x Rin x Wp, the group's input rows with zero borders;
+    for each of its Mg output channels a register tile is ``tile_rows`` rows x ``block``
+    pixels in vectors along W: acc[k, p] += xs[ci, i, s*Sw + q*Dw] * w[m, ci, l, q] (a
+    broadcast weight; w is the OIHW weight as given). Contiguous loads and stores at stride 1;
+    strided at Sw > 1 (correct, not fast: its knob space offers it at stride 1 only).
 
-y N x M x Oh x Ow (NCHW), written through the epilogue (bias, residual, ReLU, clip) in the
-store. Nothing is stored besides y: the scratch is per task (Rin = (rows-1)*Sh + (Kh-1)*Dh + 1
-rows), sized by the knobs, not by the data.
+The epilogue (bias, residual, ReLU, clip) is applied in the store. Nothing is stored besides
+y: the scratch is per task, Rin = (rows-1)*Sh + (Kh-1)*Dh + 1 rows, sized by the knobs and the
+shape, not by the data. Knob defaults (default_tiling) follow from the CPU description.
 """
 from __future__ import annotations
 
