@@ -131,7 +131,8 @@ def make_tiling(spec: Conv2DSpec, knobs) -> GroupedTiling:
     for name, top in most.items():
         v = knobs[name]
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or (top and v > top):
-            raise KnobError(f"grouped: knob {name} must be an int in 1..{top or 'Oh'}, got {v!r}")
+            raise KnobError(f"grouped: knob {name} must be {f'an int in 1..{top}' if top else 'a positive int'}, "
+                            f"got {v!r}")
     return GroupedTiling(vector, int(knobs["c_block"]), min(int(knobs["block"]), spec.out_w),
                          min(int(knobs["tile_rows"]), spec.out_h), min(int(knobs["rows"]), spec.out_h))
 
@@ -159,11 +160,6 @@ def _loop_pieces(width: int, step: int, emit):
         emit(g * step, step)
     if width % step > 0:
         emit(width // step * step, width % step)
-
-
-def _when(flag: bool, cond):
-    """``cond`` when ``flag``, else True (an ``if True:`` vanishes when the TVMScript is parsed)."""
-    return cond if flag else True
 
 
 @T.macro
@@ -211,7 +207,7 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     def pack_lanes(x, xs, n, mb, ci, h, base):
         """One input row h: xs[base + (pl + j)*cb + lane] = x[n, channel of (mb*cb + lane, ci), h, j]."""
         for lane in range(cb):
-            if _when(not m_whole, mb * cb + lane < M):
+            if m_whole or mb * cb + lane < M:  # (an `if True:` vanishes when the TVMScript is parsed)
                 for j in range(W):
                     xs[base + (pl + j) * cb + lane] = x[n, (mb * cb + lane) // Mg * Cg + ci, h, j]
             else:
@@ -221,7 +217,7 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     @T.macro
     def pack_transposed(x, xs, n, mb, h, base):
         for g in range(cb // L):
-            if _when(C % L != 0, mb * cb + g * L + L <= C):  # whole tiles of channels
+            if C % L == 0 or mb * cb + g * L + L <= C:  # whole tiles of channels
                 for jt in range(_cdiv(W, L)):  # the last column tile overlaps the one before it
                     vec.transpose_tile(xs, cb, x, n, mb * cb + g * L, h, T.min(jt * L, W - L), base + pl * cb + g * L)
             else:
@@ -273,7 +269,7 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
             store_transposed(y, acc, bias, res, n, mb, r, k, w0, BT)
         else:  # a vector of BT pixels per output channel, gathered from the accumulators
             for j in T.unroll(cb):
-                if _when(not m_whole, mb * cb + j < M):
+                if m_whole or mb * cb + j < M:
                     for b in T.vectorized(BT):
                         store_output(y, (n, mb * cb + j, r, w0 + b), acc[k, b, j], bias, res, ep)
 
