@@ -13,6 +13,8 @@ from tvm.script import tirx as T
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, Stage
 from .conv import Conv2DSpec, Epilogue, ConvSpecError, UnsupportedConvError
+from .layout import layout_shape
+from .reference.layout import from_layout, to_layout
 from .reference.storage import Storage
 from .stages import apply_database, stage_func, stage_symbol
 from .target import make_target
@@ -46,7 +48,10 @@ class CompiledLayer:
 
     ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow;
     with ``residual``, ``layer(x, res)`` adds res (N x M x Oh x Ow) before the ReLU; ``clip``
-    (with ``relu``) bounds the output to [0, clip] (conv.Epilogue).
+    (with ``relu``) bounds the output to [0, clip] (conv.Epilogue). Arrays in and out are
+    NCHW; where the knobs hold x or y in channel blocks (``layout_in``, ``layout_out``:
+    Algorithm.layouts), the buffers ``x``, ``res`` and ``y`` are blocked, and x and res are
+    blocked (reference.layout.to_layout) as they are copied in, y unblocked as it is read out.
     Constants (re-laid-out weights) are uploaded once; intermediate buffers are
     allocated once at their worst-case size and reused. With an RPC ``session`` the
     library is exported, uploaded and run on the remote CPU instead.
@@ -67,6 +72,7 @@ class CompiledLayer:
         self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual), clip=clip)
         self.target = make_target(target)
         self.knobs = self.algorithm.knobs(spec, knobs, self.target)
+        self.layout_in, self.layout_out = self.algorithm.layouts(spec, self.knobs)
         self.stages = self.algorithm.stages(spec, self.epilogue, self.knobs, self.target)
         mod = stage_module(self.algorithm, self.stages)
         if database is not None:
@@ -83,9 +89,10 @@ class CompiledLayer:
         for st in self.stages:
             for b in st.outputs:
                 self.buffers[b.name] = tvm.runtime.empty(b.shape, b.dtype, self.dev)
-        self.buffers["x"] = tvm.runtime.empty(spec.x_shape, "float32", self.dev)
+        self.buffers["x"] = tvm.runtime.empty(layout_shape(spec.x_shape, self.layout_in), "float32", self.dev)
         if residual:  # zeros until set_input gives one
-            self.buffers["res"] = tvm.runtime.tensor(np.zeros(spec.y_shape, np.float32), self.dev)
+            self.buffers["res"] = tvm.runtime.tensor(
+                np.zeros(layout_shape(spec.y_shape, self.layout_out), np.float32), self.dev)
 
     def poison(self) -> None:
         """Fill every buffer the stages write ("y" and the intermediates) with NaN (an int buffer
@@ -101,17 +108,22 @@ class CompiledLayer:
         return [self.buffers[n] for n in st.inputs] + [self.buffers[b.name] for b in st.outputs]
 
     def set_input(self, x: np.ndarray, res: np.ndarray | None = None) -> None:
-        self._copy_in("x", x, self.spec.x_shape, "input")
+        """Copy in x (N x C x H x W) and res (N x M x Oh x Ow), each into its buffer's layout."""
+        self._copy_in("x", x, self.spec.x_shape, self.layout_in, "input")
         if res is not None:
             if not self.epilogue.residual:
                 raise ConvSpecError("this layer was built without residual=True: it takes no res input")
-            self._copy_in("res", res, self.spec.y_shape, "res")
+            self._copy_in("res", res, self.spec.y_shape, self.layout_out, "res")
 
-    def _copy_in(self, name: str, a: np.ndarray, shape, label: str) -> None:
+    def _copy_in(self, name: str, a: np.ndarray, shape, layout: str, label: str) -> None:
         a = np.asarray(a)
         if a.shape != shape:
             raise ConvSpecError(f"{label} shape {a.shape} does not match the layer's {shape}")
-        self.buffers[name].copyfrom(np.ascontiguousarray(a, dtype=np.float32))
+        self.buffers[name].copyfrom(to_layout(np.ascontiguousarray(a, dtype=np.float32), layout))
+
+    def output(self) -> np.ndarray:
+        """y of the last run, N x M x Oh x Ow (unblocked when the kernel writes channel blocks)."""
+        return from_layout(self.buffers["y"].numpy(), self.layout_out, self.spec.out_channels)
 
     def run(self) -> None:
         self._run(self.stages)
@@ -125,7 +137,7 @@ class CompiledLayer:
             raise ConvSpecError("this layer was built with residual=True: call it with (x, res)")
         self.set_input(x, res)
         self.run()
-        return self.buffers["y"].numpy()
+        return self.output()
 
     def produced(self) -> dict[str, np.ndarray]:
         """Every stage output of the last run, as NumPy arrays."""
