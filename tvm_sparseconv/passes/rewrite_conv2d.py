@@ -1,4 +1,5 @@
-"""RewriteConv2D: replace chosen conv2d calls (+ bias + ReLU) by an algorithm's stages."""
+"""RewriteConv2D: replace chosen conv2d calls (+ bias + ReLU) by an algorithm's stages, keeping
+activations in channel blocks between the layers whose knobs say so."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,9 +9,22 @@ import tvm
 from tvm import relax
 
 from ..algorithms import get_algorithm
+from ..algorithms.layout import transform_stage
 from ..cpu import CPU, cpu_of
-from ..graph import ConvSite, find_conv_sites
-from ..stages import LAYERS_ATTR, algorithm_func, stage_symbol
+from ..graph import ConvSite, find_conv_sites, scalar_value
+from ..layout import NCHW, channel_block, layout_shape
+from ..stages import LAYERS_ATTR, LAYOUT_ATTR, algorithm_func, stage_symbol, transform_func
+
+# ops the rewrite computes on blocked tensors when every tensor operand has the output's shape
+# and is held in the same blocked layout (the others are scalars): elementwise, so the layout
+# does not change what they compute. The lanes past C may then hold op(0) (sigmoid: 0.5);
+# no reader uses them.
+_ELEMENTWISE = {tvm.ir.Op.get(f"relax.{n}") for n in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu", "sigmoid", "tanh")}
+# pooling ops of NCHW data, which TVM also computes in channel blocks (their layout "NCHW16c"):
+# max, average and adaptive average pooling of a block's lanes are those of its channels
+_POOLS = {tvm.ir.Op.get(f"relax.nn.{n}"): getattr(relax.op.nn, n)
+          for n in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d")}
 
 
 @dataclass(frozen=True)
@@ -56,28 +70,129 @@ def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, cpu:
     return call
 
 
+def layer_layouts(site: ConvSite, choice: LayerChoice, cpu: CPU) -> tuple[str, str]:
+    """(layout of the layer's input, of its output and residual) with ``choice`` (layout.py)."""
+    algo = get_algorithm(choice.algorithm)
+    return algo.layouts(site.spec, algo.knobs(site.spec, choice.knobs, cpu))
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
+    """Rewrites the layers of ``todo`` in binding order. A layer that writes a blocked layout
+    binds its result in that layout (``blocked``) and its original var to the transform back
+    to the model's layout, which DeadCodeElimination removes when nothing but blocked readers
+    use the var. A reader in a blocked layout takes the blocked var, or a transform of the var
+    (made once per var and layout). Elementwise ops whose operands are all blocked alike are
+    computed blocked too."""
+
     def __init__(self, mod, todo: dict, absorbed: set, calls: dict, cpu: CPU):
         super().__init__(mod)
         self.todo, self.absorbed, self.calls, self.cpu = todo, absorbed, calls, cpu
         self.callers = {}  # stage function -> keys of the layers that call it, in binding order
+        self.blocked = {}  # original var -> {layout: the var holding it in that layout}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.absorbed:
             return  # the conv / bias add the fused chain replaces
-        if binding.var not in self.todo:
-            return super().visit_var_binding_(binding)
+        if binding.var in self.todo:
+            return self._layer(binding)
+        if not (self._blocked_elementwise(binding) or self._blocked_pool(binding)):
+            super().visit_var_binding_(binding)
+
+    def _layer(self, binding: relax.VarBinding) -> None:
         site, choice, fused = self.todo[binding.var]
+        lin, lout = layer_layouts(site, choice, self.cpu)
         conv = self.calls[site.conv_var]
-        x = self.visit_expr(conv.args[0])
-        if site.data_layout == "NHWC":
-            x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
-        res = self.visit_expr(fused.residual) if fused is not None else None
+        x = self._held_in(conv.args[0], lin, site.data_layout, f"{site.key}_x")
+        res = self._held_in(fused.residual, lout, "NCHW", f"{site.key}_res") if fused is not None else None
         y = emit_layer(self.builder_, site, choice, self.cpu, x, res, self.callers)
-        if site.data_layout == "NHWC":
+        self._bind(binding.var, y, lout, site.data_layout, site.spec.y_shape, f"{site.key}_y")
+
+    def _bind(self, var: relax.Var, y: relax.Expr, layout: str, data_layout: str, nchw_shape, name: str) -> None:
+        """var = y, y held in ``layout`` (NCHW: as the model has var, after a transpose for NHWC);
+        a blocked y is kept for blocked readers, var bound to its transform back."""
+        if layout != NCHW:
+            yb = self.builder_.emit(y, f"{name}_{layout}")
+            self.blocked[var] = {layout: yb}
+            y = self._transform(yb, nchw_shape, layout, NCHW)
+        if data_layout == "NHWC":
             y = relax.op.permute_dims(self.builder_.emit(y), [0, 2, 3, 1])
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(y)))
+        self.builder_.emit_normalized(relax.VarBinding(var, self.builder_.normalize(y)))
+
+    def _held_in(self, expr: relax.Expr, layout: str, data_layout: str, name: str) -> relax.Expr:
+        """``expr`` (in the model's ``data_layout``) as a reader in ``layout`` takes it: NCHW
+        (transposed from NHWC), or blocked: the blocked var a layer or an op wrote, else a
+        transform of the NCHW tensor (kept for the var's other blocked readers)."""
+        held = self.blocked.get(expr, {}) if isinstance(expr, relax.Var) else {}
+        if layout in held:
+            return held[layout]
+        x = self.visit_expr(expr)
+        if data_layout == "NHWC":
+            x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
+        if layout == NCHW:
+            return x
+        shape = [int(v) for v in x.ty.shape]
+        xb = self.builder_.emit(self._transform(x, shape, NCHW, layout), f"{name}_{layout}")
+        if isinstance(expr, relax.Var):
+            self.blocked.setdefault(expr, {})[layout] = xb
+        return xb
+
+    def _transform(self, x: relax.Expr, nchw_shape, src: str, dst: str) -> relax.Call:
+        st = transform_stage(nchw_shape, src, dst, self.cpu)
+        gv = self.builder_.add_func(transform_func(st, src, dst), f"layout_{st.name}")
+        return relax.call_tir(gv, [x], relax.TensorType(layout_shape(nchw_shape, dst), "float32"))
+
+    def _blocked_elementwise(self, binding: relax.VarBinding) -> bool:
+        """Emit an _ELEMENTWISE op on blocked operands (True), or leave it to the caller (False):
+        every operand a scalar or a var of the output's shape held in one blocked layout."""
+        call = binding.value
+        if not isinstance(call, relax.Call) or call.op not in _ELEMENTWISE:
+            return False
+        ty = binding.var.ty
+        if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None or ty.ndim != 4:
+            return False
+        shape = [int(v) for v in ty.shape]
+        tensors = [a for a in call.args if not _is_scalar(a)]
+        if not tensors or not all(isinstance(a, relax.Var) and isinstance(a.ty, relax.TensorType)
+                                  and a.ty.shape is not None and [int(v) for v in a.ty.shape] == shape
+                                  for a in tensors):
+            return False
+        common = set.intersection(*(set(self.blocked.get(a, ())) for a in tensors))
+        if not common:
+            return False
+        layout = sorted(common)[0]
+        args = [self.visit_expr(a) if _is_scalar(a) else self.blocked[a][layout] for a in call.args]
+        y = relax.Call(call.op, args, call.attrs, call.ty_args)
+        self._bind(binding.var, y, layout, "NCHW", shape, binding.var.name)
+        return True
+
+
+    def _blocked_pool(self, binding: relax.VarBinding) -> bool:
+        """Emit a _POOLS op of NCHW data on its blocked input, in that layout (True), or leave it
+        to the caller (False)."""
+        call = binding.value
+        if not isinstance(call, relax.Call) or call.op not in _POOLS:
+            return False
+        x, attrs = call.args[0], call.attrs
+        held = self.blocked.get(x) if isinstance(x, relax.Var) else None
+        if not held or str(attrs.layout) != "NCHW" or str(attrs.out_layout or "NCHW") != "NCHW":
+            return False
+        layout = sorted(held)[0]
+        tvm_layout = f"NCHW{channel_block(layout)}c"
+        if call.op == tvm.ir.Op.get("relax.nn.adaptive_avg_pool2d"):
+            kw = {"output_size": attrs.output_size}
+        else:
+            kw = {k: getattr(attrs, k) for k in ("pool_size", "strides", "padding", "dilation", "ceil_mode",
+                                                 "count_include_pad")}
+        y = _POOLS[call.op](held[layout], **kw, layout=tvm_layout, out_layout=tvm_layout)
+        shape = [int(v) for v in binding.var.ty.shape]
+        self._bind(binding.var, y, layout, "NCHW", shape, binding.var.name)
+        return True
+
+
+def _is_scalar(e: relax.Expr) -> bool:
+    """A one-element float constant or a PrimValue (an operand every element shares)."""
+    return scalar_value(e) is not None
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.RewriteConv2D")
@@ -148,6 +263,25 @@ class RewriteConv2D:
         for stage, keys in rw.callers.items():
             rw.builder_.update_func(stage, rw.builder_.get()[stage].with_attr(LAYERS_ATTR, keys))
         return relax.transform.DeadCodeElimination(["main"])(rw.builder_.get())
+
+
+def layout_transforms(mod: tvm.IRModule) -> list[tuple[str, str, str]]:
+    """(the var transformed, the var it is bound to, "src->dst") of every layout transform
+    ``main`` of a rewritten module calls, in binding order. RewriteConv2D names the vars it
+    makes after the layer: "conv003_x_nchw16c" is conv003's input in blocks,
+    "conv052_y_nchw16c" conv052's blocked output."""
+    marked = {gv: str(f.attrs[LAYOUT_ATTR]) for gv, f in mod.functions_items()
+              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and LAYOUT_ATTR in f.attrs}
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    out = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and v.op == call_tir and v.args[0] in marked:
+                src = v.args[1].fields[0]
+                out.append((src.name if isinstance(src, relax.Var) else str(src), b.var.name,
+                            marked[v.args[0]]))
+    return out
 
 
 def applied_layers(mod: tvm.IRModule, sites) -> dict[str, str]:
