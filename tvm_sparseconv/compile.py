@@ -18,14 +18,14 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tvm
 from tvm import relax
 
 from .frontend import Model, load_model
 from .graph import find_conv_sites
-from .passes import RewriteConv2D, applied_layers
+from .passes import RewriteConv2D, applied_layers, layout_transforms
 from .passes.parallelize_rest import ParallelizeRest
 from .plan import Plan
 from .stages import apply_database, kernel_table, open_database
@@ -95,11 +95,13 @@ class Build:
     with ``relax.VirtualMachine(module, tvm.cpu())``; ``applied`` is {layer key: algorithm};
     ``kernels`` is stages.kernel_table of the module, {function name: (keys of the layers that
     call it in call order, algorithm)}, to map the calls of a VM instrument (measure.time_calls)
-    to layers."""
+    to layers; ``transforms`` passes.layout_transforms of it, the layout transforms ``main``
+    calls (empty when every layer is NCHW)."""
 
     module: object
     applied: dict
     kernels: dict
+    transforms: list = field(default_factory=list)
 
     def vm(self) -> relax.VirtualMachine:
         """A VirtualMachine of the module on this machine's CPU (one, made on first use)."""
@@ -119,20 +121,21 @@ def build(model: Model, plan: Plan, target, database=None) -> Build:
     """lower, then tvm.compile: the Build of ``model`` with ``plan`` in this process."""
     target = make_target(target)
     mod, applied = lower(model, plan, target, database)
-    return Build(tvm.compile(mod, target=target), applied, kernel_table(mod))
+    return Build(tvm.compile(mod, target=target), applied, kernel_table(mod), layout_transforms(mod))
 
 
-def _compile_to(model: Model, plan: dict, target: str, database, path: str) -> tuple[dict, dict]:
+def _compile_to(model: Model, plan: dict, target: str, database, path: str) -> tuple[dict, dict, list]:
     """Worker job: build ``model`` with ``plan``, export the library to ``path``; returns
-    (applied, kernels). The kernel table goes to ``path + ".kernels.json"`` before tvm.compile
-    runs, so that a compiler crash can be traced to the layers of the function it names."""
+    (applied, kernels, transforms). The kernel table goes to ``path + ".kernels.json"`` before
+    tvm.compile runs, so that a compiler crash can be traced to the layers of the function it
+    names."""
     target = make_target(target)
     mod, applied = lower(model, Plan.from_dict(plan), target, database)
     kernels = kernel_table(mod)
     with open(path + ".kernels.json", "w") as f:
         json.dump(kernels, f)
     tvm.compile(mod, target=target).export_library(path)
-    return applied, kernels
+    return applied, kernels, layout_transforms(mod)
 
 
 def _crashed_in(tail: str, kernels: dict, plan: Plan) -> str:
@@ -183,14 +186,14 @@ def build_isolated(model: Model, plan: Plan, target, database=None, worker=None,
     try:
         out = os.path.join(d, os.path.basename(path) if path else "model.so")
         try:
-            applied, kernels = (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(),
-                                                                 str(target), database, out, timeout=timeout)
+            applied, kernels, transforms = (worker or shared_worker()).call(
+                _compile_to, Cached(model), plan.to_dict(), str(target), database, out, timeout=timeout)
         except CandidateCrash as e:
             raise compiler_crash(e, out + ".kernels.json", plan) from None
         if path is not None:
             os.replace(out, path)
             out = path
-        return Build(tvm.runtime.load_module(out), applied, kernels)
+        return Build(tvm.runtime.load_module(out), applied, kernels, transforms)
     finally:
         shutil.rmtree(d, ignore_errors=True)  # the loaded library stays mapped
 

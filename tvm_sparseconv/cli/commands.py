@@ -159,7 +159,7 @@ def cmd_compile(args) -> int:
     # in the worker: a compiler crash is an error naming the layer, not the end of this process
     b = build_isolated(model, plan, target, args.database, path=args.output, timeout=math.inf)
     write_sidecar(args.output, model, _preprocess(args, pre), labels, b.applied, target)
-    tables.print_compiled(args.output, b.counts())
+    tables.print_compiled(args.output, b.counts(), b.transforms)
     return 0
 
 
