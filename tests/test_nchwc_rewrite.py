@@ -2,6 +2,7 @@
 transforms, the ops it computes blocked, plans with and without layout knobs; every output
 against onnxruntime or NumPy float64."""
 import json
+import os
 
 import numpy as np
 import onnx
@@ -11,11 +12,12 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
+import tvm_sparseconv
 from tvm_sparseconv.compile import build, lower
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.frontend import load_model
 from tvm_sparseconv.layout import NCHW, lanes_layout
-from tvm_sparseconv.passes import LayerChoice, RewriteConv2D, layout_transforms
+from tvm_sparseconv.passes import LayerChoice, LayoutGraph, RewriteConv2D, layout_transforms
 from tvm_sparseconv.plan import PLAN_VERSION, Plan, PlanError
 from tvm_sparseconv.reference import dense_conv2d
 
@@ -176,3 +178,49 @@ def test_plan_versions_and_layouts(block_model, tmp_path):
     assert set(Plan.from_dict(old).layouts().values()) == {(NCHW, NCHW)}
     with pytest.raises(PlanError, match="reads versions 1, 2"):
         Plan.from_dict(dict(old, version=3))
+
+
+def rewritten_transforms(m, choices) -> list[str]:
+    """The transforms RewriteConv2D puts into ``m`` for ``choices``, as "src->dst", sorted."""
+    with tvm.target.Target({"kind": "llvm"}) as target:
+        mod = RewriteConv2D(choices, target, sites=m.sites)(m.mod)
+    return sorted(t for _, _, t in layout_transforms(mod))
+
+
+def random_layouts(m, rng) -> dict:
+    pairs = [(a, b) for a in (NCHW, BLOCKED) for b in (NCHW, BLOCKED)]
+    return {s.key: pairs[rng.integers(4)] for s in m.sites}
+
+
+def check_graph_counts_what_the_rewrite_inserts(m, algorithms: dict, assignments):
+    """LayoutGraph (what the tuner weighs) against the transforms RewriteConv2D inserts."""
+    for layouts in assignments:
+        choices = {k: LayerChoice(algorithms.get(k, "dense"), {"layout_in": i, "layout_out": o} if
+                                  algorithms.get(k, "dense") == "dense" else {}) for k, (i, o) in layouts.items()}
+        graph = LayoutGraph(m.mod["main"], choices, m.sites)
+        used = {k: v for k, v in layouts.items() if choices[k].algorithm == "dense"}
+        counted = sorted(f"{src}->{dst}" for _, src, dst in graph.transforms(used))
+        assert counted == rewritten_transforms(m, choices), layouts
+
+
+def test_layout_graph_counts_what_the_rewrite_inserts(block_model):
+    m, _, _ = block_model
+    rng = np.random.default_rng(5)
+    check_graph_counts_what_the_rewrite_inserts(m, {}, [random_layouts(m, rng) for _ in range(3)])
+    # a layer on TVM's conv2d in the middle: it reads and writes NCHW, and fuses no residual
+    check_graph_counts_what_the_rewrite_inserts(m, {"conv002": "direct"}, [random_layouts(m, rng)])
+
+
+@pytest.mark.slow
+def test_layout_graph_on_resnet50():
+    """Random layouts over ResNet-50-half with its shipped mix of dense and hybrid layers (hybrid
+    reads and writes NCHW): the graph counts what the rewrite inserts."""
+    from tvm_sparseconv.models import model_path
+
+    m = load_model(model_path("resnet50-nsfw"))
+    plan = Plan.load(os.path.join(os.path.dirname(tvm_sparseconv.__file__), "shipped", "llvm-znver5-2c",
+                                  "resnet50-nsfw", "plan.json"))
+    algorithms = {l.key: l.algorithm for l in plan.layers}
+    assert "hybrid" in algorithms.values()
+    rng = np.random.default_rng(6)
+    check_graph_counts_what_the_rewrite_inserts(m, algorithms, [random_layouts(m, rng) for _ in range(3)])
