@@ -260,7 +260,8 @@ def cmd_tune(args) -> int:
         rpc = (host, int(port), args.rpc_key)
     algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
     cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
-                     rpc=rpc, cache=args.cache, refine=not args.no_refine, refine_rounds=args.refine_rounds,
+                     rpc=rpc, cache=args.cache, layouts=not args.no_layouts, refine=not args.no_refine,
+                     refine_rounds=args.refine_rounds,
                      **({"algorithms": algorithms} if algorithms else {}))
     _log(f"tuning {args.model} into {run_dir}")
     try:

@@ -327,6 +327,32 @@ class LayoutGraph:
         self.nodes.append(("nchw", None, tuple(_vars_in(func.body.body)), None))
         self.keys = [key for kind, _, _, key in self.nodes if kind == "layer"]
 
+    def neighbours(self) -> dict[str, set]:
+        """{layer key: the other layers that read or write a tensor it reads or writes}, a
+        tensor and the output of an op that _passes_blocks on it counted as one."""
+        group = {}  # var -> the first var of its group (ops join their operands and output)
+
+        def find(v):
+            while group.get(v, v) is not v:
+                v = group[v]
+            return v
+
+        for kind, var, reads, _ in self.nodes:
+            if kind == "op":
+                for v in reads:
+                    group[find(v)] = find(var)
+        touches = {}
+        for kind, var, reads, key in self.nodes:
+            if kind == "layer":
+                for v in (var, *reads):
+                    if v is not None:
+                        touches.setdefault(find(v), set()).add(key)
+        out = {k: set() for k in self.keys}
+        for keys in touches.values():
+            for k in keys:
+                out[k] |= keys - {k}
+        return out
+
     def transforms(self, layouts: Mapping[str, tuple[str, str]]) -> list[tuple[tuple, str, str]]:
         """(NCHW shape, src, dst) of each transform the rewrite inserts when each layer of
         ``layouts`` ({key: (layout_in, layout_out)}; NCHW for the others) has those layouts."""
