@@ -311,11 +311,14 @@ class Tuner:
         return rec
 
     def select(self, workloads: list[Workload]) -> Plan:
-        """Per workload the fastest measured candidate; sparse must win by ``margin``."""
+        """Per workload the fastest measured candidate with x and y in NCHW; sparse must win by
+        ``margin``."""
         sites = self.model.sites
         by_key = {}
         for w in workloads:
-            recs = settled([r for r in self.trials.records if r["workload"] == w.id and r.get("time_ms")],
+            # in NCHW: the layouts phase weighs the others with their transforms
+            recs = settled([r for r in self.trials.records if r["workload"] == w.id and r.get("time_ms")
+                            and get_algorithm(r["algorithm"]).layouts(w.spec, r["knobs"]) == (NCHW, NCHW)],
                            w.spec, self.cfg.margin, self.target)
             choice = {"algorithm": "direct", "knobs": {}, "time_ms": None}
             if recs:
