@@ -121,3 +121,25 @@ def test_tuner_chooses_layouts_that_compile_and_match_onnxruntime(block_model, t
     Tuner(m, [x], str(run), config=cfg, model_name="block").run()
     with open(run / "trials.jsonl") as f:
         assert len(f.read().splitlines()[1:]) == n  # every measurement found again
+
+
+@pytest.mark.slow
+def test_refine_checks_the_layouts_end_to_end(block_model):
+    """A plan whose layers the layouts phase put in blocks (their NCHW knobs in the note): refine
+    builds it back in NCHW too and times it end to end with the split variants; the plan it
+    returns is the chosen build's, blocked or NCHW."""
+    from tvm_sparseconv.tune.refine import NCHW_BUILD, apply_report, refine_plan
+
+    m, x, ref = block_model
+    plan = Plan.uniform(m.sites, "dense")
+    for l in plan.layers:
+        l.note = {"nchw_knobs": {}}
+        l.knobs = {"layout_in": BLOCKED, "layout_out": BLOCKED}
+    refined, report = refine_plan(m, plan, x, None, rounds=1, runs=2)
+    assert NCHW_BUILD in {b["name"] for b in report["builds"]}
+    want = {(NCHW, NCHW)} if report["chosen"] == NCHW_BUILD else {(BLOCKED, BLOCKED)}
+    assert set(refined.layouts().values()) == want
+    back = apply_report(plan, {**report, "chosen": NCHW_BUILD, "splits": {}})
+    assert set(back.layouts().values()) == {(NCHW, NCHW)}
+    out = build(m, refined, None).vm()["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose((out if hasattr(out, "numpy") else out[0]).numpy(), ref, rtol=1e-4, atol=1e-5)

@@ -393,9 +393,11 @@ class Tuner:
         for l in out.layers:
             if l.key in chosen:
                 ms, knobs = best[by_key[l.key].id][chosen[l.key]]
-                l.knobs = knobs
                 l.note = {**l.note, "time_ms": ms,
                           "layout_ms": {f"{i}->{o}": t for (i, o), t in layer_ms[l.key].items()}}
+                if chosen[l.key] != (NCHW, NCHW):  # refine builds the plan with them too (refine.in_nchw)
+                    l.note["nchw_knobs"] = l.knobs
+                l.knobs = knobs
         moves = graph.transforms(chosen)
         self.say(f"layouts: {sum(1 for pr in chosen.values() if pr != (NCHW, NCHW))} of {len(chosen)} dense layers "
                  f"in blocks, {len(moves)} transforms; layers + transforms {total:.3f} ms against {nchw_total:.3f} "
