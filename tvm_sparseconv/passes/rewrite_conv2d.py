@@ -217,7 +217,10 @@ class RewriteConv2D:
     algorithm fuses residual adds and the conv (+ bias) only feeds an add of another tensor
     of its shape (a ResNet block's end), the add and the ReLU after it go into its epilogue
     too; each add goes to the first layer that claims it. The kernels are built for ``target``'s
-    CPU (None: this machine).
+    CPU (None: this machine). A layer whose knobs hold its input or output in channel blocks
+    (Algorithm.layouts) takes and leaves them so, and the transforms between layouts stand only
+    where a tensor is needed in a layout it was not written in (_Rewriter; docs/design.md,
+    "Layouts between layers"; layout_transforms lists them).
     Layers without a choice, chosen "direct", or that only TVM's conv2d can compute
     (non-constant weight, unsupported layout) stay as they are; so does a layer the chosen
     algorithm does not support (``strict=False``) unless ``strict`` asks for an error.

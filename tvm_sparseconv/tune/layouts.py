@@ -7,8 +7,9 @@ rewrite inserts a transform (passes/rewrite_conv2d.py), and it always does at th
 edges and before an op that needs NCHW. So the layouts are chosen for the whole model at
 once, after the algorithms and tiles (docs/tuning.md, "Layouts"):
 
-1. per dense workload, each (layout_in, layout_out) pair timed alone (``pair_candidates``:
-   the plan's tile in that pair, and the pair's defaults);
+1. per dense workload, each (layout_in, layout_out) pair with blocks timed alone
+   (``pair_candidates``: the plan's tile in that pair, and the pair's defaults; NCHW's time is
+   the selection's);
 2. each transform a choice could need timed alone, once per shape and direction;
 3. the assignment of pairs to layers with the least sum of layer times and transform times,
    the transforms an assignment needs counted by LayoutGraph exactly as the rewrite inserts
@@ -41,17 +42,19 @@ def pairs(cpu: CPU) -> list[tuple[str, str]]:
 
 
 def pair_candidates(spec: Conv2DSpec, knobs: Mapping, cpu: CPU) -> dict[tuple[str, str], list[dict]]:
-    """{pair: the complete dense knob dicts to time for it}: ``knobs`` (the plan's tile) with
-    the pair's layouts, and the defaults of its kernel in that pair (the gemm kernel's tiles
-    differ between vectors of pixels, from NCHW, and of channels, from blocks); those the
-    kernel refuses left out."""
+    """{pair: the complete dense knob dicts to time for it}: ``knobs`` (the plan's tile, chosen
+    among the tiles in NCHW) with the pair's layouts, and for the pairs with blocks the defaults
+    of its kernel in that pair (the gemm kernel's tiles differ between vectors of pixels, from
+    NCHW, and of channels, from blocks); those the kernel refuses left out."""
     dense = get_algorithm("dense")
     zeros = np.zeros(spec.w_shape, np.float32)
     out = {}
     for lin, lout in pairs(cpu):
         cands = []
-        for k in ({**knobs, "layout_in": lin, "layout_out": lout},
-                  {"kernel": knobs.get("kernel"), "layout_in": lin, "layout_out": lout}):
+        tried = [{**knobs, "layout_in": lin, "layout_out": lout}]
+        if (lin, lout) != (NCHW, NCHW):  # the selection measured NCHW's
+            tried.append({"kernel": knobs.get("kernel"), "layout_in": lin, "layout_out": lout})
+        for k in tried:
             try:
                 full = dense.knobs(spec, k, cpu)
                 dense.constants(spec, zeros, None, full)  # validates the tile for the layouts
