@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tvm_sparseconv.conv import Conv2DSpec
+from tvm_sparseconv.algorithms import get_algorithm
+from tvm_sparseconv.conv import Conv2DSpec, UnsupportedConvError
 from tvm_sparseconv.cpu import cpu_of
 from tvm_sparseconv.layer import synthesize_activation, synthesize_weight
 
@@ -60,6 +61,16 @@ def grid_spec(case) -> Conv2DSpec:
 def grid_id(case) -> str:
     xs, m, k, s, p, d = case
     return f"x{'x'.join(map(str, xs))}-m{m}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}".replace(" ", "")
+
+
+def accepts(algorithm: str, spec: Conv2DSpec) -> bool:
+    """``algorithm`` computes ``spec`` (its check does not refuse it: grouped takes only groups > 1,
+    most others only groups 1)."""
+    try:
+        get_algorithm(algorithm).check(spec)
+    except UnsupportedConvError:
+        return False
+    return True
 
 
 def activation(spec: Conv2DSpec, density: float, seed: int = 0) -> np.ndarray:

@@ -58,3 +58,29 @@ def test_bench_rounds_against_another_plan(tmp_path, monkeypatch):
     assert base["max_abs_error"] == 0.0 and plan["max_abs_error"] < 1e-4  # checked against the baseline
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         bench.bench_model(model, x, algorithm="pixcsr", peers=False, rounds=0)
+
+
+def test_bench_batch_applies_a_batch1_plan(tmp_path, capsys):
+    """bench --batch 3 --plan P: the ONNX model imported at batch 3, a plan saved at batch 1
+    applied as it is, onnxruntime run on the same 3 images, and the plan's output checked
+    against it (max_abs_error); --batch 0 is refused."""
+    import json
+
+    from conftest import small_onnx
+    from tvm_sparseconv.cli import main
+
+    path = small_onnx(tmp_path / "small.onnx", batch="N")
+    one = load_model(path, (1, 4, 9, 9))
+    plan = tmp_path / "plan.json"
+    Plan.uniform(one.sites, "hybrid").save(str(plan))
+    x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype("float32")
+    np.save(tmp_path / "x.npy", np.maximum(x, 0))
+    args = ["bench", path, "--input-shape", "1,4,9,9", "--inputs", str(tmp_path / "x.npy"), "--plan", str(plan),
+            "--repeat", "1", "--json"]
+    assert main(args + ["--batch", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert res["input_shape"][0] == 3
+    assert rows["tvm-sparseconv plan"]["layers"] == "hybrid 2"
+    assert "onnxruntime" in rows and rows["tvm-sparseconv plan"]["max_abs_error"] < 1e-4
+    assert main(args + ["--batch", "0"]) != 0

@@ -23,6 +23,10 @@ TAIL = Conv2DSpec.from_shapes((1, 5, 7, 13), (19, 5, 3, 3), stride=1, padding=1)
 # ... and unpadded with batch 2 (Oh = 5, Ow = 11): at density 1 every candidate entry of a
 # compressed format is stored, the worst case the buffers are sized for.
 BATCH2 = Conv2DSpec.from_shapes((2, 5, 7, 13), (19, 5, 3, 3), stride=1, padding=0)
+# The same rows and columns depthwise with a channel multiplier (19 channels, 38 outputs) and in
+# two groups (10 -> 38), for the algorithms that compute groups > 1.
+DEPTHWISE = Conv2DSpec.from_shapes((1, 19, 7, 13), (38, 1, 3, 3), stride=1, padding=1, groups=19)
+GROUPS2 = Conv2DSpec.from_shapes((2, 10, 7, 13), (38, 5, 3, 3), stride=1, padding=1, groups=2)
 
 
 def _single_nonzero(spec):
@@ -47,6 +51,8 @@ CASES = {
     "nan-inf": (TAIL, _nan_inf),
     "density-1": (BATCH2, lambda s: activation(s, 1.0, seed=2)),
     "batch-2": (BATCH2, lambda s: activation(s, 0.4, seed=3)),
+    "depthwise": (DEPTHWISE, _nan_inf),
+    "groups-2": (GROUPS2, lambda s: activation(s, 0.6, seed=5)),
 }
 EPILOGUES = {"plain": False, "bias-relu": True}
 
@@ -96,3 +102,4 @@ def test_the_cases_are_what_their_names_say():
     assert np.isnan(x["nan-inf"]).sum() == 2 and np.isposinf(x["nan-inf"]).sum() == np.isneginf(x["nan-inf"]).sum() == 1
     assert BATCH2.batch == 2 and not np.array_equal(x["batch-2"][0], x["batch-2"][1])
     assert 0 < np.count_nonzero(x["tile-tail"]) < x["tile-tail"].size
+    assert DEPTHWISE.groups == DEPTHWISE.in_channels < DEPTHWISE.out_channels and 1 < GROUPS2.groups < GROUPS2.in_channels

@@ -14,7 +14,7 @@ from tvm import relax
 
 from tvm_sparseconv.algorithms import ALGORITHMS, get_algorithm
 from tvm_sparseconv.compile import build, compile as tvms_compile, lower
-from tvm_sparseconv.conv import Conv2DSpec, UnsupportedConvError
+from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.layout import lanes_layout
 from tvm_sparseconv.frontend import ModelError, load_model
 from tvm_sparseconv.graph import find_conv_sites
@@ -25,7 +25,7 @@ from tvm_sparseconv.plan import Plan, PlanError
 from tvm_sparseconv.profile import profile
 from tvm_sparseconv.shipped import SHIPPED
 
-from conftest import HOST
+from conftest import HOST, accepts
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +99,12 @@ def ort_conv_input_densities(m, x):
     return [np.count_nonzero(outs[nm]) / outs[nm].size for nm in names]
 
 
+def test_input_relu_matches_the_onnx_graph(model):
+    """graph.ConvSite.input_relu (the default densities of predicted plans) against the ONNX graph."""
+    _, m, _, _ = model
+    assert [s.input_relu for s in m.sites] == conv_inputs_after_relu(m)
+
+
 def test_profile_densities_equal_onnxruntime_zero_counts(model):
     name, m, xs, _ = model
     layers, acts, _ = profile(m, xs[:1])
@@ -118,8 +124,16 @@ def test_profile_densities_equal_onnxruntime_zero_counts(model):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_on_every_eligible_layer(model, algorithm):
     name, m, xs, refs = model
+    if not eligible(m) & {algorithm}:
+        pytest.skip(f"{algorithm} computes no layer of {name}")
     ex = tvms_compile(m, algorithm=algorithm)
     assert_matches_onnxruntime(run(ex, xs[0]), refs[0])
+
+
+def eligible(m) -> set[str]:
+    """The algorithms that compute at least one conv layer of ``m`` (grouped: only where it has
+    grouped or depthwise layers)."""
+    return {a for a in ALGORITHMS if any(accepts(a, s.spec) for s in m.sites)}
 
 
 def mixed_plan(m):
@@ -128,15 +142,13 @@ def mixed_plan(m):
     e.g. groups) gets the first in turn that can, and only that one goes to the back of the
     turn: given the others, the rewrite would fall back to direct and the plan would claim a
     kernel that never ran; skipping them for good would leave MobileNet-V2, whose every third
-    layer is depthwise (direct only), with a few algorithms."""
+    layer is depthwise (direct or grouped only), with a few algorithms."""
     sites = find_conv_sites(m.mod["main"])
     plan = Plan.uniform(sites, "direct")
     turn = list(ALGORITHMS)
     for l, s in zip(plan.layers, sites):
         for a in turn:
-            try:
-                get_algorithm(a).check(s.spec)
-            except UnsupportedConvError:
+            if not accepts(a, s.spec):
                 continue
             l.algorithm = a
             turn.remove(a)
@@ -148,7 +160,7 @@ def mixed_plan(m):
 def test_mixed_plan_exported_library_runs_in_a_fresh_process(model, tmp_path):
     name, m, xs, refs = model
     plan = mixed_plan(m)
-    assert {l.algorithm for l in plan.layers} == set(ALGORITHMS)  # each at least once
+    assert {l.algorithm for l in plan.layers} == eligible(m)  # each at least once
     plan.save(str(tmp_path / "plan.json"))
     ex = tvms_compile(m, plan=str(tmp_path / "plan.json"))
     y = run(ex, xs[1])
@@ -232,7 +244,25 @@ def test_mobilenet_batch8_top1_onnxruntime_and_mixed_plan():
         if photo in SENSIBLE:
             assert t in SENSIBLE[photo], (photo, t)
     plan = mixed_plan(m)
-    assert {l.algorithm for l in plan.layers} == set(ALGORITHMS)
+    assert {l.algorithm for l in plan.layers} == eligible(m) == set(ALGORITHMS)
+    assert_matches_onnxruntime(run(tvms_compile(m, plan=plan), x), ref)
+
+
+def test_mobilenet_depthwise_layers_on_grouped_the_rest_on_dense():
+    """MobileNet-V2 as a user would build it without tuning: dense on its 1x1 and stem layers,
+    grouped (both kernels, in turn) on its 17 depthwise 3x3 layers, each with its ReLU6 fused;
+    on a real photo it matches onnxruntime."""
+    name = "mobilenet-v2"
+    m = load_model(model_path(name))
+    x = load_inputs(m, IMAGES[name][:1], preprocess=known_preprocess(name))[0]
+    ref = ort.InferenceSession(m.onnx_path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: x})[0]
+    plan = Plan.uniform(m.sites, "dense")
+    depthwise = [l for l, s in zip(plan.layers, m.sites) if s.spec.groups > 1]
+    assert len(depthwise) == 17 and all(s.spec.groups == s.spec.in_channels for s in m.sites if s.spec.groups > 1)
+    for i, l in enumerate(depthwise):
+        l.algorithm, l.knobs = "grouped", {"vector": ("channels", "width")[i % 2]}
+    lowered, applied = lower(m, plan, None)
+    assert [applied[s.key] for s in m.sites] == ["grouped" if s.spec.groups > 1 else "dense" for s in m.sites]
     assert_matches_onnxruntime(run(tvms_compile(m, plan=plan), x), ref)
 
 

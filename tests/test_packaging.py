@@ -14,8 +14,8 @@ from tvm_sparseconv import shipped
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "tvm_sparseconv" / "shipped"
 # what pyproject.toml's package-data promises, relative to tvm_sparseconv/shipped/
-WANTED = ("README.md", "*/*/plan.json", "*/*/report.md", "*/*/refine.json", "*/*/trials.jsonl",
-          "*/*/database/*.json")
+WANTED = ("README.md", "cost_model.json.gz", "*/*/plan.json", "*/*/report.md", "*/*/refine.json",
+          "*/*/trials.jsonl", "*/*/profile.json", "*/*/database/*.json")
 
 
 def _source_plans() -> list[str]:

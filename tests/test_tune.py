@@ -15,7 +15,8 @@ from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.plan import Plan
 from tvm_sparseconv.tune.log import TuningLog, TuningLogError
 from tvm_sparseconv.tune.report import write_report
-from tvm_sparseconv.tune.tuner import TuneConfig, Tuner, settled
+from tvm_sparseconv.tune.space import settled
+from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
 
 from conftest import free_port
 
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.slow
 
 def run_tuner(m, xs, run_dir, log=lambda s: None, **cfg):
     cfg.setdefault("refine", False)  # tested on its own: it compiles the model 5 times
+    cfg.setdefault("search", "exhaustive")  # a known number of candidates per algorithm (the model
+    # search: test_model_search_measures_top_k)
     t = Tuner(m, xs, str(run_dir), config=TuneConfig(**cfg), model_name="r50_first3", log=log)
     return t, t.run()
 
@@ -45,6 +48,29 @@ def test_tune_produces_database_log_plan_that_compile_and_run(small_model, tmp_p
     y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs[0])).numpy()
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: xs[0]})[0]
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_model_search_measures_top_k(small_model, tmp_path):
+    """The default search: per workload the cost model's top_k, a dense one and explore others,
+    far fewer than every algorithm's knobs; the plan it makes compiles and matches onnxruntime."""
+    path, m, xs = small_model
+    said = []
+    t, plan = run_tuner(m, xs, tmp_path / "run", log=said.append, search="model", top_k=2, explore=1,
+                        knob_trials=3, algorithms=("dense", "halo", "pixcsr", "hybrid"))
+    per = {}
+    for r in t.trials.records:
+        per.setdefault(r["workload"], []).append(r)
+    assert per and all(len(rs) <= 2 + 1 + 1 for rs in per.values())
+    assert all(any(r["algorithm"] == "dense" for r in rs) for rs in per.values())  # the margin has a dense time
+    assert t.cost.prior is not None and len(t.cost.y) == sum(1 for r in t.trials.records if r.get("time_ms"))
+    ex = tvms_compile(m, plan=plan)
+    y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs[0])).numpy()
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: xs[0]})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
+    # resumed: the same picks, nothing measured again
+    t2, _ = run_tuner(m, xs, tmp_path / "run", search="model", top_k=2, explore=1, knob_trials=3,
+                      algorithms=("dense", "halo", "pixcsr", "hybrid"))
+    assert len(t2.trials.records) == len(t.trials.records)
 
 
 def best_time(recs):

@@ -146,7 +146,8 @@ def test_tuner_records_a_crashed_candidate_and_goes_on(tmp_path):
     model = Model(None, "x", SPEC.x_shape, "NCHW", "tiny")  # measure() reads only the trials log
     said = []
     t = Tuner(model, [x], str(tmp_path), config=TuneConfig(knob_trials=1, algorithms=("halo", "dense"),
-                                                            candidate_timeout=0.01), log=said.append)
+                                                            search="exhaustive", candidate_timeout=0.01),
+              log=said.append)
     wl = Workload("tiny", SPEC, False, ["conv0"], w, None, x, 0.3)
     t.measure([wl])
     recs = [json.loads(l) for l in open(tmp_path / "trials.jsonl").read().splitlines()[1:]]
@@ -165,7 +166,7 @@ def test_tuner_records_a_crashed_candidate_and_goes_on(tmp_path):
 
 COMPILE = importlib.import_module("tvm_sparseconv.compile")  # the package's `compile` is the function
 
-def abort_in_codegen(model, plan, target, database, path):
+def abort_in_codegen(model, plan, target, database, path, cc=None):
     """compile._compile_to with tvm.compile replaced, in this child (which then dies), by LLVM's
     fatal error in the function of layer conv001, as LLVM reports one ("In function: ...")."""
     import tvm
@@ -177,7 +178,7 @@ def abort_in_codegen(model, plan, target, database, path):
         abort_like_llvm(f"Cannot select: t7: v16f32 = X86ISD::VPERMV3 t2, t4, t6\nIn function: {name}_compute_")
 
     tvm.compile = fatal
-    return COMPILE._compile_to(model, plan, target, database, path)
+    return COMPILE._compile_to(model, plan, target, database, path, cc)
 
 
 def abort_at_once(*args):

@@ -87,3 +87,28 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
     if ops:
         res["ops"] = breakdown
     return res
+
+
+def time_plans(model: Model, x: np.ndarray, plans: dict, target=None, database=None, repeat: int = 10,
+               rounds: int = 3, log=lambda s: None) -> list[dict]:
+    """Each plan of ``plans`` ({name: Plan}) compiled and timed on ``x`` in ``rounds`` interleaved
+    rounds (every plan once per round, in turn: the machine's drift hits all alike). One row per
+    plan: {name, ms (median of the rounds' medians), ms_rounds, layers (how many layers each
+    algorithm computes), max_abs_error (against the first plan's output)}."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    target = make_target(target)
+    builds = []
+    for name, p in plans.items():
+        log(f"compiling: {name}")
+        builds.append((name, build_isolated(model, p, target, database)))
+    times = np.zeros((rounds, len(builds)))
+    ys = {}
+    for r in range(rounds):
+        for k, (name, b) in enumerate(builds):
+            log(f"timing {name}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else ""))
+            ys[name], times[r, k] = vm_latency_ms(b.vm(), x, repeat)
+    ref = ys[builds[0][0]]
+    return [{"name": name, "ms": float(np.median(times[:, k])), "ms_rounds": times[:, k].tolist(),
+             "layers": b.counts(), "max_abs_error": max_abs_error(ys[name], ref)}
+            for k, (name, b) in enumerate(builds)]

@@ -19,7 +19,7 @@ from .layout import layout_shape
 from .reference.layout import from_layout, to_layout
 from .reference.storage import Storage
 from .stages import apply_database, stage_func, stage_symbol
-from .target import make_target
+from .target import export_library, make_target
 
 
 def stage_module(name: str, stages: list[Stage]) -> tvm.IRModule:
@@ -61,7 +61,7 @@ class CompiledStages:
         if session is None:
             self.lib, self.dev = self.executable.mod, tvm.cpu(0)
         else:
-            self.lib, self.dev = _upload(self.executable, session), session.cpu(0)
+            self.lib, self.dev = _upload(self.executable, session, self.target), session.cpu(0)
         self.buffers: dict[str, tvm.runtime.Tensor] = {}
         for st in self.stages:
             for b in st.outputs:
@@ -274,8 +274,9 @@ def _register_preproc(fn) -> str:
     return _PREPROC
 
 
-def _upload(executable, session):
-    """Export to a temporary .so, upload it through the RPC session and load it there.
+def _upload(executable, session, target):
+    """Export to a temporary .so (cross-linked when ``target`` is another architecture's),
+    upload it through the RPC session and load it there.
 
     Each upload gets its own name: overwriting a library the server has loaded crashes it.
     """
@@ -286,6 +287,6 @@ def _upload(executable, session):
     name = f"layer-{uuid.uuid4().hex[:12]}.so"
     with tempfile.TemporaryDirectory(prefix="tvms-rpc-") as d:
         path = os.path.join(d, name)
-        executable.export_library(path)
+        export_library(executable, path, target)
         session.upload(path)
     return session.load_module(name)

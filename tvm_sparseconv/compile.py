@@ -29,7 +29,7 @@ from .passes import RewriteConv2D, applied_layers, layout_transforms
 from .passes.parallelize_rest import ParallelizeRest
 from .plan import Plan
 from .stages import apply_database, kernel_table, open_database
-from .target import make_target
+from .target import cross_compiler, export_library, make_target, runs_here, target_triple
 from .worker import Cached, CandidateCrash, shared_worker
 
 
@@ -92,7 +92,9 @@ def lower(model: Model, plan: Plan, target, database=None) -> tuple[tvm.IRModule
 @dataclass
 class Build:
     """A compiled model: ``module`` (an Executable, or a loaded library from build_isolated) runs
-    with ``relax.VirtualMachine(module, tvm.cpu())``; ``applied`` is {layer key: algorithm};
+    with ``relax.VirtualMachine(module, tvm.cpu())``; None when build_isolated built it for
+    another architecture (the library is the file it exported: load it over RPC on a machine
+    of that architecture); ``applied`` is {layer key: algorithm};
     ``kernels`` is stages.kernel_table of the module, {function name: (keys of the layers that
     call it in call order, algorithm)}, to map the calls of a VM instrument (measure.time_calls)
     to layers; ``transforms`` passes.layout_transforms of it, the layout transforms ``main``
@@ -105,6 +107,9 @@ class Build:
 
     def vm(self) -> relax.VirtualMachine:
         """A VirtualMachine of the module on this machine's CPU (one, made on first use)."""
+        if self.module is None:
+            raise RuntimeError("this build is for another architecture than this machine's: load its exported "
+                               "library on such a machine or over RPC (docs/arm.md)")
         if "_vm" not in self.__dict__:
             self._vm = relax.VirtualMachine(self.module, tvm.cpu())
         return self._vm
@@ -124,17 +129,18 @@ def build(model: Model, plan: Plan, target, database=None) -> Build:
     return Build(tvm.compile(mod, target=target), applied, kernel_table(mod), layout_transforms(mod))
 
 
-def _compile_to(model: Model, plan: dict, target: str, database, path: str) -> tuple[dict, dict, list]:
-    """Worker job: build ``model`` with ``plan``, export the library to ``path``; returns
-    (applied, kernels, transforms). The kernel table goes to ``path + ".kernels.json"`` before
-    tvm.compile runs, so that a compiler crash can be traced to the layers of the function it
-    names."""
+def _compile_to(model: Model, plan: dict, target: str, database, path: str,
+                cc: str | None = None) -> tuple[dict, dict, list]:
+    """Worker job: build ``model`` with ``plan``, export the library to ``path`` (linked by
+    target.cross_compiler(target, cc) for another architecture); returns (applied, kernels,
+    transforms). The kernel table goes to ``path + ".kernels.json"`` before tvm.compile runs,
+    so that a compiler crash can be traced to the layers of the function it names."""
     target = make_target(target)
     mod, applied = lower(model, Plan.from_dict(plan), target, database)
     kernels = kernel_table(mod)
     with open(path + ".kernels.json", "w") as f:
         json.dump(kernels, f)
-    tvm.compile(mod, target=target).export_library(path)
+    export_library(tvm.compile(mod, target=target), path, target, cc)
     return applied, kernels, layout_transforms(mod)
 
 
@@ -169,7 +175,7 @@ def compiler_crash(e: CandidateCrash, kernels_path: str, plan: Plan) -> Candidat
 
 
 def build_isolated(model: Model, plan: Plan, target, database=None, worker=None, path: str | None = None,
-                   timeout: float | None = None) -> Build:
+                   timeout: float | None = None, cc: str | None = None) -> Build:
     """``build``, run in a worker process (worker.py): an LLVM error in one build of a long
     ``bench`` or ``refine``, or in the ``compile`` command, becomes a CandidateCrash naming what
     it was building (compiler_crash), not the end of the process. The library is exported and
@@ -177,8 +183,17 @@ def build_isolated(model: Model, plan: Plan, target, database=None, worker=None,
 
     ``path``: where the library is kept (written whole or not at all: exported beside it, then
     renamed); None: a temp file, removed once loaded. ``timeout``: seconds (None: the worker's
-    default, 600; math.inf: none)."""
+    default, 600; math.inf: none).
+
+    For a target of another architecture (an AArch64 ``mtriple`` on x86-64) the library is
+    cross-linked (``cc``: the compiler, default target.cross_compiler's) and not loaded back:
+    ``module`` is None and ``path`` is required."""
     target = make_target(target)
+    local = runs_here(target)
+    if path is None and not local:
+        raise ValueError(f"a build for {target_triple(target)} does not run on this machine: "
+                         "give the path to export its library to")
+    cross_compiler(target, cc)  # no cross compiler: the error now, not after the model has compiled
     if path is not None:
         path = os.path.abspath(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -187,13 +202,13 @@ def build_isolated(model: Model, plan: Plan, target, database=None, worker=None,
         out = os.path.join(d, os.path.basename(path) if path else "model.so")
         try:
             applied, kernels, transforms = (worker or shared_worker()).call(
-                _compile_to, Cached(model), plan.to_dict(), str(target), database, out, timeout=timeout)
+                _compile_to, Cached(model), plan.to_dict(), str(target), database, out, cc, timeout=timeout)
         except CandidateCrash as e:
             raise compiler_crash(e, out + ".kernels.json", plan) from None
         if path is not None:
             os.replace(out, path)
             out = path
-        return Build(tvm.runtime.load_module(out), applied, kernels, transforms)
+        return Build(tvm.runtime.load_module(out) if local else None, applied, kernels, transforms)
     finally:
         shutil.rmtree(d, ignore_errors=True)  # the loaded library stays mapped
 
@@ -205,7 +220,9 @@ def compile(model, target=None, plan=None, algorithm: str | None = None, databas
     ``plan`` is a Plan, a plan file or dict; or ``algorithm`` names one algorithm for every
     layer that supports it ("dense", "cpo", ...; "direct" = TVM's own conv2d everywhere).
     The result runs with ``relax.VirtualMachine(ex, tvm.cpu())`` and exports with
-    ``ex.export_library("model.so")``.
+    ``ex.export_library("model.so")``; for a target of another architecture (``{"kind": "llvm",
+    "mtriple": "aarch64-linux-gnu", ...}``) with ``tvm_sparseconv.export_library(ex, "model.so",
+    target)``, which links it with a cross compiler (docs/arm.md).
 
     It compiles in this process, so a fatal LLVM error (an abort) ends the process. The
     ``tvm-sparseconv compile`` and ``profile`` commands build in a worker process instead

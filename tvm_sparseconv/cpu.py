@@ -36,11 +36,20 @@ CACHE_DEFAULTS = {
     "znver1": (32 * KB, 512 * KB, 8 * MB), "znver2": (32 * KB, 512 * KB, 16 * MB),
     "znver3": (32 * KB, 512 * KB, 32 * MB), "znver4": (32 * KB, 1 * MB, 32 * MB),
     "znver5": (48 * KB, 1 * MB, 32 * MB),
+    # AArch64 (NEON): Graviton 2/3/4 and Ampere Altra are neoverse-n1/v1/v2, Ampere One ampere1;
+    # boards: Raspberry Pi 3/4/5 cortex-a53/a72/a76, Jetson Nano cortex-a57, Xavier carmel. An L2
+    # shared by a cluster counts as its share per core; apple-m*: the performance cores
     "neoverse-n1": (64 * KB, 1 * MB, 32 * MB), "neoverse-n2": (64 * KB, 1 * MB, 32 * MB),
     "neoverse-v1": (64 * KB, 1 * MB, 32 * MB), "neoverse-v2": (64 * KB, 2 * MB, 64 * MB),
-    "cortex-a72": (32 * KB, 512 * KB, 0), "cortex-a76": (64 * KB, 512 * KB, 2 * MB),
-    "apple-m1": (128 * KB, 3 * MB, 8 * MB),
+    "ampere1": (64 * KB, 2 * MB, 64 * MB),
+    "cortex-a53": (32 * KB, 128 * KB, 0), "cortex-a55": (32 * KB, 128 * KB, 1 * MB),
+    "cortex-a57": (32 * KB, 512 * KB, 0), "cortex-a72": (32 * KB, 512 * KB, 0),
+    "cortex-a76": (64 * KB, 512 * KB, 2 * MB), "cortex-a78": (64 * KB, 512 * KB, 4 * MB),
+    "cortex-x1": (64 * KB, 1 * MB, 8 * MB), "carmel": (64 * KB, 1 * MB, 4 * MB),
+    "apple-m1": (128 * KB, 3 * MB, 8 * MB), "apple-m2": (128 * KB, 4 * MB, 8 * MB),
 }
+# any other CPU (an x86 family or ARM core missing above, or no mcpu: LLVM's "generic"): a
+# mid-range core's, between a Cortex-A72 and a client x86 core
 GENERIC_CACHES = (32 * KB, 512 * KB, 8 * MB)
 
 

@@ -97,6 +97,42 @@ def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: st
     return out, inp.name, shape
 
 
+def refuse_inexact_resize(proto, path: str) -> None:
+    """Raise ModelError for a Resize whose ``scales`` do not divide its input evenly.
+
+    ONNX maps an output coordinate back through the given scale (x_in = (x_out + 0.5) / scale
+    - 0.5 for half_pixel); TVM's importer uses the ratio of the sizes, in / out. The two agree
+    only when in * scale is whole (e.g. 8 x 0.75 = 6, but not 10 x 0.75 = 7.5 -> 7, where the
+    outputs differ by whole pixels' worth), so such a model is refused rather than run wrong.
+    ``proto``: the static model (shapes fixed, constants folded: static_onnx's output)."""
+    import onnx
+    from onnx import numpy_helper
+
+    resizes = [n for n in proto.graph.node if n.op_type == "Resize" and len(n.input) > 2 and n.input[2]]
+    if not resizes:
+        return
+    consts = {t.name: t for t in proto.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+    for n in resizes:
+        scales, shape = consts.get(n.input[2]), shapes.get(n.input[0])
+        if scales is None or not shape:
+            continue
+        scales = numpy_helper.to_array(scales).astype(float).ravel()
+        if not scales.size:
+            continue
+        axes = next((list(a.ints) for a in n.attribute if a.name == "axes"), range(len(shape)))
+        for axis, sc in zip(axes, scales):
+            size = shape[axis]
+            if size is not None and sc != 1 and abs(size * sc - round(size * sc)) > 1e-6:
+                raise ModelError(
+                    f"{path}: Resize {n.name or n.output[0]!r} scales axis {axis} of size {size} by {sc:g}, which "
+                    f"does not give a whole size; TVM's importer would resize by {size} / {int(size * sc)} instead "
+                    "of the scale onnxruntime uses, a different result. Export the model with output sizes, or "
+                    "scales that divide the input evenly")
+
+
 def fold(mod: tvm.IRModule) -> tvm.IRModule:
     """Fold constant expressions (reshape(bias) -> bias) so patterns see plain constants, and
     turn imported scalar clamps into Relax ops (passes/clamps_as_ops.py): one form for graph.py."""
@@ -118,8 +154,10 @@ def load_model(model, input_shape: Sequence[int] | None = None, layout: str | No
         import onnx
         from tvm.relax.frontend.onnx import from_onnx
 
+        proto = onnx.load(static)
+        refuse_inexact_resize(proto, path)
         try:
-            mod = from_onnx(onnx.load(static), shape_dict={name: list(shape)}, keep_params_in_input=False)
+            mod = from_onnx(proto, shape_dict={name: list(shape)}, keep_params_in_input=False)
         except Exception as e:
             raise ModelError(f"TVM cannot import {path}: {e}") from e
         return Model(fold(mod), name, shape, layout or guess_layout(shape), path, static)
@@ -144,3 +182,13 @@ def _from_relax(mod: tvm.IRModule, source: str, layout: str | None) -> Model:
     p = params[0]
     shape = tuple(int(v) for v in p.ty.shape)
     return Model(fold(mod), p.name, shape, layout or guess_layout(shape), source)
+
+
+def at_batch(model: Model, batch: int) -> Model:
+    """``model`` imported again with ``batch`` images per inference (the same ONNX file)."""
+    if model.input_shape[0] == batch:
+        return model
+    if not model.onnx_path or not os.path.isfile(model.source):
+        raise ModelError(f"{model.source}: only a model read from an ONNX file can be imported again at batch "
+                         f"{batch}")
+    return load_model(model.source, (batch, *model.input_shape[1:]), model.layout)

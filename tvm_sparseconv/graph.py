@@ -19,6 +19,10 @@ CONV = tvm.ir.Op.get("relax.nn.conv2d")
 ADD = tvm.ir.Op.get("relax.add")
 RELU = tvm.ir.Op.get("relax.nn.relu")
 MAXIMUM, MINIMUM, CLIP = (tvm.ir.Op.get(f"relax.{n}") for n in ("maximum", "minimum", "clip"))
+# ops that keep a non-negative input non-negative and about as sparse (they move, pad or pool its
+# values): what may sit between a ReLU and the conv it feeds
+KEEPS_ZEROS = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
+    "nn.max_pool2d", "nn.pad", "permute_dims", "reshape", "strided_slice", "layout_transform"))
 
 # data_layout -> axes that turn it into NCHW; kernel_layout -> axes that turn it into OIHW
 _TO_NCHW = {"NCHW": None, "NHWC": (0, 3, 1, 2)}
@@ -48,6 +52,9 @@ class ConvSite:
     the earlier vars of the chain that then disappear; ``residual_add`` the longer chain through
     a residual add, for kernels that fuse it (Algorithm.fuses_residual). ``why_dense`` says why
     the layer can only take TVM's own conv2d (None when any algorithm may take it).
+    ``input_relu``: the layer's input is the output of a ReLU or a clip(0, a), directly or through
+    ops that keep its zeros (KEEPS_ZEROS): an activation that is likely sparse, where the model's
+    input or a linear bottleneck's output is dense.
     """
 
     index: int
@@ -63,6 +70,7 @@ class ConvSite:
     why_dense: str | None = None
     residual_add: ResidualAdd | None = None
     clip: float | None = None
+    input_relu: bool = False
 
     def epilogue(self, fused: bool = False) -> Epilogue:
         """What a kernel for this layer computes after the convolution: its bias and activation,
@@ -74,7 +82,7 @@ class ConvSite:
         s = self.spec
         return {"key": self.key, "spec": s.to_dict(), "bias": self.bias is not None, "relu": self.relu,
                 "clip": self.clip, "residual_add": self.residual_add is not None, "data_layout": self.data_layout,
-                "why_dense": self.why_dense}
+                "why_dense": self.why_dense, "input_relu": self.input_relu}
 
 
 def _const_value(e):
@@ -127,8 +135,31 @@ def find_conv_sites(func: relax.Function) -> list[ConvSite]:
         call = bindings[var]
         if not (isinstance(call, relax.Call) and call.op == CONV):
             continue
-        sites.append(_site(len(sites), var, call, bindings, uses, consumer))
+        site = _site(len(sites), var, call, bindings, uses, consumer)
+        site.input_relu = _after_relu(call.args[0], bindings)
+        sites.append(site)
     return sites
+
+
+def _after_relu(x, bindings) -> bool:
+    """``x`` is bounded below by 0: made by a ReLU, clip(0, a) or maximum(., 0) (then possibly
+    minimum(., a)), directly or through KEEPS_ZEROS ops."""
+    while isinstance(x, relax.Var) and isinstance(bindings.get(x), relax.Call):
+        call = bindings[x]
+        if call.op in KEEPS_ZEROS:
+            x = call.args[0]
+            continue
+        bounded = [(a, _bounds(call, a)) for a in call.args if isinstance(a, relax.Var)]
+        bounded = [(a, b) for a, b in bounded if b is not None]
+        if not bounded:
+            return False
+        a, (lo, hi) = bounded[0]
+        if lo >= 0:
+            return True
+        if call.op != MINIMUM:  # minimum(., a) keeps what a ReLU before it made
+            return False
+        x = a
+    return False
 
 
 def _only_consumer(var, uses, consumer):

@@ -103,3 +103,11 @@ def load_inputs(model, images=(), inputs=(), preprocess: Preprocess | None = Non
     if not out:
         raise ImageError("no sample inputs: give --images or --inputs")
     return out
+
+
+def batch_input(samples: list[np.ndarray], batch: int) -> np.ndarray:
+    """``batch`` images from the samples (each a model input; their first images, in turn)."""
+    if not samples:
+        raise ValueError("no sample inputs")
+    firsts = [np.asarray(s, np.float32)[:1] for s in samples]
+    return np.ascontiguousarray(np.concatenate([firsts[i % len(firsts)] for i in range(batch)]))

@@ -10,7 +10,7 @@ A layout is named by a string:
 
 A kernel that reads and writes blocks of the target's vector width (cb = cpu.lanes) loads a
 pixel's channels with one vector access, and a register tile's loads walk ceil(C/cb) streams
-instead of C. docs/algorithms.md section 15 specifies the layout and where kernels take it;
+instead of C. docs/algorithms.md section 16 specifies the layout and where kernels take it;
 docs/design.md says where the model rewrite puts the transforms between layouts.
 """
 from __future__ import annotations

@@ -33,7 +33,8 @@ from .algorithms import ALGORITHMS, Buffer, get_algorithm
 from .compile import build_isolated, lower
 from .conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from .cpu import cpu_of
-from .frontend import Model, ModelError, load_model
+from .frontend import Model, at_batch
+from .images import batch_input
 from .passes import RewriteConv2D
 from .plan import Plan
 from .reference.storage import Storage, compression_ratios
@@ -243,24 +244,6 @@ def peak_rss(runner: str, model_file: str, x: np.ndarray, threads: int = 0, runs
 
 
 # -- the model at another batch -------------------------------------------------------------------
-
-def at_batch(model: Model, batch: int) -> Model:
-    """``model`` imported again with ``batch`` images per inference (the same ONNX file)."""
-    if model.input_shape[0] == batch:
-        return model
-    if not model.onnx_path or not os.path.isfile(model.source):
-        raise ModelError(f"{model.source}: only a model read from an ONNX file can be imported again at batch "
-                         f"{batch}")
-    return load_model(model.source, (batch, *model.input_shape[1:]), model.layout)
-
-
-def batch_input(samples: list[np.ndarray], batch: int) -> np.ndarray:
-    """``batch`` images from the samples (each a model input; their first images, in turn)."""
-    if not samples:
-        raise ValueError("no sample inputs")
-    firsts = [np.asarray(s, np.float32)[:1] for s in samples]
-    return np.ascontiguousarray(np.concatenate([firsts[i % len(firsts)] for i in range(batch)]))
-
 
 def median_rss(runner: str, model_file: str, x: np.ndarray, threads: int = 0, repeat: int = 3) -> dict:
     """peak_rss ``repeat`` times: the run with the median peak, and ``peaks_mb``, every run's peak

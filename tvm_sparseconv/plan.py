@@ -4,8 +4,9 @@
  "layers": [{"key": "conv000", "spec": {...}, "algorithm": "halo", "knobs": {...}}, ...]}
 
 "cpu" is the description (cpu.CPU) of the CPU the plan was made for: lanes, registers,
-caches, cores. Layers are matched by key and checked against their shapes and attributes; a plan made
-for another model fails with an error naming the first layer that differs.
+caches, cores. Layers are matched by key and checked against their shapes and attributes (at any
+batch: a plan tuned at batch 1 applies at batch 8); a plan made for another model fails with an
+error naming the first layer that differs.
 
 A layer's activation layouts are knobs of its algorithm (dense: "layout_in", "layout_out",
 "nchw" or "nchw{cb}c", layout.py); ``Plan.layouts`` reads them. Version 2 is version 1 with
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field, replace
 
 from .algorithms import ALGORITHMS, get_algorithm
 from .conv import Conv2DSpec, UnsupportedConvError
@@ -132,13 +133,15 @@ class Plan:
         return {l.key: get_algorithm(l.algorithm).layouts(Conv2DSpec.from_dict(l.spec), l.knobs) for l in self.layers}
 
     def choices(self, sites: list[ConvSite]) -> dict[str, LayerChoice]:
-        """Check the plan against the model's layers; key -> LayerChoice."""
+        """Check the plan against the model's layers (at any batch); key -> LayerChoice."""
         by_key = {s.key: s for s in sites}
         for pl in self.layers:
             s = by_key.get(pl.key)
             if s is None:
                 raise PlanError(f"the plan's layer {pl.key} does not exist in this model ({len(sites)} conv layers)")
-            if Conv2DSpec.from_dict(pl.spec) != s.spec:
+            # a plan applies at any batch: the knobs do not depend on it (each is still checked
+            # against its layer when the plan is applied)
+            if replace(Conv2DSpec.from_dict(pl.spec), batch=s.spec.batch) != s.spec:
                 raise PlanError(f"layer {pl.key} differs from the plan: the model has {s.spec}, the plan "
                                 f"{Conv2DSpec.from_dict(pl.spec)} (a plan for another model?)")
         return {pl.key: LayerChoice(pl.algorithm, pl.knobs) for pl in self.layers}

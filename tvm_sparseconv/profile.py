@@ -14,7 +14,7 @@ import tvm
 from .compile import build_isolated, resolve_plan
 from .frontend import Model
 from .passes.probe_conv_inputs import ProbeConvInputs
-from .target import make_target
+from .target import make_target, runs_here
 
 
 @dataclass
@@ -45,8 +45,11 @@ def channel_stats(a: np.ndarray) -> tuple[float, float]:
 
 
 def run_with_probes(model: Model, samples, target=None, algorithm: str = "dense"):
-    """Run the model on each sample; returns (outputs, per-layer lists of NCHW conv inputs)."""
-    target = make_target(target)
+    """Run the model on each sample; returns (outputs, per-layer lists of NCHW conv inputs).
+
+    A target of another architecture (an AArch64 board's, tuned over RPC) is profiled with this
+    machine's CPU instead: the activations are the model's, whatever CPU computes them."""
+    target = make_target(target if runs_here(target) else None)
     probed = dataclasses.replace(model, mod=ProbeConvInputs()(model.mod))
     vm = build_isolated(probed, resolve_plan(model, None, algorithm, target), target, timeout=math.inf).vm()
     sites = model.sites

@@ -4,8 +4,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 
 import tvm
+
+CROSS_CC_ENV = "TVMS_CROSS_CC"  # the compiler that links libraries for a target of another architecture
+
+
+class CrossCompilerError(RuntimeError):
+    """A library for another architecture cannot be linked here: no cross compiler."""
 
 
 def host_cpu() -> str:
@@ -45,6 +52,64 @@ def host_arch(triple) -> bool:
         return True
     arch, host = str(triple).split("-")[0], platform.machine()
     return arch == host or {arch, host} <= {"aarch64", "arm64"}
+
+
+def runs_here(target) -> bool:
+    """Code for ``target`` is of this machine's architecture (it loads here; whether this CPU
+    has every instruction the target's mcpu/mattr allow is not checked)."""
+    return host_arch(make_target(target).attrs.get("mtriple"))
+
+
+def target_triple(target) -> str:
+    """The target's LLVM triple (its ``mtriple``, else this machine's)."""
+    t = make_target(target)
+    return str(t.attrs.get("mtriple", "") or tvm.target.codegen.llvm_get_system_triple())
+
+
+def cross_compiler(target=None, cc: str | None = None):
+    """The ``fcompile`` that ``export_library`` needs to link a library of ``target``: None when
+    the target is this machine's architecture (TVM's default: the host's compiler), else TVM's
+    cross_compiler around ``cc``, the environment's TVMS_CROSS_CC, or the first of
+    ``<mtriple>-gcc`` and ``<arch>-linux-gnu-gcc`` found on PATH (Debian's
+    gcc-aarch64-linux-gnu is ``aarch64-linux-gnu-gcc``). Raises CrossCompilerError naming what
+    to install or set when none is found.
+
+    A fresh function per call: TVM's cross_compiler appends each call's options to the list it
+    was made with."""
+    t = make_target(target)
+    if host_arch(t.attrs.get("mtriple")) and not cc:
+        return None
+    from tvm.support import cc as tvm_cc
+
+    triple = target_triple(t)
+    named = cc or os.environ.get(CROSS_CC_ENV, "").strip()
+    if named:
+        if shutil.which(named.split()[0]) is None:
+            source = "" if cc else f" (from {CROSS_CC_ENV})"
+            raise CrossCompilerError(f"cross compiler {named!r}{source} is not on PATH")
+        compiler = named.split()
+        return tvm_cc.cross_compiler(compiler[0], options=compiler[1:])
+    arch = triple.split("-")[0]
+    tried = list(dict.fromkeys([f"{triple}-gcc", f"{arch}-linux-gnu-gcc"]))
+    for name in tried:
+        if shutil.which(name):
+            return tvm_cc.cross_compiler(name, options=[])
+    package = " (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)" if arch in ("aarch64", "arm64") else ""
+    raise CrossCompilerError(f"the target's triple {triple} is not this machine's ({platform.machine()}): linking its "
+                       f"library needs a cross compiler, and none of {', '.join(tried)} is on PATH{package}; "
+                       f"or name one with {CROSS_CC_ENV}=COMPILER")
+
+
+def export_library(module, path: str, target=None, cc: str | None = None) -> str:
+    """``module.export_library(path)`` (an Executable or a runtime Module), linked for ``target``
+    (None: make_target's default) by cross_compiler(target, cc) when it is another
+    architecture's. Returns ``path``."""
+    fcompile = cross_compiler(target, cc)
+    if fcompile is None:
+        module.export_library(path)
+    else:
+        module.export_library(path, fcompile=fcompile)
+    return path
 
 
 def target_key(target) -> str:

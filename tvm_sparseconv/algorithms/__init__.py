@@ -7,6 +7,7 @@ tuner, ``layer``, the docs and the tests iterate it. docs/algorithms.md specifie
 
 direct   TVM's own conv2d (topi), the dense baseline MetaSchedule tunes
 dense    register-tiled direct conv in TIR: the dense path at the peers' rate
+grouped  register-tiled grouped and depthwise conv in TIR (groups > 1 only), channel-blocked or along rows
 im2col   lowering + GEMM
 mec      MEC's compact lowering + Oh small GEMMs
 cpo      Compressed Pattern Overlap: store each non-zero once, scatter it

@@ -177,18 +177,26 @@ def registers_ok(cpu: CPU, pixels: int, m_tile: int) -> bool:
 def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     """TIR expression: accumulator ``v`` of output channel ``m`` after bias, the residual
     ``res_buf[at]`` (``at``: the output element's indices), ReLU and the clip (conv.Epilogue).
+    ``v`` may be a vector of pixels of one channel (``at`` then ends in a Ramp).
 
     The bounds are select(v < 0, 0, v) and select(v > a, a, v) so that NaN propagates (max()
     and min() would drop it).
     """
+    ty = getattr(v, "ty", None)  # a TE tensor element (TensorSlice) has none: a scalar
+    lanes = ty.dtype.lanes if ty is not None else 1
+
+    def const(a):  # a float32 constant as wide as v (Select takes no scalar beside a vector)
+        c = tvm.tirx.const(float(a), "float32")
+        return c if lanes == 1 else tvm.tirx.Broadcast(c, lanes)
+
     if epilogue.bias:
         v = v + bias_buf[m]
     if epilogue.residual:
         v = v + res_buf[at]
     if epilogue.relu:
-        v = tvm.tirx.Select(v < tvm.tirx.const(0.0, "float32"), tvm.tirx.const(0.0, "float32"), v)
+        v = tvm.tirx.Select(v < const(0.0), const(0.0), v)
     if epilogue.clip is not None:
-        a = tvm.tirx.const(float(epilogue.clip), "float32")
+        a = const(epilogue.clip)
         v = tvm.tirx.Select(v > a, a, v)
     return v
 

@@ -1,6 +1,6 @@
 """dense: register-tiled direct convolution in TIR.
 
-Specified in docs/algorithms.md section 10 (the activation layouts: section 15).
+Specified in docs/algorithms.md section 10 (the activation layouts: section 16).
 
 Two kernels (knob ``kernel``), both output-stationary with the accumulators in registers:
 

@@ -13,7 +13,13 @@ can avoid one. ``Lanes(cpu)`` holds the vector width and picks the compaction th
   vpermps, and a masked store (vmaskmovps): LLVM expands a compress into a scalar sequence
   there (6 ms for hybrid's encoder on 256x56x56), and for some layers it fails to select
   instructions and aborts;
-- otherwise (SSE, NEON, ...): one conditional scalar store per lane.
+- NEON (4 lanes, no masked or compress store): the 4-bit lane mask picks the packed order
+  from a 16-entry table held in two 64-bit constants, one ``tbl`` byte permutation packs the
+  selected lanes first, and lanes are stored from the last to the first at index + min(lane,
+  count - 1): each lane past the count lands on the last selected lane's slot before that
+  lane's own store overwrites it, so nothing is written past the count with one branch
+  (count > 0) per vector instead of one per lane;
+- otherwise (SSE, ...): one conditional scalar store per lane.
 """
 from __future__ import annotations
 
@@ -25,6 +31,19 @@ from ..cpu import CPU
 
 def _pure(dtype: str, name: str, *args):
     return tvm.tirx.call_llvm_pure_intrin(dtype, name, *args)
+
+
+def _neon_orders() -> tuple[int, int]:
+    """For each 4-bit lane mask m: its set lanes in order (then lane 0 for the rest), 2 bits an
+    output lane, 8 bits a mask; masks 0-7 in the first int64, 8-15 in the second (as signed)."""
+    words = [0, 0]
+    for m in range(16):
+        order = [lane for lane in range(4) if m >> lane & 1] + [0] * 4
+        words[m // 8] |= sum(lane << 2 * k for k, lane in enumerate(order[:4])) << 8 * (m % 8)
+    return tuple(w - (1 << 64) if w >= 1 << 63 else w for w in words)
+
+
+NEON_ORDERS = _neon_orders()
 
 
 class Lanes:
@@ -56,6 +75,8 @@ class Lanes:
         """Emit: store the lanes of value (float32 or int32 x n) that mask selects at buf[index],
         buf[index + 1], ... (called while a macro is parsed). Writes nothing past the count."""
         n, dtype = self.n, str(value.ty.dtype)
+        if self._neon_tbl():
+            return self._tbl_store(buf, index, value, mask)
         if not self.cpu.masked_store or not (self.cpu.compress or self._pext_permute()):
             return self._scalar_store(buf, index, value, mask)
         kind = "f32" if "float" in dtype else "i32"
@@ -67,6 +88,34 @@ class Lanes:
         first = self.ramp(0) < self.bcast(self.count(mask))
         T.evaluate(tvm.tirx.call_llvm_intrin("void", f"llvm.masked.store.v{n}{kind}.p0", packed,
                                              tvm.tirx.address_of(buf[index]), first))
+
+    def _neon_tbl(self) -> bool:
+        return self.cpu.isa == "neon" and self.n == 4
+
+    def _tbl_indices(self, mask):
+        """int8 x 16: tbl's byte indices that move mask's set lanes (of 4 x 32 bits) to the
+        front, first to last (the lanes after them: copies of lane 0). The 16 orders, 2 bits
+        a lane and 8 bits a mask, are two int64 constants (NEON_ORDERS); no table in memory."""
+        i64 = lambda v: tvm.tirx.const(v, "int64")  # noqa: E731
+        bits = _pure("int32", "llvm.vector.reduce.or.v4i32", tvm.tirx.Cast("int32x4", mask) << self.ramp(0))
+        lo, hi = NEON_ORDERS
+        table = tvm.tirx.Select(bits < 8, i64(lo), i64(hi))
+        order = tvm.tirx.Cast("int32", (table >> tvm.tirx.Cast("int64", (bits & 7) * 8)) & i64(0xFF))
+        lane = (self.bcast(order) >> tvm.tirx.Ramp(0, 2, 4)) & self.bcast(3)
+        return tvm.tirx.reinterpret("int8x16", lane * self.bcast(0x04040404) + self.bcast(0x03020100))
+
+    def _tbl_store(self, buf, index, value, mask) -> None:
+        """NEON: value's selected lanes packed by one tbl, stored last lane first at
+        index + min(lane, count - 1) (see the module docstring), when count > 0."""
+        dtype = str(value.ty.dtype)
+        packed = tvm.tirx.reinterpret(dtype, _pure("int8x16", "llvm.aarch64.neon.tbl1.v16i8",
+                                                   tvm.tirx.reinterpret("int8x16", value), self._tbl_indices(mask)))
+        at = list(index) if isinstance(index, tuple) else [index]
+        count = self.count(mask)
+        with T.If(count > 0):
+            with T.Then():
+                for i in reversed(range(self.n)):
+                    T.buffer_store(buf, tvm.tirx.Shuffle([packed], [i]), at[:-1] + [at[-1] + T.min(i, count - 1)])
 
     def _pext_permute(self) -> bool:
         return self.cpu.isa == "avx2" and self.n == 8

@@ -1,6 +1,6 @@
 """The layout transforms as TIR: NCHW to channel blocks and back (layout.py names the layouts).
 
-Specified in docs/algorithms.md section 15. The model rewrite (passes/rewrite_conv2d.py) calls
+Specified in docs/algorithms.md section 16. The model rewrite (passes/rewrite_conv2d.py) calls
 them where a tensor is needed in a layout it was not written in: at the model's edges, before
 an op that needs NCHW, between two layers whose layouts differ. One task per (image, channel
 block, row); a row of a block is W x cb floats, written (or read) contiguously. When cb and C

@@ -13,18 +13,21 @@ from .parser import build_parser
 
 
 def main(argv=None) -> int:
-    """Run the command in ``argv`` (default: sys.argv[1:]); 0, 2 on a usage or input error, 1
+    """Run the command in ``argv`` (default: sys.argv[1:]); 0, 2 on a usage or input error (or no
+    cross compiler for a target of another architecture), 1
     when a build crashed its worker process (an LLVM abort: one error line naming what it was
     building, then the worker's last stderr lines), 130 when interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from ..conv import ConvSpecError, UnsupportedConvError
+    from ..target import CrossCompilerError
     from ..worker import CandidateCrash
     from .commands import run
 
     try:
         return run(args, argv)
-    except (ConvSpecError, UnsupportedConvError, FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+    except (ConvSpecError, UnsupportedConvError, FileNotFoundError, ValueError, json.JSONDecodeError,
+            CrossCompilerError) as e:
         # ModelError, PlanError, ImageError and KnobError are ValueErrors too
         print(f"tvm-sparseconv: error: {e}", file=sys.stderr)
         return 2

@@ -75,18 +75,28 @@ def _samples(args, model, base_pre):
     return load_inputs(model, _image_names(args), args.inputs, _preprocess(args, base_pre))
 
 
-def _plan_for(args, model):
-    """--plan, --algorithm (where the command has it), or the plan shipped for this model and
-    target (and its database, where the command takes --database)."""
+def _plan_for(args, model, pre=None):
+    """--plan, --algorithm (where the command has it), the plan shipped for this model and
+    target (and its database, where the command takes --database), or else a predicted plan
+    (tune/predict.py: the densities from a profile of --images/--inputs when given, else the
+    defaults; the fixed rule when the shipped cost model is missing or corrupt)."""
     from ..compile import resolve_plan
-    from ..shipped import available, shipped_plan
+    from ..shipped import shipped_plan
+    from ..target import target_key
 
     algorithm = getattr(args, "algorithm", None)
     if not args.plan and not algorithm:
         found = shipped_plan(args.model, args.target)
         if found is None:
-            raise ValueError(f"give --plan PLAN.json or --algorithm NAME (no shipped plan for {args.model} on "
-                             f"this target; shipped: {', '.join(available()) or 'none'})")
+            from ..tune.predict import predict_plan
+
+            samples = _samples(args, model, pre) if (args.images or args.inputs) else None
+            # a cost model named on the command line that cannot be read is an error; the shipped
+            # one missing or corrupt gives the fixed rule, with the error said
+            plan = predict_plan(model, args.target, samples, args.cost_model, fallback=args.cost_model is None,
+                                log=lambda s: _log(f"tvm-sparseconv: error: {s}"))
+            _log(tables.predicted_line(args.model, target_key(args.target), plan))
+            return plan
         args.plan = found[0]
         database = None
         if hasattr(args, "database"):
@@ -153,11 +163,12 @@ def cmd_compile(args) -> int:
     from ..target import make_target
 
     model, pre, labels = _load_model(args)
-    plan = _plan_for(args, model)
+    plan = _plan_for(args, model, pre)
     target = make_target(args.target)
     _log(f"compiling {args.model} for {target} ...")
     # in the worker: a compiler crash is an error naming the layer, not the end of this process
-    b = build_isolated(model, plan, target, args.database, path=args.output, timeout=math.inf)
+    b = build_isolated(model, plan, target, args.database, path=args.output, timeout=math.inf,
+                       cc=args.cross_compiler)
     write_sidecar(args.output, model, _preprocess(args, pre), labels, b.applied, target)
     tables.print_compiled(args.output, b.counts(), b.transforms)
     return 0
@@ -183,10 +194,17 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     from ..bench import bench_model
+    from ..frontend import at_batch
+    from ..images import batch_input
 
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch takes a positive size, got {args.batch}")
     model, pre, _ = _load_model(args)
-    x = _samples(args, model, pre)[0]
-    plan = _plan_for(args, model)
+    samples = _samples(args, model, pre)
+    plan = _plan_for(args, model, pre)  # made (or checked) at the model's own batch: it applies at any
+    x = samples[0]
+    if args.batch is not None:
+        model, x = at_batch(model, args.batch), batch_input(samples, args.batch)
     res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
                       args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops, rounds=args.rounds)
     res = {"model": args.model, "command": _command_line(args), **res}
@@ -205,7 +223,7 @@ def cmd_memory(args) -> int:
     if min(args.batch) < 1:
         raise ValueError(f"--batch takes positive sizes, got {args.batch}")
     model, pre, _ = _load_model(args)
-    plan = _plan_for(args, model)
+    plan = _plan_for(args, model, pre)
     plan.choices(model.sites)  # a plan for another model: its PlanError now, before any image or build
     samples = _samples(args, model, pre)
     used = args.plan and (os.path.relpath(args.plan) if os.path.isfile(args.plan) else args.plan)
@@ -229,7 +247,7 @@ def cmd_refine(args) -> int:
 
     model, pre, _ = _load_model(args)
     x = _samples(args, model, pre)[0]
-    plan = _plan_for(args, model)
+    plan = _plan_for(args, model, pre)
     refined, report = refine_plan(model, plan, x, args.target, rounds=args.rounds, log=_log)
     refined.save(args.output)
     with open(args.output + ".refine.json", "w") as f:
@@ -261,7 +279,8 @@ def cmd_tune(args) -> int:
     algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
     cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
                      rpc=rpc, cache=args.cache, layouts=not args.no_layouts, refine=not args.no_refine,
-                     refine_rounds=args.refine_rounds,
+                     refine_rounds=args.refine_rounds, search="exhaustive" if args.exhaustive else "model",
+                     top_k=args.top_k, explore=args.explore, cost_model=args.cost_model,
                      **({"algorithms": algorithms} if algorithms else {}))
     _log(f"tuning {args.model} into {run_dir}")
     try:
@@ -359,9 +378,47 @@ def cmd_results(args) -> int:
     return 0
 
 
+def cmd_cost_model(args) -> int:
+    from ..tune.cost_model import CostModel, CostModelError, TrainingRun, load_cost_model, shipped_runs
+
+    if args.action == "show":
+        m = load_cost_model(args.file)
+        tables.print_cost_model(m.path, m.trained_on, len(m.names), m.rounds)
+        return 0
+    paths = args.runs or shipped_runs()
+    runs = [TrainingRun.read(p) for p in paths]
+    if args.action == "train":
+        m = CostModel.train(runs)
+        m.save(args.output)
+        same = None
+        if not args.runs:  # the shipped runs: does it reproduce the shipped model's predictions?
+            try:
+                shipped = load_cost_model()
+                cands = [c for r in runs for c, _, _ in r.rows]
+                same = bool(np.array_equal(shipped.predict_ms(cands), m.predict_ms(cands)))
+            except CostModelError:  # no shipped model to compare with
+                same = None
+        tables.print_cost_model(args.output, m.trained_on, len(m.names), m.rounds, same)
+        return 0
+    from ..tune.evaluate import end_to_end, offline
+
+    _log(f"offline: leaving each CPU out of {len(runs)} runs ...")
+    res = {"command": _command_line(args), "offline": offline(runs)}
+    if args.end_to_end:
+        tuned = {}
+        for t in args.tuned:
+            name, sep, path = t.partition("=")
+            if not sep or not path:
+                raise ValueError(f"--tuned takes MODEL=PLAN.json, got {t!r}")
+            tuned[name] = path
+        res["end_to_end"] = end_to_end(args.models, runs, args.target, args.images or None, tuned, args.repeat,
+                                       args.rounds, log=_log, inputs=args.inputs or None)
+    return _emit(args, res, tables.print_cost_model_evaluation)
+
+
 COMMANDS = {"layer": cmd_layer, "profile": cmd_profile, "compile": cmd_compile, "bench": cmd_bench,
             "memory": cmd_memory, "refine": cmd_refine, "tune": cmd_tune, "report": cmd_report, "run": cmd_run,
-            "algorithms": cmd_algorithms, "results": cmd_results, "fuzz": cmd_fuzz}
+            "algorithms": cmd_algorithms, "results": cmd_results, "fuzz": cmd_fuzz, "cost-model": cmd_cost_model}
 
 
 def run(args, argv: list[str]) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..build import CACHE_MODES
+from ..tune.space import EXPLORE, KNOB_TRIALS, TOP_K
 
 # the top-level --help's description (the text of cli.py's docstring before cli became a package)
 DESCRIPTION = "The ``tvm-sparseconv`` command."
@@ -43,6 +44,12 @@ def _input_args(p) -> None:
     g.add_argument("--mean", default=None, help="per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", default=None, help="per-channel std divided by")
     g.add_argument("--bgr", action="store_true", default=None, help="feed channels as BGR")
+
+
+def _cost_model_arg(p) -> None:
+    p.add_argument("--cost-model", default=None, metavar="FILE", help="with no plan given or shipped for this "
+                   "model and target, the plan is predicted by this cost model (default: the shipped one; "
+                   "docs/cost-model.md); --images are profiled for the densities, else defaults are used")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,18 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     com = sub.add_parser("compile", help="rewrite the convs per plan, compile and export a library")
     _model_args(com)
     com.add_argument("--plan", default=None, help="plan JSON (from tune, or written by hand); default: the plan "
-                     "shipped in tvm_sparseconv/shipped/ for this model and target")
+                     "shipped in tvm_sparseconv/shipped/ for this model and target, else a predicted one")
     com.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
     com.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
+    _cost_model_arg(com)
     com.add_argument("-o", "--output", required=True, help="the .so to write (plus a .json beside it)")
+    com.add_argument("--cross-compiler", default=None, metavar="CC", help="for a target of another architecture "
+                     "(an aarch64 mtriple): the compiler that links the library (default: $TVMS_CROSS_CC, else "
+                     "MTRIPLE-gcc, e.g. aarch64-linux-gnu-gcc)")
 
     ben = sub.add_parser("bench", help="end-to-end latency: plan vs all-dense vs onnxruntime vs PyTorch")
     _model_args(ben)
-    ben.add_argument("--plan", default=None)
+    ben.add_argument("--plan", default=None, help="plan JSON; default: the shipped plan, else a predicted one")
     ben.add_argument("--algorithm", default=None)
     ben.add_argument("--database", default=None)
+    _cost_model_arg(ben)
     ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense), "
                      "or another plan's .json to compare with")
+    ben.add_argument("--batch", type=int, default=None, help="images per inference: the model imported at this "
+                     "batch, the sample images repeated to fill it, the plan (tuned at any batch) applied as it is")
     ben.add_argument("--rounds", type=int, default=1, help="time every build and peer this many times in turn "
                      "(medians and per-round ratios: the machine's drift hits all alike)")
     ben.add_argument("--repeat", type=int, default=10)
@@ -109,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--plan", default=None, help="plan JSON (default: the plan shipped for this model and target)")
     mem.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
     mem.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
+    _cost_model_arg(mem)
     mem.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes, each built, exported and "
                      "run in a fresh process (default: 1 8)")
     mem.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense)")
@@ -123,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("refine", help="choose each dense layer's thread split inside the compiled model "
                          "(layers timed alone cannot see where their input sits); write a plan")
     _model_args(ref)
-    ref.add_argument("--plan", default=None, help="plan JSON (default: the shipped plan for this model)")
+    ref.add_argument("--plan", default=None, help="plan JSON (default: the shipped plan for this model, else a "
+                     "predicted one)")
+    _cost_model_arg(ref)
     ref.add_argument("--rounds", type=int, default=7, help="interleaved end-to-end rounds (default %(default)s)")
     ref.add_argument("-o", "--output", required=True, help="the refined plan's .json")
 
@@ -131,7 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(tun)
     tun.add_argument("--trials", type=int, default=0, help="MetaSchedule trials in all for the dense TE ops "
                      "(direct, im2col, MEC); 0 leaves them out")
-    tun.add_argument("--knob-trials", type=int, default=6, help="configs measured per layer and sparse kernel")
+    tun.add_argument("--knob-trials", type=int, default=KNOB_TRIALS, help="each hand-scheduled kernel's pool is its first "
+                     "4x this many configs; --exhaustive measures this many of each per layer (default %(default)s)")
+    tun.add_argument("--exhaustive", action="store_true", help="measure --knob-trials configs of every algorithm "
+                     "per layer, instead of the cost model's most promising candidates")
+    tun.add_argument("--top-k", type=int, default=TOP_K, help="candidates per layer with the lowest predicted time "
+                     "that are measured (default %(default)s)")
+    tun.add_argument("--explore", type=int, default=EXPLORE, help="other candidates per layer measured, drawn at random "
+                     "(default %(default)s)")
+    tun.add_argument("--cost-model", default=None, metavar="FILE", help="the prior of the search (default: the "
+                     "shipped cost model; missing or corrupt: the exhaustive search)")
     tun.add_argument("--budget-minutes", type=float, default=None, help="stop measuring new candidates after this")
     tun.add_argument("--cache", choices=CACHE_MODES, default="fresh",
                      help="what the caches hold when a candidate runs: fresh (default: its input just "
@@ -151,6 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
                      "it repeats no finished profile, measurement, MetaSchedule trial or refine build")
     tun.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on RPC servers")
     tun.add_argument("--rpc-key", default=None)
+
+    cm = sub.add_parser("cost-model", help="the cost model of the kernels: retrain it from tuning logs, evaluate "
+                        "it leaving one CPU out, show what it was trained on (docs/cost-model.md)")
+    cms = cm.add_subparsers(dest="action", required=True)
+    trn = cms.add_parser("train", help="train a cost model on tuning runs (deterministic: the shipped runs give "
+                         "the shipped model)")
+    trn.add_argument("runs", nargs="*", metavar="RUN", help="tuning run folders (trials.jsonl and profile.json), "
+                     "default: the shipped ones")
+    trn.add_argument("-o", "--output", required=True, help="the model file to write (.json, or .json.gz)")
+    eva = cms.add_parser("evaluate", help="leave one CPU out: offline scores on each held-out CPU's logs; with "
+                         "--end-to-end, the predicted, tuned and rule plans timed on this machine")
+    eva.add_argument("runs", nargs="*", metavar="RUN", help="tuning run folders, default: the shipped ones")
+    eva.add_argument("--end-to-end", action="store_true", help="also compile and time the three plans of each "
+                     "--models on this CPU, the model trained without this CPU's logs")
+    eva.add_argument("--models", nargs="+", default=["vgg16-tumor", "resnet50-nsfw"], help="known models or .onnx "
+                     "files to time (default: %(default)s)")
+    eva.add_argument("--images", nargs="+", default=[], help="sample images profiled for the densities (default: "
+                     "the first two sample photos); the first is timed")
+    eva.add_argument("--inputs", nargs="+", default=[], help="or preprocessed model inputs (.npy)")
+    eva.add_argument("--tuned", nargs="+", default=[], metavar="MODEL=PLAN", help="the tuned plan of a model on "
+                     "this CPU (default: the shipped one)")
+    eva.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
+    eva.add_argument("--repeat", type=int, default=10)
+    eva.add_argument("--target", default=None, help="JSON dict target (default: this CPU)")
+    eva.add_argument("--threads", type=int, default=0)
+    eva.add_argument("--json", action="store_true")
+    sho = cms.add_parser("show", help="what a cost model was trained on")
+    sho.add_argument("file", nargs="?", default=None, help="a model file (default: the shipped one)")
 
     rep = sub.add_parser("report", help="regenerate a tuning run's report.md and plots")
     rep.add_argument("run_dir")

@@ -169,6 +169,62 @@ def print_tuned(model: str, run_dir: str, algorithms: list[str], database: str |
           + (f" --database {database}" if database else "") + " -o model.so")
 
 
+def predicted_line(model: str, key: str, plan) -> str:
+    """The one line a command says when it takes a predicted plan (tune/predict.py): what it is
+    and how to tune for more."""
+    counts = {}
+    for l in plan.layers:
+        counts[l.algorithm] = counts.get(l.algorithm, 0) + 1
+    how = plan.model.get("plan")
+    what = "predicted by the cost model" if how == "predicted" else "of the fixed rule (no cost model)"
+    layers = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return (f"no plan shipped for {model} on {key}: using a plan {what} ({layers}; "
+            f"densities: {plan.model.get('densities')}); for a faster one, tune it: "
+            f"tvm-sparseconv tune {model} --images ... (then --plan RUN/plan.json)")
+
+
+def print_cost_model(path: str, trained_on: list[dict], features: int, rounds: int,
+                     same: bool | None = None) -> None:
+    """cost-model train/show: the file, and the runs the model was trained on."""
+    print(f"cost model {path}: {features} features, {rounds} trees, trained on {len(trained_on)} runs "
+          f"({sum(r.get('records', 0) for r in trained_on)} measured candidates)")
+    for r in trained_on:
+        print(f"  {r.get('run')}: {r.get('model')} on {r.get('cpu', {}).get('name')} "
+              f"({r.get('cpu', {}).get('isa')}), {r.get('records')} candidates, sha256 {str(r.get('sha256'))[:12]}")
+    if same is not None:
+        print("the same predictions as the shipped model: "
+              + ("yes" if same else "NO (another xgboost, or other logs)"))
+
+
+def print_cost_model_evaluation(res: dict) -> None:
+    """cost-model evaluate: the offline table, and the end-to-end one when it ran."""
+    rows = [["held-out CPU", "layers", "top-1", "same algorithm", "recall@3", "recall@5", "regret", "rule regret"]]
+    for r in res["offline"]:
+        if not r.get("layers"):
+            rows.append([r["cpu"], "0"] + ["-"] * 6)
+            continue
+        rows.append([r["cpu"], str(r["layers"]), f"{r['top1']:.2f}", f"{r['same_algo']:.2f}", f"{r['recall@3']:.2f}",
+                     f"{r['recall@5']:.2f}", f"{100 * r['regret']:.1f} %", f"{100 * r['rule_regret']:.1f} %"])
+    print("offline, leaving one CPU out (trained on the others' logs; per layer, among the candidates its log "
+          "measured):")
+    for line in _text_table(rows[0], rows[1:], set(range(1, 8))):
+        print(line)
+    if len(rows) == 1:
+        print("(no CPU has another CPU's logs to be predicted from)")
+    e2e = res.get("end_to_end")
+    if not e2e:
+        return
+    print(f"\nend to end on {e2e['cpu_description']}, the model trained on: {', '.join(e2e['trained_on'])}")
+    table = []
+    for m in e2e["models"]:
+        for r in m["rows"]:
+            table.append([m["model"], r["name"], f"{r['ms']:.2f}", f"{r['vs_tuned']:.3f}" if r.get("vs_tuned") else "-",
+                          fmt(r["max_abs_error"], 6), r["layers"]])
+    for line in _text_table(["model", "plan", "median ms", "vs tuned", "max err vs predicted", "layers"], table,
+                            {2, 3, 4}):
+        print(line)
+
+
 def print_wrote(path: str) -> None:
     print(f"wrote {path}")
 

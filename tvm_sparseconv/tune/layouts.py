@@ -1,7 +1,7 @@
 """The activation layout of each dense layer: NCHW or channel blocks, the transforms counted.
 
 A dense layer reads and writes NCHW or blocks of the CPU's lanes (knobs ``layout_in``,
-``layout_out``; docs/algorithms.md section 15). Timed alone, a layer may be faster in blocks;
+``layout_out``; docs/algorithms.md section 16). Timed alone, a layer may be faster in blocks;
 but wherever a reader takes a tensor in another layout than its writer wrote it, the model
 rewrite inserts a transform (passes/rewrite_conv2d.py), and it always does at the model's
 edges and before an op that needs NCHW. So the layouts are chosen for the whole model at

@@ -8,8 +8,10 @@ cannot tune, and are hand-scheduled with knobs instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
+import tempfile
 from typing import Iterable
 
 import tvm
@@ -17,6 +19,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from ..algorithms.base import Stage
 from ..stages import DATABASE_FILES, stage_func
+from ..target import export_library, runs_here
 from .log import drop_torn_tail
 
 
@@ -39,7 +42,10 @@ def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, see
     """Tune every tunable stage with ``trials`` trials in all; returns the database (or None).
 
     The stages are tuned in the form a rewritten Relax module holds them (stage_func), so
-    the database serves both a single layer and a whole-model compile.
+    the database serves both a single layer and a whole-model compile. For a target of another
+    architecture (measured by an RPC ``runner``) each candidate is linked here by the cross
+    compiler (_export_linked): MetaSchedule's default export is a tar of object files that the
+    RPC server links, and a board need not have a compiler.
     """
     stages = list(stages)
     names = list(names) if names is not None else [f"t{i}_{st.name}" for i, st in enumerate(stages)]
@@ -47,16 +53,23 @@ def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, see
     if not funcs or trials <= 0:
         return None
     os.makedirs(work_dir, exist_ok=True)
+    export = None if runs_here(target) else functools.partial(_export_linked, str(target))
     with stdout_to_stderr():
         return ms.tune_tir(
             tvm.IRModule(funcs), target, work_dir, max_trials_global=trials,
             num_trials_per_iter=min(16, trials),
             runner=runner,
             # LocalBuilder's 30 s default kills builds on 2 loaded cores
-            builder=ms.builder.LocalBuilder(timeout_sec=300),
+            builder=ms.builder.LocalBuilder(timeout_sec=300, f_export=export),
             cost_model=ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                               adaptive_training=True),
             database="json", num_tuning_cores=int(target.attrs.get("num-cores", 1)), seed=seed)
+
+
+def _export_linked(target: str, mod) -> str:
+    """LocalBuilder's export of one candidate for ``target``: a shared library, linked by
+    target.export_library (the cross compiler); its path."""
+    return export_library(mod, os.path.join(tempfile.mkdtemp(prefix="tvms-ms-"), "candidate.so"), target)
 
 
 def database_trials(work_dir: str, warn=lambda s: None) -> int:

@@ -1,6 +1,13 @@
-"""The autotuner: per conv workload, measure every candidate algorithm on real activations,
-tune its knobs (MetaSchedule for the dense TE stages, an XGBoost-guided search for the
-hand-scheduled kernels) and pick the fastest, encode included.
+"""The autotuner: per conv workload, measure candidate algorithms on real activations, tune
+their knobs (MetaSchedule for the dense TE stages; for the hand-scheduled kernels, the cost
+model's most promising candidates, or with ``search="exhaustive"`` a fixed number of configs of
+every algorithm) and pick the fastest, encode included.
+
+The model search (the default) measures, per workload, the ``top_k`` candidates of every
+algorithm's pool with the lowest predicted time and ``explore`` others at random; the
+prediction is the shipped cost model's (cost_model.py), corrected by a small model refitted to
+this run's measurements as they come (RefitModel), so that what is learnt on the first layers
+steers the next ones.
 
 Output, in the run folder: ``profile.json`` and ``activations.npz`` (each conv layer's recorded
 inputs), ``trials.jsonl`` (every measured candidate, and each layout transform timed),
@@ -29,54 +36,47 @@ import hashlib
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, get_algorithm, knob_space
+from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, get_algorithm
 from ..build import CACHE_MODES, CompiledLayer, CompiledTransform
-from ..conv import Epilogue, UnsupportedConvError
+from ..conv import Epilogue
 from ..cpu import cpu_of
 from ..frontend import Model
 from ..layout import NCHW
 from ..measure import Progress, max_abs_error, tolerance
 from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
-from ..profile import profile
+from ..profile import channel_stats, profile
 from ..reference import dense_conv2d
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
-from .cost_model import KnobCostModel
+from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
 from .layouts import TRANSFORM, assign, finite, pair_candidates
 from .log import TuningLog, write_atomically
+from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, supports
 from .workloads import Workload, extract_workloads
 
-
-def settled(recs: list[dict], spec, margin: float, target) -> list[dict]:
-    """Per algorithm among the measured records of one workload, its fastest, or its defaults'
-    unless another knob config beats them by ``margin``: a layer timed alone ranks configs
-    within a few percent by noise, and the defaults encode what holds in a model (dense's gemm
-    split: the same alone, up to 1.8x apart in ResNet-50)."""
-    out = []
-    for a in dict.fromkeys(r["algorithm"] for r in recs):
-        mine = [r for r in recs if r["algorithm"] == a]
-        best = min(mine, key=lambda r: r["time_ms"])
-        defaults = get_algorithm(a).knobs(spec, None, target)
-        base = next((r for r in mine if r["knobs"] == defaults), None)
-        if base is not None and best["time_ms"] > base["time_ms"] * (1 - margin):
-            best = base
-        out.append(best)
-    return out
+SEARCHES = ("model", "exhaustive")
 
 
 @dataclass
 class TuneConfig:
     trials: int = 0                # MetaSchedule trials in all, for the dense TE stages
-    knob_trials: int = 6           # hand-scheduled kernels: configs measured per (workload, algorithm)
+    knob_trials: int = KNOB_TRIALS  # exhaustive: configs measured per (workload, hand-scheduled kernel),
+                                    # of a pool of 4x as many (space.candidates); the model's pool too
+    search: str = "model"          # "model": per workload, the top_k candidates by the cost model and
+                                   # ``explore`` random others; "exhaustive": knob_trials per algorithm
+    top_k: int = TOP_K
+    explore: int = EXPLORE
+    cost_model: str | None = None  # the prior of the model search (None: the shipped model)
     budget_minutes: float | None = None
     algorithms: tuple = ALGORITHMS
-    margin: float = 0.03           # share by which sparse must beat dense, and knobs their defaults
+    margin: float = MARGIN         # share by which sparse must beat dense, and knobs their defaults
     repeat: int = 5
     cache: str = "fresh"           # what the caches hold when a candidate runs: CompiledLayer.time
     layouts: bool = True           # then choose the dense layers' layouts, NCHW or channel blocks (layouts.py)
@@ -138,6 +138,10 @@ class Tuner:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cfg.cache!r}")
         if self.cfg.refine_rounds < 1:
             raise ValueError(f"refine_rounds must be >= 1, got {self.cfg.refine_rounds}")
+        if self.cfg.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {self.cfg.search!r}")
+        if self.cfg.top_k < 1 or self.cfg.explore < 0:
+            raise ValueError(f"top_k must be >= 1 and explore >= 0, got {self.cfg.top_k} and {self.cfg.explore}")
         if self.cfg.rpc and self.cfg.cache == "fresh":  # the refresh is a callback into this process
             self.cfg = replace(self.cfg, cache="cold")
             log("RPC: candidates are timed cold (inputs cannot be refreshed on a remote server)")
@@ -150,7 +154,18 @@ class Tuner:
                                 {"model": model_name or os.path.basename(str(model.source)),
                                  "input_shape": list(model.input_shape), "target": str(self.target),
                                  "cache": self.cfg.cache, "cpu": cpu_of(self.target).to_dict()}, warn=log)
-        self.cost = KnobCostModel(self.cfg.seed)
+        prior = None
+        if self.cfg.search == "model":
+            try:
+                prior = load_cost_model(self.cfg.cost_model)
+            except CostModelError as e:
+                if self.cfg.cost_model is not None:  # a model asked for by name: its error, not a fallback
+                    raise
+                log(f"{e}: measuring every algorithm's knobs instead (the exhaustive search)")
+                self.cfg = replace(self.cfg, search="exhaustive")
+        self.cost = RefitModel(prior, self.cfg.seed)
+        self.cpu = cpu_of(self.target)
+        self._density: dict[str, Density] = {}
         self.deadline = time.monotonic() + 60 * self.cfg.budget_minutes if self.cfg.budget_minutes else None
         if self.cfg.rpc:  # a wrong tracker address fails here, not as every candidate's error
             from tvm import rpc
@@ -247,53 +262,90 @@ class Tuner:
         p.step("database written")
 
     def _supports(self, algorithm: str, w: Workload) -> bool:
-        if w.why_dense and algorithm != "direct":
-            return False
-        try:
-            get_algorithm(algorithm).check(w.spec)
-            return True
-        except UnsupportedConvError:
-            return False
+        return supports(algorithm, w.spec, w.why_dense)
 
     def candidates(self, w: Workload) -> list[tuple[str, list[dict]]]:
-        out = []
-        have_db = os.path.isdir(self.db_dir)
-        for a in self.cfg.algorithms:
-            if not self._supports(a, w):
-                continue
-            if a in METASCHEDULE:
-                if have_db:  # untuned TE loops are 10-100x slow: measure only with a database
-                    out.append((a, [{}]))
-            else:  # the tiles with x and y in NCHW: the layouts phase tries the others
-                algo = get_algorithm(a)
-                space = [k for k in knob_space(a, w.spec, self.target) if algo.layouts(w.spec, k) == (NCHW, NCHW)]
-                out.append((a, space[: max(1, self.cfg.knob_trials) * 4]))
-        return out
+        return candidates(w.spec, w.why_dense, self.cfg.algorithms, self.target, self.cfg.knob_trials,
+                          os.path.isdir(self.db_dir))
+
+    def _candidate(self, w: Workload, a: str, knobs: dict) -> Candidate:
+        """What the cost model is asked and told about measuring ``a`` with ``knobs`` on ``w``."""
+        d = self._density.get(w.id)
+        if d is None:  # the density profile of the workload's layers and samples, once
+            d = self._density[w.id] = Density(w.density, float(np.std(w.densities)) if w.densities else 0.0,
+                                              channel_stats(w.x)[1])
+        return Candidate(a, knobs, w.spec, d, self.cpu, w.epilogue)
+
+    def picks(self, w: Workload, cands: list[tuple[str, list[dict]]]) -> list[tuple[str, dict]]:
+        """The model search's candidates of ``w``, in this order: the ``top_k`` with the lowest time
+        predicted (the shipped model corrected by this run's measurements so far), the fastest
+        predicted dense one (the margin needs a dense time), the defaults of every algorithm the
+        model has no data on, then ``explore`` others drawn at random (seeded per workload, so a
+        resumed run draws the same)."""
+        pool = [(a, k) for a, ks in cands for k in ks]
+        known = [i for i, (a, _) in enumerate(pool) if self.cost.knows(a)]
+        pred = self.cost.log_ratio([self._candidate(w, *pool[i]) for i in known]) if known else None
+        order = [known[j] for j in np.argsort(pred, kind="stable")] if pred is not None else known
+        chosen = order[: self.cfg.top_k]
+        dense = next((i for i in order if pool[i][0] in DENSE), None)
+        unknown = {}
+        for i, (a, _) in enumerate(pool):
+            if not self.cost.knows(a):
+                unknown.setdefault(a, i)  # its first: the defaults
+        for i in ([dense] if dense is not None else []) + list(unknown.values()):
+            if i not in chosen:
+                chosen.append(i)
+        rest = [i for i in range(len(pool)) if i not in chosen]
+        chosen += random.Random(f"{self.cfg.seed}/{w.id}").sample(rest, min(self.cfg.explore, len(rest)))
+        return [pool[i] for i in chosen]
 
     def measure(self, workloads: list[Workload]) -> None:
+        if self.cfg.search == "exhaustive":
+            return self._measure_exhaustive(workloads)
+        pools = [(w, self.candidates(w)) for w in workloads]
+        per = self.cfg.top_k + self.cfg.explore + 1  # + the dense one, + unknown algorithms' defaults
+        est = [min(sum(len(c) for _, c in cands), per + sum(not self.cost.knows(a) for a, _ in cands))
+               for _, cands in pools]
+        p = Progress("measure", sum(est))
+        for (w, cands), n in zip(pools, est):
+            picked = self.picks(w, cands)
+            p.total += len(picked) - n
+            ref = None
+            for a, knobs in picked:
+                ref = self._measure_or_reuse(w, a, knobs, ref, p)
+
+    def _measure_or_reuse(self, w: Workload, a: str, knobs: dict, ref, p: Progress):
+        """Measure one candidate unless the log holds it (or the budget is spent); tell the cost
+        model its time. Returns the reference output, computed on first need."""
+        rec = self.trials.find(w.id, a, knobs)
+        if rec is None:
+            if self.deadline and time.monotonic() > self.deadline:
+                p.step(f"{a}: budget spent, skipped")
+                return ref
+            if ref is None:
+                ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu, clip=w.clip)
+            rec = self._measure_one(w, a, knobs, ref)
+            self.trials.append(rec)
+        if rec.get("time_ms"):
+            self.cost.add(self._candidate(w, a, knobs), rec["time_ms"])
+        p.step(f"{w.id} {a} {rec.get('time_ms') or rec.get('error')}")
+        return ref
+
+    def _measure_exhaustive(self, workloads: list[Workload]) -> None:
+        """Every algorithm, ``knob_trials`` configs each (the defaults and the cost model's pick of
+        its pool)."""
         plan = [(w, a, cands) for w in workloads for a, cands in self.candidates(w)]
         total = sum(min(len(c), 1 if a in METASCHEDULE else self.cfg.knob_trials) for _, a, c in plan)
         p = Progress("measure", total)
         for w, a, cands in plan:
             ref = None
             n = 1 if a in METASCHEDULE else self.cfg.knob_trials
-            order = self.cost.rank(a, cands, w.spec, w.density)
+            order = self.cost.rank([self._candidate(w, a, k) for k in cands])
             picked = [cands[i] for i in order[:n]]
             if cands[0] not in picked:  # always measure the defaults
                 picked = [cands[0]] + picked[:-1]
             for knobs in picked:
-                rec = self.trials.find(w.id, a, knobs)
-                if rec is None:
-                    if self.deadline and time.monotonic() > self.deadline:
-                        p.step(f"{a}: budget spent, skipped")
-                        continue
-                    if ref is None:
-                        ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu, clip=w.clip)
-                    rec = self._measure_one(w, a, knobs, ref)
-                    self.trials.append(rec)
-                if rec.get("time_ms"):
-                    self.cost.add(a, knobs, w.spec, w.density, rec["time_ms"])
-                p.step(f"{w.id} {a} {rec.get('time_ms') or rec.get('error')}")
+                ref = self._measure_or_reuse(w, a, knobs, ref, p)
 
     def _measure_one(self, w: Workload, a: str, knobs: dict, ref: np.ndarray) -> dict:
         """One candidate's trials record, measured in the worker (measure_candidate); a candidate
@@ -316,17 +368,10 @@ class Tuner:
         sites = self.model.sites
         by_key = {}
         for w in workloads:
-            # in NCHW: the layouts phase weighs the others with their transforms
-            recs = settled([r for r in self.trials.records if r["workload"] == w.id and r.get("time_ms")
-                            and get_algorithm(r["algorithm"]).layouts(w.spec, r["knobs"]) == (NCHW, NCHW)],
-                           w.spec, self.cfg.margin, self.target)
+            best, best_dense = choose([r for r in self.trials.records if r["workload"] == w.id], w.spec,
+                                      self.cfg.margin, self.target)
             choice = {"algorithm": "direct", "knobs": {}, "time_ms": None}
-            if recs:
-                best = min(recs, key=lambda r: r["time_ms"])
-                dense = [r for r in recs if r["algorithm"] in DENSE]
-                best_dense = min(dense, key=lambda r: r["time_ms"]) if dense else None
-                if best_dense is not None and best["time_ms"] > best_dense["time_ms"] * (1 - self.cfg.margin):
-                    best = best_dense
+            if best is not None:
                 choice = {"algorithm": best["algorithm"], "knobs": best["knobs"], "time_ms": best["time_ms"],
                           "dense_ms": best_dense["time_ms"] if best_dense else None}
             for k in w.keys:

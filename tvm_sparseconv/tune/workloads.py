@@ -38,11 +38,15 @@ class Workload:
 
 
 def workload_id(site: ConvSite) -> str:
-    s = site.spec
+    return spec_workload_id(site.spec, site.bias is not None, site.relu, site.clip)
+
+
+def spec_workload_id(s: Conv2DSpec, bias: bool, relu: bool, clip: float | None) -> str:
+    """The workload of a layer with spec ``s`` and that epilogue (as a profile.json layer has it)."""
     return (f"{s.batch}x{s.in_channels}x{s.height}x{s.width}-m{s.out_channels}-k{s.kernel_h}x{s.kernel_w}"
             f"-s{s.stride[0]}x{s.stride[1]}-p{'.'.join(map(str, s.padding))}-d{s.dilation[0]}x{s.dilation[1]}"
-            f"-g{s.groups}{'-bias' if site.bias is not None else ''}{'-relu' if site.relu else ''}"
-            f"{f'-clip{site.clip:g}' if site.clip is not None else ''}")
+            f"-g{s.groups}{'-bias' if bias else ''}{'-relu' if relu else ''}"
+            f"{f'-clip{clip:g}' if clip is not None else ''}")
 
 
 def extract_workloads(sites: list[ConvSite], activations: list[list[np.ndarray]]) -> list[Workload]:

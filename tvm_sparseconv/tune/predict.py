@@ -1,0 +1,155 @@
+"""A plan without tuning: per layer, the candidate the cost model predicts fastest.
+
+``predict_plan`` takes each conv layer's input density from a profile of sample inputs (or,
+without any, ``default_densities``), asks the cost model (cost_model.py) for the time of every
+candidate a tune would measure on the layer (space.candidates: every registered hand-scheduled
+algorithm that takes the layer, the first configs of its knob space), and picks among the
+predictions by the tuner's own rules (space.choose: a sparse kernel only when it beats the best
+dense one by the margin; non-default knobs only when they beat the defaults by KNOB_MARGIN).
+
+Without a cost model (missing or corrupt file) or for a layer whose algorithms it has no data
+on, the fixed rule decides (``rule_choice``): hybrid below density RULE_DENSITY, the dense kernel
+at or above, a registered dense hand-scheduled algorithm where neither takes the layer (grouped
+convs), TVM's conv2d where none does. The rule is also the evaluation's baseline (evaluate.py).
+docs/cost-model.md documents both.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..algorithms import ALGORITHMS, REGISTRY, get_algorithm
+from ..cpu import cpu_of
+from ..frontend import Model, load_model
+from ..plan import Plan, PlanLayer
+from ..target import make_target, target_key
+from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
+from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
+
+RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
+RULE_SPARSE, RULE_DENSE = "hybrid", "dense"
+# default input density of a layer fed by a ReLU (graph.ConvSite.input_relu), without sample
+# inputs: DEFAULT_FIRST at the model's first layer falling linearly to DEFAULT_LAST at its last
+# (a least-squares line through the shipped profiles of VGG-16 and ResNet-50: 0.745 - 0.399 x
+# depth); 1.0 for any other input (the image, a linear bottleneck's output)
+DEFAULT_FIRST, DEFAULT_LAST = 0.75, 0.35
+KNOB_MARGIN = 0.10  # non-default knobs must beat the defaults by this share: a prediction is rougher
+                    # than a measurement, and the defaults carry what was measured in models
+
+
+def default_densities(sites) -> list[Density]:
+    """The documented default density of each conv layer's input (module docstring)."""
+    n = len(sites)
+    out = []
+    for i, s in enumerate(sites):
+        depth = i / (n - 1) if n > 1 else 0.0
+        out.append(Density(DEFAULT_FIRST - (DEFAULT_FIRST - DEFAULT_LAST) * depth if s.input_relu else 1.0))
+    return out
+
+
+def rule_choice(spec, why_dense: str | None, density: float, target=None) -> tuple[str, dict]:
+    """(algorithm, knobs) of the fixed rule for one layer: RULE_SPARSE (its default knobs) below
+    RULE_DENSITY, RULE_DENSE at or above; where neither takes the layer, the first registered dense
+    hand-scheduled algorithm that does; "direct" (TVM's conv2d) where none does."""
+    order = ((RULE_SPARSE,) if density < RULE_DENSITY else ()) + (RULE_DENSE,) + tuple(
+        a for a in ALGORITHMS if not REGISTRY[a].sparse and not REGISTRY[a].metaschedule)
+    for a in order:
+        if a in REGISTRY and supports(a, spec, why_dense):
+            return a, get_algorithm(a).knobs(spec, None, target)
+    return "direct", {}
+
+
+def densities_of(model: Model, images) -> tuple[list[Density], str]:
+    """Each conv layer's input density profile and where it came from: a profile of ``images``
+    (model inputs), or default_densities when there are none. The densities are the model's,
+    not the CPU's: the profile runs on this machine, whatever CPU the plan is for."""
+    if images is None or len(images) == 0:
+        return default_densities(model.sites), "defaults (docs/cost-model.md)"
+    from ..profile import profile
+
+    layers, _, _ = profile(model, list(images), None)
+    return ([Density(l.density_mean, l.density_std, l.zero_channel_share) for l in layers],
+            f"profile of {len(images)} sample input{'s' * (len(images) != 1)}")
+
+
+def _plan(model: Model, layers: list[PlanLayer], target, info: dict) -> Plan:
+    s = str(target)
+    return Plan(layers, json.loads(s) if s.startswith("{") else None,
+                {"source": model.source, "input_shape": list(model.input_shape), **info}, cpu_of(target).to_dict())
+
+
+def _rule_layer(s, d: Density, target) -> PlanLayer:
+    a, knobs = rule_choice(s.spec, s.why_dense, d.mean, target)
+    return PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "rule"})
+
+
+def rule_plan(model: Model, target=None, densities: list[Density] | None = None,
+              densities_from: str = "defaults (docs/cost-model.md)") -> Plan:
+    """The fixed rule's plan (rule_choice per layer) at ``densities`` (default_densities when None)."""
+    target = make_target(target)
+    dens = densities if densities is not None else default_densities(model.sites)
+    return _plan(model, [_rule_layer(s, d, target) for s, d in zip(model.sites, dens)], target,
+                 {"plan": "rule", "densities": densities_from})
+
+
+def model_plan(model: Model, cost: CostModel, target=None, densities: list[Density] | None = None,
+               densities_from: str = "defaults (docs/cost-model.md)", knob_trials: int = KNOB_TRIALS) -> Plan:
+    """The cost model's plan at ``densities`` (default_densities when None): per layer, among the
+    candidates a tune would measure (space.candidates with ``knob_trials``) that the model has
+    data on, the one space.choose picks by the predicted times, with a note of its predicted ms
+    and the best dense one's; the rule where the model knows no candidate of the layer."""
+    target = make_target(target)
+    cpu = cpu_of(target)
+    sites = model.sites
+    dens = densities if densities is not None else default_densities(sites)
+    pools, asks = [], []
+    spaces: dict = {}  # identical layers share their candidates
+    for s, d in zip(sites, dens):
+        key = (s.spec, s.why_dense)
+        if key not in spaces:
+            spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, ALGORITHMS, target, knob_trials, False)
+                           if cost.knows(a) for k in ks]
+        pools.append(spaces[key])
+        asks += [Candidate(a, k, s.spec, d, cpu, s.epilogue()) for a, k in spaces[key]]
+    pred = cost.predict_ms(asks) if asks else np.zeros(0)
+    layers, at = [], 0
+    for s, d, pool in zip(sites, dens, pools):
+        ms = pred[at:at + len(pool)]
+        at += len(pool)
+        recs = [{"algorithm": a, "knobs": k, "time_ms": float(t)} for (a, k), t in zip(pool, ms)]
+        best, best_dense = choose(recs, s.spec, MARGIN, target, knob_margin=KNOB_MARGIN)
+        if best is None:
+            layers.append(_rule_layer(s, d, target))
+            continue
+        layers.append(PlanLayer(s.key, s.spec.to_dict(), best["algorithm"], best["knobs"],
+                                {"density": d.mean, "by": "cost model", "predicted_ms": best["time_ms"],
+                                 "predicted_dense_ms": best_dense["time_ms"] if best_dense else None}))
+    return _plan(model, layers, target, {"plan": "predicted", "densities": densities_from,
+                                         "cost_model": cost.path or "in memory", "target_key": target_key(target)})
+
+
+def predict_plan(model, target=None, images=None, cost_model=None, fallback: bool = True,
+                 log=lambda s: None) -> Plan:
+    """A plan for ``model`` (a Model, or what load_model takes) on ``target`` (None: this CPU)
+    without measuring any kernel: model_plan, or rule_plan without a cost model.
+
+    ``images``: model inputs (arrays of the model's input shape, as images.load_inputs makes
+    them) to profile the densities on; None: default_densities. ``cost_model``: a CostModel or
+    the path of one (None: the shipped model). When the model file is missing or corrupt, the
+    CostModelError is told to ``log`` and the plan is the fixed rule's, unless ``fallback`` is
+    False: then it is raised."""
+    m = model if isinstance(model, Model) else load_model(model)
+    target = make_target(target)
+    try:
+        cost = cost_model if isinstance(cost_model, CostModel) else load_cost_model(cost_model)
+    except CostModelError as e:
+        if not fallback:
+            raise
+        log(f"{e}; the plan follows the fixed rule instead: {RULE_SPARSE} below input density {RULE_DENSITY}, "
+            f"{RULE_DENSE} above (docs/cost-model.md)")
+        cost = None
+    densities, where = densities_of(m, images)
+    if cost is None:
+        return rule_plan(m, target, densities, where)
+    return model_plan(m, cost, target, densities, where)
