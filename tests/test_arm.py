@@ -135,8 +135,8 @@ TUNED = ("direct", "dense", "pixcsr", "hybrid", "halo", "cpo")
 
 
 def test_tune_over_the_rpc_tracker_then_compile_and_run(tracker, tmp_path):
-    """`tune --rpc-tracker` to the emulated servers (MetaSchedule's trials for TVM's conv2d
-    and the kernels' knob configs, all timed there) writes a plan made for the NEON CPU; the
+    """`tune --rpc-tracker --exhaustive` to the emulated servers (MetaSchedule's trials for TVM's
+    conv2d and every algorithm's knob configs, all timed there) writes a plan made for the NEON CPU; the
     `compile` command builds it with the tuned database into an aarch64 library that matches
     onnxruntime there."""
     rng = np.random.default_rng(0)
@@ -147,7 +147,7 @@ def test_tune_over_the_rpc_tracker_then_compile_and_run(tracker, tmp_path):
     cli = [sys.executable, "-m", "tvm_sparseconv.cli"]
     res = subprocess.run(cli + ["tune", model, "--inputs", str(inp), "--target", target, "--rpc-tracker",
                                 f"{tracker.host}:{tracker.port}", "--rpc-key", tracker.key, "--trials", "8",
-                                "--knob-trials", "2", "--algorithms", ",".join(TUNED), "--out", str(tmp_path / "runs")],
+                                "--knob-trials", "2", "--exhaustive", "--algorithms", ",".join(TUNED), "--out", str(tmp_path / "runs")],
                          capture_output=True, text=True, timeout=3600)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir, = glob.glob(str(tmp_path / "runs" / "small-*"))
