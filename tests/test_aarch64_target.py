@@ -55,7 +55,7 @@ def test_no_host_cpu_in_a_foreign_triple_and_no_llvm_complaint(capfd):
     assert str(t.attrs["mtriple"]) == "aarch64-linux-gnu" and int(t.attrs["num-cores"]) == 2
     spec = Conv2DSpec.from_shapes((1, 8, 6, 6), (8, 8, 3, 3), padding=1)
     algo = get_algorithm("dense")
-    tvm.compile(stage_module(algo, algo.stages(spec, Epilogue(), algo.knobs(spec, None, t), t)), target=t)
+    tvm.compile(stage_module(algo.name, algo.stages(spec, Epilogue(), algo.knobs(spec, None, t), t)), target=t)
     err = capfd.readouterr().err
     assert "is not valid" not in err and "not a recognized processor" not in err, err
     assert not runs_here(t) and runs_here(None)
@@ -82,7 +82,7 @@ def test_every_algorithm_builds_for_aarch64(algorithm):
     k = algo.knobs(spec, None, cpu)
     if "m_tile" in k:
         assert k["m_tile"] <= 8 * cpu.lanes
-    ex = tvm.compile(stage_module(algo, algo.stages(spec, Epilogue(bias=True, relu=True), k, TARGET)), target=TARGET)
+    ex = tvm.compile(stage_module(algo.name, algo.stages(spec, Epilogue(bias=True, relu=True), k, TARGET)), target=TARGET)
     assert "aarch64" in _llvm_ir(ex)
 
 
@@ -102,7 +102,7 @@ def test_the_vector_encoders_compact_by_tbl_on_neon(algorithm):
     spec = Conv2DSpec.from_shapes((1, 32, 6, 6), (16, 32, 3, 3), padding=1)
     algo = get_algorithm(algorithm)
     stages = algo.stages(spec, Epilogue(), algo.knobs(spec, {"c_block": 32}, TARGET), TARGET)
-    ex = tvm.compile(stage_module(algo, [st for st in stages if st.kind == "encode"]), target=TARGET)
+    ex = tvm.compile(stage_module(algo.name, [st for st in stages if st.kind == "encode"]), target=TARGET)
     ir, asm = _llvm_ir(ex), _asm(ex)
     assert "llvm.aarch64.neon.tbl1" in ir
     assert "vector.compress" not in ir and "masked.store" not in ir and "llvm.x86" not in ir
@@ -129,7 +129,7 @@ def test_cross_compiler_is_found_named_or_explained(monkeypatch, tmp_path):
 def test_export_library_cross_links_an_aarch64_elf(tmp_path):
     spec = Conv2DSpec.from_shapes((1, 8, 6, 6), (8, 8, 3, 3), padding=1)
     algo = get_algorithm("pixcsr")
-    ex = tvm.compile(stage_module(algo, algo.stages(spec, Epilogue(), algo.knobs(spec, None, TARGET), TARGET)),
+    ex = tvm.compile(stage_module(algo.name, algo.stages(spec, Epilogue(), algo.knobs(spec, None, TARGET), TARGET)),
                      target=TARGET)
     path = export_library(ex, str(tmp_path / "k.so"), TARGET)
     head = open(path, "rb").read(20)

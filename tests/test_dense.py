@@ -175,11 +175,12 @@ def test_default_knobs_rule():
     assert default_tiling(reduce56, avx512)["split"] == "row_outer"
     assert default_tiling(reduce14, avx512)["split"] == "m_outer"
     down = Conv2DSpec.from_shapes((1, 256, 56, 56), (512, 256, 1, 1), stride=2)
+    nchw = {"layout_in": "nchw", "layout_out": "nchw"}  # the layouts default to NCHW
     assert default_tiling(down, avx512) == {"kernel": "window", "block": 4, "m_tile": 64, "c_block": 64,
-                                            "split": "row_outer", "pad": "inplace"}
+                                            "split": "row_outer", "pad": "inplace", **nchw}
     # 512 KB of weights do not fit half of a 256 KB L2
     assert default_tiling(down, avx2) == {"kernel": "window", "block": 2, "m_tile": 32, "c_block": 64,
-                                          "split": "m_outer", "pad": "inplace"}
+                                          "split": "m_outer", "pad": "inplace", **nchw}
     for cpu in (avx512, avx2):
         for spec in (vgg, res5, res, down, Conv2DSpec.from_shapes((1, 3, 5, 3), (24, 3, 3, 3))):
             tl = make_tiling(spec, default_tiling(spec, cpu))

@@ -12,16 +12,20 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvm_sparseconv.algorithms import ALGORITHMS
-from tvm_sparseconv.compile import compile as tvms_compile, lower
+from tvm_sparseconv.algorithms import ALGORITHMS, get_algorithm
+from tvm_sparseconv.compile import build, compile as tvms_compile, lower
+from tvm_sparseconv.conv import Conv2DSpec
+from tvm_sparseconv.layout import lanes_layout
 from tvm_sparseconv.frontend import ModelError, load_model
 from tvm_sparseconv.graph import find_conv_sites
 from tvm_sparseconv.images import SAMPLE_IMAGES, ImageError, load_inputs
 from tvm_sparseconv.models import known_labels, known_preprocess, model_path
+from tvm_sparseconv.passes import LayoutGraph
 from tvm_sparseconv.plan import Plan, PlanError
 from tvm_sparseconv.profile import profile
+from tvm_sparseconv.shipped import SHIPPED
 
-from conftest import accepts
+from conftest import HOST, accepts
 
 pytestmark = pytest.mark.slow
 
@@ -161,9 +165,14 @@ def test_mixed_plan_exported_library_runs_in_a_fresh_process(model, tmp_path):
     ex = tvms_compile(m, plan=str(tmp_path / "plan.json"))
     y = run(ex, xs[1])
     assert_matches_onnxruntime(y, refs[1])
+    np.testing.assert_array_equal(run_exported_in_a_fresh_process(ex, xs[1], tmp_path), y)
+
+
+def run_exported_in_a_fresh_process(ex, x, tmp_path) -> np.ndarray:
+    """The output of ``ex`` exported and run on ``x`` by a fresh Python that imports only tvm."""
     lib = tmp_path / "model.so"
     ex.export_library(str(lib))
-    np.save(tmp_path / "x.npy", xs[1])
+    np.save(tmp_path / "x.npy", x)
     code = textwrap.dedent(f"""
         import numpy as np, tvm, sys
         from tvm import relax
@@ -174,7 +183,48 @@ def test_mixed_plan_exported_library_runs_in_a_fresh_process(model, tmp_path):
         assert "tvm_sparseconv" not in sys.modules
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path))
-    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), y)
+    return np.load(tmp_path / "y.npy")
+
+
+def blocked_plan(m, name: str) -> Plan:
+    """Every dense layer reading and writing channel blocks of this machine's lanes: ResNet-50's
+    plan shipped for the Zen 5 (dense layers between hybrid ones, which read and write NCHW),
+    MobileNet-V2 all dense (its depthwise layers on TVM's conv2d, NCHW). A layer's tile that
+    the kernel does not take from blocks (gemm's vectors of pixels) gives way to the defaults."""
+    from tvm_sparseconv.tune.layouts import pair_candidates
+
+    if name == "resnet50-nsfw":
+        plan = Plan.load(str(SHIPPED / "llvm-znver5-2c" / name / "plan.json"))
+    else:
+        plan = Plan.uniform(m.sites, "dense")
+    blocked = lanes_layout(HOST)
+    for l in plan.layers:
+        if l.algorithm == "dense":
+            spec = Conv2DSpec.from_dict(l.spec)
+            l.knobs = pair_candidates(spec, get_algorithm("dense").knobs(spec, l.knobs), HOST)[(blocked, blocked)][0]
+    return plan
+
+
+@pytest.mark.parametrize("name", ["resnet50-nsfw", "mobilenet-v2"])
+def test_blocked_layers_against_onnxruntime_and_in_a_fresh_process(name, tmp_path):
+    """Dense layers in channel blocks, on chains of them (transforms only at the model's edges,
+    around the layers in NCHW and before the ops that need it): the outputs on a real photo are
+    onnxruntime's, and the exported library gives the same in a process that imports only tvm."""
+    m = load_model(model_path(name))
+    x = load_inputs(m, IMAGES[name][:1], preprocess=known_preprocess(name))[0]
+    ref = ort.InferenceSession(m.onnx_path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: x})[0]
+    plan = blocked_plan(m, name)
+    nchw = sum(l.algorithm != "dense" for l in plan.layers)
+    b = build(m, plan, None)
+    assert sum(a != "dense" for a in b.applied.values()) == nchw
+    # the transforms LayoutGraph counts (what the tuner weighs), only at the model's edges and
+    # around the layers in NCHW: none between two dense layers
+    graph = LayoutGraph(m.mod["main"], plan.choices(m.sites), m.sites)
+    assert sorted(t for _, _, t in b.transforms) == sorted(f"{a}->{c}" for _, a, c in graph.transforms(plan.layouts()))
+    assert 2 <= len(b.transforms) <= 2 + 2 * nchw, b.transforms
+    y = run(b.module, x)
+    assert_matches_onnxruntime(y, ref)
+    np.testing.assert_array_equal(run_exported_in_a_fresh_process(b.module, x, tmp_path), y)
 
 
 def test_mobilenet_batch8_top1_onnxruntime_and_mixed_plan():

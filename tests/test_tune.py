@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 def run_tuner(m, xs, run_dir, log=lambda s: None, **cfg):
     cfg.setdefault("refine", False)  # tested on its own: it compiles the model 5 times
+    cfg.setdefault("layouts", False)  # tested on its own: tests/test_nchwc_tune.py
     cfg.setdefault("search", "exhaustive")  # a known number of candidates per algorithm (the model
     # search: test_model_search_measures_top_k)
     t = Tuner(m, xs, str(run_dir), config=TuneConfig(**cfg), model_name="r50_first3", log=log)

@@ -1,4 +1,4 @@
-"""Compile one layer with one algorithm and run or time it on TVM tensors."""
+"""Compile one layer with one algorithm, or a layout transform, and run or time it on TVM tensors."""
 from __future__ import annotations
 
 import functools
@@ -12,18 +12,22 @@ from tvm.script import tirx as T
 
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, Stage
+from .algorithms.layout import transform_stage
 from .conv import Conv2DSpec, Epilogue, ConvSpecError, UnsupportedConvError
+from .cpu import cpu_of
+from .layout import layout_shape
+from .reference.layout import from_layout, to_layout
 from .reference.storage import Storage
 from .stages import apply_database, stage_func, stage_symbol
 from .target import export_library, make_target
 
 
-def stage_module(algorithm: Algorithm, stages: list[Stage]) -> tvm.IRModule:
-    """An IRModule with every stage as a public PrimFunc named ``<algorithm>_<stage>``, each in
-    the form a rewritten model holds it (stages.stage_func)."""
+def stage_module(name: str, stages: list[Stage]) -> tvm.IRModule:
+    """An IRModule with every stage as a public PrimFunc named ``<name>_<stage>`` (name: the
+    algorithm's), each in the form a rewritten model holds it (stages.stage_func)."""
     funcs = {}
     for st in stages:
-        sym = stage_symbol(algorithm.name, st.name)
+        sym = stage_symbol(name, st.name)
         funcs[sym] = stage_func(st).with_attr("global_symbol", sym)
     return tvm.IRModule(funcs)
 
@@ -41,34 +45,15 @@ class Timing:
         return self.encode_ms + self.multiply_ms
 
 
-class CompiledLayer:
-    """One conv layer compiled with one algorithm.
+class CompiledStages:
+    """Stages compiled into one library (their functions ``<name>_<stage>``) for ``target``,
+    with a buffer for each stage output allocated once; a subclass puts the inputs into
+    ``buffers`` (``x`` at least) and says how to copy them in (``set_input``). With an RPC
+    ``session`` the library is exported, uploaded and run on the remote CPU instead."""
 
-    ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow;
-    with ``residual``, ``layer(x, res)`` adds res (N x M x Oh x Ow) before the ReLU; ``clip``
-    (with ``relu``) bounds the output to [0, clip] (conv.Epilogue).
-    Constants (re-laid-out weights) are uploaded once; intermediate buffers are
-    allocated once at their worst-case size and reused. With an RPC ``session`` the
-    library is exported, uploaded and run on the remote CPU instead.
-    """
-
-    def __init__(self, algorithm: str | Algorithm, spec: Conv2DSpec, weight: np.ndarray,
-                 bias: np.ndarray | None = None, relu: bool = False, target=None,
-                 knobs: Mapping | None = None, database=None, session=None, residual: bool = False,
-                 clip: float | None = None):
-        self.algorithm = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
-        self.spec = spec
-        self.algorithm.check(spec)
-        if residual and not self.algorithm.fuses_residual:
-            raise UnsupportedConvError(f"{self.algorithm.name} cannot fuse a residual add into its epilogue")
-        weight = np.asarray(weight, np.float32)
-        if weight.shape != spec.w_shape:
-            raise ConvSpecError(f"weight shape {weight.shape} does not match the layer's {spec.w_shape}")
-        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual), clip=clip)
-        self.target = make_target(target)
-        self.knobs = self.algorithm.knobs(spec, knobs, self.target)
-        self.stages = self.algorithm.stages(spec, self.epilogue, self.knobs, self.target)
-        mod = stage_module(self.algorithm, self.stages)
+    def __init__(self, name: str, stages: list[Stage], target, database=None, session=None):
+        self.name, self.stages, self.target = name, stages, make_target(target)
+        mod = stage_module(name, stages)
         if database is not None:
             mod = apply_database(mod, database, self.target)
         self.executable = tvm.compile(mod, target=self.target)
@@ -77,15 +62,10 @@ class CompiledLayer:
             self.lib, self.dev = self.executable.mod, tvm.cpu(0)
         else:
             self.lib, self.dev = _upload(self.executable, session, self.target), session.cpu(0)
-        consts = self.algorithm.constants(spec, weight, bias, self.knobs)
-        self.buffers: dict[str, tvm.runtime.Tensor] = {
-            k: tvm.runtime.tensor(np.ascontiguousarray(v), self.dev) for k, v in consts.items()}
+        self.buffers: dict[str, tvm.runtime.Tensor] = {}
         for st in self.stages:
             for b in st.outputs:
                 self.buffers[b.name] = tvm.runtime.empty(b.shape, b.dtype, self.dev)
-        self.buffers["x"] = tvm.runtime.empty(spec.x_shape, "float32", self.dev)
-        if residual:  # zeros until set_input gives one
-            self.buffers["res"] = tvm.runtime.tensor(np.zeros(spec.y_shape, np.float32), self.dev)
 
     def poison(self) -> None:
         """Fill every buffer the stages write ("y" and the intermediates) with NaN (an int buffer
@@ -100,40 +80,16 @@ class CompiledLayer:
     def _args(self, st: Stage):
         return [self.buffers[n] for n in st.inputs] + [self.buffers[b.name] for b in st.outputs]
 
-    def set_input(self, x: np.ndarray, res: np.ndarray | None = None) -> None:
-        self._copy_in("x", x, self.spec.x_shape, "input")
-        if res is not None:
-            if not self.epilogue.residual:
-                raise ConvSpecError("this layer was built without residual=True: it takes no res input")
-            self._copy_in("res", res, self.spec.y_shape, "res")
-
-    def _copy_in(self, name: str, a: np.ndarray, shape, label: str) -> None:
-        a = np.asarray(a)
-        if a.shape != shape:
-            raise ConvSpecError(f"{label} shape {a.shape} does not match the layer's {shape}")
-        self.buffers[name].copyfrom(np.ascontiguousarray(a, dtype=np.float32))
-
     def run(self) -> None:
         self._run(self.stages)
 
     def _run(self, stages) -> None:
         for st in stages:
-            self.lib[stage_symbol(self.algorithm.name, st.name)](*self._args(st))
-
-    def __call__(self, x: np.ndarray, res: np.ndarray | None = None) -> np.ndarray:
-        if self.epilogue.residual and res is None:
-            raise ConvSpecError("this layer was built with residual=True: call it with (x, res)")
-        self.set_input(x, res)
-        self.run()
-        return self.buffers["y"].numpy()
+            self.lib[stage_symbol(self.name, st.name)](*self._args(st))
 
     def produced(self) -> dict[str, np.ndarray]:
         """Every stage output of the last run, as NumPy arrays."""
         return {b.name: self.buffers[b.name].numpy() for st in self.stages for b in st.outputs}
-
-    def storage(self) -> Storage:
-        """Stored elements/bytes of the representation the compiled stages built on the last run."""
-        return self.algorithm.storage(self.spec, self.knobs, self.produced())
 
     def time(self, x: np.ndarray | None = None, repeat: int = 7, min_repeat_ms: float = 40,
              cache: str = "warm") -> Timing:
@@ -161,7 +117,7 @@ class CompiledLayer:
         enc = mul = 0.0
         refresh_x = _refresher(self.buffers["x"], self.target) if cache == "fresh" else None
         for i, st in enumerate(self.stages):
-            sym = stage_symbol(self.algorithm.name, st.name)
+            sym = stage_symbol(self.name, st.name)
             if cache == "warm":
                 fe = self.lib.time_evaluator(sym, self.dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
             else:
@@ -183,6 +139,97 @@ class CompiledLayer:
         refresh_x()
         self._run(self.stages[:i])
         _FLUSH(self.buffers["x"], *(self.buffers[b.name] for b in self.stages[i].outputs))  # all but the 1st
+
+
+class CompiledLayer(CompiledStages):
+    """One conv layer compiled with one algorithm.
+
+    ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow;
+    with ``residual``, ``layer(x, res)`` adds res (N x M x Oh x Ow) before the ReLU; ``clip``
+    (with ``relu``) bounds the output to [0, clip] (conv.Epilogue). Arrays in and out are
+    NCHW; where the knobs hold x or y in channel blocks (``layout_in``, ``layout_out``:
+    Algorithm.layouts), the buffers ``x``, ``res`` and ``y`` are blocked, and x and res are
+    blocked (reference.layout.to_layout) as they are copied in, y unblocked as it is read out.
+    Constants (re-laid-out weights) are uploaded once; intermediate buffers are
+    allocated once at their worst-case size and reused (CompiledStages, which also runs an
+    RPC ``session``'s remote copy).
+    """
+
+    def __init__(self, algorithm: str | Algorithm, spec: Conv2DSpec, weight: np.ndarray,
+                 bias: np.ndarray | None = None, relu: bool = False, target=None,
+                 knobs: Mapping | None = None, database=None, session=None, residual: bool = False,
+                 clip: float | None = None):
+        self.algorithm = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
+        self.spec = spec
+        self.algorithm.check(spec)
+        if residual and not self.algorithm.fuses_residual:
+            raise UnsupportedConvError(f"{self.algorithm.name} cannot fuse a residual add into its epilogue")
+        weight = np.asarray(weight, np.float32)
+        if weight.shape != spec.w_shape:
+            raise ConvSpecError(f"weight shape {weight.shape} does not match the layer's {spec.w_shape}")
+        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual), clip=clip)
+        target = make_target(target)
+        self.knobs = self.algorithm.knobs(spec, knobs, target)
+        self.layout_in, self.layout_out = self.algorithm.layouts(spec, self.knobs)
+        super().__init__(self.algorithm.name, self.algorithm.stages(spec, self.epilogue, self.knobs, target), target,
+                         database, session)
+        consts = self.algorithm.constants(spec, weight, bias, self.knobs)
+        self.buffers.update({k: tvm.runtime.tensor(np.ascontiguousarray(v), self.dev) for k, v in consts.items()})
+        self.buffers["x"] = tvm.runtime.empty(layout_shape(spec.x_shape, self.layout_in), "float32", self.dev)
+        if residual:  # zeros until set_input gives one
+            self.buffers["res"] = tvm.runtime.tensor(
+                np.zeros(layout_shape(spec.y_shape, self.layout_out), np.float32), self.dev)
+
+    def set_input(self, x: np.ndarray, res: np.ndarray | None = None) -> None:
+        """Copy in x (N x C x H x W) and res (N x M x Oh x Ow), each into its buffer's layout."""
+        self._copy_in("x", x, self.spec.x_shape, self.layout_in, "input")
+        if res is not None:
+            if not self.epilogue.residual:
+                raise ConvSpecError("this layer was built without residual=True: it takes no res input")
+            self._copy_in("res", res, self.spec.y_shape, self.layout_out, "res")
+
+    def _copy_in(self, name: str, a: np.ndarray, shape, layout: str, label: str) -> None:
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ConvSpecError(f"{label} shape {a.shape} does not match the layer's {shape}")
+        self.buffers[name].copyfrom(to_layout(np.ascontiguousarray(a, dtype=np.float32), layout))
+
+    def output(self) -> np.ndarray:
+        """y of the last run, N x M x Oh x Ow (unblocked when the kernel writes channel blocks)."""
+        return from_layout(self.buffers["y"].numpy(), self.layout_out, self.spec.out_channels)
+
+    def __call__(self, x: np.ndarray, res: np.ndarray | None = None) -> np.ndarray:
+        if self.epilogue.residual and res is None:
+            raise ConvSpecError("this layer was built with residual=True: call it with (x, res)")
+        self.set_input(x, res)
+        self.run()
+        return self.output()
+
+    def storage(self) -> Storage:
+        """Stored elements/bytes of the representation the compiled stages built on the last run."""
+        return self.algorithm.storage(self.spec, self.knobs, self.produced())
+
+
+class CompiledTransform(CompiledStages):
+    """The layout transform (algorithms/layout.py) of an N x C x H x W tensor from ``src`` to
+    ``dst`` (one of them "nchw"), compiled for ``target``: ``t(x)`` takes an NCHW array and
+    returns the transform's output as written (``dst``); ``time`` times it as it times a
+    layer's stage."""
+
+    def __init__(self, nchw_shape, src: str, dst: str, target=None, session=None):
+        target = make_target(target)
+        self.shape, self.src, self.dst = tuple(int(v) for v in nchw_shape), src, dst
+        super().__init__("layout", [transform_stage(self.shape, src, dst, cpu_of(target))], target, session=session)
+        self.buffers["x"] = tvm.runtime.empty(layout_shape(self.shape, src), "float32", self.dev)
+
+    def set_input(self, x: np.ndarray) -> None:
+        """Copy in x (N x C x H x W), held in ``src``."""
+        self.buffers["x"].copyfrom(to_layout(np.ascontiguousarray(x, np.float32), self.src))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.set_input(x)
+        self.run()
+        return self.buffers["y"].numpy()
 
 
 CACHE_MODES = ("warm", "fresh", "cold")

@@ -18,14 +18,14 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tvm
 from tvm import relax
 
 from .frontend import Model, load_model
 from .graph import find_conv_sites
-from .passes import RewriteConv2D, applied_layers
+from .passes import RewriteConv2D, applied_layers, layout_transforms
 from .passes.parallelize_rest import ParallelizeRest
 from .plan import Plan
 from .stages import apply_database, kernel_table, open_database
@@ -97,11 +97,13 @@ class Build:
     of that architecture); ``applied`` is {layer key: algorithm};
     ``kernels`` is stages.kernel_table of the module, {function name: (keys of the layers that
     call it in call order, algorithm)}, to map the calls of a VM instrument (measure.time_calls)
-    to layers."""
+    to layers; ``transforms`` passes.layout_transforms of it, the layout transforms ``main``
+    calls (empty when every layer is NCHW)."""
 
     module: object
     applied: dict
     kernels: dict
+    transforms: list = field(default_factory=list)
 
     def vm(self) -> relax.VirtualMachine:
         """A VirtualMachine of the module on this machine's CPU (one, made on first use)."""
@@ -124,21 +126,22 @@ def build(model: Model, plan: Plan, target, database=None) -> Build:
     """lower, then tvm.compile: the Build of ``model`` with ``plan`` in this process."""
     target = make_target(target)
     mod, applied = lower(model, plan, target, database)
-    return Build(tvm.compile(mod, target=target), applied, kernel_table(mod))
+    return Build(tvm.compile(mod, target=target), applied, kernel_table(mod), layout_transforms(mod))
 
 
-def _compile_to(model: Model, plan: dict, target: str, database, path: str, cc: str | None = None) -> tuple[dict, dict]:
+def _compile_to(model: Model, plan: dict, target: str, database, path: str,
+                cc: str | None = None) -> tuple[dict, dict, list]:
     """Worker job: build ``model`` with ``plan``, export the library to ``path`` (linked by
-    target.cross_compiler(target, cc) for another architecture); returns (applied, kernels).
-    The kernel table goes to ``path + ".kernels.json"`` before tvm.compile runs, so that a
-    compiler crash can be traced to the layers of the function it names."""
+    target.cross_compiler(target, cc) for another architecture); returns (applied, kernels,
+    transforms). The kernel table goes to ``path + ".kernels.json"`` before tvm.compile runs,
+    so that a compiler crash can be traced to the layers of the function it names."""
     target = make_target(target)
     mod, applied = lower(model, Plan.from_dict(plan), target, database)
     kernels = kernel_table(mod)
     with open(path + ".kernels.json", "w") as f:
         json.dump(kernels, f)
     export_library(tvm.compile(mod, target=target), path, target, cc)
-    return applied, kernels
+    return applied, kernels, layout_transforms(mod)
 
 
 def _crashed_in(tail: str, kernels: dict, plan: Plan) -> str:
@@ -198,14 +201,14 @@ def build_isolated(model: Model, plan: Plan, target, database=None, worker=None,
     try:
         out = os.path.join(d, os.path.basename(path) if path else "model.so")
         try:
-            applied, kernels = (worker or shared_worker()).call(_compile_to, Cached(model), plan.to_dict(),
-                                                                 str(target), database, out, cc, timeout=timeout)
+            applied, kernels, transforms = (worker or shared_worker()).call(
+                _compile_to, Cached(model), plan.to_dict(), str(target), database, out, cc, timeout=timeout)
         except CandidateCrash as e:
             raise compiler_crash(e, out + ".kernels.json", plan) from None
         if path is not None:
             os.replace(out, path)
             out = path
-        return Build(tvm.runtime.load_module(out) if local else None, applied, kernels)
+        return Build(tvm.runtime.load_module(out) if local else None, applied, kernels, transforms)
     finally:
         shutil.rmtree(d, ignore_errors=True)  # the loaded library stays mapped
 

@@ -41,6 +41,7 @@ from .conv import Conv2DSpec, ConvSpecError, UnsupportedConvError
 from .layer import synthesize_activation, synthesize_weight
 from .measure import Progress, max_abs_error, tolerance
 from .reference import dense_conv2d
+from .reference.layout import from_layout
 from .worker import Cached, CandidateCrash, Worker, isolated
 
 # the generator's ranges (docs/fuzz.md)
@@ -372,13 +373,14 @@ def check_candidate(algorithm: str, spec: Conv2DSpec, x: np.ndarray, w: np.ndarr
             bad = zones.damage(which)
             if bad:
                 raise OutOfBounds("out-of-bounds write: " + "; ".join(bad))
-        ys.append(layer.buffers["y"].numpy())
+        ys.append(layer.buffers["y"].numpy())  # as written (a blocked y with its lanes past M)
     if bounds_check:
         diff = np.argwhere(ys[0].view(np.uint32) != ys[1].view(np.uint32))
         if diff.size:
             raise OutOfBounds(f"out-of-bounds read: {len(diff)} output elements change with the bytes around the "
                               f"buffers, the first at {tuple(int(v) for v in diff[0])}")
-    return {"y": ys[0], "build_s": t1 - t0, "run_s": time.perf_counter() - t1}
+    y = from_layout(ys[0], layer.layout_out, spec.out_channels)
+    return {"y": y, "build_s": t1 - t0, "run_s": time.perf_counter() - t1}
 
 
 def reference_output(layer: FuzzLayer, x, w, bias, res) -> np.ndarray:

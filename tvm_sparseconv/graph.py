@@ -210,7 +210,7 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
                     residual, clip)
 
 
-def _scalar(e) -> float | None:
+def scalar_value(e) -> float | None:
     """The value of a one-element float constant or a PrimValue, else None."""
     if isinstance(e, (tvm.tirx.FloatImm, tvm.tirx.IntImm)):  # a relax.prim_value
         return float(e.value)
@@ -226,11 +226,11 @@ def _bounds(call, x) -> tuple[float, float] | None:
     if call.op == RELU:
         return 0.0, np.inf
     if call.op == CLIP and call.args[0].same_as(x):
-        lo, hi = _scalar(call.args[1]), _scalar(call.args[2])
+        lo, hi = scalar_value(call.args[1]), scalar_value(call.args[2])
         return None if lo is None or hi is None else (lo, hi)
     if call.op in (MAXIMUM, MINIMUM):
         a, b = call.args
-        c = _scalar(b) if a.same_as(x) else _scalar(a) if b.same_as(x) else None
+        c = scalar_value(b) if a.same_as(x) else scalar_value(a) if b.same_as(x) else None
         if c is not None:
             return (c, np.inf) if call.op == MAXIMUM else (-np.inf, c)
     return None

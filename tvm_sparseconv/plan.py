@@ -1,12 +1,18 @@
 """The plan: which algorithm (and knobs) each conv layer of a model uses. Versioned JSON.
 
-{"format": "tvm-sparseconv-plan", "version": 1, "target": {...}, "cpu": {...}, "model": {...},
+{"format": "tvm-sparseconv-plan", "version": 2, "target": {...}, "cpu": {...}, "model": {...},
  "layers": [{"key": "conv000", "spec": {...}, "algorithm": "halo", "knobs": {...}}, ...]}
 
 "cpu" is the description (cpu.CPU) of the CPU the plan was made for: lanes, registers,
 caches, cores. Layers are matched by key and checked against their shapes and attributes (at any
 batch: a plan tuned at batch 1 applies at batch 8); a plan made for another model fails with an
 error naming the first layer that differs.
+
+A layer's activation layouts are knobs of its algorithm (dense: "layout_in", "layout_out",
+"nchw" or "nchw{cb}c", layout.py); ``Plan.layouts`` reads them. Version 2 is version 1 with
+those knobs: a version-1 plan loads, every layer in NCHW. Layouts that do not chain (a layer
+reads blocks its producer does not write) are not refused: the model rewrite inserts the
+transform (passes/rewrite_conv2d.py, layout_transforms lists them).
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from .graph import ConvSite
 from .passes import LayerChoice
 
 PLAN_FORMAT = "tvm-sparseconv-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1: no layout knobs (every layer NCHW)
 
 
 class PlanError(ValueError):
@@ -70,8 +77,9 @@ class Plan:
     def from_dict(cls, d, where: str = "plan") -> "Plan":
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise PlanError(f"{where} is not a tvm-sparseconv plan (format is {d.get('format') if isinstance(d, dict) else type(d).__name__!r})")
-        if d.get("version") != PLAN_VERSION:
-            raise PlanError(f"{where} has plan version {d.get('version')}; this tvm-sparseconv reads version {PLAN_VERSION}")
+        if d.get("version") not in READS_VERSIONS:
+            raise PlanError(f"{where} has plan version {d.get('version')}; this tvm-sparseconv reads versions "
+                            f"{', '.join(map(str, READS_VERSIONS))}")
         layers = []
         for i, l in enumerate(d.get("layers") or []):
             try:
@@ -118,6 +126,11 @@ class Plan:
         if model.get("input_shape"):
             model["input_shape"] = [batch, *model["input_shape"][1:]]
         return Plan(layers, self.target, model, self.cpu)
+
+    def layouts(self) -> dict[str, tuple[str, str]]:
+        """{layer key: (layout of its input, of its output and residual)} as the knobs say;
+        ("nchw", "nchw") for a layer without layout knobs."""
+        return {l.key: get_algorithm(l.algorithm).layouts(Conv2DSpec.from_dict(l.spec), l.knobs) for l in self.layers}
 
     def choices(self, sites: list[ConvSite]) -> dict[str, LayerChoice]:
         """Check the plan against the model's layers (at any batch); key -> LayerChoice."""

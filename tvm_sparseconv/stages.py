@@ -8,7 +8,7 @@ all need to agree on, below every one of them:
   the form MetaSchedule tunes and finds again by structural hash;
 - the attributes that say which algorithm a generated PrimFunc is a stage of and which layers
   call it (``ALGORITHM_ATTR``, ``LAYERS_ATTR``), read back with ``kernel_table`` instead of
-  parsing function names;
+  parsing function names, and which layout transform one is (``LAYOUT_ATTR``);
 - the block annotation ``schedule_rule = RULE`` of hand-scheduled kernels, and the rule
   registered for it, which keeps such a kernel as written when MetaSchedule tunes a whole
   Relax module (``tune_relax``, ``static_shape_tuning_pipeline``): its own rules never see the
@@ -31,6 +31,8 @@ ALGORITHM_ATTR = "tvm_sparseconv.algorithm"
 # the same shapes, epilogue and knobs share one function (Relax's BlockBuilder dedups them), and
 # the model's VM runs its bindings in order, so its j-th call in an inference is layers[j]
 LAYERS_ATTR = "tvm_sparseconv.layers"
+# on a layout transform the model rewrite inserted (algorithms/layout.py): "nchw->nchw16c"
+LAYOUT_ATTR = "tvm_sparseconv.layout_transform"
 # relax's kOpaque: FuseOps must not merge a hand-written kernel into its neighbours
 _OPAQUE = 8
 
@@ -64,6 +66,11 @@ def algorithm_func(st, algorithm: str) -> tvm.tirx.PrimFunc:
     """``stage_func`` of stage ``st`` of ``algorithm``, marked as such (RewriteConv2D adds the
     layers that call it, LAYERS_ATTR, once the whole model is rewritten)."""
     return stage_func(st).with_attr(ALGORITHM_ATTR, algorithm)
+
+
+def transform_func(st, src: str, dst: str) -> tvm.tirx.PrimFunc:
+    """``stage_func`` of the layout transform stage ``st``, marked as the transform src -> dst."""
+    return stage_func(st).with_attr(LAYOUT_ATTR, f"{src}->{dst}")
 
 
 def _bare(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:

@@ -1,10 +1,11 @@
 """What every algorithm provides: its stages as TIR PrimFuncs, build-time constants, storage.
 
 An algorithm computes one layer as a short pipeline of destination-passing PrimFuncs
-(``Stage``), e.g. ``encode`` then ``multiply``. Buffers are named: ``x`` is the NCHW
-activation, the names returned by :meth:`Algorithm.constants` are re-laid-out weights
-(made once, at build time), every stage output is a new named buffer, and the last
-stage writes ``y`` (N x M x Oh x Ow). All shapes are static: data-dependent buffers
+(``Stage``), e.g. ``encode`` then ``multiply``. Buffers are named: ``x`` is the activation,
+the names returned by :meth:`Algorithm.constants` are re-laid-out weights (made once, at
+build time), every stage output is a new named buffer, and the last stage writes ``y``
+(N x M x Oh x Ow). x, y and a residual are NCHW, or channel blocks where
+:meth:`Algorithm.layouts` says so (layout.py). All shapes are static: data-dependent buffers
 are allocated for the worst case (every element non-zero), so the same pipeline runs
 as plain ``call_tir`` bindings inside a Relax module and an exported library.
 """
@@ -21,6 +22,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
+from ..layout import NCHW
 from ..reference.storage import Storage
 
 
@@ -115,6 +117,12 @@ class Algorithm:
         return out[:1] + rest
 
     # -- the compiled pipeline -------------------------------------------------------------
+    def layouts(self, spec: Conv2DSpec, knobs: Mapping) -> tuple[str, str]:
+        """(the layout of ``x``, the layout of ``y`` and ``res``) of the stages built with the
+        complete ``knobs`` (layout.py: "nchw" or "nchw{cb}c"); NCHW unless the algorithm has
+        layout knobs."""
+        return NCHW, NCHW
+
     def constants(self, spec: Conv2DSpec, weight: np.ndarray, bias: np.ndarray | None,
                   knobs: Mapping) -> dict[str, np.ndarray]:
         """Build-time re-layout of the OIHW weight (and bias) into the arrays the stages read."""

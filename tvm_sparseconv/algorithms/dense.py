@@ -1,20 +1,25 @@
 """dense: register-tiled direct convolution in TIR.
 
-Specified in docs/algorithms.md section 10.
+Specified in docs/algorithms.md section 10 (the activation layouts: section 16).
 
 Two kernels (knob ``kernel``), both output-stationary with the accumulators in registers:
 
 window (any layer): x N x C x H x W (NCHW), read in place with the padded taps skipped, or,
-    with knob pad="copy", xp N x C x Hp x Wp, a zero-padded copy made by a "pad" stage (kind
-    "encode"); w n_mt x Kh x C x Kw x m_tile, the OIHW weights cut into tiles of m_tile output
-    channels, channels past M zero (laid out once, at build time); y N x M x Oh x Ow (NCHW).
-    A register tile is ``block`` consecutive output pixels of one row x m_tile channels.
+    with knob pad="copy", xp, a zero-padded copy made by a "pad" stage (kind "encode");
+    w n_mt x Kh x C x Kw x m_tile, the OIHW weights cut into tiles of m_tile output channels,
+    channels past M zero (laid out once, at build time); y N x M x Oh x Ow (NCHW). A register
+    tile is ``block`` consecutive output pixels of one row x m_tile channels (vectors of
+    channels).
 gemm (pointwise layers: 1x1, stride 1, no padding): y[n] (M x P) = w (M x C) . x[n] (C x P),
-    P = H*W read flat from NCHW; w n_mt x C x m_tile. A register tile is m_tile channels x
-    ``block`` consecutive pixels (whole vectors).
+    P = H*W read flat; w n_mt x C x m_tile. From NCHW, a register tile is m_tile channels x
+    ``block`` consecutive pixels (vectors of pixels); from channel blocks, ``block`` pixels x
+    m_tile channels (vectors of channels, as window).
 
-The loop structure, the thread splits and the knob defaults (default_tiling, derived from the
-CPU description, cpu.py) with the measurements behind them: docs/algorithms.md section 10.
+Knobs ``layout_in`` and ``layout_out`` (layout.py: "nchw" or "nchw{cb}c") say how x and y
+(and the residual, which arrives in y's layout) are held; a blocked y has zeros in the
+channels past M of its last block. The loop structure, the thread splits and the knob
+defaults (default_tiling, derived from the CPU description, cpu.py) with the measurements
+behind them: docs/algorithms.md section 10.
 """
 from __future__ import annotations
 
@@ -26,10 +31,11 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
+from ..layout import NCHW, LayoutError, channel_block, lanes_layout, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, prim,
-                   register, registers_ok, store_output)
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs,
+                   epilogue_value, grid, prim, register, registers_ok, store_output)
 
 KERNELS = ("window", "gemm")
 # the kernel "window" was called "direct" (the name of another algorithm); plans written then
@@ -43,17 +49,28 @@ _OLD_KERNEL_NAMES = {"direct": "window"}
 # per core of the target.
 DENSE_SPLITS = ("m_outer", "row_outer", "row_band")
 PADS = ("inplace", "copy")  # padding: skip the padded taps, or copy x into a zero-padded xp first
+# m_tile of the kernels whose vectors are output channels (window; gemm from channel blocks):
+# 48-wide vectors compiled ~5x slower than 32 or 64, so powers of two only
+CHANNEL_VECTOR_TILES = (4, 8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
 class DenseTiling:
     kernel: str   # one of KERNELS
-    block: int    # output pixels per register tile (window: 1..32 of one row; gemm: 4..64, whole vectors)
-    m_tile: int   # output channels per register tile (window: a power of two in 4..128; gemm: 1..16)
+    block: int    # output pixels per register tile (window: 1..32 of one row; gemm: 4..64 whole vectors
+                  # from NCHW, 1..32 from channel blocks)
+    m_tile: int   # output channels per register tile (CHANNEL_VECTOR_TILES; gemm from NCHW: 1..16)
     c_block: int  # window: input channels per cache block (0: all channels in one block)
     split: str    # one of DENSE_SPLITS ("row" = a pixel tile for gemm)
     pad: str      # window: one of PADS
-    n_mt: int     # M tiles: ceil(M / m_tile)
+    n_mt: int     # M tiles: ceil(M / m_tile), M rounded up to whole channel blocks of a blocked y
+    cb_in: int    # channel block of x (layout.channel_block: 0 for NCHW)
+    cb_out: int   # channel block of y and the residual (0 for NCHW)
+
+    @property
+    def pixel_vectors(self) -> bool:
+        """The register tile's vectors are pixels (gemm from NCHW), not output channels."""
+        return self.kernel == "gemm" and self.cb_in == 0
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -65,26 +82,33 @@ def is_pointwise(spec: Conv2DSpec) -> bool:
     return (spec.kernel_h, spec.kernel_w, spec.stride) == (1, 1, (1, 1)) and not any(spec.padding)
 
 
-def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None) -> dict:
+def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout_in: str = NCHW) -> dict:
     """Knob defaults by layer shape and CPU, for ``kernel`` (None: gemm for pointwise layers,
-    else window). The policy, each rule with the measurement that chose it: docs/algorithms.md
-    section 10.4.
+    else window) reading x in ``layout_in``; both layouts default to NCHW. The policy, each
+    rule with the measurement that chose it: docs/algorithms.md section 10.4.
 
-    - gemm: 3/4 of cpu.registers as accumulators, 3 vectors of pixels when they divide H*W
-      (else 2); split row_outer when the layer reduces channels and a pixel tile's input fits
-      in cpu.l1d, else m_outer;
+    - gemm from NCHW: 3/4 of cpu.registers as accumulators, 3 vectors of pixels when they
+      divide H*W (else 2); split row_outer when the layer reduces channels and a pixel tile's
+      input fits in cpu.l1d, else m_outer;
+    - gemm from channel blocks: 4 vectors of output channels (fewer when M is smaller) x as
+      many pixels as fill 3/4 of cpu.registers; the split as from NCHW;
     - window: block x m_tile = cpu.accumulators // 2 pixels x 2 vectors (one vector when M is a
       multiple of one but not of two); at stride 2 with C >= 64, a quarter of the accumulators
       x 4 vectors in blocks of 64 channels; split row_outer when all the weights fit in half of
       cpu.l2, else m_outer.
     """
     ow, m, c, v = spec.out_w, spec.out_channels, spec.in_channels, cpu.lanes
+    layouts = {"layout_in": layout_in, "layout_out": NCHW}
     if kernel == "gemm" or (kernel is None and is_pointwise(spec)):
-        vectors = 3 if spec.height * spec.width % (3 * v) == 0 else 2
-        block, m_tile = vectors * v, min(16, cpu.registers * 3 // 4 // vectors)
+        if layout_in == NCHW:
+            vectors = 3 if spec.height * spec.width % (3 * v) == 0 else 2
+            block, m_tile = vectors * v, min(16, cpu.registers * 3 // 4 // vectors, m)
+        else:
+            m_tile = min(4 * v, max(4, 1 << (m - 1).bit_length()))
+            block = max(1, min(32, cpu.registers * 3 // 4 * v // m_tile))
         split = "row_outer" if c > m and 4 * c * block <= cpu.l1d else "m_outer"
-        return {"kernel": "gemm", "block": block, "m_tile": min(m_tile, m), "c_block": 0, "split": split,
-                "pad": "inplace"}
+        return {"kernel": "gemm", "block": block, "m_tile": m_tile, "c_block": 0, "split": split,
+                "pad": "inplace", **layouts}
     split = "row_outer" if 4 * m * c * spec.kernel_h * spec.kernel_w <= cpu.l2 // 2 else "m_outer"
     block, m_tile, c_block = cpu.accumulators // 2, 2 * v, 0
     if m <= v or (m % (2 * v) and m % v == 0):
@@ -92,17 +116,25 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None) -> dic
     if spec.stride[1] > 1 and c >= 64 and m % (4 * v) == 0:
         block, m_tile, c_block = cpu.accumulators // 4, 4 * v, 64
     return {"kernel": "window", "block": min(block, ow), "m_tile": m_tile, "c_block": c_block, "split": split,
-            "pad": "inplace"}
+            "pad": "inplace", **layouts}
+
+
+def _block_of(knob: str, layout) -> int:
+    try:
+        return channel_block(layout)
+    except LayoutError as e:
+        raise KnobError(f"dense: {knob}: {e}") from None
 
 
 def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
     kernel, block, m_tile, c_block, split, pad = (
         knobs[k] for k in ("kernel", "block", "m_tile", "c_block", "split", "pad"))
+    cb_in, cb_out = _block_of("layout_in", knobs["layout_in"]), _block_of("layout_out", knobs["layout_out"])
     if kernel not in KERNELS:
         raise KnobError(f"dense: kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "gemm":
-        if not is_pointwise(spec):
-            raise KnobError("dense: kernel='gemm' needs a 1x1 stride-1 layer without padding")
+    if kernel == "gemm" and not is_pointwise(spec):
+        raise KnobError("dense: kernel='gemm' needs a 1x1 stride-1 layer without padding")
+    if kernel == "gemm" and cb_in == 0:
         # whole 4-lane vectors at least (a tail vector is masked); the default is 2-3 vectors of the CPU
         if not (isinstance(block, int) and 4 <= block <= 64 and block % 4 == 0):
             raise KnobError(f"dense: gemm block must be a multiple of 4 pixels in 4..64, got {block!r}")
@@ -111,18 +143,20 @@ def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
     else:
         if not (isinstance(block, int) and 1 <= block <= 32):
             raise KnobError(f"dense: block must be an int in 1..32, got {block!r}")
-        # 48-wide vectors compiled ~5x slower than 32 or 64: powers of two only
-        if m_tile not in (4, 8, 16, 32, 64, 128):
+        if m_tile not in CHANNEL_VECTOR_TILES:
             raise KnobError(f"dense: m_tile must be a power of two in 4..128, got {m_tile!r}")
-        block = min(block, spec.out_w)
+        if kernel == "window":
+            block = min(block, spec.out_w)
     if not (isinstance(c_block, int) and c_block >= 0):
         raise KnobError(f"dense: c_block must be an int >= 0 (0: all channels), got {c_block!r}")
     if split not in DENSE_SPLITS:
         raise KnobError(f"dense: split must be one of {DENSE_SPLITS}, got {split!r}")
     if pad not in PADS:
         raise KnobError(f"dense: pad must be one of {PADS}, got {pad!r}")
-    c = spec.in_channels
-    return DenseTiling(kernel, block, m_tile, min(c_block or c, c), split, pad, _cdiv(spec.out_channels, m_tile))
+    c, m = spec.in_channels, spec.out_channels
+    if cb_out:  # every channel of a blocked y's last block is written (zeros past M)
+        m = _cdiv(m, cb_out) * cb_out
+    return DenseTiling(kernel, block, m_tile, min(c_block or c, c), split, pad, _cdiv(m, m_tile), cb_in, cb_out)
 
 
 def tile_weights(spec: Conv2DSpec, w: np.ndarray, tl: DenseTiling) -> np.ndarray:
@@ -136,28 +170,47 @@ def tile_weights(spec: Conv2DSpec, w: np.ndarray, tl: DenseTiling) -> np.ndarray
     return np.ascontiguousarray(wp.transpose(0, 3, 2, 4, 1))
 
 
-def _pad_func(spec: Conv2DSpec):
-    """x (N x C x H x W) -> xp (N x C x Hp x Wp) with zero borders; parallel over (n, c)."""
+def _lanes_view(buf, spec_shape, cb: int):
+    """A view of an N x C x H x W tensor held with channel block ``cb`` (0: NCHW) as
+    N x ceil(C/cb) x H x W x cb, NCHW as N x C x H x W x 1: one index form for both layouts."""
+    n, c, h, w = spec_shape
+    cb = max(cb, 1)
+    return T.decl_buffer((n, _cdiv(c, cb), h, w, cb), "float32", data=buf.data)
+
+
+def _pad_func(spec: Conv2DSpec, cb: int):
+    """x -> xp, both in the layout of channel block ``cb`` (0: NCHW), zero borders (the lanes
+    past C of a blocked x are copied, zeros as they are); parallel over (n, channel block)."""
     N, C, H, W = spec.x_shape
     Hp, Wp = spec.padded_h, spec.padded_w
     pt, pl = spec.padding[0], spec.padding[1]
+    L = max(cb, 1)
+    NB = _cdiv(C, L)
 
     @T.prim_func
-    def pad(x: T.Buffer((N, C, H, W), "float32"), xp: T.Buffer((N, C, Hp, Wp), "float32")):
-        for t in T.parallel(N * C):
+    def pad(x: T.Buffer(layout_shape(spec.x_shape, _layout(cb)), "float32"),
+            xp: T.Buffer(layout_shape((N, C, Hp, Wp), _layout(cb)), "float32")):
+        xv = _lanes_view(x, (N, C, H, W), cb)
+        pv = _lanes_view(xp, (N, C, Hp, Wp), cb)
+        for t in T.parallel(N * NB):
             for h in range(Hp):
                 if h >= pt and h < pt + H:
-                    for w in range(pl):
-                        xp[t // C, t % C, h, w] = T.float32(0)
+                    for w, l in T.grid(pl, L):
+                        pv[t // NB, t % NB, h, w, l] = T.float32(0)
                     for w in range(W):
-                        xp[t // C, t % C, h, pl + w] = x[t // C, t % C, h - pt, w]
-                    for w in range(Wp - pl - W):
-                        xp[t // C, t % C, h, pl + W + w] = T.float32(0)
+                        for l in T.vectorized(L):
+                            pv[t // NB, t % NB, h, pl + w, l] = xv[t // NB, t % NB, h - pt, w, l]
+                    for w, l in T.grid(Wp - pl - W, L):
+                        pv[t // NB, t % NB, h, pl + W + w, l] = T.float32(0)
                 else:
-                    for w in range(Wp):
-                        xp[t // C, t % C, h, w] = T.float32(0)
+                    for w, l in T.grid(Wp, L):
+                        pv[t // NB, t % NB, h, w, l] = T.float32(0)
 
     return pad
+
+
+def _layout(cb: int) -> str:
+    return NCHW if cb == 0 else f"nchw{cb}c"
 
 
 def _when(flag: bool, cond):
@@ -184,35 +237,91 @@ def _task(t, n_mt: int, rows: int, split: str, bands: int):
     return t // (n_mt * rows), t % n_mt, t // n_mt % rows
 
 
+def _blocked_value(v, m, bias, ep: Epilogue, res, at, M: int, pad: bool):
+    """Accumulator v of channel m of a blocked y through the epilogue; 0 for the channels past M
+    of the last block when there are some (``pad``). The bias is padded to the tiles, so that
+    reading it for those channels stays in bounds."""
+    v = epilogue_value(v, m, bias, ep, res, at)
+    return tvm.tirx.Select(m < M, v, tvm.tirx.const(0.0, "float32")) if pad else v
+
+
+def _channel_vector_store(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
+    """The store of a register tile acc[b, j] (BT pixels x m_tile channels, vectors of channels)
+    as a macro store(yv, resv, bias, acc, n, mo, p0, BT), pixels p0 .. p0+BT-1 of the flat
+    output. NCHW (yv N x M x P): one vector of BT pixels per channel, channels >= M not stored
+    (per-element stores cost ~3x more). Blocked (yv N x ceil(M/cb) x P x cb): per pixel one
+    vector per channel block the tile covers (m_tile and cb are powers of two, so a vector
+    never straddles two blocks), blocks past the last not stored."""
+    M, mt, cbo = spec.out_channels, tl.m_tile, tl.cb_out
+    if cbo == 0:
+        m_whole = M % mt == 0
+
+        @T.macro
+        def store(yv, resv, bias, acc, n, mo, p0, BT):
+            for j in T.unroll(mt):
+                if _when(not m_whole, mo * mt + j < M):
+                    for b in T.vectorized(BT):
+                        store_output(yv, (n, mo * mt + j, p0 + b), acc[b, j], bias, resv, ep)
+
+        return store
+    vw = min(mt, cbo)
+    covered = _cdiv(M, cbo) * cbo
+    beyond = tl.n_mt * mt > covered  # the last M tile reaches past the last block
+
+    @T.macro
+    def store_blocked(yv, resv, bias, acc, n, mo, p0, BT):
+        for b in T.unroll(BT):
+            for jb in T.unroll(mt // vw):
+                if _when(beyond, mo * mt + jb * vw < covered):
+                    for j in T.vectorized(vw):
+                        yv[n, (mo * mt + jb * vw) // cbo, p0 + b, (mo * mt + jb * vw) % cbo + j] = _blocked_value(
+                            acc[b, jb * vw + j], mo * mt + jb * vw + j, bias, ep, resv,
+                            (n, (mo * mt + jb * vw) // cbo, p0 + b, (mo * mt + jb * vw) % cbo + j), M, M < covered)
+
+    return store_blocked
+
+
+def _output_views(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, res, y):
+    """Flat-pixel views of y and the residual in y's layout: N x M x P or N x ceil(M/cb) x P x cb."""
+    N, M, Oh, Ow = spec.y_shape
+    shape = (N, M, Oh * Ow) if tl.cb_out == 0 else (N, _cdiv(M, tl.cb_out), Oh * Ow, tl.cb_out)
+    return (T.decl_buffer(shape, "float32", data=y.data),
+            T.decl_buffer(shape, "float32", data=_residual_data(ep, res, y)))
+
+
 def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_shape, inplace: bool):
     """The multiply PrimFunc of the window kernel. ``inplace``: read x itself and skip the padded
     taps (a runtime test per kernel row, a compile-time one per border tile); otherwise read
-    the padded copy xp, which has no out-of-range tap."""
+    the padded copy xp, which has no out-of-range tap. ``xin_shape``: the NCHW shape of what it
+    reads (x or xp), held in layout_in."""
     C, H, W, M = spec.in_channels, spec.height, spec.width, spec.out_channels
     Kh, Kw, Oh, Ow = spec.kernel_h, spec.kernel_w, spec.out_h, spec.out_w
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     pt, pl = (spec.padding[0], spec.padding[1]) if inplace else (0, 0)
     B, mt, cb, n_mt = tl.block, tl.m_tile, tl.c_block, tl.n_mt
+    cbi = max(tl.cb_in, 1)
     n_cb = _cdiv(C, cb)
-    m_whole = M % mt == 0
     ntask = spec.batch * n_mt * Oh
     row_check = inplace and (pt > 0 or (Oh - 1) * sh + (Kh - 1) * dh - pt >= H)
     W = W if inplace else spec.padded_w  # columns of the buffer read
     interior, border = _tile_classes(spec, B, pl, W)
+    store = _channel_vector_store(spec, tl, ep)
 
     @T.macro
-    def taps(xin, w, acc, n, mo, c0, c1, i, l, w0, BT, col_check):
-        """acc[b, :] += xin[n, c, i, (w0 + b)*sw + q*dw - pl] * w[mo, l, c, q, :] for c0 <= c < c1.
-        In a border tile (col_check) w0 is a constant, so the column test folds per (b, q)."""
+    def taps(xv, w, acc, n, mo, c0, c1, i, l, w0, BT, col_check):
+        """acc[b, :] += x[n, c, i, (w0 + b)*sw + q*dw - pl] * w[mo, l, c, q, :] for c0 <= c < c1
+        (xv: x viewed as N x C/cbi x H x W x cbi, layout_in's blocks or cbi = 1). In a border
+        tile (col_check) w0 is a constant, so the column test folds per (b, q)."""
         for c in range(c0, c1):
             for q in T.unroll(Kw):
                 for b in T.unroll(BT):
                     if _when(col_check, _in_range((w0 + b) * sw + q * dw - pl, W)):
                         for j in T.vectorized(mt):
-                            acc[b, j] = acc[b, j] + xin[n, c, i, (w0 + b) * sw + q * dw - pl] * w[mo, l, c, q, j]
+                            acc[b, j] = acc[b, j] + xv[n, c // cbi, i, (w0 + b) * sw + q * dw - pl, c % cbi] * \
+                                w[mo, l, c, q, j]
 
     @T.macro
-    def tile(xin, w, bias, res, y, acc, part, n, mo, r, w0, BT, col_check, c0, c1, first, last):
+    def tile(xv, w, bias, resv, yv, acc, part, n, mo, r, w0, BT, col_check, c0, c1, first, last):
         """Pixels w0 .. w0+BT-1 of row r, channels mo*mt .. +mt, input channels c0 .. c1-1."""
         if first:
             for b in T.unroll(BT):
@@ -224,13 +333,9 @@ def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_
                     acc[b, j] = part[w0 + b, j]
         for l in T.unroll(Kh):
             if _when(row_check, _in_range(r * sh + l * dh - pt, H)):  # outside the channel loop
-                taps(xin, w, acc, n, mo, c0, c1, r * sh + l * dh - pt, l, w0, BT, col_check)
+                taps(xv, w, acc, n, mo, c0, c1, r * sh + l * dh - pt, l, w0, BT, col_check)
         if last:
-            # one vector store of BT pixels per output channel (per-element stores cost ~3x more)
-            for j in T.unroll(mt):
-                if _when(not m_whole, mo * mt + j < M):
-                    for b in T.vectorized(BT):
-                        store_output(y, (n, mo * mt + j, r, w0 + b), acc[b, j], bias, res, ep)
+            store(yv, resv, bias, acc, n, mo, r * Ow + w0, BT)
         else:
             for b in T.unroll(BT):
                 for j in T.vectorized(mt):
@@ -242,35 +347,97 @@ def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_
             tile(*args[:10], w0, BT, True, *args[10:])
 
     @T.macro
-    def row(xin, w, bias, res, y, acc, part, n, mo, r, c0, c1, first, last):
+    def row(xv, w, bias, resv, yv, acc, part, n, mo, r, c0, c1, first, last):
         for g in range(interior[0], interior[1]):
-            tile(xin, w, bias, res, y, acc, part, n, mo, r, g * B, B, False, c0, c1, first, last)
-        border_tiles(xin, w, bias, res, y, acc, part, n, mo, r, c0, c1, first, last)
+            tile(xv, w, bias, resv, yv, acc, part, n, mo, r, g * B, B, False, c0, c1, first, last)
+        border_tiles(xv, w, bias, resv, yv, acc, part, n, mo, r, c0, c1, first, last)
 
     @T.macro
     def body(xin, w, bias, res, y):
+        xv = _lanes_view(xin, xin_shape, tl.cb_in)
+        yv, resv = _output_views(spec, tl, ep, res, y)
         for t in T.parallel(ntask):
             acc = T.alloc_local((B, mt), "float32")
             if n_cb == 1:
-                row(xin, w, bias, res, y, acc, acc, *_task(t, n_mt, Oh, tl.split, cpu.cores), 0, C, True, True)
+                row(xv, w, bias, resv, yv, acc, acc, *_task(t, n_mt, Oh, tl.split, cpu.cores), 0, C, True, True)
             else:
                 part = T.alloc_buffer((Ow, mt), "float32")
                 for k in range(n_cb):
-                    row(xin, w, bias, res, y, acc, part, *_task(t, n_mt, Oh, tl.split, cpu.cores), k * cb,
+                    row(xv, w, bias, resv, yv, acc, part, *_task(t, n_mt, Oh, tl.split, cpu.cores), k * cb,
                         T.min(k * cb + cb, C),
                         k == 0, k == n_cb - 1)
 
-    return _multiply_prim(spec, ep, xin_shape, (n_mt, Kh, C, Kw, mt), body)
+    return _multiply_prim(spec, tl, ep, xin_shape, (n_mt, Kh, C, Kw, mt), body)
+
+
+def _pixel_tiles(P: int, B: int, tile):
+    """macro(xv, w, bias, resv, yv, acc, n, mo, g): pixel tile g of B flat pixels of the P, the
+    last one P % B, through the macro tile(..., p0, BT)."""
+    n_full = P // B
+
+    @T.macro
+    def pixel_tile(xv, w, bias, resv, yv, acc, n, mo, g):
+        if P % B == 0:
+            tile(xv, w, bias, resv, yv, acc, n, mo, g * B, B)
+        elif g < n_full:
+            tile(xv, w, bias, resv, yv, acc, n, mo, g * B, B)
+        else:
+            tile(xv, w, bias, resv, yv, acc, n, mo, n_full * B, P % B)
+
+    return pixel_tile
 
 
 def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue):
-    """The multiply PrimFunc of the gemm kernel (pointwise layers), x and y read as N x C x P."""
+    """The multiply PrimFunc of the gemm kernel (pointwise layers), x and y read as N x C x P
+    (NCHW) or N x C/cb x P x cb (blocked): vectors of pixels from NCHW, of output channels from
+    channel blocks."""
     N, C, H, W = spec.x_shape
     M, P = spec.out_channels, H * W
     B, mt, n_mt = tl.block, tl.m_tile, tl.n_mt
-    n_pt, n_full = _cdiv(P, B), P // B
-    m_whole = M % mt == 0
-    ntask = N * n_mt * n_pt
+    ntask = N * n_mt * _cdiv(P, B)
+    tile = _pixel_vector_tile(spec, tl, cpu, ep) if tl.pixel_vectors else _channel_vector_tile(spec, tl, ep)
+    pixel_tile = _pixel_tiles(P, B, tile)
+    acc_shape = (mt, B) if tl.pixel_vectors else (B, mt)
+
+    @T.macro
+    def body(x, w, bias, res, y):
+        xv = T.decl_buffer((N, _cdiv(C, max(tl.cb_in, 1)), P, max(tl.cb_in, 1)), "float32", data=x.data)
+        yv, resv = _output_views(spec, tl, ep, res, y)
+        for t in T.parallel(ntask):
+            acc = T.alloc_local(acc_shape, "float32")
+            pixel_tile(xv, w, bias, resv, yv, acc, *_task(t, n_mt, _cdiv(P, B), tl.split, cpu.cores))
+
+    return _multiply_prim(spec, tl, ep, spec.x_shape, (n_mt, C, mt), body)
+
+
+def _channel_vector_tile(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
+    """gemm from channel blocks: acc[b, :] += x[n, c, p0 + b] * w[mo, c, :] (one broadcast of the
+    input per pixel and channel, m_tile/lanes weight vectors), as the window kernel's 1x1 tile
+    but over the flat pixels."""
+    C, mt, cbi = spec.in_channels, tl.m_tile, tl.cb_in
+    store = _channel_vector_store(spec, tl, ep)
+
+    @T.macro
+    def tile(xv, w, bias, resv, yv, acc, n, mo, p0, BT):
+        for b in T.unroll(BT):
+            for j in T.vectorized(mt):
+                acc[b, j] = T.float32(0)
+        for c in range(C):
+            for b in T.unroll(BT):
+                for j in T.vectorized(mt):
+                    acc[b, j] = acc[b, j] + xv[n, c // cbi, p0 + b, c % cbi] * w[mo, c, j]
+        store(yv, resv, bias, acc, n, mo, p0, BT)
+
+    return tile
+
+
+def _pixel_vector_tile(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue):
+    """gemm from NCHW: acc[i, :] += w[mo, c, i] * x[n, c, p0 : p0 + BT] (vectors of lanes pixels,
+    m_tile broadcast weights per channel). The store: NCHW, each output row one contiguous run;
+    blocked, each channel's pixels cb floats apart."""
+    C, M, mt, cbo = spec.in_channels, spec.out_channels, tl.m_tile, tl.cb_out
+    covered = M if cbo == 0 else _cdiv(M, cbo) * cbo  # channels y holds
+    m_whole = covered % mt == 0
 
     def chunks(BT, emit):
         """emit(offset, lanes) for each vector of the BT pixels: full vectors, the last BT % lanes."""
@@ -283,47 +450,34 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue):
             acc[i, off + p] = T.float32(0)
 
     @T.macro
-    def fma_chunk(xf, w, acc, n, mo, c, i, p0, off, ln):
+    def fma_chunk(xv, w, acc, n, mo, c, i, p0, off, ln):
         for p in T.vectorized(ln):
-            acc[i, off + p] = acc[i, off + p] + w[mo, c, i] * xf[n, c, p0 + off + p]
+            acc[i, off + p] = acc[i, off + p] + w[mo, c, i] * xv[n, c, p0 + off + p, 0]
 
     @T.macro
-    def store_chunk(yf, acc, bias, resf, n, m, i, p0, off, ln):
-        for p in T.vectorized(ln):
-            store_output(yf, (n, m, p0 + off + p), acc[i, off + p], bias, resf, ep)
+    def store_chunk(yv, acc, bias, resv, n, m, i, p0, off, ln):
+        if cbo == 0:
+            for p in T.vectorized(ln):
+                store_output(yv, (n, m, p0 + off + p), acc[i, off + p], bias, resv, ep)
+        else:
+            for p in T.vectorized(ln):
+                yv[n, m // cbo, p0 + off + p, m % cbo] = _blocked_value(
+                    acc[i, off + p], m, bias, ep, resv, (n, m // cbo, p0 + off + p, m % cbo), M, M < covered)
 
     @T.macro
-    def tile(xf, w, bias, resf, yf, acc, n, mo, p0, BT):
+    def tile(xv, w, bias, resv, yv, acc, n, mo, p0, BT):
         # channel-major everywhere: a broadcast weight dies after its row (no spill), and each
         # output row is written as one contiguous run
         for i in T.unroll(mt):
             chunks(BT, lambda off, ln: zero_chunk(acc, i, off, ln))
         for c in range(C):
             for i in T.unroll(mt):
-                chunks(BT, lambda off, ln: fma_chunk(xf, w, acc, n, mo, c, i, p0, off, ln))
+                chunks(BT, lambda off, ln: fma_chunk(xv, w, acc, n, mo, c, i, p0, off, ln))
         for i in T.unroll(mt):
-            if _when(not m_whole, mo * mt + i < M):
-                chunks(BT, lambda off, ln: store_chunk(yf, acc, bias, resf, n, mo * mt + i, i, p0, off, ln))
+            if _when(not m_whole, mo * mt + i < covered):
+                chunks(BT, lambda off, ln: store_chunk(yv, acc, bias, resv, n, mo * mt + i, i, p0, off, ln))
 
-    @T.macro
-    def pixel_tile(xf, w, bias, resf, yf, acc, n, mo, g):
-        if P % B == 0:
-            tile(xf, w, bias, resf, yf, acc, n, mo, g * B, B)
-        elif g < n_full:
-            tile(xf, w, bias, resf, yf, acc, n, mo, g * B, B)
-        else:
-            tile(xf, w, bias, resf, yf, acc, n, mo, n_full * B, P % B)
-
-    @T.macro
-    def body(x, w, bias, res, y):
-        xf = T.decl_buffer((N, C, P), "float32", data=x.data)
-        yf = T.decl_buffer((N, M, P), "float32", data=y.data)
-        resf = T.decl_buffer((N, M, P), "float32", data=_residual_data(ep, res, y))
-        for t in T.parallel(ntask):
-            acc = T.alloc_local((mt, B), "float32")
-            pixel_tile(xf, w, bias, resf, yf, acc, *_task(t, n_mt, n_pt, tl.split, cpu.cores))
-
-    return _multiply_prim(spec, ep, spec.x_shape, (n_mt, C, mt), body)
+    return tile
 
 
 def _residual_data(ep: Epilogue, res, y):
@@ -332,13 +486,18 @@ def _residual_data(ep: Epilogue, res, y):
     return res.data if ep.residual else y.data
 
 
-def _multiply_prim(spec: Conv2DSpec, ep: Epilogue, x_shape, w_shape, body):
-    """multiply(x, w[, bias][, res], y) whose body is the macro ``body(x, w, bias, res, y)``."""
-    M, y_shape = spec.out_channels, spec.y_shape
+def _multiply_prim(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, x_shape, w_shape, body):
+    """multiply(x, w[, bias][, res], y) whose body is the macro ``body(x, w, bias, res, y)``; x
+    (NCHW ``x_shape``) in layout_in, y and res in layout_out, bias padded to the M tiles when
+    y is blocked."""
+    x_shape = layout_shape(x_shape, _layout(tl.cb_in))
+    y_shape = layout_shape(spec.y_shape, _layout(tl.cb_out))
+    bias_len = tl.n_mt * tl.m_tile if tl.cb_out else spec.out_channels
 
     @T.prim_func
-    def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"), bias: T.Buffer((M,), "float32"),
-                 res: T.Buffer(y_shape, "float32"), y: T.Buffer(y_shape, "float32")):
+    def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+                 bias: T.Buffer((bias_len,), "float32"), res: T.Buffer(y_shape, "float32"),
+                 y: T.Buffer(y_shape, "float32")):
         body(x, w, bias, res, y)
 
     return drop_unused(multiply, ep)
@@ -365,10 +524,11 @@ def _copies(spec: Conv2DSpec, tl: DenseTiling) -> bool:
 
 
 def padded_storage(spec: Conv2DSpec, tl: DenseTiling) -> Storage:
-    """The padded copy xp (N x C x Hp x Wp float32) when there is one, else nothing."""
+    """The padded copy xp (N x C x Hp x Wp float32, in layout_in) when there is one, else nothing."""
     if not _copies(spec, tl):
         return Storage(0, 0)
-    return Storage.of((spec.batch * spec.in_channels * spec.padded_h * spec.padded_w, 4))
+    shape = layout_shape((spec.batch, spec.in_channels, spec.padded_h, spec.padded_w), _layout(tl.cb_in))
+    return Storage.of((int(np.prod(shape)), 4))
 
 
 @register
@@ -381,18 +541,26 @@ class Dense(Algorithm):
         return default_tiling(spec, cpu)
 
     def knobs(self, spec: Conv2DSpec, knobs=None, cpu=None) -> dict:
-        """As Algorithm.knobs, with the defaults of the kernel asked for (tile sizes differ)."""
+        """As Algorithm.knobs, with the defaults of the kernel and input layout asked for (tile
+        sizes differ)."""
         knobs = dict(knobs or {})
         if knobs.get("kernel") in _OLD_KERNEL_NAMES:
             knobs["kernel"] = _OLD_KERNEL_NAMES[knobs["kernel"]]
-        out = default_tiling(spec, cpu_of(cpu), knobs.get("kernel"))
+        out = default_tiling(spec, cpu_of(cpu), knobs.get("kernel"), knobs.get("layout_in", NCHW))
         unknown = sorted(set(knobs) - set(out))
         if unknown:
             raise KnobError(f"{self.name} has no knob {unknown[0]!r} (knobs: {sorted(out)})")
         return {**out, **knobs}
 
+    def layouts(self, spec: Conv2DSpec, knobs) -> tuple[str, str]:
+        return knobs.get("layout_in", NCHW), knobs.get("layout_out", NCHW)
+
     def constants(self, spec, weight, bias, knobs):
-        return {"w": tile_weights(spec, weight, make_tiling(spec, knobs)), **bias_constant(spec, bias)}
+        tl = make_tiling(spec, knobs)
+        consts = {"w": tile_weights(spec, weight, tl), **bias_constant(spec, bias)}
+        if tl.cb_out and "bias" in consts:  # the channels past M of a blocked y read bias 0
+            consts["bias"] = np.pad(consts["bias"], (0, tl.n_mt * tl.m_tile - spec.out_channels))
+        return consts
 
     def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         tl, cpu = make_tiling(spec, knobs), cpu_of(cpu)
@@ -400,13 +568,14 @@ class Dense(Algorithm):
         xin, xin_shape = "x", spec.x_shape
         if _copies(spec, tl):
             xin, xin_shape = "xp", (spec.batch, spec.in_channels, spec.padded_h, spec.padded_w)
-            stages.append(Stage("pad", "encode", prim(_pad_func(spec)), ("x",), (Buffer("xp", xin_shape),)))
+            stages.append(Stage("pad", "encode", prim(_pad_func(spec, tl.cb_in)), ("x",),
+                                (Buffer("xp", layout_shape(xin_shape, _layout(tl.cb_in))),)))
         if tl.kernel == "gemm":
             mul = _gemm_func(spec, tl, cpu, epilogue)
         else:
             mul = _window_func(spec, tl, cpu, epilogue, xin_shape, inplace=xin == "x")
         stages.append(Stage("multiply", "multiply", prim(mul), (xin, "w") + epilogue_inputs(epilogue),
-                            (Buffer("y", spec.y_shape),)))
+                            (Buffer("y", layout_shape(spec.y_shape, _layout(tl.cb_out))),)))
         return stages
 
     def storage(self, spec, knobs, produced):
@@ -419,10 +588,21 @@ class Dense(Algorithm):
         return dense_conv2d(spec, x, w)
 
     def knob_grid(self, spec, cpu):
-        for k in grid(kernel=("window",), block=(3, 4, 6, 8), m_tile=(16, 32, 64), split=DENSE_SPLITS, pad=PADS):
-            if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
-                yield k
-        if is_pointwise(spec):
-            for k in grid(kernel=("gemm",), block=(16, 24, 32, 48, 64), m_tile=(4, 6, 8, 12, 16), split=DENSE_SPLITS):
-                if k["block"] % cpu.lanes == 0 and registers_ok(cpu, k["block"], k["m_tile"]):
-                    yield k
+        """The tiles below, each with x and y in NCHW or in blocks of the CPU's lanes."""
+        lanes = lanes_layout(cpu)
+        for io in grid(layout_in=(NCHW, lanes), layout_out=(NCHW, lanes)):
+            for k in grid(kernel=("window",), block=(3, 4, 6, 8), m_tile=(16, 32, 64), split=DENSE_SPLITS,
+                          pad=PADS):
+                if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
+                    yield {**k, **io}
+            if not is_pointwise(spec):
+                continue
+            if io["layout_in"] == NCHW:
+                tiles = grid(kernel=("gemm",), block=(16, 24, 32, 48, 64), m_tile=(4, 6, 8, 12, 16),
+                             split=DENSE_SPLITS)
+                tiles = (k for k in tiles if k["block"] % cpu.lanes == 0)
+            else:
+                tiles = grid(kernel=("gemm",), block=(3, 4, 6, 8, 12), m_tile=(16, 32, 64), split=DENSE_SPLITS)
+            for k in tiles:
+                if registers_ok(cpu, k["block"], k["m_tile"]):
+                    yield {**k, **io}

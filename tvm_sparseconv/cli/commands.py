@@ -170,7 +170,7 @@ def cmd_compile(args) -> int:
     b = build_isolated(model, plan, target, args.database, path=args.output, timeout=math.inf,
                        cc=args.cross_compiler)
     write_sidecar(args.output, model, _preprocess(args, pre), labels, b.applied, target)
-    tables.print_compiled(args.output, b.counts())
+    tables.print_compiled(args.output, b.counts(), b.transforms)
     return 0
 
 
@@ -278,9 +278,10 @@ def cmd_tune(args) -> int:
         rpc = (host, int(port), args.rpc_key)
     algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
     cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
-                     rpc=rpc, cache=args.cache, refine=not args.no_refine, refine_rounds=args.refine_rounds,
-                     search="exhaustive" if args.exhaustive else "model", top_k=args.top_k, explore=args.explore,
-                     cost_model=args.cost_model, **({"algorithms": algorithms} if algorithms else {}))
+                     rpc=rpc, cache=args.cache, layouts=not args.no_layouts, refine=not args.no_refine,
+                     refine_rounds=args.refine_rounds, search="exhaustive" if args.exhaustive else "model",
+                     top_k=args.top_k, explore=args.explore, cost_model=args.cost_model,
+                     **({"algorithms": algorithms} if algorithms else {}))
     _log(f"tuning {args.model} into {run_dir}")
     try:
         plan = Tuner(model, samples, run_dir, args.target, cfg, model_name=args.model, log=_log).run()

@@ -98,9 +98,12 @@ def print_profile_table(res: dict, layout: str) -> None:
 
 # -- compile, run -----------------------------------------------------------------------------
 
-def print_compiled(output: str, counts: str) -> None:
-    """compile: the library written and Build.counts() of what it computes."""
+def print_compiled(output: str, counts: str, transforms=()) -> None:
+    """compile: the library written, Build.counts() of what it computes and the layout
+    transforms it makes (Build.transforms: (from var, to var, "src->dst"))."""
     print(f"wrote {output} (+ {os.path.basename(output)}.json); layers: {counts}")
+    if transforms:
+        print(f"layout transforms: {len(transforms)} (" + ", ".join(f"{t} to {v}" for _, v, t in transforms) + ")")
 
 
 def print_run(name: str, latency_ms: float, output_shape, top: list | None) -> None:

@@ -1,4 +1,4 @@
 """Relax passes of tvm-sparseconv, one per file."""
-from .rewrite_conv2d import RewriteConv2D, LayerChoice, applied_layers
+from .rewrite_conv2d import LayerChoice, LayoutGraph, RewriteConv2D, applied_layers, layout_transforms
 
-__all__ = ["RewriteConv2D", "LayerChoice", "applied_layers"]
+__all__ = ["LayerChoice", "LayoutGraph", "RewriteConv2D", "applied_layers", "layout_transforms"]

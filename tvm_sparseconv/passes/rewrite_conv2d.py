@@ -1,4 +1,5 @@
-"""RewriteConv2D: replace chosen conv2d calls (+ bias + ReLU) by an algorithm's stages."""
+"""RewriteConv2D: replace chosen conv2d calls (+ bias + ReLU) by an algorithm's stages, keeping
+activations in channel blocks between the layers whose knobs say so."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,9 +9,23 @@ import tvm
 from tvm import relax
 
 from ..algorithms import get_algorithm
+from ..algorithms.layout import transform_stage
 from ..cpu import CPU, cpu_of
-from ..graph import ConvSite, find_conv_sites
-from ..stages import LAYERS_ATTR, algorithm_func, stage_symbol
+from ..graph import ConvSite, find_conv_sites, scalar_value
+from ..layout import NCHW, channel_block, layout_shape
+from ..stages import LAYERS_ATTR, LAYOUT_ATTR, algorithm_func, stage_symbol, transform_func
+
+# ops the rewrite computes on blocked tensors when every tensor operand has the output's shape
+# and is held in the same blocked layout (the others are scalars): elementwise, so the layout
+# does not change what they compute. The lanes past C may then hold op(0) (sigmoid: 0.5);
+# no reader uses them.
+_ELEMENTWISE = {tvm.ir.Op.get(f"relax.{n}") for n in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu", "sigmoid", "tanh")}
+# pooling ops of NCHW data, which TVM also computes in channel blocks (their layout "NCHW16c"):
+# max, average and adaptive average pooling of a block's lanes are those of its channels
+_POOLS = {tvm.ir.Op.get(f"relax.nn.{n}"): getattr(relax.op.nn, n)
+          for n in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d")}
+_ADAPTIVE = tvm.ir.Op.get("relax.nn.adaptive_avg_pool2d")
 
 
 @dataclass(frozen=True)
@@ -56,28 +71,140 @@ def emit_layer(bb: relax.BlockBuilder, site: ConvSite, choice: LayerChoice, cpu:
     return call
 
 
+def layer_layouts(site: ConvSite, choice: LayerChoice, cpu: CPU) -> tuple[str, str]:
+    """(layout of the layer's input, of its output and residual) with ``choice`` (layout.py)."""
+    algo = get_algorithm(choice.algorithm)
+    return algo.layouts(site.spec, algo.knobs(site.spec, choice.knobs, cpu))
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
+    """Rewrites the layers of ``todo`` in binding order. A layer that writes a blocked layout
+    binds its result in that layout (``blocked``) and its original var to the transform back
+    to the model's layout, which DeadCodeElimination removes when nothing but blocked readers
+    use the var. A reader in a blocked layout takes the blocked var, or a transform of the var
+    (made once per var and layout). Elementwise and pooling ops whose operands are all blocked
+    alike are computed blocked too (_passes_blocks). LayoutGraph counts the same transforms
+    without rewriting."""
+
     def __init__(self, mod, todo: dict, absorbed: set, calls: dict, cpu: CPU):
         super().__init__(mod)
         self.todo, self.absorbed, self.calls, self.cpu = todo, absorbed, calls, cpu
         self.callers = {}  # stage function -> keys of the layers that call it, in binding order
+        self.blocked = {}  # original var -> {layout: the var holding it in that layout}
+        self.nhwc = set()  # vars NHWC layers wrote: the ops after them keep to the model's layout
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.absorbed:
             return  # the conv / bias add the fused chain replaces
-        if binding.var not in self.todo:
-            return super().visit_var_binding_(binding)
+        if binding.var in self.todo:
+            return self._layer(binding)
+        if not self._blocked_op(binding):
+            super().visit_var_binding_(binding)
+
+    def _layer(self, binding: relax.VarBinding) -> None:
         site, choice, fused = self.todo[binding.var]
+        lin, lout = layer_layouts(site, choice, self.cpu)
         conv = self.calls[site.conv_var]
-        x = self.visit_expr(conv.args[0])
-        if site.data_layout == "NHWC":
-            x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
-        res = self.visit_expr(fused.residual) if fused is not None else None
+        x = self._held_in(conv.args[0], lin, site.data_layout, f"{site.key}_x")
+        res = self._held_in(fused.residual, lout, "NCHW", f"{site.key}_res") if fused is not None else None
         y = emit_layer(self.builder_, site, choice, self.cpu, x, res, self.callers)
         if site.data_layout == "NHWC":
+            self.nhwc.add(binding.var)
+        self._bind(binding.var, y, lout, site.data_layout, site.spec.y_shape, f"{site.key}_y")
+
+    def _bind(self, var: relax.Var, y: relax.Expr, layout: str, data_layout: str, nchw_shape, name: str) -> None:
+        """var = y, y held in ``layout`` (NCHW: as the model has var, after a transpose for NHWC);
+        a blocked y is kept for blocked readers, var bound to its transform back."""
+        if layout != NCHW:
+            yb = self.builder_.emit(y, f"{name}_{layout}")
+            self.blocked[var] = {layout: yb}
+            y = self._transform(yb, nchw_shape, layout, NCHW)
+        if data_layout == "NHWC":
             y = relax.op.permute_dims(self.builder_.emit(y), [0, 2, 3, 1])
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(y)))
+        self.builder_.emit_normalized(relax.VarBinding(var, self.builder_.normalize(y)))
+
+    def _held_in(self, expr: relax.Expr, layout: str, data_layout: str, name: str) -> relax.Expr:
+        """``expr`` (in the model's ``data_layout``) as a reader in ``layout`` takes it: NCHW
+        (transposed from NHWC), or blocked: the blocked var a layer or an op wrote, else a
+        transform of the NCHW tensor (kept for the var's other blocked readers)."""
+        held = self.blocked.get(expr, {}) if isinstance(expr, relax.Var) else {}
+        if layout in held:
+            return held[layout]
+        x = self.visit_expr(expr)
+        if data_layout == "NHWC":
+            x = self.builder_.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
+        if layout == NCHW:
+            return x
+        shape = [int(v) for v in x.ty.shape]
+        xb = self.builder_.emit(self._transform(x, shape, NCHW, layout), f"{name}_{layout}")
+        if isinstance(expr, relax.Var):
+            self.blocked.setdefault(expr, {})[layout] = xb
+        return xb
+
+    def _transform(self, x: relax.Expr, nchw_shape, src: str, dst: str) -> relax.Call:
+        st = transform_stage(nchw_shape, src, dst, self.cpu)
+        gv = self.builder_.add_func(transform_func(st, src, dst), f"layout_{st.name}")
+        return relax.call_tir(gv, [x], relax.TensorType(layout_shape(nchw_shape, dst), "float32"))
+
+    def _blocked_op(self, binding: relax.VarBinding) -> bool:
+        """Emit an op that _passes_blocks on its operands' blocked vars, when they are all held
+        in one blocked layout (True); else leave it to the caller (False)."""
+        operands = _passes_blocks(binding.value, binding.var, self.nhwc)
+        layout = _common_layout(operands, self.blocked)
+        if layout is None:
+            return False
+        call = binding.value
+        if call.op in _POOLS:
+            attrs = call.attrs
+            tvm_layout = f"NCHW{channel_block(layout)}c"
+            kw = ({"output_size": attrs.output_size} if call.op == _ADAPTIVE else
+                  {k: getattr(attrs, k) for k in ("pool_size", "strides", "padding", "dilation", "ceil_mode",
+                                                  "count_include_pad")})
+            y = _POOLS[call.op](self.blocked[operands[0]][layout], **kw, layout=tvm_layout, out_layout=tvm_layout)
+        else:
+            args = [self.blocked[a][layout] if a in operands else self.visit_expr(a) for a in call.args]
+            y = relax.Call(call.op, args, call.attrs, call.ty_args)
+        shape = [int(v) for v in binding.var.ty.shape]
+        self._bind(binding.var, y, layout, "NCHW", shape, binding.var.name)
+        return True
+
+
+def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
+    """The tensor operands (vars) of an op the rewrite may compute in channel blocks: an
+    _ELEMENTWISE op whose operands are scalars or vars of its 4-D float32 output's shape, or a
+    _POOLS op of NCHW data; none of them the NHWC output of a layer (``nhwc``). None for any
+    other binding."""
+    if not isinstance(value, relax.Call) or value.op not in _ELEMENTWISE and value.op not in _POOLS:
+        return None
+    ty = var.ty
+    if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None or ty.ndim != 4:
+        return None
+    if value.op in _POOLS:
+        a = value.attrs
+        operands = [value.args[0]] if str(a.layout) == "NCHW" and str(a.out_layout or "NCHW") == "NCHW" else None
+    else:
+        shape = [int(v) for v in ty.shape]
+        operands = [a for a in value.args if not _is_scalar(a)]
+        if not all(isinstance(a, relax.Var) and isinstance(a.ty, relax.TensorType) and a.ty.shape is not None
+                   and [int(v) for v in a.ty.shape] == shape for a in operands):
+            operands = None
+    if not operands or not all(isinstance(a, relax.Var) and a not in nhwc for a in operands):
+        return None
+    return operands
+
+
+def _common_layout(operands, blocked: dict) -> str | None:
+    """The blocked layout every operand is held in (the first by name if several), else None."""
+    if not operands:
+        return None
+    common = set.intersection(*(set(blocked.get(a, ())) for a in operands))
+    return sorted(common)[0] if common else None
+
+
+def _is_scalar(e: relax.Expr) -> bool:
+    """A one-element float constant or a PrimValue (an operand every element shares)."""
+    return scalar_value(e) is not None
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.RewriteConv2D")
@@ -90,7 +217,10 @@ class RewriteConv2D:
     algorithm fuses residual adds and the conv (+ bias) only feeds an add of another tensor
     of its shape (a ResNet block's end), the add and the ReLU after it go into its epilogue
     too; each add goes to the first layer that claims it. The kernels are built for ``target``'s
-    CPU (None: this machine).
+    CPU (None: this machine). A layer whose knobs hold its input or output in channel blocks
+    (Algorithm.layouts) takes and leaves them so, and the transforms between layouts stand only
+    where a tensor is needed in a layout it was not written in (_Rewriter; docs/design.md,
+    "Layouts between layers"; layout_transforms lists them).
     Layers without a choice, chosen "direct", or that only TVM's conv2d can compute
     (non-constant weight, unsupported layout) stay as they are; so does a layer the chosen
     algorithm does not support (``strict=False``) unless ``strict`` asks for an error.
@@ -138,16 +268,148 @@ class RewriteConv2D:
         todo = self.select(func)
         if not todo:
             return mod
-        absorbed = {v for s, _, fused in todo.values() for v in (fused.absorbed if fused else s.absorbed)}
-        calls = {b.var: b.value for block in func.body.blocks for b in block.bindings
-                 if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call)}
-        rw = _Rewriter(mod, todo, absorbed, calls, self.cpu)
+        rw = _Rewriter(mod, todo, _absorbed(todo), _calls(func), self.cpu)
         new_main = rw.visit_expr(func)
         gv = rw.builder_.get().get_global_var("main")
         rw.builder_.update_func(gv, new_main)
         for stage, keys in rw.callers.items():
             rw.builder_.update_func(stage, rw.builder_.get()[stage].with_attr(LAYERS_ATTR, keys))
         return relax.transform.DeadCodeElimination(["main"])(rw.builder_.get())
+
+
+def _absorbed(todo: dict) -> set:
+    """The vars of the chains the layers of ``todo`` replace (conv, bias add, ...), but their roots."""
+    return {v for s, _, fused in todo.values() for v in (fused.absorbed if fused else s.absorbed)}
+
+
+def _calls(func: relax.Function) -> dict:
+    return {b.var: b.value for block in func.body.blocks for b in block.bindings
+            if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call)}
+
+
+def _vars_in(e: relax.Expr) -> list:
+    out = []
+    relax.analysis.post_order_visit(e, lambda x: out.append(x) if isinstance(x, relax.Var) else None)
+    return out
+
+
+class LayoutGraph:
+    """Where a model's activations are read and written, as RewriteConv2D rewrites ``main`` for
+    ``choices``, without rewriting it: ``transforms(layouts)`` lists the transforms the rewrite
+    would insert if the layers had ``layouts`` (the tuner weighs them). One node per binding
+    the rewrite keeps, in order: a layer (reads its input in layout_in and its fused residual
+    in layout_out, writes its output in layout_out); an op that _passes_blocks (blocked when
+    its operands are held in one blocked layout); any other op and the function's result
+    (read NCHW)."""
+
+    def __init__(self, func: relax.Function, choices: Mapping[str, LayerChoice], sites=None):
+        todo = RewriteConv2D(choices, sites=sites).select(func)
+        absorbed, calls = _absorbed(todo), _calls(func)
+        self.nodes, self.shapes, nhwc = [], {}, set()
+        for block in func.body.blocks:
+            for b in block.bindings:
+                var = b.var
+                if var in absorbed:
+                    continue
+                if var in todo:
+                    site, _, fused = todo[var]
+                    x, res = calls[site.conv_var].args[0], fused.residual if fused is not None else None
+                    self.shapes.update({x: site.spec.x_shape, var: site.spec.y_shape})
+                    if res is not None:
+                        self.shapes[res] = site.spec.y_shape
+                    if site.data_layout == "NHWC":
+                        nhwc.add(var)
+                    self.nodes.append(("layer", var, (x, res), site.key))
+                    continue
+                operands = _passes_blocks(b.value, var, nhwc)
+                if operands is not None:
+                    self.shapes.update({v: tuple(int(d) for d in v.ty.shape) for v in [var, *operands]})
+                    self.nodes.append(("op", var, tuple(operands), None))
+                else:
+                    self.nodes.append(("nchw", var, tuple(_vars_in(b.value)), None))
+        self.nodes.append(("nchw", None, tuple(_vars_in(func.body.body)), None))
+        self.keys = [key for kind, _, _, key in self.nodes if kind == "layer"]
+
+    def neighbours(self) -> dict[str, set]:
+        """{layer key: the other layers that read or write a tensor it reads or writes}, a
+        tensor and the output of an op that _passes_blocks on it counted as one."""
+        group = {}  # var -> the first var of its group (ops join their operands and output)
+
+        def find(v):
+            while group.get(v, v) is not v:
+                v = group[v]
+            return v
+
+        for kind, var, reads, _ in self.nodes:
+            if kind == "op":
+                for v in reads:
+                    group[find(v)] = find(var)
+        touches = {}
+        for kind, var, reads, key in self.nodes:
+            if kind == "layer":
+                for v in (var, *reads):
+                    if v is not None:
+                        touches.setdefault(find(v), set()).add(key)
+        out = {k: set() for k in self.keys}
+        for keys in touches.values():
+            for k in keys:
+                out[k] |= keys - {k}
+        return out
+
+    def transforms(self, layouts: Mapping[str, tuple[str, str]]) -> list[tuple[tuple, str, str]]:
+        """(NCHW shape, src, dst) of each transform the rewrite inserts when each layer of
+        ``layouts`` ({key: (layout_in, layout_out)}; NCHW for the others) has those layouts."""
+        blocked, written, unblocked, out = {}, {}, set(), []
+
+        def need(v, layout: str) -> None:
+            if layout == NCHW:
+                if v in written and v not in unblocked:
+                    out.append((self.shapes[v], written[v], NCHW))
+                    unblocked.add(v)
+            elif layout not in blocked.get(v, ()):
+                need(v, NCHW)
+                out.append((self.shapes[v], NCHW, layout))
+                if isinstance(v, relax.Var):
+                    blocked.setdefault(v, set()).add(layout)
+
+        for kind, var, reads, key in self.nodes:
+            if kind == "layer":
+                lin, lout = layouts.get(key, (NCHW, NCHW))
+                need(reads[0], lin)
+                if reads[1] is not None:
+                    need(reads[1], lout)
+                written_in = lout
+            elif kind == "op":
+                written_in = _common_layout(list(reads), blocked) or NCHW
+                if written_in == NCHW:
+                    for v in reads:
+                        need(v, NCHW)
+            else:
+                for v in reads:
+                    need(v, NCHW)
+                continue
+            if written_in != NCHW:
+                blocked[var], written[var] = {written_in}, written_in
+        return out
+
+
+def layout_transforms(mod: tvm.IRModule) -> list[tuple[str, str, str]]:
+    """(the var transformed, the var it is bound to, "src->dst") of every layout transform
+    ``main`` of a rewritten module calls, in binding order. RewriteConv2D names the vars it
+    makes after the layer: "conv003_x_nchw16c" is conv003's input in blocks,
+    "conv052_y_nchw16c" conv052's blocked output."""
+    marked = {gv: str(f.attrs[LAYOUT_ATTR]) for gv, f in mod.functions_items()
+              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and LAYOUT_ATTR in f.attrs}
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    out = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and v.op == call_tir and v.args[0] in marked:
+                src = v.args[1].fields[0]
+                out.append((src.name if isinstance(src, relax.Var) else str(src), b.var.name,
+                            marked[v.args[0]]))
+    return out
 
 
 def applied_layers(mod: tvm.IRModule, sites) -> dict[str, str]:

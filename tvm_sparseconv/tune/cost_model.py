@@ -133,7 +133,9 @@ def features(c: Candidate) -> dict[str, float]:
             f["block_waste"] = -(-s.out_w // pixels) * pixels / s.out_w
     if algo is not None:
         try:
-            f["default_knobs"] = float(algo.knobs(s, None, cpu) == dict(k))
+            # completed first: a knob a record lacks is at its default (a log may hold knob dicts
+            # without dense's layout knobs)
+            f["default_knobs"] = float(algo.knobs(s, None, cpu) == algo.knobs(s, dict(k), cpu))
         except ValueError:  # the layer is one the algorithm refuses: no defaults to compare with
             pass
     return f

@@ -9,7 +9,9 @@ splits, so it is chosen with all of them compiled together:
 1. the model compiled once per split in ``dense.DENSE_SPLITS``, every dense-kernel layer on it;
 2. each conv call timed inside each build (a VM instrument; the median of three interleaved
    rounds of ``runs`` inferences);
-3. the mix of each layer's fastest split, compiled too;
+3. the mix of each layer's fastest split, compiled too; and when the tuner's layouts phase put
+   layers in channel blocks, the plan with them back in NCHW ("all nchw"), so that the
+   layouts, chosen from times alone, are checked end to end as the splits are;
 4. every build (the original plan included) timed end to end in ``rounds`` interleaved
    rounds. The build with the lowest median ratio to the plan per round replaces the plan if
    that ratio is below 1 - ``margin`` and it was faster in at least 2/3 of the rounds (on
@@ -46,6 +48,7 @@ from ..worker import CandidateCrash
 from .log import write_atomically
 
 LAPS = 3  # interleaved rounds of per-layer times
+NCHW_BUILD = "all nchw"  # the plan with its blocked layers back in NCHW (in_nchw)
 
 
 def layer_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict[str, float]:
@@ -78,9 +81,20 @@ def with_splits(plan: Plan, splits: dict[str, str]) -> Plan:
     return p
 
 
+def in_nchw(plan: Plan) -> Plan:
+    """A copy of ``plan`` with each dense layer the tuner's layouts phase put in channel blocks
+    back on the knobs it had in NCHW (its note's "nchw_knobs")."""
+    p = copy.deepcopy(plan)
+    for l in p.layers:
+        if "nchw_knobs" in l.note:
+            l.knobs = dict(l.note["nchw_knobs"])
+    return p
+
+
 def apply_report(plan: Plan, report: dict) -> Plan:
-    """``plan`` with a refine report's chosen splits, each such layer's in-model ms in its note."""
-    out = with_splits(plan, report["splits"])
+    """``plan`` with a refine report's chosen splits (in NCHW if it chose NCHW), each such
+    layer's in-model ms in its note."""
+    out = with_splits(in_nchw(plan) if report["chosen"] == NCHW_BUILD else plan, report["splits"])
     layer = next((b["layer_ms"] for b in report["builds"] if b["name"] == report["chosen"]), {})
     for l in out.layers:
         if l.key in report["splits"] and l.key in layer:
@@ -199,19 +213,19 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     if not dense_splits(model, plan, applied, target):  # nothing to compile for
         return plan, saved.finish(nothing)
     xt = tvm.runtime.tensor(x)
-    p = Progress("refine", len(DENSE_SPLITS) + 4 + rounds)
+    p = Progress("refine", len(DENSE_SPLITS) + 4 + rounds + any("nchw_knobs" in l.note for l in plan.layers))
     builds = {}
 
-    def add(name: str, splits: dict) -> bool:
-        """Compile one build in the worker (or take an earlier call's); one that crashes LLVM is
-        left out, except the plan itself, whose crash ends refine."""
+    def add(name: str, splits: dict, base: Plan = plan) -> bool:
+        """Compile ``base`` with ``splits`` in the worker (or take an earlier call's); one that
+        crashes LLVM is left out, except the plan itself, whose crash ends refine."""
         done, b = saved.build(name, splits)
         if done:
             p.step(f"reused: {name}" if b is not None else f"left out in an earlier run: {name}")
         else:
             t0 = time.monotonic()
             try:
-                b = build_isolated(model, with_splits(plan, splits), target, path=saved.library(name))
+                b = build_isolated(model, with_splits(base, splits), target, path=saved.library(name))
             except CandidateCrash as e:
                 if name == "plan":
                     raise
@@ -233,6 +247,11 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     for name in list(splits)[1:]:
         if not add(name, splits[name]):
             del splits[name]
+    if any("nchw_knobs" in l.note for l in plan.layers):  # the layouts, checked inside the model
+        nchw = in_nchw(plan)
+        splits[NCHW_BUILD] = dense_splits(model, nchw, builds["plan"].applied, target)
+        if not add(NCHW_BUILD, splits[NCHW_BUILD], nchw):
+            del splits[NCHW_BUILD]
     # the per-layer times in interleaved laps too: the machine's drift must not pick a split
     laps = saved.units["laps"]
     for lap in laps:

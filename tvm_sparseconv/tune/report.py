@@ -21,10 +21,20 @@ def _load(run_dir: str):
     return prof, Plan.load(paths["plan"]), log
 
 
+def _nchw(r: dict) -> bool:
+    """A measurement of a conv candidate with x and y in NCHW (not a layout transform, nor a
+    dense layer in channel blocks, which the layouts section shows)."""
+    from ..algorithms import ALGORITHMS
+
+    knobs = r["knobs"]
+    return r["algorithm"] in ALGORITHMS and knobs.get("layout_in", "nchw") == knobs.get("layout_out", "nchw") == "nchw"
+
+
 def best_per_algorithm(records, workload: str) -> dict:
+    """{algorithm: its fastest measurement of ``workload`` with x and y in NCHW}."""
     out = {}
     for r in records:
-        if r["workload"] == workload and r.get("time_ms"):
+        if r["workload"] == workload and r.get("time_ms") and _nchw(r):
             if r["algorithm"] not in out or r["time_ms"] < out[r["algorithm"]]["time_ms"]:
                 out[r["algorithm"]] = r
     return out
@@ -34,7 +44,7 @@ def write_report(run_dir: str) -> str:
     """Write report.md and plots into ``run_dir``; returns the report's path."""
     prof, plan, log = _load(run_dir)
     dens = {l["key"]: l for l in prof["layers"]}
-    algos = sorted({r["algorithm"] for r in log.records if r.get("time_ms")})
+    algos = sorted({r["algorithm"] for r in log.records if r.get("time_ms") and _nchw(r)})
     rows, series = [], {a: [] for a in algos}
     mem = {a: [] for a in algos}
     keys, densities = [], []
@@ -49,7 +59,7 @@ def write_report(run_dir: str) -> str:
             series[a].append(best[a]["time_ms"] if a in best else float("nan"))
             mem[a].append(best[a].get("stored_bytes", 0) / 1e6 if a in best else float("nan"))
         dense_ms = min([best[a]["time_ms"] for a in ("dense", "direct") if a in best] or [float("nan")])
-        chosen_ms = best[pl.algorithm]["time_ms"] if pl.algorithm in best else float("nan")
+        chosen_ms = pl.note.get("time_ms") or (best[pl.algorithm]["time_ms"] if pl.algorithm in best else float("nan"))
         if chosen_ms == chosen_ms and dense_ms == dense_ms:
             total_plan += chosen_ms
             total_dense += dense_ms
@@ -74,9 +84,33 @@ def write_report(run_dir: str) -> str:
             sp = f"{dense_ms / chosen_ms:.2f}x" if chosen_ms == chosen_ms and dense_ms == dense_ms else "-"
             f.write(f"| {pl.key} | {shape} | {d.get('density_mean', float('nan')):.3f} | "
                     f"{d.get('macs', 0) / 1e6:.1f} | " + " | ".join(cells) + f" | {pl.algorithm} | {sp} |\n")
+        _layouts_section(f, run_dir)
         _refine_section(f, run_dir)
     _plots(run_dir, keys, densities, series, mem)
     return os.path.join(run_dir, "report.md")
+
+
+def _layouts_section(f, run_dir: str) -> None:
+    """The dense layers' layouts (layouts.json), when the run chose them."""
+    path = os.path.join(run_dir, "layouts.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as g:
+            lay = json.load(g)
+        blocked = {k: v for k, v in lay["layouts"].items() if v != ["nchw", "nchw"]}
+        moves = lay["transforms"]
+    except (ValueError, KeyError, TypeError):
+        f.write("\nlayouts.json is unreadable: the layouts phase runs again on --resume.\n")
+        return
+    f.write(f"\n## Layouts: NCHW or channel blocks\n\n{len(blocked)} of {len(lay['layouts'])} dense layers read or "
+            f"write channel blocks; {len(moves)} layout transforms "
+            f"({sum(t['ms'] for t in moves):.3f} ms). Dense layers and transforms, each timed alone: "
+            f"{lay['ms']:.2f} ms, against {lay['nchw_ms']:.2f} ms with every layer in NCHW.\n\n")
+    if blocked:
+        f.write("| layer | layout in -> out |\n|---|---|\n")
+        for k, (i, o) in blocked.items():
+            f.write(f"| {k} | {i} -> {o} |\n")
 
 
 def _refine_section(f, run_dir: str) -> None:

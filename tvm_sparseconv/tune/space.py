@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..algorithms import DENSE, METASCHEDULE, get_algorithm, knob_space
 from ..conv import Conv2DSpec, UnsupportedConvError
+from ..layout import NCHW
 
 KNOB_TRIALS = 6     # configs measured per (workload, hand-scheduled kernel) by an exhaustive tune
 MARGIN = 0.03       # the share by which sparse must beat dense, and knobs their defaults (choose)
@@ -26,12 +27,18 @@ def supports(algorithm: str, spec: Conv2DSpec, why_dense: str | None) -> bool:
         return False
 
 
+def in_nchw(algorithm: str, spec: Conv2DSpec, knobs: dict) -> bool:
+    """The candidate reads and writes NCHW (Algorithm.layouts). The tiles are searched and chosen
+    in NCHW; the tuner's layouts phase (layouts.py) weighs channel blocks with their transforms."""
+    return get_algorithm(algorithm).layouts(spec, knobs) == (NCHW, NCHW)
+
+
 def candidates(spec: Conv2DSpec, why_dense: str | None, algorithms, target, knob_trials: int,
                metaschedule: bool) -> list[tuple[str, list[dict]]]:
     """[(algorithm, its candidate knob dicts)] for one layer: every algorithm of ``algorithms``
     that takes it; a hand-scheduled kernel's first ``POOL_PER_TRIAL * knob_trials`` configs of
-    its knob space (the defaults first); a MetaSchedule algorithm ({} only) when ``metaschedule``
-    (a database exists: untuned TE loops are 10-100x slow)."""
+    its knob space in NCHW (in_nchw; the defaults first); a MetaSchedule algorithm ({} only)
+    when ``metaschedule`` (a database exists: untuned TE loops are 10-100x slow)."""
     out = []
     for a in algorithms:
         if not supports(a, spec, why_dense):
@@ -40,7 +47,8 @@ def candidates(spec: Conv2DSpec, why_dense: str | None, algorithms, target, knob
             if metaschedule:
                 out.append((a, [{}]))
         else:
-            out.append((a, knob_space(a, spec, target)[: max(1, knob_trials) * POOL_PER_TRIAL]))
+            space = [k for k in knob_space(a, spec, target) if in_nchw(a, spec, k)]
+            out.append((a, space[: max(1, knob_trials) * POOL_PER_TRIAL]))
     return out
 
 
@@ -54,21 +62,30 @@ def settled(recs: list[dict], spec, margin: float, target) -> list[dict]:
         mine = [r for r in recs if r["algorithm"] == a]
         best = min(mine, key=lambda r: r["time_ms"])
         defaults = get_algorithm(a).knobs(spec, None, target)
-        base = next((r for r in mine if r["knobs"] == defaults), None)
+        base = next((r for r in mine if _completed(a, spec, r["knobs"], target) == defaults), None)
         if base is not None and best["time_ms"] > base["time_ms"] * (1 - margin):
             best = base
         out.append(best)
     return out
 
 
+def _completed(algorithm: str, spec, knobs: dict, target) -> dict | None:
+    """``knobs`` with the defaults of those it lacks (a log may hold knob dicts without dense's
+    layout knobs), None if the algorithm refuses them."""
+    try:
+        return get_algorithm(algorithm).knobs(spec, knobs, target)
+    except ValueError:
+        return None
+
+
 def choose(recs: list[dict], spec, margin: float, target,
            knob_margin: float | None = None) -> tuple[dict | None, dict | None]:
     """(the chosen record, the fastest dense one) among the timed records ``recs`` of one layer
-    ({"algorithm", "knobs", "time_ms"}): the fastest after ``settled`` with ``knob_margin``
-    (default: ``margin``), a sparse one only when it beats the fastest dense one by ``margin``.
-    (None, None) when ``recs`` is empty."""
-    recs = settled([r for r in recs if r.get("time_ms")], spec, margin if knob_margin is None else knob_margin,
-                   target)
+    ({"algorithm", "knobs", "time_ms"}) in NCHW (in_nchw): the fastest after ``settled`` with
+    ``knob_margin`` (default: ``margin``), a sparse one only when it beats the fastest dense one
+    by ``margin``. (None, None) when there is none."""
+    recs = settled([r for r in recs if r.get("time_ms") and in_nchw(r["algorithm"], spec, r["knobs"])], spec,
+                   margin if knob_margin is None else knob_margin, target)
     if not recs:
         return None, None
     best = min(recs, key=lambda r: r["time_ms"])

@@ -10,8 +10,13 @@ this run's measurements as they come (RefitModel), so that what is learnt on the
 steers the next ones.
 
 Output, in the run folder: ``profile.json`` and ``activations.npz`` (each conv layer's recorded
-inputs), ``trials.jsonl`` (every measured candidate), ``database/`` (MetaSchedule JSON
-database), ``plan.json``, ``refine.json`` and ``report.md`` with plots.
+inputs), ``trials.jsonl`` (every measured candidate, and each layout transform timed),
+``database/`` (MetaSchedule JSON database), ``plan.json``, ``layouts.json`` (the layouts
+chosen and what they cost, layouts.py), ``refine.json`` and ``report.md`` with plots.
+
+The algorithms and tiles are chosen with every layer in NCHW; then the dense layers' layouts
+(NCHW or channel blocks) for the whole model, the transforms between them counted
+(layouts.py); then refine.
 
 Each candidate is built, checked and timed in a child process (worker.py): one that crashes
 (an LLVM fatal error, a segfault) or hangs is logged as failed and the tune goes on.
@@ -25,9 +30,11 @@ the records leave), each measurement (trials.jsonl), and each refine build, lap 
 """
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -36,17 +43,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, get_algorithm
-from ..build import CACHE_MODES, CompiledLayer
+from ..build import CACHE_MODES, CompiledLayer, CompiledTransform
 from ..conv import Epilogue
 from ..cpu import cpu_of
 from ..frontend import Model
+from ..layout import NCHW
 from ..measure import Progress, max_abs_error, tolerance
+from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..profile import channel_stats, profile
 from ..reference import dense_conv2d
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
+from .layouts import TRANSFORM, assign, finite, pair_candidates
 from .log import TuningLog, write_atomically
 from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, supports
 from .workloads import Workload, extract_workloads
@@ -69,11 +79,25 @@ class TuneConfig:
     margin: float = MARGIN         # share by which sparse must beat dense, and knobs their defaults
     repeat: int = 5
     cache: str = "fresh"           # what the caches hold when a candidate runs: CompiledLayer.time
+    layouts: bool = True           # then choose the dense layers' layouts, NCHW or channel blocks (layouts.py)
     refine: bool = True            # then choose the dense layers' thread splits inside the model
     refine_rounds: int = 7         # refine's interleaved end-to-end rounds
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
     candidate_timeout: float | None = None  # s per candidate; None: worker.py's default (600)
+
+
+def measure_transform(shape, src: str, dst: str, target: str, repeat: int, cache: str) -> dict:
+    """Build the layout transform of an NCHW tensor of ``shape`` from ``src`` to ``dst``, check it
+    against the NumPy twin and time it as a candidate's stage: the job Tuner._transform_ms runs
+    in the worker."""
+    from ..reference.layout import to_layout
+
+    t = CompiledTransform(shape, src, dst, target)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if not np.array_equal(t(x), to_layout(x, dst)):
+        return {"error": "wrong result"}
+    return {"time_ms": t.time(x, repeat=repeat, cache=cache).total_ms}
 
 
 def measure_candidate(a: str, spec, weight, bias, epilogue: Epilogue, target: str, knobs: dict, db: str | None,
@@ -155,6 +179,8 @@ class Tuner:
             self.metaschedule(workloads)
         self.measure(workloads)
         plan = self.select(workloads)
+        if self.cfg.layouts:
+            plan = self.layouts(plan)
         if self.cfg.refine:
             plan = self.refine(plan)
         from .report import write_report
@@ -337,7 +363,8 @@ class Tuner:
         return rec
 
     def select(self, workloads: list[Workload]) -> Plan:
-        """Per workload the fastest measured candidate; sparse must win by ``margin``."""
+        """Per workload the fastest measured candidate with x and y in NCHW; sparse must win by
+        ``margin``."""
         sites = self.model.sites
         by_key = {}
         for w in workloads:
@@ -360,6 +387,91 @@ class Tuner:
                     cpu_of(self.target).to_dict())
         plan.save(os.path.join(self.run_dir, "plan.json"))
         return plan
+
+    def layouts(self, plan: Plan) -> Plan:
+        """The dense layers' layouts for the whole model (layouts.py): each (layout_in,
+        layout_out) pair of each dense workload timed alone, each transform an assignment
+        could need timed alone, then the assignment with the least sum. Writes plan.json (each
+        dense layer's knobs in its pair, its times per pair in the note) and layouts.json."""
+        sites = self.model.sites
+        dense = {l.key: l for l in plan.layers if l.algorithm == "dense"}
+        if not dense:
+            return plan
+        if self.cfg.rpc:
+            self.say("layouts: skipped (the transforms would be timed on this machine, the candidates ran over RPC)")
+            return plan
+        cpu = cpu_of(self.target)
+        graph = LayoutGraph(self.model.mod["main"], plan.choices(sites), sites)
+        by_key = {k: w for w in self.workloads for k in w.keys}
+        work = {}  # workload id -> (workload, {pair: [knobs]})
+        for k, l in dense.items():
+            w = by_key[k]
+            work.setdefault(w.id, (w, pair_candidates(w.spec, l.knobs, cpu)))
+        p = Progress("layouts", sum(len(c) for _, cands in work.values() for c in cands.values()))
+        best = {}  # workload id -> {pair: (ms, knobs)}
+        for wid, (w, cands) in work.items():
+            ref = None
+            for pair, knobs_list in cands.items():
+                for knobs in knobs_list:
+                    rec = self.trials.find(w.id, "dense", knobs)
+                    if rec is None:
+                        if self.deadline and time.monotonic() > self.deadline:
+                            p.step(f"{w.id} {pair}: budget spent, skipped")
+                            continue
+                        if ref is None:
+                            ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu, clip=w.clip)
+                        rec = self._measure_one(w, "dense", knobs, ref)
+                        self.trials.append(rec)
+                    p.step(f"{w.id} {pair[0]}->{pair[1]} {rec.get('time_ms') or rec.get('error')}")
+                    if finite(rec.get("time_ms")) and rec["time_ms"] < best.get(wid, {}).get(pair, (math.inf,))[0]:
+                        best.setdefault(wid, {})[pair] = (rec["time_ms"], knobs)
+        layer_ms = {k: {pair: ms for pair, (ms, _) in best.get(by_key[k].id, {}).items()} for k in dense}
+        transforms = {}  # (shape, src, dst) -> ms
+
+        def transform_ms(shape, src, dst):
+            return self._transform_ms(shape, src, dst, transforms)
+
+        chosen, total = assign(graph, layer_ms, transform_ms)
+        nchw_total = sum(layer_ms[k].get((NCHW, NCHW), math.inf) for k in chosen) + sum(
+            transform_ms(*t) for t in graph.transforms({}))
+        out = copy.deepcopy(plan)
+        for l in out.layers:
+            if l.key in chosen:
+                ms, knobs = best[by_key[l.key].id][chosen[l.key]]
+                l.note = {**l.note, "time_ms": ms,
+                          "layout_ms": {f"{i}->{o}": t for (i, o), t in layer_ms[l.key].items()}}
+                if chosen[l.key] != (NCHW, NCHW):  # refine builds the plan with them too (refine.in_nchw)
+                    l.note["nchw_knobs"] = l.knobs
+                l.knobs = knobs
+        moves = graph.transforms(chosen)
+        self.say(f"layouts: {sum(1 for pr in chosen.values() if pr != (NCHW, NCHW))} of {len(chosen)} dense layers "
+                 f"in blocks, {len(moves)} transforms; layers + transforms {total:.3f} ms against {nchw_total:.3f} "
+                 f"ms all NCHW (each timed alone)")
+        write_atomically(os.path.join(self.run_dir, "layouts.json"), lambda f: json.dump({
+            "layouts": {k: list(v) for k, v in chosen.items()}, "ms": total, "nchw_ms": nchw_total,
+            "transforms": [{"shape": list(sh), "src": a, "dst": b, "ms": transforms[(tuple(sh), a, b)]}
+                           for sh, a, b in moves]}, f, indent=1))
+        out.save(os.path.join(self.run_dir, "plan.json"))
+        return out
+
+    def _transform_ms(self, shape, src: str, dst: str, cache: dict) -> float:
+        """The time of a layout transform alone (measure_transform in the worker; trials.jsonl
+        keeps it, workload "transform-NxCxHxW", algorithm TRANSFORM), inf if it failed."""
+        key = (tuple(int(v) for v in shape), src, dst)
+        if key not in cache:
+            wid, knobs = "transform-" + "x".join(map(str, key[0])), {"src": src, "dst": dst}
+            rec = self.trials.find(wid, TRANSFORM, knobs)
+            if rec is None:
+                rec = {"workload": wid, "algorithm": TRANSFORM, "knobs": knobs}
+                try:
+                    rec.update(shared_worker().call(measure_transform, key[0], src, dst, str(self.target),
+                                                    self.cfg.repeat, self.cfg.cache,
+                                                    timeout=self.cfg.candidate_timeout))
+                except Exception as e:
+                    rec["error"] = f"{type(e).__name__}: {str(e).strip()[-300:]}"
+                self.trials.append(rec)
+            cache[key] = rec["time_ms"] if finite(rec.get("time_ms")) else math.inf
+        return cache[key]
 
     def refine(self, plan: Plan) -> Plan:
         """refine.refine_plan on the first sample, keeping its units in refine.json as they

@@ -1,0 +1,226 @@
+"""Channel blocks between layers in a rewritten model: where RewriteConv2D puts the layout
+transforms, the ops it computes blocked, plans with and without layout knobs; every output
+against onnxruntime or NumPy float64."""
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+from tvm import relax
+
+import tvm_sparseconv
+from tvm_sparseconv.compile import build, lower
+from tvm_sparseconv.conv import Conv2DSpec
+from tvm_sparseconv.frontend import load_model
+from tvm_sparseconv.layout import NCHW, lanes_layout
+from tvm_sparseconv.passes import LayerChoice, LayoutGraph, RewriteConv2D, layout_transforms
+from tvm_sparseconv.plan import PLAN_VERSION, Plan, PlanError
+from tvm_sparseconv.reference import dense_conv2d
+
+from conftest import HOST
+
+BLOCKED = lanes_layout(HOST)
+
+
+def block_onnx(path):
+    """x (1, 4, 10, 10) -> conv 3x3 + bias, ReLU -> conv 1x1 (20 channels: a partial block) ->
+    y * sigmoid(y) -> max pool 3x3/2 -> conv 3x3 + bias and conv 1x1 (the shortcut) -> add ->
+    ReLU -> global average pool -> flatten: the ops between convs of a ResNet / EfficientNet
+    block."""
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (20, 4, 3, 3), "b1": (20,), "w2": (20, 20, 1, 1), "w3": (24, 20, 3, 3), "b3": (24,),
+              "w4": (24, 20, 1, 1)}
+    init = [numpy_helper.from_array((0.3 * rng.standard_normal(s)).astype("float32"), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["c2"], ["s2"]),
+             helper.make_node("Mul", ["c2", "s2"], ["m2"]),
+             helper.make_node("MaxPool", ["m2"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Conv", ["p", "w4"], ["c4"], kernel_shape=[1, 1]),
+             helper.make_node("Add", ["c3", "c4"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["y"])]
+    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24])], init)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def block_model(tmp_path_factory):
+    path = block_onnx(tmp_path_factory.mktemp("nchwc") / "block.onnx")
+    m = load_model(path)
+    x = np.random.default_rng(1).standard_normal((1, 4, 10, 10)).astype(np.float32)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return m, x, ref
+
+
+def plan_with(m, layouts: dict, algorithm: str = "dense") -> Plan:
+    """Every layer on ``algorithm``; ``layouts``: {key: (layout_in, layout_out)} (others NCHW)."""
+    plan = Plan.uniform(m.sites, algorithm)
+    for l in plan.layers:
+        if l.key in layouts:
+            l.knobs = {"layout_in": layouts[l.key][0], "layout_out": layouts[l.key][1]}
+    return plan
+
+
+def run(b, x):
+    out = b.vm()["main"](tvm.runtime.tensor(x))
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
+def test_blocked_between_every_layer_transforms_only_at_the_edges(block_model):
+    """Every layer reads and writes blocks: the sigmoid, the multiply and the max pool run on
+    blocks too, the residual add is fused in its layout; the model's input is blocked once and
+    the output unblocked once, before the mean (an op that needs NCHW)."""
+    m, x, ref = block_model
+    keys = [s.key for s in m.sites]
+    plan = plan_with(m, {k: (BLOCKED, BLOCKED) for k in keys})
+    mod, applied = lower(m, plan, None)
+    assert set(applied.values()) == {"dense"}
+    moves = layout_transforms(mod)
+    assert [t for _, _, t in moves] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"], moves
+    assert moves[0][1] == f"{keys[0]}_x_{BLOCKED}"
+    np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_layouts_that_do_not_chain_get_transforms(block_model):
+    """A plan whose layouts do not chain is not refused: each reader in another layout than its
+    producer wrote gets a transform (conv001 writes NCHW, the pool's readers read blocks: one
+    transform of the pool's output, shared by both)."""
+    m, x, ref = block_model
+    k0, k1, k2, k3 = (s.key for s in m.sites)
+    plan = plan_with(m, {k0: (NCHW, BLOCKED), k1: (NCHW, NCHW), k2: (BLOCKED, BLOCKED), k3: (BLOCKED, BLOCKED)})
+    mod, _ = lower(m, plan, None)
+    moves = layout_transforms(mod)
+    assert [t for _, _, t in moves] == [f"{BLOCKED}->nchw", f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"], moves
+    assert moves[0][0] == f"{k0}_y_{BLOCKED}"  # conv000 wrote blocks, conv001 reads NCHW
+    # conv003 (the shortcut) reads it first: conv002 is emitted where the add it fuses was
+    assert moves[1][1] == f"{k3}_x_{BLOCKED}"
+    np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_nchw_neighbours_and_a_direct_layer(block_model):
+    """conv002 left to TVM's conv2d (NCHW) between blocked layers: its input unblocked, its
+    output blocked for conv003, which fuses the add with it as the residual."""
+    m, x, ref = block_model
+    k0, k1, k2, k3 = (s.key for s in m.sites)
+    plan = plan_with(m, {k0: (BLOCKED, BLOCKED), k1: (BLOCKED, BLOCKED), k3: (BLOCKED, BLOCKED)})
+    plan.layers[2].algorithm, plan.layers[2].knobs = "direct", {}
+    mod, applied = lower(m, plan, None)
+    assert applied[k2] == "direct" and applied[k3] == "dense"
+    moves = [t for _, _, t in layout_transforms(mod)]
+    assert moves == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw", f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"], moves
+    np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_nchw_plan_has_no_transform(block_model):
+    m, x, ref = block_model
+    mod, _ = lower(m, Plan.uniform(m.sites, "dense"), None)
+    assert layout_transforms(mod) == []
+
+
+def nhwc_module():
+    """x NHWC -> conv 3x3 (HWIO) + ReLU -> conv 1x1 (HWIO) + ReLU, 12 -> 20 -> 20 channels."""
+    rng = np.random.default_rng(2)
+    w1 = (0.3 * rng.standard_normal((20, 12, 3, 3))).astype("float32")
+    w2 = (0.3 * rng.standard_normal((20, 20, 1, 1))).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 7, 9, 12), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c = bb.emit(relax.op.nn.conv2d(x, relax.const(w1.transpose(2, 3, 1, 0)), padding=1, data_layout="NHWC",
+                                           kernel_layout="HWIO"))
+            r = bb.emit(relax.op.nn.relu(c))
+            c2 = bb.emit(relax.op.nn.conv2d(r, relax.const(w2.transpose(2, 3, 1, 0)), data_layout="NHWC",
+                                            kernel_layout="HWIO"))
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(c2)))
+        bb.emit_func_output(out)
+    return bb.get(), w1, w2
+
+
+def test_nhwc_model_keeps_blocks_between_its_layers():
+    mod, w1, w2 = nhwc_module()
+    choices = {"conv000": LayerChoice("dense", {"layout_in": NCHW, "layout_out": BLOCKED}),
+               "conv001": LayerChoice("dense", {"layout_in": BLOCKED, "layout_out": NCHW})}
+    target = tvm.target.Target({"kind": "llvm"})
+    with target:
+        out = RewriteConv2D(choices, target)(mod)
+    assert layout_transforms(out) == []  # conv000 writes blocks, conv001 reads them
+    x = np.random.default_rng(3).standard_normal((2, 7, 9, 12)).astype(np.float32)
+    ex = tvm.compile(out, target=target)
+    y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    xc = x.transpose(0, 3, 1, 2)
+    h = dense_conv2d(Conv2DSpec.from_shapes(xc.shape, w1.shape, padding=1), xc, w1, relu=True)
+    ref = dense_conv2d(Conv2DSpec.from_shapes(h.shape, w2.shape), h, w2, relu=True).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_versions_and_layouts(block_model, tmp_path):
+    """A version-1 plan (no layout knobs) loads with every layer in NCHW; plans are written as
+    version 2 and their layouts read back; an unknown version is refused."""
+    m, _, _ = block_model
+    plan = plan_with(m, {"conv001": (BLOCKED, BLOCKED)})
+    plan.save(str(tmp_path / "p.json"))
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert d["version"] == PLAN_VERSION == 2
+    assert Plan.load(str(tmp_path / "p.json")).layouts()["conv001"] == (BLOCKED, BLOCKED)
+    old = dict(Plan.uniform(m.sites, "dense").to_dict(), version=1)
+    assert set(Plan.from_dict(old).layouts().values()) == {(NCHW, NCHW)}
+    with pytest.raises(PlanError, match="reads versions 1, 2"):
+        Plan.from_dict(dict(old, version=3))
+
+
+def rewritten_transforms(m, choices) -> list[str]:
+    """The transforms RewriteConv2D puts into ``m`` for ``choices``, as "src->dst", sorted."""
+    with tvm.target.Target({"kind": "llvm"}) as target:
+        mod = RewriteConv2D(choices, target, sites=m.sites)(m.mod)
+    return sorted(t for _, _, t in layout_transforms(mod))
+
+
+def random_layouts(m, rng) -> dict:
+    pairs = [(a, b) for a in (NCHW, BLOCKED) for b in (NCHW, BLOCKED)]
+    return {s.key: pairs[rng.integers(4)] for s in m.sites}
+
+
+def check_graph_counts_what_the_rewrite_inserts(m, algorithms: dict, assignments):
+    """LayoutGraph (what the tuner weighs) against the transforms RewriteConv2D inserts."""
+    for layouts in assignments:
+        choices = {k: LayerChoice(algorithms.get(k, "dense"), {"layout_in": i, "layout_out": o} if
+                                  algorithms.get(k, "dense") == "dense" else {}) for k, (i, o) in layouts.items()}
+        graph = LayoutGraph(m.mod["main"], choices, m.sites)
+        used = {k: v for k, v in layouts.items() if choices[k].algorithm == "dense"}
+        counted = sorted(f"{src}->{dst}" for _, src, dst in graph.transforms(used))
+        assert counted == rewritten_transforms(m, choices), layouts
+
+
+def test_layout_graph_counts_what_the_rewrite_inserts(block_model):
+    m, _, _ = block_model
+    rng = np.random.default_rng(5)
+    check_graph_counts_what_the_rewrite_inserts(m, {}, [random_layouts(m, rng) for _ in range(3)])
+    # a layer on TVM's conv2d in the middle: it reads and writes NCHW, and fuses no residual
+    check_graph_counts_what_the_rewrite_inserts(m, {"conv002": "direct"}, [random_layouts(m, rng)])
+
+
+@pytest.mark.slow
+def test_layout_graph_on_resnet50():
+    """Random layouts over ResNet-50-half with its shipped mix of dense and hybrid layers (hybrid
+    reads and writes NCHW): the graph counts what the rewrite inserts."""
+    from tvm_sparseconv.models import model_path
+
+    m = load_model(model_path("resnet50-nsfw"))
+    plan = Plan.load(os.path.join(os.path.dirname(tvm_sparseconv.__file__), "shipped", "llvm-znver5-2c",
+                                  "resnet50-nsfw", "plan.json"))
+    algorithms = {l.key: l.algorithm for l in plan.layers}
+    assert "hybrid" in algorithms.values()
+    rng = np.random.default_rng(6)
+    check_graph_counts_what_the_rewrite_inserts(m, algorithms, [random_layouts(m, rng) for _ in range(3)])

@@ -1,0 +1,145 @@
+"""The tuner's choice of layouts (tune/layouts.py): the assignment against an exhaustive search
+on synthetic times, the candidates per layout pair, and a tuning run on a small real model
+whose plan is compiled and checked against onnxruntime."""
+import itertools
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tvm
+
+from tvm_sparseconv.compile import build, lower
+from tvm_sparseconv.conv import Conv2DSpec
+from tvm_sparseconv.cpu import cpu_of
+from tvm_sparseconv.layout import NCHW, lanes_layout
+from tvm_sparseconv.passes import LayerChoice, LayoutGraph, layout_transforms
+from tvm_sparseconv.plan import Plan
+from tvm_sparseconv.tune.layouts import TRANSFORM, assign, pair_candidates, pairs
+from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
+
+from conftest import HOST
+from test_nchwc_rewrite import block_model  # noqa: F401 (a fixture)
+
+BLOCKED = lanes_layout(HOST)
+PAIRS = pairs(HOST)
+
+
+def graph_of(m) -> LayoutGraph:
+    return LayoutGraph(m.mod["main"], {s.key: LayerChoice("dense") for s in m.sites}, m.sites)
+
+
+def exhaustive(graph, layer_ms, transform_ms) -> float:
+    keys = list(layer_ms)
+    best = np.inf
+    for combo in itertools.product(*(list(layer_ms[k]) for k in keys)):
+        a = dict(zip(keys, combo))
+        best = min(best, sum(layer_ms[k][a[k]] for k in keys) + sum(transform_ms(*t) for t in graph.transforms(a)))
+    return best
+
+
+@pytest.mark.parametrize("case", ["blocks-pay", "transforms-dear", "only-as-a-chain", "random"])
+def test_assignment_finds_the_least_cost(block_model, case):
+    """Synthetic layer and transform times on the block model (4 layers, 256 assignments): the
+    assignment costs what the exhaustive search's best costs."""
+    m, _, _ = block_model
+    graph = graph_of(m)
+    keys = graph.keys
+    rng = np.random.default_rng(len(case))
+    size = lambda shape: float(np.prod(shape)) * 1e-4  # noqa: E731  (a transform's time grows with its tensor)
+    if case == "blocks-pay":  # every layer twice as fast in blocks, transforms cheap
+        layer_ms = {k: {p: 1.0 if p == (NCHW, NCHW) else 0.5 for p in PAIRS} for k in keys}
+        transform = lambda shape, src, dst: 0.01  # noqa: E731
+    elif case == "transforms-dear":  # blocks in and out 1 % faster, a transform dearer than all the gain
+        layer_ms = {k: {(NCHW, NCHW): 1.0, (NCHW, BLOCKED): 1.1, (BLOCKED, NCHW): 1.1, (BLOCKED, BLOCKED): 0.99}
+                    for k in keys}
+        transform = lambda shape, src, dst: 1.0  # noqa: E731
+    elif case == "only-as-a-chain":  # a layer pays in blocks only when both its neighbours are
+        layer_ms = {k: {(NCHW, NCHW): 1.0, (NCHW, BLOCKED): 1.2, (BLOCKED, NCHW): 1.2, (BLOCKED, BLOCKED): 0.7}
+                    for k in keys}
+        transform = lambda shape, src, dst: 0.3  # noqa: E731
+    else:
+        layer_ms = {k: {p: float(rng.uniform(0.5, 1.5)) for p in PAIRS} for k in keys}
+        transform = lambda shape, src, dst: size(shape)  # noqa: E731
+    chosen, cost = assign(graph, layer_ms, transform)
+    assert set(chosen) == set(keys)
+    assert cost == pytest.approx(sum(layer_ms[k][chosen[k]] for k in keys)
+                                 + sum(transform(*t) for t in graph.transforms(chosen)))
+    assert cost == pytest.approx(exhaustive(graph, layer_ms, transform))
+    if case == "blocks-pay":  # the first layer reads the input as it is, the last writes NCHW for the mean
+        assert (NCHW, NCHW) not in chosen.values() and graph.transforms(chosen) == []
+    if case == "transforms-dear":
+        assert set(chosen.values()) == {(NCHW, NCHW)}
+
+
+def test_pair_candidates_hold_a_valid_tile_for_every_pair():
+    """The plan's tile in each pair where the kernel takes it, and each pair's defaults: the
+    gemm tile of NCHW (vectors of pixels, m_tile 12) is no tile from blocks (channel vectors),
+    where the defaults stand in."""
+    spec = Conv2DSpec.from_shapes((1, 128, 28, 28), (32, 128, 1, 1))
+    cpu = cpu_of(None)
+    knobs = {"kernel": "gemm", "block": 2 * cpu.lanes, "m_tile": 12, "c_block": 0, "split": "row_outer",
+             "pad": "inplace", "layout_in": NCHW, "layout_out": NCHW}
+    cands = pair_candidates(spec, knobs, cpu)
+    assert list(cands) == pairs(cpu)
+    assert cands[(NCHW, NCHW)][0] == knobs
+    assert cands[(NCHW, BLOCKED)][0] == {**knobs, "layout_out": BLOCKED}
+    for pair in ((BLOCKED, NCHW), (BLOCKED, BLOCKED)):
+        assert all(k["m_tile"] % 4 == 0 and k["kernel"] == "gemm" and (k["layout_in"], k["layout_out"]) == pair
+                   for k in cands[pair]) and cands[pair]
+
+
+@pytest.mark.slow
+def test_tuner_chooses_layouts_that_compile_and_match_onnxruntime(block_model, tmp_path):
+    """A tune of the block model with the dense kernel alone: every dense workload timed in each
+    layout pair, the transforms timed once per shape and direction, the plan's layouts the
+    assignment of layouts.json, the transforms of its build the ones LayoutGraph counted, the
+    output onnxruntime's; a second run measures nothing again."""
+    m, x, ref = block_model
+    run = tmp_path / "run"
+    cfg = TuneConfig(knob_trials=1, algorithms=("dense",), refine=False, repeat=2)
+    plan = Tuner(m, [x], str(run), config=cfg, model_name="block").run()
+    lay = json.loads((run / "layouts.json").read_text())
+    assert {k: tuple(v) for k, v in lay["layouts"].items()} == plan.layouts()
+    with open(run / "trials.jsonl") as f:
+        records = [json.loads(line) for line in f.read().splitlines()[1:]]
+    timed_pairs = {(r["workload"], r["knobs"]["layout_in"], r["knobs"]["layout_out"]) for r in records
+                   if r["algorithm"] == "dense" and r.get("time_ms")}
+    workloads = {r["workload"] for r in records if r["algorithm"] == "dense"}
+    assert {(w, *p) for w in workloads for p in PAIRS} <= timed_pairs
+    assert any(r["algorithm"] == TRANSFORM and r.get("time_ms") for r in records)
+    mod, _ = lower(m, plan, None)
+    graph = LayoutGraph(m.mod["main"], plan.choices(m.sites), m.sites)
+    assert sorted(f"{a}->{b}" for _, a, b in graph.transforms(plan.layouts())) == \
+        sorted(t for _, _, t in layout_transforms(mod))
+    assert len(lay["transforms"]) == len(layout_transforms(mod))
+    out = build(m, plan, None).vm()["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose((out if hasattr(out, "numpy") else out[0]).numpy(), ref, rtol=1e-4, atol=1e-5)
+    assert "## Layouts" in (run / "report.md").read_text()
+    n = len(records)
+    Tuner(m, [x], str(run), config=cfg, model_name="block").run()
+    with open(run / "trials.jsonl") as f:
+        assert len(f.read().splitlines()[1:]) == n  # every measurement found again
+
+
+@pytest.mark.slow
+def test_refine_checks_the_layouts_end_to_end(block_model):
+    """A plan whose layers the layouts phase put in blocks (their NCHW knobs in the note): refine
+    builds it back in NCHW too and times it end to end with the split variants; the plan it
+    returns is the chosen build's, blocked or NCHW."""
+    from tvm_sparseconv.tune.refine import NCHW_BUILD, apply_report, refine_plan
+
+    m, x, ref = block_model
+    plan = Plan.uniform(m.sites, "dense")
+    for l in plan.layers:
+        l.note = {"nchw_knobs": {}}
+        l.knobs = {"layout_in": BLOCKED, "layout_out": BLOCKED}
+    refined, report = refine_plan(m, plan, x, None, rounds=1, runs=2)
+    assert NCHW_BUILD in {b["name"] for b in report["builds"]}
+    want = {(NCHW, NCHW)} if report["chosen"] == NCHW_BUILD else {(BLOCKED, BLOCKED)}
+    assert set(refined.layouts().values()) == want
+    back = apply_report(plan, {**report, "chosen": NCHW_BUILD, "splits": {}})
+    assert set(back.layouts().values()) == {(NCHW, NCHW)}
+    out = build(m, refined, None).vm()["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose((out if hasattr(out, "numpy") else out[0]).numpy(), ref, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,122 @@
+"""The activation layout of each dense layer: NCHW or channel blocks, the transforms counted.
+
+A dense layer reads and writes NCHW or blocks of the CPU's lanes (knobs ``layout_in``,
+``layout_out``; docs/algorithms.md section 16). Timed alone, a layer may be faster in blocks;
+but wherever a reader takes a tensor in another layout than its writer wrote it, the model
+rewrite inserts a transform (passes/rewrite_conv2d.py), and it always does at the model's
+edges and before an op that needs NCHW. So the layouts are chosen for the whole model at
+once, after the algorithms and tiles (docs/tuning.md, "Layouts"):
+
+1. per dense workload, each (layout_in, layout_out) pair with blocks timed alone
+   (``pair_candidates``: the plan's tile in that pair, and the pair's defaults; NCHW's time is
+   the selection's);
+2. each transform a choice could need timed alone, once per shape and direction;
+3. the assignment of pairs to layers with the least sum of layer times and transform times,
+   the transforms an assignment needs counted by LayoutGraph exactly as the rewrite inserts
+   them (``assign``).
+
+The measurements are the tuner's (trials.jsonl); this module holds the choice.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..algorithms import get_algorithm
+from ..conv import Conv2DSpec
+from ..cpu import CPU
+from ..layout import NCHW, lanes_layout
+from ..passes import LayoutGraph
+
+TRANSFORM = "layout"  # the trials records of transforms: {"algorithm": TRANSFORM, "knobs": {"src", "dst"}}
+
+
+def pairs(cpu: CPU) -> list[tuple[str, str]]:
+    """The (layout_in, layout_out) pairs a dense layer may take on ``cpu``: NCHW or the CPU's
+    blocks for each, NCHW both first."""
+    b = lanes_layout(cpu)
+    return [(NCHW, NCHW), (NCHW, b), (b, NCHW), (b, b)]
+
+
+def pair_candidates(spec: Conv2DSpec, knobs: Mapping, cpu: CPU) -> dict[tuple[str, str], list[dict]]:
+    """{pair: the complete dense knob dicts to time for it}: ``knobs`` (the plan's tile, chosen
+    among the tiles in NCHW) with the pair's layouts, and for the pairs with blocks the defaults
+    of its kernel in that pair (the gemm kernel's tiles differ between vectors of pixels, from
+    NCHW, and of channels, from blocks); those the kernel refuses left out."""
+    dense = get_algorithm("dense")
+    zeros = np.zeros(spec.w_shape, np.float32)
+    out = {}
+    for lin, lout in pairs(cpu):
+        cands = []
+        tried = [{**knobs, "layout_in": lin, "layout_out": lout}]
+        if (lin, lout) != (NCHW, NCHW):  # the selection measured NCHW's
+            tried.append({"kernel": knobs.get("kernel"), "layout_in": lin, "layout_out": lout})
+        for k in tried:
+            try:
+                full = dense.knobs(spec, k, cpu)
+                dense.constants(spec, zeros, None, full)  # validates the tile for the layouts
+            except (ValueError, KeyError):
+                continue
+            if full not in cands:
+                cands.append(full)
+        out[(lin, lout)] = cands
+    return out
+
+
+def assign(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],
+           transform_ms: Callable[[tuple, str, str], float]) -> tuple[dict, float]:
+    """(the assignment {key: pair} of the layers in ``layer_ms`` with the least cost found, its
+    cost in ms): the layers' times (``layer_ms[key][pair]``; a pair not there cannot be taken)
+    plus ``transform_ms(shape, src, dst)`` of each transform graph.transforms counts for it.
+
+    A local search from two starts, all NCHW and all blocked (each layer its fastest blocked
+    pair): a layer takes another pair when that lowers the cost; when no layer alone can, two
+    neighbours (LayoutGraph.neighbours: they share a tensor) change together, which a tensor
+    read in two places needs (a block's input, read by its first layer and as the residual of
+    its last). Until nothing changes. The all-blocked start finds a chain of layers that pays
+    only as a whole."""
+    keys = [k for k in graph.keys if layer_ms.get(k)]
+    near = graph.neighbours()
+    couples = [(k, j) for i, k in enumerate(keys) for j in keys[i + 1:] if j in near[k]]
+
+    def cost(a: dict) -> float:
+        return sum(layer_ms[k][a[k]] for k in keys) + sum(transform_ms(*t) for t in graph.transforms(a))
+
+    def moves(a: dict):
+        for k in keys:
+            for p in layer_ms[k]:
+                if p != a[k]:
+                    yield {**a, k: p}
+
+    def couple_moves(a: dict):
+        for k, j in couples:
+            for p, q in itertools.product(layer_ms[k], layer_ms[j]):
+                if p != a[k] and q != a[j]:
+                    yield {**a, k: p, j: q}
+
+    def descend(a: dict) -> tuple[dict, float]:
+        best = cost(a)
+        while True:
+            for b in itertools.chain(moves(a), couple_moves(a)):
+                c = cost(b)
+                if c < best - 1e-9:
+                    a, best = b, c
+                    break
+            else:
+                return a, best
+
+    starts = [{k: (NCHW, NCHW) if (NCHW, NCHW) in layer_ms[k] else min(layer_ms[k], key=layer_ms[k].get)
+               for k in keys}]
+    blocked = {k: min((p for p in layer_ms[k] if p[0] != NCHW and p[1] != NCHW), key=layer_ms[k].get,
+                      default=starts[0][k]) for k in keys}
+    if blocked != starts[0]:
+        starts.append(blocked)
+    found = [descend(dict(s)) for s in starts]
+    return min(found, key=lambda f: f[1]) if found else ({}, 0.0)
+
+
+def finite(ms) -> bool:
+    return ms is not None and math.isfinite(ms)
