@@ -123,6 +123,17 @@ def grid_case(request):
     return grid_spec(request.param)
 
 
+def save_onnx(path, name: str, nodes, x_shape, y_shape, init) -> str:
+    """Graph ``name``: float32 x (``x_shape``) -> ``nodes`` -> y (``y_shape``), ``init`` (TensorProtos)
+    as initializers; opset 13, IR version 8. Saved at ``path``; returns it as a str."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))], init)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return str(path)
+
+
 def small_onnx(path, batch=1):
     """x (batch, 4, 9, 9) -> conv 3x3 + bias -> relu -> conv 1x1 -> relu; ``batch`` a size, or a
     name for a free batch dimension (fixed when the model is imported)."""
@@ -133,12 +144,7 @@ def small_onnx(path, batch=1):
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1]),
              helper.make_node("Relu", ["c2"], ["y"])]
-    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 9, 9])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 9, 9])], init)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-    return str(path)
+    return save_onnx(path, "small", nodes, [batch, 4, 9, 9], [batch, 8, 9, 9], init)
 
 
 @pytest.fixture(scope="module")

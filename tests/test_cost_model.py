@@ -30,7 +30,7 @@ from tvm_sparseconv.tune.predict import (DEFAULT_FIRST, DEFAULT_LAST, KNOB_MARGI
                                          predict_plan, rule_choice, rule_plan)
 from tvm_sparseconv.tune.space import MARGIN
 
-from conftest import AVX2_TARGET, small_onnx
+from conftest import AVX2_TARGET, save_onnx, small_onnx
 
 # a CPU no plan is shipped for: AVX2 code (it runs on AVX-512 and AVX2 hosts), on 2 cores unless
 # plans for that key are shipped one day
@@ -113,12 +113,7 @@ def _model_with_clip_pool_and_linear_conv(path) -> str:
              helper.make_node("Conv", ["c2", "w3", "b3"], ["c3"], kernel_shape=[1, 1]),
              helper.make_node("Relu", ["c3"], ["r3"]),
              helper.make_node("Conv", ["r3", "w4"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3], group=2)]
-    g = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])], init)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-    return str(path)
+    return save_onnx(path, "mixed", nodes, [1, 8, 16, 16], [1, 32, 8, 8], init)
 
 
 @pytest.fixture(scope="module")

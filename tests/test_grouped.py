@@ -8,10 +8,9 @@ kernel leaves unwritten shows as a NaN where the reference has a number.
 import itertools
 
 import numpy as np
-import onnx
 import pytest
 import tvm
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from tvm import relax
 
 from tvm_sparseconv.algorithms import get_algorithm
@@ -24,7 +23,7 @@ from tvm_sparseconv.plan import Plan, PlanLayer
 from tvm_sparseconv.reference import dense_conv2d
 
 from conftest import AVX2_TARGET, AVX512_TARGET, HOST, SSE_TARGET, accepts, activation, assert_conv_close, \
-    isa_cases, weight
+    isa_cases, save_onnx, weight
 
 GROUPED = get_algorithm("grouped")
 VECTORS = ("channels", "width")
@@ -211,12 +210,7 @@ def depthwise_onnx(path) -> str:
              helper.make_node("Conv", ["a3", "w4"], ["c4"], kernel_shape=[5, 5], pads=[1, 1, 2, 2], strides=[2, 2],
                               group=16),
              helper.make_node("Conv", ["c4", "w5"], ["y"], kernel_shape=[1, 1])]
-    g = helper.make_graph(nodes, "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 5, 5])], init)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-    return str(path)
+    return save_onnx(path, "depthwise", nodes, [1, 8, 10, 10], [1, 8, 5, 5], init)
 
 
 @pytest.fixture(scope="module")

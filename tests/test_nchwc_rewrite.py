@@ -5,11 +5,10 @@ import json
 import os
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tvm
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from tvm import relax
 
 import tvm_sparseconv
@@ -21,7 +20,7 @@ from tvm_sparseconv.passes import LayerChoice, LayoutGraph, RewriteConv2D, layou
 from tvm_sparseconv.plan import PLAN_VERSION, Plan, PlanError
 from tvm_sparseconv.reference import dense_conv2d
 
-from conftest import HOST
+from conftest import HOST, save_onnx
 
 BLOCKED = lanes_layout(HOST)
 
@@ -47,12 +46,7 @@ def block_onnx(path):
              helper.make_node("Relu", ["a"], ["r"]),
              helper.make_node("GlobalAveragePool", ["r"], ["g"]),
              helper.make_node("Flatten", ["g"], ["y"])]
-    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 10, 10])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24])], init)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-    return str(path)
+    return save_onnx(path, "block", nodes, [1, 4, 10, 10], [1, 24], init)
 
 
 @pytest.fixture(scope="module")
