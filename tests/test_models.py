@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -281,6 +282,37 @@ def test_missing_and_corrupt_model_files(tmp_path):
     bad.write_bytes(b"this is not a protobuf")
     with pytest.raises(ModelError, match="bad.onnx"):
         load_model(str(bad))
+
+
+def test_static_onnx_is_cached_per_file_and_shape(tmp_path, monkeypatch):
+    """A model loaded again reuses its static form; a changed file or shape gets a new one,
+    and nothing is left in the temporary directory."""
+    import shutil
+
+    from tvm_sparseconv.frontend import static_onnx
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    src = tmp_path / "m.onnx"
+    shutil.copy(model_path("resnet50-nsfw"), src)
+    first, _, shape = static_onnx(str(src))
+    assert first.startswith(str(tmp_path / "xdg")) and shape[0] == 1
+    mtime = os.stat(first).st_mtime_ns
+    assert static_onnx(str(src))[0] == first and os.stat(first).st_mtime_ns == mtime
+    assert static_onnx(str(src), (2, *shape[1:]))[0] != first
+    os.utime(src, ns=(mtime + 10**9, mtime + 10**9))
+    assert static_onnx(str(src))[0] != first
+    assert os.listdir(tmp_path / "tmp") == []
+    assert all(f.endswith(".static.onnx") for f in os.listdir(tmp_path / "xdg" / "tvm_sparseconv" / "static-onnx"))
+
+
+def test_static_onnx_unwritable_cache_is_a_model_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(ModelError, match="cannot write the static form.*XDG_CACHE_HOME"):
+        load_model(model_path("resnet50-nsfw"))
 
 
 def test_wrong_input_shape_and_bad_images(tmp_path):

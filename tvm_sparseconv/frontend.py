@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import os
+import hashlib
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import tvm
@@ -20,6 +22,12 @@ from tvm import relax
 
 class ModelError(ValueError):
     """The model file is missing, corrupt, or cannot be imported."""
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/tvm_sparseconv`` (``~/.cache/tvm_sparseconv`` when it is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tvm_sparseconv"
 
 
 @dataclass
@@ -57,7 +65,11 @@ def guess_layout(shape: Sequence[int]) -> str:
 
 
 def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: str | None = None):
-    """Fix the input shape and fold constants; returns (static .onnx path, input name, shape)."""
+    """Fix the input shape and fold constants; returns (static .onnx path, input name, shape).
+
+    The static file goes to ``out_dir`` when given, else to ``cache_dir()/static-onnx`` under a
+    name keyed by the source file (path, size, mtime), the shape and onnxruntime's version: a
+    model loaded again reuses it, and loads never pile up copies in the temporary directory."""
     import onnx
     import onnxruntime as ort
 
@@ -85,15 +97,36 @@ def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: st
     for d, v in zip(dims, shape):
         d.ClearField("dim_param")
         d.dim_value = v
-    out_dir = out_dir or tempfile.mkdtemp(prefix="tvms-onnx-")
-    out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".static.onnx")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if out_dir is None:
+        st = os.stat(path)
+        key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{shape}:{ort.__version__}"
+        out_dir = str(cache_dir() / "static-onnx")
+        out = os.path.join(out_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.static.onnx")
+        if os.path.isfile(out):
+            return out, inp.name, shape
+    else:
+        out = os.path.join(out_dir, stem + ".static.onnx")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ModelError(f"cannot write the static form of {path} into {out_dir} ({e}); set XDG_CACHE_HOME to a "
+                         "writable directory") from e
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.optimized_model_filepath = out
+    # written under a temporary name and renamed into place: a concurrent or interrupted load
+    # never leaves a partial file under the name a later load would reuse
+    fd, partial = tempfile.mkstemp(suffix=".onnx", dir=out_dir)
+    os.close(fd)
+    opts.optimized_model_filepath = partial
     try:
         ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        os.replace(partial, out)
     except Exception as e:
         raise ModelError(f"onnxruntime cannot load {path}: {e}") from e
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return out, inp.name, shape
 
 

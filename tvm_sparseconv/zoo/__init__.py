@@ -19,7 +19,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from ..frontend import ModelError
+from ..frontend import ModelError, cache_dir
 
 # bump when a network's definition or the export settings change: the cached files are then
 # exported again instead of being reused
@@ -27,12 +27,6 @@ EXPORT_VERSION = 1
 # the TorchScript exporter's opset: Softmax over one axis (13+), and what TVM's ONNX importer
 # and onnxruntime both read
 OPSET = 17
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/tvm_sparseconv`` (``~/.cache/tvm_sparseconv`` when it is unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tvm_sparseconv"
 
 
 @lru_cache(maxsize=None)
