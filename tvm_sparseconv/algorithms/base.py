@@ -22,7 +22,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
-from ..layout import NCHW
+from ..layout import NCHW, LayoutError, channel_block
 from ..reference.storage import Storage
 
 
@@ -199,6 +199,23 @@ def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
         a = const(epilogue.clip)
         v = tvm.tirx.Select(v > a, a, v)
     return v
+
+
+def blocked_value(v, m, bias_buf, epilogue: Epilogue, res_buf, at, M: int, pad: bool):
+    """Accumulator v of channel m of a blocked y through the epilogue (epilogue_value); 0 for
+    the channels past M of the last block when there are some (``pad``): the layout's promise
+    (layout.py). The bias is padded to whole blocks, so that reading it there stays in bounds."""
+    v = epilogue_value(v, m, bias_buf, epilogue, res_buf, at)
+    return tvm.tirx.Select(m < M, v, tvm.tirx.const(0.0, "float32")) if pad else v
+
+
+def knob_block(algorithm: str, knob: str, layout) -> int:
+    """The channel block of the layout knob ``knob`` (layout.channel_block: 0 for NCHW); a
+    KnobError naming the algorithm and the knob for anything else."""
+    try:
+        return channel_block(layout)
+    except LayoutError as e:
+        raise KnobError(f"{algorithm}: {knob}: {e}") from None
 
 
 @T.macro

@@ -31,11 +31,11 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
-from ..layout import NCHW, LayoutError, channel_block, lanes_layout, layout_shape
+from ..layout import NCHW, lanes_layout, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs,
-                   epilogue_value, grid, prim, register, registers_ok, store_output)
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value, drop_unused, epilogue_inputs,
+                   grid, knob_block, prim, register, registers_ok, store_output)
 
 KERNELS = ("window", "gemm")
 # the kernel "window" was called "direct" (the name of another algorithm); plans written then
@@ -119,17 +119,10 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout
             "pad": "inplace", **layouts}
 
 
-def _block_of(knob: str, layout) -> int:
-    try:
-        return channel_block(layout)
-    except LayoutError as e:
-        raise KnobError(f"dense: {knob}: {e}") from None
-
-
 def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
     kernel, block, m_tile, c_block, split, pad = (
         knobs[k] for k in ("kernel", "block", "m_tile", "c_block", "split", "pad"))
-    cb_in, cb_out = _block_of("layout_in", knobs["layout_in"]), _block_of("layout_out", knobs["layout_out"])
+    cb_in, cb_out = (knob_block("dense", k, knobs[k]) for k in ("layout_in", "layout_out"))
     if kernel not in KERNELS:
         raise KnobError(f"dense: kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "gemm" and not is_pointwise(spec):
@@ -237,14 +230,6 @@ def _task(t, n_mt: int, rows: int, split: str, bands: int):
     return t // (n_mt * rows), t % n_mt, t // n_mt % rows
 
 
-def _blocked_value(v, m, bias, ep: Epilogue, res, at, M: int, pad: bool):
-    """Accumulator v of channel m of a blocked y through the epilogue; 0 for the channels past M
-    of the last block when there are some (``pad``). The bias is padded to the tiles, so that
-    reading it for those channels stays in bounds."""
-    v = epilogue_value(v, m, bias, ep, res, at)
-    return tvm.tirx.Select(m < M, v, tvm.tirx.const(0.0, "float32")) if pad else v
-
-
 def _channel_vector_store(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
     """The store of a register tile acc[b, j] (BT pixels x m_tile channels, vectors of channels)
     as a macro store(yv, resv, bias, acc, n, mo, p0, BT), pixels p0 .. p0+BT-1 of the flat
@@ -274,7 +259,7 @@ def _channel_vector_store(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
             for jb in T.unroll(mt // vw):
                 if _when(beyond, mo * mt + jb * vw < covered):
                     for j in T.vectorized(vw):
-                        yv[n, (mo * mt + jb * vw) // cbo, p0 + b, (mo * mt + jb * vw) % cbo + j] = _blocked_value(
+                        yv[n, (mo * mt + jb * vw) // cbo, p0 + b, (mo * mt + jb * vw) % cbo + j] = blocked_value(
                             acc[b, jb * vw + j], mo * mt + jb * vw + j, bias, ep, resv,
                             (n, (mo * mt + jb * vw) // cbo, p0 + b, (mo * mt + jb * vw) % cbo + j), M, M < covered)
 
@@ -461,7 +446,7 @@ def _pixel_vector_tile(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue
                 store_output(yv, (n, m, p0 + off + p), acc[i, off + p], bias, resv, ep)
         else:
             for p in T.vectorized(ln):
-                yv[n, m // cbo, p0 + off + p, m % cbo] = _blocked_value(
+                yv[n, m // cbo, p0 + off + p, m % cbo] = blocked_value(
                     acc[i, off + p], m, bias, ep, resv, (n, m // cbo, p0 + off + p, m % cbo), M, M < covered)
 
     @T.macro

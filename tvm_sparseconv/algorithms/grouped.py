@@ -37,10 +37,11 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from ..cpu import CPU, cpu_of
+from ..layout import NCHW, blocked, lanes_layout, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, prim,
-                   register, registers_ok, store_output)
+from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value, drop_unused, epilogue_inputs,
+                   grid, knob_block, prim, register, registers_ok, store_output)
 from .lanes import Lanes
 
 VECTORS = ("channels", "width")  # the axis the vector lanes run along: output channels, or output pixels of a row
@@ -55,6 +56,8 @@ class GroupedTiling:
     block: int      # output pixels of one row per register tile (capped at Ow)
     tile_rows: int  # output rows per register tile (capped at Oh)
     rows: int       # output rows per parallel task (capped at Oh)
+    cb_in: int = 0  # channel block of x (layout.channel_block: 0 for NCHW; else c_block)
+    cb_out: int = 0  # channel block of y and the residual (0 for NCHW; else c_block)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -64,6 +67,13 @@ def _cdiv(a: int, b: int) -> int:
 def _per_group(spec: Conv2DSpec) -> tuple[int, int]:
     """(Cg, Mg): input and output channels per group."""
     return spec.in_channels // spec.groups, spec.out_channels // spec.groups
+
+
+def blocks_layouts(spec: Conv2DSpec) -> bool:
+    """The channels kernel can read and write channel blocks: a depthwise layer without a
+    multiplier (groups = C = M), where lane j of packed block mb is input channel mb*cb + j,
+    exactly the lane a blocked x holds it in and a blocked y wants it back in."""
+    return _per_group(spec) == (1, 1)
 
 
 def rows_in(spec: Conv2DSpec, rows: int) -> int:
@@ -120,7 +130,8 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, vector: str | None = None) -> dic
         per_tile = _balanced(min(acc // 2, vectors), vectors)
         block, tile_rows = min(per_tile * v, ow), min(oh, max(1, acc // 2 // per_tile))
     rows = default_rows(spec, cpu, vector, v, tile_rows)
-    return {"vector": vector, "c_block": v, "block": block, "tile_rows": min(tile_rows, rows), "rows": rows}
+    return {"vector": vector, "c_block": v, "block": block, "tile_rows": min(tile_rows, rows), "rows": rows,
+            "layout_in": NCHW, "layout_out": NCHW}
 
 
 def make_tiling(spec: Conv2DSpec, knobs) -> GroupedTiling:
@@ -133,8 +144,21 @@ def make_tiling(spec: Conv2DSpec, knobs) -> GroupedTiling:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or (top and v > top):
             raise KnobError(f"grouped: knob {name} must be {f'an int in 1..{top}' if top else 'a positive int'}, "
                             f"got {v!r}")
+    cb_in, cb_out = (knob_block("grouped", k, knobs[k]) for k in ("layout_in", "layout_out"))
+    if cb_in or cb_out:
+        if vector != "channels":
+            raise KnobError("grouped: blocked layouts (layout_in, layout_out) need vector='channels' "
+                            f"(the width kernel reads and writes NCHW), got vector={vector!r}")
+        if not blocks_layouts(spec):
+            raise KnobError(f"grouped: blocked layouts (layout_in, layout_out) are for depthwise layers without a "
+                            f"channel multiplier (groups = C = M), not C={spec.in_channels}, M={spec.out_channels}, "
+                            f"groups={spec.groups}")
+        for knob, cb in (("layout_in", cb_in), ("layout_out", cb_out)):
+            if cb and cb != knobs["c_block"]:
+                raise KnobError(f"grouped: {knob}={knobs[knob]!r} needs c_block={cb} (the lanes of a packed block "
+                                f"are the layout's block), got c_block={knobs['c_block']!r}")
     return GroupedTiling(vector, int(knobs["c_block"]), min(int(knobs["block"]), spec.out_w),
-                         min(int(knobs["tile_rows"]), spec.out_h), min(int(knobs["rows"]), spec.out_h))
+                         min(int(knobs["tile_rows"]), spec.out_h), min(int(knobs["rows"]), spec.out_h), cb_in, cb_out)
 
 
 def block_weights(spec: Conv2DSpec, w: np.ndarray, cb: int) -> np.ndarray:
@@ -202,6 +226,7 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     # L x L tiles of x transpose into the packed rows
     transposes = Cg == 1 and Mg == 1 and whole and W >= L
     m_whole = M % cb == 0
+    blocked_in, blocked_out = tl.cb_in > 0, tl.cb_out > 0  # x, y in blocks of cb (depthwise, no multiplier)
 
     @T.macro
     def pack_lanes(x, xs, n, mb, ci, h, base):
@@ -227,6 +252,15 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
                             mb * cb + g * L + lane < C, x[n, T.min(mb * cb + g * L + lane, C - 1), h, j], T.float32(0))
 
     @T.macro
+    def pack_blocked(x, xs, n, mb, h, base):
+        """One input row h of block mb of a blocked x (W x cb contiguous floats) copied as it is:
+        lane j is channel mb*cb + j in both. Lanes past C, which a writer may have left non-zero
+        (layout.py), feed only the output channels past M, which store_row drops."""
+        for j in range(W):
+            for lane in T.vectorized(cb):
+                xs[base + (pl + j) * cb + lane] = x[n, mb, h, j, lane]
+
+    @T.macro
     def pack(x, xs, n, mb, r0):
         """xs[ci, ii, jj, lane] = padded input row r0*sh + ii, column jj of the channel output
         lane mb*cb + lane reads as its ci-th; 0 in the padding and past M."""
@@ -235,7 +269,9 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
             h = r0 * sh + ii - pt
             if h >= 0 and h < H:
                 _zero(xs, base, pl * cb)
-                if transposes:
+                if blocked_in:
+                    pack_blocked(x, xs, n, mb, h, base)
+                elif transposes:
                     pack_transposed(x, xs, n, mb, h, base)
                 else:
                     pack_lanes(x, xs, n, mb, ci, h, base)
@@ -264,8 +300,19 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
                                 store_output(y, at, v, bias, res, ep)
 
     @T.macro
+    def store_blocked(y, acc, bias, res, n, mb, r, k, w0, BT):
+        """Row k of the tile to a blocked y: per pixel one vector of the block's cb channels,
+        where y holds them (0 past M: the layout's promise)."""
+        for b in T.unroll(BT):
+            for j in T.vectorized(cb):
+                y[n, mb, r, w0 + b, j] = blocked_value(acc[k, b, j], mb * cb + j, bias, ep, res,
+                                                       (n, mb, r, w0 + b, j), M, not m_whole)
+
+    @T.macro
     def store_row(y, acc, bias, res, n, mb, r, k, w0, BT):
-        if whole:
+        if blocked_out:
+            store_blocked(y, acc, bias, res, n, mb, r, k, w0, BT)
+        elif whole:
             store_transposed(y, acc, bias, res, n, mb, r, k, w0, BT)
         else:  # a vector of BT pixels per output channel, gathered from the accumulators
             for j in T.unroll(cb):
@@ -302,7 +349,7 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
             _task_rows(R, TR, Oh, r0, lambda rr, rows: _loop_pieces(
                 Ow, B, lambda w0, bt: tile(xs, w, bias, res, y, acc, n, mb, r0, rr, rows, w0, bt)))
 
-    return _multiply_prim(spec, ep, (n_mb, Cg, Kh, Kw, cb), body)
+    return _multiply_prim(spec, tl, ep, (n_mb, Cg, Kh, Kw, cb), body)
 
 
 def _width_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
@@ -372,15 +419,27 @@ def _width_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
                 _task_rows(R, TR, Oh, r0, lambda rr, rows: _loop_pieces(
                     Ow, B, lambda w0, bt: tile(xs, w, bias, res, y, acc, n, g * Mg + mg, r0, rr, rows, w0, bt)))
 
-    return _multiply_prim(spec, ep, spec.w_shape, body)
+    return _multiply_prim(spec, tl, ep, spec.w_shape, body)
 
 
-def _multiply_prim(spec: Conv2DSpec, ep: Epilogue, w_shape, body):
-    """multiply(x, w[, bias][, res], y) whose body is the macro ``body(x, w, bias, res, y)``."""
-    M, x_shape, y_shape = spec.out_channels, spec.x_shape, spec.y_shape
+def _layout(cb: int) -> str:
+    return blocked(cb) if cb else NCHW
+
+
+def _bias_len(spec: Conv2DSpec, tl: GroupedTiling) -> int:
+    """M, or whole blocks of M when y is blocked (the lanes past M read bias 0)."""
+    return _cdiv(spec.out_channels, tl.cb_out) * tl.cb_out if tl.cb_out else spec.out_channels
+
+
+def _multiply_prim(spec: Conv2DSpec, tl: GroupedTiling, ep: Epilogue, w_shape, body):
+    """multiply(x, w[, bias][, res], y) whose body is the macro ``body(x, w, bias, res, y)``; x in
+    layout_in, y and res in layout_out (layout.layout_shape), bias _bias_len long."""
+    x_shape, y_shape = layout_shape(spec.x_shape, _layout(tl.cb_in)), layout_shape(spec.y_shape, _layout(tl.cb_out))
+    bias_len = _bias_len(spec, tl)
 
     @T.prim_func
-    def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"), bias: T.Buffer((M,), "float32"),
+    def multiply(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+                 bias: T.Buffer((bias_len,), "float32"),
                  res: T.Buffer(y_shape, "float32"), y: T.Buffer(y_shape, "float32")):
         body(x, w, bias, res, y)
 
@@ -411,17 +470,24 @@ class Grouped(Algorithm):
             raise KnobError(f"{self.name} has no knob {unknown[0]!r} (knobs: {sorted(out)})")
         return {**out, **knobs}
 
+    def layouts(self, spec: Conv2DSpec, knobs) -> tuple[str, str]:
+        return knobs.get("layout_in", NCHW), knobs.get("layout_out", NCHW)
+
     def constants(self, spec, weight, bias, knobs):
         tl = make_tiling(spec, knobs)
         w = block_weights(spec, weight, tl.c_block) if tl.vector == "channels" else np.asarray(weight, np.float32)
-        return {"w": w, **bias_constant(spec, bias)}
+        consts = {"w": w, **bias_constant(spec, bias)}
+        if "bias" in consts:
+            consts["bias"] = np.pad(consts["bias"], (0, _bias_len(spec, tl) - spec.out_channels))
+        return consts
 
     def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         self.check(spec)
         tl, cpu = make_tiling(spec, knobs), cpu_of(cpu)
         make = _channels_func if tl.vector == "channels" else _width_func
+        y_shape = layout_shape(spec.y_shape, _layout(tl.cb_out))
         return [Stage("multiply", "multiply", prim(make(spec, tl, cpu, epilogue)),
-                      ("x", "w") + epilogue_inputs(epilogue), (Buffer("y", spec.y_shape),))]
+                      ("x", "w") + epilogue_inputs(epilogue), (Buffer("y", y_shape),))]
 
     def storage(self, spec, knobs, produced):
         return Storage(0, 0)  # the packed rows are a per-task scratch, not a stored format
@@ -433,13 +499,21 @@ class Grouped(Algorithm):
         return dense_conv2d(spec, x, w)
 
     def knob_grid(self, spec, cpu):
+        """The tiles below in NCHW; for a depthwise layer without a multiplier, the channels
+        kernel's tiles of one vector also with x and y each in NCHW or in blocks of the CPU's
+        lanes (the block is c_block: make_tiling)."""
         ow, oh, v = spec.out_w, spec.out_h, cpu.lanes
         rows = sorted({r for r in (1, 2, 4, 8, 16) if r <= oh} | ({oh} if oh <= 16 else set()))
-        for k in grid(vector=("channels",), c_block=(v, 2 * v), block=(4, 7, 8, 14, 16), tile_rows=(1, 2),
-                      rows=rows):
-            if registers_ok(cpu, k["block"] * k["tile_rows"], k["c_block"]) and k["block"] <= ow \
-                    and k["tile_rows"] <= k["rows"]:
-                yield k
+        layouts = grid(layout_in=(NCHW, lanes_layout(cpu)), layout_out=(NCHW, lanes_layout(cpu))) \
+            if blocks_layouts(spec) else [{"layout_in": NCHW, "layout_out": NCHW}]
+        for io in layouts:
+            for k in grid(vector=("channels",), c_block=(v, 2 * v), block=(4, 7, 8, 14, 16), tile_rows=(1, 2),
+                          rows=rows):
+                if io != {"layout_in": NCHW, "layout_out": NCHW} and k["c_block"] != v:
+                    continue
+                if registers_ok(cpu, k["block"] * k["tile_rows"], k["c_block"]) and k["block"] <= ow \
+                        and k["tile_rows"] <= k["rows"]:
+                    yield {**k, **io}
         if spec.stride[1] == 1:  # strided vector loads and stores along W are slow: stride 1 only
             for k in grid(vector=("width",), block=(v, 2 * v, 4 * v, 8 * v), tile_rows=(1, 2, 4), rows=rows):
                 vectors = _cdiv(min(k["block"], ow), v)
