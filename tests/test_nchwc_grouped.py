@@ -1,0 +1,208 @@
+"""The grouped channels kernel on channel blocks (docs/algorithms.md 15.1, 16): depthwise layers
+reading and writing "nchw{lanes}c" against NumPy float64, the knobs it refuses, its knob space,
+and a depthwise layer between two blocked 1x1 dense layers in a model, against onnxruntime.
+
+The channel counts come from the host's lanes L: 2L (whole blocks) and L + L/2 (a partial last
+block: 24 on AVX-512, 12 on AVX2)."""
+import itertools
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tvm
+from onnx import helper, numpy_helper
+
+from tvm_sparseconv.algorithms import KnobError, get_algorithm
+from tvm_sparseconv.build import CompiledLayer
+from tvm_sparseconv.compile import build
+from tvm_sparseconv.cpu import cpu_of
+from tvm_sparseconv.frontend import load_model
+from tvm_sparseconv.layout import NCHW, channel_block, lanes_layout, layout_shape
+from tvm_sparseconv.passes import LayerChoice, LayoutGraph
+from tvm_sparseconv.plan import Plan, PlanLayer
+from tvm_sparseconv.reference import dense_conv2d
+
+from conftest import HOST, activation, assert_conv_close, isa_cases, save_onnx, weight
+from test_grouped import EPILOGUES, layer_spec, nan_inf
+
+GROUPED = get_algorithm("grouped")
+BLOCKED = lanes_layout(HOST)
+L = HOST.lanes
+CHANNELS = (2 * L, L + L // 2)  # whole blocks, a partial last block
+PAIRS = [(BLOCKED, BLOCKED), (NCHW, BLOCKED), (BLOCKED, NCHW)]
+
+
+def past(c: int, cb: int) -> int:
+    """Lanes of the last block of c channels in blocks of cb that hold no channel."""
+    return -c % cb
+
+
+def check_blocked(spec, knobs, epilogue, target=None, densities=(0.0, 0.5, 1.0)):
+    """Build grouped with ``knobs`` and ``epilogue`` (test_grouped.EPILOGUES), run it on each
+    density and on an input with NaN and +-Inf (and a residual with both), compare with
+    dense_conv2d in float64. The lanes past C of a blocked x and past M of a blocked residual
+    are NaN (a writer may leave anything there: layout.py), and must not reach an output; the
+    lanes past M of a blocked y must be zeros, though y was NaN before the run."""
+    ep = EPILOGUES[epilogue]
+    w = weight(spec)
+    bias = np.linspace(-1, 1, spec.out_channels).astype(np.float32) if ep.get("bias") else None
+    layer = CompiledLayer("grouped", spec, w, bias, ep.get("relu", False), target=target, knobs=knobs,
+                          residual=ep.get("residual", False), clip=ep.get("clip"))
+    res = None
+    if ep.get("residual"):
+        res = np.random.default_rng(7).standard_normal(spec.y_shape).astype(np.float32)
+        res.flat[[2, res.size // 2]] = np.nan, np.inf
+    for x in [activation(spec, d, seed=i) for i, d in enumerate(densities)] + [nan_inf(spec)]:
+        layer.poison()
+        layer.set_input(x, res)
+        for name, layout, c in (("x", layer.layout_in, spec.in_channels), ("res", layer.layout_out,
+                                                                            spec.out_channels)):
+            cb = channel_block(layout)
+            if cb and past(c, cb) and name in layer.buffers and (name == "x" or res is not None):
+                raw = layer.buffers[name].numpy()
+                raw[:, -1, ..., cb - past(c, cb):] = np.nan
+                layer.buffers[name].copyfrom(raw)
+        layer.run()
+        ref = dense_conv2d(spec, x, w, bias, ep.get("relu", False), residual=res, clip=ep.get("clip"))
+        y = layer.output()
+        unwritten = np.isnan(y) & ~np.isnan(ref)
+        assert not unwritten.any(), f"{int(unwritten.sum())} output elements never written ({layer.knobs})"
+        assert_conv_close(y, ref, spec)
+        raw = layer.buffers["y"].numpy()
+        assert raw.shape == layout_shape(spec.y_shape, layer.layout_out)
+        cb = channel_block(layer.layout_out)
+        if cb and past(spec.out_channels, cb):
+            assert not raw[:, -1, ..., cb - past(spec.out_channels, cb):].any(), "lanes past M are not zeros"
+    return layer
+
+
+# 3x3 and 5x5, stride 1 and 2, SAME padding on 9 x 11 (asymmetric at stride 2 and for 5x5 at
+# stride 2), whole and partial blocks; the epilogues in turn
+GRID = list(itertools.product(((3, 3), (5, 5)), (1, 2), CHANNELS))
+
+
+@pytest.mark.parametrize("case", range(len(GRID)),
+                         ids=[f"k{k[0]}x{k[1]}-s{s}-c{c}" for k, s, c in GRID])
+def test_blocked_in_and_out(case):
+    kernel, stride, c = GRID[case]
+    epilogue = list(EPILOGUES)[case % len(EPILOGUES)]
+    layer = check_blocked(layer_spec("dw", c, (9, 11), kernel, stride),
+                          {"vector": "channels", "layout_in": BLOCKED, "layout_out": BLOCKED}, epilogue)
+    assert (layer.layout_in, layer.layout_out) == (BLOCKED, BLOCKED)
+
+
+@pytest.mark.parametrize("lin,lout", PAIRS[1:], ids=[f"{a}-{b}" for a, b in PAIRS[1:]])
+@pytest.mark.parametrize("c", CHANNELS)
+def test_one_side_blocked(c, lin, lout):
+    """Blocks on one side: the packing or the store as for NCHW, the other side blocked; batch 2,
+    padding on two sides only; a blocked y from tiles of 2 rows x 4 pixels and tasks of 3 rows
+    (tails in both: its store is new, NCHW's transposed one is test_grouped's)."""
+    spec = layer_spec("dw", c, (10, 9), (3, 3), 1, batch=2, padding=(0, 2, 1, 0))
+    tiles = {"tile_rows": 2, "block": 4, "rows": 3} if lout != NCHW else {}
+    knobs = {"vector": "channels", "layout_in": lin, "layout_out": lout, **tiles}
+    check_blocked(spec, knobs, "bias-residual-relu6", densities=(0.5,))
+
+
+@pytest.mark.slow  # 24 builds: every pair x every epilogue on a 5x5 stride-2 layer with a dilation
+@pytest.mark.parametrize("lin,lout", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+def test_every_epilogue_and_pair(epilogue, lin, lout):
+    spec = layer_spec("dw", L + L // 2, (13, 12), (5, 5), 2, padding=(1, 2, 3, 0))
+    check_blocked(spec, {"vector": "channels", "layout_in": lin, "layout_out": lout}, epilogue,
+                  densities=(0.0, 0.5, 1.0))
+
+
+@pytest.mark.parametrize("isa,target,runs", [c[:3] for c in isa_cases()], ids=[c[0] for c in isa_cases()])
+def test_other_isas(isa, target, runs):
+    """Blocks of another ISA's lanes (c_block, the default, is its vector)."""
+    layout = lanes_layout(cpu_of(target))
+    spec = layer_spec("dw", 3 * cpu_of(target).lanes // 2, (9, 11), (3, 3), 2)
+    knobs = {"vector": "channels", "layout_in": layout, "layout_out": layout}
+    if not runs:
+        CompiledLayer("grouped", spec, weight(spec), target=target, knobs=knobs)
+        pytest.skip(f"built for {isa} without running it: this host ({HOST.name}) has no {isa}")
+    layer = check_blocked(spec, knobs, "bias-residual-relu6", target, densities=(0.5,))
+    assert layer.knobs["c_block"] == cpu_of(target).lanes
+
+
+@pytest.mark.parametrize("kind,knobs,what", [
+    ("dw", {"vector": "width", "layout_out": BLOCKED}, "vector='channels'"),
+    ("dw2", {"layout_in": BLOCKED}, "depthwise layers without a channel multiplier"),
+    ("half", {"layout_out": BLOCKED}, "depthwise layers without a channel multiplier"),
+    ("dw", {"layout_in": BLOCKED, "c_block": 2 * L}, f"needs c_block={L}"),
+    ("dw", {"layout_out": f"nchw{2 * L}c"}, f"needs c_block={2 * L}"),
+    ("dw", {"layout_in": "nhwc"}, "layout_in"),
+])
+def test_refused_layout_knobs(kind, knobs, what):
+    spec = layer_spec(kind, 2 * L, (6, 6), (3, 3), 1)
+    with pytest.raises(KnobError, match=what):
+        GROUPED.constants(spec, weight(spec), None, GROUPED.knobs(spec, knobs))
+
+
+@pytest.mark.parametrize("target", [{"kind": "llvm", "mcpu": "skylake-avx512"}, {"kind": "llvm", "mcpu": "haswell"}],
+                         ids=["avx512", "avx2"])
+def test_knob_space_has_the_blocked_variants(target):
+    """Defaults in NCHW (plans without layout knobs read as before); a depthwise layer's space
+    holds every layout pair of the channels kernel in blocks of the target's lanes with c_block
+    one vector; a layer with a multiplier or groups of 2 channels holds NCHW only."""
+    cpu = cpu_of(target)
+    b = lanes_layout(cpu)
+    dw = layer_spec("dw", 96, (28, 28), (3, 3), 1)
+    assert GROUPED.layouts(dw, GROUPED.knobs(dw, None, cpu)) == (NCHW, NCHW)
+    space = GROUPED.knob_space(dw, cpu)
+    pairs = {(k["layout_in"], k["layout_out"]) for k in space}
+    assert pairs == {(i, o) for i in (NCHW, b) for o in (NCHW, b)}
+    assert all(k["vector"] == "channels" and k["c_block"] == cpu.lanes for k in space if k["layout_in"] != NCHW)
+    for kind in ("dw2", "half"):
+        spec = layer_spec(kind, 96, (28, 28), (3, 3), 1)
+        assert {(k["layout_in"], k["layout_out"]) for k in GROUPED.knob_space(spec, cpu)} == {(NCHW, NCHW)}
+
+
+# -- in a model -------------------------------------------------------------------------------------
+
+def mobile_onnx(path, c: int) -> str:
+    """x (1, 8, 9, 9) -> 1x1 8->c + bias -> ReLU -> depthwise 3x3 + bias -> clip(0, 6) -> depthwise
+    3x3 stride 1 + its input (the residual) -> 1x1 c->8: MobileNet-V2's inverted residual, with
+    c a partial number of blocks."""
+    rng = np.random.default_rng(0)
+    arrays = {"w1": (c, 8, 1, 1), "b1": (c,), "w2": (c, 1, 3, 3), "b2": (c,), "w3": (c, 1, 3, 3), "w4": (8, c, 1, 1)}
+    init = [numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype("float32"), n) for n, s in arrays.items()]
+    init += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=c),
+             helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=c),
+             helper.make_node("Add", ["c3", "r2"], ["a3"]),
+             helper.make_node("Conv", ["a3", "w4"], ["y"], kernel_shape=[1, 1])]
+    return save_onnx(path, "mobile", nodes, [1, 8, 9, 9], [1, 8, 9, 9], init)
+
+
+def test_depthwise_keeps_the_blocks_between_dense_layers(tmp_path):
+    """dense 1x1 (NCHW in, blocks out), two grouped depthwise layers on blocks (the second fusing
+    the residual, read in blocks), dense 1x1 (blocks in, NCHW out): no transform anywhere, as
+    LayoutGraph counts too; the model matches onnxruntime. With the depthwise layers in NCHW the
+    rewrite needs a transform on each side of them (what the blocked layers save)."""
+    c = L + L // 2
+    path = mobile_onnx(tmp_path / "mobile.onnx", c)
+    m = load_model(path)
+    x = np.random.default_rng(3).standard_normal((1, 8, 9, 9)).astype(np.float32)
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    algos = ["dense", "grouped", "grouped", "dense"]
+    blocked = [(NCHW, BLOCKED), (BLOCKED, BLOCKED), (BLOCKED, BLOCKED), (BLOCKED, NCHW)]
+
+    def plan_of(layouts):
+        return Plan([PlanLayer(s.key, s.spec.to_dict(), a, {"layout_in": i, "layout_out": o})
+                     for s, a, (i, o) in zip(m.sites, algos, layouts)])
+
+    b = build(m, plan_of(blocked), None)
+    assert list(b.applied.values()) == algos
+    assert b.transforms == []  # layout_transforms of the rewritten module
+    y = b.vm()["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose((y if hasattr(y, "numpy") else y[0]).numpy(), want, rtol=1e-4, atol=1e-4)
+
+    graph = LayoutGraph(m.mod["main"], {s.key: LayerChoice(a) for s, a in zip(m.sites, algos)}, m.sites)
+    assert graph.transforms({s.key: p for s, p in zip(m.sites, blocked)}) == []
+    nchw_dw = [(NCHW, BLOCKED), (NCHW, NCHW), (NCHW, NCHW), (BLOCKED, NCHW)]
+    moves = [(src, dst) for _, src, dst in graph.transforms({s.key: p for s, p in zip(m.sites, nchw_dw)})]
+    assert moves == [(BLOCKED, NCHW), (NCHW, BLOCKED)], moves
