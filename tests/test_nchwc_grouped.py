@@ -21,6 +21,7 @@ from tvm_sparseconv.layout import NCHW, channel_block, lanes_layout, layout_shap
 from tvm_sparseconv.passes import LayerChoice, LayoutGraph
 from tvm_sparseconv.plan import Plan, PlanLayer
 from tvm_sparseconv.reference import dense_conv2d
+from tvm_sparseconv.tune.layouts import pair_candidates, pairs, takes_blocks
 
 from conftest import HOST, activation, assert_conv_close, isa_cases, save_onnx, weight
 from test_grouped import EPILOGUES, layer_spec, nan_inf
@@ -156,6 +157,27 @@ def test_knob_space_has_the_blocked_variants(target):
     for kind in ("dw2", "half"):
         spec = layer_spec(kind, 96, (28, 28), (3, 3), 1)
         assert {(k["layout_in"], k["layout_out"]) for k in GROUPED.knob_space(spec, cpu)} == {(NCHW, NCHW)}
+
+
+def test_pair_candidates_of_the_layouts_phase():
+    """The tuner's layouts phase (tune/layouts.py) times a depthwise layer in each pair: the
+    plan's channels tile in each, and from a width tile (which takes no blocks) the pair's
+    defaults; a layer with a multiplier has no pair with blocks, so the phase leaves it alone."""
+    spec = layer_spec("dw", 3 * L, (14, 14), (3, 3), 1)
+    channels = GROUPED.knobs(spec, {"block": 7, "tile_rows": 2})
+    cands = pair_candidates(spec, channels, HOST, "grouped")
+    assert list(cands) == pairs(HOST) and takes_blocks(cands)
+    for (lin, lout), ks in cands.items():
+        assert ks[0] == {**channels, "layout_in": lin, "layout_out": lout}
+    width = GROUPED.knobs(spec, {"vector": "width"})
+    cands = pair_candidates(spec, width, HOST, "grouped")
+    assert cands[(NCHW, NCHW)] == [width]
+    for pair in pairs(HOST)[1:]:
+        want = GROUPED.knobs(spec, {"layout_in": pair[0], "layout_out": pair[1]})
+        assert cands[pair] == [want] and want["vector"] == "channels"
+    dw2 = layer_spec("dw2", L, (14, 14), (3, 3), 1)
+    assert not takes_blocks(pair_candidates(dw2, GROUPED.knobs(dw2), HOST, "grouped"))
+    assert not takes_blocks(pair_candidates(dw2, {}, HOST, "direct"))
 
 
 # -- in a model -------------------------------------------------------------------------------------

@@ -57,9 +57,10 @@ class Algorithm:
     ``sparse`` (it encodes the activation and skips its zeros), ``metaschedule`` (its stages
     are TE with static loops: MetaSchedule tunes them, it has no knobs), ``fuses_residual``
     (its last stage can add a residual input, Epilogue.residual), ``groups`` (it computes
-    grouped and depthwise convs; every algorithm takes any stride, dilation and padding).
-    :meth:`check` says whether it takes a layer; its knob space is :meth:`knob_grid`, beside
-    its kernel.
+    grouped and depthwise convs; every algorithm takes any stride, dilation and padding),
+    ``kernel_knob`` (the knob that chooses among its kernels, whose other defaults differ per
+    kernel; None when it has one kernel). :meth:`check` says whether it takes a layer; its knob
+    space is :meth:`knob_grid`, beside its kernel; :meth:`layouts` the layouts its knobs ask for.
     """
 
     name: str = ""
@@ -67,6 +68,7 @@ class Algorithm:
     metaschedule: bool = False
     fuses_residual: bool = False
     groups: bool = False
+    kernel_knob: str | None = None
     knob_defaults: Mapping[str, object] = {}
 
     # -- what the layer may be ------------------------------------------------------------

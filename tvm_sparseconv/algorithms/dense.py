@@ -521,6 +521,7 @@ class Dense(Algorithm):
     name = "dense"
     sparse = False
     fuses_residual = True
+    kernel_knob = "kernel"
 
     def default_knobs(self, spec: Conv2DSpec, cpu: CPU) -> dict:
         return default_tiling(spec, cpu)

@@ -1,10 +1,11 @@
 """grouped: register-tiled grouped and depthwise convolution in TIR.
 
-Specified in docs/algorithms.md section 15.
+Specified in docs/algorithms.md section 15 (the activation layouts: section 16).
 
 Layers with groups G > 1: depthwise (G = C, M = C*k for a channel multiplier k >= 1) and
 grouped (1 < G < C). Output channel m reads the Cg = C/G input channels of its group
-m // Mg (Mg = M/G). x N x C x H x W and y N x M x Oh x Ow are NCHW. Two kernels (knob
+m // Mg (Mg = M/G). x N x C x H x W and y N x M x Oh x Ow are NCHW unless knobs ``layout_in``
+and ``layout_out`` (layout.py) hold them in channel blocks (below). Two kernels (knob
 ``vector``, the axis the vector lanes run along), both output-stationary with the
 accumulators in registers, each parallel task first packing the input rows its outputs read
 into a scratch with the padding materialised (so that no tap is tested):
@@ -17,11 +18,16 @@ channels: tasks (n, channel block mb, band of ``rows`` output rows); xs Cg x Rin
     zero). A register tile is ``tile_rows`` rows x ``block`` pixels x cb channels:
     acc[k, b, :] += xs[ci, i, j, :] * w[mb, ci, l, q, :], one weight vector per tap serving
     the tile's pixels; stored by register transposes as vectors of pixels per channel.
+    Channel blocks (depthwise layers without a multiplier only, the block cb = c_block): x
+    N x ceil(C/cb) x H x W x cb, whose block mb holds in lane j the channel lane j of xs
+    holds, so a packed row is the block's row copied in vectors; y (and the residual)
+    N x ceil(M/cb) x Oh x Ow x cb, one accumulator vector stored per pixel, zeros past M.
 width: tasks (n, group g, band); xs Cg x Rin x Wp, the group's input rows with zero borders;
     for each of its Mg output channels a register tile is ``tile_rows`` rows x ``block``
     pixels in vectors along W: acc[k, p] += xs[ci, i, s*Sw + q*Dw] * w[m, ci, l, q] (a
     broadcast weight; w is the OIHW weight as given). Contiguous loads and stores at stride 1;
-    strided at Sw > 1 (correct, not fast: its knob space offers it at stride 1 only).
+    strided at Sw > 1 (correct, not fast: its knob space offers it at stride 1 only). NCHW
+    only.
 
 The epilogue (bias, residual, ReLU, clip) is applied in the store. Nothing is stored besides
 y: the scratch is per task, Rin = (rows-1)*Sh + (Kh-1)*Dh + 1 rows, sized by the knobs and the
@@ -452,6 +458,7 @@ class Grouped(Algorithm):
     sparse = False
     fuses_residual = True
     groups = True
+    kernel_knob = "vector"
 
     def check(self, spec: Conv2DSpec) -> None:
         if spec.groups == 1:

@@ -1,13 +1,14 @@
-"""The activation layout of each dense layer: NCHW or channel blocks, the transforms counted.
+"""The activation layout of each layer: NCHW or channel blocks, the transforms counted.
 
-A dense layer reads and writes NCHW or blocks of the CPU's lanes (knobs ``layout_in``,
-``layout_out``; docs/algorithms.md section 16). Timed alone, a layer may be faster in blocks;
+A layer on an algorithm with layout knobs (dense; grouped on depthwise layers) reads and
+writes NCHW or blocks of the CPU's lanes (knobs ``layout_in``, ``layout_out``;
+docs/algorithms.md section 16). Timed alone, a layer may be faster in blocks;
 but wherever a reader takes a tensor in another layout than its writer wrote it, the model
 rewrite inserts a transform (passes/rewrite_conv2d.py), and it always does at the model's
 edges and before an op that needs NCHW. So the layouts are chosen for the whole model at
 once, after the algorithms and tiles (docs/tuning.md, "Layouts"):
 
-1. per dense workload, each (layout_in, layout_out) pair with blocks timed alone
+1. per workload of such a layer, each (layout_in, layout_out) pair with blocks timed alone
    (``pair_candidates``: the plan's tile in that pair, and the pair's defaults; NCHW's time is
    the selection's);
 2. each transform a choice could need timed alone, once per shape and direction;
@@ -35,35 +36,48 @@ TRANSFORM = "layout"  # the trials records of transforms: {"algorithm": TRANSFOR
 
 
 def pairs(cpu: CPU) -> list[tuple[str, str]]:
-    """The (layout_in, layout_out) pairs a dense layer may take on ``cpu``: NCHW or the CPU's
-    blocks for each, NCHW both first."""
+    """The (layout_in, layout_out) pairs a layer may take on ``cpu``: NCHW or the CPU's blocks
+    for each, NCHW both first."""
     b = lanes_layout(cpu)
     return [(NCHW, NCHW), (NCHW, b), (b, NCHW), (b, b)]
 
 
-def pair_candidates(spec: Conv2DSpec, knobs: Mapping, cpu: CPU) -> dict[tuple[str, str], list[dict]]:
-    """{pair: the complete dense knob dicts to time for it}: ``knobs`` (the plan's tile, chosen
-    among the tiles in NCHW) with the pair's layouts, and for the pairs with blocks the defaults
-    of its kernel in that pair (the gemm kernel's tiles differ between vectors of pixels, from
-    NCHW, and of channels, from blocks); those the kernel refuses left out."""
-    dense = get_algorithm("dense")
+def pair_candidates(spec: Conv2DSpec, knobs: Mapping, cpu: CPU,
+                    algorithm: str = "dense") -> dict[tuple[str, str], list[dict]]:
+    """{pair: the complete knob dicts of ``algorithm`` to time for it}: ``knobs`` (the plan's
+    tile, chosen among the tiles in NCHW) with the pair's layouts, and for the pairs with
+    blocks the defaults of its kernel (Algorithm.kernel_knob) in that pair (dense's gemm tiles
+    differ between vectors of pixels, from NCHW, and of channels, from blocks), or, when that
+    kernel takes no blocks (grouped's width kernel), the pair's defaults; those the algorithm
+    refuses left out (an algorithm without layout knobs, or a layer it keeps in NCHW: every
+    pair with blocks empty)."""
+    algo = get_algorithm(algorithm)
     zeros = np.zeros(spec.w_shape, np.float32)
+
+    def complete(k):
+        try:
+            full = algo.knobs(spec, k, cpu)
+            algo.constants(spec, zeros, None, full)  # validates the tile for the layouts
+            return full
+        except (ValueError, KeyError):
+            return None
+
     out = {}
     for lin, lout in pairs(cpu):
-        cands = []
-        tried = [{**knobs, "layout_in": lin, "layout_out": lout}]
+        pair = {"layout_in": lin, "layout_out": lout}
+        found = [complete({**knobs, **pair})]
         if (lin, lout) != (NCHW, NCHW):  # the selection measured NCHW's
-            tried.append({"kernel": knobs.get("kernel"), "layout_in": lin, "layout_out": lout})
-        for k in tried:
-            try:
-                full = dense.knobs(spec, k, cpu)
-                dense.constants(spec, zeros, None, full)  # validates the tile for the layouts
-            except (ValueError, KeyError):
-                continue
-            if full not in cands:
-                cands.append(full)
-        out[(lin, lout)] = cands
+            kernel = {algo.kernel_knob: knobs.get(algo.kernel_knob)} if algo.kernel_knob else {}
+            found.append(complete({**kernel, **pair}))
+            if found[-1] is None:
+                found.append(complete(pair))
+        out[(lin, lout)] = [k for i, k in enumerate(found) if k is not None and k not in found[:i]]
     return out
+
+
+def takes_blocks(cands: Mapping[tuple[str, str], list]) -> bool:
+    """pair_candidates found a candidate with channel blocks on some side."""
+    return any(c for pair, c in cands.items() if pair != (NCHW, NCHW))
 
 
 def assign(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],

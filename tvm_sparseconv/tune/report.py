@@ -91,7 +91,7 @@ def write_report(run_dir: str) -> str:
 
 
 def _layouts_section(f, run_dir: str) -> None:
-    """The dense layers' layouts (layouts.json), when the run chose them."""
+    """The layers' layouts (layouts.json), when the run chose them."""
     path = os.path.join(run_dir, "layouts.json")
     if not os.path.exists(path):
         return
@@ -103,9 +103,9 @@ def _layouts_section(f, run_dir: str) -> None:
     except (ValueError, KeyError, TypeError):
         f.write("\nlayouts.json is unreadable: the layouts phase runs again on --resume.\n")
         return
-    f.write(f"\n## Layouts: NCHW or channel blocks\n\n{len(blocked)} of {len(lay['layouts'])} dense layers read or "
+    f.write(f"\n## Layouts: NCHW or channel blocks\n\n{len(blocked)} of {len(lay['layouts'])} layers with layout knobs read or "
             f"write channel blocks; {len(moves)} layout transforms "
-            f"({sum(t['ms'] for t in moves):.3f} ms). Dense layers and transforms, each timed alone: "
+            f"({sum(t['ms'] for t in moves):.3f} ms). Those layers and transforms, each timed alone: "
             f"{lay['ms']:.2f} ms, against {lay['nchw_ms']:.2f} ms with every layer in NCHW.\n\n")
     if blocked:
         f.write("| layer | layout in -> out |\n|---|---|\n")

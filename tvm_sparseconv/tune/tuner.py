@@ -14,8 +14,9 @@ inputs), ``trials.jsonl`` (every measured candidate, and each layout transform t
 ``database/`` (MetaSchedule JSON database), ``plan.json``, ``layouts.json`` (the layouts
 chosen and what they cost, layouts.py), ``refine.json`` and ``report.md`` with plots.
 
-The algorithms and tiles are chosen with every layer in NCHW; then the dense layers' layouts
-(NCHW or channel blocks) for the whole model, the transforms between them counted
+The algorithms and tiles are chosen with every layer in NCHW; then the layouts (NCHW or
+channel blocks) of the layers whose algorithm takes blocks (dense; grouped on depthwise
+layers) for the whole model, the transforms between them counted
 (layouts.py); then refine.
 
 Each candidate is built, checked and timed in a child process (worker.py): one that crashes
@@ -56,7 +57,7 @@ from ..reference import dense_conv2d
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
-from .layouts import TRANSFORM, assign, finite, pair_candidates
+from .layouts import TRANSFORM, assign, finite, pair_candidates, takes_blocks
 from .log import TuningLog, write_atomically
 from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, supports
 from .workloads import Workload, extract_workloads
@@ -79,7 +80,7 @@ class TuneConfig:
     margin: float = MARGIN         # share by which sparse must beat dense, and knobs their defaults
     repeat: int = 5
     cache: str = "fresh"           # what the caches hold when a candidate runs: CompiledLayer.time
-    layouts: bool = True           # then choose the dense layers' layouts, NCHW or channel blocks (layouts.py)
+    layouts: bool = True           # then choose the layers' layouts, NCHW or channel blocks (layouts.py)
     refine: bool = True            # then choose the dense layers' thread splits inside the model
     refine_rounds: int = 7         # refine's interleaved end-to-end rounds
     rpc: tuple | None = None       # (host, port, key)
@@ -389,43 +390,48 @@ class Tuner:
         return plan
 
     def layouts(self, plan: Plan) -> Plan:
-        """The dense layers' layouts for the whole model (layouts.py): each (layout_in,
-        layout_out) pair of each dense workload timed alone, each transform an assignment
+        """The layouts for the whole model (layouts.py) of the layers whose algorithm can hold
+        them in channel blocks (dense; grouped on depthwise layers): each (layout_in,
+        layout_out) pair of each such workload timed alone, each transform an assignment
         could need timed alone, then the assignment with the least sum. Writes plan.json (each
-        dense layer's knobs in its pair, its times per pair in the note) and layouts.json."""
+        such layer's knobs in its pair, its times per pair in the note) and layouts.json."""
         sites = self.model.sites
-        dense = {l.key: l for l in plan.layers if l.algorithm == "dense"}
-        if not dense:
+        cpu = cpu_of(self.target)
+        by_key = {k: w for w in self.workloads for k in w.keys}
+        work = {}  # (workload id, algorithm) -> (workload, {pair: [knobs]})
+        for l in plan.layers:  # an algorithm without layout knobs refuses every pair (pair_candidates)
+            w = by_key.get(l.key)
+            if w is not None and (w.id, l.algorithm) not in work:
+                work[(w.id, l.algorithm)] = (w, pair_candidates(w.spec, l.knobs, cpu, l.algorithm))
+        work = {wa: v for wa, v in work.items() if takes_blocks(v[1])}
+        blocks = {l.key: l for l in plan.layers if l.key in by_key and (by_key[l.key].id, l.algorithm) in work}
+        if not blocks:
             return plan
         if self.cfg.rpc:
             self.say("layouts: skipped (the transforms would be timed on this machine, the candidates ran over RPC)")
             return plan
-        cpu = cpu_of(self.target)
         graph = LayoutGraph(self.model.mod["main"], plan.choices(sites), sites)
-        by_key = {k: w for w in self.workloads for k in w.keys}
-        work = {}  # workload id -> (workload, {pair: [knobs]})
-        for k, l in dense.items():
-            w = by_key[k]
-            work.setdefault(w.id, (w, pair_candidates(w.spec, l.knobs, cpu)))
         p = Progress("layouts", sum(len(c) for _, cands in work.values() for c in cands.values()))
-        best = {}  # workload id -> {pair: (ms, knobs)}
+        best = {}  # (workload id, algorithm) -> {pair: (ms, knobs)}
         for wid, (w, cands) in work.items():
+            algorithm = wid[1]
             ref = None
             for pair, knobs_list in cands.items():
                 for knobs in knobs_list:
-                    rec = self.trials.find(w.id, "dense", knobs)
+                    rec = self.trials.find(w.id, algorithm, knobs)
                     if rec is None:
                         if self.deadline and time.monotonic() > self.deadline:
                             p.step(f"{w.id} {pair}: budget spent, skipped")
                             continue
                         if ref is None:
                             ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu, clip=w.clip)
-                        rec = self._measure_one(w, "dense", knobs, ref)
+                        rec = self._measure_one(w, algorithm, knobs, ref)
                         self.trials.append(rec)
                     p.step(f"{w.id} {pair[0]}->{pair[1]} {rec.get('time_ms') or rec.get('error')}")
                     if finite(rec.get("time_ms")) and rec["time_ms"] < best.get(wid, {}).get(pair, (math.inf,))[0]:
                         best.setdefault(wid, {})[pair] = (rec["time_ms"], knobs)
-        layer_ms = {k: {pair: ms for pair, (ms, _) in best.get(by_key[k].id, {}).items()} for k in dense}
+        layer_of = {k: (by_key[k].id, l.algorithm) for k, l in blocks.items()}
+        layer_ms = {k: {pair: ms for pair, (ms, _) in best.get(layer_of[k], {}).items()} for k in blocks}
         transforms = {}  # (shape, src, dst) -> ms
 
         def transform_ms(shape, src, dst):
@@ -437,14 +443,14 @@ class Tuner:
         out = copy.deepcopy(plan)
         for l in out.layers:
             if l.key in chosen:
-                ms, knobs = best[by_key[l.key].id][chosen[l.key]]
+                ms, knobs = best[layer_of[l.key]][chosen[l.key]]
                 l.note = {**l.note, "time_ms": ms,
                           "layout_ms": {f"{i}->{o}": t for (i, o), t in layer_ms[l.key].items()}}
                 if chosen[l.key] != (NCHW, NCHW):  # refine builds the plan with them too (refine.in_nchw)
                     l.note["nchw_knobs"] = l.knobs
                 l.knobs = knobs
         moves = graph.transforms(chosen)
-        self.say(f"layouts: {sum(1 for pr in chosen.values() if pr != (NCHW, NCHW))} of {len(chosen)} dense layers "
+        self.say(f"layouts: {sum(1 for pr in chosen.values() if pr != (NCHW, NCHW))} of {len(chosen)} layers "
                  f"in blocks, {len(moves)} transforms; layers + transforms {total:.3f} ms against {nchw_total:.3f} "
                  f"ms all NCHW (each timed alone)")
         write_atomically(os.path.join(self.run_dir, "layouts.json"), lambda f: json.dump({
