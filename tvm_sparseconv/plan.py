@@ -8,7 +8,7 @@ caches, cores. Layers are matched by key and checked against their shapes and at
 batch: a plan tuned at batch 1 applies at batch 8); a plan made for another model fails with an
 error naming the first layer that differs.
 
-A layer's activation layouts are knobs of its algorithm (dense: "layout_in", "layout_out",
+A layer's activation layouts are knobs of its algorithm (dense, grouped: "layout_in", "layout_out",
 "nchw" or "nchw{cb}c", layout.py); ``Plan.layouts`` reads them. Version 2 is version 1 with
 those knobs: a version-1 plan loads, every layer in NCHW. Layouts that do not chain (a layer
 reads blocks its producer does not write) are not refused: the model rewrite inserts the
