@@ -145,7 +145,8 @@ def test_refused_layout_knobs(kind, knobs, what):
 def test_knob_space_has_the_blocked_variants(target):
     """Defaults in NCHW (plans without layout knobs read as before); a depthwise layer's space
     holds every layout pair of the channels kernel in blocks of the target's lanes with c_block
-    one vector; a layer with a multiplier or groups of 2 channels holds NCHW only."""
+    one vector, after every NCHW candidate (the tuner's selection measures a prefix of those);
+    a layer with a multiplier or groups of 2 channels holds NCHW only."""
     cpu = cpu_of(target)
     b = lanes_layout(cpu)
     dw = layer_spec("dw", 96, (28, 28), (3, 3), 1)
@@ -154,6 +155,8 @@ def test_knob_space_has_the_blocked_variants(target):
     pairs = {(k["layout_in"], k["layout_out"]) for k in space}
     assert pairs == {(i, o) for i in (NCHW, b) for o in (NCHW, b)}
     assert all(k["vector"] == "channels" and k["c_block"] == cpu.lanes for k in space if k["layout_in"] != NCHW)
+    in_nchw = [GROUPED.layouts(dw, k) == (NCHW, NCHW) for k in space]
+    assert in_nchw == sorted(in_nchw, reverse=True)
     for kind in ("dw2", "half"):
         spec = layer_spec(kind, 96, (28, 28), (3, 3), 1)
         assert {(k["layout_in"], k["layout_out"]) for k in GROUPED.knob_space(spec, cpu)} == {(NCHW, NCHW)}

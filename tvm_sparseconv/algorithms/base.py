@@ -102,9 +102,14 @@ class Algorithm:
         rather than varying only its last one. A candidate that :meth:`knobs` or
         :meth:`constants` refuses is dropped, never measured."""
         cpu = cpu_of(cpu)
+        return spread(self.valid_knobs(spec, cpu, [{}] + list(self.knob_grid(spec, cpu))))
+
+    def valid_knobs(self, spec: Conv2DSpec, cpu: CPU, candidates: Iterable[Mapping]) -> list[dict]:
+        """The complete knob dicts of ``candidates`` that :meth:`knobs` and :meth:`constants`
+        take, each once, in order."""
         zeros = np.zeros(spec.w_shape, np.float32)
         seen, out = set(), []
-        for k in [{}] + list(self.knob_grid(spec, cpu)):
+        for k in candidates:
             try:
                 full = self.knobs(spec, k, cpu)
                 self.constants(spec, zeros, None, full)  # validates tile sizes cheaply
@@ -114,9 +119,7 @@ class Algorithm:
             if key not in seen:
                 seen.add(key)
                 out.append(full)
-        rest = out[1:]
-        random.Random(0).shuffle(rest)
-        return out[:1] + rest
+        return out
 
     # -- the compiled pipeline -------------------------------------------------------------
     def layouts(self, spec: Conv2DSpec, knobs: Mapping) -> tuple[str, str]:
@@ -160,6 +163,14 @@ def register(cls):
         raise ValueError(f"algorithm name {cls.name!r} is empty or taken")
     REGISTRY[cls.name] = cls()
     return cls
+
+
+def spread(knobs: list[dict], keep_first: bool = True) -> list[dict]:
+    """``knobs`` in a fixed shuffled order (the first one kept first when ``keep_first``), so
+    that a prefix spreads over every axis of a grid (Algorithm.knob_space)."""
+    head, rest = (knobs[:1], knobs[1:]) if keep_first else ([], list(knobs))
+    random.Random(0).shuffle(rest)
+    return head + rest
 
 
 def grid(**axes) -> Iterable[dict]:

@@ -47,7 +47,7 @@ from ..layout import NCHW, blocked, lanes_layout, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value, drop_unused, epilogue_inputs,
-                   grid, knob_block, prim, register, registers_ok, store_output)
+                   grid, knob_block, prim, register, registers_ok, spread, store_output)
 from .lanes import Lanes
 
 VECTORS = ("channels", "width")  # the axis the vector lanes run along: output channels, or output pixels of a row
@@ -504,6 +504,16 @@ class Grouped(Algorithm):
 
     def reference(self, spec, knobs, x, w):
         return dense_conv2d(spec, x, w)
+
+    def knob_space(self, spec: Conv2DSpec, cpu=None) -> list[dict]:
+        """As Algorithm.knob_space, the candidates in NCHW first, in the order they have without
+        the blocked ones (the tuner's selection measures a prefix of those: the blocks do not
+        move it), then those with blocks, spread the same way."""
+        cpu = cpu_of(cpu)
+        cands = list(self.knob_grid(spec, cpu))
+        nchw = [k for k in cands if self.layouts(spec, k) == (NCHW, NCHW)]
+        blocks = [k for k in cands if self.layouts(spec, k) != (NCHW, NCHW)]
+        return spread(self.valid_knobs(spec, cpu, [{}] + nchw)) + spread(self.valid_knobs(spec, cpu, blocks), False)
 
     def knob_grid(self, spec, cpu):
         """The tiles below in NCHW; for a depthwise layer without a multiplier, the channels

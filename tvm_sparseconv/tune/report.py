@@ -103,8 +103,8 @@ def _layouts_section(f, run_dir: str) -> None:
     except (ValueError, KeyError, TypeError):
         f.write("\nlayouts.json is unreadable: the layouts phase runs again on --resume.\n")
         return
-    f.write(f"\n## Layouts: NCHW or channel blocks\n\n{len(blocked)} of {len(lay['layouts'])} layers with layout knobs read or "
-            f"write channel blocks; {len(moves)} layout transforms "
+    f.write(f"\n## Layouts: NCHW or channel blocks\n\n{len(blocked)} of {len(lay['layouts'])} layers with layout "
+            f"knobs read or write channel blocks; {len(moves)} layout transforms "
             f"({sum(t['ms'] for t in moves):.3f} ms). Those layers and transforms, each timed alone: "
             f"{lay['ms']:.2f} ms, against {lay['nchw_ms']:.2f} ms with every layer in NCHW.\n\n")
     if blocked:
