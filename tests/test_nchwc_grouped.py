@@ -5,6 +5,7 @@ and a depthwise layer between two blocked 1x1 dense layers in a model, against o
 The channel counts come from the host's lanes L: 2L (whole blocks) and L + L/2 (a partial last
 block: 24 on AVX-512, 12 on AVX2)."""
 import itertools
+import json
 
 import numpy as np
 import onnxruntime as ort
@@ -234,3 +235,45 @@ def test_depthwise_keeps_the_blocks_between_dense_layers(tmp_path):
     nchw_dw = [(NCHW, BLOCKED), (NCHW, NCHW), (NCHW, NCHW), (BLOCKED, NCHW)]
     moves = [(src, dst) for _, src, dst in graph.transforms({s.key: p for s, p in zip(m.sites, nchw_dw)})]
     assert moves == [(BLOCKED, NCHW), (NCHW, BLOCKED)], moves
+
+
+def test_layouts_phase_puts_the_depthwise_layers_in_blocks(tmp_path):
+    """The tuner's layouts phase on the model above with synthetic layer and transform times (no
+    measurement: Tuner._measure_one and _transform_ms replaced): every pair of the dense and the
+    grouped workloads is considered, the assignment puts the depthwise layers in blocks with
+    their neighbours (2 transforms, at the edges), the plan's grouped knobs are valid blocked
+    channels tiles with their NCHW knobs in the note, and the plan compiles and matches
+    onnxruntime."""
+    from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
+
+    c = L + L // 2
+    path = mobile_onnx(tmp_path / "mobile.onnx", c)
+    m = load_model(path)
+    x = np.random.default_rng(3).standard_normal((1, 8, 9, 9)).astype(np.float32)
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tuner = Tuner(m, [x], str(tmp_path / "run"), config=TuneConfig(search="exhaustive"))
+    tuner.profile()
+    algos = ["dense", "grouped", "grouped", "dense"]
+    plan = Plan([PlanLayer(s.key, s.spec.to_dict(), a, get_algorithm(a).knobs(s.spec, None, HOST))
+                 for s, a in zip(m.sites, algos)])
+    timed = []
+
+    def synthetic(w, a, knobs, ref):  # a blocked side saves a quarter of the time
+        timed.append((a, knobs["layout_in"], knobs["layout_out"]))
+        return {"workload": w.id, "algorithm": a, "knobs": knobs,
+                "time_ms": 1.0 - 0.25 * (knobs["layout_in"] != NCHW) - 0.25 * (knobs["layout_out"] != NCHW)}
+
+    tuner._measure_one = synthetic
+    tuner._transform_ms = lambda shape, src, dst, cache: cache.setdefault((tuple(shape), src, dst), 0.2)
+    out = tuner.layouts(plan)
+    assert {(a, i, o) for a in ("dense", "grouped") for i, o in pairs(HOST)} <= set(timed)
+    assert list(out.layouts().values()) == [(BLOCKED, BLOCKED)] * 4
+    for l in out.layers:
+        if l.algorithm == "grouped":
+            assert l.knobs["vector"] == "channels" and l.knobs["c_block"] == L and "nchw_knobs" in l.note
+    lay = json.loads((tmp_path / "run" / "layouts.json").read_text())
+    assert [(t["src"], t["dst"]) for t in lay["transforms"]] == [(NCHW, BLOCKED), (BLOCKED, NCHW)]
+    b = build(m, out, None)
+    assert [t for _, _, t in b.transforms] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"]
+    y = b.vm()["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose((y if hasattr(y, "numpy") else y[0]).numpy(), want, rtol=1e-4, atol=1e-4)
