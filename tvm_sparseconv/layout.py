@@ -43,6 +43,11 @@ def blocked(cb: int) -> str:
     return f"nchw{int(cb)}c"
 
 
+def layout_of_block(cb: int) -> str:
+    """The layout whose channel block is ``cb`` (the inverse of channel_block): "nchw" for 0."""
+    return blocked(cb) if cb else NCHW
+
+
 def lanes_layout(cpu) -> str:
     """The blocked layout of ``cpu``'s vector width (cpu.CPU): one vector per pixel's block."""
     return blocked(cpu.lanes)

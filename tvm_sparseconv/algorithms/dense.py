@@ -31,7 +31,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
-from ..layout import NCHW, lanes_layout, layout_shape
+from ..layout import NCHW, lanes_layout, layout_of_block, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value, drop_unused, epilogue_inputs,
@@ -181,8 +181,8 @@ def _pad_func(spec: Conv2DSpec, cb: int):
     NB = _cdiv(C, L)
 
     @T.prim_func
-    def pad(x: T.Buffer(layout_shape(spec.x_shape, _layout(cb)), "float32"),
-            xp: T.Buffer(layout_shape((N, C, Hp, Wp), _layout(cb)), "float32")):
+    def pad(x: T.Buffer(layout_shape(spec.x_shape, layout_of_block(cb)), "float32"),
+            xp: T.Buffer(layout_shape((N, C, Hp, Wp), layout_of_block(cb)), "float32")):
         xv = _lanes_view(x, (N, C, H, W), cb)
         pv = _lanes_view(xp, (N, C, Hp, Wp), cb)
         for t in T.parallel(N * NB):
@@ -200,10 +200,6 @@ def _pad_func(spec: Conv2DSpec, cb: int):
                         pv[t // NB, t % NB, h, w, l] = T.float32(0)
 
     return pad
-
-
-def _layout(cb: int) -> str:
-    return NCHW if cb == 0 else f"nchw{cb}c"
 
 
 def _when(flag: bool, cond):
@@ -475,8 +471,8 @@ def _multiply_prim(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, x_shape, w_s
     """multiply(x, w[, bias][, res], y) whose body is the macro ``body(x, w, bias, res, y)``; x
     (NCHW ``x_shape``) in layout_in, y and res in layout_out, bias padded to the M tiles when
     y is blocked."""
-    x_shape = layout_shape(x_shape, _layout(tl.cb_in))
-    y_shape = layout_shape(spec.y_shape, _layout(tl.cb_out))
+    x_shape = layout_shape(x_shape, layout_of_block(tl.cb_in))
+    y_shape = layout_shape(spec.y_shape, layout_of_block(tl.cb_out))
     bias_len = tl.n_mt * tl.m_tile if tl.cb_out else spec.out_channels
 
     @T.prim_func
@@ -512,7 +508,7 @@ def padded_storage(spec: Conv2DSpec, tl: DenseTiling) -> Storage:
     """The padded copy xp (N x C x Hp x Wp float32, in layout_in) when there is one, else nothing."""
     if not _copies(spec, tl):
         return Storage(0, 0)
-    shape = layout_shape((spec.batch, spec.in_channels, spec.padded_h, spec.padded_w), _layout(tl.cb_in))
+    shape = layout_shape((spec.batch, spec.in_channels, spec.padded_h, spec.padded_w), layout_of_block(tl.cb_in))
     return Storage.of((int(np.prod(shape)), 4))
 
 
@@ -555,13 +551,13 @@ class Dense(Algorithm):
         if _copies(spec, tl):
             xin, xin_shape = "xp", (spec.batch, spec.in_channels, spec.padded_h, spec.padded_w)
             stages.append(Stage("pad", "encode", prim(_pad_func(spec, tl.cb_in)), ("x",),
-                                (Buffer("xp", layout_shape(xin_shape, _layout(tl.cb_in))),)))
+                                (Buffer("xp", layout_shape(xin_shape, layout_of_block(tl.cb_in))),)))
         if tl.kernel == "gemm":
             mul = _gemm_func(spec, tl, cpu, epilogue)
         else:
             mul = _window_func(spec, tl, cpu, epilogue, xin_shape, inplace=xin == "x")
         stages.append(Stage("multiply", "multiply", prim(mul), (xin, "w") + epilogue_inputs(epilogue),
-                            (Buffer("y", layout_shape(spec.y_shape, _layout(tl.cb_out))),)))
+                            (Buffer("y", layout_shape(spec.y_shape, layout_of_block(tl.cb_out))),)))
         return stages
 
     def storage(self, spec, knobs, produced):

@@ -43,7 +43,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from ..cpu import CPU, cpu_of
-from ..layout import NCHW, blocked, lanes_layout, layout_shape
+from ..layout import NCHW, lanes_layout, layout_of_block, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value, drop_unused, epilogue_inputs,
@@ -428,10 +428,6 @@ def _width_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     return _multiply_prim(spec, tl, ep, spec.w_shape, body)
 
 
-def _layout(cb: int) -> str:
-    return blocked(cb) if cb else NCHW
-
-
 def _bias_len(spec: Conv2DSpec, tl: GroupedTiling) -> int:
     """M, or whole blocks of M when y is blocked (the lanes past M read bias 0)."""
     return _cdiv(spec.out_channels, tl.cb_out) * tl.cb_out if tl.cb_out else spec.out_channels
@@ -440,7 +436,8 @@ def _bias_len(spec: Conv2DSpec, tl: GroupedTiling) -> int:
 def _multiply_prim(spec: Conv2DSpec, tl: GroupedTiling, ep: Epilogue, w_shape, body):
     """multiply(x, w[, bias][, res], y) whose body is the macro ``body(x, w, bias, res, y)``; x in
     layout_in, y and res in layout_out (layout.layout_shape), bias _bias_len long."""
-    x_shape, y_shape = layout_shape(spec.x_shape, _layout(tl.cb_in)), layout_shape(spec.y_shape, _layout(tl.cb_out))
+    x_shape = layout_shape(spec.x_shape, layout_of_block(tl.cb_in))
+    y_shape = layout_shape(spec.y_shape, layout_of_block(tl.cb_out))
     bias_len = _bias_len(spec, tl)
 
     @T.prim_func
@@ -492,7 +489,7 @@ class Grouped(Algorithm):
         self.check(spec)
         tl, cpu = make_tiling(spec, knobs), cpu_of(cpu)
         make = _channels_func if tl.vector == "channels" else _width_func
-        y_shape = layout_shape(spec.y_shape, _layout(tl.cb_out))
+        y_shape = layout_shape(spec.y_shape, layout_of_block(tl.cb_out))
         return [Stage("multiply", "multiply", prim(make(spec, tl, cpu, epilogue)),
                       ("x", "w") + epilogue_inputs(epilogue), (Buffer("y", y_shape),))]
 
