@@ -118,6 +118,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _covering(items, names) -> list:
+    """The items (in collection order) that first show some value of one of ``names`` (the
+    parametrize names): a sample in which every value of every axis appears at least once."""
+    seen, keep = set(), []
+    for item in items:
+        values = {(n, repr(item.callspec.params.get(n))) for n in names}
+        if not values <= seen:
+            keep.append(item)
+            seen |= values
+    return keep
+
+
+def extended_asked_for(config) -> bool:
+    """The extended tests were selected by name (-m extended ...) or TVMS_EXTENDED=1."""
+    return "extended" in (config.getoption("markexpr") or "") or os.environ.get("TVMS_EXTENDED") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers (README "Tests"): a test marked ``cover(*names)`` keeps in the default run only the
+    items of a covering sample of its grid (_covering), the rest being ``extended``; extended tests
+    are deselected unless asked for (extended_asked_for): the default run is CI's, the extended
+    one adds the exhaustive grids and long campaigns."""
+    by_function = {}
+    for item in items:
+        if item.get_closest_marker("cover") and hasattr(item, "callspec"):
+            by_function.setdefault(item.function, []).append(item)
+    for group in by_function.values():
+        kept = set(map(id, _covering(group, group[0].get_closest_marker("cover").args)))
+        for item in group:
+            if id(item) not in kept:
+                item.add_marker(pytest.mark.extended)
+                item.add_marker(pytest.mark.slow)
+    if extended_asked_for(config):
+        return
+    dropped = [i for i in items if i.get_closest_marker("extended")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if not i.get_closest_marker("extended")]
+
+
 @pytest.fixture(params=GRID, ids=grid_id)
 def grid_case(request):
     return grid_spec(request.param)

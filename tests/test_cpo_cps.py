@@ -73,7 +73,8 @@ def make_spec(xs, ws, stride, padding, dilation):
     return Conv2DSpec.from_shapes(xs, (m, xs[1], kh, kw), stride, padding, dilation)
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # a grid: the fast tier has test_conformance, the default run a covering sample
+@pytest.mark.cover("alg", "case")
 @pytest.mark.parametrize("alg", ["cpo", "cps"])
 @pytest.mark.parametrize("case", range(len(LAYERS)))
 def test_layers_gather(alg, case):
@@ -81,7 +82,8 @@ def test_layers_gather(alg, case):
     run_layer(alg, spec, epilogue=bool(case % 2), seed=case)
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # a grid: the fast tier has test_conformance, the default run a covering sample
+@pytest.mark.cover("alg", "case")
 @pytest.mark.parametrize("alg", ["cpo", "cps"])
 @pytest.mark.parametrize("case", range(0, len(LAYERS), 2))
 def test_layers_scatter(alg, case):

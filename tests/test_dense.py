@@ -33,7 +33,8 @@ def check_all_densities(spec, knobs=None, seed=0):
     return layer
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # a grid: the fast tier has test_conformance, the default run a covering sample
+@pytest.mark.cover("grid_case", "knobs")
 @pytest.mark.parametrize("knobs", KNOB_SETS, ids=["defaults", "tails-cblock-rowouter", "odd-tiles-padcopy-rowband"])
 def test_grid_all_densities(grid_case, knobs):
     check_all_densities(grid_case, knobs)

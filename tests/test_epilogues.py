@@ -172,8 +172,9 @@ def test_mixed_plan_fuses_every_activation_and_the_add(inverted_onnx):
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow  # one model build per algorithm
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.slow  # one model build per algorithm: the default run has the two MobileNet's plans use
+@pytest.mark.parametrize("algorithm", [a if a in ("dense", "grouped") else pytest.param(a, marks=pytest.mark.extended)
+                                       for a in ALGORITHMS])
 def test_every_algorithm_on_the_block(inverted_onnx, algorithm):
     if not any(accepts(algorithm, s.spec) for s in load_model(inverted_onnx).sites):
         pytest.skip(f"{algorithm} computes none of the block's layers (groups 1)")

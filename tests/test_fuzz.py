@@ -116,7 +116,8 @@ def test_a_small_slice_through_the_cli(tmp_path, capsys):
     assert saved["candidates"] == 4 * 3 + 2 and set(saved["seconds_by_algorithm"]) == {"direct", "dense", "halo"}
 
 
-@pytest.mark.slow  # 40 layers through every algorithm: several minutes
+@pytest.mark.slow
+@pytest.mark.extended  # 40 layers through every algorithm: about 10 minutes
 def test_a_bigger_slice_through_the_cli(capsys):
     rc = main(["fuzz", "--layers", "40", "--seed", "2024"])
     cap = capsys.readouterr()

@@ -163,15 +163,17 @@ GRID_KERNELS = [(1, 1), (3, 3), (5, 5), (3, 5)]
 GRID_CASES = list(itertools.product(GRID_KINDS, GRID_KERNELS, (1, 2), VECTORS))
 
 
-@pytest.mark.slow  # 64 builds
-@pytest.mark.parametrize("case", range(len(GRID_CASES)),
-                         ids=[f"{k[0]}-k{kk[0]}x{kk[1]}-s{s}-{v}" for k, kk, s, v in GRID_CASES])
-def test_grid(case):
+@pytest.mark.slow  # 64 builds: the default run a covering sample, the extended run all
+@pytest.mark.cover("kind", "kernel", "stride", "vector")
+@pytest.mark.parametrize("vector", VECTORS)
+@pytest.mark.parametrize("stride", (1, 2), ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("kernel", GRID_KERNELS, ids=lambda k: f"k{k[0]}x{k[1]}")
+@pytest.mark.parametrize("kind", GRID_KINDS, ids=lambda k: k[0])
+def test_grid(kind, kernel, stride, vector):
     """groups 2, C/2 and C (multiplier 1 and 2) x 1x1, 3x3, 5x5, 3x5 x strides 1, 2 x both
     kernels, SAME padding on a 12 x 13 input (asymmetric at stride 2), the epilogues in turn."""
-    (kind, c), kernel, stride, vector = GRID_CASES[case]
-    epilogue = list(EPILOGUES)[case % len(EPILOGUES)]
-    check(layer_spec(kind, c, (12, 13), kernel, stride), {"vector": vector}, epilogue)
+    epilogue = list(EPILOGUES)[GRID_CASES.index((kind, kernel, stride, vector)) % len(EPILOGUES)]
+    check(layer_spec(kind[0], kind[1], (12, 13), kernel, stride), {"vector": vector}, epilogue)
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ def _cases():
                 yield pytest.param(name, target, runs, algorithm, id=f"{name}-{algorithm}")
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # a grid: the default run covers each ISA, algorithm and case once, the extended run all
+@pytest.mark.cover("isa", "algorithm", "case")
 @pytest.mark.parametrize("case", CASES, ids=grid_id)
 @pytest.mark.parametrize("isa,target,runs,algorithm", list(_cases()))
 def test_every_kernel_on_the_other_isas(isa, target, runs, algorithm, case):

@@ -122,6 +122,7 @@ def test_profile_densities_equal_onnxruntime_zero_counts(model):
         assert 0.05 < l.density_mean < 0.95 if r else l.density_mean > 0.95, (l.key, r, l.density_mean)
 
 
+@pytest.mark.cover("model", "algorithm")  # the default run: every algorithm on one model, each model once
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_on_every_eligible_layer(model, algorithm):
     name, m, xs, refs = model

@@ -169,7 +169,8 @@ BLOCKED_KNOB_SETS = [
 ]
 
 
-@pytest.mark.slow  # an exhaustive grid; the fast tier has test_every_layout_pair
+@pytest.mark.slow  # a grid: the fast tier has test_every_layout_pair, the default run a covering sample
+@pytest.mark.cover("case", "knobs", "lin", "lout")
 @pytest.mark.parametrize("lin,lout", PAIRS[1:], ids=PAIR_IDS[1:])
 @pytest.mark.parametrize("knobs", BLOCKED_KNOB_SETS, ids=["m8-cblock3-rowouter", "m64-cblock7-padcopy-rowband"])
 @pytest.mark.parametrize("case", GRID, ids=grid_id)

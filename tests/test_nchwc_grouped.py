@@ -106,7 +106,8 @@ def test_one_side_blocked(c, lin, lout):
     check_blocked(spec, knobs, "bias-residual-relu6", densities=(0.5,))
 
 
-@pytest.mark.slow  # 18 builds: every pair x every epilogue
+@pytest.mark.slow  # 18 builds: every pair x every epilogue (the default run a covering sample)
+@pytest.mark.cover("epilogue", "lin", "lout")
 @pytest.mark.parametrize("lin,lout", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
 @pytest.mark.parametrize("epilogue", list(EPILOGUES))
 def test_every_epilogue_and_pair(epilogue, lin, lout):

@@ -61,7 +61,8 @@ def check_layer(layer: CompiledLayer, w: np.ndarray, densities=DENSITIES, seed: 
             assert nnz == 0 and layer.storage().elements == pointers
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # a grid: the fast tier has test_conformance, the default run a covering sample
+@pytest.mark.cover("algorithm", "grid_case")
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_grid_all_densities(algorithm, grid_case):
     w = weight(grid_case)
@@ -83,7 +84,8 @@ VARIANTS = [(a, k) for a in ALGORITHMS[:2] for k in KNOB_VARIANTS] + [("pixcsr",
     [("hybrid", k) for k in HYBRID_VARIANTS]
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # a grid: the fast tier has test_conformance, the default run a covering sample
+@pytest.mark.cover("algorithm", "knobs", "case")
 @pytest.mark.parametrize("algorithm,knobs", VARIANTS,
                          ids=lambda v: v if isinstance(v, str) else "-".join(f"{a}{b}" for a, b in v.items()))
 @pytest.mark.parametrize("case", [GRID[2], GRID[7], GRID[8]], ids=("k3s2asym", "dil2", "k1s2batch2"))

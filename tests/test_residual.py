@@ -22,7 +22,8 @@ def test_every_kernel_fuses():
     assert FUSING == list(ALGORITHMS)
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # a grid: the fast tier has test_conformance, the default run a covering sample
+@pytest.mark.cover("algorithm", "knobs", "case", "density")
 @pytest.mark.parametrize("algorithm,knobs", [(a, None) for a in FUSING] +
                          [("dense", {"kernel": "window", "pad": "copy"}), ("dense", {"c_block": 8})])
 @pytest.mark.parametrize("case", [GRID[0], GRID[1], GRID[2], GRID[8]], ids=("k1", "k3", "k3s2batch2", "k1s2batch2"))

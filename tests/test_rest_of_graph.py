@@ -23,13 +23,13 @@ ort = pytest.importorskip("onnxruntime")
 REFUSED = {"Resize-nearest-sizes-opset11": "TVM cannot import", "Resize-nearest-axes-opset19": "TVM cannot import",
            "Resize-linear-axes-opset18": "TVM cannot import",
            "Resize-linear-half-pixel-down": "does not give a whole size"}
-# one case per kind of op runs in the fast tier, the variants in the slow one
+# one case per kind of op runs in the fast tier, the variants in the extended run
 FAST = {"Sigmoid", "Softmax-axis1", "Concat-channels", "BatchNormalization", "MaxPool-pad1", "AveragePool-ceil",
         "GlobalAveragePool", "Resize-linear-half-pixel", "Resize-linear-half-pixel-down"}
 
 
 def _marked(c):
-    return c if c.id in FAST else pytest.param(*c.values, id=c.id, marks=pytest.mark.slow)
+    return c if c.id in FAST else pytest.param(*c.values, id=c.id, marks=(pytest.mark.slow, pytest.mark.extended))
 
 
 # the cases whose input is the 4-D activation a conv makes (not opset 2: onnxruntime has no
