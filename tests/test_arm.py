@@ -5,8 +5,10 @@ arrays against their NumPy twins), the shipped models with a mixed plan against 
 on this machine, and `tvm-sparseconv tune --rpc-tracker` end to end. Under qemu the timings
 mean nothing: these tests check results and the flow, never a speed.
 
-Marked ``arm`` (and ``slow``): they run with ``python -m pytest -m arm``; arm_bench.py says
-where the bench comes from and when they skip.
+Marked ``arm`` (and ``slow``): they run with ``python -m pytest -m arm``, which has a covering
+sample of the kernel grid, MobileNet-V2 and the rest; TVMS_EXTENDED=1 adds the whole grid,
+ResNet-50 and the tune (conftest's tiers). arm_bench.py says where the bench comes from and
+when they skip.
 """
 import dataclasses
 import glob
@@ -71,6 +73,7 @@ def _intact_past_the_count(layer: CompiledLayer, x: np.ndarray) -> None:
             assert (np.isnan(tail) if tail.dtype.kind == "f" else tail == -1).all(), name
 
 
+@pytest.mark.cover("algorithm", "case")  # the default arm run: each algorithm and case once
 @pytest.mark.parametrize("case", CASES, ids=grid_id)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_kernel_on_aarch64(session, algorithm, case):
@@ -116,7 +119,7 @@ def run_remote(session, lib_path: str, x: np.ndarray) -> np.ndarray:
     return (out if hasattr(out, "numpy") else out[0]).numpy()
 
 
-@pytest.mark.parametrize("name", ["mobilenet-v2", "resnet50-nsfw"])
+@pytest.mark.parametrize("name", ["mobilenet-v2", pytest.param("resnet50-nsfw", marks=pytest.mark.extended)])
 def test_model_with_a_mixed_plan_against_onnxruntime(session, name, tmp_path):
     """Every algorithm on some layer of the model, built for AArch64 here, run on the emulated
     CPU, against onnxruntime on this machine."""
@@ -134,6 +137,7 @@ def test_model_with_a_mixed_plan_against_onnxruntime(session, name, tmp_path):
 TUNED = ("direct", "dense", "pixcsr", "hybrid", "halo", "cpo")
 
 
+@pytest.mark.extended  # about 5 minutes under qemu
 def test_tune_over_the_rpc_tracker_then_compile_and_run(tracker, tmp_path):
     """`tune --rpc-tracker --exhaustive` to the emulated servers (MetaSchedule's trials for TVM's
     conv2d and every algorithm's knob configs, all timed there) writes a plan made for the NEON CPU; the

@@ -184,6 +184,7 @@ def test_batch8(vector, stride):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # about 100 s of builds; test_grid and test_conformance cover the kernels
 def test_knob_space_sample():
     """The first 16 candidates of the knob space (the tuner's spread prefix) on one layer, each
     with a dilation, a partial vector of channels and a partial pixel tile."""

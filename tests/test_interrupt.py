@@ -183,6 +183,29 @@ def test_tune_killed_at_random_points_resumes_to_a_valid_plan(small_model, tmp_p
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
 
 
+def test_a_ctrl_c_that_tvm_hands_back_as_a_runtime_error_is_a_ctrl_c():
+    """SIGINT inside a Python pass that TVM runs reaches the caller as a RuntimeError (tvm-ffi has
+    no KeyboardInterrupt kind); under interrupt.watching, check() makes it a KeyboardInterrupt
+    again, so that `except Exception` handlers (a failed candidate) do not swallow it."""
+    from tvm_sparseconv import interrupt
+
+    @tvm.transform.module_pass(opt_level=0, name="interrupted")
+    def interrupted(mod, ctx):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # the handler runs here and raises
+        return mod
+
+    interrupt.check()  # nothing seen: nothing raised
+    with interrupt.watching():
+        with pytest.raises(Exception) as e:
+            interrupted(tvm.IRModule())
+        assert not isinstance(e.value, KeyboardInterrupt)  # what TVM makes of it
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+    interrupt.check()  # outside the block it is forgotten
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path):
     p = tmp_path / "log.jsonl"
     said = []

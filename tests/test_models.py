@@ -250,6 +250,7 @@ def test_mobilenet_batch8_top1_onnxruntime_and_mixed_plan():
     assert_matches_onnxruntime(run(tvms_compile(m, plan=plan), x), ref)
 
 
+@pytest.mark.extended  # about 5 minutes: 17 grouped kernels of each kind (the mixed plan has grouped too)
 def test_mobilenet_depthwise_layers_on_grouped_the_rest_on_dense():
     """MobileNet-V2 as a user would build it without tuning: dense on its 1x1 and stem layers,
     grouped (both kernels, in turn) on its 17 depthwise 3x3 layers, each with its ReLU6 fused;

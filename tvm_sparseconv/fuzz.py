@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, asdict
 
 import numpy as np
 
+from . import interrupt
 from .algorithms import ALGORITHMS, KnobError, get_algorithm, knob_space
 from .conv import Conv2DSpec, ConvSpecError, UnsupportedConvError
 from .layer import synthesize_activation, synthesize_weight
@@ -490,6 +491,7 @@ def run_fuzz_layer(layer: FuzzLayer, worker: Worker, algorithms=ALGORITHMS, targ
         except CandidateCrash as e:
             o.status, o.error = "error", f"CandidateCrash: {e}"
         except Exception as e:  # the build or the run raised, or OutOfBounds
+            interrupt.check()
             o.status, o.error = "error", _one_line(e)
         else:
             o.max_abs_error, o.tolerance = max_abs_error(r["y"], ref), tol

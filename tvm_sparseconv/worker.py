@@ -139,7 +139,16 @@ class Worker:
         self._conn, child = ctx.Pipe()
         # daemon: multiprocessing's own exit hook terminates it should ours not have run
         self._proc = ctx.Process(target=_serve, args=(child, name, os.getpid()), name="tvms-worker", daemon=True)
-        self._proc.start()
+        # SIGINT blocked while the child is made: it starts with the signal blocked (the mask
+        # survives exec), so a Ctrl-C to the process group while it imports TVM is the parent's
+        # alone; the parent gets it when the mask is restored
+        masked = hasattr(signal, "pthread_sigmask")
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masked else None
+        try:
+            self._proc.start()
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         child.close()
         try:
             if not self._conn.poll(limit if math.isfinite(limit) else None):
@@ -148,6 +157,9 @@ class Worker:
             self._conn.recv_bytes()
         except (EOFError, OSError):
             raise self._crash() from None
+        except BaseException:  # Ctrl-C while it starts: the child goes before its stderr file does
+            self._stop(kill=True)
+            raise
         finally:
             # the child has it open now (or is dead): nameless, it goes with the last of the two
             # processes however they end, a kill -9 included

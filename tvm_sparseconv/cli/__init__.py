@@ -22,10 +22,16 @@ def main(argv=None) -> int:
     from ..conv import ConvSpecError, UnsupportedConvError
     from ..target import CrossCompilerError
     from ..worker import CandidateCrash
+    from .. import interrupt
     from .commands import run
 
     try:
-        return run(args, argv)
+        with interrupt.watching():
+            try:
+                return run(args, argv)
+            except Exception:
+                interrupt.check()  # a Ctrl-C that TVM handed back as another error is a Ctrl-C
+                raise
     except (ConvSpecError, UnsupportedConvError, FileNotFoundError, ValueError, json.JSONDecodeError,
             CrossCompilerError) as e:
         # ModelError, PlanError, ImageError and KnobError are ValueErrors too

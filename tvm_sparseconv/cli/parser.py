@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "weights warm), warm (everything warm, the layer alone) or cold (all but the first "
                      "argument flushed); over RPC fresh falls back to cold")
     tun.add_argument("--no-layouts", action="store_true", help="keep every layer's activations in NCHW: skip the "
-                     "phase that times the dense layers in channel blocks and the transforms between layouts, "
-                     "and chooses each layer's layouts for the whole model")
+                     "phase that times in channel blocks the layers that take them (dense, and grouped on "
+                     "depthwise layers) and the transforms between layouts, and chooses each layer's "
+                     "layouts for the whole model")
     tun.add_argument("--no-refine", action="store_true", help="skip the last phase, which compiles the model "
                      "with each thread split of the dense layers and keeps the fastest end to end (`refine`)")
     tun.add_argument("--refine-rounds", type=int, default=7,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
+from .. import interrupt
+
 _MIN_EXTENT = 64  # below this a parallel loop costs more than it saves
 
 
@@ -36,13 +38,14 @@ def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     try:
         root = sch.get_sblock("root")
     except Exception:
+        interrupt.check()
         return func
     blocks = sch.get_child_blocks(root)
     for blk in blocks[:-1]:  # producers such as a pad: computed where they are read, no buffer
         try:
             sch.compute_inline(blk)
         except Exception:  # not inlinable (a reduction, several consumers): keep it
-            pass
+            interrupt.check()
     for blk in sch.get_child_blocks(root):
         loops = sch.get_loops(blk)
         block = sch.get(blk)
@@ -70,6 +73,7 @@ def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
             fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
             sch.parallel(fused)
         except Exception:  # a loop the schedule may not fuse or parallelise: keep it serial
+            interrupt.check()
             continue
     return sch.mod["main"]
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .. import interrupt
 from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, get_algorithm
 from ..build import CACHE_MODES, CompiledLayer, CompiledTransform
 from ..conv import Epilogue
@@ -175,6 +176,16 @@ class Tuner:
 
     # -- phases ------------------------------------------------------------------------------
     def run(self) -> Plan:
+        """Every phase, then the report; a Ctrl-C (or SIGINT) is a KeyboardInterrupt, also when TVM
+        handed it back as another error (interrupt.py)."""
+        with interrupt.watching():
+            try:
+                return self._run()
+            except Exception:
+                interrupt.check()
+                raise
+
+    def _run(self) -> Plan:
         workloads = self.profile()
         if self.cfg.trials > 0 and any(a in METASCHEDULE for a in self.cfg.algorithms):
             self.metaschedule(workloads)
@@ -358,6 +369,7 @@ class Tuner:
                 self.db_dir if a in METASCHEDULE else None, Cached(w.x), Cached(ref), tolerance(w.spec, ref),
                 self.cfg.repeat, self.cfg.cache, self.cfg.rpc, timeout=self.cfg.candidate_timeout))
         except Exception as e:
+            interrupt.check()
             rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
             if isinstance(e, CandidateCrash):
                 self.say(f"{w.id} {a} {knobs}: candidate crashed, recorded as failed: {e}")
@@ -474,6 +486,7 @@ class Tuner:
                                                     self.cfg.repeat, self.cfg.cache,
                                                     timeout=self.cfg.candidate_timeout))
                 except Exception as e:
+                    interrupt.check()
                     rec["error"] = f"{type(e).__name__}: {str(e).strip()[-300:]}"
                 self.trials.append(rec)
             cache[key] = rec["time_ms"] if finite(rec.get("time_ms")) else math.inf
