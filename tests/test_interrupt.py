@@ -36,8 +36,11 @@ class Tune:
     """One `python -m tvm_sparseconv.cli tune` process; a thread collects its stderr lines."""
 
     def __init__(self, model: str, *args: str):
+        # SIGINT at its default in the child: a pytest-xdist worker ignores it, and an ignored
+        # signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)
         self.proc = subprocess.Popen([sys.executable, "-m", "tvm_sparseconv.cli", "tune", model, *TUNE, *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.err: list[str] = []
         self.reader = threading.Thread(target=lambda: self.err.extend(iter(self.proc.stderr.readline, "")))
         self.reader.start()
@@ -195,15 +198,19 @@ def test_a_ctrl_c_that_tvm_hands_back_as_a_runtime_error_is_a_ctrl_c():
         time.sleep(2)  # the handler runs here and raises
         return mod
 
-    interrupt.check()  # nothing seen: nothing raised
-    with interrupt.watching():
-        with pytest.raises(Exception) as e:
-            interrupted(tvm.IRModule())
-        assert not isinstance(e.value, KeyboardInterrupt)  # what TVM makes of it
-        with pytest.raises(KeyboardInterrupt):
-            interrupt.check()
-    interrupt.check()  # outside the block it is forgotten
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own (a pytest-xdist worker ignores it)
+    try:
+        interrupt.check()  # nothing seen: nothing raised
+        with interrupt.watching():
+            with pytest.raises(Exception) as e:
+                interrupted(tvm.IRModule())
+            assert not isinstance(e.value, KeyboardInterrupt)  # what TVM makes of it
+            with pytest.raises(KeyboardInterrupt):
+                interrupt.check()
+        interrupt.check()  # outside the block it is forgotten
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path):
