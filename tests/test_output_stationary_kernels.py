@@ -178,7 +178,7 @@ def test_pixcsr_transposed_tiles(shape, wshape, stride, padding, knobs):
 HYBRID_TILE_KNOBS = ({}, {"block": 3}, {"dense_from": 2})  # added to the first three TILE_CASES
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # the default run has it, the fast tier has test_conformance
 @pytest.mark.parametrize("shape,wshape,stride,padding,knobs",
                          [(*case[:4], {**case[4], **extra}) for case, extra in zip(TILE_CASES, HYBRID_TILE_KNOBS)],
                          ids=TILE_IDS[:3])
@@ -305,7 +305,7 @@ def small_layers(draw):
     return spec, knobs, draw(st.sampled_from((0.0, 0.2, 0.6, 1.0))), draw(st.integers(0, 2**16))
 
 
-@pytest.mark.slow  # an exhaustive grid: the full run has it, the fast tier has test_conformance
+@pytest.mark.slow  # the default run has it, the fast tier has test_conformance
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @settings(max_examples=6, deadline=None)
 @given(case=small_layers())
