@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Measure on this CPU and regenerate docs/benchmarks.md: the shipped models that have shipped plans
-# end to end (bench, 5 rounds in turn; not mobilenet-v2, which has no plan shipped) and the
-# per-layer set against the peers (examples/bench_layers.sh peers).
+# Measure on this CPU and regenerate docs/benchmarks.md: the shipped models end to end (bench, 5
+# rounds in turn; each with its shipped plan for this CPU, else the plan the cost model predicts)
+# and the per-layer set against the peers (examples/bench_layers.sh peers).
 # The JSON goes to docs/results/<target key>/; docs/benchmarks.md is made from every CPU's.
 # Run it alone: anything else on the cores makes the timings worthless. About 20 minutes on 2 cores.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 key=$(python -c "from tvm_sparseconv.target import target_key; print(target_key(None))")
 out=docs/results/$key
 mkdir -p "$out/layers"
-for model in vgg16-tumor resnet50-nsfw; do
+for model in vgg16-tumor resnet50-nsfw mobilenet-v2; do
   tvm-sparseconv bench "$model" --images skimage:astronaut --rounds 5 --repeat 5 --json > "$out/bench-$model.json"
 done
 OUT=$out/layers bash examples/bench_layers.sh peers > /dev/null
