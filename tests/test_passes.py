@@ -212,3 +212,41 @@ def test_probe_conv_inputs_returns_every_conv_input_after_the_output():
             return (c, x, gv)
 
     tvm.ir.assert_structural_equal(ProbeConvInputs()(Before), Expected)
+
+
+def _legalized(op, shape) -> tvm.tirx.PrimFunc:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(op(x))
+        bb.emit_func_output(y)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return next(f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def test_one_reduction_rule_leaves_softmax_to_parallelize_rest():
+    """dlight's Reduction rule would recompute a softmax's two reductions at every output
+    element; the rule the lowering uses declines functions with more than one reduction, and
+    ParallelizeRest keeps the reductions outside the parallel loop. The numbers agree with NumPy."""
+    from tvm_sparseconv.compile import one_reduction_rule
+    from tvm_sparseconv.target import make_target
+
+    target = make_target(None)
+    rule = one_reduction_rule()
+    softmax = _legalized(lambda x: relax.op.nn.softmax(x, axis=-1), (1, 1000))
+    assert rule.apply(softmax, target, False) is None
+    mean = _legalized(lambda x: relax.op.mean(x, axis=[2, 3], keepdims=True), (1, 64, 7, 7))
+    assert rule.apply(mean, target, False) is not None  # one reduction: dlight schedules it
+    par = ParallelizeRest()(tvm.IRModule({"main": softmax}))["main"]
+    # the reductions sit in serial loops before the parallel one, not inside it
+    text = par.script()
+    parallel_at = text.index("T.parallel")
+    assert text.index('T.sblock("T_softmax_maxelem")') < parallel_at
+    assert text.index('T.sblock("T_softmax_expsum")') < parallel_at
+    x = np.random.default_rng(0).standard_normal((1, 1000)).astype("float32")
+    f = tvm.compile(tvm.IRModule({"main": par.with_attr("global_symbol", "main")}), target=target)
+    y = tvm.runtime.tensor(np.zeros_like(x))
+    f["main"](tvm.runtime.tensor(x), y)
+    e = np.exp(x.astype(np.float64) - x.max())
+    np.testing.assert_allclose(y.numpy(), e / e.sum(), rtol=1e-5, atol=1e-7)

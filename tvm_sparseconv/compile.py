@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
+from . import interrupt
 from .frontend import Model, load_model
 from .graph import find_conv_sites
 from .passes import RewriteConv2D, applied_layers, layout_transforms
@@ -51,6 +52,38 @@ def _resolve(sites, plan, algorithm, target, model_info=None) -> Plan:
     return Plan.uniform(sites, algorithm or "direct", target, model_info)
 
 
+def _reduction_blocks(func: tvm.tirx.PrimFunc) -> int:
+    """How many of the function's top-level blocks reduce (have a reduction axis)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # no root block: nothing for a reduction rule
+        interrupt.check()
+        return 0
+    return sum(any(iv.iter_type != 0 for iv in sch.get(b).iter_vars) for b in blocks)
+
+
+def one_reduction_rule():
+    """dlight's CPU Reduction rule, on functions with at most one reduction block. With two or
+    more (a softmax: the max, then the sum of exps) the rule computes them at each element of
+    the parallel output loop, so every output repeats the whole reduction: a 1000-class softmax
+    took 1.86 ms instead of microseconds. Those are left to ParallelizeRest."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.base import ScheduleRule
+
+    class OneReduction(ScheduleRule):
+        rule = dl.cpu.Reduction()
+
+        def apply(self, func, target, tunable):
+            if not isinstance(func, tvm.tirx.PrimFunc) or _reduction_blocks(func) > 1:
+                return None
+            return self.rule.apply(func, target, tunable)
+
+    return OneReduction()
+
+
 def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
     """tvm-sparseconv's passes over a module whose ``main`` has the conv layers ``sites``; run
     them with ``target`` entered (dlight reads it from there). The plan is checked against the
@@ -71,7 +104,7 @@ def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
             mod = apply_database(mod, db, target)  # our tunable stages (they carry layer attributes)
             with db:  # TVM's own ops, by structural hash
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), one_reduction_rule())(mod)
         return ParallelizeRest()(mod)
 
     return lower_pass
