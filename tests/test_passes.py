@@ -229,11 +229,11 @@ def test_one_reduction_rule_leaves_softmax_to_parallelize_rest():
     """dlight's Reduction rule would recompute a softmax's two reductions at every output
     element; the rule the lowering uses declines functions with more than one reduction, and
     ParallelizeRest keeps the reductions outside the parallel loop. The numbers agree with NumPy."""
-    from tvm_sparseconv.compile import one_reduction_rule
+    from tvm_sparseconv.compile import OneReduction
     from tvm_sparseconv.target import make_target
 
     target = make_target(None)
-    rule = one_reduction_rule()
+    rule = OneReduction()
     softmax = _legalized(lambda x: relax.op.nn.softmax(x, axis=-1), (1, 1000))
     assert rule.apply(softmax, target, False) is None
     mean = _legalized(lambda x: relax.op.mean(x, axis=[2, 3], keepdims=True), (1, 64, 7, 7))

@@ -21,7 +21,9 @@ import tempfile
 from dataclasses import dataclass, field
 
 import tvm
-from tvm import relax
+from tvm import relax, s_tir
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.base import ScheduleRule
 
 from . import interrupt
 from .frontend import Model, load_model
@@ -54,8 +56,6 @@ def _resolve(sites, plan, algorithm, target, model_info=None) -> Plan:
 
 def _reduction_blocks(func: tvm.tirx.PrimFunc) -> int:
     """How many of the function's top-level blocks reduce (have a reduction axis)."""
-    from tvm import s_tir
-
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     try:
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -65,23 +65,18 @@ def _reduction_blocks(func: tvm.tirx.PrimFunc) -> int:
     return sum(any(iv.iter_type != 0 for iv in sch.get(b).iter_vars) for b in blocks)
 
 
-def one_reduction_rule():
+class OneReduction(ScheduleRule):
     """dlight's CPU Reduction rule, on functions with at most one reduction block. With two or
     more (a softmax: the max, then the sum of exps) the rule computes them at each element of
     the parallel output loop, so every output repeats the whole reduction: a 1000-class softmax
     took 1.86 ms instead of microseconds. Those are left to ParallelizeRest."""
-    from tvm.s_tir import dlight as dl
-    from tvm.s_tir.dlight.base import ScheduleRule
 
-    class OneReduction(ScheduleRule):
-        rule = dl.cpu.Reduction()
+    rule = dl.cpu.Reduction()
 
-        def apply(self, func, target, tunable):
-            if not isinstance(func, tvm.tirx.PrimFunc) or _reduction_blocks(func) > 1:
-                return None
-            return self.rule.apply(func, target, tunable)
-
-    return OneReduction()
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tvm.tirx.PrimFunc) or _reduction_blocks(func) > 1:
+            return None
+        return self.rule.apply(func, target, tunable)
 
 
 def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
@@ -93,8 +88,6 @@ def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.Lower")
     def lower_pass(mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        from tvm.s_tir import dlight as dl
-
         mod = RewriteConv2D(choices, target, sites=sites)(mod)
         mod = tvm.transform.Sequential([
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
@@ -104,7 +97,7 @@ def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
             mod = apply_database(mod, db, target)  # our tunable stages (they carry layer attributes)
             with db:  # TVM's own ops, by structural hash
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), one_reduction_rule())(mod)
+        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), OneReduction())(mod)
         return ParallelizeRest()(mod)
 
     return lower_pass

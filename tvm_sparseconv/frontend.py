@@ -9,8 +9,8 @@ conv's bias is a plain constant the rewrite pass can fuse.
 from __future__ import annotations
 
 import functools
-import os
 import hashlib
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
