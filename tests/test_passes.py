@@ -7,8 +7,9 @@ with the attributes it must add), so that the whole module is compared."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tvm
-from tvm import relax
+from tvm import relax, te
 from tvm.script import ir as I, relax as R, tirx as T
 
 from tvm_sparseconv.algorithms import get_algorithm
@@ -229,7 +230,7 @@ def test_one_reduction_rule_leaves_softmax_to_parallelize_rest():
     """dlight's Reduction rule would recompute a softmax's two reductions at every output
     element; the rule the lowering uses declines functions with more than one reduction, and
     ParallelizeRest keeps the reductions outside the parallel loop. The numbers agree with NumPy."""
-    from tvm_sparseconv.compile import OneReduction
+    from tvm_sparseconv.schedule_rules import OneReduction
     from tvm_sparseconv.target import make_target
 
     target = make_target(None)
@@ -250,3 +251,62 @@ def test_one_reduction_rule_leaves_softmax_to_parallelize_rest():
     f["main"](tvm.runtime.tensor(x), y)
     e = np.exp(x.astype(np.float64) - x.max())
     np.testing.assert_allclose(y.numpy(), e / e.sum(), rtol=1e-5, atol=1e-7)
+
+
+def _fused_head(batch: int, k: int, n: int) -> tvm.tirx.PrimFunc:
+    """The PrimFunc of x (batch x k) @ w (k x n) + b after Relax fuses it, as a classifier
+    head from ONNX arrives at the dlight rules (the weight's transpose folded into it)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, k), "float32"))
+    w = relax.Var("w", relax.TensorType((k, n), "float32"))
+    b = relax.Var("b", relax.TensorType((n,), "float32"))
+    with bb.function("main", [x, w, b]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.add(relax.op.matmul(x, w), b))
+        bb.emit_func_output(y)
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
+    return next(f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+@pytest.mark.parametrize("batch,k,n", [(1, 1280, 1000), (8, 96, 1000), (2, 64, 5)])
+def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n):
+    """A K x N head: each parallel task keeps a tile of outputs in vectors and walks k (the
+    old schedule read w down its columns); the bias add goes in the same task. Values against
+    NumPy float64, the tile a divisor of N (no tail)."""
+    from tvm_sparseconv.cpu import cpu_of
+    from tvm_sparseconv.schedule_rules import ColumnGEMV, column_tile
+    from tvm_sparseconv.target import make_target
+
+    target = make_target(None)
+    tile = column_tile(n, cpu_of(target).lanes)
+    assert tile is not None and n % tile == 0
+    sch = ColumnGEMV().apply(_fused_head(batch, k, n), target, False)
+    assert sch is not None
+    func = sch.mod["main"]
+    text = func.script()
+    assert f"T.parallel(T.int64({n // tile}))" in text and f"T.vectorized(T.int64({tile}))" in text
+    f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype("float32") for s in ((batch, k), (k, n), (n,)))
+    y = tvm.runtime.tensor(np.zeros((batch, n), "float32"))
+    f["main"](*(tvm.runtime.tensor(a) for a in (x, w, b)), y)
+    np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ w + b, rtol=1e-4, atol=1e-4)
+
+
+def test_column_gemv_declines_what_it_cannot_vectorize():
+    """An N with no divisor of a vector's size (a prime) and a weight laid out N x K (dlight's
+    own GEMV takes it) are left to the next rule."""
+    from tvm_sparseconv.schedule_rules import ColumnGEMV, column_tile
+    from tvm_sparseconv.target import make_target
+
+    target = make_target(None)
+    assert column_tile(1009, 16) is None and column_tile(1009, 8) is None
+    assert column_tile(1000, 16) == 40 and column_tile(1000, 8) == 8 and column_tile(5, 16) == 5
+    assert ColumnGEMV().apply(_fused_head(1, 64, 1009), target, False) is None
+    nk = _legalized(lambda x: relax.op.matmul(x, relax.const(np.ones((32, 64), "float32"))), (1, 32))
+    assert ColumnGEMV().apply(nk, target, False) is not None  # (1 x 32) @ (32 x 64): K x N
+    x, w = te.placeholder((1, 32), name="x"), te.placeholder((64, 32), name="w")
+    r = te.reduce_axis((0, 32), "r")
+    kn = te.create_prim_func([x, w, te.compute((1, 64), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r))])
+    assert ColumnGEMV().apply(kn, target, False) is None  # w is N x K: contiguous along k

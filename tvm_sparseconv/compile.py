@@ -5,7 +5,8 @@ CLI all go through it:
 
     lower:  RewriteConv2D (the plan's layers become their algorithms' stages)
             -> LegalizeOps, FuseOps, FuseTIR (the rest of the graph)
-            -> the MetaSchedule database, if given -> dlight's CPU rules -> ParallelizeRest
+            -> the MetaSchedule database, if given -> dlight's CPU rules and ours
+            (schedule_rules.py) -> ParallelizeRest
     build:  lower -> tvm.compile (TVM's default Relax and TIR pipelines) -> an Executable
 
 The same flow is the Relax pipeline ``"tvm_sparseconv"`` (``pipeline``), so that a TVM user
@@ -21,16 +22,15 @@ import tempfile
 from dataclasses import dataclass, field
 
 import tvm
-from tvm import relax, s_tir
+from tvm import relax
 from tvm.s_tir import dlight as dl
-from tvm.s_tir.dlight.base import ScheduleRule
 
-from . import interrupt
 from .frontend import Model, load_model
 from .graph import find_conv_sites
 from .passes import RewriteConv2D, applied_layers, layout_transforms
 from .passes.parallelize_rest import ParallelizeRest
 from .plan import Plan
+from .schedule_rules import ColumnGEMV, OneReduction
 from .stages import apply_database, kernel_table, open_database
 from .target import cross_compiler, export_library, make_target, runs_here, target_triple
 from .worker import Cached, CandidateCrash, shared_worker
@@ -54,31 +54,6 @@ def _resolve(sites, plan, algorithm, target, model_info=None) -> Plan:
     return Plan.uniform(sites, algorithm or "direct", target, model_info)
 
 
-def _reduction_blocks(func: tvm.tirx.PrimFunc) -> int:
-    """How many of the function's top-level blocks reduce (have a reduction axis)."""
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    try:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # no root block: nothing for a reduction rule
-        interrupt.check()
-        return 0
-    return sum(any(iv.iter_type != 0 for iv in sch.get(b).iter_vars) for b in blocks)
-
-
-class OneReduction(ScheduleRule):
-    """dlight's CPU Reduction rule, on functions with at most one reduction block. With two or
-    more (a softmax: the max, then the sum of exps) the rule computes them at each element of
-    the parallel output loop, so every output repeats the whole reduction: a 1000-class softmax
-    took 1.86 ms instead of microseconds. Those are left to ParallelizeRest."""
-
-    rule = dl.cpu.Reduction()
-
-    def apply(self, func, target, tunable):
-        if not isinstance(func, tvm.tirx.PrimFunc) or _reduction_blocks(func) > 1:
-            return None
-        return self.rule.apply(func, target, tunable)
-
-
 def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
     """tvm-sparseconv's passes over a module whose ``main`` has the conv layers ``sites``; run
     them with ``target`` entered (dlight reads it from there). The plan is checked against the
@@ -97,7 +72,7 @@ def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
             mod = apply_database(mod, db, target)  # our tunable stages (they carry layer attributes)
             with db:  # TVM's own ops, by structural hash
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), OneReduction())(mod)
+        mod = dl.ApplyDefaultSchedule(ColumnGEMV(), dl.cpu.GEMV(), OneReduction())(mod)
         return ParallelizeRest()(mod)
 
     return lower_pass
