@@ -235,13 +235,13 @@ def _ops(mod) -> set[str]:
 @pytest.mark.slow  # a model build with TVM's conv2d
 def test_algorithm_grouped_takes_the_grouped_layers(depthwise_model):
     """``algorithm="grouped"`` (compile --algorithm grouped) puts it on the three depthwise layers
-    and leaves TVM's conv2d ("direct", the documented fallback) on the 1x1 layers; the model
+    and the documented fallback (algorithms.dense_fallback: dense) on the 1x1 layers; the model
     matches onnxruntime."""
     m, x, want = depthwise_model
     plan = resolve_plan(m, None, "grouped", None)
-    assert [l.algorithm for l in plan.layers] == ["direct", "grouped", "grouped", "grouped", "direct"]
+    assert [l.algorithm for l in plan.layers] == ["dense", "grouped", "grouped", "grouped", "dense"]
     _, applied = lower(m, plan, None)
-    assert list(applied.values()) == ["direct", "grouped", "grouped", "grouped", "direct"]
+    assert list(applied.values()) == ["dense", "grouped", "grouped", "grouped", "dense"]
     vm = relax.VirtualMachine(tvms_compile(m, algorithm="grouped"), tvm.cpu())
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), want, rtol=1e-4, atol=1e-4)
 

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-from .algorithms import ALGORITHMS, get_algorithm
+from .algorithms import ALGORITHMS, dense_fallback, get_algorithm
 from .conv import Conv2DSpec, UnsupportedConvError
 from .graph import ConvSite
 from .passes import LayerChoice
@@ -99,18 +99,20 @@ class Plan:
     # -- making and applying --------------------------------------------------------------
     @classmethod
     def uniform(cls, sites: list[ConvSite], algorithm: str, target=None, model: dict | None = None) -> "Plan":
-        """``algorithm`` on every layer that it supports; "direct" (TVM's conv2d) elsewhere."""
+        """``algorithm`` on every layer that it supports; elsewhere algorithms.dense_fallback (the
+        hand-scheduled dense kernel that takes the layer: grouped for a depthwise conv under
+        ``algorithm="dense"``; TVM's conv2d where none does)."""
         algo = get_algorithm(algorithm)
         layers = []
         for s in sites:
             chosen = algorithm
-            if s.why_dense is not None:
-                chosen = "direct"
+            if s.why_dense is not None and algorithm != "direct":
+                chosen = dense_fallback(s.spec, s.why_dense)
             else:
                 try:
                     algo.check(s.spec)
                 except UnsupportedConvError:
-                    chosen = "direct"
+                    chosen = dense_fallback(s.spec)
             layers.append(PlanLayer(s.key, s.spec.to_dict(), chosen))
         return cls(layers, target, model or {})
 

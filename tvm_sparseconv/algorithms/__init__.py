@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from ..conv import UnsupportedConvError
 from .base import REGISTRY, Algorithm, Buffer, KnobError, Stage
 
 for _m in pkgutil.iter_modules(__path__):
@@ -42,10 +43,24 @@ def get_algorithm(name: str) -> Algorithm:
         raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}") from None
 
 
+def dense_fallback(spec, why_dense: str | None = None) -> str:
+    """The algorithm of a layer that the one asked for does not take: the first registered dense
+    hand-scheduled algorithm that takes it (dense, or grouped for a grouped conv), "direct"
+    (TVM's conv2d) where none does or the layer is one only it takes (``why_dense``)."""
+    for n in DENSE if why_dense is None else ():
+        if not REGISTRY[n].metaschedule:
+            try:
+                REGISTRY[n].check(spec)
+                return n
+            except UnsupportedConvError:
+                pass
+    return "direct"
+
+
 def knob_space(name: str, spec, target=None) -> list[dict]:
     """Algorithm.knob_space of ``name`` for the CPU of ``target`` (None: this machine)."""
     return get_algorithm(name).knob_space(spec, target)
 
 
 __all__ = ["ALGORITHMS", "SPARSE", "DENSE", "METASCHEDULE", "Algorithm", "Buffer", "Stage", "KnobError",
-           "get_algorithm", "knob_space"]
+           "dense_fallback", "get_algorithm", "knob_space"]

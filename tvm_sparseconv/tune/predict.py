@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from ..algorithms import ALGORITHMS, REGISTRY, get_algorithm
+from ..algorithms import ALGORITHMS, REGISTRY, dense_fallback, get_algorithm
 from ..cpu import cpu_of
 from ..frontend import Model, load_model
 from ..plan import Plan, PlanLayer
@@ -52,12 +52,11 @@ def rule_choice(spec, why_dense: str | None, density: float, target=None) -> tup
     """(algorithm, knobs) of the fixed rule for one layer: RULE_SPARSE (its default knobs) below
     RULE_DENSITY, RULE_DENSE at or above; where neither takes the layer, the first registered dense
     hand-scheduled algorithm that does; "direct" (TVM's conv2d) where none does."""
-    order = ((RULE_SPARSE,) if density < RULE_DENSITY else ()) + (RULE_DENSE,) + tuple(
-        a for a in ALGORITHMS if not REGISTRY[a].sparse and not REGISTRY[a].metaschedule)
-    for a in order:
+    for a in ((RULE_SPARSE,) if density < RULE_DENSITY else ()) + (RULE_DENSE,):
         if a in REGISTRY and supports(a, spec, why_dense):
             return a, get_algorithm(a).knobs(spec, None, target)
-    return "direct", {}
+    a = dense_fallback(spec, why_dense)
+    return a, (get_algorithm(a).knobs(spec, None, target) if a != "direct" else {})
 
 
 def densities_of(model: Model, images) -> tuple[list[Density], str]:
