@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .cost_model import PARAMS, ROUNDS, CostModel, TrainingRun
-from .predict import KNOB_MARGIN, RULE_DENSE, RULE_DENSITY, RULE_SPARSE
+from .predict import KNOB_MARGIN, rule_choice
 from .space import MARGIN, choose
 
 TOP_K = (1, 3, 5)  # the offline table's recall@k: the measured best among the k predicted fastest
@@ -55,7 +55,7 @@ def held_out_scores(model: CostModel, runs: list[TrainingRun]) -> dict:
             pick = choose(recs, cs[0].spec, MARGIN, cs[0].cpu, knob_margin=KNOB_MARGIN)[0]["i"]
             best = int(np.argmin(ms))
             order = [int(i) for i in np.argsort(np.where(known, pred, np.inf), kind="stable")]
-            rule_algo = RULE_SPARSE if cs[0].density.mean < RULE_DENSITY else RULE_DENSE
+            rule_algo = rule_choice(cs[0].spec, None, cs[0].density.mean, cs[0].cpu)[0]
             rule = next((i for i, c in enumerate(cs) if c.algorithm == rule_algo), None)
             if rule is None:  # the log did not measure the rule's algorithm here
                 continue
