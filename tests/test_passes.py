@@ -269,17 +269,19 @@ def _fused_head(batch: int, k: int, n: int) -> tvm.tirx.PrimFunc:
     return next(f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
-@pytest.mark.parametrize("batch,k,n", [(1, 1280, 1000), (8, 96, 1000), (2, 64, 5)])
+@pytest.mark.parametrize("batch,k,n", [(1, 1280, 1000), (8, 96, 1000), (2, 64, 5), (1, 25088, 64)])
 def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n):
     """A K x N head: each parallel task keeps a tile of outputs in vectors and walks k (the
-    old schedule read w down its columns); the bias add goes in the same task. Values against
+    old schedule read w down its columns); the bias add goes in the same task. VGG-16's
+    25088 -> 64 head still gives each core a task. Values against
     NumPy float64, the tile a divisor of N (no tail)."""
     from tvm_sparseconv.cpu import cpu_of
     from tvm_sparseconv.schedule_rules import ColumnGEMV, column_tile
     from tvm_sparseconv.target import make_target
 
     target = make_target(None)
-    tile = column_tile(n, cpu_of(target).lanes)
+    cpu = cpu_of(target)
+    tile = column_tile(n, cpu.lanes, cpu.cores)
     assert tile is not None and n % tile == 0
     sch = ColumnGEMV().apply(_fused_head(batch, k, n), target, False)
     assert sch is not None
@@ -303,6 +305,7 @@ def test_column_gemv_declines_what_it_cannot_vectorize():
     target = make_target(None)
     assert column_tile(1009, 16) is None and column_tile(1009, 8) is None
     assert column_tile(1000, 16) == 40 and column_tile(1000, 8) == 8 and column_tile(5, 16) == 5
+    assert column_tile(64, 16, 1) == 64 and column_tile(64, 16, 2) == 32 and column_tile(64, 16, 8) == 16
     assert ColumnGEMV().apply(_fused_head(1, 64, 1009), target, False) is None
     nk = _legalized(lambda x: relax.op.matmul(x, relax.const(np.ones((32, 64), "float32"))), (1, 32))
     assert ColumnGEMV().apply(nk, target, False) is not None  # (1 x 32) @ (32 x 64): K x N

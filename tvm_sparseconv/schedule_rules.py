@@ -60,18 +60,21 @@ def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x is not None and x.same_as(y) for x, y in zip(a, b))
 
 
-def column_tile(n: int, lanes: int) -> int | None:
-    """Outputs per thread task: the largest divisor of ``n`` up to 4 vectors that is a multiple
-    of gcd(n, lanes), so that it vectorizes without a tail; None below one vector (an n with
-    no such divisor: dlight's rules take it)."""
+def column_tile(n: int, lanes: int, cores: int = 1) -> int | None:
+    """Outputs per thread task: a divisor of ``n`` up to 4 vectors and a multiple of
+    gcd(n, lanes), so that it vectorizes without a tail; the largest that still gives every
+    core a task (a 25088 -> 64 head is 2 tasks of 32 on 2 cores, not 1 of 64), else the
+    smallest (the most tasks). None below one vector (an n with no such divisor: dlight's rules take it)."""
     g = gcd(n, lanes)
-    tile = max(d for d in range(g, 4 * lanes + 1, g) if n % d == 0) if g <= 4 * lanes else None
-    return tile if tile is not None and tile >= min(lanes, n) else None
+    tiles = [d for d in range(g, 4 * lanes + 1, g) if n % d == 0 and d >= min(lanes, n)]
+    if not tiles:
+        return None
+    return max((d for d in tiles if n // d >= cores), default=min(tiles))
 
 
 class ColumnGEMV(ScheduleRule):
-    """A matmul ``y[b..., n] = sum_k x[b..., k] * w[k, n]``, then at most one elementwise
-    block (the bias add), whose weight is laid out K x N: the classifier head of a model from
+    """A matmul ``y[b..., n] = sum_k x[b..., k] * w[k, n]``, then elementwise blocks (bias add,
+    ReLU, a folded BatchNorm's multiply-add), whose weight is laid out K x N: the classifier head of a model from
     ONNX, whose transpose the importer folded into the constant. dlight's GEMV rule takes only
     weights contiguous along k, and its Reduction rule read this one down its columns (a stride
     of N floats per multiply): MobileNet-V2's 1280 -> 1000 head took 0.64 ms, 0.045 ms here.
@@ -84,9 +87,9 @@ class ColumnGEMV(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = _top_blocks(sch)
-        if len(blocks) not in (1, 2):
+        if not blocks:
             return None
-        mm = blocks[0]
+        mm, epilogue = blocks[0], blocks[1:]
         stmt = sch.get(mm)
         kinds = [iv.iter_type for iv in stmt.iter_vars]
         if len(kinds) < 2 or kinds[-1] != _REDUCE or any(k != _SPATIAL for k in kinds[:-1]):
@@ -96,13 +99,13 @@ class ColumnGEMV(ScheduleRule):
             return None
         if not any(_same(_index_vars(r), [k, j]) for r in stmt.reads):  # w[k, n], n contiguous
             return None
-        epilogue = blocks[1] if len(blocks) == 2 else None
-        if epilogue is not None and any(iv.iter_type != _SPATIAL for iv in sch.get(epilogue).iter_vars):
+        if any(iv.iter_type != _SPATIAL for b in epilogue for iv in sch.get(b).iter_vars):
             return None
         loops = sch.get_loops(mm)
         if len(loops) != len(kinds):
             return None
-        tile = column_tile(int(stmt.iter_vars[-2].dom.extent), cpu_of(target).lanes)
+        cpu = cpu_of(target)
+        tile = column_tile(int(stmt.iter_vars[-2].dom.extent), cpu.lanes, cpu.cores)
         if tile is None:
             return None
         try:
@@ -111,9 +114,9 @@ class ColumnGEMV(ScheduleRule):
             sch.reorder(n_out, *batch, red, n_in)
             sch.parallel(n_out)
             inner = batch[-1] if batch else n_out
-            if epilogue is not None:
-                sch.reverse_compute_at(epilogue, inner)
-                sch.vectorize(sch.get_loops(epilogue)[-1])
+            for b in epilogue:  # in order: each reads the one before
+                sch.reverse_compute_at(b, inner)
+                sch.vectorize(sch.get_loops(b)[-1])
             write_back = sch.cache_write(mm, 0, "local")  # the accumulators, promoted to registers
             sch.vectorize(n_in)
             init = sch.decompose_reduction(mm, red)
