@@ -27,7 +27,7 @@ from tvm_sparseconv.tune.cost_model import (Candidate, CostModel, CostModelError
                                             load_cost_model, roofline_ms, shipped_runs)
 from tvm_sparseconv.tune.evaluate import held_out_scores, offline
 from tvm_sparseconv.tune.predict import (DEFAULT_FIRST, DEFAULT_LAST, KNOB_MARGIN, RULE_DENSITY, default_densities,
-                                         predict_plan, rule_choice, rule_plan)
+                                         model_plan, predict_plan, rule_choice, rule_plan)
 from tvm_sparseconv.tune.space import MARGIN
 
 from conftest import AVX2_TARGET, save_onnx, small_onnx
@@ -47,8 +47,8 @@ def test_shipped_model_lists_the_shipped_runs(runs):
     m = load_cost_model()
     assert [r["run"] for r in m.trained_on] == [r.name for r in runs]
     assert [r["sha256"] for r in m.trained_on] == [r.sha256 for r in runs]  # the logs as they are now
-    # two CPUs, two models each, every measured record of the logs
-    assert {r.cpu.name for r in runs} == {"znver5", "rocketlake"}
+    # the CPUs and the AVX2 code path tuned on the Zen 5, every measured record of the logs
+    assert {r.cpu.name for r in runs} == {"znver5", "rocketlake", "haswell"}
     for r in runs:
         with open(f"{cm.SHIPPED}/{r.name.split('/', 1)[1]}/trials.jsonl") as f:
             ok = [json.loads(l) for l in f.read().splitlines()[1:] if l.strip()]
@@ -417,10 +417,30 @@ def test_evaluate_end_to_end_runs_the_three_plans(mixed, runs, tmp_path, capsys)
     res = json.loads(capsys.readouterr().out)
     assert {r["cpu"] for r in res["offline"]} == {r.cpu_key for r in runs}
     e2e = res["end_to_end"]
-    assert e2e["cpu"] == cm.cpu_key(cpu_of(FOREIGN)) and e2e["trained_on"] == [r.name for r in runs]
+    held_out = cm.cpu_key(cpu_of(FOREIGN))
+    assert e2e["cpu"] == held_out and e2e["trained_on"] == [r.name for r in runs if r.cpu_key != held_out]
     (row,) = e2e["models"]
     assert [r["name"] for r in row["rows"]] == ["predicted", "tuned", "rule"]
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     for r in row["rows"]:
         assert r["ms"] > 0 and r["max_abs_error"] <= 2e-5 * float(np.abs(ref).max())
     assert next(r for r in row["rows"] if r["name"] == "tuned")["vs_tuned"] == 1.0
+
+
+def test_a_model_without_logs_of_the_targets_isa_leaves_the_plan_to_the_rule(runs, mixed):
+    """Trained on AVX-512 CPUs only, the model ranked the AVX2 log's candidates worse than the
+    fixed rule (docs/cost-model.md), so on an AVX2 target model_plan is the rule's plan, saying
+    why, and the offline score of that CPU is the rule's."""
+    avx512 = [r for r in runs if r.cpu.isa == "avx512"]
+    avx2 = [r for r in runs if r.cpu.isa == "avx2"]
+    model = CostModel.train(avx512)
+    assert model.knows_isa("avx512") and not model.knows_isa("avx2")
+    _, m = mixed
+    plan = model_plan(m, model, AVX2_TARGET)
+    want = rule_plan(m, AVX2_TARGET)
+    assert plan.model["plan"] == "rule" and "no logs of an avx2 CPU" in plan.model["why"]
+    assert [(l.algorithm, l.knobs) for l in plan.layers] == [(l.algorithm, l.knobs) for l in want.layers]
+    scores = held_out_scores(model, avx2)
+    assert scores["layers"] > 0 and scores["regret"] == scores["rule_regret"]
+    # with logs of its ISA the model's own picks count
+    assert CostModel.train(runs).knows_isa("avx2")

@@ -100,6 +100,31 @@ def test_cached_arrays_are_sent_once_and_replaced_when_they_change(worker):
     assert worker.call(pid_and_sum, Cached(c), Cached(b))[1] == 6.0
 
 
+def test_a_child_that_never_starts_is_an_error_and_leaves_nothing(monkeypatch, tmp_path):
+    """A spawn that fails before the child exists (a script without the __main__ guard) raises
+    its error; the worker closes cleanly after it (it used to fail at exit, joining a process
+    that never started), removes its stderr file, and starts a child on the next job."""
+    import multiprocessing.context
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real = multiprocessing.context.SpawnProcess.start
+
+    def refuse(self):
+        raise RuntimeError("An attempt has been made to start a new process before ...")
+
+    w = Worker(timeout=60)
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+    with pytest.raises(RuntimeError, match="start a new process"):
+        w.call(pid_and_sum, np.ones(2, np.float32), np.ones(2, np.float32))
+    assert w.pid is None and not list(tmp_path.iterdir())
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", real)
+    pid, total = w.call(pid_and_sum, np.ones(2, np.float32), np.ones(2, np.float32))
+    assert total == 4.0 and pid != os.getpid()
+    w.close()
+    w.close()  # twice: nothing left to stop
+
+
 def test_in_process_mode_runs_here():
     w = Worker(isolate=False)
     assert w.call(pid_and_sum, Cached(np.ones(2)), np.ones(1))[0] == os.getpid()

@@ -146,6 +146,14 @@ class Worker:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masked else None
         try:
             self._proc.start()
+        except BaseException:  # it never started (spawn refuses a __main__ without its guard):
+            # nothing to join; the pipe and the file go now, or closing at exit would fail
+            child.close()
+            self._conn.close()
+            self._proc = self._conn = None
+            self._stop(kill=True)
+            os.remove(name)
+            raise
         finally:
             if masked:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)

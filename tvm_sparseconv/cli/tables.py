@@ -176,7 +176,8 @@ def predicted_line(model: str, key: str, plan) -> str:
     for l in plan.layers:
         counts[l.algorithm] = counts.get(l.algorithm, 0) + 1
     how = plan.model.get("plan")
-    what = "predicted by the cost model" if how == "predicted" else "of the fixed rule (no cost model)"
+    what = "predicted by the cost model" if how == "predicted" else \
+        f"of the fixed rule ({plan.model.get('why') or 'no cost model'})"
     layers = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     return (f"no plan shipped for {model} on {key}: using a plan {what} ({layers}; "
             f"densities: {plan.model.get('densities')}); for a faster one, tune it: "

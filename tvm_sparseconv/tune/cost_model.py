@@ -282,6 +282,12 @@ class CostModel:
         """The training data held measurements of ``algorithm``."""
         return f"algo={algorithm}" in self.names
 
+    def knows_isa(self, isa: str) -> bool:
+        """The training data held logs of a CPU of this ISA (cpu.CPU.isa). Left out, the model
+        ranked the candidates worse than the fixed rule (docs/cost-model.md: AVX2 held out,
+        30.7 % regret against the rule's 20.5 %), so predict.model_plan follows the rule then."""
+        return any((t.get("cpu") or {}).get("isa") == isa for t in self.trained_on)
+
     def log_ratio(self, cands: list[Candidate]) -> np.ndarray:
         """The model's raw output per candidate: predicted log(ms / roofline_ms)."""
         import xgboost as xgb

@@ -52,13 +52,15 @@ def held_out_scores(model: CostModel, runs: list[TrainingRun]) -> dict:
                 continue
             recs = [{"algorithm": c.algorithm, "knobs": c.knobs, "time_ms": float(p), "i": i}
                     for i, (c, p) in enumerate(zip(cs, pred)) if known[i]]
-            pick = choose(recs, cs[0].spec, MARGIN, cs[0].cpu, knob_margin=KNOB_MARGIN)[0]["i"]
             best = int(np.argmin(ms))
             order = [int(i) for i in np.argsort(np.where(known, pred, np.inf), kind="stable")]
             rule_algo = rule_choice(cs[0].spec, None, cs[0].density.mean, cs[0].cpu)[0]
             rule = next((i for i, c in enumerate(cs) if c.algorithm == rule_algo), None)
             if rule is None:  # the log did not measure the rule's algorithm here
                 continue
+            # a model with no logs of this ISA leaves the plan to the rule (predict.model_plan)
+            pick = choose(recs, cs[0].spec, MARGIN, cs[0].cpu, knob_margin=KNOB_MARGIN)[0]["i"] \
+                if getattr(model, "knows_isa", lambda isa: True)(cs[0].cpu.isa) else rule
             n += weight
             top1 += weight * (pick == best)
             same += weight * (cs[pick].algorithm == cs[best].algorithm)

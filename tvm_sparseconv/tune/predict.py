@@ -84,12 +84,13 @@ def _rule_layer(s, d: Density, target) -> PlanLayer:
 
 
 def rule_plan(model: Model, target=None, densities: list[Density] | None = None,
-              densities_from: str = "defaults (docs/cost-model.md)") -> Plan:
-    """The fixed rule's plan (rule_choice per layer) at ``densities`` (default_densities when None)."""
+              densities_from: str = "defaults (docs/cost-model.md)", why: str = "no cost model") -> Plan:
+    """The fixed rule's plan (rule_choice per layer) at ``densities`` (default_densities when None);
+    ``why`` the rule and not the cost model (recorded in the plan)."""
     target = make_target(target)
     dens = densities if densities is not None else default_densities(model.sites)
     return _plan(model, [_rule_layer(s, d, target) for s, d in zip(model.sites, dens)], target,
-                 {"plan": "rule", "densities": densities_from})
+                 {"plan": "rule", "why": why, "densities": densities_from})
 
 
 def model_plan(model: Model, cost: CostModel, target=None, densities: list[Density] | None = None,
@@ -97,9 +98,12 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
     """The cost model's plan at ``densities`` (default_densities when None): per layer, among the
     candidates a tune would measure (space.candidates with ``knob_trials``) that the model has
     data on, the one space.choose picks by the predicted times, with a note of its predicted ms
-    and the best dense one's; the rule where the model knows no candidate of the layer."""
+    and the best dense one's; the rule where the model knows no candidate of the layer, and on
+    every layer when its logs hold no CPU of the target's ISA (CostModel.knows_isa)."""
     target = make_target(target)
     cpu = cpu_of(target)
+    if not cost.knows_isa(cpu.isa):
+        return rule_plan(model, target, densities, densities_from, f"the cost model has no logs of an {cpu.isa} CPU")
     sites = model.sites
     dens = densities if densities is not None else default_densities(sites)
     pools, asks = [], []
