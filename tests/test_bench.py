@@ -13,9 +13,12 @@ from test_relax_rewrite import small_module
 
 def test_op_breakdown_names_our_kernels_and_the_rest():
     """bench --ops: every call inside the model is timed and filed under its kind."""
-    mod, *_ = small_module(groups=2)  # the grouped 1x1 falls back to TVM's conv2d
+    mod, *_ = small_module(groups=2)
     model = load_model(mod)
-    b = build(model, resolve_plan(model, None, "pixcsr"), None)
+    plan = resolve_plan(model, None, "pixcsr").to_dict()
+    assert [l["algorithm"] for l in plan["layers"]] == ["pixcsr", "grouped"]  # the dense fallback
+    plan["layers"][1]["algorithm"], plan["layers"][1]["knobs"] = "direct", {}  # TVM's conv2d on it
+    b = build(model, resolve_plan(model, plan), None)
     x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype("float32")
     ops = bench.op_breakdown(b, x, runs=3)
     assert "conv pixcsr" in ops and all(v > 0 for v in ops.values())
