@@ -64,7 +64,8 @@ def column_tile(n: int, lanes: int, cores: int = 1) -> int | None:
     """Outputs per thread task: a divisor of ``n`` up to 4 vectors and a multiple of
     gcd(n, lanes), so that it vectorizes without a tail; the largest that still gives every
     core a task (a 25088 -> 64 head is 2 tasks of 32 on 2 cores, not 1 of 64), else the
-    smallest (the most tasks). None below one vector (an n with no such divisor: dlight's rules take it)."""
+    smallest (the most tasks). None below one vector (an n with no such divisor: dlight's
+    rules take it)."""
     g = gcd(n, lanes)
     tiles = [d for d in range(g, 4 * lanes + 1, g) if n % d == 0 and d >= min(lanes, n)]
     if not tiles:
@@ -73,11 +74,12 @@ def column_tile(n: int, lanes: int, cores: int = 1) -> int | None:
 
 
 class ColumnGEMV(ScheduleRule):
-    """A matmul ``y[b..., n] = sum_k x[b..., k] * w[k, n]``, then elementwise blocks (bias add,
-    ReLU, a folded BatchNorm's multiply-add), whose weight is laid out K x N: the classifier head of a model from
-    ONNX, whose transpose the importer folded into the constant. dlight's GEMV rule takes only
-    weights contiguous along k, and its Reduction rule read this one down its columns (a stride
-    of N floats per multiply): MobileNet-V2's 1280 -> 1000 head took 0.64 ms, 0.045 ms here.
+    """A matmul ``y[b..., n] = sum_k x[b..., k] * w[k, n]`` whose weight is laid out K x N, then
+    elementwise blocks (bias add, ReLU, a folded BatchNorm's multiply-add): the classifier head
+    of a model from ONNX, whose transpose the importer folded into the constant. dlight's GEMV
+    rule takes only weights contiguous along k, and its Reduction rule read this one down its
+    columns (a stride of N floats per multiply): MobileNet-V2's 1280 -> 1000 head took 0.64 ms,
+    0.045 ms here.
 
     Each parallel task owns ``column_tile`` consecutive outputs, held in vector registers
     (a local cache of the output), and walks k, so every row of w is read in one run."""
