@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, asdict
 import numpy as np
 
 from . import interrupt
-from .algorithms import ALGORITHMS, KnobError, get_algorithm, knob_space
+from .algorithms import ALGORITHMS, KnobError, get_algorithm, knob_space, supports
 from .conv import Conv2DSpec, ConvSpecError, UnsupportedConvError
 from .layer import synthesize_activation, synthesize_weight
 from .measure import Progress, max_abs_error, tolerance
@@ -270,11 +270,9 @@ def candidates(layer: FuzzLayer, algorithms=ALGORITHMS, target=None, knob_dicts:
     many layers, so the defaults and the rest of the space take turns across the layers."""
     out = []
     for name in algorithms:
-        algo = get_algorithm(name)
-        try:
-            algo.check(layer.spec)
-        except UnsupportedConvError:
+        if not supports(name, layer.spec):
             continue
+        algo = get_algorithm(name)
         space = knob_space(name, layer.spec, target)
         rng = np.random.default_rng([layer.seed, 2, zlib.crc32(name.encode())])
         k = min(max(int(knob_dicts), 1), len(space))

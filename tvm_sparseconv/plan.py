@@ -20,8 +20,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-from .algorithms import ALGORITHMS, dense_fallback, get_algorithm
-from .conv import Conv2DSpec, UnsupportedConvError
+from .algorithms import ALGORITHMS, dense_fallback, get_algorithm, supports
+from .conv import Conv2DSpec
 from .graph import ConvSite
 from .passes import LayerChoice
 
@@ -102,18 +102,9 @@ class Plan:
         """``algorithm`` on every layer that it supports; elsewhere algorithms.dense_fallback (the
         hand-scheduled dense kernel that takes the layer: grouped for a depthwise conv under
         ``algorithm="dense"``; TVM's conv2d where none does)."""
-        algo = get_algorithm(algorithm)
-        layers = []
-        for s in sites:
-            chosen = algorithm
-            if s.why_dense is not None and algorithm != "direct":
-                chosen = dense_fallback(s.spec, s.why_dense)
-            else:
-                try:
-                    algo.check(s.spec)
-                except UnsupportedConvError:
-                    chosen = dense_fallback(s.spec)
-            layers.append(PlanLayer(s.key, s.spec.to_dict(), chosen))
+        get_algorithm(algorithm)  # an unknown name is an error, even with no layer to take
+        layers = [PlanLayer(s.key, s.spec.to_dict(), algorithm if supports(algorithm, s.spec, s.why_dense)
+                            else dense_fallback(s.spec, s.why_dense)) for s in sites]
         return cls(layers, target, model or {})
 
     def with_batch(self, batch: int) -> "Plan":

@@ -43,18 +43,23 @@ def get_algorithm(name: str) -> Algorithm:
         raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}") from None
 
 
+def supports(name: str, spec, why_dense: str | None = None) -> bool:
+    """The algorithm ``name`` can compute the layer (Algorithm.check); a layer only TVM's conv2d
+    takes (``why_dense``, graph.ConvSite): "direct" alone."""
+    if why_dense and name != "direct":
+        return False
+    try:
+        get_algorithm(name).check(spec)
+        return True
+    except UnsupportedConvError:
+        return False
+
+
 def dense_fallback(spec, why_dense: str | None = None) -> str:
     """The algorithm of a layer that the one asked for does not take: the first registered dense
     hand-scheduled algorithm that takes it (dense, or grouped for a grouped conv), "direct"
     (TVM's conv2d) where none does or the layer is one only it takes (``why_dense``)."""
-    for n in DENSE if why_dense is None else ():
-        if not REGISTRY[n].metaschedule:
-            try:
-                REGISTRY[n].check(spec)
-                return n
-            except UnsupportedConvError:
-                pass
-    return "direct"
+    return next((n for n in DENSE if not REGISTRY[n].metaschedule and supports(n, spec, why_dense)), "direct")
 
 
 def knob_space(name: str, spec, target=None) -> list[dict]:
@@ -63,4 +68,4 @@ def knob_space(name: str, spec, target=None) -> list[dict]:
 
 
 __all__ = ["ALGORITHMS", "SPARSE", "DENSE", "METASCHEDULE", "Algorithm", "Buffer", "Stage", "KnobError",
-           "dense_fallback", "get_algorithm", "knob_space"]
+           "dense_fallback", "get_algorithm", "knob_space", "supports"]

@@ -60,7 +60,7 @@ def held_out_scores(model: CostModel, runs: list[TrainingRun]) -> dict:
                 continue
             # a model with no logs of this ISA leaves the plan to the rule (predict.model_plan)
             pick = choose(recs, cs[0].spec, MARGIN, cs[0].cpu, knob_margin=KNOB_MARGIN)[0]["i"] \
-                if getattr(model, "knows_isa", lambda isa: True)(cs[0].cpu.isa) else rule
+                if model.knows_isa(cs[0].cpu.isa) else rule
             n += weight
             top1 += weight * (pick == best)
             same += weight * (cs[pick].algorithm == cs[best].algorithm)

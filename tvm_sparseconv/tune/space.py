@@ -6,25 +6,14 @@ rules a tune would pick by.
 """
 from __future__ import annotations
 
-from ..algorithms import DENSE, METASCHEDULE, get_algorithm, knob_space
-from ..conv import Conv2DSpec, UnsupportedConvError
+from ..algorithms import DENSE, METASCHEDULE, get_algorithm, knob_space, supports
+from ..conv import Conv2DSpec
 from ..layout import NCHW
 
 KNOB_TRIALS = 6     # configs measured per (workload, hand-scheduled kernel) by an exhaustive tune
 MARGIN = 0.03       # the share by which sparse must beat dense, and knobs their defaults (choose)
 TOP_K, EXPLORE = 4, 1  # the model search: per workload, the best predicted and the random others measured
 POOL_PER_TRIAL = 4  # a hand-scheduled kernel's pool: this many configs per measured one
-
-
-def supports(algorithm: str, spec: Conv2DSpec, why_dense: str | None) -> bool:
-    """``algorithm`` can compute the layer (a layer only TVM's conv2d takes: "direct" alone)."""
-    if why_dense and algorithm != "direct":
-        return False
-    try:
-        get_algorithm(algorithm).check(spec)
-        return True
-    except UnsupportedConvError:
-        return False
 
 
 def in_nchw(algorithm: str, spec: Conv2DSpec, knobs: dict) -> bool:
