@@ -285,3 +285,45 @@ def test_compile_command_writes_a_library_that_runs_alone(tmp_path, capsys):
     np.testing.assert_allclose(y, here.numpy(), rtol=1e-6, atol=1e-6)
     ref = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def meet_then_compile(rendezvous: str, model, plan, target, database, path, cc=None):
+    """compile._compile_to that first waits (up to 2 minutes) until the other build has started
+    too, so that both can get past it only side by side; then a plan with a halo layer dies as
+    LLVM does, and the others compile."""
+    open(os.path.join(rendezvous, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 120
+    while len(os.listdir(rendezvous)) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the other build never started")
+        time.sleep(0.05)
+    if any(l["algorithm"] == "halo" for l in plan["layers"]):
+        abort_like_llvm("Cannot select: build_many test")
+    return COMPILE._compile_to(model, plan, target, database, path, cc)
+
+
+def test_build_many_compiles_side_by_side_and_keeps_what_one_crash_does_not_stop(tmp_path, monkeypatch):
+    import functools
+
+    import onnxruntime as ort
+    import tvm
+
+    from conftest import small_onnx
+    from tvm_sparseconv.compile import build_jobs, build_many, resolve_plan
+    from tvm_sparseconv.frontend import load_model
+
+    if build_jobs(2) < 2:
+        pytest.skip("one core, or jobs in this process: build_many builds one at a time")
+    path = small_onnx(tmp_path / "small.onnx")
+    m = load_model(path)
+    (tmp_path / "meet").mkdir()
+    monkeypatch.setattr(COMPILE, "_compile_to", functools.partial(meet_then_compile, str(tmp_path / "meet")))
+    plans = {"halo": resolve_plan(m, None, "halo"), "dense": resolve_plan(m, None, "dense")}
+    out = {name: b for name, b, seconds in build_many(m, plans, None, paths={"dense": str(tmp_path / "d.so")})}
+    assert len(os.listdir(tmp_path / "meet")) == 2  # two processes, each waiting for the other
+    assert isinstance(out["halo"], CandidateCrash) and "LLVM ERROR: Cannot select: build_many test" in str(out["halo"])
+    x = np.random.default_rng(1).standard_normal((1, 4, 9, 9)).astype("float32")
+    y = out["dense"].vm()["main"](tvm.runtime.tensor(x)).numpy()
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert os.path.isfile(tmp_path / "d.so") and out["dense"].applied == {"conv000": "dense", "conv001": "dense"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
-from .compile import Build, build_isolated, resolve_plan
+from .compile import Build, build_many, resolve_plan
 from .cpu import cpu_of
 from .frontend import Model
 from .measure import max_abs_error, time_calls, vm_latency_ms
@@ -46,13 +46,10 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
     builds = [("plan", resolve_plan(model, plan, algorithm, target)),
               ("baseline plan" if is_plan else f"all {baseline}",
                resolve_plan(model, baseline if is_plan else None, None if is_plan else baseline, target))]
-    timers = []  # (name, layers, () -> (y, ms))
-    for name, p in builds:
-        log(f"compiling: {name}")
-        b = build_isolated(model, p, target, database)
-        if ops and name == "plan":
-            breakdown = op_breakdown(b, x)
-        timers.append((f"tvm-sparseconv {name}", b.counts(), lambda vm=b.vm(): vm_latency_ms(vm, x, repeat)))
+    built = _build_all(model, dict(builds), target, database, log)
+    breakdown = op_breakdown(built["plan"], x) if ops else None
+    timers = [(f"tvm-sparseconv {name}", b.counts(), lambda vm=b.vm(): vm_latency_ms(vm, x, repeat))
+              for name, b in built.items()]  # (name, layers, () -> (y, ms))
     if peers and model.onnx_path:
         for peer in available_peers():
             timers.append((peer, "", lambda peer=peer: run_model_peer(peer, model.onnx_path, x, threads, repeat)))
@@ -89,6 +86,19 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
     return res
 
 
+def _build_all(model: Model, plans: dict, target, database, log) -> dict[str, Build]:
+    """{name: Build} of ``plans`` in their order, compiled side by side (compile.build_many); a
+    build that crashes is an error: the builds are what is measured."""
+    log("compiling: " + ", ".join(plans))
+    built = {}
+    for name, b, seconds in build_many(model, plans, target, database):
+        if isinstance(b, Exception):
+            raise b
+        log(f"compiled: {name} ({seconds:.0f} s)")
+        built[name] = b
+    return {name: built[name] for name in plans}
+
+
 def time_plans(model: Model, x: np.ndarray, plans: dict, target=None, database=None, repeat: int = 10,
                rounds: int = 3, log=lambda s: None) -> list[dict]:
     """Each plan of ``plans`` ({name: Plan}) compiled and timed on ``x`` in ``rounds`` interleaved
@@ -98,10 +108,7 @@ def time_plans(model: Model, x: np.ndarray, plans: dict, target=None, database=N
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     target = make_target(target)
-    builds = []
-    for name, p in plans.items():
-        log(f"compiling: {name}")
-        builds.append((name, build_isolated(model, p, target, database)))
+    builds = list(_build_all(model, plans, target, database, log).items())
     times = np.zeros((rounds, len(builds)))
     ys = {}
     for r in range(rounds):

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import tvm
@@ -33,7 +36,7 @@ from .plan import Plan
 from .schedule_rules import ColumnGEMV, OneReduction
 from .stages import apply_database, kernel_table, open_database
 from .target import cross_compiler, export_library, make_target, runs_here, target_triple
-from .worker import Cached, CandidateCrash, shared_worker
+from .worker import Cached, CandidateCrash, Worker, isolated, shared_worker
 
 
 def resolve_plan(model: Model, plan=None, algorithm: str | None = None, target=None) -> Plan:
@@ -212,6 +215,65 @@ def build_isolated(model: Model, plan: Plan, target, database=None, worker=None,
         return Build(tvm.runtime.load_module(out) if local else None, applied, kernels, transforms)
     finally:
         shutil.rmtree(d, ignore_errors=True)  # the loaded library stays mapped
+
+
+def build_jobs(n: int) -> int:
+    """How many of ``n`` builds build_many runs at once: one per core of this machine (where
+    the compiler runs, whatever the target), at most 4 (each holds a model's IR and LLVM's
+    memory), and 1 when jobs run in this process (TVMS_IN_PROCESS=1: one TVM, one compile)."""
+    return max(1, min(n, os.cpu_count() or 1, 4)) if isolated() else 1
+
+
+def build_many(model: Model, plans: dict[str, Plan], target, database=None, paths: dict | None = None,
+               timeout: float | None = None):
+    """build_isolated of each of ``plans`` ({name: Plan}), build_jobs of them at a time, each in
+    its own worker: a model's compile is single-threaded (TVM's passes and LLVM's code
+    generation), so on 2 cores two builds take about the time of one. Nothing should be timed
+    on the machine while it runs.
+
+    Yields (name, Build or the CandidateCrash that stopped it, compile seconds) in the order the
+    builds finish, in the calling thread, so that the caller can keep each as it comes.
+    ``paths``: {name: library path} (build_isolated's ``path``; None or absent: a temp file).
+    A Ctrl-C or any error in the caller stops the workers under way and leaves nothing."""
+    jobs = build_jobs(len(plans))
+    if jobs == 1:
+        for name, p in plans.items():
+            t0 = time.monotonic()
+            try:
+                b = build_isolated(model, p, target, database, path=(paths or {}).get(name), timeout=timeout)
+            except CandidateCrash as e:
+                b = e
+            yield name, b, time.monotonic() - t0
+        return
+    free = queue.SimpleQueue()
+    spare = [Worker() for _ in range(jobs - 1)]
+    for w in [shared_worker(), *spare]:
+        free.put(w)
+
+    def one(name: str, p: Plan):
+        w = free.get()
+        t0 = time.monotonic()
+        try:
+            return build_isolated(model, p, target, database, w, (paths or {}).get(name), timeout), t0
+        except CandidateCrash as e:
+            return e, t0
+        finally:
+            free.put(w)
+
+    pool = ThreadPoolExecutor(jobs, thread_name_prefix="tvms-build")
+    done = False
+    try:
+        futures = {pool.submit(one, name, p): name for name, p in plans.items()}
+        for f in as_completed(futures):
+            b, t0 = f.result()
+            yield futures[f], b, time.monotonic() - t0
+        done = True
+    finally:
+        pool.shutdown(wait=done, cancel_futures=True)
+        if not done:  # the builds under way are killed: their threads end when the pipes close
+            shared_worker().close()
+        for w in spare:
+            w.close()
 
 
 def compile(model, target=None, plan=None, algorithm: str | None = None, database=None,

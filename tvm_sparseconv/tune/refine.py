@@ -6,7 +6,8 @@ decides whether its reads hit there (ResNet-50-half's 128->32 1x1 at 56x56: 0.11
 producer split by pixels, 0.17 after one split by channels). That depends on the neighbours'
 splits, so it is chosen with all of them compiled together:
 
-1. the model compiled once per split in ``dense.DENSE_SPLITS``, every dense-kernel layer on it;
+1. the model compiled once per split in ``dense.DENSE_SPLITS``, every dense-kernel layer on it
+   (these builds compile side by side, one per core: compile.build_many);
 2. each conv call timed inside each build (a VM instrument; the median of three interleaved
    rounds of ``runs`` inferences);
 3. the mix of each layer's fastest split, compiled too; and when the tuner's layouts phase put
@@ -39,7 +40,7 @@ import tvm
 
 from ..algorithms import get_algorithm
 from ..algorithms.dense import DENSE_SPLITS
-from ..compile import Build, build_isolated
+from ..compile import Build, build_many
 from ..frontend import Model
 from ..measure import Progress, time_calls
 from ..plan import Plan
@@ -216,42 +217,44 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     p = Progress("refine", len(DENSE_SPLITS) + 4 + rounds + any("nchw_knobs" in l.note for l in plan.layers))
     builds = {}
 
-    def add(name: str, splits: dict, base: Plan = plan) -> bool:
-        """Compile ``base`` with ``splits`` in the worker (or take an earlier call's); one that
-        crashes LLVM is left out, except the plan itself, whose crash ends refine."""
-        done, b = saved.build(name, splits)
-        if done:
+    def add(named: dict[str, tuple[dict, Plan]]) -> None:
+        """Compile each of ``named`` ({name: (splits, base plan)}) with its splits, or take an
+        earlier call's; compile.build_many runs them side by side, one per core, and each is kept
+        as it finishes. One that crashes LLVM is left out, except the plan itself, whose crash
+        ends refine."""
+        todo = {}
+        for name, (splits, base) in named.items():
+            done, b = saved.build(name, splits)
+            if not done:
+                todo[name] = with_splits(base, splits)
+                continue
             p.step(f"reused: {name}" if b is not None else f"left out in an earlier run: {name}")
-        else:
-            t0 = time.monotonic()
-            try:
-                b = build_isolated(model, with_splits(base, splits), target, path=saved.library(name))
-            except CandidateCrash as e:
+            if b is not None:
+                builds[name] = b
+        for name, b, seconds in build_many(model, todo, target, paths={n: saved.library(n) for n in todo}):
+            splits = named[name][0]
+            if isinstance(b, CandidateCrash):
                 if name == "plan":
-                    raise
-                saved.add_build(name, splits, None, time.monotonic() - t0, crash=str(e))
-                p.step(f"left out: {name} ({e})")
-                log(f"refine: the build {name!r} crashed and is left out: {e}")
-                return False
-            saved.add_build(name, splits, b, time.monotonic() - t0)
-            p.step(f"compiled: {name}")
-        if b is not None:
+                    raise b
+                saved.add_build(name, splits, None, seconds, crash=str(b))
+                p.step(f"left out: {name} ({b})")
+                log(f"refine: the build {name!r} crashed and is left out: {b}")
+                continue
+            saved.add_build(name, splits, b, seconds)
             builds[name] = b
-        return b is not None
+            p.step(f"compiled: {name}")
 
-    add("plan", {})
+    add({"plan": ({}, plan)})
     original = dense_splits(model, plan, builds["plan"].applied, target)
     if not original:
         return plan, saved.finish(nothing)
     splits = {"plan": original, **{f"all {s}": {k: s for k in original} for s in DENSE_SPLITS}}
-    for name in list(splits)[1:]:
-        if not add(name, splits[name]):
-            del splits[name]
+    bases = {name: plan for name in splits}
     if any("nchw_knobs" in l.note for l in plan.layers):  # the layouts, checked inside the model
-        nchw = in_nchw(plan)
-        splits[NCHW_BUILD] = dense_splits(model, nchw, builds["plan"].applied, target)
-        if not add(NCHW_BUILD, splits[NCHW_BUILD], nchw):
-            del splits[NCHW_BUILD]
+        bases[NCHW_BUILD] = in_nchw(plan)
+        splits[NCHW_BUILD] = dense_splits(model, bases[NCHW_BUILD], builds["plan"].applied, target)
+    add({name: (splits[name], bases[name]) for name in list(splits)[1:]})
+    splits = {name: s for name, s in splits.items() if name in builds}
     # the per-layer times in interleaved laps too: the machine's drift must not pick a split
     laps = saved.units["laps"]
     for lap in laps:
@@ -263,9 +266,10 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     p.step("conv calls in the model: " + ", ".join(f"{n} {sum(v.values()):.2f} ms" for n, v in per_layer.items()))
     built = [s for s in DENSE_SPLITS if f"all {s}" in per_layer]
     if built:
-        splits["mix"] = {k: min(built, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
-        if not add("mix", splits["mix"]):
-            del splits["mix"]
+        mix = {k: min(built, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
+        add({"mix": (mix, plan)})
+        if "mix" in builds:
+            splits["mix"] = mix
     if "mix" in splits:
         if saved.units["mix_layer_ms"] is None:
             saved.units["mix_layer_ms"] = layer_ms(builds["mix"], xt, runs)
