@@ -13,21 +13,15 @@ import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import tvm
 from tvm import relax
 
+from .cache import cache_dir
 
 class ModelError(ValueError):
     """The model file is missing, corrupt, or cannot be imported."""
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/tvm_sparseconv`` (``~/.cache/tvm_sparseconv`` when it is unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tvm_sparseconv"
 
 
 @dataclass

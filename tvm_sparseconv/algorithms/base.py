@@ -11,15 +11,20 @@ as plain ``call_tir`` bindings inside a Relax module and an exported library.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import itertools
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from ..cache import cached_funcs
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
 from ..layout import NCHW, LayoutError, channel_block
@@ -134,7 +139,21 @@ class Algorithm:
         raise NotImplementedError
 
     def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs: Mapping, cpu=None) -> list[Stage]:
-        """The pipeline for ``cpu`` (a CPU or a target; None: this machine)."""
+        """The pipeline for ``cpu`` (a CPU or a target; None: this machine), built once per
+        process for each (spec, epilogue, knobs, CPU): the stages are TVMScript, whose parsing
+        is most of a model's compile time (a ResNet-50 repeats 53 layers' 21 workloads, and
+        refine compiles the model six times over with mostly the same kernels)."""
+        cpu = cpu_of(cpu)
+        try:
+            key = (self.name, spec, epilogue, tuple(sorted(knobs.items())), cpu)
+            hash(key)
+        except TypeError:  # a knob value that is not hashable: built afresh
+            return self.build_stages(spec, epilogue, knobs, cpu)
+        return list(_built_stages(self, key))
+
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs: Mapping, cpu: CPU) -> list[Stage]:
+        """What :meth:`stages` returns, built (the subclass's work). It must depend on its
+        arguments and the source alone: what it returns is kept in the kernel cache."""
         raise NotImplementedError
 
     # -- memory accounting ---------------------------------------------------------------
@@ -152,6 +171,34 @@ class Algorithm:
 
     def __repr__(self) -> str:
         return f"<algorithm {self.name}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _module_digest(cls: type) -> str:
+    """sha1 of the file that defines ``cls``: the cache's version covers the package's own
+    source, and this an algorithm registered from outside it."""
+    path = inspect.getsourcefile(cls)
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _built_stages(algo: Algorithm, key: tuple) -> tuple[Stage, ...]:
+    """Algorithm.stages' cache in this process, over the kernel cache on disk (cache.py): ``key``
+    is (name, spec, epilogue, sorted knob items, CPU). A PrimFunc is immutable, so the same
+    Stage objects serve every caller."""
+    name, spec, epilogue, knobs, cpu = key
+
+    def build():
+        st = algo.build_stages(spec, epilogue, dict(knobs), cpu)
+        return [s.func for s in st], [[s.name, s.kind, list(s.inputs), [[b.name, list(b.shape), b.dtype]
+                                                                       for b in s.outputs], s.tunable] for s in st]
+
+    text = json.dumps([name, _module_digest(type(algo)), asdict(spec), asdict(epilogue), knobs, asdict(cpu)],
+                      sort_keys=True)
+    funcs, meta = cached_funcs(text, build)
+    return tuple(Stage(n, kind, f, tuple(ins), tuple(Buffer(b, tuple(shape), dt) for b, shape, dt in outs), tunable)
+                 for f, (n, kind, ins, outs, tunable) in zip(funcs, meta))
 
 
 REGISTRY: dict[str, Algorithm] = {}

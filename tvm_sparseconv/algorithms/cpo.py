@@ -63,7 +63,7 @@ class CPOAlgorithm(Algorithm):
         return {"cols": Geometry(spec).cols_constant(), "wt": weight_layout(np.asarray(weight, np.float32), mt, mp),
                 **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         fmt = self.format_buffers(spec)
         names = tuple(b.name for b in fmt)
         return [

@@ -544,7 +544,7 @@ class Dense(Algorithm):
             consts["bias"] = np.pad(consts["bias"], (0, tl.n_mt * tl.m_tile - spec.out_channels))
         return consts
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         tl, cpu = make_tiling(spec, knobs), cpu_of(cpu)
         stages = []
         xin, xin_shape = "x", spec.x_shape

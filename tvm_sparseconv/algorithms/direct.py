@@ -20,7 +20,7 @@ class Direct(Algorithm):
     def constants(self, spec, weight, bias, knobs):
         return {"w": weight, **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         x = te.placeholder(spec.x_shape, "float32", name="x")
         w = te.placeholder(spec.w_shape, "float32", name="w")
         if spec.groups == 1:

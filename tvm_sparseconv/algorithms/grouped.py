@@ -485,7 +485,7 @@ class Grouped(Algorithm):
             consts["bias"] = np.pad(consts["bias"], (0, _bias_len(spec, tl) - spec.out_channels))
         return consts
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         self.check(spec)
         tl, cpu = make_tiling(spec, knobs), cpu_of(cpu)
         make = _channels_func if tl.vector == "channels" else _width_func

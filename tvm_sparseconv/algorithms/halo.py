@@ -50,7 +50,7 @@ class Halo(Algorithm):
     def constants(self, spec, weight, bias, knobs):
         return {"w": halo_weights(weight, make_tiling(self.name, spec, knobs).m_tile), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         tl = make_tiling(self.name, spec, knobs)
         geo = halo_geometry(spec, tl.block)
         segs = spec.batch * spec.height * geo.n_seg

@@ -92,7 +92,7 @@ class Hybrid(Algorithm):
     def constants(self, spec, weight, bias, knobs):
         return {"w": halo_weights(weight, self._checked(knobs)[1]), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         B, mt, cb, R, dense_from = self._checked(knobs)
         f = _Format(spec, halo_geometry(spec, B), cb)
         outs = (Buffer("hyb_hptr", (f.hrows + 1,), "int32"), Buffer("hyb_hchan", (f.hcap,), "int32"),

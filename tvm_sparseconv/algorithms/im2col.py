@@ -16,7 +16,7 @@ class Im2col(Lowering):
     def constants(self, spec, weight, bias, knobs):
         return {"w_mk": weight.reshape(spec.out_channels, -1), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         kh, kw = spec.kernel_h, spec.kernel_w
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
         oh, ow, k = spec.out_h, spec.out_w, spec.in_channels * kh * kw

@@ -45,7 +45,7 @@ class Im2CSR(Algorithm):
         wr = weight.reshape(spec.out_channels, -1).T  # [C*Kh*Kw][M], rows k = (c*Kh + l)*Kw + q
         return {"w": tile_weights(wr, tl.m_tile), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         tl = make_tiling(self.name, spec, knobs)
         cap = tl.n_groups * spec.in_channels * spec.kernel_h * spec.kernel_w
         outs = (Buffer("csr_ptr", (tl.n_groups + 1,), "int32"), Buffer("csr_col", (cap,), "int32"),

@@ -18,7 +18,7 @@ class MEC(Lowering):
         # K' = (kh, kw, c) x M
         return {"w_lqcm": weight.transpose(2, 3, 1, 0), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         kh, kw, c = spec.kernel_h, spec.kernel_w, spec.in_channels
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
         hp, ow = spec.padded_h, spec.out_w

@@ -88,7 +88,7 @@ class PixCSR(Algorithm):
         wr = wp.reshape(m, nkb, cb, kh * kw).transpose(1, 3, 2, 0).reshape(-1, m)  # rows (kb, l, q, cc)
         return {"w": tile_weights(wr, mt), **bias_constant(spec, bias)}
 
-    def stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
+    def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         mt, cb, R = self._checked(spec, knobs)
         nkb = pixcsr_blocks(spec, cb)
         n, c, h, w = spec.x_shape

@@ -19,7 +19,8 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from ..frontend import ModelError, cache_dir
+from ..cache import cache_dir
+from ..frontend import ModelError
 
 # bump when a network's definition or the export settings change: the cached files are then
 # exported again instead of being reused
