@@ -116,6 +116,36 @@ def test_a_small_slice_through_the_cli(tmp_path, capsys):
     assert saved["candidates"] == 4 * 3 + 2 and set(saved["seconds_by_algorithm"]) == {"direct", "dense", "halo"}
 
 
+def test_a_campaign_cut_short_is_kept_layer_by_layer_and_resumed(tmp_path, capsys):
+    """The --json file after each layer: a campaign stopped after its third layer has the three
+    in it, and --resume runs the other three only, to the counts of one run of all six; a resume
+    with other algorithms, or from a file that is not a campaign's, is refused."""
+    whole = fuzz.run_campaign(3, 6, algorithms=("direct", "dense"), progress=False)
+    seen = []
+
+    def stop_after_three(res):
+        seen.append(res.layers)
+        (tmp_path / "part.json").write_text(json.dumps(res.to_dict()))
+        if res.layers == 3:
+            raise KeyboardInterrupt  # as a kill between layers would leave the file
+
+    part = fuzz.run_campaign(3, 6, algorithms=("direct", "dense"), progress=False, on_layer=stop_after_three)
+    assert part.interrupted and seen == [1, 2, 3] and part.done == [0, 1, 2]
+    out = tmp_path / "part.json"
+    rc = main(["fuzz", "--layers", "6", "--seed", "3", "--algorithms", "direct,dense", "--resume", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0 and _last_line(cap.out).startswith("6 layers, 0 wrong, 0 errors"), cap.out
+    assert "3/3" in cap.err  # three layers left to run, not six
+    saved = json.loads(out.read_text())
+    assert saved["done"] == list(range(6)) and saved["candidates"] == whole.candidates > 6
+    assert saved["elapsed_s"] > part.elapsed_s
+    assert main(["fuzz", "--layers", "6", "--seed", "3", "--algorithms", "direct", "--resume", str(out)]) == 2
+    assert "the campaign resumed was run with" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text(json.dumps({"layers": 2, "done": [0]}))
+    assert main(["fuzz", "--resume", str(tmp_path / "other.json")]) == 2
+    assert "is not the JSON of a fuzz campaign" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.extended  # 40 layers through every algorithm: about 10 minutes
 def test_a_bigger_slice_through_the_cli(capsys):

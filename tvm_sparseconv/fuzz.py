@@ -24,6 +24,7 @@ in TVM 0.27 that pass instruments nothing (docs/fuzz.md has the details).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -439,6 +440,20 @@ class CampaignResult:
     seconds_by_algorithm: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     interrupted: bool = False   # Ctrl-C ended it: the counts are those of the layers finished
+    done: list = field(default_factory=list)  # the indices of the layers finished, in order
+    params: dict = field(default_factory=dict)  # what a resumed campaign must run with too
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "campaign") -> "CampaignResult":
+        """The result ``to_dict`` wrote (fuzz --json), to resume; ValueError if it is not one."""
+        try:
+            keep = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+            res = cls(**keep)
+            if not isinstance(res.done, list) or len(res.done) != res.layers:
+                raise ValueError(f"it lists {len(res.done)} layers done and counts {res.layers}")
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{where} is not the JSON of a fuzz campaign ({e})") from None
+        return res
 
     @property
     def failed(self) -> bool:
@@ -514,9 +529,16 @@ def failure_case(layer: FuzzLayer, o: Outcome, campaign_seed: int, target: str) 
 def run_campaign(campaign_seed: int, layers: int = 100, only=None, algorithms=ALGORITHMS, target=None,
                  knob_dicts: int = 1, bounds_check: bool = True, jobs: int = 1, timeout: float | None = 300,
                  progress: bool = True, on_failure=lambda case: None, job=check_candidate,
-                 recycle: int = 100) -> CampaignResult:
+                 recycle: int = 100, resume: CampaignResult | None = None,
+                 on_layer=lambda res: None) -> CampaignResult:
     """Layers 0 .. ``layers``-1 of campaign ``campaign_seed`` (or the indices in ``only``), each
-    through run_fuzz_layer; ``on_failure`` gets each failing case (failure_case) as it is found.
+    through run_fuzz_layer; ``on_failure`` gets each failing case (failure_case) as it is found,
+    ``on_layer`` the result so far after each layer (the CLI writes it to its --json file then,
+    so that a kill loses at most the layers under way).
+
+    ``resume``: an earlier result of this campaign (CampaignResult.from_dict): its layers are not
+    run again and the counts go on from it. It must have been run with the same seed,
+    algorithms, knob dicts, bounds check and target (ValueError otherwise).
 
     ``jobs`` layers run at once, each job with its own worker process (in-process workers,
     TVMS_IN_PROCESS=1, run one at a time); results are taken in layer order. A worker is
@@ -528,12 +550,18 @@ def run_campaign(campaign_seed: int, layers: int = 100, only=None, algorithms=AL
     for a in algorithms:
         get_algorithm(a)  # an unknown name: ValueError before any work
     target = str(make_target(target))  # a JSON dict: what the worker jobs and the failing cases get
-    indices = list(only) if only is not None else list(range(layers))
-    res = CampaignResult(campaign_seed)
+    params = {"campaign_seed": campaign_seed, "algorithms": list(algorithms), "knob_dicts": knob_dicts,
+              "bounds_check": bounds_check, "target": json.loads(target)}
+    if resume is not None and resume.params != params:
+        raise ValueError(f"the campaign resumed was run with {resume.params}; this one is {params}")
+    res = copy.deepcopy(resume) if resume is not None else CampaignResult(campaign_seed, params=params)
+    res.interrupted = False
+    finished = set(res.done)
+    indices = [i for i in (list(only) if only is not None else list(range(layers))) if i not in finished]
     step = Progress("fuzz", len(indices)).step if progress else (lambda what: None)
     local = threading.local()
     workers, lock = [], threading.Lock()
-    start = time.monotonic()
+    start, before = time.monotonic(), res.elapsed_s
 
     def run(i: int):
         wk = getattr(local, "worker", None)
@@ -564,6 +592,9 @@ def run_campaign(campaign_seed: int, layers: int = 100, only=None, algorithms=AL
                     case = failure_case(layer, o, campaign_seed, target)
                     res.failures.append(case)
                     on_failure(case)
+            res.done.append(layer.index)
+            res.elapsed_s = before + time.monotonic() - start
+            on_layer(res)
             bad = sum(o.status in ("wrong", "error") for o in outcomes)
             step(f"layer {layer.index} (seed {layer.seed}): {len(outcomes)} candidates"
                  f"{f', {bad} FAILED' if bad else ''}")
@@ -572,7 +603,7 @@ def run_campaign(campaign_seed: int, layers: int = 100, only=None, algorithms=AL
     finally:
         for wk in workers:
             wk.close()
-    res.elapsed_s = time.monotonic() - start
+    res.elapsed_s = before + time.monotonic() - start
     return res
 
 

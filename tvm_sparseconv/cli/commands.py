@@ -302,16 +302,29 @@ def cmd_report(args) -> int:
 
 def cmd_fuzz(args) -> int:
     from ..algorithms import ALGORITHMS
-    from ..fuzz import run_campaign
+    from ..fuzz import CampaignResult, run_campaign
+    from ..tune.log import write_atomically
 
     algorithms = ALGORITHMS if args.algorithms == "all" else tuple(a.strip() for a in args.algorithms.split(","))
     only = ints(args.only) if args.only else None
+    resume, out = None, args.json or args.resume
+    if args.resume:
+        with open(args.resume) as f:  # a missing file: FileNotFoundError, said as such
+            try:
+                d = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{args.resume} is not the JSON of a fuzz campaign ({e})") from None
+        resume = CampaignResult.from_dict(d, args.resume)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def save(res) -> None:  # whole, after each layer: a kill loses at most the layers under way
+        if out:
+            write_atomically(out, lambda f: json.dump({"command": _command_line(args), **res.to_dict()}, f, indent=1))
+
     res = run_campaign(args.seed, args.layers, only, algorithms, args.target, args.knob_dicts, args.bounds_check,
-                       args.jobs, args.timeout, on_failure=tables.print_fuzz_failure)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"command": _command_line(args), **res.to_dict()}, f, indent=1)
+                       args.jobs, args.timeout, on_failure=tables.print_fuzz_failure, resume=resume, on_layer=save)
+    save(res)
     tables.print_fuzz_summary(res.to_dict())
     return 130 if res.interrupted else 1 if res.failed else 0
 

@@ -234,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="put guard zones around every buffer and run each candidate twice: an access outside a "
                      "buffer is an error (default: on)")
     fuz.add_argument("--json", metavar="OUT", default=None, help="write the counts and every failing case "
-                     "(layer, seeds, algorithm, knobs, max error or error text, rerun command) here")
+                     "(layer, seeds, algorithm, knobs, max error or error text, rerun command) here, "
+                     "replaced whole after each layer")
+    fuz.add_argument("--resume", metavar="JSON", default=None, help="go on with the campaign a --json file "
+                     "records (same seed, algorithms, knob dicts, bounds check and target): its layers are not "
+                     "run again, and the file is updated unless --json names another")
     fuz.add_argument("--jobs", type=int, default=1, help="layers built at once, one worker process each "
                      "(default %(default)s)")
     fuz.add_argument("--timeout", type=float, default=300, help="seconds a candidate's build and run may take "
