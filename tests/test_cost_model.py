@@ -48,14 +48,16 @@ def test_shipped_model_lists_the_shipped_runs(runs):
     assert [r["run"] for r in m.trained_on] == [r.name for r in runs]
     assert [r["sha256"] for r in m.trained_on] == [r.sha256 for r in runs]  # the logs as they are now
     # the CPUs and the AVX2 code path tuned on the Zen 5, every measured record of the logs
-    assert {r.cpu.name for r in runs} == {"znver5", "rocketlake", "haswell"}
+    assert {r.cpu.name for r in runs} == {"znver5", "znver3", "rocketlake", "haswell"}
     for r in runs:
         with open(f"{cm.SHIPPED}/{r.name.split('/', 1)[1]}/trials.jsonl") as f:
             ok = [json.loads(l) for l in f.read().splitlines()[1:] if l.strip()]
         timed = [rec for rec in ok if rec.get("time_ms")]
         assert len(r.rows) == sum(1 for rec in timed if rec["algorithm"] in REGISTRY)
         # the rest are the layouts phase's records (a transform's time: layouts.TRANSFORM), not candidates
-        assert r.skipped == sum(1 for rec in timed if rec["algorithm"] == "layout")
+        assert r.skipped == 0 and len(r.transforms) == sum(1 for rec in timed if rec["algorithm"] == "layout")
+    per_mb = [ms / (b / 1e6) for r in runs for b, ms in r.transforms]
+    assert per_mb and m.transform_ms_per_mb == pytest.approx(float(np.median(per_mb)))
 
 
 def test_retrain_reproduces_the_shipped_model(runs, tmp_path):
@@ -447,3 +449,46 @@ def test_a_model_without_logs_of_the_targets_isa_leaves_the_plan_to_the_rule(run
     assert scores["layers"] > 0 and scores["regret"] == scores["rule_regret"]
     # with logs of its ISA the model's own picks count
     assert CostModel.train(runs).knows_isa("avx2")
+
+
+def _blocked(c: Candidate) -> bool:
+    return any(c.knobs.get(k, "nchw") != "nchw" for k in ("layout_in", "layout_out"))
+
+
+@pytest.mark.parametrize("blocked_speed", [0.5, 2.0])
+def test_predicted_layouts_follow_the_predictions_and_the_plan_runs(mixed, monkeypatch, blocked_speed, tmp_path):
+    """The predicted plan's layouts phase: with blocked candidates predicted twice as fast, the
+    dense layers go to channel blocks (their NCHW knobs in the note, as the tuner keeps them), and
+    the plan compiles and matches onnxruntime; predicted twice as slow, every layer stays NCHW."""
+    from tvm_sparseconv.compile import build
+
+    path, m = mixed
+    cost = load_cost_model()
+    assert cost.transform_ms_per_mb > 0  # the shipped logs timed transforms
+    real = CostModel.predict_ms
+    monkeypatch.setattr(CostModel, "predict_ms", lambda self, cands: real(self, cands) * np.array(
+        [blocked_speed if _blocked(c) else 1.0 for c in cands]))
+    monkeypatch.setattr(CostModel, "transform_ms", lambda self, shape: 1e-6)
+    plan = model_plan(m, cost, AVX2_TARGET)
+    _assert_valid(plan, m, AVX2_TARGET)
+    moved = [l for l in plan.layers if "nchw_knobs" in l.note]
+    if blocked_speed > 1:
+        assert not moved and plan.model["layouts"].startswith("nchw (channel blocks predicted")
+        return
+    dense = [l for l in plan.layers if l.algorithm == "dense"]
+    assert dense and moved == dense and plan.model["layouts"].startswith(f"{len(dense)} of {len(dense)} layers")
+    assert all(l.knobs["layout_in"] == "nchw8c" or l.knobs["layout_out"] == "nchw8c" for l in moved)
+    x = np.maximum(np.random.default_rng(3).standard_normal((1, 8, 16, 16)), 0).astype(np.float32)
+    if cpu_of(None).isa in ("avx2", "avx512"):  # AVX2 code runs on both kinds of host
+        y = build(m, plan, AVX2_TARGET).vm()["main"](tvm.runtime.tensor(x)).numpy()
+        ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * float(np.abs(ref).max()))  # sums of ~1000
+
+
+def test_a_model_whose_logs_timed_no_transform_keeps_nchw(mixed, runs):
+    _, m = mixed
+    model = CostModel.train([r for r in runs if r.cpu.isa == "avx2"])
+    model.transform_ms_per_mb = None  # as a model file from before the transforms were learnt
+    plan = model_plan(m, model, AVX2_TARGET)
+    assert plan.model["layouts"] == "nchw (the cost model's logs timed no layout transform)"
+    assert not any("nchw_knobs" in l.note for l in plan.layers)

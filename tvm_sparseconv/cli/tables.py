@@ -179,7 +179,9 @@ def predicted_line(model: str, key: str, plan) -> str:
     what = "predicted by the cost model" if how == "predicted" else \
         f"of the fixed rule ({plan.model.get('why') or 'no cost model'})"
     layers = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    return (f"no plan shipped for {model} on {key}: using a plan {what} ({layers}; "
+    blocked = sum(1 for l in plan.layers if "nchw_knobs" in l.note)
+    return (f"no plan shipped for {model} on {key}: using a plan {what} ({layers}"
+            f"{f', {blocked} in channel blocks' if blocked else ''}; "
             f"densities: {plan.model.get('densities')}); for a faster one, tune it: "
             f"tvm-sparseconv tune {model} --images ... (then --plan RUN/plan.json)")
 

@@ -30,7 +30,9 @@ import numpy as np
 from ..algorithms import REGISTRY
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
+from ..layout import NCHW
 from ..shipped import SHIPPED
+from .layouts import TRANSFORM
 from .log import TuningLog, TuningLogError, write_atomically
 from .workloads import spec_workload_id
 
@@ -116,7 +118,11 @@ def features(c: Candidate) -> dict[str, float]:
         "channel_vectors": s.out_channels / cpu.lanes,
     }
     for name, v in sorted(k.items()):
-        if isinstance(v, str):
+        if name.startswith("layout_") and isinstance(v, str) and v != NCHW:
+            # "blocked", not "nchw16c": the tuner's blocks are the CPU's vector width (layouts.pairs),
+            # and what a log learnt of them must carry to a CPU of another width
+            f[f"knob.{name}=blocked"] = 1.0
+        elif isinstance(v, str):
             f[f"knob.{name}={v}"] = 1.0
         elif isinstance(v, (bool, int, float, np.integer, np.floating)):
             f[f"knob.{name}"] = float(v)
@@ -185,6 +191,7 @@ class TrainingRun:
     layers: dict  # workload id -> how many of the model's layers it stands for
     sha256: str
     skipped: int = 0  # records of algorithms this package does not have
+    transforms: list = field(default_factory=list)  # (bytes, ms) of each layout transform it timed
 
     @classmethod
     def read(cls, path) -> "TrainingRun":
@@ -207,9 +214,13 @@ class TrainingRun:
         for l in layers:
             spec = Conv2DSpec.from_dict(l["spec"])
             by_workload.setdefault(spec_workload_id(spec, l["bias"], l["relu"], l.get("clip")), []).append(l)
-        rows, skipped = [], 0
+        rows, skipped, transforms = [], 0, []
         for r in log.records:
             if not r.get("time_ms"):
+                continue
+            if r["algorithm"] == TRANSFORM:  # workload "transform-NxCxHxW"
+                shape = [int(v) for v in r["workload"].split("-", 1)[1].split("x")]
+                transforms.append((4 * math.prod(shape), float(r["time_ms"])))
                 continue
             if r["algorithm"] not in REGISTRY:
                 skipped += 1
@@ -229,7 +240,7 @@ class TrainingRun:
         except ValueError:
             name = str(folder)
         return cls(name, cpu, str(head.get("model")), rows, {w: len(ls) for w, ls in by_workload.items()},
-                   _sha256(log_path, prof_path), skipped)
+                   _sha256(log_path, prof_path), skipped, transforms)
 
     @property
     def cpu_key(self) -> str:
@@ -258,9 +269,11 @@ class CostModel:
     """A trained XGBoost booster over ``names`` (the feature columns), with the runs it was
     trained on (``trained_on``: TrainingRun.describe of each)."""
 
-    def __init__(self, booster, names: list[str], trained_on: list[dict], params: dict, rounds: int):
+    def __init__(self, booster, names: list[str], trained_on: list[dict], params: dict, rounds: int,
+                 transform_ms_per_mb: float | None = None):
         self.booster, self.names, self.trained_on = booster, list(names), list(trained_on)
         self.params, self.rounds = dict(params), int(rounds)
+        self.transform_ms_per_mb = transform_ms_per_mb
         self.path: str | None = None
 
     @classmethod
@@ -276,7 +289,9 @@ class CostModel:
         params = dict(PARAMS if params is None else params)
         booster = xgb.train(params, xgb.DMatrix(_matrix(feats, names), label=y, feature_names=names),
                             num_boost_round=rounds)
-        return cls(booster, names, [r.describe() for r in runs], params, rounds)
+        per_mb = [ms / (b / 1e6) for run in runs for b, ms in run.transforms]
+        return cls(booster, names, [r.describe() for r in runs], params, rounds,
+                   float(np.median(per_mb)) if per_mb else None)
 
     def knows(self, algorithm: str) -> bool:
         """The training data held measurements of ``algorithm``."""
@@ -287,6 +302,14 @@ class CostModel:
         ranked the candidates worse than the fixed rule (docs/cost-model.md: AVX2 held out,
         30.7 % regret against the rule's 20.5 %), so predict.model_plan follows the rule then."""
         return any((t.get("cpu") or {}).get("isa") == isa for t in self.trained_on)
+
+    def transform_ms(self, nchw_shape) -> float | None:
+        """Predicted ms of a layout transform of a tensor of ``nchw_shape``: its bytes at the
+        median ms per MB of the transforms the logs timed (a memory-bound copy: the kernels'
+        features do not apply); None when the logs timed none."""
+        if self.transform_ms_per_mb is None:
+            return None
+        return 4 * math.prod(int(v) for v in nchw_shape) / 1e6 * self.transform_ms_per_mb
 
     def log_ratio(self, cands: list[Candidate]) -> np.ndarray:
         """The model's raw output per candidate: predicted log(ms / roofline_ms)."""
@@ -309,7 +332,7 @@ class CostModel:
 
         return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "xgboost": xgb.__version__,
                 "target": "log(ms / roofline_ms)", "params": self.params, "rounds": self.rounds,
-                "features": self.names, "trained_on": self.trained_on,
+                "features": self.names, "trained_on": self.trained_on, "transform_ms_per_mb": self.transform_ms_per_mb,
                 "booster": json.loads(bytes(self.booster.save_raw("json")))}
 
     def save(self, path: str) -> None:
@@ -346,7 +369,9 @@ class CostModel:
             if booster.num_features() != len(names):
                 raise ValueError(f"the booster has {booster.num_features()} features, the file names {len(names)}")
             booster.set_param({"nthread": 1})
-            m = cls(booster, names, d.get("trained_on") or [], d.get("params") or {}, d.get("rounds") or 0)
+            per_mb = d.get("transform_ms_per_mb")
+            m = cls(booster, names, d.get("trained_on") or [], d.get("params") or {}, d.get("rounds") or 0,
+                    None if per_mb is None else float(per_mb))
         except (KeyError, TypeError, ValueError, xgb.core.XGBoostError) as e:
             raise CostModelError(f"{path} is a corrupt cost model ({str(e).strip().splitlines()[0][:200]})") from None
         m.path = path

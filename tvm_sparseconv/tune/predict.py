@@ -22,9 +22,12 @@ import numpy as np
 from ..algorithms import ALGORITHMS, REGISTRY, dense_fallback, get_algorithm
 from ..cpu import cpu_of
 from ..frontend import Model, load_model
+from ..layout import NCHW
+from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
+from .layouts import assign, pair_candidates, takes_blocks
 from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
@@ -128,8 +131,51 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
         layers.append(PlanLayer(s.key, s.spec.to_dict(), best["algorithm"], best["knobs"],
                                 {"density": d.mean, "by": "cost model", "predicted_ms": best["time_ms"],
                                  "predicted_dense_ms": best_dense["time_ms"] if best_dense else None}))
-    return _plan(model, layers, target, {"plan": "predicted", "densities": densities_from,
+    layouts = predicted_layouts(model, layers, cost, cpu, dens)
+    return _plan(model, layers, target, {"plan": "predicted", "densities": densities_from, "layouts": layouts,
                                          "cost_model": cost.path or "in memory", "target_key": target_key(target)})
+
+
+def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cpu, densities: list[Density]) -> str:
+    """The tuner's layouts phase (tune/layouts.py) on predicted times: each layer whose
+    algorithm takes channel blocks gets each (layout_in, layout_out) pair's candidates
+    predicted (layouts.pair_candidates), each transform CostModel.transform_ms, and
+    layouts.assign chooses for the whole model. ``layers`` are changed in place (a blocked
+    layer's NCHW knobs kept in its note, as the tuner keeps them) when the assignment is
+    predicted faster than all NCHW by MARGIN. Returns what was done, for the plan's info."""
+    if cost.transform_ms_per_mb is None:
+        return "nchw (the cost model's logs timed no layout transform)"
+    sites = {s.key: s for s in model.sites}
+    dens = {s.key: d for s, d in zip(model.sites, densities)}
+    cands, asks = {}, []
+    for l in layers:
+        pairs = pair_candidates(sites[l.key].spec, l.knobs, cpu, l.algorithm) if cost.knows(l.algorithm) else {}
+        if takes_blocks(pairs):
+            cands[l.key] = [(pair, k) for pair, ks in pairs.items() for k in ks]
+            asks += [Candidate(l.algorithm, k, sites[l.key].spec, dens[l.key], cpu, sites[l.key].epilogue())
+                     for _, k in cands[l.key]]
+    if not cands:
+        return "nchw (no layer takes channel blocks)"
+    pred, at, layer_ms, knobs = cost.predict_ms(asks), 0, {}, {}
+    for key, pool in cands.items():
+        for (pair, k), ms in zip(pool, pred[at:at + len(pool)]):
+            if np.isfinite(ms) and ms < layer_ms.setdefault(key, {}).get(pair, np.inf):
+                layer_ms[key][pair], knobs[(key, pair)] = float(ms), k
+        at += len(pool)
+    plan = Plan(layers, None, {}, cpu.to_dict())
+    graph = LayoutGraph(model.mod["main"], plan.choices(model.sites), model.sites)
+    chosen, total = assign(graph, layer_ms, lambda shape, src, dst: cost.transform_ms(shape))
+    nchw = sum(layer_ms[k].get((NCHW, NCHW), np.inf) for k in chosen) + sum(
+        cost.transform_ms(t[0]) for t in graph.transforms({}))
+    blocked = [k for k, pair in chosen.items() if pair != (NCHW, NCHW)]
+    if not blocked or not total < (1 - MARGIN) * nchw:
+        return f"nchw (channel blocks predicted {total:.3f} ms against {nchw:.3f} ms)"
+    for l in layers:
+        if l.key in blocked:
+            l.note = {**l.note, "nchw_knobs": l.knobs, "predicted_ms": layer_ms[l.key][chosen[l.key]]}
+            l.knobs = knobs[(l.key, chosen[l.key])]
+    return (f"{len(blocked)} of {len(chosen)} layers in channel blocks, {len(graph.transforms(chosen))} transforms "
+            f"(predicted {total:.3f} ms against {nchw:.3f} ms all NCHW)")
 
 
 def predict_plan(model, target=None, images=None, cost_model=None, fallback: bool = True,
