@@ -221,7 +221,8 @@ def build_jobs(n: int) -> int:
     """How many of ``n`` builds build_many runs at once: one per core of this machine (where
     the compiler runs, whatever the target), at most 4 (each holds a model's IR and LLVM's
     memory), and 1 when jobs run in this process (TVMS_IN_PROCESS=1: one TVM, one compile)."""
-    return max(1, min(n, os.cpu_count() or 1, 4)) if isolated() else 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n, cores, 4)) if isolated() else 1
 
 
 def build_many(model: Model, plans: dict[str, Plan], target, database=None, paths: dict | None = None,
