@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
@@ -177,9 +178,11 @@ class Algorithm:
 def _module_digest(cls: type) -> str:
     """sha1 of the file that defines ``cls``: the cache's version covers the package's own
     source, and this an algorithm registered from outside it."""
-    path = inspect.getsourcefile(cls)
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
+    try:
+        with open(inspect.getsourcefile(cls), "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()
+    except (TypeError, OSError):  # no file (a class made at run time): its kernels stay in this process
+        return f"unsourced {os.getpid()} {id(cls)}"
 
 
 @functools.lru_cache(maxsize=1024)
