@@ -109,7 +109,7 @@ build_root() {
         say "downloading aarch64 wheels: $pins"
         mkdir -p "$WHEELS"
         # shellcheck disable=SC2086
-        "$HOST_PYTHON" -m pip download -q --no-warn-script-location --only-binary=:all: "${WHEEL_PLATFORM[@]}" -d "$WHEELS" $pins \
+        "$HOST_PYTHON" -m pip download -q --only-binary=:all: "${WHEEL_PLATFORM[@]}" -d "$WHEELS" $pins \
             || die "pip download of the aarch64 wheels failed"
         say "installing them into a venv in the root (about 3 minutes under emulation)"
         rm -rf "$ROOT/opt/tvm" "$ROOT/wheels"
