@@ -132,5 +132,14 @@ def assign(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],
     return min(found, key=lambda f: f[1]) if found else ({}, 0.0)
 
 
+def nchw_cost(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],
+              transform_ms: Callable[[tuple, str, str], float]) -> float:
+    """What ``assign``'s cost is with every layer of ``layer_ms`` in NCHW: the baseline its
+    choice is compared with (the transforms at the model's edges and around other layers
+    counted)."""
+    return sum(ms.get((NCHW, NCHW), math.inf) for ms in layer_ms.values() if ms) + sum(
+        transform_ms(*t) for t in graph.transforms({}))
+
+
 def finite(ms) -> bool:
     return ms is not None and math.isfinite(ms)

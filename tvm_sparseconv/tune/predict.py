@@ -27,7 +27,7 @@ from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
-from .layouts import assign, pair_candidates, takes_blocks
+from .layouts import assign, nchw_cost, pair_candidates, takes_blocks
 from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
@@ -165,8 +165,7 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     plan = Plan(layers, None, {}, cpu.to_dict())
     graph = LayoutGraph(model.mod["main"], plan.choices(model.sites), model.sites)
     chosen, total = assign(graph, layer_ms, lambda shape, src, dst: cost.transform_ms(shape))
-    nchw = sum(layer_ms[k].get((NCHW, NCHW), np.inf) for k in chosen) + sum(
-        cost.transform_ms(t[0]) for t in graph.transforms({}))
+    nchw = nchw_cost(graph, layer_ms, lambda shape, src, dst: cost.transform_ms(shape))
     blocked = [k for k, pair in chosen.items() if pair != (NCHW, NCHW)]
     if not blocked or not total < (1 - MARGIN) * nchw:
         return f"nchw (channel blocks predicted {total:.3f} ms against {nchw:.3f} ms)"

@@ -58,7 +58,7 @@ from ..reference import dense_conv2d
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
-from .layouts import TRANSFORM, assign, finite, pair_candidates, takes_blocks
+from .layouts import TRANSFORM, assign, finite, nchw_cost, pair_candidates, takes_blocks
 from .log import TuningLog, write_atomically
 from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, supports
 from .workloads import Workload, extract_workloads
@@ -450,8 +450,7 @@ class Tuner:
             return self._transform_ms(shape, src, dst, transforms)
 
         chosen, total = assign(graph, layer_ms, transform_ms)
-        nchw_total = sum(layer_ms[k].get((NCHW, NCHW), math.inf) for k in chosen) + sum(
-            transform_ms(*t) for t in graph.transforms({}))
+        nchw_total = nchw_cost(graph, layer_ms, transform_ms)
         out = copy.deepcopy(plan)
         for l in out.layers:
             if l.key in chosen:
