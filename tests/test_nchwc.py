@@ -204,6 +204,18 @@ def test_padded_copy_is_blocked_and_counted():
     assert layer.storage() == DENSE.reference_storage(spec, layer.knobs, x) == Storage(xp.size, 4 * xp.size)
 
 
+def test_cache_blocks_hold_whole_channel_blocks():
+    """From channel blocks, the window kernel's cache blocks (c_block) are rounded up to whole
+    blocks of x, so that its channel loop walks blocks and lanes with no index division."""
+    from tvm_sparseconv.algorithms.dense import make_tiling
+
+    spec = Conv2DSpec.from_shapes((1, 20, 6, 6), (16, 20, 3, 3))
+    for c_block, want in ((3, 8), (8, 8), (9, 16), (19, 20), (0, 20)):
+        knobs = DENSE.knobs(spec, {"kernel": "window", "c_block": c_block, "layout_in": "nchw8c"})
+        assert make_tiling(spec, knobs).c_block == want
+    assert make_tiling(spec, DENSE.knobs(spec, {"kernel": "window", "c_block": 3})).c_block == 3  # NCHW: as given
+
+
 @pytest.mark.parametrize("bad", [{"layout_in": "nhwc"}, {"layout_out": "nchw3c"}, {"layout_in": 16},
                                  {"kernel": "gemm", "layout_in": "nchw16c", "m_tile": 12},
                                  {"kernel": "gemm", "layout_in": "nchw16c", "block": 40}])
@@ -223,7 +235,7 @@ def test_defaults_and_knob_space():
         k = DENSE.knobs(spec, None, cpu)
         assert DENSE.layouts(spec, k) == (NCHW, NCHW)
         g = DENSE.knobs(spec, {"layout_in": lanes_layout(cpu)}, cpu)
-        assert g["kernel"] == "gemm" and g["m_tile"] == 4 * cpu.lanes
+        assert g["kernel"] == "gemm" and g["m_tile"] == 2 * cpu.lanes
         assert g["block"] * g["m_tile"] // cpu.lanes == cpu.registers * 3 // 4
         space = DENSE.knob_space(spec, cpu)
         pairs = {(k["kernel"], k["layout_in"], k["layout_out"]) for k in space}

@@ -90,7 +90,7 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout
     - gemm from NCHW: 3/4 of cpu.registers as accumulators, 3 vectors of pixels when they
       divide H*W (else 2); split row_outer when the layer reduces channels and a pixel tile's
       input fits in cpu.l1d, else m_outer;
-    - gemm from channel blocks: 4 vectors of output channels (fewer when M is smaller) x as
+    - gemm from channel blocks: 2 vectors of output channels (fewer when M is smaller) x as
       many pixels as fill 3/4 of cpu.registers; the split as from NCHW;
     - window: block x m_tile = cpu.accumulators // 2 pixels x 2 vectors (one vector when M is a
       multiple of one but not of two); at stride 2 with C >= 64, a quarter of the accumulators
@@ -104,7 +104,7 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout
             vectors = 3 if spec.height * spec.width % (3 * v) == 0 else 2
             block, m_tile = vectors * v, min(16, cpu.registers * 3 // 4 // vectors, m)
         else:
-            m_tile = min(4 * v, max(4, 1 << (m - 1).bit_length()))
+            m_tile = min(2 * v, max(4, 1 << (m - 1).bit_length()))
             block = max(1, min(32, cpu.registers * 3 // 4 * v // m_tile))
         split = "row_outer" if c > m and 4 * c * block <= cpu.l1d else "m_outer"
         return {"kernel": "gemm", "block": block, "m_tile": m_tile, "c_block": 0, "split": split,
@@ -149,7 +149,10 @@ def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
     c, m = spec.in_channels, spec.out_channels
     if cb_out:  # every channel of a blocked y's last block is written (zeros past M)
         m = _cdiv(m, cb_out) * cb_out
-    return DenseTiling(kernel, block, m_tile, min(c_block or c, c), split, pad, _cdiv(m, m_tile), cb_in, cb_out)
+    c_block = min(c_block or c, c)
+    if cb_in and c_block < c:  # cache blocks of whole channel blocks of x (the channel loop walks those)
+        c_block = min(_cdiv(c_block, cb_in) * cb_in, c)
+    return DenseTiling(kernel, block, m_tile, c_block, split, pad, _cdiv(m, m_tile), cb_in, cb_out)
 
 
 def tile_weights(spec: Conv2DSpec, w: np.ndarray, tl: DenseTiling) -> np.ndarray:
@@ -205,6 +208,11 @@ def _pad_func(spec: Conv2DSpec, cb: int):
 def _when(flag: bool, cond):
     """``cond`` when ``flag``, else True (an ``if True:`` vanishes when the TVMScript is parsed)."""
     return cond if flag else True
+
+
+def _cdiv_expr(a, b: int):
+    """ceil(a / b) of a TIR expression (or an int) and a positive int."""
+    return (a + b - 1) // b
 
 
 def _in_range(v, n: int):
@@ -289,17 +297,23 @@ def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_
     store = _channel_vector_store(spec, tl, ep)
 
     @T.macro
+    def channel_taps(xv, w, acc, n, mo, k, ci, i, l, w0, BT, col_check):
+        """acc[b, :] += x[n, c, i, (w0 + b)*sw + q*dw - pl] * w[mo, l, c, q, :] for the channel
+        c = k*cbi + ci (xv: x viewed as N x C/cbi x H x W x cbi, layout_in's blocks or cbi = 1).
+        In a border tile (col_check) w0 is a constant, so the column test folds per (b, q)."""
+        for q in T.unroll(Kw):
+            for b in T.unroll(BT):
+                if _when(col_check, _in_range((w0 + b) * sw + q * dw - pl, W)):
+                    for j in T.vectorized(mt):
+                        acc[b, j] = acc[b, j] + xv[n, k, i, (w0 + b) * sw + q * dw - pl, ci] * \
+                            w[mo, l, k * cbi + ci, q, j]
+
+    @T.macro
     def taps(xv, w, acc, n, mo, c0, c1, i, l, w0, BT, col_check):
-        """acc[b, :] += x[n, c, i, (w0 + b)*sw + q*dw - pl] * w[mo, l, c, q, :] for c0 <= c < c1
-        (xv: x viewed as N x C/cbi x H x W x cbi, layout_in's blocks or cbi = 1). In a border
-        tile (col_check) w0 is a constant, so the column test folds per (b, q)."""
-        for c in range(c0, c1):
-            for q in T.unroll(Kw):
-                for b in T.unroll(BT):
-                    if _when(col_check, _in_range((w0 + b) * sw + q * dw - pl, W)):
-                        for j in T.vectorized(mt):
-                            acc[b, j] = acc[b, j] + xv[n, c // cbi, i, (w0 + b) * sw + q * dw - pl, c % cbi] * \
-                                w[mo, l, c, q, j]
+        """channel_taps for c0 <= c < c1 (c0 a multiple of cbi: make_tiling)."""
+        for k, ci in T.grid(_cdiv_expr(c1 - c0, cbi), cbi):
+            if _when(C % cbi != 0, c0 + k * cbi + ci < c1):
+                channel_taps(xv, w, acc, n, mo, c0 // cbi + k, ci, i, l, w0, BT, col_check)
 
     @T.macro
     def tile(xv, w, bias, resv, yv, acc, part, n, mo, r, w0, BT, col_check, c0, c1, first, last):
@@ -403,10 +417,11 @@ def _channel_vector_tile(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
         for b in T.unroll(BT):
             for j in T.vectorized(mt):
                 acc[b, j] = T.float32(0)
-        for c in range(C):
-            for b in T.unroll(BT):
-                for j in T.vectorized(mt):
-                    acc[b, j] = acc[b, j] + xv[n, c // cbi, p0 + b, c % cbi] * w[mo, c, j]
+        for k, ci in T.grid(_cdiv(C, cbi), cbi):  # whole channel blocks: no index division per channel
+            if _when(C % cbi != 0, k * cbi + ci < C):
+                for b in T.unroll(BT):
+                    for j in T.vectorized(mt):
+                        acc[b, j] = acc[b, j] + xv[n, k, p0 + b, ci] * w[mo, k * cbi + ci, j]
         store(yv, resv, bias, acc, n, mo, p0, BT)
 
     return tile
