@@ -193,6 +193,21 @@ def test_gemm_tails(lin, lout, tile):
     check_layer(spec, {"kernel": "gemm", **tile, "layout_in": lin, "layout_out": lout}, densities=DENSITIES)
 
 
+@pytest.mark.parametrize("lout", (NCHW, BLOCKED))
+@pytest.mark.parametrize("stride", [(2, 2), (1, 3), (3, 2)])
+def test_strided_gemm_from_blocks(stride, lout):
+    """A strided 1x1 layer (a projection shortcut) as a gemm over the flat output pixels, each
+    reading its input pixel's block; odd H and W, M and C not multiples of a block; NCHW x is
+    refused (a strided pixel is no vector of it)."""
+    spec = Conv2DSpec.from_shapes((2, 12, 9, 11), (20, 12, 1, 1), stride=stride)
+    check_layer(spec, {"kernel": "gemm", "block": 5, "m_tile": 8, "layout_in": BLOCKED, "layout_out": lout},
+                densities=DENSITIES)
+    with pytest.raises(KnobError, match="stride 1 from NCHW"):
+        DENSE.stages(spec, Epilogue(), DENSE.knobs(spec, {"kernel": "gemm"}))
+    kernels = {(k["kernel"], k["layout_in"]) for k in DENSE.knob_space(spec, HOST)}
+    assert ("gemm", BLOCKED) in kernels and ("gemm", NCHW) not in kernels
+
+
 def test_padded_copy_is_blocked_and_counted():
     spec = Conv2DSpec.from_shapes((2, 20, 5, 6), (16, 20, 3, 3), padding=(1, 2, 0, 1))
     layer = CompiledLayer("dense", spec, weight(spec), knobs={"pad": "copy", "layout_in": "nchw8c"})

@@ -10,10 +10,11 @@ window (any layer): x N x C x H x W (NCHW), read in place with the padded taps s
     channels past M zero (laid out once, at build time); y N x M x Oh x Ow (NCHW). A register
     tile is ``block`` consecutive output pixels of one row x m_tile channels (vectors of
     channels).
-gemm (pointwise layers: 1x1, stride 1, no padding): y[n] (M x P) = w (M x C) . x[n] (C x P),
-    P = H*W read flat; w n_mt x C x m_tile. From NCHW, a register tile is m_tile channels x
-    ``block`` consecutive pixels (vectors of pixels); from channel blocks, ``block`` pixels x
-    m_tile channels (vectors of channels, as window).
+gemm (pointwise layers: 1x1, no padding; stride 1 from NCHW, any stride from channel blocks):
+    y[n] (M x P) = w (M x C) . x[n] (C x P), P = Oh*Ow read flat (output pixel p reads input
+    pixel (p // Ow * sh, p % Ow * sw)); w n_mt x C x m_tile. From NCHW, a register tile is
+    m_tile channels x ``block`` consecutive pixels (vectors of pixels); from channel blocks,
+    ``block`` pixels x m_tile channels (vectors of channels, as window).
 
 Knobs ``layout_in`` and ``layout_out`` (layout.py: "nchw" or "nchw{cb}c") say how x and y
 (and the residual, which arrives in y's layout) are held; a blocked y has zeros in the
@@ -31,7 +32,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
-from ..layout import NCHW, lanes_layout, layout_of_block, layout_shape
+from ..layout import NCHW, channel_block, lanes_layout, layout_of_block, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value, drop_unused, epilogue_inputs,
@@ -78,8 +79,18 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def is_pointwise(spec: Conv2DSpec) -> bool:
-    """1x1, stride 1, no padding: a GEMM over the flat pixels (the gemm kernel applies)."""
+    """1x1, stride 1, no padding: a GEMM over the flat pixels (the gemm kernel applies in either
+    layout)."""
     return (spec.kernel_h, spec.kernel_w, spec.stride) == (1, 1, (1, 1)) and not any(spec.padding)
+
+
+def gemm_applies(spec: Conv2DSpec, cb_in: int) -> bool:
+    """Whether the gemm kernel computes the layer with x held in channel blocks of ``cb_in``
+    (0: NCHW): pointwise, or 1x1 without padding at any stride from channel blocks (each output
+    pixel's input is one pixel's block: a strided pixel is no vector of NCHW)."""
+    if cb_in == 0:
+        return is_pointwise(spec)
+    return (spec.kernel_h, spec.kernel_w) == (1, 1) and not any(spec.padding)
 
 
 def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout_in: str = NCHW) -> dict:
@@ -125,8 +136,8 @@ def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
     cb_in, cb_out = (knob_block("dense", k, knobs[k]) for k in ("layout_in", "layout_out"))
     if kernel not in KERNELS:
         raise KnobError(f"dense: kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "gemm" and not is_pointwise(spec):
-        raise KnobError("dense: kernel='gemm' needs a 1x1 stride-1 layer without padding")
+    if kernel == "gemm" and not gemm_applies(spec, cb_in):
+        raise KnobError("dense: kernel='gemm' needs a 1x1 layer without padding, at stride 1 from NCHW")
     if kernel == "gemm" and cb_in == 0:
         # whole 4-lane vectors at least (a tail vector is masked); the default is 2-3 vectors of the CPU
         if not (isinstance(block, int) and 4 <= block <= 64 and block % 4 == 0):
@@ -387,7 +398,7 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue):
     (NCHW) or N x C/cb x P x cb (blocked): vectors of pixels from NCHW, of output channels from
     channel blocks."""
     N, C, H, W = spec.x_shape
-    M, P = spec.out_channels, H * W
+    M, P = spec.out_channels, spec.out_h * spec.out_w
     B, mt, n_mt = tl.block, tl.m_tile, tl.n_mt
     ntask = N * n_mt * _cdiv(P, B)
     tile = _pixel_vector_tile(spec, tl, cpu, ep) if tl.pixel_vectors else _channel_vector_tile(spec, tl, ep)
@@ -396,7 +407,7 @@ def _gemm_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue):
 
     @T.macro
     def body(x, w, bias, res, y):
-        xv = T.decl_buffer((N, _cdiv(C, max(tl.cb_in, 1)), P, max(tl.cb_in, 1)), "float32", data=x.data)
+        xv = T.decl_buffer((N, _cdiv(C, max(tl.cb_in, 1)), H * W, max(tl.cb_in, 1)), "float32", data=x.data)
         yv, resv = _output_views(spec, tl, ep, res, y)
         for t in T.parallel(ntask):
             acc = T.alloc_local(acc_shape, "float32")
@@ -410,7 +421,12 @@ def _channel_vector_tile(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
     input per pixel and channel, m_tile/lanes weight vectors), as the window kernel's 1x1 tile
     but over the flat pixels."""
     C, mt, cbi = spec.in_channels, tl.m_tile, tl.cb_in
+    W, Ow, (sh, sw) = spec.width, spec.out_w, spec.stride
     store = _channel_vector_store(spec, tl, ep)
+
+    def source(p):
+        """The flat input pixel output pixel p reads."""
+        return p if (sh, sw) == (1, 1) else p // Ow * sh * W + p % Ow * sw
 
     @T.macro
     def tile(xv, w, bias, resv, yv, acc, n, mo, p0, BT):
@@ -421,7 +437,7 @@ def _channel_vector_tile(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue):
             if _when(C % cbi != 0, k * cbi + ci < C):
                 for b in T.unroll(BT):
                     for j in T.vectorized(mt):
-                        acc[b, j] = acc[b, j] + xv[n, k, p0 + b, ci] * w[mo, k * cbi + ci, j]
+                        acc[b, j] = acc[b, j] + xv[n, k, source(p0 + b), ci] * w[mo, k * cbi + ci, j]
         store(yv, resv, bias, acc, n, mo, p0, BT)
 
     return tile
@@ -592,7 +608,7 @@ class Dense(Algorithm):
                           pad=PADS):
                 if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
                     yield {**k, **io}
-            if not is_pointwise(spec):
+            if not gemm_applies(spec, channel_block(io["layout_in"])):
                 continue
             if io["layout_in"] == NCHW:
                 tiles = grid(kernel=("gemm",), block=(16, 24, 32, 48, 64), m_tile=(4, 6, 8, 12, 16),
