@@ -16,7 +16,7 @@ from tvm_sparseconv.cpu import cpu_of
 from tvm_sparseconv.layout import NCHW, lanes_layout
 from tvm_sparseconv.passes import LayerChoice, LayoutGraph, layout_transforms
 from tvm_sparseconv.plan import Plan
-from tvm_sparseconv.tune.layouts import TRANSFORM, assign, pair_candidates, pairs
+from tvm_sparseconv.tune.layouts import TRANSFORM, assign, fastest_per_pair, pair_candidates, pairs
 from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
 
 from conftest import HOST
@@ -88,6 +88,52 @@ def test_pair_candidates_hold_a_valid_tile_for_every_pair():
     for pair in ((BLOCKED, NCHW), (BLOCKED, BLOCKED)):
         assert all(k["m_tile"] % 4 == 0 and k["kernel"] == "gemm" and (k["layout_in"], k["layout_out"]) == pair
                    for k in cands[pair]) and cands[pair]
+
+
+def test_fastest_per_pair_lets_a_sparse_layer_go_dense_only_in_blocks():
+    """A sparse layer keeps its own time in NCHW (dense's NCHW time, even if lower, is not taken:
+    the selection chose there, with its margin); dense's pairs with blocks compete; a dense
+    layer's pairs are its own."""
+    b = BLOCKED
+    dense = {(NCHW, NCHW): (0.5, {"kernel": "gemm"}), (b, b): (0.7, {"kernel": "gemm", "layout_in": b}),
+             (NCHW, b): (1.5, {"kernel": "window"})}
+    got = fastest_per_pair("pixcsr", {"rows": 2}, 0.9, {"dense": dense})
+    assert got == {(NCHW, NCHW): (0.9, "pixcsr", {"rows": 2}), (b, b): (0.7, "dense", dense[(b, b)][1]),
+                   (NCHW, b): (1.5, "dense", {"kernel": "window"})}
+    assert fastest_per_pair("pixcsr", {}, None, {"dense": dense}).keys() == {(b, b), (NCHW, b)}
+    assert fastest_per_pair("dense", {"kernel": "x"}, 9.0, {"dense": dense}) == \
+        {pair: (ms, "dense", k) for pair, (ms, k) in dense.items()}
+
+
+@pytest.mark.slow
+def test_layouts_phase_offers_dense_blocks_to_sparse_layers(block_model, tmp_path):
+    """A tune with a sparse algorithm that the selection prefers (margin -10: sparse unless 11x
+    slower): the layouts phase times dense in each pair with blocks on every sparse workload;
+    a sparse layer it moved to dense is in blocks with its algorithm in the note, refine's
+    NCHW build puts it back, and the plan compiles and matches onnxruntime."""
+    from tvm_sparseconv.tune.refine import in_nchw
+
+    m, x, ref = block_model
+    run = tmp_path / "run"
+    cfg = TuneConfig(knob_trials=1, algorithms=("dense", "pixcsr"), refine=False, repeat=2, margin=-10.0)
+    tuner = Tuner(m, [x], str(run), config=cfg, model_name="block")
+    plan = tuner.run()
+    records = tuner.trials.records
+    sparse_wl = {r["workload"] for r in records if r["algorithm"] == "pixcsr" and r.get("time_ms")}
+    assert sparse_wl
+    for wl in sparse_wl:
+        blocked = {(r["knobs"]["layout_in"], r["knobs"]["layout_out"]) for r in records
+                   if r["workload"] == wl and r["algorithm"] == "dense" and r.get("time_ms")}
+        assert {(NCHW, BLOCKED), (BLOCKED, NCHW), (BLOCKED, BLOCKED)} <= blocked
+    for l in plan.layers:
+        if "nchw_algorithm" in l.note:
+            assert l.algorithm == "dense" and l.note["nchw_algorithm"] == "pixcsr"
+            assert (l.knobs["layout_in"], l.knobs["layout_out"]) != (NCHW, NCHW)
+        else:
+            assert l.algorithm in ("dense", "pixcsr")
+    assert {l.algorithm for l in in_nchw(plan).layers if "nchw_algorithm" in l.note} <= {"pixcsr"}
+    out = build(m, plan, None).vm()["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose((out if hasattr(out, "numpy") else out[0]).numpy(), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -47,10 +47,10 @@ def pair_candidates(spec: Conv2DSpec, knobs: Mapping, cpu: CPU,
     """{pair: the complete knob dicts of ``algorithm`` to time for it}: ``knobs`` (the plan's
     tile, chosen among the tiles in NCHW) with the pair's layouts, and for the pairs with
     blocks the defaults of its kernel (Algorithm.kernel_knob) in that pair (dense's gemm tiles
-    differ between vectors of pixels, from NCHW, and of channels, from blocks), or, when that
-    kernel takes no blocks (grouped's width kernel), the pair's defaults; those the algorithm
-    refuses left out (an algorithm without layout knobs, or a layer it keeps in NCHW: every
-    pair with blocks empty)."""
+    differ between vectors of pixels, from NCHW, and of channels, from blocks) and the pair's
+    defaults (the layer's default kernel: a 1x1 layer tuned on dense's window kernel in NCHW
+    may be fastest on its gemm in blocks); those the algorithm refuses left out (an algorithm
+    without layout knobs, or a layer it keeps in NCHW: every pair with blocks empty)."""
     algo = get_algorithm(algorithm)
     zeros = np.zeros(spec.w_shape, np.float32)
 
@@ -69,9 +69,29 @@ def pair_candidates(spec: Conv2DSpec, knobs: Mapping, cpu: CPU,
         if (lin, lout) != (NCHW, NCHW):  # the selection measured NCHW's
             kernel = {algo.kernel_knob: knobs.get(algo.kernel_knob)} if algo.kernel_knob else {}
             found.append(complete({**kernel, **pair}))
-            if found[-1] is None:
-                found.append(complete(pair))
+            found.append(complete(pair))  # the layer's default kernel there (dense: gemm on a 1x1 layer)
         out[(lin, lout)] = [k for i, k in enumerate(found) if k is not None and k not in found[:i]]
+    return out
+
+
+def fastest_per_pair(algorithm: str, knobs: Mapping, nchw_ms: float | None,
+                     timed: Mapping[str, Mapping[tuple[str, str], tuple[float, dict]]]) -> dict:
+    """{pair: (ms, algorithm, knobs)} of one layer whose plan has ``algorithm`` with ``knobs``,
+    timed at ``nchw_ms`` in NCHW: per pair the fastest of ``timed`` ({algorithm: {pair: (ms,
+    knobs)}}, the layouts phase's times alone). Another algorithm than the plan's takes only
+    pairs with blocks (in NCHW the tuner's selection already chose, a sparse one by a margin):
+    a sparse layer, which holds no blocks, may go to dense in blocks, where no transform
+    surrounds it. ``nchw_ms`` stands for the plan's algorithm in NCHW when ``timed`` has no
+    time of it there."""
+    out = {}
+    if algorithm not in timed and nchw_ms is not None and finite(nchw_ms):
+        out[(NCHW, NCHW)] = (nchw_ms, algorithm, dict(knobs))
+    for a, per_pair in timed.items():
+        for pair, (ms, k) in per_pair.items():
+            if a != algorithm and pair == (NCHW, NCHW):
+                continue
+            if ms < out.get(pair, (math.inf,))[0]:
+                out[pair] = (ms, a, k)
     return out
 
 

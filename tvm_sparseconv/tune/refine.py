@@ -84,11 +84,13 @@ def with_splits(plan: Plan, splits: dict[str, str]) -> Plan:
 
 def in_nchw(plan: Plan) -> Plan:
     """A copy of ``plan`` with each dense layer the tuner's layouts phase put in channel blocks
-    back on the knobs it had in NCHW (its note's "nchw_knobs")."""
+    back on the knobs it had in NCHW (its note's "nchw_knobs"), and a sparse layer it put on
+    dense in blocks back on its sparse algorithm (its note's "nchw_algorithm")."""
     p = copy.deepcopy(plan)
     for l in p.layers:
         if "nchw_knobs" in l.note:
             l.knobs = dict(l.note["nchw_knobs"])
+            l.algorithm = l.note.get("nchw_algorithm", l.algorithm)
     return p
 
 

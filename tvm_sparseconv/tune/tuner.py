@@ -58,9 +58,9 @@ from ..reference import dense_conv2d
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
-from .layouts import TRANSFORM, assign, finite, nchw_cost, pair_candidates, takes_blocks
+from .layouts import TRANSFORM, assign, fastest_per_pair, finite, nchw_cost, pair_candidates, takes_blocks
 from .log import TuningLog, write_atomically
-from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, supports
+from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, in_nchw, supports
 from .workloads import Workload, extract_workloads
 
 SEARCHES = ("model", "exhaustive")
@@ -403,20 +403,35 @@ class Tuner:
 
     def layouts(self, plan: Plan) -> Plan:
         """The layouts for the whole model (layouts.py) of the layers whose algorithm can hold
-        them in channel blocks (dense; grouped on depthwise layers): each (layout_in,
-        layout_out) pair of each such workload timed alone, each transform an assignment
-        could need timed alone, then the assignment with the least sum. Writes plan.json (each
-        such layer's knobs in its pair, its times per pair in the note) and layouts.json."""
+        them in channel blocks (dense; grouped on depthwise layers), and of the sparse layers
+        that dense could take in blocks instead: each (layout_in, layout_out) pair of each such
+        workload timed alone, each transform an assignment could need timed alone, then the
+        assignment with the least sum (fastest_per_pair: a sparse layer stays itself in NCHW).
+        Writes plan.json (each such layer's knobs in its pair, its times per pair in the note;
+        a sparse layer moved to dense keeps its algorithm as "nchw_algorithm") and
+        layouts.json."""
         sites = self.model.sites
         cpu = cpu_of(self.target)
         by_key = {k: w for w in self.workloads for k in w.keys}
         work = {}  # (workload id, algorithm) -> (workload, {pair: [knobs]})
+        options = {}  # layer key -> [(workload id, algorithm)]: its own, or dense in blocks for a sparse one
         for l in plan.layers:  # an algorithm without layout knobs refuses every pair (pair_candidates)
             w = by_key.get(l.key)
-            if w is not None and (w.id, l.algorithm) not in work:
+            if w is None:
+                continue
+            if (w.id, l.algorithm) not in work:
                 work[(w.id, l.algorithm)] = (w, pair_candidates(w.spec, l.knobs, cpu, l.algorithm))
+            options[l.key] = [(w.id, l.algorithm)]
+            if not takes_blocks(work[(w.id, l.algorithm)][1]) and get_algorithm(l.algorithm).sparse \
+                    and self._supports("dense", w):
+                # a sparse layer timed alone in NCHW against dense in NCHW may still lose to dense
+                # in blocks (no transform around it, a flat-pixel gemm on 1x1 layers)
+                if (w.id, "dense") not in work:
+                    work[(w.id, "dense")] = (w, pair_candidates(w.spec, self._dense_knobs(w), cpu, "dense"))
+                options[l.key].append((w.id, "dense"))
         work = {wa: v for wa, v in work.items() if takes_blocks(v[1])}
-        blocks = {l.key: l for l in plan.layers if l.key in by_key and (by_key[l.key].id, l.algorithm) in work}
+        options = {k: [o for o in opts if o in work] for k, opts in options.items()}
+        blocks = {l.key: l for l in plan.layers if options.get(l.key)}
         if not blocks:
             return plan
         if self.cfg.rpc:
@@ -442,8 +457,10 @@ class Tuner:
                     p.step(f"{w.id} {pair[0]}->{pair[1]} {rec.get('time_ms') or rec.get('error')}")
                     if finite(rec.get("time_ms")) and rec["time_ms"] < best.get(wid, {}).get(pair, (math.inf,))[0]:
                         best.setdefault(wid, {})[pair] = (rec["time_ms"], knobs)
-        layer_of = {k: (by_key[k].id, l.algorithm) for k, l in blocks.items()}
-        layer_ms = {k: {pair: ms for pair, (ms, _) in best.get(layer_of[k], {}).items()} for k in blocks}
+        pick = {k: fastest_per_pair(l.algorithm, l.knobs, l.note.get("time_ms"),
+                                    {wid[1]: best.get(wid, {}) for wid in options[k]})
+                for k, l in blocks.items()}  # layer key -> {pair: (ms, algorithm, knobs)}
+        layer_ms = {k: {pair: v[0] for pair, v in pk.items()} for k, pk in pick.items()}
         transforms = {}  # (shape, src, dst) -> ms
 
         def transform_ms(shape, src, dst):
@@ -454,22 +471,31 @@ class Tuner:
         out = copy.deepcopy(plan)
         for l in out.layers:
             if l.key in chosen:
-                ms, knobs = best[layer_of[l.key]][chosen[l.key]]
+                ms, algorithm, knobs = pick[l.key][chosen[l.key]]
                 l.note = {**l.note, "time_ms": ms,
                           "layout_ms": {f"{i}->{o}": t for (i, o), t in layer_ms[l.key].items()}}
                 if chosen[l.key] != (NCHW, NCHW):  # refine builds the plan with them too (refine.in_nchw)
                     l.note["nchw_knobs"] = l.knobs
-                l.knobs = knobs
+                    if algorithm != l.algorithm:
+                        l.note["nchw_algorithm"] = l.algorithm
+                l.algorithm, l.knobs = algorithm, knobs
         moves = graph.transforms(chosen)
+        to_dense = sum(1 for l in out.layers if "nchw_algorithm" in l.note)
         self.say(f"layouts: {sum(1 for pr in chosen.values() if pr != (NCHW, NCHW))} of {len(chosen)} layers "
-                 f"in blocks, {len(moves)} transforms; layers + transforms {total:.3f} ms against {nchw_total:.3f} "
-                 f"ms all NCHW (each timed alone)")
+                 f"in blocks ({to_dense} sparse ones now dense), {len(moves)} transforms; layers + transforms "
+                 f"{total:.3f} ms against {nchw_total:.3f} ms all NCHW (each timed alone)")
         write_atomically(os.path.join(self.run_dir, "layouts.json"), lambda f: json.dump({
             "layouts": {k: list(v) for k, v in chosen.items()}, "ms": total, "nchw_ms": nchw_total,
             "transforms": [{"shape": list(sh), "src": a, "dst": b, "ms": transforms[(tuple(sh), a, b)]}
                            for sh, a, b in moves]}, f, indent=1))
         out.save(os.path.join(self.run_dir, "plan.json"))
         return out
+
+    def _dense_knobs(self, w: Workload) -> dict:
+        """dense's fastest knobs measured on ``w`` in NCHW (its defaults if none was)."""
+        recs = [r for r in self.trials.records if r["workload"] == w.id and r["algorithm"] == "dense"
+                and finite(r.get("time_ms")) and in_nchw("dense", w.spec, r["knobs"])]
+        return min(recs, key=lambda r: r["time_ms"])["knobs"] if recs else {}
 
     def _transform_ms(self, shape, src: str, dst: str, cache: dict) -> float:
         """The time of a layout transform alone (measure_transform in the worker; trials.jsonl
