@@ -27,7 +27,7 @@ from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
-from .layouts import assign, nchw_cost, pair_candidates, takes_blocks
+from .layouts import assign, fastest_per_pair, nchw_cost, pair_candidates, takes_blocks
 from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
@@ -128,9 +128,11 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
         if best is None:
             layers.append(_rule_layer(s, d, target))
             continue
-        layers.append(PlanLayer(s.key, s.spec.to_dict(), best["algorithm"], best["knobs"],
-                                {"density": d.mean, "by": "cost model", "predicted_ms": best["time_ms"],
-                                 "predicted_dense_ms": best_dense["time_ms"] if best_dense else None}))
+        note = {"density": d.mean, "by": "cost model", "predicted_ms": best["time_ms"],
+                "predicted_dense_ms": best_dense["time_ms"] if best_dense else None}
+        if best_dense is not None and best_dense["algorithm"] == "dense" and get_algorithm(best["algorithm"]).sparse:
+            note["dense_knobs"] = best_dense["knobs"]  # what predicted_layouts tries in blocks
+        layers.append(PlanLayer(s.key, s.spec.to_dict(), best["algorithm"], best["knobs"], note))
     layouts = predicted_layouts(model, layers, cost, cpu, dens)
     return _plan(model, layers, target, {"plan": "predicted", "densities": densities_from, "layouts": layouts,
                                          "cost_model": cost.path or "in memory", "target_key": target_key(target)})
@@ -138,30 +140,42 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
 
 def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cpu, densities: list[Density]) -> str:
     """The tuner's layouts phase (tune/layouts.py) on predicted times: each layer whose
-    algorithm takes channel blocks gets each (layout_in, layout_out) pair's candidates
-    predicted (layouts.pair_candidates), each transform CostModel.transform_ms, and
-    layouts.assign chooses for the whole model. ``layers`` are changed in place (a blocked
+    algorithm takes channel blocks, and dense in blocks for a sparse layer (from its note's
+    "dense_knobs"), gets each (layout_in, layout_out) pair's candidates predicted
+    (layouts.pair_candidates, layouts.fastest_per_pair), each transform
+    CostModel.transform_ms, and layouts.assign chooses for the whole model. ``layers`` are changed in place (a blocked
     layer's NCHW knobs kept in its note, as the tuner keeps them) when the assignment is
     predicted faster than all NCHW by MARGIN. Returns what was done, for the plan's info."""
     if cost.transform_ms_per_mb is None:
         return "nchw (the cost model's logs timed no layout transform)"
     sites = {s.key: s for s in model.sites}
     dens = {s.key: d for s, d in zip(model.sites, densities)}
-    cands, asks = {}, []
+    cands, asks = {}, []  # layer key -> [(algorithm, pair, knobs)]
     for l in layers:
-        pairs = pair_candidates(sites[l.key].spec, l.knobs, cpu, l.algorithm) if cost.knows(l.algorithm) else {}
-        if takes_blocks(pairs):
-            cands[l.key] = [(pair, k) for pair, ks in pairs.items() for k in ks]
-            asks += [Candidate(l.algorithm, k, sites[l.key].spec, dens[l.key], cpu, sites[l.key].epilogue())
-                     for _, k in cands[l.key]]
+        s = sites[l.key]
+        options = {}
+        if cost.knows(l.algorithm):
+            options[l.algorithm] = pair_candidates(s.spec, l.knobs, cpu, l.algorithm)
+        if not takes_blocks(options.get(l.algorithm, {})) and get_algorithm(l.algorithm).sparse \
+                and cost.knows("dense") and supports("dense", s.spec, s.why_dense):
+            options["dense"] = pair_candidates(s.spec, l.note.get("dense_knobs", {}), cpu, "dense")
+        options = {a: pairs for a, pairs in options.items() if takes_blocks(pairs)}
+        if options:
+            cands[l.key] = [(a, pair, k) for a, pairs in options.items() for pair, ks in pairs.items() for k in ks]
+            asks += [Candidate(a, k, s.spec, dens[l.key], cpu, s.epilogue()) for a, _, k in cands[l.key]]
     if not cands:
         return "nchw (no layer takes channel blocks)"
-    pred, at, layer_ms, knobs = cost.predict_ms(asks), 0, {}, {}
+    by_key = {l.key: l for l in layers}
+    pred, at, pick = cost.predict_ms(asks), 0, {}
     for key, pool in cands.items():
-        for (pair, k), ms in zip(pool, pred[at:at + len(pool)]):
-            if np.isfinite(ms) and ms < layer_ms.setdefault(key, {}).get(pair, np.inf):
-                layer_ms[key][pair], knobs[(key, pair)] = float(ms), k
+        timed: dict = {}  # algorithm -> {pair: (ms, knobs)}
+        for (a, pair, k), ms in zip(pool, pred[at:at + len(pool)]):
+            if np.isfinite(ms) and ms < timed.setdefault(a, {}).get(pair, (np.inf,))[0]:
+                timed[a][pair] = (float(ms), k)
         at += len(pool)
+        l = by_key[key]
+        pick[key] = fastest_per_pair(l.algorithm, l.knobs, l.note.get("predicted_ms"), timed)
+    layer_ms = {k: {pair: v[0] for pair, v in pk.items()} for k, pk in pick.items()}
     plan = Plan(layers, None, {}, cpu.to_dict())
     graph = LayoutGraph(model.mod["main"], plan.choices(model.sites), model.sites)
     chosen, total = assign(graph, layer_ms, lambda shape, src, dst: cost.transform_ms(shape))
@@ -171,8 +185,11 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
         return f"nchw (channel blocks predicted {total:.3f} ms against {nchw:.3f} ms)"
     for l in layers:
         if l.key in blocked:
-            l.note = {**l.note, "nchw_knobs": l.knobs, "predicted_ms": layer_ms[l.key][chosen[l.key]]}
-            l.knobs = knobs[(l.key, chosen[l.key])]
+            ms, algorithm, knobs = pick[l.key][chosen[l.key]]
+            l.note = {**l.note, "nchw_knobs": l.knobs, "predicted_ms": ms}
+            if algorithm != l.algorithm:
+                l.note["nchw_algorithm"] = l.algorithm
+            l.algorithm, l.knobs = algorithm, knobs
     return (f"{len(blocked)} of {len(chosen)} layers in channel blocks, {len(graph.transforms(chosen))} transforms "
             f"(predicted {total:.3f} ms against {nchw:.3f} ms all NCHW)")
 
