@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..algorithms import get_algorithm
+from ..algorithms import get_algorithm, supports
 from ..conv import Conv2DSpec
 from ..cpu import CPU
 from ..layout import NCHW, lanes_layout
@@ -72,6 +72,21 @@ def pair_candidates(spec: Conv2DSpec, knobs: Mapping, cpu: CPU,
             found.append(complete(pair))  # the layer's default kernel there (dense: gemm on a 1x1 layer)
         out[(lin, lout)] = [k for i, k in enumerate(found) if k is not None and k not in found[:i]]
     return out
+
+
+def layout_options(spec: Conv2DSpec, why_dense: str | None, algorithm: str, knobs: Mapping, dense_knobs: Mapping,
+                   cpu: CPU, known=lambda a: True) -> dict[str, dict[tuple[str, str], list[dict]]]:
+    """{algorithm: pair_candidates} to time (or predict) for one layer in the layouts phase:
+    its own algorithm's, and for a sparse layer (which holds no blocks) dense's from
+    ``dense_knobs`` (its fastest NCHW knobs); only those that take blocks, of the algorithms
+    ``known`` accepts."""
+    out = {}
+    if known(algorithm):
+        out[algorithm] = pair_candidates(spec, knobs, cpu, algorithm)
+    if not takes_blocks(out.get(algorithm, {})) and get_algorithm(algorithm).sparse and known("dense") \
+            and supports("dense", spec, why_dense):
+        out["dense"] = pair_candidates(spec, dense_knobs, cpu, "dense")
+    return {a: pairs for a, pairs in out.items() if takes_blocks(pairs)}
 
 
 def fastest_per_pair(algorithm: str, knobs: Mapping, nchw_ms: float | None,

@@ -27,7 +27,7 @@ from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
-from .layouts import assign, fastest_per_pair, nchw_cost, pair_candidates, takes_blocks
+from .layouts import assign, fastest_per_pair, layout_options, nchw_cost
 from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
@@ -142,8 +142,9 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     """The tuner's layouts phase (tune/layouts.py) on predicted times: each layer whose
     algorithm takes channel blocks, and dense in blocks for a sparse layer (from its note's
     "dense_knobs"), gets each (layout_in, layout_out) pair's candidates predicted
-    (layouts.pair_candidates, layouts.fastest_per_pair), each transform
-    CostModel.transform_ms, and layouts.assign chooses for the whole model. ``layers`` are changed in place (a blocked
+    (layouts.layout_options, layouts.fastest_per_pair), each transform
+    CostModel.transform_ms, and layouts.assign chooses for the whole model. ``layers`` are
+    changed in place (a blocked
     layer's NCHW knobs kept in its note, as the tuner keeps them) when the assignment is
     predicted faster than all NCHW by MARGIN. Returns what was done, for the plan's info."""
     if cost.transform_ms_per_mb is None:
@@ -153,13 +154,8 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     cands, asks = {}, []  # layer key -> [(algorithm, pair, knobs)]
     for l in layers:
         s = sites[l.key]
-        options = {}
-        if cost.knows(l.algorithm):
-            options[l.algorithm] = pair_candidates(s.spec, l.knobs, cpu, l.algorithm)
-        if not takes_blocks(options.get(l.algorithm, {})) and get_algorithm(l.algorithm).sparse \
-                and cost.knows("dense") and supports("dense", s.spec, s.why_dense):
-            options["dense"] = pair_candidates(s.spec, l.note.get("dense_knobs", {}), cpu, "dense")
-        options = {a: pairs for a, pairs in options.items() if takes_blocks(pairs)}
+        options = layout_options(s.spec, s.why_dense, l.algorithm, l.knobs, l.note.get("dense_knobs", {}), cpu,
+                                 cost.knows)
         if options:
             cands[l.key] = [(a, pair, k) for a, pairs in options.items() for pair, ks in pairs.items() for k in ks]
             asks += [Candidate(a, k, s.spec, dens[l.key], cpu, s.epilogue()) for a, _, k in cands[l.key]]

@@ -58,7 +58,7 @@ from ..reference import dense_conv2d
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
-from .layouts import TRANSFORM, assign, fastest_per_pair, finite, nchw_cost, pair_candidates, takes_blocks
+from .layouts import TRANSFORM, assign, fastest_per_pair, finite, layout_options, nchw_cost
 from .log import TuningLog, write_atomically
 from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, in_nchw, supports
 from .workloads import Workload, extract_workloads
@@ -419,18 +419,12 @@ class Tuner:
             w = by_key.get(l.key)
             if w is None:
                 continue
-            if (w.id, l.algorithm) not in work:
-                work[(w.id, l.algorithm)] = (w, pair_candidates(w.spec, l.knobs, cpu, l.algorithm))
-            options[l.key] = [(w.id, l.algorithm)]
-            if not takes_blocks(work[(w.id, l.algorithm)][1]) and get_algorithm(l.algorithm).sparse \
-                    and self._supports("dense", w):
-                # a sparse layer timed alone in NCHW against dense in NCHW may still lose to dense
-                # in blocks (no transform around it, a flat-pixel gemm on 1x1 layers)
-                if (w.id, "dense") not in work:
-                    work[(w.id, "dense")] = (w, pair_candidates(w.spec, self._dense_knobs(w), cpu, "dense"))
-                options[l.key].append((w.id, "dense"))
-        work = {wa: v for wa, v in work.items() if takes_blocks(v[1])}
-        options = {k: [o for o in opts if o in work] for k, opts in options.items()}
+            # a sparse layer timed alone in NCHW against dense in NCHW may still lose to dense in
+            # blocks (no transform around it, a flat-pixel gemm on 1x1 layers)
+            dense_knobs = self._dense_knobs(w) if get_algorithm(l.algorithm).sparse else {}
+            for a, cands in layout_options(w.spec, w.why_dense, l.algorithm, l.knobs, dense_knobs, cpu).items():
+                work.setdefault((w.id, a), (w, cands))
+                options.setdefault(l.key, []).append((w.id, a))
         blocks = {l.key: l for l in plan.layers if options.get(l.key)}
         if not blocks:
             return plan
