@@ -74,7 +74,8 @@ class DenseTiling:
         return self.kernel == "gemm" and self.cb_in == 0
 
 
-def _cdiv(a: int, b: int) -> int:
+def _cdiv(a, b: int):
+    """ceil(a / b) of a positive int b and an int or a TIR expression (// is floordiv on both)."""
     return -(-a // b)
 
 
@@ -221,11 +222,6 @@ def _when(flag: bool, cond):
     return cond if flag else True
 
 
-def _cdiv_expr(a, b: int):
-    """ceil(a / b) of a TIR expression (or an int) and a positive int."""
-    return (a + b - 1) // b
-
-
 def _in_range(v, n: int):
     return tvm.tirx.all(v >= 0, v < n)
 
@@ -322,7 +318,7 @@ def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_
     @T.macro
     def taps(xv, w, acc, n, mo, c0, c1, i, l, w0, BT, col_check):
         """channel_taps for c0 <= c < c1 (c0 a multiple of cbi: make_tiling)."""
-        for k, ci in T.grid(_cdiv_expr(c1 - c0, cbi), cbi):
+        for k, ci in T.grid(_cdiv(c1 - c0, cbi), cbi):
             if _when(C % cbi != 0, c0 + k * cbi + ci < c1):
                 channel_taps(xv, w, acc, n, mo, c0 // cbi + k, ci, i, l, w0, BT, col_check)
 

@@ -415,14 +415,18 @@ class Tuner:
         by_key = {k: w for w in self.workloads for k in w.keys}
         work = {}  # (workload id, algorithm) -> (workload, {pair: [knobs]})
         options = {}  # layer key -> [(workload id, algorithm)]: its own, or dense in blocks for a sparse one
+        of_workload = {}  # (workload id, algorithm) -> its options: the layers of a workload share them
         for l in plan.layers:  # an algorithm without layout knobs refuses every pair (pair_candidates)
             w = by_key.get(l.key)
             if w is None:
                 continue
-            # a sparse layer timed alone in NCHW against dense in NCHW may still lose to dense in
-            # blocks (no transform around it, a flat-pixel gemm on 1x1 layers)
-            dense_knobs = self._dense_knobs(w) if get_algorithm(l.algorithm).sparse else {}
-            for a, cands in layout_options(w.spec, w.why_dense, l.algorithm, l.knobs, dense_knobs, cpu).items():
+            if (w.id, l.algorithm) not in of_workload:
+                # a sparse layer timed alone in NCHW against dense in NCHW may still lose to dense
+                # in blocks (no transform around it, a flat-pixel gemm on 1x1 layers)
+                dense_knobs = self._dense_knobs(w) if get_algorithm(l.algorithm).sparse else {}
+                of_workload[(w.id, l.algorithm)] = layout_options(w.spec, w.why_dense, l.algorithm, l.knobs,
+                                                                  dense_knobs, cpu)
+            for a, cands in of_workload[(w.id, l.algorithm)].items():
                 work.setdefault((w.id, a), (w, cands))
                 options.setdefault(l.key, []).append((w.id, a))
         blocks = {l.key: l for l in plan.layers if options.get(l.key)}
