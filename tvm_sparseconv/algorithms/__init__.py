@@ -22,8 +22,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from .. import tvmscript
 from ..conv import UnsupportedConvError
 from .base import REGISTRY, Algorithm, Buffer, KnobError, Stage
+
+tvmscript.install()  # before any kernel is parsed: TVMScript's own macro lookup doubles a build's time
 
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
