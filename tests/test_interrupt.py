@@ -87,7 +87,7 @@ def refine_units(run_dir) -> dict | None:
 def count_units(u: dict | None) -> int:
     if u is None:
         return 0
-    return len(u["builds"]) + sum(len(lap) for lap in u["laps"]) + (u["mix_layer_ms"] is not None) + \
+    return len(u["builds"]) + sum(len(lap) for lap in u["laps"]) + (u["mix_ms"] is not None) + \
         len(u["round_ms"])
 
 

@@ -132,7 +132,7 @@ def test_refine_times_each_split_inside_the_model(small_model, tmp_path):
     from tvm_sparseconv.cli import main
     from tvm_sparseconv.compile import resolve_plan
     from tvm_sparseconv.compile import Build, build
-    from tvm_sparseconv.tune.refine import layer_ms
+    from tvm_sparseconv.tune.refine import in_model_ms
 
     path, m, xs = small_model
     np.save(tmp_path / "x.npy", xs[0])
@@ -161,12 +161,52 @@ def test_refine_times_each_split_inside_the_model(small_model, tmp_path):
     # each layer's calls, found by the kernels' attributes; calls that do not add up to the
     # layers a kernel names are an error, not a misattribution
     b = build(m, refined, None)
-    assert set(layer_ms(b, tvm.runtime.tensor(xs[0]), runs=2)) == keys
+    t = in_model_ms(b, tvm.runtime.tensor(xs[0]), runs=2)
+    assert set(t["layers"]) == keys and t["calls"] > sum(t["layers"].values())  # + the model's other ops
     name, (layers, algo) = next(iter(b.kernels.items()))
     wrong = Build(b.module, b.applied, {**b.kernels, name: (layers * 2, algo)})
     with pytest.raises(RuntimeError, match=f"{name} was called {2 * len(layers)} times in 2 inferences; "
                                            f"{2 * len(layers)} layers call it"):
-        layer_ms(wrong, tvm.runtime.tensor(xs[0]), runs=2)
+        in_model_ms(wrong, tvm.runtime.tensor(xs[0]), runs=2)
+
+
+def test_refine_times_only_the_builds_that_may_win_end_to_end(small_model, monkeypatch):
+    """A build whose calls inside the model sum to more than ROUND_SLACK over the fastest one's
+    is not timed in the end-to-end rounds: it is reported, with no end-to-end time. The sums are
+    the measured ones, with one build's made 20 % slower."""
+    from tvm_sparseconv.compile import resolve_plan
+    from tvm_sparseconv.tune import refine
+
+    path, m, xs = small_model
+    slow = {}
+    measured = refine.in_model_ms
+
+    def one_slower(b, x, runs=20):
+        t = measured(b, x, runs)
+        if b is slow.get("build"):
+            t["calls"] *= 1.2 * (1 + refine.ROUND_SLACK)
+        return t
+
+    build_many = refine.build_many
+
+    def remember(model, plans, *a, **k):  # the build of "all row_band" is the slow one
+        for name, b, s in build_many(model, plans, *a, **k):
+            if name == "all row_band":
+                slow["build"] = b
+            yield name, b, s
+
+    monkeypatch.setattr(refine, "in_model_ms", one_slower)
+    monkeypatch.setattr(refine, "build_many", remember)
+    said = []
+    _, report = refine.refine_plan(m, resolve_plan(m, None, "dense"), xs[0], None, rounds=1, runs=2,
+                                   log=said.append)
+    by = {b["name"]: b for b in report["builds"]}
+    assert by["all row_band"]["ms"] is None and "all row_band" not in report["round_ms"]
+    assert by["plan"]["ms"] > 0 and "plan" in report["round_ms"]
+    fastest = min(b["calls_ms"] for b in report["builds"])
+    for name, b in by.items():  # the rest: timed end to end exactly when close enough
+        assert (b["ms"] is None) == (name != "plan" and b["calls_ms"] > fastest * (1 + refine.ROUND_SLACK))
+    assert any("left out of the rounds" in s and "all row_band" in s for s in said)
 
 
 def test_corrupt_or_foreign_log_is_refused(tmp_path):

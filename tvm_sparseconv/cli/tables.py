@@ -150,8 +150,9 @@ def print_refined(model: str, report: dict, rounds: int, output: str) -> None:
         return
     print(f"{model}: end to end, median of {rounds} interleaved rounds")
     for b in report["builds"]:
-        print(f"  {b['name']:16} {b['ms']:8.2f} ms  conv calls in the model {sum(b['layer_ms'].values()):7.2f} ms"
-              + ("  <- chosen" if b["name"] == report["chosen"] else ""))
+        e2e = "   (left out of the rounds)" if b["ms"] is None else f"{b['ms']:8.2f} ms"
+        print(f"  {b['name']:16} {e2e}  in the model: conv calls {sum(b['layer_ms'].values()):7.2f} ms, "
+              f"all calls {b['calls_ms']:7.2f} ms" + ("  <- chosen" if b["name"] == report["chosen"] else ""))
     print(f"wrote {output} (+ .refine.json: per-layer in-model ms of every build)")
 
 

@@ -6,17 +6,19 @@ decides whether its reads hit there (ResNet-50-half's 128->32 1x1 at 56x56: 0.11
 producer split by pixels, 0.17 after one split by channels). That depends on the neighbours'
 splits, so it is chosen with all of them compiled together:
 
-1. the model compiled once per split in ``dense.DENSE_SPLITS``, every dense-kernel layer on it
-   (these builds compile side by side, one per core: compile.build_many);
-2. each conv call timed inside each build (a VM instrument; the median of three interleaved
-   rounds of ``runs`` inferences);
+1. the model compiled once per split in ``dense.DENSE_SPLITS``, every dense-kernel layer on it,
+   and the plan itself (these builds compile side by side, one per core: compile.build_many);
+2. each call timed inside each build (a VM instrument; the median of three interleaved laps of
+   ``runs`` inferences): each conv layer's time, and the sum of all calls per inference;
 3. the mix of each layer's fastest split, compiled too; and when the tuner's layouts phase put
    layers in channel blocks, the plan with them back in NCHW ("all nchw"), so that the
    layouts, chosen from times alone, are checked end to end as the splits are;
-4. every build (the original plan included) timed end to end in ``rounds`` interleaved
-   rounds. The build with the lowest median ratio to the plan per round replaces the plan if
-   that ratio is below 1 - ``margin`` and it was faster in at least 2/3 of the rounds (on
-   VGG-16 the per-round ratios of equal builds spread over 0.94-1.04).
+4. the plan, and each build whose calls sum to at most ``ROUND_SLACK`` more than the lowest
+   sum, timed end to end in ``rounds`` interleaved rounds (a build further behind is left out:
+   on ResNet-50-half such builds never won a round, and each costs a second a round). The build
+   with the lowest median ratio to the plan per round replaces the plan if that ratio is below
+   1 - ``margin`` and it was faster in at least 2/3 of the rounds (on VGG-16 the per-round
+   ratios of equal builds spread over 0.94-1.04).
 
 Given a file (``save_to``; the tuner's refine.json), each unit is kept there as it finishes,
 the file replaced whole each time: every build (its library in the folder beside the file,
@@ -49,16 +51,21 @@ from ..worker import CandidateCrash
 from .log import write_atomically
 
 LAPS = 3  # interleaved rounds of per-layer times
+FORMAT = 2  # of refine.json's units: a file of another format is refined afresh
+ROUND_SLACK = 0.05  # how much more than the fastest build's calls a build may sum to and be timed in rounds
 NCHW_BUILD = "all nchw"  # the plan with its blocked layers back in NCHW (in_nchw)
 
 
-def layer_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict[str, float]:
-    """{layer key: median ms of its kernel calls per inference} inside the model built as ``b``.
+def in_model_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict:
+    """Inside the model built as ``b``: {"layers": {layer key: median ms of its kernel calls per
+    inference}, "calls": median ms per inference of all its calls (the conv layers, the layout
+    transforms and the rest of the graph; the VM's own time between calls left out)}.
 
     b.kernels names the layers that call each kernel in call order, so a kernel's j-th call in
     an inference is its j-th layer's (stages.LAYERS_ATTR)."""
     calls: dict[str, list[float]] = {}
-    for name, t in time_calls(b.vm(), x, runs):
+    every = time_calls(b.vm(), x, runs)
+    for name, t in every:
         if name in b.kernels:
             calls.setdefault(name, []).append(t)
     total: dict[str, np.ndarray] = {}
@@ -70,7 +77,10 @@ def layer_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict[str, float
         per = np.asarray(ts).reshape(runs, len(layers))
         for j, key in enumerate(layers):
             total[key] = total.get(key, 0) + per[:, j]
-    return {key: float(np.median(t)) * 1e3 for key, t in total.items()}
+    # every inference makes the same calls in the same order
+    per_run = np.asarray([t for _, t in every]).reshape(runs, -1).sum(axis=1)
+    return {"layers": {key: float(np.median(t)) * 1e3 for key, t in total.items()},
+            "calls": float(np.median(per_run)) * 1e3}
 
 
 def with_splits(plan: Plan, splits: dict[str, str]) -> Plan:
@@ -119,13 +129,13 @@ class Saved:
     when ``path`` is None. ``key`` names what they were measured for; a file made for another
     key, or unreadable, is started afresh (``log`` says why). ``report`` is a finished file's
     report, else None; ``units`` the unfinished one's: {"builds": {name: record}, "laps": [{name:
-    {layer: ms}}] * LAPS, "mix_layer_ms": {layer: ms} or None, "round_ms": [{name: ms}]}."""
+    in_model_ms}] * LAPS, "mix_ms": in_model_ms or None, "round_ms": [{name: ms}]}."""
 
     def __init__(self, path: str | None, key: dict, log):
         self.path, self.key = path, key
         self.dir = os.path.splitext(path)[0] + "-builds" if path else None
         self.report = None
-        self.units = {"builds": {}, "laps": [{} for _ in range(LAPS)], "mix_layer_ms": None, "round_ms": []}
+        self.units = {"builds": {}, "laps": [{} for _ in range(LAPS)], "mix_ms": None, "round_ms": []}
         old = None
         if path and os.path.exists(path):
             try:
@@ -134,7 +144,7 @@ class Saved:
             except ValueError as e:
                 log(f"refine: {path} is unreadable ({e}); refining from the start")
             if isinstance(old, dict) and any(old.get(k) != v for k, v in key.items()):
-                log(f"refine: {path} was made for another plan, target or input; refining from the start")
+                log(f"refine: {path} was made for another plan, target, input or format; refining from the start")
                 old = None
         going_on = isinstance(old, dict) and isinstance(old.get("progress"), dict)
         if going_on:
@@ -198,7 +208,8 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     """(the fastest of the plan and its split variants end to end, a report).
 
     ``x``: one real input (the model's input shape). Report: ``builds``, per build its name,
-    median ms end to end, {layer key: in-model ms}, and its compile_s and built_at (time.time()
+    median ms end to end (None if it was left out of the rounds), the median ms of all its calls
+    per inference, {layer key: in-model ms}, and its compile_s and built_at (time.time()
     when its compile ended); ``chosen``, the winner's name; ``splits``, its {layer key: split}
     of the dense layers; ``mix``, the per-layer fastest; ``round_ms``, every round's end-to-end
     ms per build. ``save_to``: a file that keeps each unit as it finishes (module docstring)."""
@@ -207,13 +218,14 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     target = make_target(target)
     x = np.ascontiguousarray(x, np.float32)
     saved = Saved(save_to, {"base": [[l.key, l.algorithm, l.knobs] for l in plan.layers], "target": str(target),
-                            "input": hashlib.sha1(x.tobytes()).hexdigest(), "runs": runs}, log)
+                            "input": hashlib.sha1(x.tobytes()).hexdigest(), "runs": runs, "format": FORMAT}, log)
     if saved.report is not None:
         log(f"refine: done in an earlier run ({saved.report['chosen']}), reusing {os.path.basename(save_to)}")
         return apply_report(plan, saved.report), saved.report
     nothing = {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
     applied = {l.key: l.algorithm for l in plan.layers}  # what the plan asks for, before any build
-    if not dense_splits(model, plan, applied, target):  # nothing to compile for
+    requested = dense_splits(model, plan, applied, target)
+    if not requested:  # nothing to compile for
         return plan, saved.finish(nothing)
     xt = tvm.runtime.tensor(x)
     p = Progress("refine", len(DENSE_SPLITS) + 4 + rounds + any("nchw_knobs" in l.note for l in plan.layers))
@@ -246,26 +258,28 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
             builds[name] = b
             p.step(f"compiled: {name}")
 
-    add({"plan": ({}, plan)})
-    original = dense_splits(model, plan, builds["plan"].applied, target)
-    if not original:
-        return plan, saved.finish(nothing)
-    splits = {"plan": original, **{f"all {s}": {k: s for k in original} for s in DENSE_SPLITS}}
+    splits = {"plan": requested, **{f"all {s}": {k: s for k in requested} for s in DENSE_SPLITS}}
     bases = {name: plan for name in splits}
     if any("nchw_knobs" in l.note for l in plan.layers):  # the layouts, checked inside the model
         bases[NCHW_BUILD] = in_nchw(plan)
-        splits[NCHW_BUILD] = dense_splits(model, bases[NCHW_BUILD], builds["plan"].applied, target)
-    add({name: (splits[name], bases[name]) for name in list(splits)[1:]})
+        splits[NCHW_BUILD] = dense_splits(model, bases[NCHW_BUILD], applied, target)
+    add({name: (splits[name], bases[name]) for name in splits})
+    original = dense_splits(model, plan, builds["plan"].applied, target)  # the layers the rewrite took
+    if not original:
+        return plan, saved.finish(nothing)
     splits = {name: s for name, s in splits.items() if name in builds}
     # the per-layer times in interleaved laps too: the machine's drift must not pick a split
     laps = saved.units["laps"]
     for lap in laps:
         for name in splits:
             if name not in lap:
-                lap[name] = layer_ms(builds[name], xt, runs)
+                lap[name] = in_model_ms(builds[name], xt, runs)
                 saved.save()
-    per_layer = {n: {k: float(np.median([lap[n][k] for lap in laps])) for k in laps[0][n]} for n in splits}
-    p.step("conv calls in the model: " + ", ".join(f"{n} {sum(v.values()):.2f} ms" for n, v in per_layer.items()))
+    per_layer = {n: {k: float(np.median([lap[n]["layers"][k] for lap in laps])) for k in laps[0][n]["layers"]}
+                 for n in splits}
+    calls = {n: float(np.median([lap[n]["calls"] for lap in laps])) for n in splits}
+    p.step("in the model, conv calls (all calls): " + ", ".join(f"{n} {sum(v.values()):.2f} ({calls[n]:.2f}) ms"
+                                                               for n, v in per_layer.items()))
     built = [s for s in DENSE_SPLITS if f"all {s}" in per_layer]
     if built:
         mix = {k: min(built, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
@@ -273,12 +287,17 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
         if "mix" in builds:
             splits["mix"] = mix
     if "mix" in splits:
-        if saved.units["mix_layer_ms"] is None:
-            saved.units["mix_layer_ms"] = layer_ms(builds["mix"], xt, runs)
+        if saved.units["mix_ms"] is None:
+            saved.units["mix_ms"] = in_model_ms(builds["mix"], xt, runs)
             saved.save()
-        per_layer["mix"] = saved.units["mix_layer_ms"]
+        per_layer["mix"], calls["mix"] = saved.units["mix_ms"]["layers"], saved.units["mix_ms"]["calls"]
         p.step("mix timed")
-    names = list(splits)
+    fastest = min(calls.values())
+    behind = {n: t / fastest - 1 for n, t in calls.items() if n != "plan" and t > fastest * (1 + ROUND_SLACK)}
+    if behind:
+        log("refine: left out of the rounds, all calls slower than the fastest build's by "
+            + ", ".join(f"{n} {100 * d:.0f} %" for n, d in behind.items()))
+    names = [n for n in splits if n not in behind]
     done_rounds = saved.units["round_ms"]
     times = np.zeros((rounds, len(names)))
     for r in range(rounds):
@@ -300,7 +319,8 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     chosen = names[best]
     log(f"refine: {chosen}, {med[best]:.3f} ms against the plan's {med[0]:.3f} ms "
         f"(median ratio per round {np.median(ratio[:, best]):.3f}, faster in {wins:.0%} of the rounds)")
-    report = {"builds": [{"name": n, "ms": float(m), "layer_ms": per_layer[n]} for n, m in zip(names, med)],
+    e2e = dict(zip(names, med.tolist()))
+    report = {"builds": [{"name": n, "ms": e2e.get(n), "calls_ms": calls[n], "layer_ms": per_layer[n]} for n in splits],
               "chosen": chosen, "splits": splits[chosen], "mix": splits.get("mix", {}),
               "round_ms": {n: times[:, j].tolist() for j, n in enumerate(names)}}
     return apply_report(plan, report), saved.finish(report)

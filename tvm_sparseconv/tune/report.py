@@ -133,14 +133,17 @@ def _refine_section(f, run_dir: str) -> None:
         f.write(f"\nRefine: nothing to do ({ref.get('why', '')}).\n")
         return
     f.write("\n## Refine: the dense layers' thread splits inside the model\n\n"
-            "| build | end to end ms (median) | per round / plan | conv calls in the model ms |\n|---|---|---|---|\n")
+            "| build | end to end ms (median) | per round / plan | conv calls in the model ms | all calls ms |\n"
+            "|---|---|---|---|---|\n")
     base = rounds.get("plan")
     for b in builds:
         r = rounds.get(b["name"])
         ratio = "-" if not (r and base) else \
             f"{min(x / y for x, y in zip(r, base)):.3f}-{max(x / y for x, y in zip(r, base)):.3f}"
         mark = " (chosen)" if b["name"] == ref.get("chosen") else ""
-        f.write(f"| {b['name']}{mark} | {b['ms']:.2f} | {ratio} | {sum(b['layer_ms'].values()):.2f} |\n")
+        e2e = "left out of the rounds" if b["ms"] is None else f"{b['ms']:.2f}"
+        every = f"{b['calls_ms']:.2f}" if "calls_ms" in b else "-"  # not in a report from before the field
+        f.write(f"| {b['name']}{mark} | {e2e} | {ratio} | {sum(b['layer_ms'].values()):.2f} | {every} |\n")
 
 
 def _figure(run_dir, keys, name, title, ylabel, draw, height=4.5) -> None:
