@@ -209,6 +209,52 @@ def test_refine_times_only_the_builds_that_may_win_end_to_end(small_model, monke
     assert any("left out of the rounds" in s and "all row_band" in s for s in said)
 
 
+def test_refine_makes_a_sparse_layer_dense_where_dense_is_faster_inside_the_model(small_model, monkeypatch):
+    """A sparse layer with dense knobs in its note: refine builds the plan with it dense too, the
+    mix takes dense for it when dense was faster inside the model (here its measured time in that
+    build made 1 us), and a report choosing the mix makes it dense, its sparse choice kept in
+    the note; the result matches onnxruntime."""
+    from tvm_sparseconv.compile import resolve_plan
+    from tvm_sparseconv.tune import refine
+
+    path, m, xs = small_model
+    plan = resolve_plan(m, None, "dense")
+    layer = plan.layers[2]  # conv002, the 3x3 at 56x56
+    layer.algorithm, layer.knobs, layer.note = "pixcsr", {}, {"dense_knobs": {"split": "row_outer"}}
+    builds = {}
+    measured, build_many = refine.in_model_ms, refine.build_many
+
+    def remember(model, plans, *a, **k):
+        for name, b, s in build_many(model, plans, *a, **k):
+            builds[id(b)] = name
+            yield name, b, s
+
+    def dense_faster(b, x, runs=20):
+        t = measured(b, x, runs)
+        if builds.get(id(b)) == refine.DENSE_BUILD:
+            t["layers"]["conv002"] = 1e-3  # far below the sparse time
+        return t
+
+    monkeypatch.setattr(refine, "build_many", remember)
+    monkeypatch.setattr(refine, "in_model_ms", dense_faster)
+    _, report = refine.refine_plan(m, plan, xs[0], None, rounds=1, runs=2)
+    names = [b["name"] for b in report["builds"]]
+    assert refine.DENSE_BUILD in names and "mix" in names
+    assert report["mix_dense"] == ["conv002"] and set(report["mix"]) == {"conv000", "conv001"}
+    mixed = refine.apply_report(plan, {**report, "chosen": "mix", "splits": report["mix"],
+                                       "dense": report["mix_dense"]})
+    l = mixed.layers[2]
+    assert (l.algorithm, l.knobs["split"]) == ("dense", "row_outer")
+    assert l.note["sparse"] == {"algorithm": "pixcsr", "knobs": {}}
+    y = relax.VirtualMachine(tvms_compile(m, plan=mixed), tvm.cpu())["main"](tvm.runtime.tensor(xs[0])).numpy()
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: xs[0]})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
+    # a plan refine reads back from an older tuner, without dense knobs: no such build
+    layer.note = {}
+    _, report = refine.refine_plan(m, plan, xs[0], None, rounds=1, runs=2)
+    assert refine.DENSE_BUILD not in [b["name"] for b in report["builds"]] and report["dense"] == []
+
+
 def test_corrupt_or_foreign_log_is_refused(tmp_path):
     p = tmp_path / "trials.jsonl"
     p.write_text("not json\n")

@@ -1,4 +1,5 @@
-"""Refine a plan inside the model: the dense kernel's thread split, chosen by in-model timings.
+"""Refine a plan inside the model: the dense kernel's thread split, and sparse or dense per
+sparse layer, chosen by in-model timings.
 
 A layer timed alone cannot see where its input sits. In a model each core's L2 holds what
 that core wrote in the layer before, so whether a thread takes pixels or output channels
@@ -10,9 +11,15 @@ splits, so it is chosen with all of them compiled together:
    and the plan itself (these builds compile side by side, one per core: compile.build_many);
 2. each call timed inside each build (a VM instrument; the median of three interleaved laps of
    ``runs`` inferences): each conv layer's time, and the sum of all calls per inference;
-3. the mix of each layer's fastest split, compiled too; and when the tuner's layouts phase put
-   layers in channel blocks, the plan with them back in NCHW ("all nchw"), so that the
-   layouts, chosen from times alone, are checked end to end as the splits are;
+   when the plan has sparse layers, the plan with each of them on the dense kernel too
+   ("sparse layers dense": in NCHW, with the dense knobs measured fastest alone, its note's
+   "dense_knobs"), since a sparse kernel slows down more inside the model than a dense one
+   (ResNet-50-half's pixcsr layers on the Zen 3: 1.3-1.8x their time alone, the dense layers
+   1.13-1.22x);
+3. the mix, compiled too: each dense layer's fastest split, and each sparse layer dense where
+   it was faster so; and when the tuner's layouts phase put layers in channel blocks, the plan
+   with them back in NCHW ("all nchw"), so that the layouts, chosen from times alone, are
+   checked end to end as the splits are;
 4. the plan, and each build whose calls sum to at most ``ROUND_SLACK`` more than the lowest
    sum, timed end to end in ``rounds`` interleaved rounds (a build further behind is left out:
    on ResNet-50-half such builds never won a round, and each costs a second a round). The build
@@ -31,6 +38,7 @@ a call returns.
 from __future__ import annotations
 
 import copy
+import math
 import hashlib
 import json
 import os
@@ -51,9 +59,10 @@ from ..worker import CandidateCrash
 from .log import write_atomically
 
 LAPS = 3  # interleaved rounds of per-layer times
-FORMAT = 2  # of refine.json's units: a file of another format is refined afresh
+FORMAT = 3  # of refine.json's units: a file of another format is refined afresh
 ROUND_SLACK = 0.05  # how much more than the fastest build's calls a build may sum to and be timed in rounds
 NCHW_BUILD = "all nchw"  # the plan with its blocked layers back in NCHW (in_nchw)
+DENSE_BUILD = "sparse layers dense"  # the plan with its sparse layers on the dense kernel (with_dense)
 
 
 def in_model_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict:
@@ -92,6 +101,17 @@ def with_splits(plan: Plan, splits: dict[str, str]) -> Plan:
     return p
 
 
+def with_dense(plan: Plan, keys) -> Plan:
+    """A copy of ``plan`` with the sparse layers ``keys`` on the dense kernel in NCHW, on their
+    note's "dense_knobs" (their sparse choice kept in the note as "sparse")."""
+    p = copy.deepcopy(plan)
+    for l in p.layers:
+        if l.key in keys:
+            l.note = {**l.note, "sparse": {"algorithm": l.algorithm, "knobs": l.knobs}}
+            l.algorithm, l.knobs = "dense", dict(l.note["dense_knobs"])
+    return p
+
+
 def in_nchw(plan: Plan) -> Plan:
     """A copy of ``plan`` with each dense layer the tuner's layouts phase put in channel blocks
     back on the knobs it had in NCHW (its note's "nchw_knobs"), and a sparse layer it put on
@@ -104,13 +124,19 @@ def in_nchw(plan: Plan) -> Plan:
     return p
 
 
+def variant(plan: Plan, v: dict) -> Plan:
+    """``plan`` with a build's variant: {"splits": {key: split}, "dense": [sparse keys made dense]}."""
+    return with_splits(with_dense(plan, v["dense"]), v["splits"])
+
+
 def apply_report(plan: Plan, report: dict) -> Plan:
-    """``plan`` with a refine report's chosen splits (in NCHW if it chose NCHW), each such
-    layer's in-model ms in its note."""
-    out = with_splits(in_nchw(plan) if report["chosen"] == NCHW_BUILD else plan, report["splits"])
+    """``plan`` with a refine report's chosen splits and sparse layers made dense (in NCHW if it
+    chose NCHW), each such layer's in-model ms in its note."""
+    chosen = {"splits": report["splits"], "dense": report.get("dense", [])}
+    out = variant(in_nchw(plan) if report["chosen"] == NCHW_BUILD else plan, chosen)
     layer = next((b["layer_ms"] for b in report["builds"] if b["name"] == report["chosen"]), {})
     for l in out.layers:
-        if l.key in report["splits"] and l.key in layer:
+        if (l.key in chosen["splits"] or l.key in chosen["dense"]) and l.key in layer:
             l.note = {**l.note, "in_model_ms": layer[l.key]}
     return out
 
@@ -167,11 +193,11 @@ class Saved:
         """Where the build ``name``'s library is kept (None in memory)."""
         return os.path.join(self.dir, name.replace(" ", "_") + ".so") if self.dir else None
 
-    def build(self, name: str, splits: dict):
-        """(True, the Build or None if it crashed) of a build an earlier call finished with these
-        ``splits``; (False, None) if there is none."""
+    def build(self, name: str, v: dict):
+        """(True, the Build or None if it crashed) of a build an earlier call finished as this
+        variant ``v`` (refine.variant); (False, None) if there is none."""
         rec = self.units["builds"].get(name)
-        if rec is None or rec.get("splits") != splits:
+        if rec is None or rec.get("variant") != v:
             return False, None
         if "crash" in rec:
             return True, None
@@ -181,8 +207,8 @@ class Saved:
         kernels = {k: (tuple(v[0]), v[1]) for k, v in rec["kernels"].items()}
         return True, Build(tvm.runtime.load_module(lib), rec["applied"], kernels)
 
-    def add_build(self, name: str, splits: dict, b: Build | None, compile_s: float, crash: str | None = None) -> None:
-        rec = {"splits": splits, "compile_s": round(compile_s, 3), "built_at": time.time()}
+    def add_build(self, name: str, v: dict, b: Build | None, compile_s: float, crash: str | None = None) -> None:
+        rec = {"variant": v, "compile_s": round(compile_s, 3), "built_at": time.time()}
         if b is None:
             rec["crash"] = crash
         else:
@@ -205,13 +231,14 @@ class Saved:
 
 def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7, runs: int = 20,
                 margin: float = 0.02, log=lambda s: None, save_to: str | None = None) -> tuple[Plan, dict]:
-    """(the fastest of the plan and its split variants end to end, a report).
+    """(the fastest of the plan and its variants end to end, a report).
 
     ``x``: one real input (the model's input shape). Report: ``builds``, per build its name,
     median ms end to end (None if it was left out of the rounds), the median ms of all its calls
     per inference, {layer key: in-model ms}, and its compile_s and built_at (time.time()
     when its compile ended); ``chosen``, the winner's name; ``splits``, its {layer key: split}
-    of the dense layers; ``mix``, the per-layer fastest; ``round_ms``, every round's end-to-end
+    of the dense layers, and ``dense``, its sparse layers made dense; ``mix`` and ``mix_dense``,
+    the same of the per-layer fastest; ``round_ms``, every round's end-to-end
     ms per build. ``save_to``: a file that keeps each unit as it finishes (module docstring)."""
     if rounds < 1 or runs < 1:
         raise ValueError(f"rounds and runs must be >= 1, got {rounds} and {runs}")
@@ -222,71 +249,79 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     if saved.report is not None:
         log(f"refine: done in an earlier run ({saved.report['chosen']}), reusing {os.path.basename(save_to)}")
         return apply_report(plan, saved.report), saved.report
-    nothing = {"builds": [], "chosen": "plan", "splits": {}, "why": "no layer on the dense kernel"}
+    nothing = {"builds": [], "chosen": "plan", "splits": {}, "dense": [],
+               "why": "no layer on the dense kernel, and no sparse layer with dense knobs"}
     applied = {l.key: l.algorithm for l in plan.layers}  # what the plan asks for, before any build
     requested = dense_splits(model, plan, applied, target)
-    if not requested:  # nothing to compile for
+    sparse = [l.key for l in plan.layers if get_algorithm(l.algorithm).sparse and "dense_knobs" in l.note]
+    if not requested and not sparse:  # nothing to compile for
         return plan, saved.finish(nothing)
     xt = tvm.runtime.tensor(x)
-    p = Progress("refine", len(DENSE_SPLITS) + 4 + rounds + any("nchw_knobs" in l.note for l in plan.layers))
+    variants = {"plan": {"splits": requested, "dense": []}}
+    bases = {"plan": plan}
+    if requested:
+        for s in DENSE_SPLITS:
+            variants[f"all {s}"] = {"splits": {k: s for k in requested}, "dense": []}
+    if sparse:
+        variants[DENSE_BUILD] = {"splits": requested, "dense": sparse}
+    if any("nchw_knobs" in l.note for l in plan.layers):  # the layouts, checked inside the model
+        bases[NCHW_BUILD] = in_nchw(plan)
+        variants[NCHW_BUILD] = {"splits": dense_splits(model, bases[NCHW_BUILD], applied, target), "dense": []}
+    p = Progress("refine", len(variants) + 3 + rounds)  # + the per-layer laps, the mix and its times
     builds = {}
 
     def add(named: dict[str, tuple[dict, Plan]]) -> None:
-        """Compile each of ``named`` ({name: (splits, base plan)}) with its splits, or take an
+        """Compile each of ``named`` ({name: (variant, base plan)}) as its variant, or take an
         earlier call's; compile.build_many runs them side by side, one per core, and each is kept
         as it finishes. One that crashes LLVM is left out, except the plan itself, whose crash
         ends refine."""
         todo = {}
-        for name, (splits, base) in named.items():
-            done, b = saved.build(name, splits)
+        for name, (v, base) in named.items():
+            done, b = saved.build(name, v)
             if not done:
-                todo[name] = with_splits(base, splits)
+                todo[name] = variant(base, v)
                 continue
             p.step(f"reused: {name}" if b is not None else f"left out in an earlier run: {name}")
             if b is not None:
                 builds[name] = b
         for name, b, seconds in build_many(model, todo, target, paths={n: saved.library(n) for n in todo}):
-            splits = named[name][0]
+            v = named[name][0]
             if isinstance(b, CandidateCrash):
                 if name == "plan":
                     raise b
-                saved.add_build(name, splits, None, seconds, crash=str(b))
+                saved.add_build(name, v, None, seconds, crash=str(b))
                 p.step(f"left out: {name} ({b})")
                 log(f"refine: the build {name!r} crashed and is left out: {b}")
                 continue
-            saved.add_build(name, splits, b, seconds)
+            saved.add_build(name, v, b, seconds)
             builds[name] = b
             p.step(f"compiled: {name}")
 
-    splits = {"plan": requested, **{f"all {s}": {k: s for k in requested} for s in DENSE_SPLITS}}
-    bases = {name: plan for name in splits}
-    if any("nchw_knobs" in l.note for l in plan.layers):  # the layouts, checked inside the model
-        bases[NCHW_BUILD] = in_nchw(plan)
-        splits[NCHW_BUILD] = dense_splits(model, bases[NCHW_BUILD], applied, target)
-    add({name: (splits[name], bases[name]) for name in splits})
+    add({name: (v, bases.get(name, plan)) for name, v in variants.items()})
     original = dense_splits(model, plan, builds["plan"].applied, target)  # the layers the rewrite took
-    if not original:
-        return plan, saved.finish(nothing)
-    splits = {name: s for name, s in splits.items() if name in builds}
+    variants = {name: v for name, v in variants.items() if name in builds}
     # the per-layer times in interleaved laps too: the machine's drift must not pick a split
     laps = saved.units["laps"]
     for lap in laps:
-        for name in splits:
+        for name in variants:
             if name not in lap:
                 lap[name] = in_model_ms(builds[name], xt, runs)
                 saved.save()
     per_layer = {n: {k: float(np.median([lap[n]["layers"][k] for lap in laps])) for k in laps[0][n]["layers"]}
-                 for n in splits}
-    calls = {n: float(np.median([lap[n]["calls"] for lap in laps])) for n in splits}
+                 for n in variants}
+    calls = {n: float(np.median([lap[n]["calls"] for lap in laps])) for n in variants}
     p.step("in the model, conv calls (all calls): " + ", ".join(f"{n} {sum(v.values()):.2f} ({calls[n]:.2f}) ms"
                                                                for n, v in per_layer.items()))
     built = [s for s in DENSE_SPLITS if f"all {s}" in per_layer]
-    if built:
-        mix = {k: min(built, key=lambda s: per_layer[f"all {s}"][k]) for k in original}
+    mix = {"splits": {k: min(built, key=lambda s: per_layer[f"all {s}"][k]) for k in original} if built
+           else dict(requested),
+           "dense": [k for k in sparse if per_layer.get(DENSE_BUILD, {}).get(k, math.inf)
+                     < per_layer["plan"].get(k, math.inf)]}
+    if built or mix["dense"]:
         add({"mix": (mix, plan)})
         if "mix" in builds:
-            splits["mix"] = mix
-    if "mix" in splits:
+            variants["mix"] = mix
+    if "mix" in variants:
         if saved.units["mix_ms"] is None:
             saved.units["mix_ms"] = in_model_ms(builds["mix"], xt, runs)
             saved.save()
@@ -297,7 +332,7 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     if behind:
         log("refine: left out of the rounds, all calls slower than the fastest build's by "
             + ", ".join(f"{n} {100 * d:.0f} %" for n, d in behind.items()))
-    names = [n for n in splits if n not in behind]
+    names = [n for n in variants if n not in behind]
     done_rounds = saved.units["round_ms"]
     times = np.zeros((rounds, len(names)))
     for r in range(rounds):
@@ -320,7 +355,9 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     log(f"refine: {chosen}, {med[best]:.3f} ms against the plan's {med[0]:.3f} ms "
         f"(median ratio per round {np.median(ratio[:, best]):.3f}, faster in {wins:.0%} of the rounds)")
     e2e = dict(zip(names, med.tolist()))
-    report = {"builds": [{"name": n, "ms": e2e.get(n), "calls_ms": calls[n], "layer_ms": per_layer[n]} for n in splits],
-              "chosen": chosen, "splits": splits[chosen], "mix": splits.get("mix", {}),
+    report = {"builds": [{"name": n, "ms": e2e.get(n), "calls_ms": calls[n], "layer_ms": per_layer[n]}
+                         for n in variants],
+              "chosen": chosen, "splits": variants[chosen]["splits"], "dense": variants[chosen]["dense"],
+              "mix": variants.get("mix", {}).get("splits", {}), "mix_dense": variants.get("mix", {}).get("dense", []),
               "round_ms": {n: times[:, j].tolist() for j, n in enumerate(names)}}
     return apply_report(plan, report), saved.finish(report)

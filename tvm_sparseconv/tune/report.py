@@ -132,7 +132,7 @@ def _refine_section(f, run_dir: str) -> None:
     if not builds:
         f.write(f"\nRefine: nothing to do ({ref.get('why', '')}).\n")
         return
-    f.write("\n## Refine: the dense layers' thread splits inside the model\n\n"
+    f.write("\n## Refine: the dense layers' thread splits, and sparse or dense, inside the model\n\n"
             "| build | end to end ms (median) | per round / plan | conv calls in the model ms | all calls ms |\n"
             "|---|---|---|---|---|\n")
     base = rounds.get("plan")
@@ -144,6 +144,9 @@ def _refine_section(f, run_dir: str) -> None:
         e2e = "left out of the rounds" if b["ms"] is None else f"{b['ms']:.2f}"
         every = f"{b['calls_ms']:.2f}" if "calls_ms" in b else "-"  # not in a report from before the field
         f.write(f"| {b['name']}{mark} | {e2e} | {ratio} | {sum(b['layer_ms'].values()):.2f} | {every} |\n")
+    if ref.get("dense"):
+        f.write(f"\nSparse layers the chosen build runs dense (faster so inside the model): "
+                f"{', '.join(ref['dense'])}.\n")
 
 
 def _figure(run_dir, keys, name, title, ylabel, draw, height=4.5) -> None:

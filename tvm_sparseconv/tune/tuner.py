@@ -387,6 +387,9 @@ class Tuner:
             if best is not None:
                 choice = {"algorithm": best["algorithm"], "knobs": best["knobs"], "time_ms": best["time_ms"],
                           "dense_ms": best_dense["time_ms"] if best_dense else None}
+                if best_dense is not None and best_dense["algorithm"] == "dense" and \
+                        get_algorithm(best["algorithm"]).sparse:
+                    choice["dense_knobs"] = best_dense["knobs"]  # what refine tries inside the model
             for k in w.keys:
                 by_key[k] = (w, choice)
         layers = []
@@ -394,7 +397,8 @@ class Tuner:
             w, c = by_key[s.key]
             layers.append(PlanLayer(s.key, s.spec.to_dict(), c["algorithm"], c["knobs"],
                                     {"workload": w.id, "density": w.density, "time_ms": c["time_ms"],
-                                     "dense_ms": c.get("dense_ms")}))
+                                     "dense_ms": c.get("dense_ms"),
+                                     **({"dense_knobs": c["dense_knobs"]} if "dense_knobs" in c else {})}))
         plan = Plan(layers, json.loads(str(self.target)) if str(self.target).startswith("{") else None,
                     {"source": self.trials.header["model"], "input_shape": list(self.model.input_shape)},
                     cpu_of(self.target).to_dict())
