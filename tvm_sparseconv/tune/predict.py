@@ -28,7 +28,7 @@ from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
 from .layouts import assign, fastest_per_pair, layout_options, nchw_cost
-from .space import KNOB_TRIALS, MARGIN, candidates, choose, supports
+from .space import KNOB_TRIALS, MARGIN, candidates, choose, dense_alternative, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
 RULE_SPARSE, RULE_DENSE = "hybrid", "dense"
@@ -130,8 +130,9 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
             continue
         note = {"density": d.mean, "by": "cost model", "predicted_ms": best["time_ms"],
                 "predicted_dense_ms": best_dense["time_ms"] if best_dense else None}
-        if best_dense is not None and best_dense["algorithm"] == "dense" and get_algorithm(best["algorithm"]).sparse:
-            note["dense_knobs"] = best_dense["knobs"]  # what predicted_layouts tries in blocks
+        alternative = dense_alternative(best, best_dense)
+        if alternative is not None:
+            note["dense_knobs"] = alternative
         layers.append(PlanLayer(s.key, s.spec.to_dict(), best["algorithm"], best["knobs"], note))
     layouts = predicted_layouts(model, layers, cost, cpu, dens)
     return _plan(model, layers, target, {"plan": "predicted", "densities": densities_from, "layouts": layouts,

@@ -8,14 +8,14 @@ producer split by pixels, 0.17 after one split by channels). That depends on the
 splits, so it is chosen with all of them compiled together:
 
 1. the model compiled once per split in ``dense.DENSE_SPLITS``, every dense-kernel layer on it,
-   and the plan itself (these builds compile side by side, one per core: compile.build_many);
+   and the plan itself; when the plan has sparse layers, also with each of them on the dense
+   kernel ("sparse layers dense": in NCHW, on the dense knobs measured fastest alone, its
+   note's "dense_knobs"), since a sparse kernel slows down more inside the model than a dense
+   one (ResNet-50-half's pixcsr layers on the Zen 3: a median 1.3-1.8x their time alone, the
+   dense layers 1.13-1.22x). These builds compile side by side, one per core
+   (compile.build_many);
 2. each call timed inside each build (a VM instrument; the median of three interleaved laps of
    ``runs`` inferences): each conv layer's time, and the sum of all calls per inference;
-   when the plan has sparse layers, the plan with each of them on the dense kernel too
-   ("sparse layers dense": in NCHW, with the dense knobs measured fastest alone, its note's
-   "dense_knobs"), since a sparse kernel slows down more inside the model than a dense one
-   (ResNet-50-half's pixcsr layers on the Zen 3: 1.3-1.8x their time alone, the dense layers
-   1.13-1.22x);
 3. the mix, compiled too: each dense layer's fastest split, and each sparse layer dense where
    it was faster so; and when the tuner's layouts phase put layers in channel blocks, the plan
    with them back in NCHW ("all nchw"), so that the layouts, chosen from times alone, are
@@ -38,9 +38,9 @@ a call returns.
 from __future__ import annotations
 
 import copy
-import math
 import hashlib
 import json
+import math
 import os
 import shutil
 import time

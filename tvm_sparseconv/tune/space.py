@@ -83,3 +83,13 @@ def choose(recs: list[dict], spec, margin: float, target,
     if best_dense is not None and best["time_ms"] > best_dense["time_ms"] * (1 - margin):
         best = best_dense
     return best, best_dense
+
+
+def dense_alternative(best: dict, best_dense: dict | None) -> dict | None:
+    """The knobs (in NCHW) of the dense kernel to try in place of ``best`` when ``best`` (a
+    record of ``choose``) is sparse: ``best_dense``'s when it is the dense kernel, else None.
+    Kept in the plan layer's note as "dense_knobs": the tuner's refine tries them inside the
+    model, and the predicted layouts in channel blocks."""
+    if best_dense is None or best_dense["algorithm"] != "dense" or not get_algorithm(best["algorithm"]).sparse:
+        return None
+    return best_dense["knobs"]

@@ -60,7 +60,7 @@ from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
 from .layouts import TRANSFORM, assign, fastest_per_pair, finite, layout_options, nchw_cost
 from .log import TuningLog, write_atomically
-from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, in_nchw, supports
+from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, dense_alternative, in_nchw, supports
 from .workloads import Workload, extract_workloads
 
 SEARCHES = ("model", "exhaustive")
@@ -387,9 +387,9 @@ class Tuner:
             if best is not None:
                 choice = {"algorithm": best["algorithm"], "knobs": best["knobs"], "time_ms": best["time_ms"],
                           "dense_ms": best_dense["time_ms"] if best_dense else None}
-                if best_dense is not None and best_dense["algorithm"] == "dense" and \
-                        get_algorithm(best["algorithm"]).sparse:
-                    choice["dense_knobs"] = best_dense["knobs"]  # what refine tries inside the model
+                alternative = dense_alternative(best, best_dense)
+                if alternative is not None:
+                    choice["dense_knobs"] = alternative
             for k in w.keys:
                 by_key[k] = (w, choice)
         layers = []
