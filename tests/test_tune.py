@@ -170,6 +170,26 @@ def test_refine_times_each_split_inside_the_model(small_model, tmp_path):
         in_model_ms(wrong, tvm.runtime.tensor(xs[0]), runs=2)
 
 
+def _measured_otherwise(monkeypatch, refine, name: str, change) -> None:
+    """refine's in-model times as measured, but ``change(times)`` applied to the build ``name``'s
+    (each build is known by its name as build_many yields it)."""
+    names, measured, build_many = {}, refine.in_model_ms, refine.build_many
+
+    def remember(model, plans, *a, **k):
+        for n, b, s in build_many(model, plans, *a, **k):
+            names[id(b)] = n
+            yield n, b, s
+
+    def times(b, x, runs=20):
+        t = measured(b, x, runs)
+        if names.get(id(b)) == name:
+            change(t)
+        return t
+
+    monkeypatch.setattr(refine, "build_many", remember)
+    monkeypatch.setattr(refine, "in_model_ms", times)
+
+
 def test_refine_times_only_the_builds_that_may_win_end_to_end(small_model, monkeypatch):
     """A build whose calls inside the model sum to more than ROUND_SLACK over the fastest one's
     is not timed in the end-to-end rounds: it is reported, with no end-to-end time. The sums are
@@ -178,25 +198,8 @@ def test_refine_times_only_the_builds_that_may_win_end_to_end(small_model, monke
     from tvm_sparseconv.tune import refine
 
     path, m, xs = small_model
-    slow = {}
-    measured = refine.in_model_ms
-
-    def one_slower(b, x, runs=20):
-        t = measured(b, x, runs)
-        if b is slow.get("build"):
-            t["calls"] *= 1.2 * (1 + refine.ROUND_SLACK)
-        return t
-
-    build_many = refine.build_many
-
-    def remember(model, plans, *a, **k):  # the build of "all row_band" is the slow one
-        for name, b, s in build_many(model, plans, *a, **k):
-            if name == "all row_band":
-                slow["build"] = b
-            yield name, b, s
-
-    monkeypatch.setattr(refine, "in_model_ms", one_slower)
-    monkeypatch.setattr(refine, "build_many", remember)
+    _measured_otherwise(monkeypatch, refine, "all row_band",
+                        lambda t: t.update(calls=t["calls"] * 1.2 * (1 + refine.ROUND_SLACK)))
     said = []
     _, report = refine.refine_plan(m, resolve_plan(m, None, "dense"), xs[0], None, rounds=1, runs=2,
                                    log=said.append)
@@ -221,22 +224,8 @@ def test_refine_makes_a_sparse_layer_dense_where_dense_is_faster_inside_the_mode
     plan = resolve_plan(m, None, "dense")
     layer = plan.layers[2]  # conv002, the 3x3 at 56x56
     layer.algorithm, layer.knobs, layer.note = "pixcsr", {}, {"dense_knobs": {"split": "row_outer"}}
-    builds = {}
-    measured, build_many = refine.in_model_ms, refine.build_many
-
-    def remember(model, plans, *a, **k):
-        for name, b, s in build_many(model, plans, *a, **k):
-            builds[id(b)] = name
-            yield name, b, s
-
-    def dense_faster(b, x, runs=20):
-        t = measured(b, x, runs)
-        if builds.get(id(b)) == refine.DENSE_BUILD:
-            t["layers"]["conv002"] = 1e-3  # far below the sparse time
-        return t
-
-    monkeypatch.setattr(refine, "build_many", remember)
-    monkeypatch.setattr(refine, "in_model_ms", dense_faster)
+    _measured_otherwise(monkeypatch, refine, refine.DENSE_BUILD,
+                        lambda t: t["layers"].update(conv002=1e-3))  # far below the sparse time
     _, report = refine.refine_plan(m, plan, xs[0], None, rounds=1, runs=2)
     names = [b["name"] for b in report["builds"]]
     assert refine.DENSE_BUILD in names and "mix" in names
