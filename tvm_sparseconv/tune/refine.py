@@ -22,7 +22,7 @@ splits, so it is chosen with all of them compiled together:
    checked end to end as the splits are;
 4. the plan, and each build whose calls sum to at most ``ROUND_SLACK`` more than the lowest
    sum, timed end to end in ``rounds`` interleaved rounds (a build further behind is left out:
-   on ResNet-50-half such builds never won a round, and each costs a second a round). The build
+   on ResNet-50-half such builds were not chosen, and each costs a second a round). The build
    with the lowest median ratio to the plan per round replaces the plan if that ratio is below
    1 - ``margin`` and it was faster in at least 2/3 of the rounds (on VGG-16 the per-round
    ratios of equal builds spread over 0.94-1.04).
