@@ -383,22 +383,21 @@ class Tuner:
         for w in workloads:
             best, best_dense = choose([r for r in self.trials.records if r["workload"] == w.id], w.spec,
                                       self.cfg.margin, self.target)
-            choice = {"algorithm": "direct", "knobs": {}, "time_ms": None}
+            # (algorithm, knobs, the note's measured fields)
+            choice = ("direct", {}, {"time_ms": None, "dense_ms": None})
             if best is not None:
-                choice = {"algorithm": best["algorithm"], "knobs": best["knobs"], "time_ms": best["time_ms"],
-                          "dense_ms": best_dense["time_ms"] if best_dense else None}
+                measured = {"time_ms": best["time_ms"], "dense_ms": best_dense["time_ms"] if best_dense else None}
                 alternative = dense_alternative(best, best_dense)
                 if alternative is not None:
-                    choice["dense_knobs"] = alternative
+                    measured["dense_knobs"] = alternative
+                choice = (best["algorithm"], best["knobs"], measured)
             for k in w.keys:
                 by_key[k] = (w, choice)
         layers = []
         for s in sites:
-            w, c = by_key[s.key]
-            layers.append(PlanLayer(s.key, s.spec.to_dict(), c["algorithm"], c["knobs"],
-                                    {"workload": w.id, "density": w.density, "time_ms": c["time_ms"],
-                                     "dense_ms": c.get("dense_ms"),
-                                     **({"dense_knobs": c["dense_knobs"]} if "dense_knobs" in c else {})}))
+            w, (algorithm, knobs, measured) = by_key[s.key]
+            layers.append(PlanLayer(s.key, s.spec.to_dict(), algorithm, knobs,
+                                    {"workload": w.id, "density": w.density, **measured}))
         plan = Plan(layers, json.loads(str(self.target)) if str(self.target).startswith("{") else None,
                     {"source": self.trials.header["model"], "input_shape": list(self.model.input_shape)},
                     cpu_of(self.target).to_dict())
