@@ -53,3 +53,45 @@ def test_parallelize_rest_pools_and_adds_in_parallel():
     xp = np.pad(xv, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=-np.inf)
     ref = np.max([xp[:, :, i:i + 19:2, j:j + 19:2] for i in range(3) for j in range(3)], axis=0)
     np.testing.assert_array_equal(y, np.maximum(ref + rv, 0))
+
+
+def _kinds(func) -> list[str]:
+    """The kind of each loop around the function's first top-level block, outermost first."""
+    sch, blks = _schedule(func)
+    names = {tvm.tirx.ForKind.PARALLEL: "parallel", tvm.tirx.ForKind.VECTORIZED: "vectorized"}
+    return [names.get(sch.get(lp).kind, "serial") for lp in sch.get_loops(blks[0])]
+
+
+def test_pools_of_channel_blocks_reduce_whole_blocks_as_vectors():
+    """A max and an average pool of NCHW8c data (as the rewrite leaves them between blocked
+    layers) take each window tap as one vector over the block's 8 channels: the lane loop is the
+    innermost and vectorised, under the window loops. NCHW's W (read at 2w + kw) is left alone.
+    Both match a NumPy float64 pool, with the padding excluded from the maximum and the mean."""
+    rng = np.random.default_rng(1)
+    xv = rng.standard_normal((1, 3, 11, 13, 8)).astype("float32")
+    for op, kw in ((relax.op.nn.max_pool2d, {}), (relax.op.nn.avg_pool2d, {"count_include_pad": False})):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(xv.shape, "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(op(x, pool_size=3, strides=2, padding=(1, 1, 1, 1), layout="NCHW8c",
+                                                 out_layout="NCHW8c", **kw)))
+            bb.emit_func_output(out)
+        mod = ParallelizeRest()(relax.transform.LegalizeOps()(bb.get()))
+        pool = next(f for gv, f in mod.functions_items() if "pool" in gv.name_hint)
+        kinds = _kinds(pool)
+        assert kinds[0] == "parallel" and kinds[-1] == "vectorized" and kinds.count("vectorized") == 1
+        vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+        y = vm["main"](tvm.runtime.tensor(xv)).numpy()
+        xp = np.pad(xv.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), constant_values=np.nan)
+        taps = np.stack([xp[:, :, i:i + 11:2, j:j + 13:2] for i in range(3) for j in range(3)])
+        ref = np.nanmax(taps, axis=0) if op is relax.op.nn.max_pool2d else np.nanmean(taps, axis=0)
+        np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 20, 20), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.max_pool2d(x, pool_size=3, strides=2, padding=1)))
+        bb.emit_func_output(out)
+    mod = ParallelizeRest()(relax.transform.LegalizeOps()(bb.get()))
+    assert "vectorized" not in _kinds(next(f for gv, f in mod.functions_items() if "pool" in gv.name_hint))
