@@ -271,12 +271,14 @@ def _fused_head(batch: int, k: int, n: int) -> tvm.tirx.PrimFunc:
     return next(f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
-@pytest.mark.parametrize("batch,k,n", [(1, 1280, 1000), (8, 96, 1000), (2, 64, 5), (1, 25088, 64)])
+@pytest.mark.parametrize("batch,k,n", [(1, 1280, 1000), (8, 96, 1000), (2, 64, 5), (1, 25088, 64), (36, 40, 24)])
 def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n):
     """A K x N head: each parallel task keeps a tile of outputs in vectors and walks k (the
     old schedule read w down its columns); the bias add goes in the same task. VGG-16's
-    25088 -> 64 head still gives each core a task. Values against
-    NumPy float64, the tile a divisor of N (no tail)."""
+    25088 -> 64 head still gives each core a task. At a batch, the rows' tiles are held
+    together (as many rows as fit the CPU's accumulators), so that each row of w is read once
+    per group of rows, not once per row. Values against NumPy float64, the tile a divisor of N
+    (no tail)."""
     from tvm_sparseconv.cpu import cpu_of
     from tvm_sparseconv.schedule_rules import ColumnGEMV, column_tile
     from tvm_sparseconv.target import make_target
@@ -290,6 +292,9 @@ def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n):
     func = sch.mod["main"]
     text = func.script()
     assert f"T.parallel(T.int64({n // tile}))" in text and f"T.vectorized(T.int64({tile}))" in text
+    group = max(d for d in range(1, batch + 1) if batch % d == 0 and d * -(-tile // cpu.lanes) <= cpu.accumulators)
+    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("matmul_update"))]
+    assert [int(lp.extent) for lp in loops] == [n // tile, batch // group, k, group, tile]
     f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     rng = np.random.default_rng(0)
     x, w, b = (rng.standard_normal(s).astype("float32") for s in ((batch, k), (k, n), (n,)))

@@ -82,7 +82,10 @@ class ColumnGEMV(ScheduleRule):
     0.045 ms here.
 
     Each parallel task owns ``column_tile`` consecutive outputs, held in vector registers
-    (a local cache of the output), and walks k, so every row of w is read in one run."""
+    (a local cache of the output), and walks k, so every row of w is read in one run. At a
+    batch, it holds those outputs of as many rows of x as fit cpu.accumulators at once (the
+    rows a divisor of the batch), so w is read once per group of rows: MobileNet-V2's head at
+    batch 8 took 0.9-2.1 ms read once per row, 0.27-0.31 ms so."""
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tvm.tirx.PrimFunc):
@@ -110,12 +113,24 @@ class ColumnGEMV(ScheduleRule):
         tile = column_tile(int(stmt.iter_vars[-2].dom.extent), cpu.lanes, cpu.cores)
         if tile is None:
             return None
+        rows = 1
+        for iv in stmt.iter_vars[:-2]:
+            rows *= int(iv.dom.extent)
+        # rows held in registers at once: every row's outputs of the tile, so that each row of w is
+        # read once per group of rows (a batch-8 head read its w once per row before: 4x slower)
+        group = max(d for d in range(1, rows + 1) if rows % d == 0 and d * -(-tile // cpu.lanes) <= cpu.accumulators)
         try:
             *batch, n, red = loops
             n_out, n_in = sch.split(n, [None, tile])
-            sch.reorder(n_out, *batch, red, n_in)
+            if batch:
+                r_out, r_in = sch.split(sch.fuse(*batch) if len(batch) > 1 else batch[0], [None, group])
+                sch.reorder(n_out, r_out, red, r_in, n_in)
+                sch.unroll(r_in)
+                inner = r_out
+            else:
+                sch.reorder(n_out, red, n_in)
+                inner = n_out
             sch.parallel(n_out)
-            inner = batch[-1] if batch else n_out
             for b in epilogue:  # in order: each reads the one before
                 sch.reverse_compute_at(b, inner)
                 sch.vectorize(sch.get_loops(b)[-1])
