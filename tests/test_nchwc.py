@@ -179,6 +179,34 @@ def test_grid_all_densities(case, knobs, lin, lout):
     check_layer(spec, {**knobs, "layout_in": lin, "layout_out": lout}, densities=DENSITIES)
 
 
+@pytest.mark.parametrize("lin,lout", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("kernel,k", [("window", 3), ("gemm", 1)])
+def test_three_vector_channel_tiles(kernel, k, lin, lout):
+    """Tiles of 3 of the host's vectors of output channels (24 on AVX2, 48 on AVX-512), written
+    as whole vectors: M = 3 vectors (the default tile, one exact M tile) and M = 5 vectors (a
+    second tile 2/3 full), each layout pair, the whole epilogue, against NumPy float64. The
+    default and the knob space offer them only where M is a multiple of 3 vectors."""
+    from tvm_sparseconv.algorithms.dense import default_tiling
+
+    t = 3 * HOST.lanes
+    for m in (t, 5 * HOST.lanes):
+        if kernel == "gemm" and lin == NCHW:
+            continue  # gemm from NCHW holds pixels in vectors: its m_tile is not a channel vector
+        spec = Conv2DSpec.from_shapes((2, 20, 5, 7), (m, 20, k, k), padding=k // 2)
+        layer = check_layer(spec, {"kernel": kernel, "block": 4, "m_tile": t, "layout_in": lin, "layout_out": lout},
+                            densities=(0.0, 0.5, 1.0))
+        assert layer.knobs["m_tile"] == t
+    if kernel == "gemm" and lin == NCHW:
+        return
+    spec = Conv2DSpec.from_shapes((1, 20, 5, 7), (t, 20, k, k), padding=k // 2)
+    assert default_tiling(spec, HOST, kernel, lin)["m_tile"] == t
+    assert any(c["m_tile"] == t and c["kernel"] == kernel for c in DENSE.knob_space(spec, HOST))
+    wide = Conv2DSpec.from_shapes((1, 20, 5, 7), (2 * t, 20, k, k), padding=k // 2)
+    assert default_tiling(wide, HOST, kernel, lin)["m_tile"] != t  # 2 vectors cover 6 vectors too
+    four = Conv2DSpec.from_shapes((1, 20, 5, 7), (4 * HOST.lanes, 20, k, k), padding=k // 2)
+    assert not any(c["m_tile"] == t for c in DENSE.knob_space(four, HOST))  # 3 vectors do not divide 4
+
+
 GEMM_TAILS = [(NCHW, lout, tile) for lout in (NCHW, BLOCKED) for tile in ({"block": 16, "m_tile": 6},)] + \
     [(BLOCKED, lout, tile) for lout in (NCHW, BLOCKED)
      for tile in ({"block": 4, "m_tile": 64, "split": "row_band"}, {"block": 7, "m_tile": 8, "split": "m_outer"})]
