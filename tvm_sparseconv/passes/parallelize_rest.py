@@ -7,8 +7,9 @@ then never written), fuses the leading spatial loops of each top-level block but
 two (NCHW's H and W, fused into one contiguous loop for LLVM to vectorise in whole vectors:
 the residual adds of ResNet-50's 14x14 and 28x28 stages ran 3-5x faster alone than with the
 W loop alone inside), or the innermost one when the outer loops would be too few, and runs
-them on TVM's thread pool. Functions marked ``tirx.is_scheduled`` (our kernels, MetaSchedule
-or dlight results) are left alone.
+them on TVM's thread pool. A pool of channel blocks (NCHW8c) gets its lane loop inside the
+window loops, vectorised (_lanes_innermost). Functions marked ``tirx.is_scheduled`` (our
+kernels, MetaSchedule or dlight results) are left alone.
 """
 from __future__ import annotations
 
