@@ -293,14 +293,33 @@ def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n):
     text = func.script()
     assert f"T.parallel(T.int64({n // tile}))" in text and f"T.vectorized(T.int64({tile}))" in text
     group = max(d for d in range(1, batch + 1) if batch % d == 0 and d * -(-tile // cpu.lanes) <= cpu.accumulators)
-    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("matmul_update"))]
-    assert [int(lp.extent) for lp in loops] == [n // tile, batch // group, k, group, tile]
+    loops = [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("matmul_update"))]
+    assert loops == ([n // tile, batch // group, k, group, tile] if group > 1 else [n // tile, batch, k, tile])
     f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     rng = np.random.default_rng(0)
     x, w, b = (rng.standard_normal(s).astype("float32") for s in ((batch, k), (k, n), (n,)))
     y = tvm.runtime.tensor(np.zeros((batch, n), "float32"))
     f["main"](*(tvm.runtime.tensor(a) for a in (x, w, b)), y)
     np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ w + b, rtol=1e-4, atol=1e-4)
+
+
+def test_column_gemv_with_a_batch_known_only_at_run_time():
+    """A symbolic batch keeps one row at a time (the group of rows needs the batch's size); the
+    head is still scheduled and exact at any batch."""
+    from tvm_sparseconv.schedule_rules import ColumnGEMV
+    from tvm_sparseconv.target import make_target
+
+    target = make_target(None)
+    b = tvm.tirx.Var("b", "int64")
+    sch = ColumnGEMV().apply(_fused_head(b, 40, 24), target, False)
+    assert sch is not None
+    f = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target)
+    rng = np.random.default_rng(1)
+    for rows in (1, 3):
+        x, w, bias = (rng.standard_normal(s).astype("float32") for s in ((rows, 40), (40, 24), (24,)))
+        y = tvm.runtime.tensor(np.zeros((rows, 24), "float32"))
+        f["main"](*(tvm.runtime.tensor(a) for a in (x, w, bias)), y)
+        np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ w + bias, rtol=1e-4, atol=1e-4)
 
 
 def test_column_gemv_declines_what_it_cannot_vectorize():

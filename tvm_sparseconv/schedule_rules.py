@@ -113,20 +113,25 @@ class ColumnGEMV(ScheduleRule):
         tile = column_tile(int(stmt.iter_vars[-2].dom.extent), cpu.lanes, cpu.cores)
         if tile is None:
             return None
+        extents = [iv.dom.extent for iv in stmt.iter_vars[:-2]]
         rows = 1
-        for iv in stmt.iter_vars[:-2]:
-            rows *= int(iv.dom.extent)
+        for e in extents:
+            rows *= int(e) if isinstance(e, tvm.tirx.IntImm) else 0  # 0: a symbolic batch
         # rows held in registers at once: every row's outputs of the tile, so that each row of w is
         # read once per group of rows (a batch-8 head read its w once per row before: 4x slower)
-        group = max(d for d in range(1, rows + 1) if rows % d == 0 and d * -(-tile // cpu.lanes) <= cpu.accumulators)
+        group = max((d for d in range(1, rows + 1) if rows % d == 0 and d * -(-tile // cpu.lanes) <= cpu.accumulators),
+                    default=1)
         try:
             *batch, n, red = loops
             n_out, n_in = sch.split(n, [None, tile])
-            if batch:
+            if batch and group > 1:
                 r_out, r_in = sch.split(sch.fuse(*batch) if len(batch) > 1 else batch[0], [None, group])
                 sch.reorder(n_out, r_out, red, r_in, n_in)
                 sch.unroll(r_in)
                 inner = r_out
+            elif batch:  # one row at a time: batch 1, or a batch unknown until run time
+                sch.reorder(n_out, *batch, red, n_in)
+                inner = batch[-1]
             else:
                 sch.reorder(n_out, red, n_in)
                 inner = n_out
