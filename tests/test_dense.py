@@ -131,7 +131,7 @@ def test_groups_are_refused():
         CompiledLayer("dense", spec, weight(spec))
 
 
-@pytest.mark.parametrize("bad,k", [({"block": 0}, 3), ({"m_tile": 12}, 3), ({"m_tile": 40}, 3), ({"c_block": -1}, 3),
+@pytest.mark.parametrize("bad,k", [({"block": 0}, 3), ({"m_tile": 20}, 3), ({"m_tile": 40}, 3), ({"c_block": -1}, 3),
                                    ({"split": "diagonal"}, 3), ({"pad": "mirror"}, 3), ({"unroll": 2}, 3),
                                    ({"kernel": "gemm"}, 3), ({"kernel": "gemm", "block": 34}, 1),
                                    ({"kernel": "gemm", "m_tile": 17}, 1), ({"kernel": "winograd"}, 1)])
@@ -213,9 +213,15 @@ def test_the_old_kernel_name_direct_is_read_as_window():
 
 
 def test_gemm_defaults_build_on_a_4_lane_isa():
-    """4 lanes: the default pixel tile is 3 vectors (12 pixels) when 12 divides H*W."""
+    """4 lanes: the default pixel tile is 3 vectors (12 pixels) when 12 divides H*W, and the
+    window kernel's channel tile 3 vectors (12 channels) for M = 12."""
     spec = Conv2DSpec.from_shapes((1, 16, 6, 6), (8, 16, 1, 1))
     assert DENSE.knobs(spec, None, SSE_TARGET)["block"] == 12
     x, w = activation(spec, 0.5), weight(spec)
     layer = CompiledLayer("dense", spec, w, target=SSE_TARGET)
     assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
+    # M = 12: 3 vectors of 4 lanes by default, a tile the knobs accept
+    spec = Conv2DSpec.from_shapes((1, 8, 5, 6), (12, 8, 3, 3), padding=1)
+    assert DENSE.knobs(spec, None, SSE_TARGET)["m_tile"] == 12
+    x, w = activation(spec, 0.5), weight(spec)
+    assert_conv_close(CompiledLayer("dense", spec, w, target=SSE_TARGET)(x), dense_conv2d(spec, x, w), spec)

@@ -52,12 +52,12 @@ _OLD_KERNEL_NAMES = {"direct": "window"}
 DENSE_SPLITS = ("m_outer", "row_outer", "row_band")
 PADS = ("inplace", "copy")  # padding: skip the padded taps, or copy x into a zero-padded xp first
 # m_tile of the kernels whose vectors are output channels (window; gemm from channel blocks):
-# powers of two, and 3 vectors of 8 or 16 lanes for M a multiple of those but not of 2 vectors
-# (M = 24, 72, 144 ...: a 16-channel tile of M = 24 computed 8 channels of zeros, and a 24-channel
-# tile ran 1.3-1.4x faster on MobileNet-V2's 144 -> 24 layer at batch 8 on the Zen 3). A tile
-# that is no power of two is written as whole vectors of vector_width lanes: one 48-wide TIR
-# vector compiled ~5x slower than 32 or 64, and a 24-wide one ran 8x slower
-CHANNEL_VECTOR_TILES = (4, 8, 16, 24, 32, 48, 64, 128)
+# powers of two, and 3 x powers of two (3 vectors of 4, 8, 16 or 32 lanes) for M a multiple of
+# 3 vectors but not of 2 (M = 24 on AVX2: a 16-channel tile computed 8 channels of zeros, and a
+# 24-channel tile ran 1.3-1.4x faster on MobileNet-V2's 144 -> 24 layer at batch 8 on the Zen 3).
+# A tile that is no power of two is written as whole vectors of vector_width lanes: one 48-wide
+# TIR vector compiled ~5x slower than 32 or 64, and a 24-wide one ran 8x slower
+CHANNEL_VECTOR_TILES = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
 @dataclass(frozen=True)
