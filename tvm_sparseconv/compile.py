@@ -6,7 +6,8 @@ CLI all go through it:
     lower:  RewriteConv2D (the plan's layers become their algorithms' stages)
             -> LegalizeOps, FuseOps, FuseTIR (the rest of the graph)
             -> the MetaSchedule database, if given -> dlight's CPU rules and ours
-            (schedule_rules.py) -> ParallelizeRest
+            (schedule_rules.py) -> ParallelizeRest -> ResidualInPlace (a layer with a
+            residual writes over it when nothing reads it after)
     build:  lower -> tvm.compile (TVM's default Relax and TIR pipelines) -> an Executable
 
 The same flow is the Relax pipeline ``"tvm_sparseconv"`` (``pipeline``), so that a TVM user
@@ -32,6 +33,7 @@ from .frontend import Model, load_model
 from .graph import find_conv_sites
 from .passes import RewriteConv2D, applied_layers, layout_transforms
 from .passes.parallelize_rest import ParallelizeRest
+from .passes.residual_in_place import ResidualInPlace
 from .plan import Plan
 from .schedule_rules import ColumnGEMV, OneReduction
 from .stages import apply_database, kernel_table, open_database
@@ -76,7 +78,7 @@ def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
             with db:  # TVM's own ops, by structural hash
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         mod = dl.ApplyDefaultSchedule(ColumnGEMV(), dl.cpu.GEMV(), OneReduction())(mod)
-        return ParallelizeRest()(mod)
+        return ResidualInPlace()(ParallelizeRest()(mod))
 
     return lower_pass
 

@@ -62,7 +62,9 @@ class Algorithm:
     table and the tests read from the registry instead of keeping lists of names:
     ``sparse`` (it encodes the activation and skips its zeros), ``metaschedule`` (its stages
     are TE with static loops: MetaSchedule tunes them, it has no knobs), ``fuses_residual``
-    (its last stage can add a residual input, Epilogue.residual), ``groups`` (it computes
+    (its last stage can add a residual input, Epilogue.residual, named ``res``; it writes each
+    element of ``y`` once, in the statement that reads that element of ``res``, so that a model
+    may pass res's buffer as y: passes/residual_in_place.py), ``groups`` (it computes
     grouped and depthwise convs; every algorithm takes any stride, dilation and padding),
     ``kernel_knob`` (the knob that chooses among its kernels, whose other defaults differ per
     kernel; None when it has one kernel). :meth:`check` says whether it takes a layer; its knob
