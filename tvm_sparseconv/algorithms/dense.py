@@ -55,8 +55,10 @@ PADS = ("inplace", "copy")  # padding: skip the padded taps, or copy x into a ze
 # powers of two, and 3 x powers of two (3 vectors of 4, 8, 16 or 32 lanes) for M a multiple of
 # 3 vectors but not of 2 (M = 24 on AVX2: a 16-channel tile computed 8 channels of zeros, and a
 # 24-channel tile ran 1.3-1.4x faster on MobileNet-V2's 144 -> 24 layer at batch 8 on the Zen 3).
-# A tile that is no power of two is written as whole vectors of vector_width lanes: one 48-wide
-# TIR vector compiled ~5x slower than 32 or 64, and a 24-wide one ran 8x slower
+# Every tile is written as whole vectors of vector_width lanes (the CPU's): one 48-wide TIR
+# vector compiled ~5x slower than 32 or 64 and a 24-wide one ran 8x slower; a 16-wide one on
+# AVX2 took its second half apart lane by lane in the store (the 32 -> 128 1x1 with its residual
+# at 56 x 56 ran 1.2-1.35x faster in 8-wide vectors)
 CHANNEL_VECTOR_TILES = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -80,10 +82,9 @@ class DenseTiling:
 
 
 def vector_width(m_tile: int, cpu: CPU) -> int:
-    """Lanes per TIR vector of a channel-vector tile: the whole tile when it is a power of two
-    (LLVM splits it into the CPU's vectors), else the CPU's vectors that divide it (24 on
-    AVX2: 3 x 8)."""
-    return m_tile if m_tile & (m_tile - 1) == 0 else gcd(m_tile, cpu.lanes)
+    """Lanes per TIR vector of a channel-vector tile: the CPU's vectors that divide it (8 on
+    AVX2 for 16, 24 or 32 channels; 4 for a tile of 4 or 12)."""
+    return gcd(m_tile, cpu.lanes)
 
 
 def _cdiv(a, b: int):
