@@ -122,6 +122,8 @@ def test_a_kernel_shared_by_a_layer_in_place_and_one_not_names_each_call():
     (inplace,) = [layers for name, (layers, _) in table.items() if name.endswith("_inplace")]
     assert inplace == ("conv003",)
     called = [name for name, _ in time_calls(b.vm(), tvm.runtime.tensor(xv), 1) if name in table]
-    seen = {}
-    keys = [table[c][0][seen.setdefault(c, []).append(c) or len(seen[c]) - 1] for c in called]
+    keys, count = [], {}  # the j-th call of a function computes the j-th layer it lists
+    for c in called:
+        keys.append(table[c][0][count.get(c, 0)])
+        count[c] = count.get(c, 0) + 1
     assert keys == ["conv000", "conv001", "conv002", "conv003"]

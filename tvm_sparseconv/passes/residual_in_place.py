@@ -105,7 +105,7 @@ def _rewrite(mod: tvm.IRModule, func: relax.Function, bindings: list, in_place: 
     """``mod`` with the call_tir bindings at ``in_place`` calling the in-place copies of their
     kernels, and each kernel's LAYERS_ATTR split between the two in call order."""
     split, seen = {}, {}  # gv -> ([kept keys], [in-place keys]); gv -> calls so far
-    rewrite = {}  # binding var -> the gv of the kernel its call_tir calls
+    rewrite = {}  # binding var -> its call_tir, which becomes a call_tir_inplace
     for i, b in enumerate(bindings):
         v = b.value
         if not (isinstance(v, relax.Call) and v.op == _CALL_TIR):
