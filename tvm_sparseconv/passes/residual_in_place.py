@@ -26,6 +26,7 @@ import tvm
 from tvm import relax
 
 from ..stages import ALGORITHM_ATTR, LAYERS_ATTR
+from .rewrite_conv2d import _vars_in
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _CALL_TIR_INPLACE = tvm.ir.Op.get("relax.call_tir_inplace")
@@ -63,14 +64,9 @@ def _uses(func: relax.Function) -> tuple[list, dict, dict]:
     bindings = [b for block in func.body.blocks for b in block.bindings]
     defined = {b.var: i for i, b in enumerate(bindings)}
     readers: dict = {}
-
-    def note(expr, i):
-        relax.analysis.post_order_visit(
-            expr, lambda e: readers.setdefault(e, []).append(i) if isinstance(e, relax.Var) else None)
-
-    for i, b in enumerate(bindings):
-        note(b.value, i)
-    note(func.body.body, len(bindings))
+    for i, e in enumerate([b.value for b in bindings] + [func.body.body]):
+        for v in _vars_in(e):
+            readers.setdefault(v, []).append(i)
     return bindings, defined, readers
 
 
@@ -79,7 +75,7 @@ class ResidualInPlace:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod["main"]
         bindings, defined, readers = _uses(func)
-        in_place = set()  # binding indices to rewrite
+        in_place = {}  # binding index to rewrite -> the argument index of its residual
         for i, b in enumerate(bindings):
             v = b.value
             if not (isinstance(v, relax.Call) and v.op == _CALL_TIR):
@@ -95,17 +91,17 @@ class ResidualInPlace:
                 continue
             others = [j for j in readers.get(res, []) if j != i]
             if all(j < i and _writes_fresh(mod, bindings[j].value) for j in others):
-                in_place.add(i)
+                in_place[i] = k
         if not in_place:
             return mod
         return _rewrite(mod, func, bindings, in_place)
 
 
-def _rewrite(mod: tvm.IRModule, func: relax.Function, bindings: list, in_place: set) -> tvm.IRModule:
+def _rewrite(mod: tvm.IRModule, func: relax.Function, bindings: list, in_place: dict) -> tvm.IRModule:
     """``mod`` with the call_tir bindings at ``in_place`` calling the in-place copies of their
     kernels, and each kernel's LAYERS_ATTR split between the two in call order."""
     split, seen = {}, {}  # gv -> ([kept keys], [in-place keys]); gv -> calls so far
-    rewrite = {}  # binding var -> its call_tir, which becomes a call_tir_inplace
+    rewrite = {}  # binding var -> (its call_tir, which becomes a call_tir_inplace; the residual's index)
     for i, b in enumerate(bindings):
         v = b.value
         if not (isinstance(v, relax.Call) and v.op == _CALL_TIR):
@@ -117,7 +113,7 @@ def _rewrite(mod: tvm.IRModule, func: relax.Function, bindings: list, in_place: 
         j = seen[v.args[0]] = seen.get(v.args[0], -1) + 1
         split.setdefault(v.args[0], ([], []))[i in in_place].extend(keys[j:j + 1])
         if i in in_place:
-            rewrite[b.var] = v
+            rewrite[b.var] = v, in_place[i]
 
     @relax.expr_functor.mutator
     class _Swap(relax.PyExprMutator):
@@ -126,15 +122,14 @@ def _rewrite(mod: tvm.IRModule, func: relax.Function, bindings: list, in_place: 
             self.copies = {}
 
         def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-            call = rewrite.get(binding.var)
-            if call is None:
+            if binding.var not in rewrite:
                 return super().visit_var_binding_(binding)
+            call, k = rewrite[binding.var]
             gv, f = call.args[0], mod[call.args[0]]
             if gv not in self.copies:
                 self.copies[gv] = self.builder_.add_func(
                     _in_place_func(f).with_attr(LAYERS_ATTR, split[gv][1]), gv.name_hint + _SUFFIX)
-            value = relax.call_tir_inplace(self.copies[gv], list(call.args[1].fields), _residual_index(f),
-                                           binding.var.ty)
+            value = relax.call_tir_inplace(self.copies[gv], list(call.args[1].fields), k, binding.var.ty)
             self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
 
     swap = _Swap()
