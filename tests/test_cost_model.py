@@ -48,7 +48,7 @@ def test_shipped_model_lists_the_shipped_runs(runs):
     assert [r["run"] for r in m.trained_on] == [r.name for r in runs]
     assert [r["sha256"] for r in m.trained_on] == [r.sha256 for r in runs]  # the logs as they are now
     # the CPUs and the AVX2 code path tuned on the Zen 5, every measured record of the logs
-    assert {r.cpu.name for r in runs} == {"znver5", "znver3", "rocketlake", "haswell"}
+    assert {r.cpu.name for r in runs} == {"znver5", "znver4", "znver3", "rocketlake", "haswell"}
     for r in runs:
         with open(f"{cm.SHIPPED}/{r.name.split('/', 1)[1]}/trials.jsonl") as f:
             ok = [json.loads(l) for l in f.read().splitlines()[1:] if l.strip()]
@@ -195,6 +195,37 @@ def test_predicted_plan_on_a_cpu_without_a_shipped_plan(mixed, tmp_path):
             assert l.note["predicted_ms"] <= l.note["predicted_dense_ms"] * (1 - MARGIN) or l.algorithm in DENSE
         else:  # no candidate the model knows: the grouped conv
             assert s.spec.groups > 1
+
+
+@pytest.mark.parametrize("algorithm", ["dense", "hybrid", "direct"])
+def test_forced_algorithm_takes_predicted_knobs(mixed, algorithm, monkeypatch):
+    """predict_plan(algorithm=A), the plan of --algorithm A: the algorithms of Plan.uniform (A where
+    it takes the layer, its dense fallback elsewhere), each with knobs predicted no slower than
+    their defaults and no layer moved to another algorithm by the layouts; a MetaSchedule A keeps
+    its own (no knobs); without a cost model, the defaults, with the error said."""
+    _, m = mixed
+    plan = predict_plan(m, FOREIGN, algorithm=algorithm)
+    assert [l.algorithm for l in plan.layers] == [l.algorithm for l in Plan.uniform(m.sites, algorithm).layers]
+    assert plan.model["plan"] == f"all {algorithm}, predicted knobs"
+    _assert_valid(plan, m, FOREIGN)
+    assert not any("nchw_algorithm" in l.note for l in plan.layers)
+    cost, cpu = load_cost_model(), cpu_of(FOREIGN)
+    for l, s, d in zip(plan.layers, m.sites, default_densities(m.sites)):
+        a = get_algorithm(l.algorithm)
+        if a.metaschedule:
+            assert l.knobs == {}
+            continue
+        assert l.note["by"] == "cost model"
+        picked = l.note.get("nchw_knobs", l.knobs)  # the tile chosen in NCHW, before the layouts
+        t = cost.predict_ms([Candidate(l.algorithm, k, s.spec, d, cpu, s.epilogue())
+                             for k in (picked, a.knobs(s.spec, None, cpu))])
+        assert t[0] <= t[1] + 1e-12
+    said = []
+    monkeypatch.setattr(cm, "SHIPPED_MODEL", "/nonexistent/cost_model.json.gz")
+    plain = predict_plan(m, FOREIGN, algorithm=algorithm, log=said.append)
+    assert plain.model["plan"] == f"all {algorithm}, default knobs" and len(said) == 1 and "default knobs" in said[0]
+    assert [(l.algorithm, l.knobs) for l in plain.layers] == \
+        [(l.algorithm, l.knobs) for l in Plan.uniform(m.sites, algorithm).layers]
 
 
 def test_predictions_pick_the_lowest_among_the_candidates():
@@ -351,8 +382,8 @@ def _run_exported(lib, x):
 @pytest.mark.slow
 def test_compile_command_predicts_from_the_inputs_given(mixed, tmp_path, capsys, monkeypatch):
     """compile on a CPU without a shipped plan: the densities of the --inputs given (as onnxruntime
-    counts them), one line saying so, the library matching onnxruntime; without a cost model,
-    the fixed rule, with the error said."""
+    counts them), one line saying so, the library matching onnxruntime, and so with --algorithm
+    dense; without a cost model, the fixed rule, with the error said."""
     path, m = mixed
     x = np.maximum(np.random.default_rng(1).standard_normal((1, 8, 16, 16)), 0).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -365,6 +396,12 @@ def test_compile_command_predicts_from_the_inputs_given(mixed, tmp_path, capsys,
     lines = [l for l in err.splitlines() if "predicted" in l]
     assert len(lines) == 1 and "profile of 1 sample input" in lines[0] and "tvm-sparseconv tune" in lines[0]
     np.testing.assert_allclose(_run_exported(lib, x), ref, rtol=1e-4, atol=tol)
+    # --algorithm dense: all dense, with the knobs and layouts predicted for the target
+    assert main(["compile", path, "--target", json.dumps(FOREIGN), "--algorithm", "dense",
+                 "-o", str(tmp_path / "d.so")]) == 0
+    err = capsys.readouterr().err
+    assert "--algorithm dense: dense 3, grouped 1" in err and "knobs and layouts predicted by the cost model" in err
+    np.testing.assert_allclose(_run_exported(tmp_path / "d.so", x), ref, rtol=1e-4, atol=tol)
     plan = predict_plan(m, FOREIGN, [x])
     np.testing.assert_allclose([l.note["density"] for l in plan.layers], _ort_conv_input_densities(path, x),
                                atol=1e-6)

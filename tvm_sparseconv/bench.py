@@ -8,6 +8,7 @@ from .compile import Build, build_many, resolve_plan
 from .cpu import cpu_of
 from .frontend import Model
 from .measure import max_abs_error, time_calls, vm_latency_ms
+from .plan import Plan
 from .peers import PeerError, available_peers, run_model_peer
 from .target import make_target
 
@@ -25,12 +26,13 @@ def op_breakdown(b: Build, x: np.ndarray, runs: int = 20) -> dict[str, float]:
 
 def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = None, database=None, target=None,
                 threads: int = 0, baseline: str = "dense", repeat: int = 10, peers: bool = True,
-                log=lambda s: None, ops: bool = False, rounds: int = 1) -> dict:
+                log=lambda s: None, ops: bool = False, rounds: int = 1, baseline_plan: Plan | None = None) -> dict:
     """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, speedup of the plan over it,
     skipped}; with ``ops``, also ``ops``: the plan build's op_breakdown. The result also records
     what ran: ``input_shape``, ``threads``, ``rounds`` and ``cpu`` (cpu.CPU.to_dict() of the target).
 
-    ``baseline``: an algorithm (the build with it on every layer) or the path of another plan.
+    ``baseline``: an algorithm (the build with it on every layer: ``baseline_plan`` when given,
+    as the CLI predicts its knobs, else Plan.uniform's defaults) or the path of another plan.
     ``rounds`` > 1 times every build and peer once per round, in turn, so that the machine's
     drift hits them alike: ``ms`` is the median of the rounds' medians, ``plan_speedup`` the
     median of the per-round ratios (``plan_speedup_range`` their min and max).
@@ -45,6 +47,7 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
     is_plan = str(baseline).endswith(".json")
     builds = [("plan", resolve_plan(model, plan, algorithm, target)),
               ("baseline plan" if is_plan else f"all {baseline}",
+               baseline_plan if baseline_plan is not None and not is_plan else
                resolve_plan(model, baseline if is_plan else None, None if is_plan else baseline, target))]
     built = _build_all(model, dict(builds), target, database, log)
     breakdown = op_breakdown(built["plan"], x) if ops else None

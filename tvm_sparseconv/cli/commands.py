@@ -85,6 +85,8 @@ def _plan_for(args, model, pre=None):
     from ..target import target_key
 
     algorithm = getattr(args, "algorithm", None)
+    if algorithm and not args.plan:
+        return _forced_plan(args, model, pre, algorithm)
     if not args.plan and not algorithm:
         found = shipped_plan(args.model, args.target)
         if found is None:
@@ -103,6 +105,20 @@ def _plan_for(args, model, pre=None):
             args.database = database = args.database or found[1]
         _log(f"using the shipped plan {found[0]}" + (f" and database {database}" if database else ""))
     return resolve_plan(model, args.plan, algorithm, args.target)
+
+
+def _forced_plan(args, model, pre, algorithm):
+    """The plan of --algorithm A (or bench's --baseline A): A on every layer it takes, its knobs
+    and layouts predicted for the target (tune/predict.py; the densities of --images for a
+    sparse A), its defaults without the cost model."""
+    from ..tune.predict import predict_plan
+
+    samples = _samples(args, model, pre) if (args.images or args.inputs) else None
+    cost_model = getattr(args, "cost_model", None)
+    plan = predict_plan(model, args.target, samples, cost_model, fallback=cost_model is None,
+                        log=lambda s: _log(f"tvm-sparseconv: error: {s}"), algorithm=algorithm)
+    _log(tables.forced_line(algorithm, plan))
+    return plan
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -203,10 +219,12 @@ def cmd_bench(args) -> int:
     samples = _samples(args, model, pre)
     plan = _plan_for(args, model, pre)  # made (or checked) at the model's own batch: it applies at any
     x = samples[0]
+    baseline_plan = None if args.baseline.endswith(".json") else _forced_plan(args, model, pre, args.baseline)
     if args.batch is not None:
         model, x = at_batch(model, args.batch), batch_input(samples, args.batch)
     res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
-                      args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops, rounds=args.rounds)
+                      args.baseline, args.repeat, not args.no_peers, log=_log, ops=args.ops, rounds=args.rounds,
+                      baseline_plan=baseline_plan)
     res = {"model": args.model, "command": _command_line(args), **res}
     return _emit(args, res, lambda r: tables.print_bench_table(r, args.repeat))
 

@@ -170,19 +170,30 @@ def print_tuned(model: str, run_dir: str, algorithms: list[str], database: str |
           + (f" --database {database}" if database else "") + " -o model.so")
 
 
-def predicted_line(model: str, key: str, plan) -> str:
-    """The one line a command says when it takes a predicted plan (tune/predict.py): what it is
-    and how to tune for more."""
+def _layer_counts(plan) -> str:
+    """'algorithm count, ...' of a plan's layers, and how many keep channel blocks."""
     counts = {}
     for l in plan.layers:
         counts[l.algorithm] = counts.get(l.algorithm, 0) + 1
+    blocked = sum(1 for l in plan.layers if "nchw_knobs" in l.note)
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + (f", {blocked} in channel blocks" if blocked else "")
+
+
+def forced_line(algorithm: str, plan) -> str:
+    """The one line a command says of the plan of --algorithm A (tune/predict.py)."""
+    how = plan.model.get("plan", "")
+    what = "knobs and layouts predicted by the cost model" if how.endswith("predicted knobs") else \
+        f"default knobs ({plan.model.get('why')})"
+    return f"--algorithm {algorithm}: {_layer_counts(plan)}; {what}"
+
+
+def predicted_line(model: str, key: str, plan) -> str:
+    """The one line a command says when it takes a predicted plan (tune/predict.py): what it is
+    and how to tune for more."""
     how = plan.model.get("plan")
     what = "predicted by the cost model" if how == "predicted" else \
         f"of the fixed rule ({plan.model.get('why') or 'no cost model'})"
-    layers = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    blocked = sum(1 for l in plan.layers if "nchw_knobs" in l.note)
-    return (f"no plan shipped for {model} on {key}: using a plan {what} ({layers}"
-            f"{f', {blocked} in channel blocks' if blocked else ''}; "
+    return (f"no plan shipped for {model} on {key}: using a plan {what} ({_layer_counts(plan)}; "
             f"densities: {plan.model.get('densities')}); for a faster one, tune it: "
             f"tvm-sparseconv tune {model} --images ... (then --plan RUN/plan.json)")
 

@@ -96,17 +96,50 @@ def rule_plan(model: Model, target=None, densities: list[Density] | None = None,
                  {"plan": "rule", "why": why, "densities": densities_from})
 
 
+def uniform_plan(model: Model, algorithm: str, target=None, why: str = "") -> Plan:
+    """Plan.uniform of ``algorithm`` (its default knobs, NCHW) with the model's info and the
+    target's CPU, ``why`` not predicted (recorded in the plan)."""
+    target = make_target(target)
+    p = Plan.uniform(model.sites, algorithm, None, {})
+    return _plan(model, p.layers, target, {"plan": f"all {algorithm}, default knobs", "why": why})
+
+
+def _default_layer(s, d: Density, algorithm: str, target) -> PlanLayer:
+    """Plan.uniform's choice for one layer under a forced ``algorithm``, with its default knobs."""
+    a = _allowed(s, algorithm)[0]
+    knobs = {} if get_algorithm(a).metaschedule else get_algorithm(a).knobs(s.spec, None, target)
+    return PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "defaults"})
+
+
+def _allowed(s, algorithm: str | None) -> list[str]:
+    """The algorithms a layer may take: every registered one, or with a forced ``algorithm``
+    that one where it takes the layer, else its dense fallback (Plan.uniform's choice)."""
+    if algorithm is None:
+        return ALGORITHMS
+    return [algorithm if supports(algorithm, s.spec, s.why_dense) else dense_fallback(s.spec, s.why_dense)]
+
+
 def model_plan(model: Model, cost: CostModel, target=None, densities: list[Density] | None = None,
-               densities_from: str = "defaults (docs/cost-model.md)", knob_trials: int = KNOB_TRIALS) -> Plan:
+               densities_from: str = "defaults (docs/cost-model.md)", knob_trials: int = KNOB_TRIALS,
+               algorithm: str | None = None) -> Plan:
     """The cost model's plan at ``densities`` (default_densities when None): per layer, among the
     candidates a tune would measure (space.candidates with ``knob_trials``) that the model has
     data on, the one space.choose picks by the predicted times, with a note of its predicted ms
     and the best dense one's; the rule where the model knows no candidate of the layer, and on
-    every layer when its logs hold no CPU of the target's ISA (CostModel.knows_isa)."""
+    every layer when its logs hold no CPU of the target's ISA (CostModel.knows_isa).
+
+    With ``algorithm`` (what ``--algorithm`` asks for), the candidates are that algorithm's on
+    every layer it takes and its dense fallback's elsewhere (as Plan.uniform places them), and
+    the cost model picks only their knobs and layouts; the defaults stand where it has no data
+    (an ISA or an algorithm it has no logs of, a MetaSchedule algorithm)."""
     target = make_target(target)
     cpu = cpu_of(target)
+    if algorithm is not None:
+        get_algorithm(algorithm)  # an unknown name is an error
     if not cost.knows_isa(cpu.isa):
-        return rule_plan(model, target, densities, densities_from, f"the cost model has no logs of an {cpu.isa} CPU")
+        why = f"the cost model has no logs of an {cpu.isa} CPU"
+        return (rule_plan(model, target, densities, densities_from, why) if algorithm is None
+                else uniform_plan(model, algorithm, target, why))
     sites = model.sites
     dens = densities if densities is not None else default_densities(sites)
     pools, asks = [], []
@@ -114,7 +147,8 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
     for s, d in zip(sites, dens):
         key = (s.spec, s.why_dense)
         if key not in spaces:
-            spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, ALGORITHMS, target, knob_trials, False)
+            spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, _allowed(s, algorithm), target,
+                                                          knob_trials, False)
                            if cost.knows(a) for k in ks]
         pools.append(spaces[key])
         asks += [Candidate(a, k, s.spec, d, cpu, s.epilogue()) for a, k in spaces[key]]
@@ -126,7 +160,7 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
         recs = [{"algorithm": a, "knobs": k, "time_ms": float(t)} for (a, k), t in zip(pool, ms)]
         best, best_dense = choose(recs, s.spec, MARGIN, target, knob_margin=KNOB_MARGIN)
         if best is None:
-            layers.append(_rule_layer(s, d, target))
+            layers.append(_rule_layer(s, d, target) if algorithm is None else _default_layer(s, d, algorithm, target))
             continue
         note = {"density": d.mean, "by": "cost model", "predicted_ms": best["time_ms"],
                 "predicted_dense_ms": best_dense["time_ms"] if best_dense else None}
@@ -134,12 +168,14 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
         if alternative is not None:
             note["dense_knobs"] = alternative
         layers.append(PlanLayer(s.key, s.spec.to_dict(), best["algorithm"], best["knobs"], note))
-    layouts = predicted_layouts(model, layers, cost, cpu, dens)
-    return _plan(model, layers, target, {"plan": "predicted", "densities": densities_from, "layouts": layouts,
+    layouts = predicted_layouts(model, layers, cost, cpu, dens, algorithm is None)
+    return _plan(model, layers, target, {"plan": "predicted" if algorithm is None else f"all {algorithm}, predicted knobs",
+                                         "densities": densities_from, "layouts": layouts,
                                          "cost_model": cost.path or "in memory", "target_key": target_key(target)})
 
 
-def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cpu, densities: list[Density]) -> str:
+def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cpu, densities: list[Density],
+                      change_algorithm: bool = True) -> str:
     """The tuner's layouts phase (tune/layouts.py) on predicted times: each layer whose
     algorithm takes channel blocks, and dense in blocks for a sparse layer (from its note's
     "dense_knobs"), gets each (layout_in, layout_out) pair's candidates predicted
@@ -147,7 +183,9 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     CostModel.transform_ms, and layouts.assign chooses for the whole model. ``layers`` are
     changed in place (a blocked
     layer's NCHW knobs kept in its note, as the tuner keeps them) when the assignment is
-    predicted faster than all NCHW by MARGIN. Returns what was done, for the plan's info."""
+    predicted faster than all NCHW by MARGIN; without ``change_algorithm`` (a forced algorithm),
+    a layer keeps its algorithm (no dense in blocks for a sparse one). Returns what was done, for
+    the plan's info."""
     if cost.transform_ms_per_mb is None:
         return "nchw (the cost model's logs timed no layout transform)"
     sites = {s.key: s for s in model.sites}
@@ -155,8 +193,8 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     cands, asks = {}, []  # layer key -> [(algorithm, pair, knobs)]
     for l in layers:
         s = sites[l.key]
-        options = layout_options(s.spec, s.why_dense, l.algorithm, l.knobs, l.note.get("dense_knobs", {}), cpu,
-                                 cost.knows)
+        known = cost.knows if change_algorithm else (lambda a, own=l.algorithm: a == own and cost.knows(a))
+        options = layout_options(s.spec, s.why_dense, l.algorithm, l.knobs, l.note.get("dense_knobs", {}), cpu, known)
         if options:
             cands[l.key] = [(a, pair, k) for a, pairs in options.items() for pair, ks in pairs.items() for k in ks]
             asks += [Candidate(a, k, s.spec, dens[l.key], cpu, s.epilogue()) for a, _, k in cands[l.key]]
@@ -192,7 +230,7 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
 
 
 def predict_plan(model, target=None, images=None, cost_model=None, fallback: bool = True,
-                 log=lambda s: None) -> Plan:
+                 log=lambda s: None, algorithm: str | None = None) -> Plan:
     """A plan for ``model`` (a Model, or what load_model takes) on ``target`` (None: this CPU)
     without measuring any kernel: model_plan, or rule_plan without a cost model.
 
@@ -200,7 +238,12 @@ def predict_plan(model, target=None, images=None, cost_model=None, fallback: boo
     them) to profile the densities on; None: default_densities. ``cost_model``: a CostModel or
     the path of one (None: the shipped model). When the model file is missing or corrupt, the
     CostModelError is told to ``log`` and the plan is the fixed rule's, unless ``fallback`` is
-    False: then it is raised."""
+    False: then it is raised.
+
+    ``algorithm``: the plan of ``--algorithm``: that algorithm on every layer it takes (its dense
+    fallback elsewhere) with the knobs and layouts the cost model predicts (model_plan); without
+    a cost model, its default knobs (Plan.uniform). A dense algorithm's time does not depend on
+    the input, so ``images`` are profiled only for a sparse one."""
     m = model if isinstance(model, Model) else load_model(model)
     target = make_target(target)
     try:
@@ -209,9 +252,14 @@ def predict_plan(model, target=None, images=None, cost_model=None, fallback: boo
         if not fallback:
             raise
         log(f"{e}; the plan follows the fixed rule instead: {RULE_SPARSE} below input density {RULE_DENSITY}, "
-            f"{RULE_DENSE} above (docs/cost-model.md)")
+            f"{RULE_DENSE} above (docs/cost-model.md)" if algorithm is None else
+            f"{e}; {algorithm} takes its default knobs")
         cost = None
+    if algorithm is not None and cost is None:
+        return uniform_plan(m, algorithm, target, "no cost model")
+    if algorithm is not None and not get_algorithm(algorithm).sparse:
+        images = None
     densities, where = densities_of(m, images)
     if cost is None:
         return rule_plan(m, target, densities, where)
-    return model_plan(m, cost, target, densities, where)
+    return model_plan(m, cost, target, densities, where, algorithm=algorithm)
