@@ -255,6 +255,42 @@ def test_one_reduction_rule_leaves_softmax_to_parallelize_rest():
     np.testing.assert_allclose(y.numpy(), e / e.sum(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_a_mean_over_channel_blocks_goes_to_parallelize_rest_in_vectors(lanes):
+    """A global average pool in NCHWc (N x C/lanes x H x W x lanes): dlight's Reduction rule
+    would make one scalar task per lane, reading x ``lanes`` floats apart; the lowering's rule
+    declines it and ParallelizeRest reduces each block's lanes as one vector per tap. A mean
+    in NCHW stays with dlight. Values against NumPy float64."""
+    from tvm_sparseconv.passes.parallelize_rest import reduces_lanes
+    from tvm_sparseconv.schedule_rules import OneReduction
+    from tvm_sparseconv.target import make_target
+
+    target = make_target(None)
+    shape = (2, 40, 7, 7, lanes)  # 80 blocks: enough for a parallel loop beside the lanes
+    mean = _legalized(lambda x: relax.op.mean(x, axis=[2, 3], keepdims=True), shape)
+    assert OneReduction().apply(mean, target, False) is None
+    nchw = _legalized(lambda x: relax.op.mean(x, axis=[2, 3], keepdims=True), (2, 80, 7, 7))
+    assert OneReduction().apply(nchw, target, False) is not None
+    assert not any(reduces_lanes(b) for b in _blocks(nchw))
+    par = ParallelizeRest()(tvm.IRModule({"main": mean}))["main"]
+    assert f"T.vectorized(T.int64({lanes}))" in par.script()
+    f = tvm.compile(tvm.IRModule({"main": par.with_attr("global_symbol", "main")}), target=target)
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    x[0, 1, 2, 3, 0] = np.nan
+    y = tvm.runtime.tensor(np.zeros((2, 40, 1, 1, lanes), "float32"))
+    f["main"](tvm.runtime.tensor(x), y)
+    np.testing.assert_allclose(y.numpy(), x.astype(np.float64).mean(axis=(2, 3), keepdims=True), rtol=1e-5,
+                               atol=1e-6)
+
+
+def _blocks(func: tvm.tirx.PrimFunc) -> list:
+    """The top-level blocks of ``func``."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    return [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+
 def _fused_head(batch: int, k: int, n: int) -> tvm.tirx.PrimFunc:
     """The PrimFunc of x (batch x k) @ w (k x n) + b after Relax fuses it, as a classifier
     head from ONNX arrives at the dlight rules (the weight's transpose folded into it)."""

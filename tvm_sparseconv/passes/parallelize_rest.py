@@ -35,17 +35,28 @@ def _product(sch, loops) -> int:
     return p
 
 
+def reduces_lanes(block) -> bool:
+    """Whether ``block`` reduces each element of a channel block over a window (a pool or a mean
+    in NCHW16c: axes ..., lane, rh, rw): its last spatial axis, just before the reduction axes,
+    is short (at most _MAX_LANES) and the innermost index of every buffer it reads and writes,
+    so its lanes are contiguous. NCHW's pools are not (their W reads x at 2w + kw)."""
+    ivs = list(block.iter_vars)
+    n_reduce = next((i for i, iv in enumerate(reversed(ivs)) if iv.iter_type == 0), len(ivs))
+    if n_reduce == 0 or n_reduce == len(ivs):
+        return False
+    lane = ivs[len(ivs) - n_reduce - 1]
+    extent = lane.dom.extent
+    return (isinstance(extent, tvm.tirx.IntImm) and 1 < int(extent) <= _MAX_LANES and len(block.writes) == 1
+            and all(r.region[-1].min.same_as(lane.var) for r in (*block.writes, *block.reads)))
+
+
 def _lanes_innermost(sch, blk, lane, reduce) -> None:
-    """A reduction over the window of each element of a channel block (a pool in NCHW16c: loops
-    ..., lane, rh, rw) reduced lane by lane, scalar: move the lane loop inside the reduction
-    loops and vectorise it, so that each tap is one vector max/add over the block's channels
-    (a max_pool2d in NCHW8c ran 2-3x slower than in NCHW before). Only for a short last loop
-    that is the innermost index of every buffer the block reads and writes (contiguous lanes);
-    any other shape is left as is."""
-    block = sch.get(blk)
-    lane_var = block.iter_vars[len(block.iter_vars) - len(reduce) - 1].var
-    if len(block.writes) != 1 or not all(r.region[-1].min.same_as(lane_var) for r in (*block.writes, *block.reads)):
-        return  # not contiguous lanes in every buffer (NCHW's W reads x at 2w + kw): the vectors would gather
+    """A reduction over the window of each element of a channel block (reduces_lanes) reduced
+    lane by lane, scalar: move the lane loop inside the reduction loops and vectorise it, so
+    that each tap is one vector max/add over the block's channels (a max_pool2d in NCHW8c ran
+    2-3x slower than in NCHW before). Any other shape is left as is."""
+    if not reduces_lanes(sch.get(blk)):
+        return  # not contiguous lanes in every buffer: the vectors would gather
     try:
         sch.reorder(*reduce, lane)
         sch.vectorize(lane)
