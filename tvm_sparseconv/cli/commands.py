@@ -107,7 +107,7 @@ def _plan_for(args, model, pre=None):
     return resolve_plan(model, args.plan, algorithm, args.target)
 
 
-def _forced_plan(args, model, pre, algorithm):
+def _forced_plan(args, model, pre, algorithm, flag: str = "--algorithm"):
     """The plan of --algorithm A (or bench's --baseline A): A on every layer it takes, its knobs
     and layouts predicted for the target (tune/predict.py; the densities of --images for a
     sparse A), its defaults without the cost model."""
@@ -117,7 +117,7 @@ def _forced_plan(args, model, pre, algorithm):
     cost_model = getattr(args, "cost_model", None)
     plan = predict_plan(model, args.target, samples, cost_model, fallback=cost_model is None,
                         log=lambda s: _log(f"tvm-sparseconv: error: {s}"), algorithm=algorithm)
-    _log(tables.forced_line(algorithm, plan))
+    _log(tables.forced_line(f"{flag} {algorithm}", plan))
     return plan
 
 
@@ -219,7 +219,7 @@ def cmd_bench(args) -> int:
     samples = _samples(args, model, pre)
     plan = _plan_for(args, model, pre)  # made (or checked) at the model's own batch: it applies at any
     x = samples[0]
-    baseline_plan = None if args.baseline.endswith(".json") else _forced_plan(args, model, pre, args.baseline)
+    baseline_plan = None if args.baseline.endswith(".json") else _forced_plan(args, model, pre, args.baseline, "--baseline")
     if args.batch is not None:
         model, x = at_batch(model, args.batch), batch_input(samples, args.batch)
     res = bench_model(model, x, plan, None, args.database, args.target, args.threads,

@@ -179,12 +179,13 @@ def _layer_counts(plan) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + (f", {blocked} in channel blocks" if blocked else "")
 
 
-def forced_line(algorithm: str, plan) -> str:
-    """The one line a command says of the plan of --algorithm A (tune/predict.py)."""
+def forced_line(asked: str, plan) -> str:
+    """The one line a command says of the plan of ``asked`` ("--algorithm A", "--baseline A";
+    tune/predict.py)."""
     how = plan.model.get("plan", "")
     what = "knobs and layouts predicted by the cost model" if how.endswith("predicted knobs") else \
         f"default knobs ({plan.model.get('why')})"
-    return f"--algorithm {algorithm}: {_layer_counts(plan)}; {what}"
+    return f"{asked}: {_layer_counts(plan)}; {what}"
 
 
 def predicted_line(model: str, key: str, plan) -> str:
