@@ -254,7 +254,7 @@ def median_rss(runner: str, model_file: str, x: np.ndarray, threads: int = 0, re
 
 def measure_model(model: Model, plan: Plan, samples: list[np.ndarray], batches=(1, 8), target=None,
                   threads: int = 0, baseline: str = "dense", database=None, peers: bool = True, repeat: int = 3,
-                  log=lambda s: None) -> dict:
+                  log=lambda s: None, baseline_plan: Plan | None = None) -> dict:
     """The memory of ``model`` under ``plan`` (made for ``model``'s batch; other batches take
     Plan.with_batch), per batch in ``batches``:
 
@@ -264,7 +264,9 @@ def measure_model(model: Model, plan: Plan, samples: list[np.ndarray], batches=(
     library again in TVM's runtime-only mode (RUNTIME_ONLY, second), and onnxruntime's median_rss on the same input when ``peers`` (an ONNX model, onnxruntime
     installed); each row's ``runner`` (peak_rss) and ``max_abs_error`` against onnxruntime's output
     (or the baseline's).
-    ``samples``: model inputs (images), cycled to fill a batch."""
+    ``samples``: model inputs (images), cycled to fill a batch. ``baseline_plan``: the
+    baseline's plan when made already (the CLI predicts its knobs, as bench's), else
+    Plan.uniform's defaults."""
     import importlib.util
     import shutil
 
@@ -275,6 +277,8 @@ def measure_model(model: Model, plan: Plan, samples: list[np.ndarray], batches=(
     for batch in batches:
         m = at_batch(model, batch)
         p = plan if batch == model.input_shape[0] else plan.with_batch(batch)
+        base = Plan.uniform(m.sites, baseline, target) if baseline_plan is None else \
+            baseline_plan if batch == model.input_shape[0] else baseline_plan.with_batch(batch)
         x = batch_input(samples, batch)
         layers = layer_memory(m, p, target)
         entry = {"batch": batch, "layers": [l.to_dict() for l in layers], "totals": layer_totals(layers),
@@ -282,7 +286,7 @@ def measure_model(model: Model, plan: Plan, samples: list[np.ndarray], batches=(
         outputs = {}
         d = tempfile.mkdtemp(prefix="tvms-memory-")
         try:
-            for name, bp in (("plan", p), (f"all {baseline}", Plan.uniform(m.sites, baseline, target))):
+            for name, bp in (("plan", p), (f"all {baseline}", base)):
                 log(f"batch {batch}: {name}: storage plan, export, peak RSS")
                 sp = storage_plan(m, bp, target, database)
                 lib = os.path.join(d, name.replace(" ", "-") + ".so")

@@ -248,7 +248,8 @@ def cmd_memory(args) -> int:
     res = {"model": args.model, "command": _command_line(args), "plan": used or f"all {args.algorithm}",
            "images": _image_names(args) + list(args.inputs),
            **measure_model(model, plan, samples, tuple(args.batch), args.target, args.threads, args.baseline,
-                           args.database, not args.no_peers, args.repeat, log=_log)}
+                           args.database, not args.no_peers, args.repeat, log=_log,
+                           baseline_plan=_forced_plan(args, model, pre, args.baseline, "--baseline"))}
     if args.formats:
         _log(f"formats: {args.model} on {len(samples)} samples ...")
         res["formats"] = measure_formats(model, samples, args.target)

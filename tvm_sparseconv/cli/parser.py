@@ -11,6 +11,8 @@ from ..tune.space import EXPLORE, KNOB_TRIALS, TOP_K
 
 # the top-level --help's description (the text of cli.py's docstring before cli became a package)
 DESCRIPTION = "The ``tvm-sparseconv`` command."
+ALGORITHM_HELP = ("one algorithm on every layer that supports it (a hand-scheduled dense one elsewhere), with the "
+                  "knobs and layouts the cost model predicts for the target")
 
 
 def ints(s: str, n: int | None = None) -> tuple[int, ...]:
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(com)
     com.add_argument("--plan", default=None, help="plan JSON (from tune, or written by hand); default: the plan "
                      "shipped in tvm_sparseconv/shipped/ for this model and target, else a predicted one")
-    com.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
+    com.add_argument("--algorithm", default=None, help=ALGORITHM_HELP)
     com.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
     _cost_model_arg(com)
     com.add_argument("-o", "--output", required=True, help="the .so to write (plus a .json beside it)")
@@ -103,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     ben = sub.add_parser("bench", help="end-to-end latency: plan vs all-dense vs onnxruntime vs PyTorch")
     _model_args(ben)
     ben.add_argument("--plan", default=None, help="plan JSON; default: the shipped plan, else a predicted one")
-    ben.add_argument("--algorithm", default=None)
+    ben.add_argument("--algorithm", default=None, help=ALGORITHM_HELP)
     ben.add_argument("--database", default=None)
     _cost_model_arg(ben)
-    ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense), "
-                     "or another plan's .json to compare with")
+    ben.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense; "
+                     "its knobs as --algorithm's), or another plan's .json to compare with")
     ben.add_argument("--batch", type=int, default=None, help="images per inference: the model imported at this "
                      "batch, the sample images repeated to fill it, the plan (tuned at any batch) applied as it is")
     ben.add_argument("--rounds", type=int, default=1, help="time every build and peer this many times in turn "
@@ -121,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "storage plan, and the peak RSS of the exported library against onnxruntime's")
     _model_args(mem)
     mem.add_argument("--plan", default=None, help="plan JSON (default: the plan shipped for this model and target)")
-    mem.add_argument("--algorithm", default=None, help="one algorithm on every layer that supports it")
+    mem.add_argument("--algorithm", default=None, help=ALGORITHM_HELP)
     mem.add_argument("--database", default=None, help="MetaSchedule JSON database folder for the dense ops")
     _cost_model_arg(mem)
     mem.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes, each built, exported and "
                      "run in a fresh process (default: 1 8)")
-    mem.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense)")
+    mem.add_argument("--baseline", default="dense", help="the algorithm of the all-dense build (default dense; "
+                     "its knobs as --algorithm's)")
     mem.add_argument("--no-peers", action="store_true", help="leave out onnxruntime")
     mem.add_argument("--repeat", type=int, default=3, help="fresh processes per build and batch; the median peak "
                      "is reported (default %(default)s)")
