@@ -44,11 +44,11 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     target = make_target(target)
-    is_plan = str(baseline).endswith(".json")
-    builds = [("plan", resolve_plan(model, plan, algorithm, target)),
-              ("baseline plan" if is_plan else f"all {baseline}",
-               baseline_plan if baseline_plan is not None and not is_plan else
-               resolve_plan(model, baseline if is_plan else None, None if is_plan else baseline, target))]
+    if str(baseline).endswith(".json"):
+        base = ("baseline plan", resolve_plan(model, baseline, None, target))
+    else:
+        base = (f"all {baseline}", baseline_plan or resolve_plan(model, None, baseline, target))
+    builds = [("plan", resolve_plan(model, plan, algorithm, target)), base]
     built = _build_all(model, dict(builds), target, database, log)
     breakdown = op_breakdown(built["plan"], x) if ops else None
     timers = [(f"tvm-sparseconv {name}", b.counts(), lambda vm=b.vm(): vm_latency_ms(vm, x, repeat))

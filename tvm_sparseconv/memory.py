@@ -274,11 +274,11 @@ def measure_model(model: Model, plan: Plan, samples: list[np.ndarray], batches=(
     ort = peers and model.onnx_path and importlib.util.find_spec("onnxruntime") is not None
     res = {"input_shape": list(model.input_shape), "layout": model.layout, "threads": threads,
            "cpu": cpu_of(target).to_dict(), "baseline": baseline, "repeat": repeat, "batches": []}
+    all_baseline = baseline_plan or Plan.uniform(model.sites, baseline, target)
     for batch in batches:
         m = at_batch(model, batch)
-        p = plan if batch == model.input_shape[0] else plan.with_batch(batch)
-        base = Plan.uniform(m.sites, baseline, target) if baseline_plan is None else \
-            baseline_plan if batch == model.input_shape[0] else baseline_plan.with_batch(batch)
+        p, base = ((plan, all_baseline) if batch == model.input_shape[0] else
+                   (plan.with_batch(batch), all_baseline.with_batch(batch)))
         x = batch_input(samples, batch)
         layers = layer_memory(m, p, target)
         entry = {"batch": batch, "layers": [l.to_dict() for l in layers], "totals": layer_totals(layers),

@@ -41,7 +41,7 @@ class OneReduction(ScheduleRule):
     more (a softmax: the max, then the sum of exps) the rule computes them at each element of
     the parallel output loop, so every output repeats the whole reduction: a 1000-class softmax
     took 1.86 ms instead of microseconds. A reduction over channel blocks (a global average pool
-    in NCHW16c: parallel_rest.reduces_lanes) the rule makes one scalar task per lane, reading x
+    in NCHW16c: parallelize_rest.reduces_lanes) the rule makes one scalar task per lane, reading x
     16 floats apart: MobileNet-V2's at batch 8 took 0.086 ms alone. Both are left to
     ParallelizeRest, which vectorises the lanes."""
 

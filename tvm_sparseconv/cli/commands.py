@@ -219,7 +219,8 @@ def cmd_bench(args) -> int:
     samples = _samples(args, model, pre)
     plan = _plan_for(args, model, pre)  # made (or checked) at the model's own batch: it applies at any
     x = samples[0]
-    baseline_plan = None if args.baseline.endswith(".json") else _forced_plan(args, model, pre, args.baseline, "--baseline")
+    baseline_plan = (None if args.baseline.endswith(".json") else
+                     _forced_plan(args, model, pre, args.baseline, "--baseline"))
     if args.batch is not None:
         model, x = at_batch(model, args.batch), batch_input(samples, args.batch)
     res = bench_model(model, x, plan, None, args.database, args.target, args.threads,
