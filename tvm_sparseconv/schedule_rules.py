@@ -30,10 +30,9 @@ def _top_blocks(sch: s_tir.Schedule) -> list:
         return []
 
 
-def _reduction_blocks(func: tvm.tirx.PrimFunc) -> int:
-    """How many of the function's top-level blocks reduce (have a reduction axis)."""
-    sch = s_tir.Schedule(func)
-    return sum(any(iv.iter_type != _SPATIAL for iv in sch.get(b).iter_vars) for b in _top_blocks(sch))
+def _reduces(block) -> bool:
+    """Whether a block has a reduction axis."""
+    return any(iv.iter_type != _SPATIAL for iv in block.iter_vars)
 
 
 class OneReduction(ScheduleRule):
@@ -48,10 +47,11 @@ class OneReduction(ScheduleRule):
     rule = dl.cpu.Reduction()
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tvm.tirx.PrimFunc) or _reduction_blocks(func) > 1:
+        if not isinstance(func, tvm.tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        if any(reduces_lanes(sch.get(b)) for b in _top_blocks(sch)):
+        blocks = [sch.get(b) for b in _top_blocks(sch)]
+        if sum(map(_reduces, blocks)) > 1 or any(map(reduces_lanes, blocks)):
             return None
         return self.rule.apply(func, target, tunable)
 

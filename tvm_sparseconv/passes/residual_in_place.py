@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 
 from ..stages import ALGORITHM_ATTR, LAYERS_ATTR
-from .rewrite_conv2d import _vars_in
+from .rewrite_conv2d import vars_in
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _CALL_TIR_INPLACE = tvm.ir.Op.get("relax.call_tir_inplace")
@@ -65,7 +65,7 @@ def _uses(func: relax.Function) -> tuple[list, dict, dict]:
     defined = {b.var: i for i, b in enumerate(bindings)}
     readers: dict = {}
     for i, e in enumerate([b.value for b in bindings] + [func.body.body]):
-        for v in _vars_in(e):
+        for v in vars_in(e):
             readers.setdefault(v, []).append(i)
     return bindings, defined, readers
 

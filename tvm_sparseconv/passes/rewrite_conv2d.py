@@ -287,7 +287,8 @@ def _calls(func: relax.Function) -> dict:
             if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call)}
 
 
-def _vars_in(e: relax.Expr) -> list:
+def vars_in(e: relax.Expr) -> list:
+    """Every relax.Var that ``e`` reads, in post order (a var read twice is listed twice)."""
     out = []
     relax.analysis.post_order_visit(e, lambda x: out.append(x) if isinstance(x, relax.Var) else None)
     return out
@@ -326,8 +327,8 @@ class LayoutGraph:
                     self.shapes.update({v: tuple(int(d) for d in v.ty.shape) for v in [var, *operands]})
                     self.nodes.append(("op", var, tuple(operands), None))
                 else:
-                    self.nodes.append(("nchw", var, tuple(_vars_in(b.value)), None))
-        self.nodes.append(("nchw", None, tuple(_vars_in(func.body.body)), None))
+                    self.nodes.append(("nchw", var, tuple(vars_in(b.value)), None))
+        self.nodes.append(("nchw", None, tuple(vars_in(func.body.body)), None))
         self.keys = [key for kind, _, _, key in self.nodes if kind == "layer"]
 
     def neighbours(self) -> dict[str, set]:
