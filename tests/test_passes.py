@@ -381,3 +381,33 @@ def test_column_gemv_declines_what_it_cannot_vectorize():
     r = te.reduce_axis((0, 32), "r")
     kn = te.create_prim_func([x, w, te.compute((1, 64), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r))])
     assert ColumnGEMV().apply(kn, target, False) is None  # w is N x K: contiguous along k
+
+
+def test_gemvs_left_to_tvm_compile_and_match_numpy():
+    """1x1 convs at one pixel that no plan rewrote (TVM's conv2d, "direct"): an expanding one
+    in a squeeze-and-excitation block (48 -> 1152, its sigmoid scaling a 7x7 map), which
+    dlight's GEMV rule made into a function LLVM did not finish compiling (RowGEMV declines it),
+    and a reducing one (1280 -> 1000). Both against NumPy float64 through
+    tvm_sparseconv.compile."""
+    import tvm_sparseconv
+
+    rng = np.random.default_rng(0)
+    shapes = {"se": (48, 1152), "head": (1280, 1000)}
+    ws = {k: rng.standard_normal((n, c, 1, 1)).astype("float32") for k, (c, n) in shapes.items()}
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 1280, 7, 7), "float32"))
+    with bb.function("main", [x]):  # the pooled x feeds the head, its first 48 channels the SE convs
+        with bb.dataflow():
+            p = bb.emit(relax.op.mean(x, axis=[2, 3], keepdims=True))
+            se_in = bb.emit(relax.op.strided_slice(p, axes=[1], begin=[0], end=[48]))
+            s = bb.emit(relax.op.sigmoid(relax.op.nn.conv2d(se_in, relax.const(ws["se"]))))
+            fmap = bb.emit(relax.op.strided_slice(x, axes=[1], begin=[0], end=[1152]))
+            y = bb.emit_output(relax.Tuple([relax.op.multiply(fmap, s), relax.op.nn.conv2d(p, relax.const(ws["head"]))]))
+        bb.emit_func_output(y)
+    vm = relax.VirtualMachine(tvm_sparseconv.compile(bb.get()), tvm.cpu())
+    a = rng.standard_normal((1, 1280, 7, 7)).astype("float32")
+    se, head = vm["main"](tvm.runtime.tensor(a))
+    pooled = a.astype(np.float64).mean(axis=(2, 3)).reshape(1280)
+    gate = 1 / (1 + np.exp(-(ws["se"][:, :, 0, 0] @ pooled[:48])))
+    np.testing.assert_allclose(se.numpy(), a[:, :1152] * gate.reshape(1, 1152, 1, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head.numpy().reshape(1000), ws["head"][:, :, 0, 0] @ pooled, rtol=1e-4, atol=1e-4)
