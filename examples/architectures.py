@@ -1,0 +1,237 @@
+"""Common CNN architectures the project ships no plan for, through `tvm-sparseconv bench`.
+
+Each is defined here in plain torch, with seeded random weights (BatchNorm statistics drawn
+too) and exported to ONNX at 1 x 3 x 224 x 224: ResNet-18, EfficientNet-B0 (SiLU,
+squeeze-and-excitation, depthwise 5x5), ShuffleNet-V2 (channel split and shuffle), SqueezeNet
+(fire modules, ceil-mode pooling), a small DenseNet (BatchNorm before the convs, long concats),
+a small ConvNeXt (7x7 depthwise, LayerNorm, GELU, Linear layers over NHWC), a RegNetX-like net
+(grouped 3x3 convs of 16 channels per group), a MobileNet-V3-like net (hard-swish,
+hard-sigmoid SE) and a DeepLab-like head (dilated convs, ASPP concat, bilinear upsampling).
+
+They check coverage and speed, not accuracy: the weights are random, so the activations'
+densities are not those of a trained model, and a plan predicted or tuned on them says
+nothing about the sparse algorithms on real weights.
+
+    python examples/architectures.py                    # all, bench --rounds 5 --repeat 5
+    python examples/architectures.py regnetx --rounds 3 # one; further arguments go to bench
+
+The ONNX files and the bench JSON go to build/architectures/ (or $OUT).
+"""
+import os
+import subprocess
+import sys
+
+import torch, torch.nn as nn, torch.nn.functional as F
+
+def bn(c):
+    b = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        b.weight.uniform_(0.5, 1.5); b.bias.uniform_(-0.2, 0.2)
+        b.running_mean.uniform_(-0.1, 0.1); b.running_var.uniform_(0.5, 1.5)
+    return b
+
+def cbr(i, o, k=3, s=1, g=1, act=nn.ReLU, d=1):
+    p = (k // 2) * d
+    return nn.Sequential(nn.Conv2d(i, o, k, s, p, dilation=d, groups=g, bias=False), bn(o), act() if act else nn.Identity())
+
+class Basic(nn.Module):
+    def __init__(s, i, o, st):
+        super().__init__()
+        s.a = cbr(i, o, 3, st); s.b = cbr(o, o, 3, 1, act=None)
+        s.sc = cbr(i, o, 1, st, act=None) if (st != 1 or i != o) else nn.Identity()
+    def forward(s, x): return F.relu(s.b(s.a(x)) + s.sc(x))
+
+class ResNet18(nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.stem = nn.Sequential(cbr(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
+        L = []; c = 64
+        for o, st in [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)]:
+            L.append(Basic(c, o, st)); c = o
+        s.layers = nn.Sequential(*L); s.fc = nn.Linear(512, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.layers(s.stem(x)), 1), 1))
+
+class SE(nn.Module):
+    def __init__(s, c, r):
+        super().__init__(); s.a = nn.Conv2d(c, r, 1); s.b = nn.Conv2d(r, c, 1)
+    def forward(s, x): return x * torch.sigmoid(s.b(F.silu(s.a(F.adaptive_avg_pool2d(x, 1)))))
+
+class MBConv(nn.Module):
+    def __init__(s, i, o, k, st, e):
+        super().__init__(); h = i * e
+        s.ex = cbr(i, h, 1, act=nn.SiLU) if e != 1 else nn.Identity()
+        s.dw = cbr(h, h, k, st, g=h, act=nn.SiLU); s.se = SE(h, max(1, i // 4))
+        s.pr = cbr(h, o, 1, act=None); s.res = st == 1 and i == o
+    def forward(s, x):
+        y = s.pr(s.se(s.dw(s.ex(x))))
+        return x + y if s.res else y
+
+class EffNetB0(nn.Module):
+    def __init__(s):
+        super().__init__()
+        cfg = [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3), (6, 112, 3, 1, 5), (6, 192, 4, 2, 5), (6, 320, 1, 1, 3)]
+        L = [cbr(3, 32, 3, 2, act=nn.SiLU)]; c = 32
+        for e, o, n, st, k in cfg:
+            for j in range(n):
+                L.append(MBConv(c, o, k, st if j == 0 else 1, e)); c = o
+        L.append(cbr(c, 1280, 1, act=nn.SiLU)); s.f = nn.Sequential(*L); s.fc = nn.Linear(1280, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(x), 1), 1))
+
+def shuffle(x, g):
+    n, c, h, w = x.shape
+    return x.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+class ShuffleUnit(nn.Module):
+    def __init__(s, i, o, st):
+        super().__init__(); s.st = st; b = o // 2
+        if st > 1:
+            s.br1 = nn.Sequential(cbr(i, i, 3, st, g=i, act=None), cbr(i, b, 1))
+        s.br2 = nn.Sequential(cbr(i if st > 1 else b, b, 1), cbr(b, b, 3, st, g=b, act=None), cbr(b, b, 1))
+    def forward(s, x):
+        if s.st == 1:
+            a, b = x.chunk(2, dim=1); out = torch.cat((a, s.br2(b)), 1)
+        else:
+            out = torch.cat((s.br1(x), s.br2(x)), 1)
+        return shuffle(out, 2)
+
+class ShuffleNetV2(nn.Module):
+    def __init__(s):
+        super().__init__()
+        L = [cbr(3, 24, 3, 2), nn.MaxPool2d(3, 2, 1)]; c = 24
+        for o, n in [(116, 4), (232, 8), (464, 4)]:
+            for j in range(n):
+                L.append(ShuffleUnit(c, o, 2 if j == 0 else 1)); c = o
+        L.append(cbr(c, 1024, 1)); s.f = nn.Sequential(*L); s.fc = nn.Linear(1024, 1000)
+    def forward(s, x): return s.fc(s.f(x).mean([2, 3]))
+
+class Fire(nn.Module):
+    def __init__(s, i, sq, e):
+        super().__init__(); s.s = nn.Conv2d(i, sq, 1); s.a = nn.Conv2d(sq, e, 1); s.b = nn.Conv2d(sq, e, 3, padding=1)
+    def forward(s, x):
+        x = F.relu(s.s(x)); return torch.cat([F.relu(s.a(x)), F.relu(s.b(x))], 1)
+
+class SqueezeNet(nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.f = nn.Sequential(nn.Conv2d(3, 64, 3, 2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+            Fire(64, 16, 64), Fire(128, 16, 64), nn.MaxPool2d(3, 2, ceil_mode=True),
+            Fire(128, 32, 128), Fire(256, 32, 128), nn.MaxPool2d(3, 2, ceil_mode=True),
+            Fire(256, 48, 192), Fire(384, 48, 192), Fire(384, 64, 256), Fire(512, 64, 256))
+        s.c = nn.Conv2d(512, 1000, 1)
+    def forward(s, x): return torch.flatten(F.adaptive_avg_pool2d(F.relu(s.c(s.f(x))), 1), 1)
+
+class DenseLayer(nn.Module):
+    def __init__(s, i, g):
+        super().__init__(); s.n1 = bn(i); s.c1 = nn.Conv2d(i, 4 * g, 1, bias=False); s.n2 = bn(4 * g); s.c2 = nn.Conv2d(4 * g, g, 3, padding=1, bias=False)
+    def forward(s, x): return torch.cat([x, s.c2(F.relu(s.n2(s.c1(F.relu(s.n1(x))))))], 1)
+
+class DenseNetSmall(nn.Module):
+    def __init__(s):
+        super().__init__()
+        L = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), bn(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]; c = 64
+        for bi, n in enumerate([6, 12, 8]):
+            for j in range(n):
+                L.append(DenseLayer(c, 32)); c += 32
+            if bi < 2:
+                L += [bn(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2, 2)]; c //= 2
+        L += [bn(c), nn.ReLU()]; s.f = nn.Sequential(*L); s.fc = nn.Linear(c, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(x), 1), 1))
+
+class LN2d(nn.Module):
+    def __init__(s, c): super().__init__(); s.ln = nn.LayerNorm(c)
+    def forward(s, x): return s.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+class CNXBlock(nn.Module):
+    def __init__(s, c):
+        super().__init__(); s.dw = nn.Conv2d(c, c, 7, padding=3, groups=c); s.ln = nn.LayerNorm(c)
+        s.a = nn.Linear(c, 4 * c); s.b = nn.Linear(4 * c, c)
+    def forward(s, x):
+        y = s.dw(x).permute(0, 2, 3, 1); y = s.b(F.gelu(s.a(s.ln(y)))); return x + y.permute(0, 3, 1, 2)
+
+class ConvNeXtTiny(nn.Module):
+    def __init__(s, dims=(48, 96, 192, 384), depth=(2, 2, 4, 2)):
+        super().__init__()
+        L = [nn.Conv2d(3, dims[0], 4, 4), LN2d(dims[0])]
+        for i, (d, n) in enumerate(zip(dims, depth)):
+            if i: L += [LN2d(dims[i - 1]), nn.Conv2d(dims[i - 1], d, 2, 2)]
+            L += [CNXBlock(d) for _ in range(n)]
+        s.f = nn.Sequential(*L); s.ln = nn.LayerNorm(dims[-1]); s.fc = nn.Linear(dims[-1], 1000)
+    def forward(s, x): return s.fc(s.ln(s.f(x).mean([-2, -1])))
+
+class RegNetBlock(nn.Module):
+    def __init__(s, i, o, st, gw):
+        super().__init__(); s.a = cbr(i, o, 1); s.b = cbr(o, o, 3, st, g=o // gw); s.c = cbr(o, o, 1, act=None)
+        s.sc = cbr(i, o, 1, st, act=None) if (st != 1 or i != o) else nn.Identity()
+    def forward(s, x): return F.relu(s.c(s.b(s.a(x))) + s.sc(x))
+
+class RegNetX(nn.Module):
+    def __init__(s):
+        super().__init__()
+        L = [cbr(3, 32, 3, 2)]; c = 32
+        for o, n in [(32, 1), (64, 2), (160, 4), (384, 2)]:
+            for j in range(n):
+                L.append(RegNetBlock(c, o, 2 if j == 0 else 1, 16)); c = o
+        s.f = nn.Sequential(*L); s.fc = nn.Linear(c, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(x), 1), 1))
+
+class MNv3Block(nn.Module):
+    def __init__(s, i, h, o, k, st):
+        super().__init__()
+        s.e = cbr(i, h, 1, act=nn.Hardswish); s.d = cbr(h, h, k, st, g=h, act=nn.Hardswish)
+        s.sq = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.ReLU(), nn.Conv2d(h // 4, h, 1), nn.Hardsigmoid())
+        s.p = cbr(h, o, 1, act=None); s.res = st == 1 and i == o
+    def forward(s, x):
+        y = s.d(s.e(x)); y = s.p(y * s.sq(y)); return x + y if s.res else y
+
+class MobileNetV3ish(nn.Module):
+    def __init__(s):
+        super().__init__()
+        L = [cbr(3, 16, 3, 2, act=nn.Hardswish)]; c = 16
+        for h, o, k, st in [(64, 24, 3, 2), (72, 24, 3, 1), (96, 40, 5, 2), (240, 40, 5, 1), (240, 80, 3, 2), (480, 112, 3, 1), (672, 160, 5, 2), (960, 160, 5, 1)]:
+            L.append(MNv3Block(c, h, o, k, st)); c = o
+        L.append(cbr(c, 960, 1, act=nn.Hardswish)); s.f = nn.Sequential(*L)
+        s.h = nn.Sequential(nn.Linear(960, 1280), nn.Hardswish(), nn.Linear(1280, 1000))
+    def forward(s, x): return s.h(torch.flatten(F.adaptive_avg_pool2d(s.f(x), 1), 1))
+
+class Dilated(nn.Module):
+    """DeepLab-ish: dilated 3x3s, ASPP concat, bilinear upsample to input size."""
+    def __init__(s):
+        super().__init__()
+        s.f = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 64, 3, 2), cbr(64, 64, 3, 1, d=2), cbr(64, 128, 3, 1, d=4))
+        s.aspp = nn.ModuleList([cbr(128, 32, 1), cbr(128, 32, 3, d=2), cbr(128, 32, 3, d=6)])
+        s.out = nn.Conv2d(96, 21, 1)
+    def forward(s, x):
+        y = s.f(x); y = torch.cat([a(y) for a in s.aspp], 1)
+        return F.interpolate(s.out(y), scale_factor=4, mode="bilinear", align_corners=False)
+
+NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": ShuffleNetV2, "squeezenet": SqueezeNet,
+        "densenet-small": DenseNetSmall, "convnext-small": ConvNeXtTiny, "regnetx": RegNetX, "mobilenet-v3ish": MobileNetV3ish,
+        "deeplab-ish": Dilated}
+
+
+def export(name: str, path: str) -> str:
+    """NETS[name] with torch.manual_seed(0) weights, exported to ``path`` (opset 17)."""
+    torch.manual_seed(0)
+    net = NETS[name]().eval()
+    torch.onnx.export(net, (torch.randn(1, 3, 224, 224),), path, opset_version=17, dynamo=False, input_names=["x"])
+    return path
+
+
+def main(argv: list[str]) -> None:
+    names = [a for a in argv if a in NETS] or list(NETS)
+    extra = [a for a in argv if a not in NETS] or ["--rounds", "5", "--repeat", "5"]
+    out = os.environ.get("OUT", "build/architectures")
+    os.makedirs(out, exist_ok=True)
+    for name in names:
+        path = os.path.join(out, f"{name}.onnx")
+        if not os.path.exists(path):
+            export(name, path)
+        print(f"== {name}", flush=True)
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            subprocess.run(["tvm-sparseconv", "bench", path, "--images", "skimage:astronaut", "sklearn:china", "--json",
+                            *extra], stdout=f, check=True)
+        subprocess.run(["tvm-sparseconv", "results", os.path.join(out, f"{name}.json")], check=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
