@@ -20,10 +20,15 @@ The ONNX files and the bench JSON go to build/architectures/ (or $OUT).
 import os
 import subprocess
 import sys
+import warnings
 
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 
 def bn(c):
+    """BatchNorm with drawn affine parameters and running statistics (not the identity)."""
     b = nn.BatchNorm2d(c)
     with torch.no_grad():
         b.weight.uniform_(0.5, 1.5); b.bias.uniform_(-0.2, 0.2)
@@ -209,11 +214,15 @@ NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": Shuf
         "deeplab-ish": Dilated}
 
 
-def export(name: str, path: str) -> str:
-    """NETS[name] with torch.manual_seed(0) weights, exported to ``path`` (opset 17)."""
+def export(name: str, path: str, size: int = 224) -> str:
+    """NETS[name] with torch.manual_seed(0) weights, exported to ``path`` (opset 17) for
+    1 x 3 x size x size inputs."""
     torch.manual_seed(0)
     net = NETS[name]().eval()
-    torch.onnx.export(net, (torch.randn(1, 3, 224, 224),), path, opset_version=17, dynamo=False, input_names=["x"])
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the dynamo one needs onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, opset_version=17, dynamo=False,
+                          input_names=["x"])
     return path
 
 

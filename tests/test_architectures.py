@@ -1,0 +1,38 @@
+"""The common CNN architectures of examples/architectures.py (plain torch, seeded random weights),
+exported to ONNX at 1 x 3 x 96 x 96, compiled with the plan the cost model predicts, against
+onnxruntime: what a user's model brings beyond the three shipped ones (SiLU and hard-swish,
+squeeze-and-excitation, channel shuffle, long concats, 7x7 depthwise with LayerNorm and GELU,
+grouped convs of 16 channels, dilated convs and bilinear upsampling) compiles and runs right."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+import tvm_sparseconv  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location(
+    "architectures", os.path.join(os.path.dirname(__file__), "..", "examples", "architectures.py"))
+architectures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(architectures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(architectures.NETS))
+def test_predicted_plan_matches_onnxruntime(name, tmp_path):
+    path = architectures.export(name, str(tmp_path / f"{name}.onnx"), size=96)
+    model = tvm_sparseconv.load_model(path)
+    plan = tvm_sparseconv.predict_plan(model)
+    vm = relax.VirtualMachine(tvm_sparseconv.compile(model, plan=plan), tvm.cpu())
+    x = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
