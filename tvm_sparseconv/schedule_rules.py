@@ -31,6 +31,16 @@ def _top_blocks(sch: s_tir.Schedule) -> list:
         return []
 
 
+def _scheduled_blocks(func) -> tuple | None:
+    """(a Schedule of ``func``, its top-level blocks); None for anything but a PrimFunc with
+    a root block."""
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = _top_blocks(sch)
+    return (sch, blocks) if blocks else None
+
+
 def _reduces(block) -> bool:
     """Whether a block has a reduction axis."""
     return any(iv.iter_type != _SPATIAL for iv in block.iter_vars)
@@ -67,12 +77,10 @@ class RowGEMV(ScheduleRule):
     rule = dl.cpu.GEMV()
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tvm.tirx.PrimFunc):
+        found = _scheduled_blocks(func)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = _top_blocks(sch)
-        if not blocks:
-            return None
+        sch, blocks = found
         stmt = sch.get(blocks[0])
         extents = {_SPATIAL: 1, _REDUCE: 1}
         for iv in stmt.iter_vars:
@@ -130,12 +138,10 @@ class ColumnGEMV(ScheduleRule):
     vectors of gcd(tile, lanes) floats: its outputs in whole registers."""
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tvm.tirx.PrimFunc):
+        found = _scheduled_blocks(func)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = _top_blocks(sch)
-        if not blocks:
-            return None
+        sch, blocks = found
         mm, epilogue = blocks[0], blocks[1:]
         stmt = sch.get(mm)
         kinds = [iv.iter_type for iv in stmt.iter_vars]
