@@ -32,8 +32,7 @@ from tvm.s_tir import dlight as dl
 
 from .frontend import Model, load_model
 from .graph import find_conv_sites
-from .passes import RewriteConv2D, applied_layers, layout_transforms
-from .passes import fast_math
+from .passes import RewriteConv2D, applied_layers, fast_math, layout_transforms
 from .passes.parallelize_rest import ParallelizeRest
 from .passes.residual_in_place import ResidualInPlace
 from .plan import Plan
@@ -72,8 +71,8 @@ def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
     def lower_pass(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         mod = RewriteConv2D(choices, target, sites=sites)(mod)
         mod = tvm.transform.Sequential([
-            relax.transform.LegalizeOps(fast_math.legalize_map()), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+            relax.transform.LegalizeOps(fast_math.legalize_map()), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
         if database is not None:
             db = open_database(database)
             mod = apply_database(mod, db, target)  # our tunable stages (they carry layer attributes)

@@ -16,8 +16,9 @@ that interval), 2^n by writing n + 127 into the exponent bits.
 erf (GELU's, in ConvNeXt and the transformers' MLPs) had the same cause: ConvNeXt's GELUs took
 11 of its 30 ms. It is an odd function: below |x| = 0.5 by its Taylor series to x^11 (the
 next term under 3e-8 relative), above by Abramowitz and Stegun's 7.1.26, 1 - t P(t) e^-x^2
-with t = 1 / (1 + 0.3275911 |x|) (absolute error under 1.5e-7 in float64; in float32 the relative error measured under 5e-7),
-and 1 from |x| = 4 up (erf(4) is 1 - 1.5e-8). NaN propagates.
+with t = 1 / (1 + 0.3275911 |x|) (absolute error under 1.5e-7 in float64; in float32 the
+relative error measured under 5e-7), and 1 from |x| = 4 up (erf(4) is 1 - 1.5e-8). NaN
+propagates.
 
 ``legalize_map()`` is the customize_legalize_map of relax.transform.LegalizeOps.
 """
