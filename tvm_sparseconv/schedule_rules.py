@@ -71,7 +71,7 @@ class RowGEMV(ScheduleRule):
     """dlight's CPU GEMV rule (a weight contiguous along k), on GEMVs with no more outputs than
     reduced inputs. With more outputs (an expanding 1x1 conv at 1x1 pixel left to TVM, as in a
     squeeze-and-excitation block: 48 -> 1152) the rule vectorizes 128 outputs around the
-    unrolled reduction, and LLVM had not finished compiling one such function after an hour;
+    unrolled reduction, and LLVM had not finished compiling a model with one after 20 minutes;
     OneReduction takes those (48 -> 1152 in 22 us alone on an AMD EPYC Zen 4)."""
 
     rule = dl.cpu.GEMV()

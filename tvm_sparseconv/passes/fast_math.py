@@ -80,32 +80,26 @@ def erf_of(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     return tvm.tirx.Select(tvm.tirx.isnan(x), x, tvm.tirx.Select(x < _f(0.0), -e, e))
 
 
-def _sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    return bb.call_te(lambda t: te.compute(t.shape, lambda *i: sigmoid_of(t(*i)), name="sigmoid"), call.args[0],
-                      primfunc_name_hint="tir_sigmoid")
-
-
-def _silu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    return bb.call_te(lambda t: te.compute(t.shape, lambda *i: t(*i) * sigmoid_of(t(*i)), name="silu"), call.args[0],
-                      primfunc_name_hint="tir_silu")
-
-
-def _erf(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    return bb.call_te(lambda t: te.compute(t.shape, lambda *i: erf_of(t(*i)), name="erf"), call.args[0],
-                      primfunc_name_hint="tir_erf")
+# op -> (name, the float32 value of an element x in vectorizable TIR)
+_ELEMENTWISE = {"relax.sigmoid": ("sigmoid", sigmoid_of),
+                "relax.nn.silu": ("silu", lambda x: x * sigmoid_of(x)),
+                "relax.erf": ("erf", erf_of)}
 
 
 def legalize_map() -> dict:
     """{op name: legalization} for float32 sigmoid, SiLU and erf; other dtypes keep TVM's."""
-    return {"relax.sigmoid": _only_float32(_sigmoid, "relax.sigmoid"),
-            "relax.nn.silu": _only_float32(_silu, "relax.nn.silu"),
-            "relax.erf": _only_float32(_erf, "relax.erf")}
+    return {op: _only_float32(name, value_of, op) for op, (name, value_of) in _ELEMENTWISE.items()}
 
 
-def _only_float32(f, op_name: str):
+def _only_float32(name: str, value_of, op_name: str):
+    """A legalization: a call_te of ``value_of`` on each element for a float32 input, TVM's
+    own for any other."""
     default = tvm.ir.Op.get(op_name).get_attr("FLegalize")
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        return f(bb, call) if call.args[0].ty.dtype == "float32" else default(bb, call)
+        if call.args[0].ty.dtype != "float32":
+            return default(bb, call)
+        return bb.call_te(lambda t: te.compute(t.shape, lambda *i: value_of(t(*i)), name=name), call.args[0],
+                          primfunc_name_hint=f"tir_{name}")
 
     return legalize
