@@ -48,8 +48,11 @@ def same_padding(size: int, extent: int, stride: int) -> tuple[int, int]:
 def layer_spec(kind: str, c: int, hw: tuple[int, int], kernel: tuple[int, int], stride: int, batch: int = 1,
                padding=None) -> Conv2DSpec:
     """kind: "g2" (2 groups), "half" (C/2 groups of 2 channels), "dw" (depthwise), "dw2" (depthwise,
-    channel multiplier 2); padding None: SAME."""
-    groups, m = {"g2": (2, c), "half": (c // 2, c), "dw": (c, c), "dw2": (c, 2 * c)}[kind]
+    channel multiplier 2), "g16" (C/16 groups of 16 channels: RegNet's, a whole number of vectors
+    per group on every ISA), "g8x2" (C/8 groups of 8 input and 16 output channels); padding None:
+    SAME."""
+    groups, m = {"g2": (2, c), "half": (c // 2, c), "dw": (c, c), "dw2": (c, 2 * c), "g16": (c // 16, c),
+                 "g8x2": (c // 8, 2 * c)}[kind]
     if padding is None:
         (pt, pb), (pl, pr) = (same_padding(s, k, stride) for s, k in zip(hw, kernel))
         padding = (pt, pl, pb, pr)
@@ -103,6 +106,9 @@ FAST = [
      "relu"),
     # two groups of 19, 1x1 stride 2
     ("g2", 38, (9, 9), (1, 1), 2, 1, None, {"vector": "width", "tile_rows": 2}, "bias"),
+    # groups of 16 (each vector of outputs in one group: its input rows packed once, broadcast)
+    ("g16", 48, (9, 11), (3, 3), 2, 2, None, {"vector": "channels"}, "bias-residual-relu6"),
+    ("g8x2", 16, (10, 7), (5, 3), 1, 1, None, {"vector": "channels", "tile_rows": 2, "rows": 3}, "residual-relu"),
 ]
 
 
@@ -158,19 +164,19 @@ def test_other_isas(isa, target, runs):
 
 # -- slow: the grid ---------------------------------------------------------------------------------
 
-GRID_KINDS = [("g2", 38), ("half", 38), ("dw", 37), ("dw2", 19)]
+GRID_KINDS = [("g2", 38), ("half", 38), ("dw", 37), ("dw2", 19), ("g16", 32)]
 GRID_KERNELS = [(1, 1), (3, 3), (5, 5), (3, 5)]
 GRID_CASES = list(itertools.product(GRID_KINDS, GRID_KERNELS, (1, 2), VECTORS))
 
 
-@pytest.mark.slow  # 64 builds: the default run a covering sample, the extended run all
+@pytest.mark.slow  # 80 builds: the default run a covering sample, the extended run all
 @pytest.mark.cover("kind", "kernel", "stride", "vector")
 @pytest.mark.parametrize("vector", VECTORS)
 @pytest.mark.parametrize("stride", (1, 2), ids=lambda s: f"s{s}")
 @pytest.mark.parametrize("kernel", GRID_KERNELS, ids=lambda k: f"k{k[0]}x{k[1]}")
 @pytest.mark.parametrize("kind", GRID_KINDS, ids=lambda k: k[0])
 def test_grid(kind, kernel, stride, vector):
-    """groups 2, C/2 and C (multiplier 1 and 2) x 1x1, 3x3, 5x5, 3x5 x strides 1, 2 x both
+    """groups 2, C/2, C/16 and C (multiplier 1 and 2) x 1x1, 3x3, 5x5, 3x5 x strides 1, 2 x both
     kernels, SAME padding on a 12 x 13 input (asymmetric at stride 2), the epilogues in turn."""
     epilogue = list(EPILOGUES)[GRID_CASES.index((kind, kernel, stride, vector)) % len(EPILOGUES)]
     check(layer_spec(kind[0], kind[1], (12, 13), kernel, stride), {"vector": vector}, epilogue)

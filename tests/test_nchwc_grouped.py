@@ -1,5 +1,6 @@
 """The grouped channels kernel on channel blocks (docs/algorithms.md 15.1, 16): depthwise layers
-reading and writing "nchw{lanes}c" against NumPy float64, the knobs it refuses, its knob space,
+and layers whose groups are whole vectors of output channels, reading and writing "nchw{lanes}c"
+against NumPy float64, the knobs it refuses, its knob space,
 and a depthwise layer between two blocked 1x1 dense layers in a model, against onnxruntime.
 
 The channel counts come from the host's lanes L: 2L (whole blocks) and L + L/2 (a partial last
@@ -118,23 +119,43 @@ def test_every_epilogue_and_pair(epilogue, lin, lout):
                   densities=(0.0, 0.5, 1.0))
 
 
+# groups whose every block of L output channels lies in one group: the group's input rows packed
+# once as scalars, from NCHW rows or from blocks (by L x L transposes where the group is whole
+# blocks and W >= L, the last column tile overlapping; else element by element: W = 9 < 16 lanes,
+# and groups of 8 input channels on AVX-512)
+SHARED = [("g16", 48, (9, 20), 2), ("g16", 32, (7, 9), 1), ("g8x2", 16, (9, 20), 1)]
+
+
+@pytest.mark.parametrize("lin,lout", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
+@pytest.mark.parametrize("kind,c,hw,stride", SHARED, ids=[f"{k}-c{c}-w{hw[1]}-s{s}" for k, c, hw, s in SHARED])
+def test_groups_of_whole_blocks(kind, c, hw, stride, lin, lout):
+    spec = layer_spec(kind, c, hw, (3, 3), stride, batch=2)
+    check_blocked(spec, {"vector": "channels", "layout_in": lin, "layout_out": lout}, "bias-residual-relu6",
+                  densities=(0.0, 0.5))
+
+
 @pytest.mark.parametrize("isa,target,runs", [c[:3] for c in isa_cases()], ids=[c[0] for c in isa_cases()])
 def test_other_isas(isa, target, runs):
-    """Blocks of another ISA's lanes (c_block, the default, is its vector)."""
+    """Blocks of another ISA's lanes (c_block, the default, is its vector): a depthwise layer and
+    one with groups of 16 channels."""
+    lanes = cpu_of(target).lanes
     layout = lanes_layout(cpu_of(target))
-    spec = layer_spec("dw", 3 * cpu_of(target).lanes // 2, (9, 11), (3, 3), 2)
     knobs = {"vector": "channels", "layout_in": layout, "layout_out": layout}
+    for spec in (layer_spec("dw", 3 * lanes // 2, (9, 11), (3, 3), 2), layer_spec("g16", 32, (9, 11), (3, 3), 2)):
+        if not runs:
+            CompiledLayer("grouped", spec, weight(spec), target=target, knobs=knobs)
+            continue
+        layer = check_blocked(spec, knobs, "bias-residual-relu6", target, densities=(0.5,))
+        assert layer.knobs["c_block"] == lanes
     if not runs:
-        CompiledLayer("grouped", spec, weight(spec), target=target, knobs=knobs)
         pytest.skip(f"built for {isa} without running it: this host ({HOST.name}) has no {isa}")
-    layer = check_blocked(spec, knobs, "bias-residual-relu6", target, densities=(0.5,))
-    assert layer.knobs["c_block"] == cpu_of(target).lanes
 
 
 @pytest.mark.parametrize("kind,knobs,what", [
     ("dw", {"vector": "width", "layout_out": BLOCKED}, "vector='channels'"),
     ("dw2", {"layout_in": BLOCKED}, "depthwise layers without a channel multiplier"),
     ("half", {"layout_out": BLOCKED}, "depthwise layers without a channel multiplier"),
+    ("g16", {"layout_out": BLOCKED, "c_block": 32}, "c_block divides the output channels per group"),
     ("dw", {"layout_in": BLOCKED, "c_block": 2 * L}, f"needs c_block={L}"),
     ("dw", {"layout_out": f"nchw{2 * L}c"}, f"needs c_block={2 * L}"),
     ("dw", {"layout_in": "nhwc"}, "layout_in"),
@@ -148,20 +169,21 @@ def test_refused_layout_knobs(kind, knobs, what):
 @pytest.mark.parametrize("target", [{"kind": "llvm", "mcpu": "skylake-avx512"}, {"kind": "llvm", "mcpu": "haswell"}],
                          ids=["avx512", "avx2"])
 def test_knob_space_has_the_blocked_variants(target):
-    """Defaults in NCHW (plans without layout knobs read as before); a depthwise layer's space
-    holds every layout pair of the channels kernel in blocks of the target's lanes with c_block
-    one vector, after every NCHW candidate (the tuner's selection measures a prefix of those);
-    a layer with a multiplier or groups of 2 channels holds NCHW only."""
+    """Defaults in NCHW (plans without layout knobs read as before); the space of a depthwise
+    layer and of one with groups of 16 channels holds every layout pair of the channels kernel in
+    blocks of the target's lanes with c_block one vector, after every NCHW candidate (the tuner's
+    selection measures a prefix of those); a layer with a multiplier or groups of 2 channels
+    holds NCHW only."""
     cpu = cpu_of(target)
     b = lanes_layout(cpu)
-    dw = layer_spec("dw", 96, (28, 28), (3, 3), 1)
-    assert GROUPED.layouts(dw, GROUPED.knobs(dw, None, cpu)) == (NCHW, NCHW)
-    space = GROUPED.knob_space(dw, cpu)
-    pairs = {(k["layout_in"], k["layout_out"]) for k in space}
-    assert pairs == {(i, o) for i in (NCHW, b) for o in (NCHW, b)}
-    assert all(k["vector"] == "channels" and k["c_block"] == cpu.lanes for k in space if k["layout_in"] != NCHW)
-    in_nchw = [GROUPED.layouts(dw, k) == (NCHW, NCHW) for k in space]
-    assert in_nchw == sorted(in_nchw, reverse=True)
+    for spec in (layer_spec("dw", 96, (28, 28), (3, 3), 1), layer_spec("g16", 96, (28, 28), (3, 3), 1)):
+        assert GROUPED.layouts(spec, GROUPED.knobs(spec, None, cpu)) == (NCHW, NCHW)
+        space = GROUPED.knob_space(spec, cpu)
+        pairs = {(k["layout_in"], k["layout_out"]) for k in space}
+        assert pairs == {(i, o) for i in (NCHW, b) for o in (NCHW, b)}
+        assert all(k["vector"] == "channels" and k["c_block"] == cpu.lanes for k in space if k["layout_in"] != NCHW)
+        in_nchw = [GROUPED.layouts(spec, k) == (NCHW, NCHW) for k in space]
+        assert in_nchw == sorted(in_nchw, reverse=True)
     for kind in ("dw2", "half"):
         spec = layer_spec(kind, 96, (28, 28), (3, 3), 1)
         assert {(k["layout_in"], k["layout_out"]) for k in GROUPED.knob_space(spec, cpu)} == {(NCHW, NCHW)}

@@ -14,14 +14,21 @@ channels: tasks (n, channel block mb, band of ``rows`` output rows); xs Cg x Rin
     cb = ``c_block`` output channels (one vector of the CPU's lanes by default): lane j of
     xs[ci] holds the input channel that output channel mb*cb + j reads as its ci-th (lanes x
     lanes register transposes for depthwise layers without a multiplier, else element by
-    element; 0 past M). w n_mb x Cg x Kh x Kw x cb (OIHW re-laid-out once, channels past M
-    zero). A register tile is ``tile_rows`` rows x ``block`` pixels x cb channels:
+    element; 0 past M). Where cb divides Mg (RegNet's and ResNeXt's wider groups), every lane
+    of block mb reads the same input channel, of group mb*cb // Mg: xs is then Cg x Rin x Wp
+    scalars (``shares_group``), copied in vectors from NCHW rows, and the multiply broadcasts
+    each (cb copies per element cost more than the convolution: 4-12x on RegNet-like 56x56
+    layers). w n_mb x Cg x Kh x Kw x cb (OIHW re-laid-out once, channels past M zero). A
+    register tile is ``tile_rows`` rows x ``block`` pixels x cb channels:
     acc[k, b, :] += xs[ci, i, j, :] * w[mb, ci, l, q, :], one weight vector per tap serving
     the tile's pixels; stored by register transposes as vectors of pixels per channel.
-    Channel blocks (depthwise layers without a multiplier only, the block cb = c_block): x
-    N x ceil(C/cb) x H x W x cb, whose block mb holds in lane j the channel lane j of xs
-    holds, so a packed row is the block's row copied in vectors; y (and the residual)
-    N x ceil(M/cb) x Oh x Ow x cb, one accumulator vector stored per pixel, zeros past M.
+    Channel blocks (``blocks_layouts``: depthwise layers without a multiplier, and layers
+    where cb divides Mg; the block cb = c_block): x N x ceil(C/cb) x H x W x cb. Depthwise,
+    its block mb holds in lane j the channel lane j of xs holds, so a packed row is the
+    block's row copied in vectors; where cb divides Mg, the group's blocks transpose in lanes
+    x lanes tiles into its channels' scalar rows (element by element when Cg is not whole
+    vectors or W < lanes). y (and the residual) N x ceil(M/cb) x Oh x Ow x cb, one
+    accumulator vector stored per pixel, zeros past M.
 width: tasks (n, group g, band); xs Cg x Rin x Wp, the group's input rows with zero borders;
     for each of its Mg output channels a register tile is ``tile_rows`` rows x ``block``
     pixels in vectors along W: acc[k, p] += xs[ci, i, s*Sw + q*Dw] * w[m, ci, l, q] (a
@@ -75,11 +82,20 @@ def _per_group(spec: Conv2DSpec) -> tuple[int, int]:
     return spec.in_channels // spec.groups, spec.out_channels // spec.groups
 
 
-def blocks_layouts(spec: Conv2DSpec) -> bool:
-    """The channels kernel can read and write channel blocks: a depthwise layer without a
-    multiplier (groups = C = M), where lane j of packed block mb is input channel mb*cb + j,
-    exactly the lane a blocked x holds it in and a blocked y wants it back in."""
-    return _per_group(spec) == (1, 1)
+def shares_group(spec: Conv2DSpec, cb: int) -> bool:
+    """Every block of ``cb`` output channels lies in one group (cb divides Mg): the block's
+    lanes all read the same input channel per ci, so the channels kernel packs the group's
+    rows once, as scalars, and broadcasts each into the lanes (instead of cb copies)."""
+    return _per_group(spec)[1] % cb == 0
+
+
+def blocks_layouts(spec: Conv2DSpec, cb: int) -> bool:
+    """The channels kernel in blocks of ``cb`` can read and write channel blocks: a depthwise
+    layer without a multiplier (groups = C = M), where lane j of packed block mb is input
+    channel mb*cb + j, exactly the lane a blocked x holds it in and a blocked y wants it back
+    in; or a layer whose blocks each lie in one group (shares_group), whose packed rows are
+    scalars read from wherever x holds the channel."""
+    return _per_group(spec) == (1, 1) or shares_group(spec, cb)
 
 
 def rows_in(spec: Conv2DSpec, rows: int) -> int:
@@ -88,8 +104,10 @@ def rows_in(spec: Conv2DSpec, rows: int) -> int:
 
 
 def scratch_floats(spec: Conv2DSpec, vector: str, c_block: int, rows: int) -> int:
-    """float32 elements of one task's packed input: Cg x Rin x Wp, x c_block for channels."""
-    return _per_group(spec)[0] * rows_in(spec, rows) * spec.padded_w * (c_block if vector == "channels" else 1)
+    """float32 elements of one task's packed input: Cg x Rin x Wp, x c_block for channels
+    unless the block lies in one group (shares_group: scalars)."""
+    lanes = c_block if vector == "channels" and not shares_group(spec, c_block) else 1
+    return _per_group(spec)[0] * rows_in(spec, rows) * spec.padded_w * lanes
 
 
 def _balanced(most: int, size: int) -> int:
@@ -155,10 +173,11 @@ def make_tiling(spec: Conv2DSpec, knobs) -> GroupedTiling:
         if vector != "channels":
             raise KnobError("grouped: blocked layouts (layout_in, layout_out) need vector='channels' "
                             f"(the width kernel reads and writes NCHW), got vector={vector!r}")
-        if not blocks_layouts(spec):
+        if not blocks_layouts(spec, int(knobs["c_block"])):
             raise KnobError(f"grouped: blocked layouts (layout_in, layout_out) are for depthwise layers without a "
-                            f"channel multiplier (groups = C = M), not C={spec.in_channels}, M={spec.out_channels}, "
-                            f"groups={spec.groups}")
+                            f"channel multiplier (groups = C = M) and layers whose c_block divides the output "
+                            f"channels per group, not C={spec.in_channels}, M={spec.out_channels}, "
+                            f"groups={spec.groups}, c_block={knobs['c_block']!r}")
         for knob, cb in (("layout_in", cb_in), ("layout_out", cb_out)):
             if cb and cb != knobs["c_block"]:
                 raise KnobError(f"grouped: {knob}={knobs[knob]!r} needs c_block={cb} (the lanes of a packed block "
@@ -190,6 +209,13 @@ def _loop_pieces(width: int, step: int, emit):
         emit(g * step, step)
     if width % step > 0:
         emit(width // step * step, width % step)
+
+
+@T.macro
+def _copy_piece(x, xs, n, c, h, base, off, ln):
+    """xs[base + off + j] = x[n, c, h, off + j] for j < ln (a vector copy of a row's piece)."""
+    for j in T.vectorized(ln):
+        xs[base + off + j] = x[n, c, h, off + j]
 
 
 @T.macro
@@ -232,7 +258,16 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     # L x L tiles of x transpose into the packed rows
     transposes = Cg == 1 and Mg == 1 and whole and W >= L
     m_whole = M % cb == 0
-    blocked_in, blocked_out = tl.cb_in > 0, tl.cb_out > 0  # x, y in blocks of cb (depthwise, no multiplier)
+    blocked_in, blocked_out = tl.cb_in > 0, tl.cb_out > 0  # x, y in blocks (blocks_layouts)
+    shared = shares_group(spec, cb)  # xs holds scalars of the block's group, broadcast into the lanes
+    lw = 1 if shared else cb  # floats per packed element
+    # a shared block's group from a blocked x in whole L x L tiles: the group's blocks of L
+    # channels transpose into L packed rows
+    untransposes = shared and tl.cb_in == L and Cg % L == 0 and W >= L
+
+    def xs_at(xs, at, j):
+        """Packed element ``at`` (ci, row, column flattened) in lane j."""
+        return xs[at] if shared else xs[at * cb + j]
 
     @T.macro
     def pack_lanes(x, xs, n, mb, ci, h, base):
@@ -267,23 +302,55 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
                 xs[base + (pl + j) * cb + lane] = x[n, mb, h, j, lane]
 
     @T.macro
-    def pack(x, xs, n, mb, r0):
-        """xs[ci, ii, jj, lane] = padded input row r0*sh + ii, column jj of the channel output
-        lane mb*cb + lane reads as its ci-th; 0 in the padding and past M."""
-        for ci, ii in T.grid(Cg, Rin):
-            base = (ci * Rin + ii) * Wp * cb
+    def pack_shared(x, xs, n, mb, ci, h, base):
+        """One input row h of input channel c, the ci-th of block mb's group, as scalars:
+        xs[base + pl + j] = x[n, c, h, j] (x NCHW: vector copies; blocked: lane c % cb_in)."""
+        c = mb * cb // Mg * Cg + ci
+        if blocked_in:
+            for j in range(W):
+                xs[base + pl + j] = x[n, c // tl.cb_in, h, j, c % tl.cb_in]
+        else:
+            _loop_pieces(W, L, lambda off, ln: _copy_piece(x, xs, n, c, h, base + pl, off, ln))
+
+    @T.macro
+    def pack_untransposed(x, xs, n, mb, r0):
+        """As pack (shared, from a blocked x): per input row, the group's Cg/L channel blocks
+        transposed in L x L tiles into their channels' packed rows."""
+        for ii in range(Rin):
             h = r0 * sh + ii - pt
             if h >= 0 and h < H:
-                _zero(xs, base, pl * cb)
-                if blocked_in:
+                for ci in range(Cg):
+                    _zero(xs, (ci * Rin + ii) * Wp, pl)
+                    _zero(xs, (ci * Rin + ii) * Wp + pl + W, Wp - pl - W)
+                for kb in range(Cg // L):
+                    for jt in range(_cdiv(W, L)):  # the last column tile overlaps the one before it
+                        vec.untranspose_tile(xs, Rin * Wp, x, n, (mb * cb // Mg * Cg) // L + kb, h,
+                                             T.min(jt * L, W - L), (kb * L * Rin + ii) * Wp + pl + T.min(jt * L, W - L))
+            else:
+                for ci in range(Cg):
+                    _zero(xs, (ci * Rin + ii) * Wp, Wp)
+
+    @T.macro
+    def pack(x, xs, n, mb, r0):
+        """xs[ci, ii, jj(, lane)] = padded input row r0*sh + ii, column jj of the channel output
+        lane mb*cb + lane reads as its ci-th (one for all lanes when shared); 0 in the padding
+        and past M."""
+        for ci, ii in T.grid(Cg, Rin):
+            base = (ci * Rin + ii) * Wp * lw
+            h = r0 * sh + ii - pt
+            if h >= 0 and h < H:
+                _zero(xs, base, pl * lw)
+                if shared:
+                    pack_shared(x, xs, n, mb, ci, h, base)
+                elif blocked_in:
                     pack_blocked(x, xs, n, mb, h, base)
                 elif transposes:
                     pack_transposed(x, xs, n, mb, h, base)
                 else:
                     pack_lanes(x, xs, n, mb, ci, h, base)
-                _zero(xs, base + (pl + W) * cb, (Wp - pl - W) * cb)
+                _zero(xs, base + (pl + W) * lw, (Wp - pl - W) * lw)
             else:
-                _zero(xs, base, Wp * cb)
+                _zero(xs, base, Wp * lw)
 
     def store_transposed(y, acc, bias, res, n, mb, r, k, w0, BT):
         """Row k of the tile: L x L register transposes turn the accumulators (a vector of L
@@ -339,8 +406,8 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
                     for k in T.unroll(TRT):
                         for b in T.unroll(BT):
                             for j in T.vectorized(cb):
-                                acc[k, b, j] = acc[k, b, j] + xs[
-                                    ((ci * Rin + (rr + k) * sh + l * dh) * Wp + (w0 + b) * sw + q * dw) * cb + j] \
+                                acc[k, b, j] = acc[k, b, j] + xs_at(
+                                    xs, (ci * Rin + (rr + k) * sh + l * dh) * Wp + (w0 + b) * sw + q * dw, j) \
                                     * w[mb, ci, l, q, j]
         for k in T.unroll(TRT):
             store_row(y, acc, bias, res, n, mb, r0 + rr + k, k, w0, BT)
@@ -349,9 +416,12 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     def body(x, w, bias, res, y):
         for t in T.parallel(N * n_mb * bands):
             n, mb, r0 = t // (n_mb * bands), t // bands % n_mb, t % bands * R
-            xs = T.alloc_buffer((Cg * Rin * Wp * cb,), "float32")
+            xs = T.alloc_buffer((Cg * Rin * Wp * lw,), "float32")
             acc = T.alloc_local((TR, B, cb), "float32")
-            pack(x, xs, n, mb, r0)
+            if untransposes:
+                pack_untransposed(x, xs, n, mb, r0)
+            else:
+                pack(x, xs, n, mb, r0)
             _task_rows(R, TR, Oh, r0, lambda rr, rows: _loop_pieces(
                 Ow, B, lambda w0, bt: tile(xs, w, bias, res, y, acc, n, mb, r0, rr, rows, w0, bt)))
 
@@ -368,11 +438,6 @@ def _width_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     Rin, bands = rows_in(spec, R), _cdiv(Oh, R)
 
     @T.macro
-    def copy_piece(x, xs, n, c, h, base, off, ln):
-        for j in T.vectorized(ln):
-            xs[base + off + j] = x[n, c, h, off + j]
-
-    @T.macro
     def pack(x, xs, n, g, r0):
         """xs[ci, ii, jj] = padded row r0*sh + ii, column jj of input channel g*Cg + ci."""
         for ci, ii in T.grid(Cg, Rin):
@@ -380,7 +445,7 @@ def _width_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
             h = r0 * sh + ii - pt
             if h >= 0 and h < H:
                 _zero(xs, base, pl)
-                _loop_pieces(W, L, lambda off, ln: copy_piece(x, xs, n, g * Cg + ci, h, base + pl, off, ln))
+                _loop_pieces(W, L, lambda off, ln: _copy_piece(x, xs, n, g * Cg + ci, h, base + pl, off, ln))
                 _zero(xs, base + pl + W, Wp - pl - W)
             else:
                 _zero(xs, base, Wp)
@@ -519,7 +584,7 @@ class Grouped(Algorithm):
         ow, oh, v = spec.out_w, spec.out_h, cpu.lanes
         rows = sorted({r for r in (1, 2, 4, 8, 16) if r <= oh} | ({oh} if oh <= 16 else set()))
         layouts = grid(layout_in=(NCHW, lanes_layout(cpu)), layout_out=(NCHW, lanes_layout(cpu))) \
-            if blocks_layouts(spec) else [{"layout_in": NCHW, "layout_out": NCHW}]
+            if blocks_layouts(spec, v) else [{"layout_in": NCHW, "layout_out": NCHW}]
         for io in layouts:
             for k in grid(vector=("channels",), c_block=(v, 2 * v), block=(4, 7, 8, 14, 16), tile_rows=(1, 2),
                           rows=rows):

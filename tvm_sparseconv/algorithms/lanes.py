@@ -169,13 +169,23 @@ class Lanes:
         return rows
 
     def transpose_tile(self, xt, cw, x, n, c0, h, j0, dc) -> None:
-        """xt[j*cw + dc + i] = x[n, c0 + i, h, j] for i < lanes, j0 <= j < j0+lanes.
+        """xt[j*cw + dc + i] = x[n, c0 + i, h, j] for i < lanes, j0 <= j < j0+lanes (NCHW rows to
+        pixels of channels)."""
+        self._transpose_store([x[n, c0 + i, h, self.ramp(j0)] for i in range(self.n)], xt, lambda j: (j0 + j) * cw + dc)
 
-        Emits its stores through the IR builder (called from a macro), so that the columns
-        of the shuffled tile are Python values, not a TIR loop."""
-        cols = self.transpose([x[n, c0 + i, h, self.ramp(j0)] for i in range(self.n)])
-        for j in range(self.n):
-            T.buffer_store(xt, cols[j], [self.ramp((j0 + j) * cw + dc)])
+    def untranspose_tile(self, xt, stride, x, n, b, h, j0, base) -> None:
+        """xt[base + i*stride + j - j0] = x[n, b, h, j, i] for i < lanes, j0 <= j < j0+lanes (a
+        blocked x, N x C/lanes x H x W x lanes: pixels of channels to rows of one channel)."""
+        self._transpose_store([x[n, b, h, j0 + j, self.ramp(0)] for j in range(self.n)], xt,
+                              lambda i: base + i * stride)
+
+    def _transpose_store(self, rows, xt, at) -> None:
+        """Column k of the tile whose rows are ``rows`` stored at xt[at(k) ...]. Emits its stores
+        through the IR builder (called from a macro), so that the columns of the shuffled tile
+        are Python values, not a TIR loop."""
+        cols = self.transpose(rows)
+        for k in range(self.n):
+            T.buffer_store(xt, cols[k], [self.ramp(at(k))])
 
     def block_width(self, cb: int) -> int:
         """Channels per pixel of a channels-last block of cb channels read n at a time."""
