@@ -411,3 +411,49 @@ def test_gemvs_left_to_tvm_compile_and_match_numpy():
     gate = 1 / (1 + np.exp(-(ws["se"][:, :, 0, 0] @ pooled[:48])))
     np.testing.assert_allclose(se.numpy(), a[:, :1152] * gate.reshape(1, 1152, 1, 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(head.numpy().reshape(1000), ws["head"][:, :, 0, 0] @ pooled, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,op,axes", [
+    ((2, 37, 13, 11), "mean", [2, 3]),  # 143 elements per output: 13 partial sums (no tail)
+    ((1, 20, 7, 7), "mean", [2, 3]),    # a squeeze-and-excitation pool at 7x7: 7 partial sums
+    ((1, 24, 56, 56), "sum", [3]),      # one row per output: a whole vector of partial sums
+    ((3, 40, 17, 16), "max", [2, 3]),
+])
+def test_row_reductions_in_lanes_match_numpy(shape, op, axes):
+    """A reduction over contiguous elements (RowReduction: partial sums in vector lanes, then
+    the lanes summed) through tvm_sparseconv.compile, against NumPy float64, with NaN and +-Inf
+    in some outputs' elements (they must reach those outputs, and only those); the rule takes
+    the function (its reduction has a parallel loop), and declines a reduction over channels,
+    which are not contiguous in NCHW."""
+    import tvm_sparseconv
+    from tvm_sparseconv.schedule_rules import RowReduction
+
+    mod = _reduce_module(shape, op, axes)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(shape).astype("float32")
+    a[0, 1, 2, 3], a[-1, 2, 0, 0], a[0, 3, -1, -1] = np.nan, np.inf, -np.inf
+    got = relax.VirtualMachine(tvm_sparseconv.compile(mod), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
+    # a max over a NaN is TVM's max (LLVM's maxnum): the other operand, with or without the rule
+    want = (np.nanmax if op == "max" else getattr(np, op))(a.astype(np.float64), axis=tuple(axes), keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    legal = relax.transform.LegalizeOps()(mod)
+    func = next(f for gv, f in legal.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    with target:
+        sch = RowReduction().apply(func, target, False)
+        assert sch is not None and "T.parallel" in sch.mod.script()
+        channels = relax.transform.LegalizeOps()(_reduce_module(shape, op, [1]))
+        func = next(f for gv, f in channels.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+        assert RowReduction().apply(func, target, False) is None
+
+
+def _reduce_module(shape, op, axes):
+    """main(x) = op(x, axes), keepdims, as a Relax module."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(getattr(relax.op, op)(x, axis=axes, keepdims=True))
+        bb.emit_func_output(y)
+    return bb.get()

@@ -36,7 +36,7 @@ from .passes import RewriteConv2D, applied_layers, fast_math, layout_transforms
 from .passes.parallelize_rest import ParallelizeRest
 from .passes.residual_in_place import ResidualInPlace
 from .plan import Plan
-from .schedule_rules import ColumnGEMV, OneReduction, RowGEMV
+from .schedule_rules import ColumnGEMV, OneReduction, RowGEMV, RowReduction
 from .stages import apply_database, kernel_table, open_database
 from .target import cross_compiler, export_library, make_target, runs_here, target_triple
 from .worker import Cached, CandidateCrash, Worker, isolated, shared_worker
@@ -78,7 +78,7 @@ def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
             mod = apply_database(mod, db, target)  # our tunable stages (they carry layer attributes)
             with db:  # TVM's own ops, by structural hash
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        mod = dl.ApplyDefaultSchedule(ColumnGEMV(), RowGEMV(), OneReduction())(mod)
+        mod = dl.ApplyDefaultSchedule(ColumnGEMV(), RowGEMV(), RowReduction(), OneReduction())(mod)
         return ResidualInPlace()(ParallelizeRest()(mod))
 
     return lower_pass

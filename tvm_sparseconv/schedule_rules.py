@@ -4,6 +4,8 @@ TVM's own CPU rules are used where they are fast; these replace them where they 
 
 - ColumnGEMV: a classifier head whose weight the importer stored transposed;
 - RowGEMV: dlight's GEMV rule, kept off GEMVs with more outputs than inputs;
+- RowReduction: a reduction over contiguous elements (a global average pool in NCHW) in
+  vector lanes;
 - OneReduction: dlight's Reduction rule, kept off functions with several reductions.
 """
 from __future__ import annotations
@@ -197,6 +199,79 @@ class ColumnGEMV(ScheduleRule):
             for b in (init, write_back):
                 _in_vectors(sch, sch.get_loops(b)[-1], width)
         except s_tir.ScheduleError:  # a shape this rule did not foresee: dlight's rules take it
+            interrupt.check()
+            return None
+        return sch
+
+
+def row_factor(r: int, lanes: int) -> int:
+    """Partial sums per output kept apart for RowReduction: the largest divisor of ``r`` (the
+    reduced elements) up to one vector, so that the lanes split r without a tail. Not more: the
+    lanes are summed at the end one after the other (on an AMD EPYC Zen 4, means over 7x7 and
+    14x14 took 0.026 and 0.035 ms with up to 4 vectors, 0.017 and 0.014 with one)."""
+    return max(d for d in range(1, min(r, lanes) + 1) if r % d == 0)
+
+
+class RowReduction(ScheduleRule):
+    """One reduction block whose reduced elements of each output are contiguous in every buffer
+    it reads (the innermost index of each is the innermost reduced axis), then elementwise
+    blocks: a global average pool or a mean over H and W in NCHW, a GEMV with its weight
+    contiguous along k that RowGEMV leaves. dlight's Reduction rule adds the elements in one
+    scalar chain, each add waiting for the one before (float addition is not reassociated):
+    EfficientNet-B0's 16 means of a squeeze-and-excitation took 0.84 ms, and a mean over
+    1 x 96 x 112 x 112 alone 0.50 ms against onnxruntime's 0.074.
+
+    Here each output keeps ``row_factor`` partial sums in vector lanes (rfactor), adds
+    contiguous vectors of x into them, and then sums the lanes: 0.036 ms for that mean. Outputs
+    are parallel tasks. The partial sums change the order of the additions, as every vectorized
+    sum does (onnxruntime's too)."""
+
+    def apply(self, func, target, tunable):
+        found = _scheduled_blocks(func)
+        if found is None:
+            return None
+        sch, blocks = found
+        stmt = [sch.get(b) for b in blocks]
+        reducing = [i for i, b in enumerate(stmt) if _reduces(b)]
+        if len(reducing) != 1 or any(map(_reduces, stmt[reducing[0] + 1:])) or reducing[0] != 0:
+            return None
+        red, epilogue = blocks[0], blocks[1:]
+        ivs = list(stmt[0].iter_vars)
+        kinds = [iv.iter_type for iv in ivs]
+        ns = kinds.index(_REDUCE) if _REDUCE in kinds else len(kinds)
+        if ns == 0 or any(k != _REDUCE for k in kinds[ns:]) or any(k != _SPATIAL for k in kinds[:ns]):
+            return None
+        inner = ivs[-1].var
+        if not stmt[0].reads or not all(r.region and _index_vars(r)[-1] is not None and _index_vars(r)[-1].same_as(inner)
+                                        for r in stmt[0].reads if not r.source.same_as(stmt[0].writes[0].source)):
+            return None  # the reduced elements are not contiguous in every input
+        extents = [iv.dom.extent for iv in ivs]
+        if not all(isinstance(e, tvm.tirx.IntImm) for e in extents):
+            return None
+        r = 1
+        for e in extents[ns:]:
+            r *= int(e)
+        lanes = cpu_of(target).lanes
+        factor = row_factor(r, lanes)
+        loops = sch.get_loops(red)
+        if factor < 4 or len(loops) != len(ivs) \
+                or [int(sch.get(lp).extent) for lp in loops] != [int(e) for e in extents]:
+            return None
+        try:
+            if ns > 1:
+                sch.fuse(*loops[:ns])
+            reduce = sch.fuse(*loops[ns:]) if len(loops) - ns > 1 else loops[ns]
+            _, part = sch.split(reduce, [None, factor])
+            sums = sch.rfactor(part, 0)  # sums[part, outputs...] = the partial sums
+            task, steps, part = sch.get_loops(sums)
+            sch.parallel(task)
+            sch.vectorize(part)
+            sch.reverse_compute_at(red, task)  # the lanes summed in the task that made them
+            for b in epilogue:  # in order: each reads the one before
+                sch.reverse_compute_at(b, task)
+            sch.set_scope(sums, 0, "local")  # one task's partial sums: registers
+            sch.decompose_reduction(sums, steps)  # last: the update block is no reduction after it
+        except s_tir.ScheduleError:  # a shape this rule did not foresee: the next rule takes it
             interrupt.check()
             return None
         return sch
