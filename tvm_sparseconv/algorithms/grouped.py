@@ -14,7 +14,7 @@ channels: tasks (n, channel block mb, band of ``rows`` output rows); xs Cg x Rin
     cb = ``c_block`` output channels (one vector of the CPU's lanes by default): lane j of
     xs[ci] holds the input channel that output channel mb*cb + j reads as its ci-th (lanes x
     lanes register transposes for depthwise layers without a multiplier, else element by
-    element; 0 past M). Where cb divides Mg (RegNet's and ResNeXt's wider groups), every lane
+    element; 0 past M). Where cb divides Mg (RegNet's groups of 16 channels), every lane
     of block mb reads the same input channel, of group mb*cb // Mg: xs is then Cg x Rin x Wp
     scalars (``shares_group``), copied in vectors from NCHW rows, and the multiply broadcasts
     each (cb copies per element cost more than the convolution: 4-12x on RegNet-like 56x56
