@@ -448,6 +448,28 @@ def test_row_reductions_in_lanes_match_numpy(shape, op, axes):
         assert RowReduction().apply(func, target, False) is None
 
 
+def test_row_reduction_declines_argmax():
+    """An argmax reduces to an (index, value) pair: RowReduction declines it (partial sums of a
+    pair are no sum), and it compiles to NumPy's argmax."""
+    import tvm_sparseconv
+    from tvm_sparseconv.schedule_rules import RowReduction
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 5, 9, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.argmax(x, axis=3))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    func = next(f for f in relax.transform.LegalizeOps()(mod).functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    with target:
+        assert RowReduction().apply(func, target, False) is None
+    a = np.random.default_rng(0).standard_normal((2, 5, 9, 16)).astype("float32")
+    got = relax.VirtualMachine(tvm_sparseconv.compile(mod), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
+    np.testing.assert_array_equal(got, np.argmax(a, axis=3))
+
+
 def _reduce_module(shape, op, axes):
     """main(x) = op(x, axes), keepdims, as a Relax module."""
     bb = relax.BlockBuilder()

@@ -236,6 +236,8 @@ class RowReduction(ScheduleRule):
         if len(reducing) != 1 or any(map(_reduces, stmt[reducing[0] + 1:])) or reducing[0] != 0:
             return None
         red, epilogue = blocks[0], blocks[1:]
+        if len(stmt[0].writes) != 1:  # an argmax's (index, value) pair: not a sum of partial sums
+            return None
         ivs = list(stmt[0].iter_vars)
         kinds = [iv.iter_type for iv in ivs]
         ns = kinds.index(_REDUCE) if _REDUCE in kinds else len(kinds)
