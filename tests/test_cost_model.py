@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 from tvm_sparseconv.algorithms import ALGORITHMS, DENSE, REGISTRY, get_algorithm
+from tvm_sparseconv.algorithms.grouped import blocks_layouts
 from tvm_sparseconv.cli import main
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.cpu import cpu_of
@@ -495,7 +496,7 @@ def _blocked(c: Candidate) -> bool:
 @pytest.mark.parametrize("blocked_speed", [0.5, 2.0])
 def test_predicted_layouts_follow_the_predictions_and_the_plan_runs(mixed, monkeypatch, blocked_speed, tmp_path):
     """The predicted plan's layouts phase: with blocked candidates predicted twice as fast, the
-    dense layers go to channel blocks (their NCHW knobs in the note, as the tuner keeps them), and
+    layers that take them (dense; grouped in groups of whole vectors) go to channel blocks (their NCHW knobs in the note, as the tuner keeps them), and
     the plan compiles and matches onnxruntime; predicted twice as slow, every layer stays NCHW."""
     from tvm_sparseconv.compile import build
 
@@ -513,7 +514,11 @@ def test_predicted_layouts_follow_the_predictions_and_the_plan_runs(mixed, monke
         assert not moved and plan.model["layouts"].startswith("nchw (channel blocks predicted")
         return
     dense = [l for l in plan.layers if l.algorithm == "dense"]
-    assert dense and moved == dense and plan.model["layouts"].startswith(f"{len(dense)} of {len(dense)} layers")
+    # dense layers, and a grouped one whose groups are whole vectors (32 channels in 2 groups:
+    # 16 outputs a group, two AVX2 vectors)
+    takers = [l for l in plan.layers if l in dense or (l.algorithm == "grouped" and blocks_layouts(
+        Conv2DSpec.from_dict(l.spec), cpu_of(AVX2_TARGET).lanes))]
+    assert dense and moved == takers and plan.model["layouts"].startswith(f"{len(takers)} of {len(takers)} layers")
     assert all(l.knobs["layout_in"] == "nchw8c" or l.knobs["layout_out"] == "nchw8c" for l in moved)
     x = np.maximum(np.random.default_rng(3).standard_normal((1, 8, 16, 16)), 0).astype(np.float32)
     if cpu_of(None).isa in ("avx2", "avx512"):  # AVX2 code runs on both kinds of host
