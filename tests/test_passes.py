@@ -428,7 +428,7 @@ def test_row_reductions_in_lanes_match_numpy(shape, op, axes):
     import tvm_sparseconv
     from tvm_sparseconv.schedule_rules import RowReduction
 
-    mod = _reduce_module(shape, op, axes)
+    mod = _reduce_module(shape, lambda x: getattr(relax.op, op)(x, axis=axes, keepdims=True))
     rng = np.random.default_rng(1)
     a = rng.standard_normal(shape).astype("float32")
     a[0, 1, 2, 3], a[-1, 2, 0, 0], a[0, 3, -1, -1] = np.nan, np.inf, -np.inf
@@ -443,7 +443,7 @@ def test_row_reductions_in_lanes_match_numpy(shape, op, axes):
     with target:
         sch = RowReduction().apply(func, target, False)
         assert sch is not None and "T.parallel" in sch.mod.script()
-        channels = relax.transform.LegalizeOps()(_reduce_module(shape, op, [1]))
+        channels = relax.transform.LegalizeOps()(_reduce_module(shape, lambda x: getattr(relax.op, op)(x, axis=[1], keepdims=True)))
         func = next(f for gv, f in channels.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
         assert RowReduction().apply(func, target, False) is None
 
@@ -454,13 +454,7 @@ def test_row_reduction_declines_argmax():
     import tvm_sparseconv
     from tvm_sparseconv.schedule_rules import RowReduction
 
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((2, 5, 9, 16), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit_output(relax.op.argmax(x, axis=3))
-        bb.emit_func_output(y)
-    mod = bb.get()
+    mod = _reduce_module((2, 5, 9, 16), lambda x: relax.op.argmax(x, axis=3))
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
     func = next(f for f in relax.transform.LegalizeOps()(mod).functions.values() if isinstance(f, tvm.tirx.PrimFunc))
     with target:
@@ -470,12 +464,12 @@ def test_row_reduction_declines_argmax():
     np.testing.assert_array_equal(got, np.argmax(a, axis=3))
 
 
-def _reduce_module(shape, op, axes):
-    """main(x) = op(x, axes), keepdims, as a Relax module."""
+def _reduce_module(shape, reduce):
+    """main(x) = reduce(x) (a Relax expression of x) as a Relax module."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit_output(getattr(relax.op, op)(x, axis=axes, keepdims=True))
+            y = bb.emit_output(reduce(x))
         bb.emit_func_output(y)
     return bb.get()

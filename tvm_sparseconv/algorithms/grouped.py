@@ -302,6 +302,12 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
                 xs[base + (pl + j) * cb + lane] = x[n, mb, h, j, lane]
 
     @T.macro
+    def borders(xs, base):
+        """The padding columns of the packed row at ``base``: zeros."""
+        _zero(xs, base, pl * lw)
+        _zero(xs, base + (pl + W) * lw, (Wp - pl - W) * lw)
+
+    @T.macro
     def pack_shared(x, xs, n, mb, ci, h, base):
         """One input row h of input channel c, the ci-th of block mb's group, as scalars:
         xs[base + pl + j] = x[n, c, h, j] (x NCHW: vector copies; blocked: lane c % cb_in)."""
@@ -320,12 +326,12 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
             h = r0 * sh + ii - pt
             if h >= 0 and h < H:
                 for ci in range(Cg):
-                    _zero(xs, (ci * Rin + ii) * Wp, pl)
-                    _zero(xs, (ci * Rin + ii) * Wp + pl + W, Wp - pl - W)
+                    borders(xs, (ci * Rin + ii) * Wp)
                 for kb in range(Cg // L):
                     for jt in range(_cdiv(W, L)):  # the last column tile overlaps the one before it
-                        vec.untranspose_tile(xs, Rin * Wp, x, n, (mb * cb // Mg * Cg) // L + kb, h,
-                                             T.min(jt * L, W - L), (kb * L * Rin + ii) * Wp + pl + T.min(jt * L, W - L))
+                        j0 = T.min(jt * L, W - L)
+                        vec.untranspose_tile(xs, Rin * Wp, x, n, mb * cb // Mg * Cg // L + kb, h, j0,
+                                             (kb * L * Rin + ii) * Wp + pl + j0)
             else:
                 for ci in range(Cg):
                     _zero(xs, (ci * Rin + ii) * Wp, Wp)
@@ -339,7 +345,7 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
             base = (ci * Rin + ii) * Wp * lw
             h = r0 * sh + ii - pt
             if h >= 0 and h < H:
-                _zero(xs, base, pl * lw)
+                borders(xs, base)
                 if shared:
                     pack_shared(x, xs, n, mb, ci, h, base)
                 elif blocked_in:
@@ -348,7 +354,6 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
                     pack_transposed(x, xs, n, mb, h, base)
                 else:
                     pack_lanes(x, xs, n, mb, ci, h, base)
-                _zero(xs, base + (pl + W) * lw, (Wp - pl - W) * lw)
             else:
                 _zero(xs, base, Wp * lw)
 
