@@ -217,14 +217,19 @@ def test_probe_conv_inputs_returns_every_conv_input_after_the_output():
     tvm.ir.assert_structural_equal(ProbeConvInputs()(Before), Expected)
 
 
-def _legalized(op, shape) -> tvm.tirx.PrimFunc:
+def _module(op, shape) -> tvm.IRModule:
+    """main(x) = op(x) (a Relax expression of x) as a Relax module."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit_output(op(x))
         bb.emit_func_output(y)
-    mod = relax.transform.LegalizeOps()(bb.get())
+    return bb.get()
+
+
+def _legalized(op, shape) -> tvm.tirx.PrimFunc:
+    mod = relax.transform.LegalizeOps()(_module(op, shape))
     return next(f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
@@ -428,7 +433,8 @@ def test_row_reductions_in_lanes_match_numpy(shape, op, axes):
     import tvm_sparseconv
     from tvm_sparseconv.schedule_rules import RowReduction
 
-    mod = _reduce_module(shape, lambda x: getattr(relax.op, op)(x, axis=axes, keepdims=True))
+    reduce = getattr(relax.op, op)
+    mod = _module(lambda x: reduce(x, axis=axes, keepdims=True), shape)
     rng = np.random.default_rng(1)
     a = rng.standard_normal(shape).astype("float32")
     a[0, 1, 2, 3], a[-1, 2, 0, 0], a[0, 3, -1, -1] = np.nan, np.inf, -np.inf
@@ -438,14 +444,11 @@ def test_row_reductions_in_lanes_match_numpy(shape, op, axes):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
-    legal = relax.transform.LegalizeOps()(mod)
-    func = next(f for gv, f in legal.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
     with target:
-        sch = RowReduction().apply(func, target, False)
+        sch = RowReduction().apply(_legalized(lambda x: reduce(x, axis=axes, keepdims=True), shape), target, False)
         assert sch is not None and "T.parallel" in sch.mod.script()
-        channels = relax.transform.LegalizeOps()(_reduce_module(shape, lambda x: getattr(relax.op, op)(x, axis=[1], keepdims=True)))
-        func = next(f for gv, f in channels.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
-        assert RowReduction().apply(func, target, False) is None
+        channels = _legalized(lambda x: reduce(x, axis=[1], keepdims=True), shape)
+        assert RowReduction().apply(channels, target, False) is None
 
 
 def test_row_reduction_declines_argmax():
@@ -454,22 +457,11 @@ def test_row_reduction_declines_argmax():
     import tvm_sparseconv
     from tvm_sparseconv.schedule_rules import RowReduction
 
-    mod = _reduce_module((2, 5, 9, 16), lambda x: relax.op.argmax(x, axis=3))
+    mod = _module(lambda x: relax.op.argmax(x, axis=3), (2, 5, 9, 16))
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
-    func = next(f for f in relax.transform.LegalizeOps()(mod).functions.values() if isinstance(f, tvm.tirx.PrimFunc))
     with target:
-        assert RowReduction().apply(func, target, False) is None
+        assert RowReduction().apply(_legalized(lambda x: relax.op.argmax(x, axis=3), (2, 5, 9, 16)), target, False) is None
     a = np.random.default_rng(0).standard_normal((2, 5, 9, 16)).astype("float32")
     got = relax.VirtualMachine(tvm_sparseconv.compile(mod), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
     np.testing.assert_array_equal(got, np.argmax(a, axis=3))
 
-
-def _reduce_module(shape, reduce):
-    """main(x) = reduce(x) (a Relax expression of x) as a Relax module."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit_output(reduce(x))
-        bb.emit_func_output(y)
-    return bb.get()
