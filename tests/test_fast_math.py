@@ -64,6 +64,23 @@ def test_matches_float64_over_the_float32_range(name, op):
     _check(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(name, x), x)
 
 
+def test_erf_on_a_dense_grid_stays_within_its_fit():
+    """erf where it is not 0 or 1, where its fit is: every step of 2^-12 over (0, 4.5] and
+    values down to the subnormals, each with its negative, against math.erf in float64
+    (relative error under 1e-6); never beyond +-1, an odd function, and erf(-0.0) is -0.0 as
+    in math.erf."""
+    pos = np.concatenate([np.arange(1, 4.5 * 4096 + 1) / 4096, [1e-45, 1e-40, 1e-38, 1e-20, 1e-8, 3e-4], [0.0]])
+    pos = np.pad(pos, (0, -len(pos) % 32), constant_values=1.0)
+    x = np.concatenate([pos, -pos]).astype(np.float32).reshape(1, 16, -1, 4)
+    _, vm = _build(relax.op.erf, x)
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    _check(y, _reference("erf", x), x)
+    assert np.abs(y).max() <= 1.0
+    yp, yn = y.ravel()[:len(pos)], y.ravel()[len(pos):]
+    assert np.array_equal(yn, -yp)
+    assert np.array_equal(np.signbit(y.ravel()), np.signbit(x.ravel()))  # erf(-0.0) is -0.0
+
+
 def test_sigmoid_limits_are_exact():
     """0 and 1 at the ends as in IEEE arithmetic, so SiLU(-Inf) = -Inf * 0 is NaN as in onnxruntime."""
     x = np.array([-np.inf, -1e30, -89.0, np.inf, 1e30, 89.0, 20.0, np.nan] * 2, np.float32).reshape(1, 1, 4, 4)

@@ -296,58 +296,96 @@ def _blocks(func: tvm.tirx.PrimFunc) -> list:
     return [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
 
 
-def _fused_head(batch: int, k: int, n: int) -> tvm.tirx.PrimFunc:
-    """The PrimFunc of x (batch x k) @ w (k x n) + b after Relax fuses it, as a classifier
-    head from ONNX arrives at the dlight rules (the weight's transpose folded into it)."""
+def _gelu(y):
+    """GELU as torch exports it to ONNX (erf), in Relax ops."""
+    erf = relax.op.erf(relax.op.divide(y, relax.const(1.4142135, "float32")))
+    return relax.op.multiply(relax.op.multiply(y, relax.op.add(erf, relax.const(1.0, "float32"))),
+                             relax.const(0.5, "float32"))
+
+
+def _gelu_f64(y):
+    from math import erf
+
+    return 0.5 * y * (1 + np.vectorize(erf)(y / np.sqrt(2)))
+
+
+def _fused_head(batch: int, k: int, n: int, gelu: bool = False) -> tvm.tirx.PrimFunc:
+    """The PrimFunc of x (batch x k) @ w (k x n) + b (then GELU) after Relax fuses it, as a
+    classifier head from ONNX (the weight's transpose folded into it) or an MLP over the pixels
+    of an NHWC map arrives at the dlight rules."""
+    from tvm_sparseconv.passes.fast_math import legalize_map
+
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((batch, k), "float32"))
     w = relax.Var("w", relax.TensorType((k, n), "float32"))
     b = relax.Var("b", relax.TensorType((n,), "float32"))
     with bb.function("main", [x, w, b]):
         with bb.dataflow():
-            y = bb.emit_output(relax.op.add(relax.op.matmul(x, w), b))
+            y = relax.op.add(relax.op.matmul(x, w), b)
+            y = bb.emit_output(_gelu(y) if gelu else y)
         bb.emit_func_output(y)
-    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(legalize_map()), relax.transform.AnnotateTIROpPattern(),
                                     relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
     return next(f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
-@pytest.mark.parametrize("batch,k,n", [(1, 1280, 1000), (8, 96, 1000), (2, 64, 5), (1, 25088, 64), (36, 40, 24)])
-def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n):
-    """A K x N head: each parallel task keeps a tile of outputs in vectors and walks k (the
-    old schedule read w down its columns); the bias add goes in the same task. VGG-16's
-    25088 -> 64 head still gives each core a task. At a batch, the rows' tiles are held
-    together (as many rows as fit the CPU's accumulators), so that each row of w is read once
-    per group of rows, not once per row. The tile is written as vectors of the CPU's width or a
-    divisor of it (1000 outputs in tiles of 40 on AVX-512: 5 vectors of 8, not one 40-wide
-    vector that LLVM takes apart). Values against NumPy float64, the tile a divisor of N (no
-    tail)."""
+@pytest.mark.parametrize("batch,k,n,gelu", [(1, 1280, 1000, False), (8, 96, 1000, False), (2, 64, 5, False),
+                                            (1, 25088, 64, False), (36, 40, 24, False), (3136, 48, 192, True),
+                                            (49, 384, 1536, True), (784, 384, 96, False)])
+def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n, gelu):
+    """A K x N matmul, a head or an MLP over many rows (pixels): each parallel task keeps a
+    tile of outputs of a group of rows in vectors and walks k (the old schedule read w down its
+    columns), so each row of w read feeds the whole group; the tiles and groups are one
+    parallel loop. The elementwise epilogue (bias, GELU) is computed on the accumulators as they
+    are stored: no buffer of the matmul's size is left in the function. The tile is written as
+    vectors of the CPU's width or a divisor of it (1000 outputs in tiles of 40 on AVX-512: 5
+    vectors of 8, not one 40-wide vector that LLVM takes apart). Values against NumPy float64,
+    the tile and group divisors of N and the rows (no tail)."""
     from math import gcd
 
     from tvm_sparseconv.cpu import cpu_of
-    from tvm_sparseconv.schedule_rules import ColumnGEMV, column_tile
+    from tvm_sparseconv.schedule_rules import ColumnGEMV, matmul_tile
     from tvm_sparseconv.target import make_target
 
     target = make_target(None)
     cpu = cpu_of(target)
-    tile = column_tile(n, cpu.lanes, cpu.cores)
-    assert tile is not None and n % tile == 0
-    sch = ColumnGEMV().apply(_fused_head(batch, k, n), target, False)
+    tile, group = matmul_tile(n, batch, cpu.lanes, cpu.accumulators, cpu.cores)
+    assert n % tile == 0 and batch % group == 0
+    width = gcd(tile, cpu.lanes)
+    assert group * (tile // width) <= cpu.accumulators
+    sch = ColumnGEMV().apply(_fused_head(batch, k, n, gelu), target, False)
     assert sch is not None
     func = sch.mod["main"]
     text = func.script()
-    width = gcd(tile, cpu.lanes)
-    assert f"T.parallel(T.int64({n // tile}))" in text and f"T.vectorized(T.int64({width}))" in text
-    group = max(d for d in range(1, batch + 1) if batch % d == 0 and d * (tile // width) <= cpu.accumulators)
+    tasks = n // tile * batch // group
+    assert f"T.parallel(T.int64({tasks}))" in text and f"T.vectorized(T.int64({width}))" in text
+    assert f"T.sblock_alloc_buffer((T.int64({batch}), T.int64({n})))" not in text  # only the local accumulators
     loops = [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("matmul_update"))]
     vectors = [tile // width, width]
-    assert loops == ([n // tile, batch // group, k, group, *vectors] if group > 1 else [n // tile, batch, k, *vectors])
+    assert loops == ([tasks, k, group, *vectors] if group > 1 else [tasks, k, *vectors])
     f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     rng = np.random.default_rng(0)
     x, w, b = (rng.standard_normal(s).astype("float32") for s in ((batch, k), (k, n), (n,)))
     y = tvm.runtime.tensor(np.zeros((batch, n), "float32"))
     f["main"](*(tvm.runtime.tensor(a) for a in (x, w, b)), y)
-    np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ w + b, rtol=1e-4, atol=1e-4)
+    ref = x.astype(np.float64) @ w + b
+    np.testing.assert_allclose(y.numpy(), _gelu_f64(ref) if gelu else ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_matmul_tiles_fill_the_registers_and_the_cores():
+    """The (outputs, rows) a ColumnGEMV task holds: up to 4 vectors of outputs, as many rows as
+    fit the accumulators and divide the rows, the most multiply-adds per load while every core
+    has a task. 49 rows (7x7 pixels) of 1536 outputs take 2 vectors of 7 rows on AVX-512 (4
+    vectors would leave groups of 1: 0.48 ms against 0.28 on an AMD EPYC Zen 4)."""
+    from tvm_sparseconv.schedule_rules import matmul_tile
+
+    assert matmul_tile(1536, 49, 16, 16, 2) == (32, 7)
+    assert matmul_tile(192, 3136, 16, 16, 2) == (64, 4)
+    assert matmul_tile(192, 3136, 8, 8, 2) == (32, 2)  # AVX2: 4 vectors of 2 rows in 8 accumulators
+    assert matmul_tile(1000, 1, 16, 16, 2) == (40, 1)  # a head: the widest tile that still gives 2 tasks
+    assert matmul_tile(64, 1, 16, 16, 2) == (32, 1) and matmul_tile(64, 1, 16, 16, 1) == (64, 1)
+    assert matmul_tile(64, 0, 16, 16, 2) == (32, 1)  # rows known at run time only: one at a time
+    assert matmul_tile(1009, 5, 16, 16, 2) is None
 
 
 def test_column_gemv_with_a_batch_known_only_at_run_time():
@@ -372,13 +410,10 @@ def test_column_gemv_with_a_batch_known_only_at_run_time():
 def test_column_gemv_declines_what_it_cannot_vectorize():
     """An N with no divisor of a vector's size (a prime) and a weight laid out N x K (dlight's
     own GEMV takes it) are left to the next rule."""
-    from tvm_sparseconv.schedule_rules import ColumnGEMV, column_tile
+    from tvm_sparseconv.schedule_rules import ColumnGEMV
     from tvm_sparseconv.target import make_target
 
     target = make_target(None)
-    assert column_tile(1009, 16) is None and column_tile(1009, 8) is None
-    assert column_tile(1000, 16) == 40 and column_tile(1000, 8) == 8 and column_tile(5, 16) == 5
-    assert column_tile(64, 16, 1) == 64 and column_tile(64, 16, 2) == 32 and column_tile(64, 16, 8) == 16
     assert ColumnGEMV().apply(_fused_head(1, 64, 1009), target, False) is None
     nk = _legalized(lambda x: relax.op.matmul(x, relax.const(np.ones((32, 64), "float32"))), (1, 32))
     assert ColumnGEMV().apply(nk, target, False) is not None  # (1 x 32) @ (32 x 64): K x N
@@ -465,3 +500,57 @@ def test_row_reduction_declines_argmax():
     got = relax.VirtualMachine(tvm_sparseconv.compile(mod), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
     np.testing.assert_array_equal(got, np.argmax(a, axis=3))
 
+
+
+def _nhwc_mlp(bias_after_reshape: bool) -> tuple[tvm.IRModule, tuple]:
+    """main(x: 1 x 4 x 4 x 8) as torch exports a Linear -> GELU -> Linear over an NHWC map to
+    ONNX: each Linear flattens the pixels, multiplies and reshapes back, and GELU runs on the
+    4-d view. With ``bias_after_reshape`` the first bias is added to the 4-d view as a
+    1 x 1 x 1 x 12 tensor (it broadcasts: not a scalar). Also its weights (w1, b1, w2)."""
+    rng = np.random.default_rng(3)
+    weights = tuple(rng.standard_normal(s).astype("float32") for s in ((8, 12), (12,), (12, 8)))
+    (w1, w2), b1 = (relax.const(weights[0]), relax.const(weights[2])), weights[1]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 4, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.matmul(bb.emit(relax.op.reshape(x, (16, 8))), w1))
+            if bias_after_reshape:
+                h = bb.emit(relax.op.add(bb.emit(relax.op.reshape(h, (1, 4, 4, 12))),
+                                         relax.const(b1.reshape(1, 1, 1, 12))))
+            else:
+                h = bb.emit(relax.op.reshape(bb.emit(relax.op.add(h, relax.const(b1))), (1, 4, 4, 12)))
+            g = bb.emit(_gelu(h))
+            y = bb.emit(relax.op.matmul(bb.emit(relax.op.reshape(g, (16, 12))), w2))
+            y = bb.emit_output(relax.op.add(x, bb.emit(relax.op.reshape(y, (1, 4, 4, 8)))))
+        bb.emit_func_output(y)
+    return bb.get(), weights
+
+
+@pytest.mark.parametrize("bias_after_reshape", [False, True])
+def test_sink_reshapes_moves_gelu_in_front_of_the_reshape(bias_after_reshape):
+    """GELU on the 4-d view of a flattened matmul's output moves in front of the reshape, and
+    the pair of reshapes around it goes: the chain reads the matmul's 2-d output, so Relax fuses
+    it with the matmul. An operand that broadcasts (a 1 x 1 x 1 x 12 bias on the view) stops
+    the move there. The module computes the same values as before, against NumPy float64."""
+    from tvm_sparseconv.passes.sink_reshapes import SinkReshapes
+
+    mod, (w1, b1, w2) = _nhwc_mlp(bias_after_reshape)
+    sunk = SinkReshapes(mod)
+    calls = [b.value for blk in sunk["main"].body.blocks for b in blk.bindings if isinstance(b.value, relax.Call)]
+    names = [c.op.name for c in calls]
+    erf = calls[names.index("relax.erf")]
+    if bias_after_reshape:  # the bias blocks it: GELU stays on the 4-d view
+        assert [int(d) for d in erf.args[0].ty.shape] == [1, 4, 4, 12]
+    else:
+        assert [int(d) for d in erf.args[0].ty.shape] == [16, 12]
+        assert names.count("relax.reshape") == 2  # the first flatten and the last unflatten
+    x = np.random.default_rng(4).standard_normal((1, 4, 4, 8)).astype("float32")
+    outs = []
+    for m in (mod, sunk):
+        vm = relax.VirtualMachine(tvm.compile(relax.transform.LegalizeOps()(m), target="llvm"), tvm.cpu())
+        outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    x64 = x.astype(np.float64).reshape(16, 8)
+    ref = x64 + _gelu_f64(x64 @ w1 + b1) @ w2
+    np.testing.assert_allclose(outs[1].reshape(16, 8), ref, rtol=1e-5, atol=1e-5)
