@@ -13,6 +13,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, s_tir
 
+from .main_mutator import mutate_main
+
 _OPS = {tvm.tirx.Max: relax.op.maximum, tvm.tirx.Min: relax.op.minimum}
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
@@ -82,9 +84,4 @@ class _Mutator(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.ClampsAsOps")
 def ClampsAsOps(mod: tvm.IRModule, ctx) -> tvm.IRModule:  # noqa: N802 (a pass, named as TVM's are)
     """``main``'s scalar max/min call_tirs as Relax ops; the PrimFuncs nothing calls then dropped."""
-    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
-        return mod
-    m = _Mutator(mod)
-    new_main = m.visit_expr(mod["main"])
-    m.builder_.update_func(m.builder_.get().get_global_var("main"), new_main)
-    return relax.transform.DeadCodeElimination(["main"])(m.builder_.get())
+    return relax.transform.DeadCodeElimination(["main"])(mutate_main(mod, _Mutator(mod)))

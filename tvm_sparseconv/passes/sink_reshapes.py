@@ -17,6 +17,8 @@ import tvm
 from tvm import relax
 from tvm.relax.transform import RemoveRedundantReshape
 
+from .main_mutator import mutate_main
+
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 # ops that compute each output element from the same element of each operand (and scalars)
 _ELEMENTWISE = {tvm.ir.Op.get(f"relax.{name}") for name in (
@@ -78,10 +80,5 @@ class _Mutator(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv.SinkReshapes")
 def SinkReshapes(mod: tvm.IRModule, ctx) -> tvm.IRModule:  # noqa: N802 (a pass, named as TVM's are)
     """``main``'s elementwise ops in front of the reshapes they read; pairs of reshapes merged."""
-    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
-        return mod
-    m = _Mutator(mod)
-    new_main = m.visit_expr(mod["main"])
-    m.builder_.update_func(m.builder_.get().get_global_var("main"), new_main)
-    mod = RemoveRedundantReshape()(m.builder_.get())
+    mod = RemoveRedundantReshape()(mutate_main(mod, _Mutator(mod)))
     return relax.transform.DeadCodeElimination(["main"])(mod)
