@@ -2,7 +2,8 @@
 
 TVM's own CPU rules are used where they are fast; these replace them where they are not:
 
-- ColumnGEMV: a classifier head whose weight the importer stored transposed;
+- ColumnGEMV: a matmul whose weight is stored K x N: a classifier head (the importer stored
+  it transposed), an MLP over the pixels of an NHWC map;
 - RowGEMV: dlight's GEMV rule, kept off GEMVs with more outputs than inputs;
 - RowReduction: a reduction over contiguous elements (a global average pool in NCHW) in
   vector lanes;
@@ -10,7 +11,7 @@ TVM's own CPU rules are used where they are fast; these replace them where they 
 """
 from __future__ import annotations
 
-from math import ceil, gcd
+from math import gcd
 
 import tvm
 from tvm import s_tir
@@ -206,6 +207,8 @@ class ColumnGEMV(ScheduleRule):
             sch.parallel(task)
             for b in epilogue[:-1]:  # no full-size buffer between the elementwise ops: one loop
                 sch.compute_inline(b)
+            # placed and vectorized in the task before it is inlined into the store below: left at
+            # the root, the fused GELU of a 3136 x 48 -> 192 matmul took 0.52 ms, not 0.43 (Zen 4)
             for b in epilogue[-1:]:
                 sch.reverse_compute_at(b, task)
                 _in_vectors(sch, sch.get_loops(b)[-1], width)
