@@ -161,13 +161,29 @@ class Epilogue:
     """What is applied to the accumulators before they are stored, in this order: + bias[m],
     + res[n, m, r, s] (a residual input of y's shape, when the graph adds one), then
     max(., 0) with ``relu``, then min(., clip) with ``clip`` (ReLU6 is relu and clip 6.0; any
-    clip(0, a) is relu and clip a). NaN passes both bounds, as in the graph's own ops."""
+    clip(0, a) is relu and clip a). NaN passes both bounds, as in the graph's own ops.
+
+    ``gate``, instead of relu and clip, multiplies v by a gate of itself (GATES):
+    v * clip(v * HARD_SIGMOID[0] + HARD_SIGMOID[1], 0, 1) with ``"hard_sigmoid"`` (hard-swish,
+    as ONNX's HardSwish). SiLU's gate, v * sigmoid(v), is not one: where a kernel stores NCHW,
+    its epilogue runs in vectors of a few pixels, and a sigmoid there cost more than the graph's
+    own vectorized pass over the output (docs/design.md)."""
 
     bias: bool = False
     relu: bool = False
     residual: bool = False
     clip: float | None = None
+    gate: str | None = None
 
     def __post_init__(self):
         if self.clip is not None and not (self.relu and float(self.clip) > 0):
             raise ConvSpecError(f"clip={self.clip}: an epilogue clips to [0, a] with relu=True and a > 0")
+        if self.gate is not None and (self.gate not in GATES or self.relu):
+            raise ConvSpecError(f"gate={self.gate!r}: an epilogue's gate is one of {GATES}, without relu")
+
+
+# the gates an epilogue may multiply its output by (Epilogue.gate)
+GATES = ("hard_sigmoid",)
+# hard_sigmoid(v) = clip(v * alpha + beta, 0, 1): ONNX's HardSwish's (alpha, beta), alpha as the
+# float32 nearest 1/6, which its importers write
+HARD_SIGMOID = (0.1666666716337204, 0.5)

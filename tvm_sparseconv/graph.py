@@ -13,12 +13,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .conv import Conv2DSpec, Epilogue
+from .conv import HARD_SIGMOID, Conv2DSpec, Epilogue
 
 CONV = tvm.ir.Op.get("relax.nn.conv2d")
 ADD = tvm.ir.Op.get("relax.add")
 RELU = tvm.ir.Op.get("relax.nn.relu")
 MAXIMUM, MINIMUM, CLIP = (tvm.ir.Op.get(f"relax.{n}") for n in ("maximum", "minimum", "clip"))
+MULTIPLY = tvm.ir.Op.get("relax.multiply")
 # ops that keep a non-negative input non-negative and about as sparse (they move, pad or pool its
 # values): what may sit between a ReLU and the conv it feeds
 KEEPS_ZEROS = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
@@ -31,21 +32,23 @@ _TO_OIHW = {"OIHW": None, "HWIO": (3, 2, 0, 1), "OHWI": (0, 3, 1, 2), "HWOI": (2
 
 @dataclass(frozen=True)
 class ResidualAdd:
-    """conv (+ bias) -> add(., residual) [-> ReLU or clip(0, a)]: the chain a kernel that fuses the
-    residual add replaces (``root`` its last var, ``absorbed`` the vars before it), ``residual``
-    the other operand of the add (y-shaped, NCHW)."""
+    """conv (+ bias) -> add(., residual) [-> ReLU, clip(0, a) or a gate]: the chain a kernel that
+    fuses the residual add replaces (``root`` its last var, ``absorbed`` the vars before it),
+    ``residual`` the other operand of the add (y-shaped, NCHW)."""
 
     residual: relax.Expr
     root: relax.Var
     absorbed: tuple
     relu: bool
     clip: float | None = None
+    gate: str | None = None
 
 
 @dataclass
 class ConvSite:
     """One conv2d call, with the bias add and activation (ReLU, or a clip(0, a) such as ReLU6:
-    ``relu`` and ``clip``, conv.Epilogue's) that directly and only consume it.
+    ``relu`` and ``clip``; or a hard-swish: ``gate``; conv.Epilogue's) that directly and only
+    consume it.
 
     ``weight`` is the OIHW weight when it is a constant (else None); ``root`` is the last
     var of the fused chain (conv, + bias, ReLU) whose value a rewrite replaces; ``absorbed``
@@ -71,17 +74,18 @@ class ConvSite:
     residual_add: ResidualAdd | None = None
     clip: float | None = None
     input_relu: bool = False
+    gate: str | None = None
 
     def epilogue(self, fused: bool = False) -> Epilogue:
         """What a kernel for this layer computes after the convolution: its bias and activation,
         or with ``fused`` the residual_add chain (the residual add, then the chain's activation)."""
         act = self.residual_add if fused else self
-        return Epilogue(bias=self.bias is not None, relu=act.relu, residual=fused, clip=act.clip)
+        return Epilogue(bias=self.bias is not None, relu=act.relu, residual=fused, clip=act.clip, gate=act.gate)
 
     def describe(self) -> dict:
         s = self.spec
         return {"key": self.key, "spec": s.to_dict(), "bias": self.bias is not None, "relu": self.relu,
-                "clip": self.clip, "residual_add": self.residual_add is not None, "data_layout": self.data_layout,
+                "clip": self.clip, "gate": self.gate, "residual_add": self.residual_add is not None, "data_layout": self.data_layout,
                 "why_dense": self.why_dense, "input_relu": self.input_relu}
 
 
@@ -193,7 +197,7 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
         why = "the weight is not a constant"
     if why is None and (x.ty.dtype != "float32" or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))):
         why = f"dtype {x.ty.dtype} (the kernels are float32)"
-    root, absorbed, bias, relu, clip = var, [], None, False, None
+    root, absorbed, bias, relu, clip, gate = var, [], None, False, None, None
     if why is None:
         nxt = _only_consumer(root, uses, consumer)
         if nxt is not None and bindings[nxt].op == ADD:
@@ -203,11 +207,11 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
             if b is not None:
                 absorbed.append(root)
                 root, bias = nxt, b
-        root, relu, clip = _activation(root, absorbed, bindings, uses, consumer)
-    residual = None if why is not None or relu or data_layout != "NCHW" else _residual_add(
+        root, relu, clip, gate = _activation(root, absorbed, bindings, uses, consumer)
+    residual = None if why is not None or relu or gate or data_layout != "NCHW" else _residual_add(
         root, absorbed, spec, bindings, uses, consumer)
     return ConvSite(index, f"conv{index:03d}", spec, data_layout, var, root, tuple(absorbed), weight, bias, relu, why,
-                    residual, clip)
+                    residual, clip, gate=gate)
 
 
 def scalar_value(e) -> float | None:
@@ -245,20 +249,72 @@ def _bounded(root, bindings, uses, consumer):
 
 def _activation(root, absorbed: list, bindings, uses, consumer) -> tuple:
     """Follow ``root`` through a ReLU or a clip to [0, a] that only it feeds: relu, maximum(., 0)
-    or clip(., 0, a), then optionally minimum(., a) after the first two (a > 0). The vars passed
-    go into ``absorbed``. Returns (the new root, relu, clip) as conv.Epilogue has them."""
+    or clip(., 0, a), then optionally minimum(., a) after the first two (a > 0); or through a
+    gate (_gate). The vars passed go into ``absorbed``. Returns (the new root, relu, clip, gate)
+    as conv.Epilogue has them."""
     first = _bounded(root, bindings, uses, consumer)
     if first is None or first[1] != 0.0 or not first[2] > 0:
-        return root, False, None
+        gated = _gate(root, bindings, uses, consumer)
+        if gated is None:
+            return root, False, None, None
+        absorbed.extend(gated[0])
+        return gated[1], False, None, gated[2]
     absorbed.append(root)
     root, _, hi = first
     if hi < np.inf:
-        return root, True, hi
+        return root, True, hi, None
     second = _bounded(root, bindings, uses, consumer)
     if second is None or second[1] != -np.inf or not 0 < second[2] < np.inf:
-        return root, True, None
+        return root, True, None, None
     absorbed.append(root)
-    return second[0], True, second[2]
+    return second[0], True, second[2], None
+
+
+def _gate(root, bindings, uses, consumer) -> tuple | None:
+    """(the vars absorbed, the new root, conv.Epilogue's gate) when ``root`` only feeds
+    root * g(root) as TVM's ONNX importer writes a HardSwish, else None:
+    multiply(root, clip(add(multiply(root, 1/6), 1/2), 0, 1)) -> "hard_sigmoid", in either
+    operand order. Only those constants: another alpha or beta, or relu6(x + 3) / 6, keeps its
+    own ops, unfused. The intermediates must feed nothing else."""
+    users = consumer.get(root, [])
+    if uses[root] != 2 or len(users) != 2:
+        return None
+    for first, last in (users, users[::-1]):
+        chain = _hard_sigmoid_chain(first, root, bindings, uses, consumer)
+        m = _call_of(last, MULTIPLY, bindings)
+        g = _operand_besides(m, root) if m is not None else None
+        if chain is not None and g is not None and g.same_as(chain[-1]):
+            return [root, *chain], last, "hard_sigmoid"
+    return None
+
+
+def _hard_sigmoid_chain(mul, root, bindings, uses, consumer) -> list | None:
+    """[mul, add, clip] when mul = root * alpha, add = mul + beta and clip = clip(add, 0, 1) with
+    HARD_SIGMOID's (alpha, beta), each feeding only the next; else None."""
+    m = _call_of(mul, MULTIPLY, bindings)
+    alpha = scalar_value(_operand_besides(m, root)) if m is not None else None
+    if alpha is None or not np.isclose(alpha, HARD_SIGMOID[0], rtol=1e-6, atol=0):
+        return None
+    add = _only_consumer(mul, uses, consumer)
+    a = _call_of(add, ADD, bindings)
+    if a is None or scalar_value(_operand_besides(a, mul)) != HARD_SIGMOID[1]:
+        return None
+    clip = _only_consumer(add, uses, consumer)
+    if _bounds(_call_of(clip, CLIP, bindings), add) != (0.0, 1.0) or uses[clip] != 1:
+        return None
+    return [mul, add, clip]
+
+
+def _call_of(var, op, bindings) -> relax.Call | None:
+    """``var``'s binding when it is a call of ``op``."""
+    c = bindings.get(var)
+    return c if isinstance(c, relax.Call) and c.op == op else None
+
+
+def _operand_besides(call: relax.Call, x):
+    """The operand of a binary ``call`` that is not ``x`` (None when neither is)."""
+    a, b = call.args
+    return b if a.same_as(x) else a if b.same_as(x) else None
 
 
 def _residual_add(root, absorbed, spec: Conv2DSpec, bindings, uses, consumer) -> ResidualAdd | None:
@@ -273,5 +329,5 @@ def _residual_add(root, absorbed, spec: Conv2DSpec, bindings, uses, consumer) ->
             or ty.dtype != "float32" or ty.shape is None or [int(v) for v in ty.shape] != list(spec.y_shape)):
         return None
     chain = [*absorbed, root]
-    root, relu, clip = _activation(nxt, chain, bindings, uses, consumer)
-    return ResidualAdd(other, root, tuple(chain), relu, clip)
+    root, relu, clip, gate = _activation(nxt, chain, bindings, uses, consumer)
+    return ResidualAdd(other, root, tuple(chain), relu, clip, gate)

@@ -33,6 +33,7 @@ class LayerProfile:
     relu: bool
     why_dense: str | None
     clip: float | None = None  # the activation's upper bound (ReLU6: 6.0), conv.Epilogue's
+    gate: str | None = None  # SiLU's or hard-swish's gate, conv.Epilogue's
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,5 +73,5 @@ def profile(model: Model, samples, target=None, algorithm: str = "dense"):
         d = st[:, 0]
         layers.append(LayerProfile(s.key, s.spec.to_dict(), s.spec.macs, float(d.mean()), float(d.std()),
                                    float(d.min()), float(d.max()), float(st[:, 1].mean()), s.bias is not None,
-                                   s.relu, s.why_dense, s.clip))
+                                   s.relu, s.why_dense, s.clip, s.gate))
     return layers, acts, outputs

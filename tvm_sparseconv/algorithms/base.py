@@ -26,7 +26,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..cache import cached_funcs
-from ..conv import Conv2DSpec, Epilogue
+from ..conv import HARD_SIGMOID, Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
 from ..layout import NCHW, LayoutError, channel_block
 from ..reference.storage import Storage
@@ -241,7 +241,8 @@ def registers_ok(cpu: CPU, pixels: int, m_tile: int) -> bool:
 
 def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     """TIR expression: accumulator ``v`` of output channel ``m`` after bias, the residual
-    ``res_buf[at]`` (``at``: the output element's indices), ReLU and the clip (conv.Epilogue).
+    ``res_buf[at]`` (``at``: the output element's indices), ReLU and the clip, or the gate
+    (conv.Epilogue).
     ``v`` may be a vector of pixels of one channel (``at`` then ends in a Ramp).
 
     The bounds are select(v < 0, 0, v) and select(v > a, a, v) so that NaN propagates (max()
@@ -263,6 +264,9 @@ def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     if epilogue.clip is not None:
         a = const(epilogue.clip)
         v = tvm.tirx.Select(v > a, a, v)
+    if epilogue.gate == "hard_sigmoid":  # the graph's ops in its order: clip(v * a + b, 0, 1) * v
+        g = v * const(HARD_SIGMOID[0]) + const(HARD_SIGMOID[1])
+        v = v * tvm.tirx.max(tvm.tirx.min(g, const(1.0)), const(0.0))
     return v
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..conv import Conv2DSpec
+from ..conv import HARD_SIGMOID, Conv2DSpec
 
 
 def is_nonzero(a: np.ndarray) -> np.ndarray:
@@ -27,13 +27,15 @@ def read_mask(size: int, pad: int, stride: int, dilation: int, kernel: int, out:
 
 
 def dense_conv2d(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None,
-                 relu: bool = False, residual: np.ndarray | None = None, clip: float | None = None) -> np.ndarray:
+                 relu: bool = False, residual: np.ndarray | None = None, clip: float | None = None,
+                 gate: str | None = None) -> np.ndarray:
     """Direct convolution, accumulated in float64, returned as float32 N x M x Oh x Ow.
 
     x: N x C x H x W, w: M x C/G x Kh x Kw, bias: M, residual: N x M x Oh x Ow. The epilogue is
     conv.Epilogue's, in its order (docs/algorithms.md 12): + bias, + residual, max(., 0) with
-    ``relu``, min(., clip). NaN and Inf propagate as in any dense convolution (0 * Inf = NaN
-    where a padded or zero input meets an Inf weight), and NaN passes the bounds.
+    ``relu``, min(., clip), or y * gate_of(y) with ``gate``. NaN and Inf propagate as in any
+    dense convolution (0 * Inf = NaN where a padded or zero input meets an Inf weight), and NaN
+    passes the bounds.
     """
     assert x.shape == spec.x_shape and w.shape == spec.w_shape, (x.shape, w.shape, spec)
     xp = pad_input(spec, x.astype(np.float64))
@@ -59,4 +61,14 @@ def dense_conv2d(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarra
             y = np.where(y < 0, 0.0, y)  # NaN stays NaN, as select(v < 0, 0, v) in the kernels
         if clip is not None:
             y = np.where(y > clip, float(clip), y)
+        if gate is not None:
+            y = y * gate_of(y, gate)
         return y.astype(np.float32)
+
+
+def gate_of(y: np.ndarray, gate: str) -> np.ndarray:
+    """conv.Epilogue's gate of y in float64: the hard sigmoid clip(y a + b, 0, 1); NaN stays NaN."""
+    if gate == "hard_sigmoid":
+        a, b = HARD_SIGMOID
+        return np.clip(y * a + b, 0.0, 1.0)
+    raise ValueError(f"unknown gate {gate!r} (conv.GATES)")

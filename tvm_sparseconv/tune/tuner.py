@@ -54,7 +54,6 @@ from ..measure import Progress, max_abs_error, tolerance
 from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..profile import channel_stats, profile
-from ..reference import dense_conv2d
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
@@ -115,7 +114,8 @@ def measure_candidate(a: str, spec, weight, bias, epilogue: Epilogue, target: st
         host, port, key = rpc
         session = tvm_rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=600)
     try:
-        layer = CompiledLayer(a, spec, weight, bias, epilogue.relu, target, knobs, db, session, clip=epilogue.clip)
+        layer = CompiledLayer(a, spec, weight, bias, epilogue.relu, target, knobs, db, session, clip=epilogue.clip,
+                              gate=epilogue.gate)
         err = max_abs_error(layer(x), ref)
         if not err <= tol:
             return {"error": f"wrong result: max abs error {err:.3g}", "max_abs_error": err}
@@ -335,7 +335,7 @@ class Tuner:
                 p.step(f"{a}: budget spent, skipped")
                 return ref
             if ref is None:
-                ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu, clip=w.clip)
+                ref = w.reference()
             rec = self._measure_one(w, a, knobs, ref)
             self.trials.append(rec)
         if rec.get("time_ms"):
@@ -452,7 +452,7 @@ class Tuner:
                             p.step(f"{w.id} {pair}: budget spent, skipped")
                             continue
                         if ref is None:
-                            ref = dense_conv2d(w.spec, w.x, w.weight, w.bias, w.relu, clip=w.clip)
+                            ref = w.reference()
                         rec = self._measure_one(w, algorithm, knobs, ref)
                         self.trials.append(rec)
                     p.step(f"{w.id} {pair[0]}->{pair[1]} {rec.get('time_ms') or rec.get('error')}")
