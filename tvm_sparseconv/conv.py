@@ -165,9 +165,9 @@ class Epilogue:
 
     ``gate``, instead of relu and clip, multiplies v by a gate of itself (GATES):
     v * clip(v * HARD_SIGMOID[0] + HARD_SIGMOID[1], 0, 1) with ``"hard_sigmoid"`` (hard-swish,
-    as ONNX's HardSwish). SiLU's gate, v * sigmoid(v), is not one: where a kernel stores NCHW,
-    its epilogue runs in vectors of a few pixels, and a sigmoid there cost more than the graph's
-    own vectorized pass over the output (docs/design.md)."""
+    as ONNX's HardSwish). SiLU's gate, v * sigmoid(v), is not one: in the kernels' stores it
+    measured slower than the graph's own pass over the output
+    (docs/benchmarks-epyc-znver4.md)."""
 
     bias: bool = False
     relu: bool = False
