@@ -73,9 +73,9 @@ def run(b, x):
 
 
 def test_blocked_between_every_layer_transforms_only_at_the_edges(block_model):
-    """Every layer reads and writes blocks: the sigmoid, the multiply and the max pool run on
-    blocks too, the residual add is fused in its layout; the model's input is blocked once and
-    the output unblocked once, before the mean (an op that needs NCHW)."""
+    """Every layer reads and writes blocks: the sigmoid, the multiply, the max pool and the
+    global mean run on blocks too, the residual add is fused in its layout; the model's input is
+    blocked once and the output unblocked once, before the flatten (an op that needs NCHW)."""
     m, x, ref = block_model
     keys = [s.key for s in m.sites]
     plan = plan_with(m, {k: (BLOCKED, BLOCKED) for k in keys})
@@ -84,6 +84,42 @@ def test_blocked_between_every_layer_transforms_only_at_the_edges(block_model):
     moves = layout_transforms(mod)
     assert [t for _, _, t in moves] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"], moves
     assert moves[0][1] == f"{keys[0]}_x_{BLOCKED}"
+    np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
+
+
+def se_onnx(path):
+    """x (1, 4, 10, 10) -> conv 3x3 + bias, ReLU (20 channels: a partial block) -> a
+    squeeze-and-excitation block (global average pool, conv 1x1 20 -> 4, ReLU, conv 1x1 4 -> 20,
+    sigmoid, multiply by the 1 x 20 x 1 x 1 scales) -> conv 1x1 (8 channels)."""
+    rng = np.random.default_rng(3)
+    shapes = {"w1": (20, 4, 3, 3), "b1": (20,), "ws": (4, 20, 1, 1), "we": (20, 4, 1, 1), "be": (20,),
+              "w2": (8, 20, 1, 1)}
+    init = [numpy_helper.from_array((0.5 * rng.standard_normal(s)).astype("float32"), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"]),
+             helper.make_node("Conv", ["g", "ws"], ["cs"], kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["cs"], ["rs"]),
+             helper.make_node("Conv", ["rs", "we", "be"], ["ce"], kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["ce"], ["s"]),
+             helper.make_node("Mul", ["r1", "s"], ["m"]),
+             helper.make_node("Conv", ["m", "w2"], ["y"], kernel_shape=[1, 1])]
+    return save_onnx(path, "se", nodes, [1, 4, 10, 10], [1, 8, 10, 10], init)
+
+
+def test_a_squeeze_and_excitation_block_stays_in_blocks(tmp_path):
+    """With every layer in blocks, the SE block's global mean (an adaptive pool of the blocks),
+    its sigmoid and its multiply by per-channel scales (broadcast alike in blocks) run on blocks:
+    the only transforms are the model's input and output. It matches onnxruntime."""
+    path = se_onnx(tmp_path / "se.onnx")
+    m = load_model(path)
+    plan = plan_with(m, {s.key: (BLOCKED, BLOCKED) for s in m.sites})
+    mod, _ = lower(m, plan, None)
+    assert [t for _, _, t in layout_transforms(mod)] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"]
+    assert LayoutGraph(m.mod["main"], plan.choices(m.sites), m.sites).transforms(
+        {s.key: (BLOCKED, BLOCKED) for s in m.sites}) == [((1, 4, 10, 10), NCHW, BLOCKED), ((1, 8, 10, 10), BLOCKED, NCHW)]
+    x = np.random.default_rng(4).standard_normal((1, 4, 10, 10)).astype(np.float32)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
 
 

@@ -95,3 +95,33 @@ def test_pools_of_channel_blocks_reduce_whole_blocks_as_vectors():
         bb.emit_func_output(out)
     mod = ParallelizeRest()(relax.transform.LegalizeOps()(bb.get()))
     assert "vectorized" not in _kinds(next(f for gv, f in mod.functions_items() if "pool" in gv.name_hint))
+
+
+def test_a_broadcast_operand_is_computed_once_and_a_global_pool_of_blocks_in_parallel():
+    """In channel blocks (as the rewrite leaves an SE block between blocked layers): the sigmoid of
+    the N x C/16 x 1 x 1 x 16 scales stays a loop of its own, not inlined into the multiply (it
+    would be recomputed for every pixel); the global average pool of the blocks runs in parallel
+    over the 2 blocks, its 16 lanes one vector under the window loops. Both match NumPy."""
+    rng = np.random.default_rng(2)
+    xv = rng.standard_normal((1, 2, 40, 40, 16)).astype("float32")
+    sv = rng.standard_normal((1, 2, 1, 1, 16)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(xv.shape, "float32"))
+    s = relax.Var("s", relax.TensorType(sv.shape, "float32"))
+    with bb.function("main", [x, s]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.multiply(x, relax.op.sigmoid(s)))
+            g = bb.emit(relax.op.nn.adaptive_avg_pool2d(x, (1, 1), layout="NCHW16c", out_layout="NCHW16c"))
+            out = bb.emit_output(relax.Tuple([y, g]))
+        bb.emit_func_output(out)
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(
+        relax.transform.LegalizeOps()(bb.get()))))
+    mod = ParallelizeRest()(mod)
+    mul = next(f for gv, f in mod.functions_items() if "multiply" in gv.name_hint)
+    assert len(blocks(mul)) == 2 and loops(mul)[0][0] == "parallel"
+    pool = next(f for gv, f in mod.functions_items() if "pool" in gv.name_hint)
+    assert _kinds(pool) == ["parallel", "serial", "serial", "vectorized"]
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    yv, gv_ = (t.numpy() for t in vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(sv)))
+    np.testing.assert_allclose(yv, xv / (1 + np.exp(-sv.astype(np.float64))), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gv_, xv.astype(np.float64).mean(axis=(2, 3), keepdims=True), rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ from tvm import s_tir
 from .. import interrupt
 
 _MIN_EXTENT = 64  # below this a parallel loop costs more than it saves
+_MIN_WORK = 1 << 14  # ... unless each of its iterations reduces a window this large (a global pool)
 _MAX_LANES = 64  # a channel block's lanes: up to a 64-float block (NCHW64c)
 
 
@@ -64,6 +65,13 @@ def _lanes_innermost(sch, blk, lane, reduce) -> None:
         interrupt.check()
 
 
+def _elements(buffer) -> int:
+    n = 1
+    for d in buffer.shape:
+        n *= int(d) if isinstance(d, tvm.tirx.IntImm) else 1 << 30  # symbolic: large
+    return n
+
+
 def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     try:
@@ -72,7 +80,13 @@ def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
         interrupt.check()
         return func
     blocks = sch.get_child_blocks(root)
+    out_elements = _elements(sch.get(blocks[-1]).writes[0].source) if sch.get(blocks[-1]).writes else 0
     for blk in blocks[:-1]:  # producers such as a pad: computed where they are read, no buffer
+        writes = sch.get(blk).writes
+        if writes and _elements(writes[0].source) < out_elements:
+            # a broadcast operand (an SE block's sigmoid of N x C x 1 x 1): inlined, it would be
+            # recomputed for every pixel, and in channel blocks no loop is invariant to it
+            continue
         try:
             sch.compute_inline(blk)
         except Exception:  # not inlinable (a reduction, several consumers): keep it
@@ -90,13 +104,16 @@ def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
         if not lead:
             continue
         extent = _product(sch, lead)
-        if extent < _MIN_EXTENT:
+        # a pool or mean of channel blocks: its lanes stay inside (vectorised below), and it runs
+        # in parallel over the other axes even when they are few, as long as each reduces much
+        pooled = len(lead) > 1 and len(lead) < len(loops) and reduces_lanes(block)
+        if extent < _MIN_EXTENT and not (pooled and _product(sch, loops) >= _MIN_WORK):
             continue
         # the innermost spatial loops stay inside, contiguous (vectorisable): the last two (NCHW's
         # H and W) fused into one when they are the block's last loops and enough outer work is
         # left, so LLVM vectorises H*W elements rather than W (7-56) with a remainder per row
-        inner = next((k for k in (2, 1) if len(lead) > k and extent // _product(sch, lead[-k:]) >= _MIN_EXTENT
-                      and (k == 1 or len(lead) == len(loops))), 0)
+        inner = 1 if pooled else next((k for k in (2, 1) if len(lead) > k and extent // _product(
+            sch, lead[-k:]) >= _MIN_EXTENT and (k == 1 or len(lead) == len(loops))), 0)
         try:
             if inner == 2:
                 sch.fuse(*lead[-2:])

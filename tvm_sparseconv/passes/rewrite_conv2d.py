@@ -26,6 +26,9 @@ _ELEMENTWISE = {tvm.ir.Op.get(f"relax.{n}") for n in (
 _POOLS = {tvm.ir.Op.get(f"relax.nn.{n}"): getattr(relax.op.nn, n)
           for n in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d")}
 _ADAPTIVE = tvm.ir.Op.get("relax.nn.adaptive_avg_pool2d")
+# mean over H and W with keepdims (ONNX's GlobalAveragePool as TVM imports it, as in the
+# squeeze-and-excitation blocks): in blocks, an adaptive average pool to 1 x 1
+_MEAN = tvm.ir.Op.get("relax.mean")
 
 
 @dataclass(frozen=True)
@@ -155,9 +158,12 @@ class _Rewriter(relax.PyExprMutator):
         if layout is None:
             return False
         call = binding.value
-        if call.op in _POOLS:
+        tvm_layout = f"NCHW{channel_block(layout)}c"
+        if call.op == _MEAN:
+            y = relax.op.nn.adaptive_avg_pool2d(self.blocked[operands[0]][layout], (1, 1), layout=tvm_layout,
+                                                out_layout=tvm_layout)
+        elif call.op in _POOLS:
             attrs = call.attrs
-            tvm_layout = f"NCHW{channel_block(layout)}c"
             kw = ({"output_size": attrs.output_size} if call.op == _ADAPTIVE else
                   {k: getattr(attrs, k) for k in ("pool_size", "strides", "padding", "dilation", "ceil_mode",
                                                   "count_include_pad")})
@@ -172,10 +178,12 @@ class _Rewriter(relax.PyExprMutator):
 
 def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
     """The tensor operands (vars) of an op the rewrite may compute in channel blocks: an
-    _ELEMENTWISE op whose operands are scalars or vars of its 4-D float32 output's shape, or a
-    _POOLS op of NCHW data; none of them the NHWC output of a layer (``nhwc``). None for any
-    other binding."""
-    if not isinstance(value, relax.Call) or value.op not in _ELEMENTWISE and value.op not in _POOLS:
+    _ELEMENTWISE op whose operands are scalars, vars of its 4-D float32 output's shape, or
+    per-channel vars (N x C x 1 x 1, an SE block's scales: broadcast alike in blocks); a _POOLS
+    op of NCHW data; or a _MEAN over H and W that keeps them. None of them the NHWC output of a
+    layer (``nhwc``). None for any other binding."""
+    op = value.op if isinstance(value, relax.Call) else None
+    if op not in _ELEMENTWISE and op not in _POOLS and op != _MEAN:
         return None
     ty = var.ty
     if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None or ty.ndim != 4:
@@ -183,11 +191,15 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
     if value.op in _POOLS:
         a = value.attrs
         operands = [value.args[0]] if str(a.layout) == "NCHW" and str(a.out_layout or "NCHW") == "NCHW" else None
+    elif value.op == _MEAN:
+        a = value.attrs
+        axes = sorted(int(v) % 4 for v in a.axis) if a.axis is not None else None
+        operands = [value.args[0]] if axes == [2, 3] and bool(a.keepdims) else None
     else:
         shape = [int(v) for v in ty.shape]
         operands = [a for a in value.args if not _is_scalar(a)]
         if not all(isinstance(a, relax.Var) and isinstance(a.ty, relax.TensorType) and a.ty.shape is not None
-                   and [int(v) for v in a.ty.shape] == shape for a in operands):
+                   and [int(v) for v in a.ty.shape] in (shape, shape[:2] + [1, 1]) for a in operands):
             operands = None
     if not operands or not all(isinstance(a, relax.Var) and a not in nhwc for a in operands):
         return None
