@@ -86,9 +86,9 @@ class _Rewriter(relax.PyExprMutator):
     binds its result in that layout (``blocked``) and its original var to the transform back
     to the model's layout, which DeadCodeElimination removes when nothing but blocked readers
     use the var. A reader in a blocked layout takes the blocked var, or a transform of the var
-    (made once per var and layout). Elementwise and pooling ops whose operands are all blocked
-    alike are computed blocked too (_passes_blocks). LayoutGraph counts the same transforms
-    without rewriting."""
+    (made once per var and layout). Elementwise, pooling and global-mean ops whose operands are
+    all blocked alike are computed blocked too (_passes_blocks). LayoutGraph counts the same
+    transforms without rewriting."""
 
     def __init__(self, mod, todo: dict, absorbed: set, calls: dict, cpu: CPU):
         super().__init__(mod)
