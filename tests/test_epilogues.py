@@ -86,20 +86,25 @@ def test_every_kernel_gates(algorithm):
 
 
 # -- the graph: ONNX and torch forms ---------------------------------------------------------------
+def _draw_parameters(module, seed: int, scale: float) -> None:
+    """Every weight and bias of ``module`` drawn from a seeded normal distribution times scale."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g) * scale
+
+
 class Inverted(torch.nn.Module):
     """A MobileNet-V2-like block: 1x1 expand + ReLU6, 3x3 + ReLU6, 1x1 project, + the input
     (no activation after the add), then a conv + clip(0, 2) and a conv + clamp(min=0)."""
 
     def __init__(self):
         super().__init__()
-        g = torch.Generator().manual_seed(0)
         self.expand = torch.nn.Conv2d(8, 24, 1)
         self.mid = torch.nn.Conv2d(24, 24, 3, padding=1)
         self.project = torch.nn.Conv2d(24, 8, 1)
         self.tail = torch.nn.Conv2d(8, 8, 3, padding=1)
         self.last = torch.nn.Conv2d(8, 8, 1)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g) * 0.3
+        _draw_parameters(self, seed=0, scale=0.3)
 
     def forward(self, x):
         h = torch.nn.functional.relu6(self.expand(x))
@@ -231,13 +236,11 @@ class HardSwishBlock(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        g = torch.Generator().manual_seed(1)
         self.expand = torch.nn.Conv2d(8, 16, 1)
         self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
         self.project = torch.nn.Conv2d(16, 8, 1)
         self.last = torch.nn.Conv2d(8, 8, 1)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g) * 0.6
+        _draw_parameters(self, seed=1, scale=0.6)
 
     def forward(self, x):
         h = torch.nn.functional.hardswish(self.expand(x))
