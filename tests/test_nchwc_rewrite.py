@@ -116,8 +116,9 @@ def test_a_squeeze_and_excitation_block_stays_in_blocks(tmp_path):
     plan = plan_with(m, {s.key: (BLOCKED, BLOCKED) for s in m.sites})
     mod, _ = lower(m, plan, None)
     assert [t for _, _, t in layout_transforms(mod)] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"]
-    assert LayoutGraph(m.mod["main"], plan.choices(m.sites), m.sites).transforms(
-        {s.key: (BLOCKED, BLOCKED) for s in m.sites}) == [((1, 4, 10, 10), NCHW, BLOCKED), ((1, 8, 10, 10), BLOCKED, NCHW)]
+    graph = LayoutGraph(m.mod["main"], plan.choices(m.sites), m.sites)
+    assert graph.transforms({s.key: (BLOCKED, BLOCKED) for s in m.sites}) == [
+        ((1, 4, 10, 10), NCHW, BLOCKED), ((1, 8, 10, 10), BLOCKED, NCHW)]
     x = np.random.default_rng(4).standard_normal((1, 4, 10, 10)).astype(np.float32)
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)

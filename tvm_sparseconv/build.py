@@ -147,10 +147,10 @@ class CompiledLayer(CompiledStages):
     ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow;
     with ``residual``, ``layer(x, res)`` adds res (N x M x Oh x Ow) before the ReLU; ``clip``
     (with ``relu``) bounds the output to [0, clip]; ``gate`` multiplies it by a gate of itself
-    (conv.Epilogue). Arrays in and out are
-    NCHW; where the knobs hold x or y in channel blocks (``layout_in``, ``layout_out``:
-    Algorithm.layouts), the buffers ``x``, ``res`` and ``y`` are blocked, and x and res are
-    blocked (reference.layout.to_layout) as they are copied in, y unblocked as it is read out.
+    (conv.Epilogue). Arrays in and out are NCHW; where the knobs hold x or y in channel blocks
+    (``layout_in``, ``layout_out``: Algorithm.layouts), the buffers ``x``, ``res`` and ``y`` are
+    blocked, and x and res are blocked (reference.layout.to_layout) as they are copied in, y
+    unblocked as it is read out.
     Constants (re-laid-out weights) are uploaded once; intermediate buffers are
     allocated once at their worst-case size and reused (CompiledStages, which also runs an
     RPC ``session``'s remote copy).

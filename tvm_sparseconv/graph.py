@@ -85,8 +85,8 @@ class ConvSite:
     def describe(self) -> dict:
         s = self.spec
         return {"key": self.key, "spec": s.to_dict(), "bias": self.bias is not None, "relu": self.relu,
-                "clip": self.clip, "gate": self.gate, "residual_add": self.residual_add is not None, "data_layout": self.data_layout,
-                "why_dense": self.why_dense, "input_relu": self.input_relu}
+                "clip": self.clip, "gate": self.gate, "residual_add": self.residual_add is not None,
+                "data_layout": self.data_layout, "why_dense": self.why_dense, "input_relu": self.input_relu}
 
 
 def _const_value(e):

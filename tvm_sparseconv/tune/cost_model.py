@@ -213,7 +213,8 @@ class TrainingRun:
         by_workload: dict[str, list[dict]] = {}
         for l in layers:
             spec = Conv2DSpec.from_dict(l["spec"])
-            by_workload.setdefault(spec_workload_id(spec, l["bias"], l["relu"], l.get("clip"), l.get("gate")), []).append(l)
+            wid = spec_workload_id(spec, l["bias"], l["relu"], l.get("clip"), l.get("gate"))
+            by_workload.setdefault(wid, []).append(l)
         rows, skipped, transforms = [], 0, []
         for r in log.records:
             if not r.get("time_ms"):
