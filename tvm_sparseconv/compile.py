@@ -4,7 +4,8 @@ This is the one compile path; ``compile``, ``bench``, ``profile``, ``refine``, t
 CLI all go through it:
 
     lower:  RewriteConv2D (the plan's layers become their algorithms' stages)
-            -> LegalizeOps (sigmoid, SiLU and erf in registers: passes/fast_math.py), FuseOps,
+            -> LegalizeOps (sigmoid, SiLU and erf in registers: passes/fast_math.py; bilinear
+            resize in two passes over index tables: passes/separable_resize.py), FuseOps,
             FuseTIR (the rest of the graph)
             -> the MetaSchedule database, if given -> dlight's CPU rules and ours
             (schedule_rules.py) -> ParallelizeRest -> ResidualInPlace (a layer with a
@@ -32,7 +33,7 @@ from tvm.s_tir import dlight as dl
 
 from .frontend import Model, load_model
 from .graph import find_conv_sites
-from .passes import RewriteConv2D, applied_layers, fast_math, layout_transforms
+from .passes import RewriteConv2D, applied_layers, fast_math, layout_transforms, separable_resize
 from .passes.parallelize_rest import ParallelizeRest
 from .passes.residual_in_place import ResidualInPlace
 from .plan import Plan
@@ -71,7 +72,8 @@ def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:
     def lower_pass(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         mod = RewriteConv2D(choices, target, sites=sites)(mod)
         mod = tvm.transform.Sequential([
-            relax.transform.LegalizeOps(fast_math.legalize_map()), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.LegalizeOps({**fast_math.legalize_map(), **separable_resize.legalize_map()}),
+            relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
         if database is not None:
             db = open_database(database)
