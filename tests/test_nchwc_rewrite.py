@@ -124,6 +124,52 @@ def test_a_squeeze_and_excitation_block_stays_in_blocks(tmp_path):
     np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
 
 
+def fire_onnx(path):
+    """x (1, 4, 10, 10) -> a SqueezeNet fire module (conv 1x1 4 -> 8 + ReLU, then conv 1x1 -> 16
+    and conv 3x3 -> 32, each + ReLU, concatenated: 48 channels, whole blocks) -> max pool 3x3/2
+    -> conv 1x1 -> 20 (a partial block) and conv 3x3 -> 16, concatenated -> conv 1x1 -> 8."""
+    rng = np.random.default_rng(5)
+    shapes = {"ws": (8, 4, 1, 1), "w1": (16, 8, 1, 1), "w3": (32, 8, 3, 3), "w4": (20, 48, 1, 1),
+              "w5": (16, 48, 3, 3), "w6": (8, 36, 1, 1)}
+    init = [numpy_helper.from_array((0.4 * rng.standard_normal(s)).astype("float32"), n) for n, s in shapes.items()]
+    conv = lambda x, w, y, k: helper.make_node("Conv", [x, w], [y], kernel_shape=[k, k],  # noqa: E731
+                                               pads=[k // 2] * 4)
+    nodes = [conv("x", "ws", "cs", 1), helper.make_node("Relu", ["cs"], ["s"]),
+             conv("s", "w1", "c1", 1), helper.make_node("Relu", ["c1"], ["e1"]),
+             conv("s", "w3", "c3", 3), helper.make_node("Relu", ["c3"], ["e3"]),
+             helper.make_node("Concat", ["e1", "e3"], ["f"], axis=1),
+             helper.make_node("MaxPool", ["f"], ["p"], kernel_shape=[3, 3], strides=[2, 2]),
+             conv("p", "w4", "c4", 1), conv("p", "w5", "c5", 3),
+             helper.make_node("Concat", ["c4", "c5"], ["g"], axis=1),
+             conv("g", "w6", "y", 1)]
+    return save_onnx(path, "fire", nodes, [1, 4, 10, 10], [1, 8, 4, 4], init)
+
+
+def test_a_concat_of_whole_blocks_stays_in_blocks(tmp_path):
+    """With every layer in blocks, the fire module's concat (16 + 32 channels) runs on blocks, so
+    the pool and the two convs after it read blocks with no transform; the second concat has a
+    20-channel operand (a partial block, whose pad lanes would land inside the output), so its
+    operands go back to NCHW and the last conv's input into blocks. LayoutGraph counts the
+    same transforms. It matches onnxruntime."""
+    path = fire_onnx(tmp_path / "fire.onnx")
+    m = load_model(path)
+    layouts = {s.key: (BLOCKED, BLOCKED) for s in m.sites}
+    plan = plan_with(m, layouts)
+    mod, _ = lower(m, plan, None)
+    moves = layout_transforms(mod)
+    assert [t for _, _, t in moves] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw", f"{BLOCKED}->nchw",
+                                        f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"], moves
+    k = [s.key for s in m.sites]
+    assert [src for src, _, _ in moves[1:3]] == [f"{k[3]}_y_{BLOCKED}", f"{k[4]}_y_{BLOCKED}"]
+    graph = LayoutGraph(m.mod["main"], plan.choices(m.sites), m.sites)
+    assert graph.transforms(layouts) == [((1, 4, 10, 10), NCHW, BLOCKED), ((1, 20, 4, 4), BLOCKED, NCHW),
+                                         ((1, 16, 4, 4), BLOCKED, NCHW), ((1, 36, 4, 4), NCHW, BLOCKED),
+                                         ((1, 8, 4, 4), BLOCKED, NCHW)]
+    x = np.random.default_rng(6).standard_normal((1, 4, 10, 10)).astype(np.float32)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_layouts_that_do_not_chain_get_transforms(block_model):
     """A plan whose layouts do not chain is not refused: each reader in another layout than its
     producer wrote gets a transform (conv001 writes NCHW, the pool's readers read blocks: one

@@ -29,6 +29,9 @@ _ADAPTIVE = tvm.ir.Op.get("relax.nn.adaptive_avg_pool2d")
 # mean over H and W with keepdims (ONNX's GlobalAveragePool as TVM imports it, as in the
 # squeeze-and-excitation blocks): in blocks, an adaptive average pool to 1 x 1
 _MEAN = tvm.ir.Op.get("relax.mean")
+# concat along the channels (a SqueezeNet fire module's, a DenseNet block's): in blocks, along
+# the block axis, when every operand fills whole blocks (_blocked_layout)
+_CONCAT = tvm.ir.Op.get("relax.concat")
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,9 @@ class _Rewriter(relax.PyExprMutator):
     binds its result in that layout (``blocked``) and its original var to the transform back
     to the model's layout, which DeadCodeElimination removes when nothing but blocked readers
     use the var. A reader in a blocked layout takes the blocked var, or a transform of the var
-    (made once per var and layout). Elementwise, pooling and global-mean ops whose operands are
-    all blocked alike are computed blocked too (_passes_blocks). LayoutGraph counts the same
-    transforms without rewriting."""
+    (made once per var and layout). Elementwise, pooling, global-mean and channel-concat ops
+    whose operands are all blocked alike are computed blocked too (_passes_blocks,
+    _blocked_layout). LayoutGraph counts the same transforms without rewriting."""
 
     def __init__(self, mod, todo: dict, absorbed: set, calls: dict, cpu: CPU):
         super().__init__(mod)
@@ -154,12 +157,14 @@ class _Rewriter(relax.PyExprMutator):
         """Emit an op that _passes_blocks on its operands' blocked vars, when they are all held
         in one blocked layout (True); else leave it to the caller (False)."""
         operands = _passes_blocks(binding.value, binding.var, self.nhwc)
-        layout = _common_layout(operands, self.blocked)
+        layout = _blocked_layout(binding.value, operands, self.blocked)
         if layout is None:
             return False
         call = binding.value
         tvm_layout = f"NCHW{channel_block(layout)}c"
-        if call.op == _MEAN:
+        if call.op == _CONCAT:
+            y = relax.op.concat([self.blocked[a][layout] for a in operands], axis=1)
+        elif call.op == _MEAN:
             y = relax.op.nn.adaptive_avg_pool2d(self.blocked[operands[0]][layout], (1, 1), layout=tvm_layout,
                                                 out_layout=tvm_layout)
         elif call.op in _POOLS:
@@ -180,10 +185,10 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
     """The tensor operands (vars) of an op the rewrite may compute in channel blocks: an
     _ELEMENTWISE op whose operands are scalars, vars of its 4-D float32 output's shape, or
     per-channel vars (N x C x 1 x 1, an SE block's scales: broadcast alike in blocks); a _POOLS
-    op of NCHW data; or a _MEAN over H and W that keeps them. None of them the NHWC output of a
-    layer (``nhwc``). None for any other binding."""
+    op of NCHW data; a _MEAN over H and W that keeps them; or a _CONCAT of 4-D vars along the
+    channels. None of them the NHWC output of a layer (``nhwc``). None for any other binding."""
     op = value.op if isinstance(value, relax.Call) else None
-    if op not in _ELEMENTWISE and op not in _POOLS and op != _MEAN:
+    if op not in _ELEMENTWISE and op not in _POOLS and op not in (_MEAN, _CONCAT):
         return None
     ty = var.ty
     if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None or ty.ndim != 4:
@@ -195,6 +200,11 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
         a = value.attrs
         axes = sorted(int(v) % 4 for v in a.axis) if a.axis is not None else None
         operands = [value.args[0]] if axes == [2, 3] and bool(a.keepdims) else None
+    elif value.op == _CONCAT:
+        parts, axis = value.args[0], value.attrs.axis
+        operands = list(parts.fields) if isinstance(parts, relax.Tuple) and axis is not None and int(axis) % 4 == 1 \
+            and all(isinstance(a.ty, relax.TensorType) and a.ty.ndim == 4 and a.ty.shape is not None
+                    for a in parts.fields) else None
     else:
         shape = [int(v) for v in ty.shape]
         operands = [a for a in value.args if not _is_scalar(a)]
@@ -206,11 +216,16 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
     return operands
 
 
-def _common_layout(operands, blocked: dict) -> str | None:
-    """The blocked layout every operand is held in (the first by name if several), else None."""
+def _blocked_layout(value: relax.Call, operands, blocked: dict) -> str | None:
+    """The blocked layout an op that _passes_blocks (``value`` on ``operands``) is computed in:
+    one every operand is held in (the first by name if several), for a _CONCAT one whose blocks
+    each operand's channels fill (a partial block's pad lanes would land inside the output);
+    else None."""
     if not operands:
         return None
     common = set.intersection(*(set(blocked.get(a, ())) for a in operands))
+    if value.op == _CONCAT:
+        common = {lay for lay in common if all(int(a.ty.shape[1]) % channel_block(lay) == 0 for a in operands)}
     return sorted(common)[0] if common else None
 
 
@@ -310,10 +325,10 @@ class LayoutGraph:
     """Where a model's activations are read and written, as RewriteConv2D rewrites ``main`` for
     ``choices``, without rewriting it: ``transforms(layouts)`` lists the transforms the rewrite
     would insert if the layers had ``layouts`` (the tuner weighs them). One node per binding
-    the rewrite keeps, in order: a layer (reads its input in layout_in and its fused residual
-    in layout_out, writes its output in layout_out); an op that _passes_blocks (blocked when
-    its operands are held in one blocked layout); any other op and the function's result
-    (read NCHW)."""
+    the rewrite keeps, in order, as (kind, var, vars read, layer key or op): a layer (reads its
+    input in layout_in and its fused residual in layout_out, writes its output in layout_out);
+    an op that _passes_blocks (blocked as _blocked_layout finds its operands held); any other
+    op and the function's result (read NCHW)."""
 
     def __init__(self, func: relax.Function, choices: Mapping[str, LayerChoice], sites=None):
         todo = RewriteConv2D(choices, sites=sites).select(func)
@@ -337,7 +352,7 @@ class LayoutGraph:
                 operands = _passes_blocks(b.value, var, nhwc)
                 if operands is not None:
                     self.shapes.update({v: tuple(int(d) for d in v.ty.shape) for v in [var, *operands]})
-                    self.nodes.append(("op", var, tuple(operands), None))
+                    self.nodes.append(("op", var, tuple(operands), b.value))
                 else:
                     self.nodes.append(("nchw", var, tuple(vars_in(b.value)), None))
         self.nodes.append(("nchw", None, tuple(vars_in(func.body.body)), None))
@@ -392,8 +407,8 @@ class LayoutGraph:
                 if reads[1] is not None:
                     need(reads[1], lout)
                 written_in = lout
-            elif kind == "op":
-                written_in = _common_layout(list(reads), blocked) or NCHW
+            elif kind == "op":  # key: the op's call
+                written_in = _blocked_layout(key, list(reads), blocked) or NCHW
                 if written_in == NCHW:
                     for v in reads:
                         need(v, NCHW)
