@@ -170,6 +170,48 @@ def test_a_concat_of_whole_blocks_stays_in_blocks(tmp_path):
     np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
 
 
+def dense_block_onnx(path):
+    """x (1, 4, 28, 28) -> conv 3x3 -> 64 + ReLU -> a DenseNet layer (BatchNormalization, ReLU,
+    conv 1x1 -> 32, ReLU, conv 3x3 -> 64) concatenated with its input (128 channels) ->
+    BatchNormalization, ReLU -> conv 1x1 -> 8: batch norms no conv before them can fold. 28 x 28:
+    LLVM miscompiled a concat of blocks fused with the per-channel ops after it at that size."""
+    rng = np.random.default_rng(7)
+    arrays = {"w0": (0.4 * rng.standard_normal((64, 4, 3, 3))), "w1": (0.2 * rng.standard_normal((32, 64, 1, 1))),
+              "w2": (0.2 * rng.standard_normal((64, 32, 3, 3))), "w3": (0.2 * rng.standard_normal((8, 128, 1, 1)))}
+    for name, c in (("n1", 64), ("n2", 128)):
+        arrays.update({f"{name}_g": rng.uniform(0.5, 1.5, c), f"{name}_b": rng.standard_normal(c),
+                       f"{name}_m": rng.standard_normal(c), f"{name}_v": rng.uniform(0.2, 2.0, c)})
+    init = [numpy_helper.from_array(v.astype("float32"), n) for n, v in arrays.items()]
+    bn = lambda x, n, y: helper.make_node("BatchNormalization", [x, f"{n}_g", f"{n}_b", f"{n}_m", f"{n}_v"],  # noqa: E731
+                                          [y], epsilon=1e-3)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             bn("r0", "n1", "b1"), helper.make_node("Relu", ["b1"], ["a1"]),
+             helper.make_node("Conv", ["a1", "w1"], ["c1"], kernel_shape=[1, 1]), helper.make_node("Relu", ["c1"], ["a2"]),
+             helper.make_node("Conv", ["a2", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["r0", "c2"], ["cat"], axis=1),
+             bn("cat", "n2", "b2"), helper.make_node("Relu", ["b2"], ["a3"]),
+             helper.make_node("Conv", ["a3", "w3"], ["y"], kernel_shape=[1, 1])]
+    return save_onnx(path, "dense_block", nodes, [1, 4, 28, 28], [1, 8, 28, 28], init)
+
+
+def test_a_dense_block_with_batch_norms_stays_in_blocks(tmp_path):
+    """With every layer in blocks, the batch norms (a multiply and an add by per-channel
+    constants, passes/batch_norm_as_affine.py, their constants blocked) and the concat run on
+    blocks: the only transforms are the model's input and output. It matches onnxruntime."""
+    path = dense_block_onnx(tmp_path / "dense_block.onnx")
+    m = load_model(path)
+    layouts = {s.key: (BLOCKED, BLOCKED) for s in m.sites}
+    plan = plan_with(m, layouts)
+    mod, _ = lower(m, plan, None)
+    assert [t for _, _, t in layout_transforms(mod)] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"]
+    assert LayoutGraph(m.mod["main"], plan.choices(m.sites), m.sites).transforms(layouts) == [
+        ((1, 4, 28, 28), NCHW, BLOCKED), ((1, 8, 28, 28), BLOCKED, NCHW)]
+    x = np.random.default_rng(8).standard_normal((1, 4, 28, 28)).astype(np.float32)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_layouts_that_do_not_chain_get_transforms(block_model):
     """A plan whose layouts do not chain is not refused: each reader in another layout than its
     producer wrote gets a transform (conv001 writes NCHW, the pool's readers read blocks: one

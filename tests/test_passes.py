@@ -554,3 +554,55 @@ def test_sink_reshapes_moves_gelu_in_front_of_the_reshape(bias_after_reshape):
     x64 = x.astype(np.float64).reshape(16, 8)
     ref = x64 + _gelu_f64(x64 @ w1 + b1) @ w2
     np.testing.assert_allclose(outs[1].reshape(16, 8), ref, rtol=1e-5, atol=1e-5)
+
+
+def _batch_norm_module(shape, params, axis=1, training=False, center=True, scale=True):
+    """main(x) = batch_norm(x, *params)[0], the parameters bound as constants."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            bn = bb.emit(relax.op.nn.batch_norm(x, *(relax.const(p) for p in params), axis=axis, epsilon=1e-3,
+                                                center=center, scale=scale, training=training))
+            y = bb.emit_output(relax.TupleGetItem(bn, 0))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _ops(mod) -> set[str]:
+    out = set()
+    relax.analysis.post_order_visit(mod["main"], lambda e: out.add(e.op.name) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) else None)
+    return out
+
+
+@pytest.mark.parametrize("center,scale", [(True, True), (False, True), (True, False)])
+def test_batch_norm_as_affine_matches_numpy(center, scale):
+    """An inference batch norm becomes x * scale + shift (per-channel constants); the result
+    matches the batch norm's definition in NumPy float64, NaN and Inf kept."""
+    from tvm_sparseconv.passes.batch_norm_as_affine import BatchNormAsAffine
+
+    rng = np.random.default_rng(0)
+    c = 6
+    params = [rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.1, 3, c)]
+    mod = BatchNormAsAffine(_batch_norm_module((2, c, 5, 7), [p.astype("float32") for p in params],
+                                               center=center, scale=scale))
+    assert _ops(mod) == {"relax.multiply", "relax.add"}
+    x = rng.standard_normal((2, c, 5, 7)).astype("float32")
+    x[0, 1, 2, 3], x[1, 4, 0, 0], x[1, 5, 4, 6] = np.nan, np.inf, -np.inf
+    out = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    g, b, m, v = (p.astype(np.float64)[None, :, None, None] for p in params)
+    ref = (x - m) / np.sqrt(v + 1e-3) * (g if scale else 1) + (b if center else 0)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"training": True}, {"axis": 3}])
+def test_batch_norm_as_affine_leaves_training_and_other_axes(kw):
+    from tvm_sparseconv.passes.batch_norm_as_affine import BatchNormAsAffine
+
+    c = 4
+    params = [np.ones(c, "float32"), np.zeros(c, "float32"), np.zeros(c, "float32"), np.ones(c, "float32")]
+    shape = (1, 3, 3, c) if kw.get("axis") == 3 else (1, c, 3, 3)
+    mod = _batch_norm_module(shape, params, **kw)
+    tvm.ir.assert_structural_equal(BatchNormAsAffine(mod), mod)

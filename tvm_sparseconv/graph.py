@@ -89,8 +89,9 @@ class ConvSite:
                 "data_layout": self.data_layout, "why_dense": self.why_dense, "input_relu": self.input_relu}
 
 
-def _const_value(e):
-    if isinstance(e, tvm.ir.expr.Constant):
+def const_value(e) -> np.ndarray | None:
+    """The array of a Relax tensor constant, else None (a PrimValue's value is no tensor)."""
+    if isinstance(e, tvm.ir.expr.Constant) and hasattr(e.value, "numpy"):
         return e.value.numpy()
     return None
 
@@ -109,7 +110,7 @@ def _uses(func: relax.Function) -> Counter:
 
 def _bias_of(e, site_m: int, layout: str):
     """The per-output-channel bias vector if ``e`` is a constant broadcast along channels only."""
-    v = _const_value(e)
+    v = const_value(e)
     if v is None or v.dtype != np.float32:
         return None
     chan_shape = {"NCHW": [(1, site_m, 1, 1), (site_m, 1, 1)], "NHWC": [(1, 1, 1, site_m), (site_m,)]}[layout]
@@ -189,7 +190,7 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
         ws_oihw = [ws[i] for i in t] if t else ws
     spec = Conv2DSpec.from_shapes(xs_nchw, ws_oihw, tuple(int(v) for v in a.strides),
                                   tuple(int(v) for v in a.padding), tuple(int(v) for v in a.dilation), int(a.groups))
-    weight = _const_value(w)
+    weight = const_value(w)
     if weight is not None and why is None:
         t = _TO_OIHW[kernel_layout]
         weight = np.ascontiguousarray(weight.transpose(t) if t else weight)
@@ -218,7 +219,7 @@ def scalar_value(e) -> float | None:
     """The value of a one-element float constant or a PrimValue, else None."""
     if isinstance(e, (tvm.tirx.FloatImm, tvm.tirx.IntImm)):  # a relax.prim_value
         return float(e.value)
-    v = _const_value(e)
+    v = const_value(e)
     return float(v.reshape(-1)[0]) if v is not None and v.size == 1 and v.dtype.kind == "f" else None
 
 
@@ -325,7 +326,7 @@ def _residual_add(root, absorbed, spec: Conv2DSpec, bindings, uses, consumer) ->
     a, b = bindings[nxt].args
     other = b if a.same_as(root) else a
     ty = getattr(other, "ty", None)
-    if (other.same_as(root) or _const_value(other) is not None or not isinstance(ty, relax.TensorType)
+    if (other.same_as(root) or const_value(other) is not None or not isinstance(ty, relax.TensorType)
             or ty.dtype != "float32" or ty.shape is None or [int(v) for v in ty.shape] != list(spec.y_shape)):
         return None
     chain = [*absorbed, root]

@@ -33,8 +33,8 @@ ALGORITHM_ATTR = "tvm_sparseconv.algorithm"
 LAYERS_ATTR = "tvm_sparseconv.layers"
 # on a layout transform the model rewrite inserted (algorithms/layout.py): "nchw->nchw16c"
 LAYOUT_ATTR = "tvm_sparseconv.layout_transform"
-# relax's kOpaque: FuseOps must not merge a hand-written kernel into its neighbours
-_OPAQUE = 8
+# relax's kOpaque: FuseOps must not merge a function with this op_pattern into its neighbours
+OPAQUE = 8
 
 
 @tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", override=True)
@@ -56,7 +56,7 @@ def stage_func(st) -> tvm.tirx.PrimFunc:
     ``apply_database`` takes off before it looks a function up.
     """
     # te.create_prim_func names every function "main": the module names it instead
-    func = st.func.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
+    func = st.func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
     if not st.tunable:  # hand-scheduled: keep it out of dlight / MetaSchedule
         func = func.with_attr("tirx.is_scheduled", True)
     return func

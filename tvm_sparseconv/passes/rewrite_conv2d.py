@@ -5,15 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, topi
 
 from ..algorithms import get_algorithm
 from ..algorithms.layout import transform_stage
 from ..cpu import CPU, cpu_of
-from ..graph import ConvSite, find_conv_sites, scalar_value
+from ..graph import ConvSite, const_value, find_conv_sites, scalar_value
 from ..layout import NCHW, channel_block, layout_shape
-from ..stages import LAYERS_ATTR, LAYOUT_ATTR, algorithm_func, stage_symbol, transform_func
+from ..stages import LAYERS_ATTR, LAYOUT_ATTR, OPAQUE, algorithm_func, stage_symbol, transform_func
 
 # ops the rewrite computes on blocked tensors when every tensor operand has the output's shape
 # and is held in the same blocked layout (the others are scalars): elementwise, so the layout
@@ -153,6 +154,16 @@ class _Rewriter(relax.PyExprMutator):
         gv = self.builder_.add_func(transform_func(st, src, dst), f"layout_{st.name}")
         return relax.call_tir(gv, [x], relax.TensorType(layout_shape(nchw_shape, dst), "float32"))
 
+    def _blocked_concat(self, parts: list) -> relax.Call:
+        """A concat of blocked tensors along the block axis, a function of its own: fused with
+        per-channel ops after it (a DenseNet block's batch norm), LLVM 22 vectorised the select
+        between the sources wrongly (outputs of 1e31 at 28 x 28 and up)."""
+        ins = [te.placeholder([int(v) for v in p.ty.shape], "float32", name=f"x{i}") for i, p in enumerate(parts)]
+        out = topi.concatenate(ins, axis=1)
+        func = te.create_prim_func([*ins, out]).without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+        gv = self.builder_.add_func(func, "concat_blocks")
+        return relax.call_tir(gv, list(parts), relax.TensorType([int(v) for v in out.shape], "float32"))
+
     def _blocked_op(self, binding: relax.VarBinding) -> bool:
         """Emit an op that _passes_blocks on its operands' blocked vars, when they are all held
         in one blocked layout (True); else leave it to the caller (False)."""
@@ -163,7 +174,7 @@ class _Rewriter(relax.PyExprMutator):
         call = binding.value
         tvm_layout = f"NCHW{channel_block(layout)}c"
         if call.op == _CONCAT:
-            y = relax.op.concat([self.blocked[a][layout] for a in operands], axis=1)
+            y = self._blocked_concat([self.blocked[a][layout] for a in operands])
         elif call.op == _MEAN:
             y = relax.op.nn.adaptive_avg_pool2d(self.blocked[operands[0]][layout], (1, 1), layout=tvm_layout,
                                                 out_layout=tvm_layout)
@@ -174,7 +185,15 @@ class _Rewriter(relax.PyExprMutator):
                                                   "count_include_pad")})
             y = _POOLS[call.op](self.blocked[operands[0]][layout], **kw, layout=tvm_layout, out_layout=tvm_layout)
         else:
-            args = [self.blocked[a][layout] if a in operands else self.visit_expr(a) for a in call.args]
+            channels = int(binding.var.ty.shape[1])
+
+            def arg(a):
+                if a in operands:
+                    return self.blocked[a][layout]
+                per_channel = _channel_constant(a, channels)
+                return self.visit_expr(a) if per_channel is None else _blocked_constant(per_channel, layout)
+
+            args = [arg(a) for a in call.args]
             y = relax.Call(call.op, args, call.attrs, call.ty_args)
         shape = [int(v) for v in binding.var.ty.shape]
         self._bind(binding.var, y, layout, "NCHW", shape, binding.var.name)
@@ -184,7 +203,8 @@ class _Rewriter(relax.PyExprMutator):
 def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
     """The tensor operands (vars) of an op the rewrite may compute in channel blocks: an
     _ELEMENTWISE op whose operands are scalars, vars of its 4-D float32 output's shape, or
-    per-channel vars (N x C x 1 x 1, an SE block's scales: broadcast alike in blocks); a _POOLS
+    per-channel vars (N x C x 1 x 1, an SE block's scales: broadcast alike in blocks) and
+    per-channel constants (_channel_constant: a batch norm's scale and shift); a _POOLS
     op of NCHW data; a _MEAN over H and W that keeps them; or a _CONCAT of 4-D vars along the
     channels. None of them the NHWC output of a layer (``nhwc``). None for any other binding."""
     op = value.op if isinstance(value, relax.Call) else None
@@ -207,7 +227,7 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
                     for a in parts.fields) else None
     else:
         shape = [int(v) for v in ty.shape]
-        operands = [a for a in value.args if not _is_scalar(a)]
+        operands = [a for a in value.args if not _is_scalar(a) and _channel_constant(a, shape[1]) is None]
         if not all(isinstance(a, relax.Var) and isinstance(a.ty, relax.TensorType) and a.ty.shape is not None
                    and [int(v) for v in a.ty.shape] in (shape, shape[:2] + [1, 1]) for a in operands):
             operands = None
@@ -227,6 +247,23 @@ def _blocked_layout(value: relax.Call, operands, blocked: dict) -> str | None:
     if value.op == _CONCAT:
         common = {lay for lay in common if all(int(a.ty.shape[1]) % channel_block(lay) == 0 for a in operands)}
     return sorted(common)[0] if common else None
+
+
+def _channel_constant(e: relax.Expr, channels: int):
+    """The C values of a float32 constant of shape (1, C, 1, 1) or (C, 1, 1) (one per channel,
+    broadcast over N, H and W), else None."""
+    v = const_value(e)
+    return v.reshape(-1) if v is not None and v.dtype == "float32" and v.shape in (
+        (1, channels, 1, 1), (channels, 1, 1)) else None
+
+
+def _blocked_constant(values, layout: str) -> relax.Expr:
+    """Per-channel ``values`` (C) as a constant broadcast over blocked data in ``layout``:
+    (1, ceil(C / b), 1, 1, b), zeros in the pad lanes."""
+    shape = layout_shape((1, len(values), 1, 1), layout)
+    padded = np.zeros(shape[1] * shape[-1], np.float32)
+    padded[:len(values)] = values
+    return relax.const(padded.reshape(shape))
 
 
 def _is_scalar(e: relax.Expr) -> bool:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, s_tir, te
 
+from ..stages import OPAQUE
+
 MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
 
 
@@ -117,7 +119,7 @@ def legalize_map() -> dict:
         func = schedule(te.create_prim_func([xt, resize_compute(xt, out_h, out_w,
                                                                 str(call.attrs.coordinate_transformation_mode))]))
         # scheduled here: ParallelizeRest and dlight leave it alone, FuseOps does not merge it
-        func = func.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})
+        func = func.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
         gv = bb.add_func(func.without_attr("global_symbol"), "resize2d_bilinear")
         return relax.call_tir(gv, [x], relax.TensorType([*_static(x.ty.shape.values)[:2], out_h, out_w], "float32"))
 
