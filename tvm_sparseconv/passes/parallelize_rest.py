@@ -8,8 +8,9 @@ two (NCHW's H and W, fused into one contiguous loop for LLVM to vectorise in who
 the residual adds of ResNet-50's 14x14 and 28x28 stages ran 3-5x faster alone than with the
 W loop alone inside), or the innermost one when the outer loops would be too few, and runs
 them on TVM's thread pool. A pool of channel blocks (NCHW8c) gets its lane loop inside the
-window loops, vectorised (_lanes_innermost). Functions marked ``tirx.is_scheduled`` (our
-kernels, MetaSchedule or dlight results) are left alone.
+window loops, vectorised (_lanes_innermost); an elementwise op of channel blocks runs rows of
+lane vectors (over_lanes). Functions marked ``tirx.is_scheduled`` (our kernels, MetaSchedule
+or dlight results) are left alone.
 """
 from __future__ import annotations
 
@@ -49,6 +50,18 @@ def reduces_lanes(block) -> bool:
     extent = lane.dom.extent
     return (isinstance(extent, tvm.tirx.IntImm) and 1 < int(extent) <= _MAX_LANES and len(block.writes) == 1
             and all(r.region[-1].min.same_as(lane.var) for r in (*block.writes, *block.reads)))
+
+
+def over_lanes(block) -> bool:
+    """Whether ``block`` is elementwise over channel blocks (N, CB, H, W, lanes): five spatial
+    axes, the last short (at most _MAX_LANES) and the innermost index of every tensor it reads
+    and writes (a per-channel operand's too), so a vector of lanes is one load or store."""
+    ivs = list(block.iter_vars)
+    if len(ivs) != 5 or any(iv.iter_type != 0 for iv in ivs):
+        return False
+    lane, extent = ivs[-1], ivs[-1].dom.extent
+    return (isinstance(extent, tvm.tirx.IntImm) and 1 < int(extent) <= _MAX_LANES
+            and all(not r.region or r.region[-1].min.same_as(lane.var) for r in (*block.writes, *block.reads)))
 
 
 def _lanes_innermost(sch, blk, lane, reduce) -> None:
@@ -108,6 +121,16 @@ def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
         # in parallel over the other axes even when they are few, as long as each reduces much
         pooled = len(lead) > 1 and len(lead) < len(loops) and reduces_lanes(block)
         if extent < _MIN_EXTENT and not (pooled and _product(sch, loops) >= _MIN_WORK):
+            continue
+        if over_lanes(block) and extent // _product(sch, lead[-2:]) >= _MIN_EXTENT:
+            # N x CB x H in parallel, each task a row of W vectors: fused with W, the lanes' index
+            # (w * lanes + l) % lanes made LLVM gather a per-channel operand, and it vectorised a
+            # concat's select wrongly (LLVM 22); as TVM's vectors they are plain loads
+            try:
+                sch.parallel(sch.fuse(*lead[:-2]))
+                sch.vectorize(lead[-1])
+            except Exception:  # not vectorisable after all: keep what was done
+                interrupt.check()
             continue
         # the innermost spatial loops stay inside, contiguous (vectorisable): the last two (NCHW's
         # H and W) fused into one when they are the block's last loops and enough outer work is
