@@ -87,3 +87,26 @@ def test_bench_batch_applies_a_batch1_plan(tmp_path, capsys):
     assert rows["tvm-sparseconv plan"]["layers"] == "hybrid 2"
     assert "onnxruntime" in rows and rows["tvm-sparseconv plan"]["max_abs_error"] < 1e-4
     assert main(args + ["--batch", "0"]) != 0
+
+
+def test_bench_flags_a_wrong_output(monkeypatch):
+    """A build whose output is far from the reference's (here the plan's, made wrong on purpose
+    after it ran) is marked ``wrong`` and logged as a WARNING; the reference is not."""
+    real = bench.vm_latency_ms
+    calls = []
+
+    def corrupting(vm, x, repeat=10):
+        y, ms = real(vm, x, repeat)
+        calls.append(1)
+        return (y + 1.0 if len(calls) % 2 == 1 else y), ms  # the plan is timed first in each round
+
+    monkeypatch.setattr(bench, "vm_latency_ms", corrupting)
+    mod, *_ = small_module()
+    model = Model(mod, "x", (1, 4, 9, 9), "NCHW", "small")
+    x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype("float32")
+    logged = []
+    res = bench.bench_model(model, x, algorithm="pixcsr", repeat=1, peers=False, log=logged.append)
+    plan, base = res["rows"]
+    assert plan["wrong"] and plan["max_abs_error"] >= 1.0 and not base["wrong"]
+    assert any(line.startswith("WARNING: tvm-sparseconv plan's output differs") for line in logged)
+    assert not bench.wrong_output(1e-4, np.full(3, 0.5)) and bench.wrong_output(float("inf"), np.ones(3))

@@ -13,6 +13,17 @@ from .peers import PeerError, available_peers, run_model_peer
 from .target import make_target
 
 
+# a whole model's output may differ from the reference by this share of its largest value
+# (float32 sums in another order over many layers); far more is a wrong result, not rounding
+MODEL_TOLERANCE = 1e-3
+
+
+def wrong_output(error: float, ref: np.ndarray) -> bool:
+    """Whether a model's max_abs_error against ``ref`` is over MODEL_TOLERANCE of its largest
+    finite value (inf, NaN or Inf elsewhere, is always over)."""
+    return not error <= MODEL_TOLERANCE * max(1.0, float(np.abs(ref[np.isfinite(ref)]).max(initial=0.0)))
+
+
 def op_breakdown(b: Build, x: np.ndarray, runs: int = 20) -> dict[str, float]:
     """Mean wall-clock ms per inference of each kind of call inside the model built as ``b``
     (time_calls): ``conv <algorithm>`` for our kernels (b.kernels), the PrimFunc's name without
@@ -27,8 +38,8 @@ def op_breakdown(b: Build, x: np.ndarray, runs: int = 20) -> dict[str, float]:
 def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = None, database=None, target=None,
                 threads: int = 0, baseline: str = "dense", repeat: int = 10, peers: bool = True,
                 log=lambda s: None, ops: bool = False, rounds: int = 1, baseline_plan: Plan | None = None) -> dict:
-    """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, speedup of the plan over it,
-    skipped}; with ``ops``, also ``ops``: the plan build's op_breakdown. The result also records
+    """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, wrong (wrong_output: also
+    logged as a WARNING), speedup of the plan over it, skipped}; with ``ops``, also ``ops``: the plan build's op_breakdown. The result also records
     what ran: ``input_shape``, ``threads``, ``rounds`` and ``cpu`` (cpu.CPU.to_dict() of the target).
 
     ``baseline``: an algorithm (the build with it on every layer: ``baseline_plan`` when given,
@@ -69,16 +80,22 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
                 log(f"{name} skipped: {e}")
                 skipped[name] = str(e)
                 ys.pop(name, None)  # an earlier round's output is no reference
-    ref = ys.get("onnxruntime", ys[timers[1][0]])
+    ref_name = "onnxruntime" if "onnxruntime" in ys else timers[1][0]
+    ref = ys[ref_name]
     ratios = times / times[:, :1]
     rows = []
     for k, (name, layers, _) in enumerate(timers):
         if name in skipped:
-            rows.append({"name": name, "ms": None, "layers": layers, "max_abs_error": None, "plan_speedup": None,
-                         "plan_speedup_range": None, "skipped": skipped[name]})
+            rows.append({"name": name, "ms": None, "layers": layers, "max_abs_error": None, "wrong": None,
+                         "plan_speedup": None, "plan_speedup_range": None, "skipped": skipped[name]})
             continue
-        rows.append({"name": name, "ms": float(np.median(times[:, k])), "layers": layers,
-                     "max_abs_error": max_abs_error(ys[name], ref), "plan_speedup": float(np.median(ratios[:, k])),
+        err = max_abs_error(ys[name], ref)
+        wrong = wrong_output(err, ref)
+        if wrong:
+            log(f"WARNING: {name}'s output differs from {ref_name}'s by {err:.3g}, over the tolerance "
+                f"({MODEL_TOLERANCE:g} of the largest output): a wrong result, please report it")
+        rows.append({"name": name, "ms": float(np.median(times[:, k])), "layers": layers, "max_abs_error": err,
+                     "wrong": wrong, "plan_speedup": float(np.median(ratios[:, k])),
                      "plan_speedup_range": [float(ratios[:, k].min()), float(ratios[:, k].max())], "skipped": None})
     t_plan = rows[0]["ms"]
     best_other = min((r["ms"] for r in rows[1:] if r["ms"] is not None), default=t_plan)
