@@ -261,11 +261,12 @@ def test_bench_shows_a_peer_that_cannot_run_the_model_as_skipped(erf_bench):
     *_, res = erf_bench
     rows = {r["name"]: r for r in res["rows"]}
     assert list(rows) == NAMES
-    assert rows["pytorch"] == {"name": "pytorch", "ms": None, "layers": "", "max_abs_error": None,
+    assert rows["pytorch"] == {"name": "pytorch", "ms": None, "layers": "", "max_abs_error": None, "wrong": None,
                                "plan_speedup": None, "plan_speedup_range": None, "skipped": PYTORCH_SKIP}
     for name in NAMES[:3]:
         r = rows[name]
         assert r["skipped"] is None and r["ms"] > 0 and r["max_abs_error"] < 1e-4  # against onnxruntime
+        assert r["wrong"] is False
     assert rows["onnxruntime"]["max_abs_error"] == 0.0
     assert res["speedup_vs_best"] == min(rows[n]["ms"] for n in NAMES[1:3]) / rows[NAMES[0]]["ms"]
 
