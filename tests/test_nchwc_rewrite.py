@@ -182,12 +182,13 @@ def dense_block_onnx(path):
         arrays.update({f"{name}_g": rng.uniform(0.5, 1.5, c), f"{name}_b": rng.standard_normal(c),
                        f"{name}_m": rng.standard_normal(c), f"{name}_v": rng.uniform(0.2, 2.0, c)})
     init = [numpy_helper.from_array(v.astype("float32"), n) for n, v in arrays.items()]
-    bn = lambda x, n, y: helper.make_node("BatchNormalization", [x, f"{n}_g", f"{n}_b", f"{n}_m", f"{n}_v"],  # noqa: E731
-                                          [y], epsilon=1e-3)
+    bn = lambda x, n, y: helper.make_node(  # noqa: E731
+        "BatchNormalization", [x, f"{n}_g", f"{n}_b", f"{n}_m", f"{n}_v"], [y], epsilon=1e-3)
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c0"], ["r0"]),
              bn("r0", "n1", "b1"), helper.make_node("Relu", ["b1"], ["a1"]),
-             helper.make_node("Conv", ["a1", "w1"], ["c1"], kernel_shape=[1, 1]), helper.make_node("Relu", ["c1"], ["a2"]),
+             helper.make_node("Conv", ["a1", "w1"], ["c1"], kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["a2"]),
              helper.make_node("Conv", ["a2", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              helper.make_node("Concat", ["r0", "c2"], ["cat"], axis=1),
              bn("cat", "n2", "b2"), helper.make_node("Relu", ["b2"], ["a3"]),

@@ -39,8 +39,8 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
                 threads: int = 0, baseline: str = "dense", repeat: int = 10, peers: bool = True,
                 log=lambda s: None, ops: bool = False, rounds: int = 1, baseline_plan: Plan | None = None) -> dict:
     """Rows of {name, ms, max_abs_error vs onnxruntime or the baseline, wrong (wrong_output: also
-    logged as a WARNING), speedup of the plan over it, skipped}; with ``ops``, also ``ops``: the plan build's op_breakdown. The result also records
-    what ran: ``input_shape``, ``threads``, ``rounds`` and ``cpu`` (cpu.CPU.to_dict() of the target).
+    logged as a WARNING), speedup of the plan over it, skipped}; with ``ops``, also ``ops``: the
+    plan build's op_breakdown. The result also records what ran: ``input_shape``, ``threads``, ``rounds`` and ``cpu`` (cpu.CPU.to_dict() of the target).
 
     ``baseline``: an algorithm (the build with it on every layer: ``baseline_plan`` when given,
     as the CLI predicts its knobs, else Plan.uniform's defaults) or the path of another plan.

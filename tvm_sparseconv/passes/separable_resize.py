@@ -113,14 +113,13 @@ def legalize_map() -> dict:
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         if not takes(call):
             return default(bb, call)
-        x = call.args[0]
+        x, shape = call.args[0], _static(call.args[0].ty.shape.values)
         out_h, out_w = _static(call.args[1].values)
-        xt = te.placeholder(_static(x.ty.shape.values), "float32", name="x")
-        func = schedule(te.create_prim_func([xt, resize_compute(xt, out_h, out_w,
-                                                                str(call.attrs.coordinate_transformation_mode))]))
+        xt = te.placeholder(shape, "float32", name="x")
+        y = resize_compute(xt, out_h, out_w, str(call.attrs.coordinate_transformation_mode))
         # scheduled here: ParallelizeRest and dlight leave it alone, FuseOps does not merge it
-        func = func.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
+        func = schedule(te.create_prim_func([xt, y])).with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
         gv = bb.add_func(func.without_attr("global_symbol"), "resize2d_bilinear")
-        return relax.call_tir(gv, [x], relax.TensorType([*_static(x.ty.shape.values)[:2], out_h, out_w], "float32"))
+        return relax.call_tir(gv, [x], relax.TensorType([*shape[:2], out_h, out_w], "float32"))
 
     return {"relax.image.resize2d": legalize}
