@@ -163,14 +163,17 @@ def refuse_inexact_resize(proto, path: str) -> None:
 def fold(mod: tvm.IRModule) -> tvm.IRModule:
     """Fold constant expressions (reshape(bias) -> bias) so patterns see plain constants, turn
     imported scalar clamps into Relax ops (passes/clamps_as_ops.py): one form for graph.py;
-    turn unfolded inference batch norms into a multiply and an add (passes/batch_norm_as_affine.py),
+    turn transposed convs into convs and a depth-to-space (passes/conv_transpose_as_conv.py),
+    layers the plan covers; turn unfolded inference batch norms into a multiply and an add (passes/batch_norm_as_affine.py),
     elementwise ops the rewrite computes in channel blocks; and move elementwise ops in front of
     reshapes (passes/sink_reshapes.py), so that they fuse with the matmul or conv before them."""
     from .passes.batch_norm_as_affine import BatchNormAsAffine
     from .passes.clamps_as_ops import ClampsAsOps
+    from .passes.conv_transpose_as_conv import ConvTransposeAsConv
     from .passes.sink_reshapes import SinkReshapes
 
-    return SinkReshapes(ClampsAsOps(BatchNormAsAffine(relax.transform.FoldConstant()(mod))))
+    folded = relax.transform.FoldConstant()(mod)
+    return SinkReshapes(ClampsAsOps(BatchNormAsAffine(ConvTransposeAsConv(folded))))
 
 
 def load_model(model, input_shape: Sequence[int] | None = None, layout: str | None = None) -> Model:

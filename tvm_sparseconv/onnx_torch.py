@@ -6,7 +6,8 @@ follows the ONNX definition of the model's opset (11-19 for Resize; attributes t
 inputs, as Clip's bounds, Squeeze's axes or Pad's pads, are read from wherever the opset puts
 them):
 
-- Conv (1-3-D, groups, dilations, asymmetric pads, auto_pad), BatchNormalization, Gemm,
+- Conv (1-3-D, groups, dilations, asymmetric pads, auto_pad), ConvTranspose (explicit pads
+  and output_padding), BatchNormalization, Gemm,
   MatMul, Relu, Sigmoid, HardSigmoid, HardSwish, Clip (ReLU6), Softmax;
 - MaxPool, AveragePool (ceil_mode, count_include_pad, asymmetric pads, auto_pad),
   GlobalAveragePool, GlobalMaxPool;
@@ -250,6 +251,21 @@ def _conv(ins, a, opset):
     if pb != pe:  # torch pads symmetrically only
         x, pb = F.pad(x, _torch_pads(pb, pe)), 0
     return getattr(F, f"conv{w.dim() - 2}d")(x, w, b, s, pb, d, a.get("group", 1))
+
+
+@op("ConvTranspose")
+def _conv_transpose(ins, a, opset):
+    x, w = ins[0], ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    n = w.dim() - 2
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or "output_shape" in a:
+        raise NotImplementedError("the PyTorch peer runs ConvTranspose with explicit pads only")
+    s, d = a.get("strides", [1] * n), a.get("dilations", [1] * n)
+    pads = [0] * (2 * n) if a.get("auto_pad") == "VALID" else list(a.get("pads", [0] * (2 * n)))
+    # torch pads (crops) symmetrically only: compute unpadded, then crop each axis's begin and end
+    y = getattr(F, f"conv_transpose{n}d")(x, w, b, s, 0, a.get("output_padding", [0] * n), a.get("group", 1), d)
+    return y[(slice(None), slice(None), *(slice(pb, y.shape[2 + i] - pe) for i, (pb, pe)
+                                          in enumerate(zip(pads[:n], pads[n:]))))]
 
 
 def _pool_out(size, k, s, d, b, e, ceil) -> int:
