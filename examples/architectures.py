@@ -6,7 +6,10 @@ squeeze-and-excitation, depthwise 5x5), ShuffleNet-V2 (channel split and shuffle
 (fire modules, ceil-mode pooling), a small DenseNet (BatchNorm before the convs, long concats),
 a small ConvNeXt (7x7 depthwise, LayerNorm, GELU, Linear layers over NHWC), a RegNetX-like net
 (grouped 3x3 convs of 16 channels per group), a MobileNet-V3-like net (hard-swish,
-hard-sigmoid SE) and a DeepLab-like head (dilated convs, ASPP concat, bilinear upsampling).
+hard-sigmoid SE), a DeepLab-like head (dilated convs, ASPP concat, bilinear upsampling), an
+Inception-v3-like net (1x7 and 7x1 convs, stride-1 average pools, concats), a ResNeXt-like net
+(groups of 4 to 32 channels), a U-Net-like net (transposed convs, skip concats) and a
+YOLO-like net (LeakyReLU, nearest upsampling, two outputs).
 
 They check coverage and speed, not accuracy: the weights are random, so the activations'
 densities are not those of a trained model, and a plan predicted or tuned on them says
@@ -209,9 +212,90 @@ class Dilated(nn.Module):
         y = s.f(x); y = torch.cat([a(y) for a in s.aspp], 1)
         return F.interpolate(s.out(y), scale_factor=4, mode="bilinear", align_corners=False)
 
+class IncA(nn.Module):
+    def __init__(s, i, pool):
+        super().__init__()
+        s.b1 = cbr(i, 64, 1); s.b5 = nn.Sequential(cbr(i, 48, 1), cbr(48, 64, 5))
+        s.b3 = nn.Sequential(cbr(i, 64, 1), cbr(64, 96, 3), cbr(96, 96, 3)); s.bp = cbr(i, pool, 1)
+    def forward(s, x):
+        return torch.cat([s.b1(x), s.b5(x), s.b3(x), s.bp(F.avg_pool2d(x, 3, 1, 1))], 1)
+
+def c17(i, o, k, p):
+    return nn.Sequential(nn.Conv2d(i, o, k, 1, p, bias=False), bn(o), nn.ReLU())
+
+class IncC(nn.Module):
+    def __init__(s, i, c7):
+        super().__init__()
+        s.b1 = cbr(i, 192, 1)
+        s.b7 = nn.Sequential(cbr(i, c7, 1), c17(c7, c7, (1, 7), (0, 3)), c17(c7, 192, (7, 1), (3, 0)))
+        s.bp = cbr(i, 192, 1)
+    def forward(s, x):
+        return torch.cat([s.b1(x), s.b7(x), s.bp(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))], 1)
+
+class Inception(nn.Module):
+    """Inception-v3-like: unpadded stem, 5x5 and double-3x3 branches, 1x7 / 7x1 factorized
+    convs, average pools of stride 1 (with and without the padding counted), long concats."""
+    def __init__(s):
+        super().__init__()
+        s.stem = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 32, 3), cbr(32, 64, 3), nn.MaxPool2d(3, 2), cbr(64, 80, 1), cbr(80, 192, 3), nn.MaxPool2d(3, 2))
+        s.a = nn.Sequential(IncA(192, 32), IncA(256, 64))
+        s.red = nn.Conv2d(288, 768, 3, 2)
+        s.c = nn.Sequential(IncC(768, 128), IncC(576, 160))
+        s.fc = nn.Linear(576, 1000)
+    def forward(s, x):
+        y = s.c(F.relu(s.red(s.a(s.stem(x)))))
+        return s.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+class XBlock(nn.Module):
+    def __init__(s, i, w, o, st, g=32):
+        super().__init__()
+        s.f = nn.Sequential(cbr(i, w, 1), cbr(w, w, 3, st, g=g), cbr(w, o, 1, act=None))
+        s.sc = cbr(i, o, 1, st, act=None) if (st != 1 or i != o) else nn.Identity()
+    def forward(s, x): return F.relu(s.f(x) + s.sc(x))
+
+class ResNeXt(nn.Module):
+    """ResNeXt-50-like (32 groups of 4 to 32 channels), fewer blocks."""
+    def __init__(s):
+        super().__init__()
+        s.stem = nn.Sequential(cbr(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
+        L = []; c = 64
+        for w, o, st in [(128, 256, 1), (128, 256, 1), (256, 512, 2), (256, 512, 1), (512, 1024, 2), (1024, 2048, 2)]:
+            L.append(XBlock(c, w, o, st)); c = o
+        s.L = nn.Sequential(*L); s.fc = nn.Linear(2048, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.L(s.stem(x)), 1), 1))
+
+class UNet(nn.Module):
+    """U-Net-like: 2x2 stride-2 transposed convs (up-convs), skip concats, a sigmoid output."""
+    def __init__(s):
+        super().__init__()
+        s.e1 = nn.Sequential(cbr(3, 32), cbr(32, 32)); s.e2 = nn.Sequential(cbr(32, 64), cbr(64, 64))
+        s.e3 = nn.Sequential(cbr(64, 128), cbr(128, 128))
+        s.u2 = nn.ConvTranspose2d(128, 64, 2, 2); s.d2 = nn.Sequential(cbr(128, 64), cbr(64, 64))
+        s.u1 = nn.ConvTranspose2d(64, 32, 2, 2); s.d1 = nn.Sequential(cbr(64, 32), cbr(32, 32))
+        s.out = nn.Conv2d(32, 2, 1)
+    def forward(s, x):
+        a = s.e1(x); b = s.e2(F.max_pool2d(a, 2)); c = s.e3(F.max_pool2d(b, 2))
+        y = s.d2(torch.cat([s.u2(c), b], 1)); y = s.d1(torch.cat([s.u1(y), a], 1))
+        return torch.sigmoid(s.out(y))
+
+class YoloIsh(nn.Module):
+    """YOLO-ish: LeakyReLU 0.1, stride-2 convs, a residual, nearest upsample + concat, two heads
+    (two outputs)."""
+    def __init__(s):
+        super().__init__()
+        lk = lambda: nn.LeakyReLU(0.1)
+        s.a = nn.Sequential(cbr(3, 32, 3, act=lk), cbr(32, 64, 3, 2, act=lk), cbr(64, 128, 3, 2, act=lk), cbr(128, 256, 3, 2, act=lk))
+        s.r = nn.Sequential(cbr(256, 128, 1, act=lk), cbr(128, 256, 3, act=lk))
+        s.b = cbr(256, 512, 3, 2, act=lk); s.h1 = nn.Conv2d(512, 255, 1)
+        s.lat = cbr(512, 128, 1, act=lk); s.h2 = nn.Sequential(cbr(384, 256, 3, act=lk), nn.Conv2d(256, 255, 1))
+    def forward(s, x):
+        y = s.a(x); y = y + s.r(y); z = s.b(y)
+        u = F.interpolate(s.lat(z), scale_factor=2, mode="nearest")
+        return s.h1(z), s.h2(torch.cat([u, y], 1))
+
 NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": ShuffleNetV2, "squeezenet": SqueezeNet,
         "densenet-small": DenseNetSmall, "convnext-small": ConvNeXtTiny, "regnetx": RegNetX, "mobilenet-v3ish": MobileNetV3ish,
-        "deeplab-ish": Dilated}
+        "deeplab-ish": Dilated, "inception-v3ish": Inception, "resnext": ResNeXt, "unet": UNet, "yolo-ish": YoloIsh}
 
 
 def export(name: str, path: str, size: int = 224) -> str:

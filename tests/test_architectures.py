@@ -2,7 +2,8 @@
 exported to ONNX at 1 x 3 x 96 x 96, compiled with the plan the cost model predicts, against
 onnxruntime: what a user's model brings beyond the three shipped ones (SiLU and hard-swish,
 squeeze-and-excitation, channel shuffle, long concats, 7x7 depthwise with LayerNorm and GELU,
-grouped convs of 16 channels, dilated convs and bilinear upsampling) compiles and runs right."""
+grouped convs of 16 and of 4 channels, dilated convs, bilinear and nearest upsampling, 1x7 and
+7x1 convs, transposed convs, LeakyReLU, two outputs) compiles and runs right, every output."""
 import importlib.util
 import os
 
@@ -31,8 +32,10 @@ def test_predicted_plan_matches_onnxruntime(name, tmp_path):
     plan = tvm_sparseconv.predict_plan(model)
     vm = relax.VirtualMachine(tvm_sparseconv.compile(model, plan=plan), tvm.cpu())
     x = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)
-    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    out = vm["main"](tvm.runtime.tensor(x))
+    ys = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    assert y.shape == ref.shape
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    refs = sess.run(None, {sess.get_inputs()[0].name: x})
+    assert [y.shape for y in ys] == [r.shape for r in refs]
+    for y, ref in zip(ys, refs):
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -110,3 +110,52 @@ def test_bench_flags_a_wrong_output(monkeypatch):
     assert plan["wrong"] and plan["max_abs_error"] >= 1.0 and not base["wrong"]
     assert any(line.startswith("WARNING: tvm-sparseconv plan's output differs") for line in logged)
     assert not bench.wrong_output(1e-4, np.full(3, 0.5)) and bench.wrong_output(float("inf"), np.ones(3))
+
+
+def two_output_onnx(path) -> str:
+    """x (1, 4, 9, 9) -> conv 3x3 -> 8, LeakyReLU -> y (1, 8, 9, 9); and -> conv 1x1 stride 2
+    -> 6 -> z (1, 6, 5, 5): a detector's two heads."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(6)
+    init = [numpy_helper.from_array((0.4 * rng.standard_normal(s)).astype("float32"), n)
+            for n, s in (("w1", (8, 4, 3, 3)), ("w2", (6, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("LeakyRelu", ["c"], ["y"], alpha=0.1),
+             helper.make_node("Conv", ["y", "w2"], ["z"], kernel_shape=[1, 1], strides=[2, 2])]
+    value = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
+    g = helper.make_graph(nodes, "two", [value("x", [1, 4, 9, 9])], [value("y", [1, 8, 9, 9]), value("z", [1, 6, 5, 5])],
+                          init)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return str(path)
+
+
+def test_bench_compares_every_output_of_a_two_output_model(tmp_path, monkeypatch):
+    """A model with two outputs profiles, and bench checks both against onnxruntime and PyTorch:
+    a plan whose second output alone is wrong is flagged."""
+    from tvm_sparseconv.profile import profile
+
+    model = load_model(two_output_onnx(tmp_path / "two.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 4, 9, 9)).astype("float32")
+    layers, _, outputs = profile(model, [x])
+    assert len(layers) == 2 and outputs[0].shape == (8 * 81 + 6 * 25,)
+    res = bench.bench_model(model, x, algorithm="dense", repeat=1)
+    assert [r["name"] for r in res["rows"]] == ["tvm-sparseconv plan", "tvm-sparseconv all dense", "onnxruntime",
+                                                "pytorch"]
+    assert all(r["wrong"] is False and r["max_abs_error"] < 1e-4 for r in res["rows"]), res["rows"]
+    real, calls = bench.vm_latency_ms, []
+
+    def second_output_off(vm, x, repeat=10):
+        y, ms = real(vm, x, repeat)
+        calls.append(1)
+        if len(calls) % 2 == 1:  # the plan
+            y = y.copy()
+            y[-1] += 1.0  # the last value of z
+        return y, ms
+
+    monkeypatch.setattr(bench, "vm_latency_ms", second_output_off)
+    plan, base, *_ = bench.bench_model(model, x, algorithm="dense", repeat=1)["rows"]
+    assert plan["wrong"] and not base["wrong"]

@@ -27,14 +27,30 @@ def tolerance(spec, ref: np.ndarray) -> float:
     return 1e-4 + 2e-5 * np.sqrt(red) * scale
 
 
+def joined_outputs(outs) -> np.ndarray:
+    """A model's outputs as one array, so that one max_abs_error covers them all: a single output
+    (a NumPy array, a tvm Tensor or a torch tensor) as it is; several (a list, or a VM's tuple
+    result, nested or not) raveled and concatenated in order."""
+    leaves = []
+
+    def walk(o):
+        if hasattr(o, "numpy") or isinstance(o, np.ndarray):
+            leaves.append(np.asarray(o.numpy() if hasattr(o, "numpy") else o))
+        else:
+            for item in o:
+                walk(item)
+
+    walk(outs)
+    return leaves[0] if len(leaves) == 1 else np.concatenate([a.ravel() for a in leaves])
+
+
 def vm_latency_ms(vm, x: np.ndarray, repeat: int = 10) -> tuple[np.ndarray, float]:
-    """(output, median ms of ``main`` on ``x``) of a relax.VirtualMachine (time_evaluator, at
-    least 200 ms per repeat, first call discarded); a tuple result gives its first field."""
+    """(joined_outputs, median ms of ``main`` on ``x``) of a relax.VirtualMachine (time_evaluator,
+    at least 200 ms per repeat, first call discarded)."""
     import tvm
 
     xt = tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))
-    out = vm["main"](xt)
-    y = (out if hasattr(out, "numpy") else out[0]).numpy()
+    y = joined_outputs(vm["main"](xt))
     fe = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=200)
     return y, float(np.median(fe(xt).results)) * 1e3
 

@@ -7,8 +7,8 @@ inputs, as Clip's bounds, Squeeze's axes or Pad's pads, are read from wherever t
 them):
 
 - Conv (1-3-D, groups, dilations, asymmetric pads, auto_pad), ConvTranspose (explicit pads
-  and output_padding), BatchNormalization, Gemm,
-  MatMul, Relu, Sigmoid, HardSigmoid, HardSwish, Clip (ReLU6), Softmax;
+  and output_padding), BatchNormalization, Gemm, MatMul, Relu, LeakyRelu, Sigmoid, Tanh,
+  HardSigmoid, HardSwish, Clip (ReLU6), Softmax;
 - MaxPool, AveragePool (ceil_mode, count_include_pad, asymmetric pads, auto_pad),
   GlobalAveragePool, GlobalMaxPool;
 - Add, Sub, Mul, Div (broadcasting), Concat, Flatten, Reshape, Transpose, Squeeze,
@@ -33,8 +33,9 @@ def _refuse(op: str, variant: str = ""):
 
 
 class OnnxTorch:
-    """``OnnxTorch(path)(x)``: the model's first output for its one non-constant input ``x``
-    (a float32 torch tensor), computed with torch ops under inference_mode."""
+    """``OnnxTorch(path)(x)``: the model's output (a tuple of them when it has several) for its
+    one non-constant input ``x`` (a float32 torch tensor), computed with torch ops under
+    inference_mode."""
 
     def __init__(self, onnx_path: str):
         import onnx
@@ -55,9 +56,9 @@ class OnnxTorch:
             else:
                 self.steps.append((_OPS[n.op_type], list(n.input), list(n.output), attrs))
         self.input = [i.name for i in m.graph.input if i.name not in self.consts][0]
-        self.output = m.graph.output[0].name
+        self.outputs = [o.name for o in m.graph.output]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | tuple:
         env = dict(self.consts)
         env[self.input] = x
         with torch.inference_mode():
@@ -65,7 +66,8 @@ class OnnxTorch:
                 y = fn([env[i] if i else None for i in ins], attrs, self.opset)
                 for name, v in zip(outs, y if isinstance(y, tuple) else (y,)):
                     env[name] = v
-            return env[self.output]
+            outs = tuple(env[o] for o in self.outputs)
+            return outs[0] if len(outs) == 1 else outs
 
 
 def _decode(v):
@@ -125,6 +127,8 @@ op("Relu")(lambda ins, a, opset: ins[0].relu())
 op("Sigmoid")(lambda ins, a, opset: ins[0].sigmoid())
 op("HardSigmoid")(lambda ins, a, opset: (a.get("alpha", 0.2) * ins[0] + a.get("beta", 0.5)).clamp(0.0, 1.0))
 op("HardSwish")(lambda ins, a, opset: F.hardswish(ins[0]))  # x * HardSigmoid(x, 1/6, 1/2), as ONNX
+op("LeakyRelu")(lambda ins, a, opset: F.leaky_relu(ins[0], a.get("alpha", 0.01)))
+op("Tanh")(lambda ins, a, opset: ins[0].tanh())
 op("Identity")(lambda ins, a, opset: ins[0])
 op("Add")(lambda ins, a, opset: ins[0] + ins[1])  # torch broadcasts as ONNX (numpy's rules)
 op("Sub")(lambda ins, a, opset: ins[0] - ins[1])

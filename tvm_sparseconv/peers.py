@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from .conv import Conv2DSpec
+from .measure import joined_outputs
 
 
 def _median_ms(fn, repeat: int, min_time_s: float = 0.05) -> float:
@@ -77,7 +78,7 @@ PEERS = {"onnxruntime": onnxruntime_layer, "pytorch": pytorch_layer}
 
 
 def onnxruntime_model(onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
-    """(output, median ms) of a whole ONNX model in onnxruntime."""
+    """(measure.joined_outputs, median ms) of a whole ONNX model in onnxruntime."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -85,11 +86,11 @@ def onnxruntime_model(onnx_path: str, x: np.ndarray, threads: int, repeat: int =
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)}
-    return sess.run(None, feed)[0], _median_ms(lambda: sess.run(None, feed), repeat, 0.5)
+    return joined_outputs(sess.run(None, feed)), _median_ms(lambda: sess.run(None, feed), repeat, 0.5)
 
 
 def pytorch_model(onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
-    """(output, median ms) of the ONNX model's graph run with PyTorch's operators."""
+    """(measure.joined_outputs, median ms) of the ONNX model's graph run with PyTorch's operators."""
     import torch
 
     from .onnx_torch import OnnxTorch
@@ -98,7 +99,7 @@ def pytorch_model(onnx_path: str, x: np.ndarray, threads: int, repeat: int = 7):
         torch.set_num_threads(threads)
     m = OnnxTorch(onnx_path)
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    return m(xt).numpy(), _median_ms(lambda: m(xt), repeat, 0.5)
+    return joined_outputs(m(xt)), _median_ms(lambda: m(xt), repeat, 0.5)
 
 
 MODEL_PEERS = {"onnxruntime": onnxruntime_model, "pytorch": pytorch_model}

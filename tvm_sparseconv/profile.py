@@ -13,6 +13,7 @@ import tvm
 
 from .compile import build_isolated, resolve_plan
 from .frontend import Model
+from .measure import joined_outputs
 from .passes.probe_conv_inputs import ProbeConvInputs
 from .target import make_target, runs_here
 
@@ -46,7 +47,8 @@ def channel_stats(a: np.ndarray) -> tuple[float, float]:
 
 
 def run_with_probes(model: Model, samples, target=None, algorithm: str = "dense"):
-    """Run the model on each sample; returns (outputs, per-layer lists of NCHW conv inputs).
+    """Run the model on each sample; returns (outputs (measure.joined_outputs), per-layer lists
+    of NCHW conv inputs).
 
     A target of another architecture (an AArch64 board's, tuned over RPC) is profiled with this
     machine's CPU instead: the activations are the model's, whatever CPU computes them."""
@@ -57,7 +59,7 @@ def run_with_probes(model: Model, samples, target=None, algorithm: str = "dense"
     outputs, acts = [], [[] for _ in sites]
     for x in samples:
         res = vm["main"](tvm.runtime.tensor(x))
-        outputs.append(res[0].numpy())
+        outputs.append(joined_outputs(res[0]))
         for i, s in enumerate(sites):
             a = res[i + 1].numpy()
             acts[i].append(a.transpose(0, 3, 1, 2) if s.data_layout == "NHWC" else a)
