@@ -157,3 +157,32 @@ def test_elementwise_ops_of_channel_blocks_run_rows_of_lane_vectors():
     yv = vm["main"](tvm.runtime.tensor(av), tvm.runtime.tensor(bv)).numpy()
     ref = np.maximum(np.concatenate([av, bv], axis=1).astype(np.float64) * sv + tv, 0)
     np.testing.assert_allclose(yv, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_depth_to_space_fused_with_a_concat_is_one_pass():
+    """A transposed conv's depth-to-space (reshape, permute, reshape), its bias add and the skip
+    concat after it, fused: the reshapes and the add are smaller than the concat's output but
+    not broadcast (each element is read once), so they are inlined into the concat, with no
+    intermediate buffer; the result matches NumPy."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 6, 6), "float32"))
+    skip = relax.Var("s", relax.TensorType((1, 4, 12, 12), "float32"))
+    bias = np.arange(4, dtype="float32").reshape(1, 4, 1, 1)
+    with bb.function("main", [x, skip]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.reshape(x, (1, 4, 2, 2, 6, 6)))
+            y = bb.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
+            y = bb.emit(relax.op.add(relax.op.reshape(y, (1, 4, 12, 12)), relax.const(bias)))
+            out = bb.emit_output(bb.emit(relax.op.concat([y, skip], axis=1)))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(mod)))
+    mod = ParallelizeRest()(mod)
+    fused = next(f for gv, f in mod.functions_items() if "concatenate" in gv.name_hint)
+    assert len(blocks(fused)) == 1 and loops(fused)[0][0] == "parallel"
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    rng = np.random.default_rng(0)
+    xv, sv = (rng.standard_normal(s).astype("float32") for s in ((1, 16, 6, 6), (1, 4, 12, 12)))
+    got = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(sv)).numpy()
+    d2s = xv.reshape(1, 4, 2, 2, 6, 6).transpose(0, 1, 4, 2, 5, 3).reshape(1, 4, 12, 12) + bias
+    np.testing.assert_array_equal(got, np.concatenate([d2s, sv], axis=1))

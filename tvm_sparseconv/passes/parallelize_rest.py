@@ -81,8 +81,24 @@ def _lanes_innermost(sch, blk, lane, reduce) -> None:
 def _elements(buffer) -> int:
     n = 1
     for d in buffer.shape:
-        n *= int(d) if isinstance(d, tvm.tirx.IntImm) else 1 << 30  # symbolic: large
+        n *= _elements_of(d)
     return n
+
+
+def broadcast_operand(buffer, out) -> bool:
+    """Whether ``buffer`` (a producer's) is read broadcast over ``out`` (the function's output):
+    fewer elements, and a lower rank or, aligned from the right as NumPy broadcasts, an axis of
+    1 where ``out`` has more (an SE block's N x C x 1 x 1 scales). An operand of a concat, or a
+    reshape of one, is smaller without being broadcast: each of its elements is read once."""
+    shape, out_shape = [_elements_of(d) for d in buffer.shape], [_elements_of(d) for d in out.shape]
+    if _elements(buffer) >= _elements(out):
+        return False
+    return len(shape) < len(out_shape) or any(
+        d == 1 and o > 1 for d, o in zip(reversed(shape), reversed(out_shape)))
+
+
+def _elements_of(d) -> int:
+    return int(d) if isinstance(d, tvm.tirx.IntImm) else 1 << 30  # symbolic: large
 
 
 def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
@@ -93,10 +109,10 @@ def _parallelize(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
         interrupt.check()
         return func
     blocks = sch.get_child_blocks(root)
-    out_elements = _elements(sch.get(blocks[-1]).writes[0].source) if sch.get(blocks[-1]).writes else 0
+    out = sch.get(blocks[-1]).writes[0].source if sch.get(blocks[-1]).writes else None
     for blk in blocks[:-1]:  # producers such as a pad: computed where they are read, no buffer
         writes = sch.get(blk).writes
-        if writes and _elements(writes[0].source) < out_elements:
+        if writes and out is not None and broadcast_operand(writes[0].source, out):
             # a broadcast operand (an SE block's sigmoid of N x C x 1 x 1): inlined, it would be
             # recomputed for every pixel, and in channel blocks no loop is invariant to it
             continue
