@@ -163,3 +163,26 @@ def test_the_pytorch_peer_runs_transposed_convs_as_onnxruntime(tmp_path):
     import torch
 
     np.testing.assert_allclose(OnnxTorch(path)(torch.from_numpy(x)).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_torch_export_transposed_conv_is_planned_and_matches_torch():
+    """torch.export's conv_transpose2d imports as the same Relax op: rewritten to a conv per
+    phase (3x3, stride 2), planned with the conv before it, and it matches torch."""
+    torch = pytest.importorskip("torch")
+
+    class Up(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.t = torch.nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.t(torch.relu(self.c(x))))
+
+    torch.manual_seed(0)
+    net, x = Up().eval(), torch.randn(1, 3, 12, 12)
+    m = load_model(torch.export.export(net, (x,)))
+    assert len(m.sites) == 1 + 4
+    y = build(m, Plan.uniform(m.sites, "dense"), None).vm()["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(y, net(x).numpy(), rtol=1e-4, atol=1e-5)
