@@ -1,4 +1,4 @@
-"""passes/fast_math: sigmoid, SiLU and erf legalized to loops computed in registers, against
+"""passes/fast_math: sigmoid, SiLU, tanh and erf legalized to loops computed in registers, against
 NumPy/math float64 over the whole float32 range and its special values, and built without a libm call."""
 import math
 
@@ -40,6 +40,8 @@ def _reference(name: str, x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     if name == "erf":
         return np.vectorize(math.erf)(x)
+    if name == "tanh":
+        return np.tanh(x)
     with np.errstate(over="ignore", invalid="ignore"):
         s = 1.0 / (1.0 + np.exp(-x))
         return s if name == "sigmoid" else x * s
@@ -57,7 +59,8 @@ def _check(y: np.ndarray, ref: np.ndarray, x: np.ndarray):
     assert np.array_equal(y[inf], ref[inf])
 
 
-@pytest.mark.parametrize("name,op", [("sigmoid", relax.op.sigmoid), ("silu", relax.op.nn.silu), ("erf", relax.op.erf)])
+@pytest.mark.parametrize("name,op", [("sigmoid", relax.op.sigmoid), ("silu", relax.op.nn.silu), ("tanh", relax.op.tanh),
+                                     ("erf", relax.op.erf)])
 def test_matches_float64_over_the_float32_range(name, op):
     x = _inputs()
     _, vm = _build(op, x)
@@ -89,9 +92,26 @@ def test_sigmoid_limits_are_exact():
     assert list(y[:6]) == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] and y[6] == np.float32(1.0) and np.isnan(y[7])
 
 
-@pytest.mark.parametrize("op", [relax.op.sigmoid, relax.op.erf])
+def test_tanh_on_a_dense_grid_is_odd_and_bounded():
+    """tanh over every step of 2^-12 in (0, 10], across the switch from its series to its exp
+    form at 0.55, and values down to the subnormals, each with its negative, against NumPy
+    float64 (relative error under 1e-6); never beyond +-1, odd, and tanh(-0.0) is -0.0."""
+    pos = np.concatenate([np.arange(1, 10 * 4096 + 1) / 4096, [1e-45, 1e-40, 1e-38, 1e-20, 1e-8, 3e-4, 0.55,
+                                                               np.nextafter(np.float32(0.55), np.float32(0))], [0.0]])
+    pos = np.pad(pos, (0, -len(pos) % 32), constant_values=1.0)
+    x = np.concatenate([pos, -pos]).astype(np.float32).reshape(1, 16, -1, 4)
+    _, vm = _build(relax.op.tanh, x)
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    _check(y, _reference("tanh", x), x)
+    assert np.abs(y).max() <= 1.0
+    yp, yn = y.ravel()[:len(pos)], y.ravel()[len(pos):]
+    assert np.array_equal(yn, -yp)
+    assert np.array_equal(np.signbit(y.ravel()), np.signbit(x.ravel()))
+
+
+@pytest.mark.parametrize("op", [relax.op.sigmoid, relax.op.tanh, relax.op.erf])
 def test_built_without_a_libm_call(op):
-    """The loop is vectorized: no call to expf or erff (one per lane) remains in the object code."""
+    """The loop is vectorized: no call to expf, tanhf or erff (one per lane) remains in the object code."""
     x = _inputs()
     mod, _ = _build(op, x)
     (gv, f), = [(g, f) for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
@@ -99,7 +119,7 @@ def test_built_without_a_libm_call(op):
                          target=make_target(None))
     asm = lib.inspect_source("asm")
     assert "vfmadd" in asm or "fmla" in asm or "mulps" in asm
-    assert "expf" not in asm and "erff" not in asm
+    assert "expf" not in asm and "erff" not in asm and "tanhf" not in asm
 
 
 def test_other_dtypes_keep_tvm_legalization():
