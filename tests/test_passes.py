@@ -606,3 +606,41 @@ def test_batch_norm_as_affine_leaves_training_and_other_axes(kw):
     shape = (1, 3, 3, c) if kw.get("axis") == 3 else (1, c, 3, 3)
     mod = _batch_norm_module(shape, params, **kw)
     tvm.ir.assert_structural_equal(BatchNormAsAffine(mod), mod)
+
+
+def test_variance_and_instance_norm_reduce_rows_in_lanes():
+    """An instance norm as the ONNX importer writes it (a mean, a variance, then subtract,
+    divide by sqrt(var + eps), scale, shift) through tvm_sparseconv.compile against NumPy
+    float64, a NaN reaching its own channel only. RowReduction takes the variance's two
+    reductions (the second reads the first's mean) in one parallel loop, with no buffer of x's
+    size (the squared differences are computed where they are summed)."""
+    import tvm_sparseconv
+    from tvm_sparseconv.schedule_rules import RowReduction
+
+    shape = (2, 6, 20, 24)
+    rng = np.random.default_rng(2)
+    gamma, beta = (rng.standard_normal((1, 6, 1, 1)).astype("float32") for _ in range(2))
+
+    def instance_norm(x):
+        mean = relax.op.mean(x, axis=[2, 3], keepdims=True)
+        std = relax.op.sqrt(relax.op.add(relax.op.variance(x, axis=[2, 3], keepdims=True), relax.const(1e-5)))
+        y = relax.op.divide(relax.op.subtract(x, mean), std)
+        return relax.op.add(relax.op.multiply(y, relax.const(gamma)), relax.const(beta))
+
+    a = (3.0 + rng.standard_normal(shape)).astype("float32")
+    a[1, 4, 5, 6] = np.nan
+    vm = relax.VirtualMachine(tvm_sparseconv.compile(_module(instance_norm, shape)), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a)).numpy()
+    x = a.astype(np.float64)
+    want = (x - x.mean(axis=(2, 3), keepdims=True)) / np.sqrt(x.var(axis=(2, 3), keepdims=True) + 1e-5) * gamma + beta
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[1, 4]).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    with target:
+        sch = RowReduction().apply(_legalized(lambda v: relax.op.variance(v, axis=[2, 3], keepdims=True), shape),
+                                   target, False)
+    assert sch is not None and "T.parallel" in sch.mod.script()
+    func = sch.mod["main"]
+    allocated = [b for blk in [func.body.block] for b in blk.alloc_buffers]
+    assert all(int(np.prod([int(d) for d in b.shape])) < int(np.prod(shape)) for b in allocated)
