@@ -8,8 +8,9 @@ a small ConvNeXt (7x7 depthwise, LayerNorm, GELU, Linear layers over NHWC), a Re
 (grouped 3x3 convs of 16 channels per group), a MobileNet-V3-like net (hard-swish,
 hard-sigmoid SE), a DeepLab-like head (dilated convs, ASPP concat, bilinear upsampling), an
 Inception-v3-like net (1x7 and 7x1 convs, stride-1 average pools, concats), a ResNeXt-like net
-(groups of 4 to 32 channels), a U-Net-like net (transposed convs, skip concats) and a
-YOLO-like net (LeakyReLU, nearest upsampling, two outputs).
+(groups of 4 to 32 channels), a U-Net-like net (transposed convs, skip concats), a
+YOLO-like net (LeakyReLU, nearest upsampling, two outputs), a CycleGAN-like generator
+(reflection pads, instance norms, transposed convs, tanh) and ESPCN (tanh, pixel shuffle).
 
 They check coverage and speed, not accuracy: the weights are random, so the activations'
 densities are not those of a trained model, and a plan predicted or tuned on them says
@@ -293,9 +294,39 @@ class YoloIsh(nn.Module):
         u = F.interpolate(s.lat(z), scale_factor=2, mode="nearest")
         return s.h1(z), s.h2(torch.cat([u, y], 1))
 
+class ResBlk(nn.Module):
+    def __init__(s, c):
+        super().__init__()
+        s.f = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c), nn.ReLU(),
+                            nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c))
+    def forward(s, x): return x + s.f(x)
+
+class CycleGen(nn.Module):
+    """CycleGAN's ResNet generator, smaller: reflection pads, instance norms, residual blocks,
+    3x3 stride-2 transposed convs (output padding 1), a tanh output."""
+    def __init__(s):
+        super().__init__()
+        L = [nn.ReflectionPad2d(3), nn.Conv2d(3, 32, 7), nn.InstanceNorm2d(32), nn.ReLU(),
+             nn.Conv2d(32, 64, 3, 2, 1), nn.InstanceNorm2d(64), nn.ReLU(), nn.Conv2d(64, 128, 3, 2, 1), nn.InstanceNorm2d(128), nn.ReLU()]
+        L += [ResBlk(128) for _ in range(3)]
+        L += [nn.ConvTranspose2d(128, 64, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(64), nn.ReLU(),
+              nn.ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(32), nn.ReLU(),
+              nn.ReflectionPad2d(3), nn.Conv2d(32, 3, 7), nn.Tanh()]
+        s.f = nn.Sequential(*L)
+    def forward(s, x): return s.f(x)
+
+class ESPCN(nn.Module):
+    """ESPCN super-resolution: tanh activations, a pixel shuffle (DepthToSpace) by 3."""
+    def __init__(s):
+        super().__init__()
+        s.f = nn.Sequential(nn.Conv2d(3, 64, 5, padding=2), nn.Tanh(), nn.Conv2d(64, 32, 3, padding=1), nn.Tanh(),
+                            nn.Conv2d(32, 3 * 9, 3, padding=1), nn.PixelShuffle(3))
+    def forward(s, x): return s.f(x)
+
 NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": ShuffleNetV2, "squeezenet": SqueezeNet,
         "densenet-small": DenseNetSmall, "convnext-small": ConvNeXtTiny, "regnetx": RegNetX, "mobilenet-v3ish": MobileNetV3ish,
-        "deeplab-ish": Dilated, "inception-v3ish": Inception, "resnext": ResNeXt, "unet": UNet, "yolo-ish": YoloIsh}
+        "deeplab-ish": Dilated, "inception-v3ish": Inception, "resnext": ResNeXt, "unet": UNet, "yolo-ish": YoloIsh,
+        "cyclegan-gen": CycleGen, "espcn": ESPCN}
 
 
 def export(name: str, path: str, size: int = 224) -> str:

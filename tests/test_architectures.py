@@ -3,7 +3,8 @@ exported to ONNX at 1 x 3 x 96 x 96, compiled with the plan the cost model predi
 onnxruntime: what a user's model brings beyond the three shipped ones (SiLU and hard-swish,
 squeeze-and-excitation, channel shuffle, long concats, 7x7 depthwise with LayerNorm and GELU,
 grouped convs of 16 and of 4 channels, dilated convs, bilinear and nearest upsampling, 1x7 and
-7x1 convs, transposed convs, LeakyReLU, two outputs) compiles and runs right, every output."""
+7x1 convs, transposed convs, LeakyReLU, two outputs, reflection pads, instance norms, tanh, a
+pixel shuffle) compiles and runs right, every output."""
 import importlib.util
 import os
 
