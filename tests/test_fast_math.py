@@ -67,21 +67,25 @@ def test_matches_float64_over_the_float32_range(name, op):
     _check(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(name, x), x)
 
 
-def test_erf_on_a_dense_grid_stays_within_its_fit():
-    """erf where it is not 0 or 1, where its fit is: every step of 2^-12 over (0, 4.5] and
-    values down to the subnormals, each with its negative, against math.erf in float64
-    (relative error under 1e-6); never beyond +-1, an odd function, and erf(-0.0) is -0.0 as
-    in math.erf."""
-    pos = np.concatenate([np.arange(1, 4.5 * 4096 + 1) / 4096, [1e-45, 1e-40, 1e-38, 1e-20, 1e-8, 3e-4], [0.0]])
+@pytest.mark.parametrize("name,op,top,extra", [
+    ("erf", relax.op.erf, 4.5, []),  # up to where erf is 1 in float32: the fit's range
+    ("tanh", relax.op.tanh, 10.0, [0.55, float(np.nextafter(np.float32(0.55), np.float32(0)))]),  # series / exp
+])
+def test_odd_functions_on_a_dense_grid(name, op, top, extra):
+    """erf and tanh over every step of 2^-12 in (0, top] and values down to the subnormals,
+    each with its negative, against float64 (relative error under 1e-6); never beyond +-1, odd,
+    and f(-0.0) is -0.0 as in math.erf and np.tanh."""
+    pos = np.concatenate([np.arange(1, top * 4096 + 1) / 4096, [1e-45, 1e-40, 1e-38, 1e-20, 1e-8, 3e-4], extra,
+                          [0.0]])
     pos = np.pad(pos, (0, -len(pos) % 32), constant_values=1.0)
     x = np.concatenate([pos, -pos]).astype(np.float32).reshape(1, 16, -1, 4)
-    _, vm = _build(relax.op.erf, x)
+    _, vm = _build(op, x)
     y = vm["main"](tvm.runtime.tensor(x)).numpy()
-    _check(y, _reference("erf", x), x)
+    _check(y, _reference(name, x), x)
     assert np.abs(y).max() <= 1.0
     yp, yn = y.ravel()[:len(pos)], y.ravel()[len(pos):]
     assert np.array_equal(yn, -yp)
-    assert np.array_equal(np.signbit(y.ravel()), np.signbit(x.ravel()))  # erf(-0.0) is -0.0
+    assert np.array_equal(np.signbit(y.ravel()), np.signbit(x.ravel()))
 
 
 def test_sigmoid_limits_are_exact():
@@ -90,23 +94,6 @@ def test_sigmoid_limits_are_exact():
     _, vm = _build(relax.op.sigmoid, x)
     y = vm["main"](tvm.runtime.tensor(x)).numpy().ravel()[:8]
     assert list(y[:6]) == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] and y[6] == np.float32(1.0) and np.isnan(y[7])
-
-
-def test_tanh_on_a_dense_grid_is_odd_and_bounded():
-    """tanh over every step of 2^-12 in (0, 10], across the switch from its series to its exp
-    form at 0.55, and values down to the subnormals, each with its negative, against NumPy
-    float64 (relative error under 1e-6); never beyond +-1, odd, and tanh(-0.0) is -0.0."""
-    pos = np.concatenate([np.arange(1, 10 * 4096 + 1) / 4096, [1e-45, 1e-40, 1e-38, 1e-20, 1e-8, 3e-4, 0.55,
-                                                               np.nextafter(np.float32(0.55), np.float32(0))], [0.0]])
-    pos = np.pad(pos, (0, -len(pos) % 32), constant_values=1.0)
-    x = np.concatenate([pos, -pos]).astype(np.float32).reshape(1, 16, -1, 4)
-    _, vm = _build(relax.op.tanh, x)
-    y = vm["main"](tvm.runtime.tensor(x)).numpy()
-    _check(y, _reference("tanh", x), x)
-    assert np.abs(y).max() <= 1.0
-    yp, yn = y.ravel()[:len(pos)], y.ravel()[len(pos):]
-    assert np.array_equal(yn, -yp)
-    assert np.array_equal(np.signbit(y.ravel()), np.signbit(x.ravel()))
 
 
 @pytest.mark.parametrize("op", [relax.op.sigmoid, relax.op.tanh, relax.op.erf])

@@ -164,8 +164,8 @@ def fold(mod: tvm.IRModule) -> tvm.IRModule:
     """Fold constant expressions (reshape(bias) -> bias) so patterns see plain constants, turn
     imported scalar clamps into Relax ops (passes/clamps_as_ops.py): one form for graph.py;
     turn transposed convs into convs and a depth-to-space (passes/conv_transpose_as_conv.py),
-    layers the plan covers; turn unfolded inference batch norms into a multiply and an add (passes/batch_norm_as_affine.py),
-    elementwise ops the rewrite computes in channel blocks; and move elementwise ops in front of
+    layers the plan covers; turn unfolded inference batch norms into a multiply and an add
+    (passes/batch_norm_as_affine.py), elementwise ops the rewrite computes in channel blocks; and move elementwise ops in front of
     reshapes (passes/sink_reshapes.py), so that they fuse with the matmul or conv before them."""
     from .passes.batch_norm_as_affine import BatchNormAsAffine
     from .passes.clamps_as_ops import ClampsAsOps

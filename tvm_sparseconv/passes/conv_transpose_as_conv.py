@@ -1,27 +1,30 @@
-"""ConvTransposeAsConv: a transposed conv becomes one conv2d and a depth-to-space.
+"""ConvTransposeAsConv: a transposed conv becomes convs and a depth-to-space.
 
 TVM legalizes ``relax.nn.conv2d_transpose`` to one loop nest that dilates the input with zeros
 and is left unscheduled: a U-Net's 2 x 2 stride-2 up-convs took 1.6 s where onnxruntime takes
-64 ms for the whole net. Written as a conv, the layer runs on this project's conv kernels, is
+64 ms for the whole net. Written as convs, the layer runs on this project's conv kernels, is
 planned and tuned like any other, and does no multiply by an inserted zero.
 
 The sub-pixel identity, per spatial axis (stride s, kernel k, begin padding p):
 y[Y] = sum over i, j with Y = i*s - p + j of x[i] * w[j]. Writing Y + p = q*s + r (0 <= r < s)
-leaves the taps j = m*s + r, m = 0 .. T-1 with T = ceil(k / s), at the input pixel i = q - m:
+leaves the taps j = m*s + r, m = 0 .. T_r - 1 with T_r = ceil((k - r) / s), at the input pixel
+i = q - m:
 
     y[q*s + r - p] = sum_m x[q - m] * w[m*s + r]
 
-For each phase r that is a correlation of x with the phase's taps reversed over a window of T.
-All s*s phases (2-D) are one conv2d with O*s_h*s_w output channels, ordered (o, r_h, r_w), and
-stride 1; its rows are q = q0 .. q1, so the conv pads T-1-q0 rows before. A depth-to-space
-(reshape, permute, reshape) interleaves the phases, and a slice drops the p mod s leading and
-the surplus trailing rows.
+For each phase r that is a correlation of x with the phase's taps reversed, over a window of
+T_r, stride 1. When k is a multiple of s every phase has the same window, and all s_h*s_w
+phases (2-D) are one conv2d with O*s_h*s_w output channels, ordered (o, r_h, r_w) so that each
+group's stay together; else each phase is a conv of its own (a common window would pad the
+shorter phases with zero taps, which carry a NaN or Inf of x into outputs it does not reach),
+concatenated as (r_h, r_w, o). The convs compute rows q = first .. last, first low enough that
+no phase pads a negative amount before; a depth-to-space (reshape, permute, reshape)
+interleaves the phases, and a slice drops the rows before p and after the output.
 
 Shapes: x N x C x H x W (NCHW), w C x O/g x kh x kw (IOHW), output N x O x H' x W' with
-H' = (H-1)*s - p_begin - p_end + k + output_padding. The conv's weight is
-O*sh*sw x C/g x Th x Tw (OIHW), groups g; a phase's taps beyond the kernel are zeros (k not a
-multiple of s). Taken: float32, constant weight, dilation 1, begin padding at most k - 1 (so the
-conv's own padding is not negative). Any other is left to TVM's legalization.
+H' = (H-1)*s - p_begin - p_end + k + output_padding; each conv's weight is OIHW, groups g.
+Taken: float32, constant weight, dilation 1, kernel at least the stride (no phase without a
+tap) and begin padding at most k - 1. Any other is left to TVM's legalization.
 """
 from __future__ import annotations
 
