@@ -644,3 +644,25 @@ def test_variance_and_instance_norm_reduce_rows_in_lanes():
     func = sch.mod["main"]
     allocated = [b for blk in [func.body.block] for b in blk.alloc_buffers]
     assert all(int(np.prod([int(d) for d in b.shape])) < int(np.prod(shape)) for b in allocated)
+
+
+@pytest.mark.parametrize("classes", [4, 64, 1000])
+def test_softmax_rows_through_the_row_reduction_rule(classes):
+    """A softmax is two reductions over the same rows (the max, then the sum of exps) and an
+    elementwise block: RowReduction takes it with a loop of steps per lane (64 and 1000
+    classes), and declines a row of one vector (4 classes: a later reduction would have no
+    loop of steps; VGG-16-tumor's head). Through tvm_sparseconv.compile it matches NumPy."""
+    import tvm_sparseconv
+    from tvm_sparseconv.schedule_rules import RowReduction
+
+    shape = (3, classes)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    with target:
+        sch = RowReduction().apply(_legalized(lambda v: relax.op.nn.softmax(v, axis=-1), shape), target, False)
+    assert (sch is None) == (classes == 4)
+    x = (4 * np.random.default_rng(classes).standard_normal(shape)).astype("float32")
+    vm = relax.VirtualMachine(tvm_sparseconv.compile(_module(lambda v: relax.op.nn.softmax(v, axis=-1), shape)),
+                              tvm.cpu())
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), e / e.sum(axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-7)

@@ -286,8 +286,8 @@ class RowReduction(ScheduleRule):
         for e in extents[ns:]:
             r *= e
         factor = row_factor(r, cpu_of(target).lanes)
-        if factor < 4:
-            return None
+        if factor < 4 or (k > 1 and r == factor):
+            return None  # with one step per lane, a later reduction's loop of steps would not exist
         try:
             sums = []
             for blk in blocks[:k]:  # each: its partial sums (rfactor) at the top level
@@ -306,8 +306,10 @@ class RowReduction(ScheduleRule):
             sch.reverse_compute_at(blocks[0], task)
             for sb, blk in zip(sums[1:], blocks[1:k]):
                 sch.reverse_compute_at(sb, task)
-                part, steps = sch.get_loops(sb)[1:]  # made in the order of its axes: the lanes first
-                sch.reorder(steps, part)
+                moved = sch.get_loops(sb)[1:]  # made in the order of its axes: the lanes first
+                if len(moved) != 2:
+                    return None
+                sch.reorder(moved[1], moved[0])
                 sch.reverse_compute_at(blk, task)
             for b in blocks[k:]:
                 sch.reverse_compute_at(b, task)
