@@ -5,8 +5,8 @@ TVM's own CPU rules are used where they are fast; these replace them where they 
 - ColumnGEMV: a matmul whose weight is stored K x N: a classifier head (the importer stored
   it transposed), an MLP over the pixels of an NHWC map;
 - RowGEMV: dlight's GEMV rule, kept off GEMVs with more outputs than inputs;
-- RowReduction: a reduction over contiguous elements (a global average pool in NCHW) in
-  vector lanes;
+- RowReduction: reductions over contiguous elements (a global average pool in NCHW; a
+  variance's or a softmax's two over the same rows) in vector lanes;
 - OneReduction: dlight's Reduction rule, kept off functions with several reductions.
 """
 from __future__ import annotations
