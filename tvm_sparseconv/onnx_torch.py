@@ -264,12 +264,11 @@ def _conv_transpose(ins, a, opset):
     n = w.dim() - 2
     if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or "output_shape" in a:
         raise NotImplementedError("the PyTorch peer runs ConvTranspose with explicit pads only")
-    s, d = a.get("strides", [1] * n), a.get("dilations", [1] * n)
-    pads = [0] * (2 * n) if a.get("auto_pad") == "VALID" else list(a.get("pads", [0] * (2 * n)))
+    s, d, begin, end = _window(a, x, w.shape[2:])
     # torch pads (crops) symmetrically only: compute unpadded, then crop each axis's begin and end
     y = getattr(F, f"conv_transpose{n}d")(x, w, b, s, 0, a.get("output_padding", [0] * n), a.get("group", 1), d)
-    return y[(slice(None), slice(None), *(slice(pb, y.shape[2 + i] - pe) for i, (pb, pe)
-                                          in enumerate(zip(pads[:n], pads[n:]))))]
+    crop = [slice(pb, size - pe) for size, pb, pe in zip(y.shape[2:], begin, end)]
+    return y[(slice(None), slice(None), *crop)]
 
 
 def _pool_out(size, k, s, d, b, e, ceil) -> int:

@@ -41,10 +41,9 @@ _CONV2D_TRANSPOSE = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 
 
 class _Axis(NamedTuple):
-    """One spatial axis of the rewrite: phase r's window and conv padding before, the conv
-    padding after (the same for every phase), the conv's output length, the rows the slice drops
-    before, and the transposed conv's output length."""
-    windows: list
+    """One spatial axis of the rewrite: phase r's conv padding before, the conv padding after
+    (the same for every phase), the conv's output length, the rows the slice drops before, and
+    the transposed conv's output length."""
     befores: list
     after: int
     conv_out: int
@@ -62,7 +61,7 @@ def _axis(size: int, k: int, s: int, p0: int, p1: int, out_pad: int) -> _Axis | 
     # rows q = first .. last; first is low enough that no phase's conv pads a negative amount
     first, last = min(p0 // s, min(windows) - 1), (out - 1 + p0) // s
     after = max(0, last + 1 - size)
-    return _Axis(windows, [t - 1 - first for t in windows], after, size + after - first, p0 - first * s, out)
+    return _Axis([t - 1 - first for t in windows], after, size + after - first, p0 - first * s, out)
 
 
 def phase_weight(w: np.ndarray, groups: int, phase) -> np.ndarray:
