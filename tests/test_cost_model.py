@@ -49,7 +49,7 @@ def test_shipped_model_lists_the_shipped_runs(runs):
     assert [r["run"] for r in m.trained_on] == [r.name for r in runs]
     assert [r["sha256"] for r in m.trained_on] == [r.sha256 for r in runs]  # the logs as they are now
     # the CPUs and the AVX2 code path tuned on the Zen 5, every measured record of the logs
-    assert {r.cpu.name for r in runs} == {"znver5", "znver4", "znver3", "rocketlake", "haswell"}
+    assert {r.cpu.name for r in runs} == {"znver5", "znver4", "znver3", "rocketlake", "emeraldrapids", "haswell"}
     for r in runs:
         with open(f"{cm.SHIPPED}/{r.name.split('/', 1)[1]}/trials.jsonl") as f:
             ok = [json.loads(l) for l in f.read().splitlines()[1:] if l.strip()]
