@@ -27,8 +27,8 @@ from tvm_sparseconv.tune import cost_model as cm
 from tvm_sparseconv.tune.cost_model import (Candidate, CostModel, CostModelError, Density, RefitModel, TrainingRun,
                                             load_cost_model, roofline_ms, shipped_runs)
 from tvm_sparseconv.tune.evaluate import held_out_scores, offline
-from tvm_sparseconv.tune.predict import (DEFAULT_FIRST, DEFAULT_LAST, KNOB_MARGIN, RULE_DENSITY, default_densities,
-                                         model_plan, predict_plan, rule_choice, rule_plan)
+from tvm_sparseconv.tune.predict import (DEFAULT_FIRST, DEFAULT_LAST, KNOB_MARGIN, RULE_DENSITY, SPARSE_MAX_DENSITY,
+                                         default_densities, model_plan, predict_plan, rule_choice, rule_plan)
 from tvm_sparseconv.tune.space import MARGIN
 
 from conftest import AVX2_TARGET, save_onnx, small_onnx
@@ -534,3 +534,23 @@ def test_a_model_whose_logs_timed_no_transform_keeps_nchw(mixed, runs):
     plan = model_plan(m, model, AVX2_TARGET)
     assert plan.model["layouts"] == "nchw (the cost model's logs timed no layout transform)"
     assert not any("nchw_knobs" in l.note for l in plan.layers)
+
+
+def test_no_sparse_algorithm_is_predicted_on_an_input_without_zeros(tmp_path, monkeypatch):
+    """A sparse kernel skips only zeros: above SPARSE_MAX_DENSITY the predicted plan takes none of
+    them, even when the cost model predicts one far faster (an extrapolation: no shipped log has
+    a sparse win there); below it the prediction decides, and a forced sparse algorithm stays."""
+    m = load_model(small_onnx(tmp_path / "small.onnx"))
+    cost = load_cost_model()
+    real = CostModel.predict_ms
+    monkeypatch.setattr(CostModel, "predict_ms", lambda self, cands: real(self, cands) * np.array(
+        [0.1 if get_algorithm(c.algorithm).sparse else 1.0 for c in cands]))
+    n = len(m.sites)
+    dense_in = model_plan(m, cost, AVX2_TARGET, [Density(1.0)] * n)
+    assert all(not get_algorithm(l.algorithm).sparse for l in dense_in.layers)
+    edge = model_plan(m, cost, AVX2_TARGET, [Density(SPARSE_MAX_DENSITY)] * n)
+    sparse_in = model_plan(m, cost, AVX2_TARGET, [Density(0.5)] * n)
+    for plan in (edge, sparse_in):
+        assert all(get_algorithm(l.algorithm).sparse for l in plan.layers)
+    forced = model_plan(m, cost, AVX2_TARGET, [Density(1.0)] * n, algorithm="hybrid")
+    assert [l.algorithm for l in forced.layers] == ["hybrid"] * n

@@ -39,6 +39,13 @@ RULE_SPARSE, RULE_DENSE = "hybrid", "dense"
 DEFAULT_FIRST, DEFAULT_LAST = 0.75, 0.35
 KNOB_MARGIN = 0.10  # non-default knobs must beat the defaults by this share: a prediction is rougher
                     # than a measurement, and the defaults carry what was measured in models
+# above this input density the predicted plan takes no sparse algorithm: a sparse kernel skips
+# only zeros, so there it saves at most 5 % of the dense work and still encodes the whole input.
+# In every shipped log the fastest sparse candidate above density 0.89 was slower than the
+# fastest dense one (1.2x or more above 0.95); a prediction otherwise is the cost model
+# extrapolating (a YOLO-like net's 256->512 3x3 after a LeakyReLU, density 1.0: hybrid predicted
+# 8 % faster on the Emerald Rapids, measured 1.4x slower). A tune still measures them.
+SPARSE_MAX_DENSITY = 0.95
 
 
 def default_densities(sites) -> list[Density]:
@@ -124,7 +131,8 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
                algorithm: str | None = None) -> Plan:
     """The cost model's plan at ``densities`` (default_densities when None): per layer, among the
     candidates a tune would measure (space.candidates with ``knob_trials``) that the model has
-    data on, the one space.choose picks by the predicted times, with a note of its predicted ms
+    data on (no sparse one above an input density of SPARSE_MAX_DENSITY), the one space.choose
+    picks by the predicted times, with a note of its predicted ms
     and the best dense one's; the rule where the model knows no candidate of the layer, and on
     every layer when its logs hold no CPU of the target's ISA (CostModel.knows_isa).
 
@@ -145,11 +153,12 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
     pools, asks = [], []
     spaces: dict = {}  # identical layers share their candidates
     for s, d in zip(sites, dens):
-        key = (s.spec, s.why_dense)
+        dense_only = algorithm is None and d.mean > SPARSE_MAX_DENSITY
+        key = (s.spec, s.why_dense, dense_only)
         if key not in spaces:
             spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, _allowed(s, algorithm), target,
                                                           knob_trials, False)
-                           if cost.knows(a) for k in ks]
+                           if cost.knows(a) and not (dense_only and get_algorithm(a).sparse) for k in ks]
         pools.append(spaces[key])
         asks += [Candidate(a, k, s.spec, d, cpu, s.epilogue()) for a, k in spaces[key]]
     pred = cost.predict_ms(asks) if asks else np.zeros(0)
