@@ -87,6 +87,31 @@ def test_blocked_between_every_layer_transforms_only_at_the_edges(block_model):
     np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_a_leaky_relu_between_blocked_layers_keeps_the_blocks(tmp_path):
+    """conv 3x3 -> LeakyRelu(0.1) -> conv 1x1 -> LeakyRelu (a YOLO-like block; 20 channels: a
+    partial block): the LeakyRelus run on blocks, so the only transforms are at the edges, and
+    NaN and negative inputs come out as onnxruntime's."""
+    rng = np.random.default_rng(5)
+    init = [numpy_helper.from_array((0.3 * rng.standard_normal(s)).astype("float32"), n)
+            for n, s in (("w1", (20, 4, 3, 3)), ("b1", (20,)), ("w2", (20, 20, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("LeakyRelu", ["c1"], ["l1"], alpha=0.1),
+             helper.make_node("Conv", ["l1", "w2"], ["c2"], kernel_shape=[1, 1]),
+             helper.make_node("LeakyRelu", ["c2"], ["y"], alpha=0.1)]
+    path = save_onnx(tmp_path / "leaky.onnx", "leaky", nodes, [1, 4, 10, 10], [1, 20, 10, 10], init)
+    m = load_model(path)
+    keys = [s.key for s in m.sites]
+    plan = plan_with(m, {k: (BLOCKED, BLOCKED) for k in keys})
+    mod, _ = lower(m, plan, None)
+    assert [t for _, _, t in layout_transforms(mod)] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"]
+    x = rng.standard_normal((1, 4, 10, 10)).astype(np.float32)
+    x[0, 1, 4, 4] = np.nan
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y = run(build(m, plan, None), x)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
 def se_onnx(path):
     """x (1, 4, 10, 10) -> conv 3x3 + bias, ReLU (20 channels: a partial block) -> a
     squeeze-and-excitation block (global average pool, conv 1x1 20 -> 4, ReLU, conv 1x1 4 -> 20,

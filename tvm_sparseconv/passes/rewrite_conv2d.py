@@ -18,10 +18,12 @@ from ..stages import LAYERS_ATTR, LAYOUT_ATTR, OPAQUE, algorithm_func, stage_sym
 
 # ops the rewrite computes on blocked tensors when every tensor operand has the output's shape
 # and is held in the same blocked layout (the others are scalars): elementwise, so the layout
-# does not change what they compute. The lanes past C may then hold op(0) (sigmoid: 0.5);
+# does not change what they compute (nn.leakyrelu's slope is one scalar attribute, unlike
+# nn.prelu's per-channel one along an axis). The lanes past C may then hold op(0) (sigmoid: 0.5);
 # no reader uses them.
 _ELEMENTWISE = {tvm.ir.Op.get(f"relax.{n}") for n in (
-    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu", "sigmoid", "tanh")}
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "clip", "nn.relu", "nn.leakyrelu", "sigmoid",
+    "tanh")}
 # pooling ops of NCHW data, which TVM also computes in channel blocks (their layout "NCHW16c"):
 # max, average and adaptive average pooling of a block's lanes are those of its channels
 _POOLS = {tvm.ir.Op.get(f"relax.nn.{n}"): getattr(relax.op.nn, n)
