@@ -118,11 +118,12 @@ def _default_layer(s, d: Density, algorithm: str, target) -> PlanLayer:
     return PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "defaults"})
 
 
-def _allowed(s, algorithm: str | None) -> list[str]:
-    """The algorithms a layer may take: every registered one, or with a forced ``algorithm``
-    that one where it takes the layer, else its dense fallback (Plan.uniform's choice)."""
+def _allowed(s, algorithm: str | None, density: float = 0.0) -> list[str]:
+    """The algorithms a layer may take: every registered one (the dense ones alone above an
+    input ``density`` of SPARSE_MAX_DENSITY), or with a forced ``algorithm`` that one where it
+    takes the layer, else its dense fallback (Plan.uniform's choice)."""
     if algorithm is None:
-        return ALGORITHMS
+        return ALGORITHMS if density <= SPARSE_MAX_DENSITY else [a for a in ALGORITHMS if not get_algorithm(a).sparse]
     return [algorithm if supports(algorithm, s.spec, s.why_dense) else dense_fallback(s.spec, s.why_dense)]
 
 
@@ -153,12 +154,11 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
     pools, asks = [], []
     spaces: dict = {}  # identical layers share their candidates
     for s, d in zip(sites, dens):
-        dense_only = algorithm is None and d.mean > SPARSE_MAX_DENSITY
-        key = (s.spec, s.why_dense, dense_only)
+        allowed = _allowed(s, algorithm, d.mean)
+        key = (s.spec, s.why_dense, tuple(allowed))
         if key not in spaces:
-            spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, _allowed(s, algorithm), target,
-                                                          knob_trials, False)
-                           if cost.knows(a) and not (dense_only and get_algorithm(a).sparse) for k in ks]
+            spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, allowed, target, knob_trials, False)
+                           if cost.knows(a) for k in ks]
         pools.append(spaces[key])
         asks += [Candidate(a, k, s.spec, d, cpu, s.epilogue()) for a, k in spaces[key]]
     pred = cost.predict_ms(asks) if asks else np.zeros(0)
