@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from ..algorithms import ALGORITHMS, REGISTRY, dense_fallback, get_algorithm
+from ..algorithms import ALGORITHMS, DENSE, REGISTRY, dense_fallback, get_algorithm
 from ..cpu import cpu_of
 from ..frontend import Model, load_model
 from ..layout import NCHW
@@ -118,13 +118,13 @@ def _default_layer(s, d: Density, algorithm: str, target) -> PlanLayer:
     return PlanLayer(s.key, s.spec.to_dict(), a, knobs, {"density": d.mean, "by": "defaults"})
 
 
-def _allowed(s, algorithm: str | None, density: float = 0.0) -> list[str]:
+def _allowed(s, algorithm: str | None, density: float = 0.0) -> tuple[str, ...]:
     """The algorithms a layer may take: every registered one (the dense ones alone above an
     input ``density`` of SPARSE_MAX_DENSITY), or with a forced ``algorithm`` that one where it
     takes the layer, else its dense fallback (Plan.uniform's choice)."""
     if algorithm is None:
-        return ALGORITHMS if density <= SPARSE_MAX_DENSITY else [a for a in ALGORITHMS if not get_algorithm(a).sparse]
-    return [algorithm if supports(algorithm, s.spec, s.why_dense) else dense_fallback(s.spec, s.why_dense)]
+        return ALGORITHMS if density <= SPARSE_MAX_DENSITY else DENSE
+    return (algorithm if supports(algorithm, s.spec, s.why_dense) else dense_fallback(s.spec, s.why_dense),)
 
 
 def model_plan(model: Model, cost: CostModel, target=None, densities: list[Density] | None = None,
@@ -155,7 +155,7 @@ def model_plan(model: Model, cost: CostModel, target=None, densities: list[Densi
     spaces: dict = {}  # identical layers share their candidates
     for s, d in zip(sites, dens):
         allowed = _allowed(s, algorithm, d.mean)
-        key = (s.spec, s.why_dense, tuple(allowed))
+        key = (s.spec, s.why_dense, allowed)
         if key not in spaces:
             spaces[key] = [(a, k) for a, ks in candidates(s.spec, s.why_dense, allowed, target, knob_trials, False)
                            if cost.knows(a) for k in ks]
