@@ -1,5 +1,6 @@
 """passes/fast_math: sigmoid, SiLU, tanh and erf legalized to loops computed in registers, against
-NumPy/math float64 over the whole float32 range and its special values, and built without a libm call."""
+NumPy/math float64 over the whole float32 range and its special values, and built without a libm call,
+in vectors as wide as the target's."""
 import math
 
 import numpy as np
@@ -120,3 +121,25 @@ def test_other_dtypes_keep_tvm_legalization():
     x = np.linspace(-10, 10, 32).reshape(4, 8)
     vm = relax.VirtualMachine(tvm.compile(mod, target=make_target(None)), tvm.cpu())
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference("sigmoid", x), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sigmoid_of", "tanh_of", "erf_of"])
+def test_the_functions_vectorize_at_the_targets_width(name):
+    """A loop of 16 lanes of each function compiles to 16-lane vectors for an AVX-512 target
+    (whatever the host: only compiled). An op TVM cannot vectorize (tirx.isnan) made the loop
+    scalar, and LLVM re-vectorized it in 8 lanes (ymm registers)."""
+    import re
+
+    from tvm import te
+
+    from tvm_sparseconv import tir_math
+
+    a = te.placeholder((64, 16), name="a")
+    b = te.compute((64, 16), lambda i, j: getattr(tir_math, name)(a[i, j]), name="b")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b]))
+    sch.vectorize(sch.get_loops(sch.get_sblock("b"))[1])
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "f")}),
+                      target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    operands = [o for _, o in re.findall(r"^\s*(v\w+)\s+(.*)$", lib.mod.inspect_source("asm"), re.M)]
+    wide, narrow = sum("zmm" in o for o in operands), sum("ymm" in o for o in operands)
+    assert wide > 20 and narrow <= 2, (wide, narrow)
