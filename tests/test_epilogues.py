@@ -1,4 +1,4 @@
-"""Clip epilogues (ReLU6, any clip(0, a)), hard-swish gates and residual adds without an
+"""Clip epilogues (ReLU6, any clip(0, a)), hard-swish and SiLU gates and residual adds without an
 activation, in every kernel and as the graph matcher finds them in models imported from ONNX and
 torch.
 
@@ -12,7 +12,7 @@ from tvm import relax
 from tvm_sparseconv.algorithms import ALGORITHMS
 from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.compile import compile as tvms_compile, lower, resolve_plan
-from tvm_sparseconv.conv import Conv2DSpec, ConvSpecError, Epilogue
+from tvm_sparseconv.conv import GATES, Conv2DSpec, ConvSpecError, Epilogue
 from tvm_sparseconv.frontend import load_model
 from tvm_sparseconv.passes.clamps_as_ops import scalar_clamp
 from tvm_sparseconv.plan import Plan, PlanLayer
@@ -34,7 +34,8 @@ def test_clip_needs_relu_and_a_positive_bound():
 
 def test_a_gate_is_known_and_replaces_relu():
     assert Epilogue(bias=True, gate="hard_sigmoid").gate == "hard_sigmoid"
-    for bad in (dict(gate="sigmoid"), dict(gate="hard_sigmoid", relu=True)):
+    assert Epilogue(gate="sigmoid").gate == "sigmoid"
+    for bad in (dict(gate="tanh"), dict(gate="hard_sigmoid", relu=True), dict(gate="sigmoid", relu=True, clip=6.0)):
         with pytest.raises(ConvSpecError, match="gate"):
             Epilogue(**bad)
 
@@ -60,11 +61,13 @@ def test_every_kernel_clips(algorithm):
         assert_conv_close(y, ref, spec)
 
 
+@pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_kernel_gates(algorithm):
-    """bias + hard-swish, then a residual (NaN and Inf in it) before the gate, on inputs of
-    densities 0, 0.5 and 1 with a NaN, +Inf and -Inf in x: outputs on both sides of the gate's
-    bounds (v <= -3: exactly 0; v >= 3: v itself); -Inf * 0 is NaN, as in the graph's own ops."""
+def test_every_kernel_gates(algorithm, gate):
+    """bias + the gate (hard-swish, SiLU), then a residual (NaN and Inf in it) before the gate,
+    on inputs of densities 0, 0.5 and 1 with a NaN, +Inf and -Inf in x: outputs on both sides of
+    the hard sigmoid's bounds (v <= -3: exactly 0; v >= 3: v itself), where SiLU is near 0 and
+    near v; -Inf * 0 is NaN, as in the graph's own ops."""
     spec = grid_spec(GRID[1])
     if not accepts(algorithm, spec):
         spec = Conv2DSpec.from_shapes(spec.x_shape, (spec.out_channels, 1, 3, 3), 1, 1, 1, spec.in_channels)
@@ -76,11 +79,11 @@ def test_every_kernel_gates(algorithm):
         x = activation(spec, density)
         if density > 0:
             x.flat[[0, 5, 9]] = np.nan, np.inf, -np.inf
-        layer = CompiledLayer(algorithm, spec, w, bias, residual=r is not None, gate="hard_sigmoid")
+        layer = CompiledLayer(algorithm, spec, w, bias, residual=r is not None, gate=gate)
         y = layer(x) if r is None else layer(x, r)
-        ref = dense_conv2d(spec, x, w, bias, residual=r, gate="hard_sigmoid")
+        ref = dense_conv2d(spec, x, w, bias, residual=r, gate=gate)
         if density == 0.5 and r is None:
-            assert (ref == 0).mean() > 0.05 and (ref >= 3).mean() > 0.05, "the grid misses a bound of the gate"
+            assert (np.abs(ref) < 0.2).mean() > 0.05 and (ref >= 3).mean() > 0.05, "the grid misses a bound of the gate"
         np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
         assert_conv_close(y, ref, spec)
 
@@ -262,4 +265,43 @@ def test_hard_swish_is_fused_into_the_kernels(tmp_path):
     y, want, ops, applied = _run_model(path, None, ["dense", "grouped", "pixcsr", "dense"])
     assert set(applied.values()) == {"dense", "grouped", "pixcsr"}
     assert len(ops) == 1 and "divide" in ops[0], ops
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+class SiLUBlock(torch.nn.Module):
+    """conv + SiLU, depthwise conv + sigmoid(x) * x (the operands the other way round), a 1x1
+    conv whose sigmoid also feeds the output (not a gate: it stays in the graph), and a last conv
+    + SiLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = torch.nn.Conv2d(8, 16, 1)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.project = torch.nn.Conv2d(16, 8, 1)
+        self.last = torch.nn.Conv2d(8, 8, 1)
+        _draw_parameters(self, seed=2, scale=0.6)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.expand(x))
+        h = self.dw(h)
+        h = torch.sigmoid(h) * h
+        y = self.project(h)
+        s = torch.sigmoid(y)
+        return torch.nn.functional.silu(self.last(y * s)) + s
+
+
+def test_silu_is_fused_into_the_kernels(tmp_path):
+    """SiLU as ONNX exporters write it (x * Sigmoid(x), either order) goes into the convs before
+    it (dense, grouped, a sparse CSR) as the "sigmoid" gate; a sigmoid that feeds more than the
+    multiply stays in the graph. The model matches onnxruntime; torch.export's nn.silu is found
+    alike."""
+    path = str(tmp_path / "silu.onnx")
+    torch.onnx.export(SiLUBlock().eval(), (torch.zeros(SHAPE),), path, dynamo=False, opset_version=14,
+                      input_names=["x"])
+    assert [s.gate for s in load_model(path).sites] == ["sigmoid", "sigmoid", None, "sigmoid"]
+    ep = torch.export.export(SiLUBlock().eval(), (torch.zeros(SHAPE),))
+    assert [s.gate for s in load_model(ep).sites] == ["sigmoid", "sigmoid", None, "sigmoid"]
+    y, want, ops, applied = _run_model(path, None, ["dense", "grouped", "pixcsr", "pixcsr"])
+    assert set(applied.values()) == {"dense", "grouped", "pixcsr"}
+    assert sorted(ops) == ["add", "multiply", "tir_sigmoid"], ops  # the shared sigmoid, y * s and + s
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)

@@ -165,9 +165,8 @@ class Epilogue:
 
     ``gate``, instead of relu and clip, multiplies v by a gate of itself (GATES):
     v * clip(v * HARD_SIGMOID[0] + HARD_SIGMOID[1], 0, 1) with ``"hard_sigmoid"`` (hard-swish,
-    as ONNX's HardSwish). SiLU's gate, v * sigmoid(v), is not one: in the kernels' stores it
-    measured slower than the graph's own pass over the output
-    (docs/benchmarks-epyc-znver4.md)."""
+    as ONNX's HardSwish), v * sigmoid(v) with ``"sigmoid"`` (SiLU, or swish; tir_math's
+    sigmoid)."""
 
     bias: bool = False
     relu: bool = False
@@ -183,7 +182,7 @@ class Epilogue:
 
 
 # the gates an epilogue may multiply its output by (Epilogue.gate)
-GATES = ("hard_sigmoid",)
+GATES = ("hard_sigmoid", "sigmoid")
 # hard_sigmoid(v) = clip(v * alpha + beta, 0, 1): ONNX's HardSwish's (alpha, beta), alpha as the
 # float32 nearest 1/6, which its importers write
 HARD_SIGMOID = (0.1666666716337204, 0.5)

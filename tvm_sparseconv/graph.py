@@ -20,6 +20,7 @@ ADD = tvm.ir.Op.get("relax.add")
 RELU = tvm.ir.Op.get("relax.nn.relu")
 MAXIMUM, MINIMUM, CLIP = (tvm.ir.Op.get(f"relax.{n}") for n in ("maximum", "minimum", "clip"))
 MULTIPLY = tvm.ir.Op.get("relax.multiply")
+SIGMOID, SILU = tvm.ir.Op.get("relax.sigmoid"), tvm.ir.Op.get("relax.nn.silu")
 # ops that keep a non-negative input non-negative and about as sparse (they move, pad or pool its
 # values): what may sit between a ReLU and the conv it feeds
 KEEPS_ZEROS = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
@@ -47,7 +48,7 @@ class ResidualAdd:
 @dataclass
 class ConvSite:
     """One conv2d call, with the bias add and activation (ReLU, or a clip(0, a) such as ReLU6:
-    ``relu`` and ``clip``; or a hard-swish: ``gate``; conv.Epilogue's) that directly and only
+    ``relu`` and ``clip``; or a hard-swish or SiLU: ``gate``; conv.Epilogue's) that directly and only
     consume it.
 
     ``weight`` is the OIHW weight when it is a constant (else None); ``root`` is the last
@@ -273,19 +274,29 @@ def _activation(root, absorbed: list, bindings, uses, consumer) -> tuple:
 
 def _gate(root, bindings, uses, consumer) -> tuple | None:
     """(the vars absorbed, the new root, conv.Epilogue's gate) when ``root`` only feeds
-    root * g(root) as TVM's ONNX importer writes a HardSwish, else None:
-    multiply(root, clip(add(multiply(root, 1/6), 1/2), 0, 1)) -> "hard_sigmoid", in either
-    operand order. Only those constants: another alpha or beta, or relu6(x + 3) / 6, keeps its
-    own ops, unfused. The intermediates must feed nothing else."""
+    root * g(root), else None:
+    - multiply(root, clip(add(multiply(root, 1/6), 1/2), 0, 1)) -> "hard_sigmoid", as TVM's
+      ONNX importer writes a HardSwish. Only those constants: another alpha or beta, or
+      relu6(x + 3) / 6, keeps its own ops, unfused;
+    - multiply(root, sigmoid(root)) (ONNX's SiLU, as exporters write it) or nn.silu(root)
+      (torch's) -> "sigmoid".
+    The multiply's operands in either order; the intermediates must feed nothing else."""
+    silu = _only_consumer(root, uses, consumer)
+    if silu is not None and _call_of(silu, SILU, bindings) is not None:
+        return [root], silu, "sigmoid"
     users = consumer.get(root, [])
     if uses[root] != 2 or len(users) != 2:
         return None
     for first, last in (users, users[::-1]):
-        chain = _hard_sigmoid_chain(first, root, bindings, uses, consumer)
         m = _call_of(last, MULTIPLY, bindings)
         g = _operand_besides(m, root) if m is not None else None
-        if chain is not None and g is not None and g.same_as(chain[-1]):
+        if g is None:
+            continue
+        chain = _hard_sigmoid_chain(first, root, bindings, uses, consumer)
+        if chain is not None and g.same_as(chain[-1]):
             return [root, *chain], last, "hard_sigmoid"
+        if g.same_as(first) and _call_of(first, SIGMOID, bindings) is not None and uses[first] == 1:
+            return [root, first], last, "sigmoid"
     return None
 
 

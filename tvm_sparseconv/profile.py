@@ -34,7 +34,7 @@ class LayerProfile:
     relu: bool
     why_dense: str | None
     clip: float | None = None  # the activation's upper bound (ReLU6: 6.0), conv.Epilogue's
-    gate: str | None = None  # the hard-swish's gate ("hard_sigmoid"), conv.Epilogue's
+    gate: str | None = None  # conv.Epilogue's gate: "hard_sigmoid" (hard-swish) or "sigmoid" (SiLU)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

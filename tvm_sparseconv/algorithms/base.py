@@ -30,6 +30,7 @@ from ..conv import HARD_SIGMOID, Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
 from ..layout import NCHW, LayoutError, channel_block
 from ..reference.storage import Storage
+from ..tir_math import sigmoid_of
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,8 @@ def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     if epilogue.gate == "hard_sigmoid":  # the graph's ops in its order: clip(v * a + b, 0, 1) * v
         g = v * const(HARD_SIGMOID[0]) + const(HARD_SIGMOID[1])
         v = v * tvm.tirx.max(tvm.tirx.min(g, const(1.0)), const(0.0))
+    elif epilogue.gate == "sigmoid":
+        v = v * sigmoid_of(v)
     return v
 
 

@@ -67,8 +67,12 @@ def dense_conv2d(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarra
 
 
 def gate_of(y: np.ndarray, gate: str) -> np.ndarray:
-    """conv.Epilogue's gate of y in float64: the hard sigmoid clip(y a + b, 0, 1); NaN stays NaN."""
+    """conv.Epilogue's gate of y in float64: the hard sigmoid clip(y a + b, 0, 1) or the
+    sigmoid 1 / (1 + e^-y); NaN stays NaN."""
     if gate == "hard_sigmoid":
         a, b = HARD_SIGMOID
         return np.clip(y * a + b, 0.0, 1.0)
+    if gate == "sigmoid":
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-y))
     raise ValueError(f"unknown gate {gate!r} (conv.GATES)")
