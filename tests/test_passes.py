@@ -646,6 +646,41 @@ def test_variance_and_instance_norm_reduce_rows_in_lanes():
     assert all(int(np.prod([int(d) for d in b.shape])) < int(np.prod(shape)) for b in allocated)
 
 
+def test_layer_norm_rows_keep_their_partial_sums_on_the_stack():
+    """A layer norm over the channels of NHWC (ConvNeXt's) through tvm_sparseconv.compile
+    against NumPy float64 (a NaN reaching its own pixel only); RowReduction's partial sums stay
+    out of TVM's workspace allocator: a "local" buffer there was a TVMBackendAllocWorkspace call
+    per output, 4x the layer norm's time."""
+    import re
+
+    import tvm_sparseconv
+    from tvm_sparseconv.schedule_rules import RowReduction
+    from tvm_sparseconv.target import make_target
+
+    shape = (1, 14, 14, 48)
+    rng = np.random.default_rng(3)
+    gamma, beta = (rng.standard_normal(48).astype("float32") for _ in range(2))
+
+    def layer_norm(x):
+        return relax.op.nn.layer_norm(x, relax.const(gamma), relax.const(beta), axes=[-1], epsilon=1e-6)
+
+    a = (1.0 + rng.standard_normal(shape)).astype("float32")
+    a[0, 3, 4, 5] = np.nan
+    got = relax.VirtualMachine(tvm_sparseconv.compile(_module(layer_norm, shape)), tvm.cpu())["main"](
+        tvm.runtime.tensor(a)).numpy()
+    x = a.astype(np.float64)
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * gamma + beta
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[0, 3, 4]).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    target = make_target(None)
+    with target:
+        sch = RowReduction().apply(_legalized(layer_norm, shape), target, False)
+    assert sch is not None
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "f")}), target=target)
+    assert not re.search(r"load ptr, ptr @__TVMBackendAllocWorkspace", lib.mod.inspect_source("ll"))
+
+
 @pytest.mark.parametrize("classes", [4, 64, 1000])
 def test_softmax_rows_through_the_row_reduction_rule(classes):
     """A softmax is two reductions over the same rows (the max, then the sum of exps) and an
