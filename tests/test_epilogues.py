@@ -1,4 +1,4 @@
-"""Clip epilogues (ReLU6, any clip(0, a)), hard-swish and SiLU gates and residual adds without an
+"""Clip epilogues (ReLU6, any clip(0, a)), LeakyReLU, hard-swish and SiLU gates and residual adds without an
 activation, in every kernel and as the graph matcher finds them in models imported from ONNX and
 torch.
 
@@ -58,6 +58,33 @@ def test_every_kernel_clips(algorithm):
         ref = dense_conv2d(spec, x, w, bias, True, residual=r, clip=0.5)
         assert (ref == 0.5).mean() > 0.1 and np.nanmax(y) <= 0.5
         assert np.isnan(y).sum() == np.isnan(ref).sum() == (0 if r is None else 1)
+        assert_conv_close(y, ref, spec)
+
+
+def test_a_leaky_slope_needs_relu_no_clip_and_a_fraction():
+    assert Epilogue(relu=True, slope=0.1).slope == 0.1
+    for bad in (dict(slope=0.1), dict(relu=True, slope=0.0), dict(relu=True, slope=1.5), dict(relu=True, clip=6.0, slope=0.1)):
+        with pytest.raises(ConvSpecError, match="slope"):
+            Epilogue(**bad)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_kernel_leaks(algorithm):
+    """bias + LeakyReLU (slope 0.1), then the same with a residual (NaN and Inf in it) before it:
+    negative outputs scaled, not zeroed; NaN passes, -Inf stays -Inf."""
+    spec = grid_spec(GRID[1])
+    if not accepts(algorithm, spec):
+        spec = Conv2DSpec.from_shapes(spec.x_shape, (spec.out_channels, 1, 3, 3), 1, 1, 1, spec.in_channels)
+    x, w = activation(spec, 0.5), weight(spec)
+    bias = np.linspace(-1, 1, spec.out_channels).astype(np.float32)
+    res = np.random.default_rng(7).standard_normal(spec.y_shape).astype(np.float32)
+    res.flat[[3, 11, 17]] = np.nan, np.inf, -np.inf
+    for r in (None, res):
+        layer = CompiledLayer(algorithm, spec, w, bias, True, residual=r is not None, slope=0.1)
+        y = layer(x) if r is None else layer(x, r)
+        ref = dense_conv2d(spec, x, w, bias, True, residual=r, slope=0.1)
+        assert (ref < 0).mean() > 0.1
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
         assert_conv_close(y, ref, spec)
 
 
@@ -304,4 +331,36 @@ def test_silu_is_fused_into_the_kernels(tmp_path):
     y, want, ops, applied = _run_model(path, None, ["dense", "grouped", "pixcsr", "pixcsr"])
     assert set(applied.values()) == {"dense", "grouped", "pixcsr"}
     assert sorted(ops) == ["add", "multiply", "tir_sigmoid"], ops  # the shared sigmoid, y * s and + s
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+class LeakyBlock(torch.nn.Module):
+    """conv + LeakyReLU(0.1), a conv + the input + LeakyReLU(0.2) (after a residual add), and a
+    conv + LeakyReLU(1.5), which is no leak below 0 (slope over 1) and stays in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 1)
+        self.c = torch.nn.Conv2d(8, 8, 3, padding=1)
+        _draw_parameters(self, seed=3, scale=0.5)
+
+    def forward(self, x):
+        h = torch.nn.functional.leaky_relu(self.a(x), 0.1)
+        h = torch.nn.functional.leaky_relu(self.b(h) + x, 0.2)
+        return torch.nn.functional.leaky_relu(self.c(h), 1.5)
+
+
+def test_leaky_relu_is_fused_into_the_kernels(tmp_path):
+    """ONNX's LeakyRelu (and torch.export's) after a conv, or after its residual add, goes into
+    the kernels; a slope over 1 stays in the graph. The model matches onnxruntime."""
+    path = str(tmp_path / "leaky.onnx")
+    torch.onnx.export(LeakyBlock().eval(), (torch.zeros(SHAPE),), path, dynamo=False, opset_version=14,
+                      input_names=["x"])
+    for sites in (load_model(path).sites, load_model(torch.export.export(LeakyBlock().eval(), (torch.zeros(SHAPE),))).sites):
+        assert [(s.relu, s.slope) for s in sites] == [(True, pytest.approx(0.1)), (False, None), (False, None)]
+        assert sites[1].residual_add is not None and sites[1].residual_add.slope == pytest.approx(0.2)
+    y, want, ops, applied = _run_model(path, None, ["pixcsr", "dense", "dense"])
+    assert set(applied.values()) == {"dense", "pixcsr"}
+    assert ops == ["leaky_relu"], ops
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)

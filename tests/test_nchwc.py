@@ -99,14 +99,14 @@ LAYERS = {
 
 
 def check_layer(spec, knobs, target=None, densities=(0.0, 0.4, 1.0), relu=True, clip=0.7, bias=True, residual=True,
-                specials=True, gate=None):
+                specials=True, gate=None, slope=None):
     """Build dense with ``knobs`` and the epilogue asked for, run it on each density (NaN, Inf
     and -0.0 in x and the residual when ``specials``), compare with dense_conv2d in float64; a
     blocked y's channels past M are zeros, although every buffer was NaN before the run."""
     w = weight(spec)
     b = np.linspace(-1, 1, spec.out_channels).astype(np.float32) if bias else None
     layer = CompiledLayer("dense", spec, w, b, relu, target, knobs, residual=residual, clip=clip if relu else None,
-                          gate=gate)
+                          gate=gate, slope=slope)
     rng = np.random.default_rng(11)
     for d in densities:
         x = activation(spec, d)
@@ -119,7 +119,7 @@ def check_layer(spec, knobs, target=None, densities=(0.0, 0.4, 1.0), relu=True, 
         layer.poison()
         layer.set_input(x, res)
         layer.run()
-        ref = dense_conv2d(spec, x, w, b, relu, residual=res, clip=clip if relu else None, gate=gate)
+        ref = dense_conv2d(spec, x, w, b, relu, residual=res, clip=clip if relu else None, gate=gate, slope=slope)
         assert_conv_close(layer.output(), ref, spec)
         raw = layer.buffers["y"].numpy()
         assert raw.shape == layout_shape(spec.y_shape, layer.layout_out)
@@ -146,8 +146,9 @@ def test_every_layout_pair(name, lin, lout):
                                       dict(bias=True, relu=True, clip=None, residual=False),
                                       dict(bias=False, relu=False, residual=True),
                                       dict(bias=True, relu=False, residual=True, gate="hard_sigmoid"),
-                                      dict(bias=True, relu=False, residual=True, gate="sigmoid")],
-                         ids=["none", "bias", "bias-relu", "residual-no-activation", "hard-swish", "silu"])
+                                      dict(bias=True, relu=False, residual=True, gate="sigmoid"),
+                                      dict(bias=True, relu=True, clip=None, residual=True, slope=0.1)],
+                         ids=["none", "bias", "bias-relu", "residual-no-activation", "hard-swish", "silu", "leaky-relu"])
 def test_each_epilogue_blocked(epilogue):
     spec, knobs = LAYERS["window-3x3-batch8"]
     check_layer(spec, {**knobs, "layout_in": BLOCKED, "layout_out": BLOCKED}, densities=(0.5,), **epilogue)

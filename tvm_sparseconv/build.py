@@ -146,7 +146,8 @@ class CompiledLayer(CompiledStages):
 
     ``layer(x)`` runs it on an N x C x H x W float32 array and returns N x M x Oh x Ow;
     with ``residual``, ``layer(x, res)`` adds res (N x M x Oh x Ow) before the ReLU; ``clip``
-    (with ``relu``) bounds the output to [0, clip]; ``gate`` multiplies it by a gate of itself
+    (with ``relu``) bounds the output to [0, clip]; ``slope`` (with ``relu``) makes it a LeakyReLU;
+    ``gate`` multiplies it by a gate of itself
     (conv.Epilogue). Arrays in and out are NCHW; where the knobs hold x or y in channel blocks
     (``layout_in``, ``layout_out``: Algorithm.layouts), the buffers ``x``, ``res`` and ``y`` are
     blocked, and x and res are blocked (reference.layout.to_layout) as they are copied in, y
@@ -159,7 +160,7 @@ class CompiledLayer(CompiledStages):
     def __init__(self, algorithm: str | Algorithm, spec: Conv2DSpec, weight: np.ndarray,
                  bias: np.ndarray | None = None, relu: bool = False, target=None,
                  knobs: Mapping | None = None, database=None, session=None, residual: bool = False,
-                 clip: float | None = None, gate: str | None = None):
+                 clip: float | None = None, gate: str | None = None, slope: float | None = None):
         self.algorithm = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
         self.spec = spec
         self.algorithm.check(spec)
@@ -168,7 +169,8 @@ class CompiledLayer(CompiledStages):
         weight = np.asarray(weight, np.float32)
         if weight.shape != spec.w_shape:
             raise ConvSpecError(f"weight shape {weight.shape} does not match the layer's {spec.w_shape}")
-        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual), clip=clip, gate=gate)
+        self.epilogue = Epilogue(bias=bias is not None, relu=bool(relu), residual=bool(residual), clip=clip, gate=gate,
+                                 slope=slope)
         target = make_target(target)
         self.knobs = self.algorithm.knobs(spec, knobs, target)
         self.layout_in, self.layout_out = self.algorithm.layouts(spec, self.knobs)

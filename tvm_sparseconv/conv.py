@@ -160,8 +160,9 @@ class Conv2DSpec:
 class Epilogue:
     """What is applied to the accumulators before they are stored, in this order: + bias[m],
     + res[n, m, r, s] (a residual input of y's shape, when the graph adds one), then
-    max(., 0) with ``relu``, then min(., clip) with ``clip`` (ReLU6 is relu and clip 6.0; any
-    clip(0, a) is relu and clip a). NaN passes both bounds, as in the graph's own ops.
+    max(., 0) with ``relu`` (v * slope instead of 0 below 0 with ``slope``: LeakyReLU), then
+    min(., clip) with ``clip`` (ReLU6 is relu and clip 6.0; any clip(0, a) is relu and clip
+    a). NaN passes both bounds, as in the graph's own ops.
 
     ``gate``, instead of relu and clip, multiplies v by a gate of itself (GATES):
     v * clip(v * HARD_SIGMOID[0] + HARD_SIGMOID[1], 0, 1) with ``"hard_sigmoid"`` (hard-swish,
@@ -173,12 +174,15 @@ class Epilogue:
     residual: bool = False
     clip: float | None = None
     gate: str | None = None
+    slope: float | None = None
 
     def __post_init__(self):
         if self.clip is not None and not (self.relu and float(self.clip) > 0):
             raise ConvSpecError(f"clip={self.clip}: an epilogue clips to [0, a] with relu=True and a > 0")
         if self.gate is not None and (self.gate not in GATES or self.relu):
             raise ConvSpecError(f"gate={self.gate!r}: an epilogue's gate is one of {GATES}, without relu")
+        if self.slope is not None and not (self.relu and self.clip is None and 0 < float(self.slope) < 1):
+            raise ConvSpecError(f"slope={self.slope}: a LeakyReLU's slope is in (0, 1), with relu=True and no clip")
 
 
 # the gates an epilogue may multiply its output by (Epilogue.gate)

@@ -21,6 +21,7 @@ RELU = tvm.ir.Op.get("relax.nn.relu")
 MAXIMUM, MINIMUM, CLIP = (tvm.ir.Op.get(f"relax.{n}") for n in ("maximum", "minimum", "clip"))
 MULTIPLY = tvm.ir.Op.get("relax.multiply")
 SIGMOID, SILU = tvm.ir.Op.get("relax.sigmoid"), tvm.ir.Op.get("relax.nn.silu")
+LEAKY_RELU = tvm.ir.Op.get("relax.nn.leakyrelu")
 # ops that keep a non-negative input non-negative and about as sparse (they move, pad or pool its
 # values): what may sit between a ReLU and the conv it feeds
 KEEPS_ZEROS = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
@@ -33,7 +34,7 @@ _TO_OIHW = {"OIHW": None, "HWIO": (3, 2, 0, 1), "OHWI": (0, 3, 1, 2), "HWOI": (2
 
 @dataclass(frozen=True)
 class ResidualAdd:
-    """conv (+ bias) -> add(., residual) [-> ReLU, clip(0, a) or a gate]: the chain a kernel that
+    """conv (+ bias) -> add(., residual) [-> ReLU, LeakyReLU, clip(0, a) or a gate]: the chain a kernel that
     fuses the residual add replaces (``root`` its last var, ``absorbed`` the vars before it),
     ``residual`` the other operand of the add (y-shaped, NCHW)."""
 
@@ -43,12 +44,14 @@ class ResidualAdd:
     relu: bool
     clip: float | None = None
     gate: str | None = None
+    slope: float | None = None
 
 
 @dataclass
 class ConvSite:
     """One conv2d call, with the bias add and activation (ReLU, or a clip(0, a) such as ReLU6:
-    ``relu`` and ``clip``; or a hard-swish or SiLU: ``gate``; conv.Epilogue's) that directly and only
+    ``relu`` and ``clip``; a LeakyReLU: ``relu`` and ``slope``; or a hard-swish or SiLU: ``gate``;
+    conv.Epilogue's) that directly and only
     consume it.
 
     ``weight`` is the OIHW weight when it is a constant (else None); ``root`` is the last
@@ -76,17 +79,19 @@ class ConvSite:
     clip: float | None = None
     input_relu: bool = False
     gate: str | None = None
+    slope: float | None = None
 
     def epilogue(self, fused: bool = False) -> Epilogue:
         """What a kernel for this layer computes after the convolution: its bias and activation,
         or with ``fused`` the residual_add chain (the residual add, then the chain's activation)."""
         act = self.residual_add if fused else self
-        return Epilogue(bias=self.bias is not None, relu=act.relu, residual=fused, clip=act.clip, gate=act.gate)
+        return Epilogue(bias=self.bias is not None, relu=act.relu, residual=fused, clip=act.clip, gate=act.gate,
+                        slope=act.slope)
 
     def describe(self) -> dict:
         s = self.spec
         return {"key": self.key, "spec": s.to_dict(), "bias": self.bias is not None, "relu": self.relu,
-                "clip": self.clip, "gate": self.gate, "residual_add": self.residual_add is not None,
+                "clip": self.clip, "gate": self.gate, "slope": self.slope, "residual_add": self.residual_add is not None,
                 "data_layout": self.data_layout, "why_dense": self.why_dense, "input_relu": self.input_relu}
 
 
@@ -199,7 +204,7 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
         why = "the weight is not a constant"
     if why is None and (x.ty.dtype != "float32" or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))):
         why = f"dtype {x.ty.dtype} (the kernels are float32)"
-    root, absorbed, bias, relu, clip, gate = var, [], None, False, None, None
+    root, absorbed, bias, relu, clip, gate, slope = var, [], None, False, None, None, None
     if why is None:
         nxt = _only_consumer(root, uses, consumer)
         if nxt is not None and bindings[nxt].op == ADD:
@@ -209,11 +214,11 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
             if b is not None:
                 absorbed.append(root)
                 root, bias = nxt, b
-        root, relu, clip, gate = _activation(root, absorbed, bindings, uses, consumer)
+        root, relu, clip, gate, slope = _activation(root, absorbed, bindings, uses, consumer)
     residual = None if why is not None or relu or gate or data_layout != "NCHW" else _residual_add(
         root, absorbed, spec, bindings, uses, consumer)
     return ConvSite(index, f"conv{index:03d}", spec, data_layout, var, root, tuple(absorbed), weight, bias, relu, why,
-                    residual, clip, gate=gate)
+                    residual, clip, gate=gate, slope=slope)
 
 
 def scalar_value(e) -> float | None:
@@ -252,24 +257,29 @@ def _bounded(root, bindings, uses, consumer):
 def _activation(root, absorbed: list, bindings, uses, consumer) -> tuple:
     """Follow ``root`` through a ReLU or a clip to [0, a] that only it feeds: relu, maximum(., 0)
     or clip(., 0, a), then optionally minimum(., a) after the first two (a > 0); or through a
-    gate (_gate). The vars passed go into ``absorbed``. Returns (the new root, relu, clip, gate)
-    as conv.Epilogue has them."""
+    LeakyReLU of slope in (0, 1); or through a gate (_gate). The vars passed go into
+    ``absorbed``. Returns (the new root, relu, clip, gate, slope) as conv.Epilogue has them."""
+    leaky = _only_consumer(root, uses, consumer)
+    call = _call_of(leaky, LEAKY_RELU, bindings) if leaky is not None else None
+    if call is not None and 0 < float(call.attrs.alpha) < 1:
+        absorbed.append(root)
+        return leaky, True, None, None, float(call.attrs.alpha)
     first = _bounded(root, bindings, uses, consumer)
     if first is None or first[1] != 0.0 or not first[2] > 0:
         gated = _gate(root, bindings, uses, consumer)
         if gated is None:
-            return root, False, None, None
+            return root, False, None, None, None
         absorbed.extend(gated[0])
-        return gated[1], False, None, gated[2]
+        return gated[1], False, None, gated[2], None
     absorbed.append(root)
     root, _, hi = first
     if hi < np.inf:
-        return root, True, hi, None
+        return root, True, hi, None, None
     second = _bounded(root, bindings, uses, consumer)
     if second is None or second[1] != -np.inf or not 0 < second[2] < np.inf:
-        return root, True, None, None
+        return root, True, None, None, None
     absorbed.append(root)
-    return second[0], True, second[2], None
+    return second[0], True, second[2], None, None
 
 
 def _gate(root, bindings, uses, consumer) -> tuple | None:
@@ -341,5 +351,5 @@ def _residual_add(root, absorbed, spec: Conv2DSpec, bindings, uses, consumer) ->
             or ty.dtype != "float32" or ty.shape is None or [int(v) for v in ty.shape] != list(spec.y_shape)):
         return None
     chain = [*absorbed, root]
-    root, relu, clip, gate = _activation(nxt, chain, bindings, uses, consumer)
-    return ResidualAdd(other, root, tuple(chain), relu, clip, gate)
+    root, relu, clip, gate, slope = _activation(nxt, chain, bindings, uses, consumer)
+    return ResidualAdd(other, root, tuple(chain), relu, clip, gate, slope)

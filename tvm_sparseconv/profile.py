@@ -35,6 +35,7 @@ class LayerProfile:
     why_dense: str | None
     clip: float | None = None  # the activation's upper bound (ReLU6: 6.0), conv.Epilogue's
     gate: str | None = None  # conv.Epilogue's gate: "hard_sigmoid" (hard-swish) or "sigmoid" (SiLU)
+    slope: float | None = None  # a LeakyReLU's slope below 0 (with relu), conv.Epilogue's
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,5 +76,5 @@ def profile(model: Model, samples, target=None, algorithm: str = "dense"):
         d = st[:, 0]
         layers.append(LayerProfile(s.key, s.spec.to_dict(), s.spec.macs, float(d.mean()), float(d.std()),
                                    float(d.min()), float(d.max()), float(st[:, 1].mean()), s.bias is not None,
-                                   s.relu, s.why_dense, s.clip, s.gate))
+                                   s.relu, s.why_dense, s.clip, s.gate, s.slope))
     return layers, acts, outputs

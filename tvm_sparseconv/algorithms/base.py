@@ -261,7 +261,7 @@ def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     if epilogue.residual:
         v = v + res_buf[at]
     if epilogue.relu:
-        v = tvm.tirx.Select(v < const(0.0), const(0.0), v)
+        v = tvm.tirx.Select(v < const(0.0), const(0.0) if epilogue.slope is None else v * const(epilogue.slope), v)
     if epilogue.clip is not None:
         a = const(epilogue.clip)
         v = tvm.tirx.Select(v > a, a, v)

@@ -213,7 +213,7 @@ class TrainingRun:
         by_workload: dict[str, list[dict]] = {}
         for l in layers:
             spec = Conv2DSpec.from_dict(l["spec"])
-            wid = spec_workload_id(spec, l["bias"], l["relu"], l.get("clip"), l.get("gate"))
+            wid = spec_workload_id(spec, l["bias"], l["relu"], l.get("clip"), l.get("gate"), l.get("slope"))
             by_workload.setdefault(wid, []).append(l)
         rows, skipped, transforms = [], 0, []
         for r in log.records:
@@ -233,7 +233,8 @@ class TrainingRun:
             d = Density(float(r.get("density", np.mean([l["density_mean"] for l in ls]))),
                         float(np.mean([l["density_std"] for l in ls])),
                         float(np.mean([l["zero_channel_share"] for l in ls])))
-            ep = Epilogue(bias=l0["bias"], relu=l0["relu"], clip=l0.get("clip"), gate=l0.get("gate"))
+            ep = Epilogue(bias=l0["bias"], relu=l0["relu"], clip=l0.get("clip"), gate=l0.get("gate"),
+                          slope=l0.get("slope"))
             rows.append((Candidate(r["algorithm"], dict(r["knobs"]), Conv2DSpec.from_dict(l0["spec"]), d, cpu, ep),
                          float(r["time_ms"]), r["workload"]))
         try:

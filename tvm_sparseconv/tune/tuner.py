@@ -115,7 +115,7 @@ def measure_candidate(a: str, spec, weight, bias, epilogue: Epilogue, target: st
         session = tvm_rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=600)
     try:
         layer = CompiledLayer(a, spec, weight, bias, epilogue.relu, target, knobs, db, session, clip=epilogue.clip,
-                              gate=epilogue.gate)
+                              gate=epilogue.gate, slope=epilogue.slope)
         err = max_abs_error(layer(x), ref)
         if not err <= tol:
             return {"error": f"wrong result: max abs error {err:.3g}", "max_abs_error": err}
