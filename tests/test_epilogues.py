@@ -110,7 +110,8 @@ def test_every_kernel_gates(algorithm, gate):
         y = layer(x) if r is None else layer(x, r)
         ref = dense_conv2d(spec, x, w, bias, residual=r, gate=gate)
         if density == 0.5 and r is None:
-            assert (np.abs(ref) < 0.2).mean() > 0.05 and (ref >= 3).mean() > 0.05, "the grid misses a bound of the gate"
+            low = (ref == 0) if gate == "hard_sigmoid" else (ref < -0.1)  # SiLU's dip: -0.28 at v = -1.28
+            assert low.mean() > 0.05 and (ref >= 3).mean() > 0.05, "the grid misses a bound of the gate"
         np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
         assert_conv_close(y, ref, spec)
 
