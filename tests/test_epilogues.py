@@ -40,18 +40,22 @@ def test_a_gate_is_known_and_replaces_relu():
             Epilogue(**bad)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_kernel_clips(algorithm):
-    """bias + ReLU + clip(0, 0.5), then the same with a residual (NaN and Inf in it) before
-    them: the bound cuts a large share of the outputs, NaN passes it, +Inf becomes the bound.
-    An algorithm for grouped layers only gets the layer made depthwise (8 groups, 2 outputs each)."""
+def _bounded_case(algorithm):
+    """(spec, x, w, bias, a residual with NaN, +Inf and -Inf in it) of GRID[1], x at density 0.5;
+    an algorithm for grouped layers only gets the layer made depthwise (8 groups, 2 outputs each)."""
     spec = grid_spec(GRID[1])
     if not accepts(algorithm, spec):
         spec = Conv2DSpec.from_shapes(spec.x_shape, (spec.out_channels, 1, 3, 3), 1, 1, 1, spec.in_channels)
-    x, w = activation(spec, 0.5), weight(spec)
-    bias = np.linspace(-1, 1, spec.out_channels).astype(np.float32)
     res = np.random.default_rng(7).standard_normal(spec.y_shape).astype(np.float32)
-    res.flat[[3, 11]] = np.nan, np.inf
+    res.flat[[3, 11, 17]] = np.nan, np.inf, -np.inf
+    return spec, activation(spec, 0.5), weight(spec), np.linspace(-1, 1, spec.out_channels).astype(np.float32), res
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_kernel_clips(algorithm):
+    """bias + ReLU + clip(0, 0.5), then the same with a residual (NaN and Inf in it) before
+    them: the bound cuts a large share of the outputs, NaN passes it, +Inf becomes the bound."""
+    spec, x, w, bias, res = _bounded_case(algorithm)
     for r in (None, res):
         layer = CompiledLayer(algorithm, spec, w, bias, True, residual=r is not None, clip=0.5)
         y = layer(x) if r is None else layer(x, r)
@@ -72,13 +76,7 @@ def test_a_leaky_slope_needs_relu_no_clip_and_a_fraction():
 def test_every_kernel_leaks(algorithm):
     """bias + LeakyReLU (slope 0.1), then the same with a residual (NaN and Inf in it) before it:
     negative outputs scaled, not zeroed; NaN passes, -Inf stays -Inf."""
-    spec = grid_spec(GRID[1])
-    if not accepts(algorithm, spec):
-        spec = Conv2DSpec.from_shapes(spec.x_shape, (spec.out_channels, 1, 3, 3), 1, 1, 1, spec.in_channels)
-    x, w = activation(spec, 0.5), weight(spec)
-    bias = np.linspace(-1, 1, spec.out_channels).astype(np.float32)
-    res = np.random.default_rng(7).standard_normal(spec.y_shape).astype(np.float32)
-    res.flat[[3, 11, 17]] = np.nan, np.inf, -np.inf
+    spec, x, w, bias, res = _bounded_case(algorithm)
     for r in (None, res):
         layer = CompiledLayer(algorithm, spec, w, bias, True, residual=r is not None, slope=0.1)
         y = layer(x) if r is None else layer(x, r)
@@ -260,10 +258,11 @@ def test_every_algorithm_on_the_block(inverted_onnx, algorithm):
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
-class HardSwishBlock(torch.nn.Module):
-    """conv + hard-swish, depthwise conv + hard-swish (ONNX HardSwish), a 1x1 conv whose output
-    gets x * hardsigmoid(x) (ONNX HardSigmoid with HardSwish's constants: the same ops), and a
-    1x1 conv with the hard-swish written as x * relu6(x + 3) / 6, which is not fused."""
+class _GatedConvs(torch.nn.Module):
+    """A 1x1 expand 8 -> 16, a depthwise 3x3, a 1x1 project 16 -> 8 and a last 1x1, drawn with
+    the subclass's SEED: the convs the gate blocks put their activations between."""
+
+    SEED = 0
 
     def __init__(self):
         super().__init__()
@@ -271,7 +270,15 @@ class HardSwishBlock(torch.nn.Module):
         self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
         self.project = torch.nn.Conv2d(16, 8, 1)
         self.last = torch.nn.Conv2d(8, 8, 1)
-        _draw_parameters(self, seed=1, scale=0.6)
+        _draw_parameters(self, seed=self.SEED, scale=0.6)
+
+
+class HardSwishBlock(_GatedConvs):
+    """conv + hard-swish, depthwise conv + hard-swish (ONNX HardSwish), a 1x1 conv whose output
+    gets x * hardsigmoid(x) (ONNX HardSigmoid with HardSwish's constants: the same ops), and a
+    1x1 conv with the hard-swish written as x * relu6(x + 3) / 6, which is not fused."""
+
+    SEED = 1
 
     def forward(self, x):
         h = torch.nn.functional.hardswish(self.expand(x))
@@ -296,18 +303,12 @@ def test_hard_swish_is_fused_into_the_kernels(tmp_path):
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
-class SiLUBlock(torch.nn.Module):
+class SiLUBlock(_GatedConvs):
     """conv + SiLU, depthwise conv + sigmoid(x) * x (the operands the other way round), a 1x1
     conv whose sigmoid also feeds the output (not a gate: it stays in the graph), and a last conv
     + SiLU."""
 
-    def __init__(self):
-        super().__init__()
-        self.expand = torch.nn.Conv2d(8, 16, 1)
-        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.project = torch.nn.Conv2d(16, 8, 1)
-        self.last = torch.nn.Conv2d(8, 8, 1)
-        _draw_parameters(self, seed=2, scale=0.6)
+    SEED = 2
 
     def forward(self, x):
         h = torch.nn.functional.silu(self.expand(x))
