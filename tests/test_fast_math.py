@@ -2,12 +2,14 @@
 NumPy/math float64 over the whole float32 range and its special values, and built without a libm call,
 in vectors as wide as the target's."""
 import math
+import re
 
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
+from tvm import relax, te
 
+from tvm_sparseconv import tir_math
 from tvm_sparseconv.passes.fast_math import legalize_map
 from tvm_sparseconv.passes.parallelize_rest import ParallelizeRest
 from tvm_sparseconv.target import make_target
@@ -128,12 +130,6 @@ def test_the_functions_vectorize_at_the_targets_width(name):
     """A loop of 16 lanes of each function compiles to 16-lane vectors for an AVX-512 target
     (whatever the host: only compiled). An op TVM cannot vectorize (tirx.isnan) made the loop
     scalar, and LLVM re-vectorized it in 8 lanes (ymm registers)."""
-    import re
-
-    from tvm import te
-
-    from tvm_sparseconv import tir_math
-
     a = te.placeholder((64, 16), name="a")
     b = te.compute((64, 16), lambda i, j: getattr(tir_math, name)(a[i, j]), name="b")
     sch = tvm.s_tir.Schedule(te.create_prim_func([a, b]))

@@ -54,15 +54,16 @@ _TANH_TAYLOR = (-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 60
 _TANH_SERIES_BELOW = 0.55
 
 
-def _lanes(x) -> int:
-    """The vector width of ``x``: 1 for a scalar (a TE tensor element has no ``ty``)."""
+def lanes_of(x) -> int:
+    """The vector width of a TIR expression ``x``: 1 for a scalar (a TE tensor element, a
+    TensorSlice, has no ``ty``)."""
     ty = getattr(x, "ty", None)
     return ty.dtype.lanes if ty is not None else 1
 
 
-def _c(v, lanes: int, dtype: str = "float32") -> tvm.tirx.PrimExpr:
-    """A constant as wide as the expression it meets (Select and the integer ops take no
-    scalar beside a vector)."""
+def splat(v, lanes: int, dtype: str = "float32") -> tvm.tirx.PrimExpr:
+    """The constant ``v`` in ``lanes`` lanes, as wide as the expression it meets (Select and
+    the integer ops take no scalar beside a vector)."""
     c = tvm.tirx.const(v, dtype)
     return c if lanes == 1 else tvm.tirx.Broadcast(c, lanes)
 
@@ -73,58 +74,58 @@ def _dtype(base: str, lanes: int) -> str:
 
 def _horner(coefficients, t: tvm.tirx.PrimExpr, lanes: int) -> tvm.tirx.PrimExpr:
     """The polynomial of ``coefficients`` (lowest power first) at t."""
-    p = _c(coefficients[-1], lanes)
+    p = splat(coefficients[-1], lanes)
     for c in reversed(coefficients[:-1]):
-        p = p * t + _c(c, lanes)
+        p = p * t + splat(c, lanes)
     return p
 
 
 def is_nan(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     """Whether a float32 expression is NaN, by its bits: exponent all ones, mantissa not zero
     (``x != x`` is simplified to false)."""
-    n = _lanes(x)
+    n = lanes_of(x)
     bits = tvm.tirx.reinterpret(_dtype("int32", n), x)
-    return (bits & _c(0x7FFFFFFF, n, "int32")) > _c(0x7F800000, n, "int32")
+    return (bits & splat(0x7FFFFFFF, n, "int32")) > splat(0x7F800000, n, "int32")
 
 
 def exp_of(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     """e^x of a float32 expression (no call): x below -87 is taken as -87 (e^x under
     1.7e-38), and above 87 e^x is +Inf (e^88.7 is float32's largest)."""
-    k = _lanes(x)
-    xc = tvm.tirx.max(tvm.tirx.min(x, _c(_CLAMP, k)), _c(-_CLAMP, k))
-    n = tvm.tirx.floor(xc * _c(_LOG2E, k) + _c(0.5, k))
-    r = xc - n * _c(_LN2_HI, k) - n * _c(_LN2_LO, k)
-    p = _c(_P[0], k)
+    k = lanes_of(x)
+    xc = tvm.tirx.max(tvm.tirx.min(x, splat(_CLAMP, k)), splat(-_CLAMP, k))
+    n = tvm.tirx.floor(xc * splat(_LOG2E, k) + splat(0.5, k))
+    r = xc - n * splat(_LN2_HI, k) - n * splat(_LN2_LO, k)
+    p = splat(_P[0], k)
     for c in _P[1:]:
-        p = p * r + _c(c, k)
-    er = p * r * r + r + _c(1.0, k)
-    two_n = tvm.tirx.reinterpret(_dtype("float32", k), (n.astype(_dtype("int32", k)) + _c(127, k, "int32"))
-                                 << _c(23, k, "int32"))
-    return tvm.tirx.Select(x > _c(_CLAMP, k), _c(float("inf"), k), er * two_n)
+        p = p * r + splat(c, k)
+    er = p * r * r + r + splat(1.0, k)
+    two_n = tvm.tirx.reinterpret(_dtype("float32", k), (n.astype(_dtype("int32", k)) + splat(127, k, "int32"))
+                                 << splat(23, k, "int32"))
+    return tvm.tirx.Select(x > splat(_CLAMP, k), splat(float("inf"), k), er * two_n)
 
 
 def sigmoid_of(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     """1 / (1 + e^-x), NaN kept."""
-    k = _lanes(x)
-    return tvm.tirx.Select(is_nan(x), x, _c(1.0, k) / (_c(1.0, k) + exp_of(-x)))
+    k = lanes_of(x)
+    return tvm.tirx.Select(is_nan(x), x, splat(1.0, k) / (splat(1.0, k) + exp_of(-x)))
 
 
 def erf_of(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     """erf(x), NaN kept: one division, no exp, clamped to [-1, 1] (the fit's float32 value at
     x = 4 is 1 + 4e-7)."""
-    k = _lanes(x)
-    a = tvm.tirx.max(tvm.tirx.min(x, _c(4.0, k)), _c(-4.0, k))
+    k = lanes_of(x)
+    a = tvm.tirx.max(tvm.tirx.min(x, splat(4.0, k)), splat(-4.0, k))
     t = a * a
-    e = tvm.tirx.max(tvm.tirx.min(a * _horner(_ERF_P, t, k) / _horner(_ERF_Q, t, k), _c(1.0, k)), _c(-1.0, k))
+    e = tvm.tirx.max(tvm.tirx.min(a * _horner(_ERF_P, t, k) / _horner(_ERF_Q, t, k), splat(1.0, k)), splat(-1.0, k))
     return tvm.tirx.Select(is_nan(x), x, e)
 
 
 def tanh_of(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     """tanh(x), NaN kept (the module's docstring)."""
-    k = _lanes(x)
+    k = lanes_of(x)
     a = tvm.tirx.abs(x)
     t = a * a
-    series = x * (_c(1.0, k) + t * _horner(_TANH_TAYLOR, t, k))  # a product with x: tanh(-0.0) is -0.0
-    v = _c(1.0, k) - _c(2.0, k) / (exp_of(a + a) + _c(1.0, k))
+    series = x * (splat(1.0, k) + t * _horner(_TANH_TAYLOR, t, k))  # a product with x: tanh(-0.0) is -0.0
+    v = splat(1.0, k) - splat(2.0, k) / (exp_of(a + a) + splat(1.0, k))
     return tvm.tirx.Select(is_nan(x), x, tvm.tirx.Select(
-        a < _c(_TANH_SERIES_BELOW, k), series, tvm.tirx.Select(x < _c(0.0, k), -v, v)))
+        a < splat(_TANH_SERIES_BELOW, k), series, tvm.tirx.Select(x < splat(0.0, k), -v, v)))

@@ -30,7 +30,7 @@ from ..conv import HARD_SIGMOID, Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
 from ..layout import NCHW, LayoutError, channel_block
 from ..reference.storage import Storage
-from ..tir_math import sigmoid_of
+from ..tir_math import lanes_of, sigmoid_of, splat
 
 
 @dataclass(frozen=True)
@@ -249,12 +249,10 @@ def epilogue_value(v, m, bias_buf, epilogue: Epilogue, res_buf=None, at=()):
     The bounds are select(v < 0, 0, v) and select(v > a, a, v) so that NaN propagates (max()
     and min() would drop it).
     """
-    ty = getattr(v, "ty", None)  # a TE tensor element (TensorSlice) has none: a scalar
-    lanes = ty.dtype.lanes if ty is not None else 1
+    lanes = lanes_of(v)
 
-    def const(a):  # a float32 constant as wide as v (Select takes no scalar beside a vector)
-        c = tvm.tirx.const(float(a), "float32")
-        return c if lanes == 1 else tvm.tirx.Broadcast(c, lanes)
+    def const(a):  # a float32 constant as wide as v
+        return splat(float(a), lanes)
 
     if epilogue.bias:
         v = v + bias_buf[m]
