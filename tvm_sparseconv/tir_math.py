@@ -38,8 +38,8 @@ import tvm
 _LOG2E = 1.4426950408889634
 # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI with few mantissa bits, so n * _LN2_HI is exact for |n| <= 127
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
-# Cephes expf: e^r = 1 + r + r^2 * P(r), P's coefficients from the highest power down
-_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+# Cephes expf: e^r = 1 + r + r^2 * P(r), P's coefficients from the lowest power up
+_P = (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3, 1.3981999507e-3, 1.9875691500e-4)
 _CLAMP = 87.0
 
 # erf(x) / x = P(x^2) / Q(x^2) on |x| <= 4, coefficients from the lowest power up: fitted
@@ -95,10 +95,7 @@ def exp_of(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
     xc = tvm.tirx.max(tvm.tirx.min(x, splat(_CLAMP, k)), splat(-_CLAMP, k))
     n = tvm.tirx.floor(xc * splat(_LOG2E, k) + splat(0.5, k))
     r = xc - n * splat(_LN2_HI, k) - n * splat(_LN2_LO, k)
-    p = splat(_P[0], k)
-    for c in _P[1:]:
-        p = p * r + splat(c, k)
-    er = p * r * r + r + splat(1.0, k)
+    er = _horner(_P, r, k) * r * r + r + splat(1.0, k)
     two_n = tvm.tirx.reinterpret(_dtype("float32", k), (n.astype(_dtype("int32", k)) + splat(127, k, "int32"))
                                  << splat(23, k, "int32"))
     return tvm.tirx.Select(x > splat(_CLAMP, k), splat(float("inf"), k), er * two_n)
