@@ -16,6 +16,7 @@ from .algorithms.layout import transform_stage
 from .conv import Conv2DSpec, Epilogue, ConvSpecError, UnsupportedConvError
 from .cpu import cpu_of
 from .layout import layout_shape
+from .passes.stack_scratch import TIR_PIPELINE
 from .reference.layout import from_layout, to_layout
 from .reference.storage import Storage
 from .stages import apply_database, stage_func, stage_symbol
@@ -56,7 +57,7 @@ class CompiledStages:
         mod = stage_module(name, stages)
         if database is not None:
             mod = apply_database(mod, database, self.target)
-        self.executable = tvm.compile(mod, target=self.target)
+        self.executable = tvm.compile(mod, target=self.target, tir_pipeline=TIR_PIPELINE)
         self.session = session
         if session is None:
             self.lib, self.dev = self.executable.mod, tvm.cpu(0)
@@ -255,7 +256,7 @@ def _flat_copy(n: int, dtype: str, target: str):
                 if c * chunk + i < n:
                     dst[c * chunk + i] = src[c * chunk + i]
 
-    return tvm.compile(tvm.IRModule({"main": copy}), target=target)["main"]
+    return tvm.compile(tvm.IRModule({"main": copy}), target=target, tir_pipeline=TIR_PIPELINE)["main"]
 
 
 def _refresher(t: tvm.runtime.Tensor, target):

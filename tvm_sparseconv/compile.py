@@ -10,10 +10,12 @@ CLI all go through it:
             -> the MetaSchedule database, if given -> dlight's CPU rules and ours
             (schedule_rules.py) -> ParallelizeRest -> ResidualInPlace (a layer with a
             residual writes over it when nothing reads it after)
-    build:  lower -> tvm.compile (TVM's default Relax and TIR pipelines) -> an Executable
+    build:  lower -> tvm.compile (TVM's default Relax pipeline; the TIR pipeline
+            "tvm_sparseconv": TVM's default with passes/stack_scratch.py) -> an Executable
 
 The same flow is the Relax pipeline ``"tvm_sparseconv"`` (``pipeline``), so that a TVM user
-can write ``tvm.compile(mod, target, relax_pipeline=pipeline(plan))``.
+can write ``tvm.compile(mod, target, relax_pipeline=pipeline(plan), tir_pipeline="tvm_sparseconv")``
+(with TVM's default TIR pipeline the kernels compute the same, more slowly).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from .graph import find_conv_sites
 from .passes import RewriteConv2D, applied_layers, fast_math, layout_transforms, separable_resize
 from .passes.parallelize_rest import ParallelizeRest
 from .passes.residual_in_place import ResidualInPlace
+from .passes.stack_scratch import TIR_PIPELINE
 from .plan import Plan
 from .schedule_rules import ColumnGEMV, OneReduction, RowGEMV, RowReduction
 from .stages import apply_database, kernel_table, open_database
@@ -135,7 +138,8 @@ def build(model: Model, plan: Plan, target, database=None) -> Build:
     """lower, then tvm.compile: the Build of ``model`` with ``plan`` in this process."""
     target = make_target(target)
     mod, applied = lower(model, plan, target, database)
-    return Build(tvm.compile(mod, target=target), applied, kernel_table(mod), layout_transforms(mod))
+    return Build(tvm.compile(mod, target=target, tir_pipeline=TIR_PIPELINE), applied, kernel_table(mod),
+                 layout_transforms(mod))
 
 
 def _compile_to(model: Model, plan: dict, target: str, database, path: str,
@@ -149,7 +153,7 @@ def _compile_to(model: Model, plan: dict, target: str, database, path: str,
     kernels = kernel_table(mod)
     with open(path + ".kernels.json", "w") as f:
         json.dump(kernels, f)
-    export_library(tvm.compile(mod, target=target), path, target, cc)
+    export_library(tvm.compile(mod, target=target, tir_pipeline=TIR_PIPELINE), path, target, cc)
     return applied, kernels, layout_transforms(mod)
 
 
@@ -308,7 +312,9 @@ def pipeline(plan=None, algorithm: str | None = None, database=None) -> tvm.tran
     ``mod``'s ``main`` has its conv layers rewritten per ``plan`` (a Plan, plan file or dict made
     for this model), or with ``algorithm`` on every layer that supports it (default "dense";
     ``relax_pipeline="tvm_sparseconv"`` means that), the rest of the graph scheduled, then TVM's
-    default pipeline. The kernels are built for the target tvm.compile is given."""
+    default pipeline. The kernels are built for the target tvm.compile is given; pass
+    ``tir_pipeline="tvm_sparseconv"`` too (passes/stack_scratch.py), as ``compile`` does, for
+    their scratch buffers on the stack."""
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv")
     def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
