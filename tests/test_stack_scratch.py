@@ -23,20 +23,31 @@ def _workspace_sizes(executable) -> list[int]:
     return sorted(int(n) for n in _WORKSPACE_CALL.findall(executable.mod.inspect_source("ll")))
 
 
+_SPEC = Conv2DSpec(1, 32, 12, 12, 64, 3, 3, (1, 1), (1, 1, 1, 1))
+_WEIGHT = synthesize_weight(_SPEC)
+
+
+def _window_layer(layout: str) -> CompiledLayer:
+    knobs = {"kernel": "window", "block": 8, "m_tile": 32, "c_block": 0, "split": "row_outer", "pad": "inplace",
+             "layout_in": layout, "layout_out": layout}
+    return CompiledLayer("dense", _SPEC, _WEIGHT, knobs=knobs)
+
+
 def test_a_register_tile_stays_out_of_the_workspace():
     """The dense kernel's accumulators for 8 pixels x 32 channels (1 KB: LowerTVMBuiltin keeps
-    only "global" buffers under 1 KB on the stack) are on the stack in a CompiledLayer; with
-    TVM's default TIR pipeline the same module allocates them per task. The output matches
-    NumPy float64 either way."""
-    spec = Conv2DSpec(1, 32, 12, 12, 64, 3, 3, (1, 1), (1, 1, 1, 1))
-    x, w = synthesize_activation((1, 32, 12, 12), 0.6), synthesize_weight(spec)
-    layer = CompiledLayer("dense", spec, w, knobs={"kernel": "window", "block": 8, "m_tile": 32, "c_block": 0,
-                                                   "split": "row_outer", "pad": "inplace"})
-    np.testing.assert_allclose(layer(x), dense_conv2d(spec, x, w),
-                               rtol=1e-4, atol=1e-4)
-    assert [n for n in _workspace_sizes(layer.executable) if n <= STACK_BUFFER_BYTES] == []
-    default = tvm.compile(stage_module(layer.name, layer.stages), target=layer.target)
-    assert 8 * 32 * 4 in _workspace_sizes(default)
+    only "global" buffers under 1 KB on the stack) are on the stack in a CompiledLayer in
+    channel blocks; with TVM's default TIR pipeline the same module allocates them per task.
+    From NCHW the kernel has SCRATCH_IN_WORKSPACE: its accumulators stay in the workspace. The
+    outputs match NumPy float64."""
+    x = synthesize_activation((1, 32, 12, 12), 0.6)
+    layers = {layout: _window_layer(layout) for layout in ("nchw16c", "nchw")}
+    for layout, layer in layers.items():
+        np.testing.assert_allclose(layer(x), dense_conv2d(_SPEC, x, _WEIGHT), rtol=1e-4, atol=1e-4)
+        kept = [n for n in _workspace_sizes(layer.executable) if n <= STACK_BUFFER_BYTES]
+        assert kept == ([] if layout == "nchw16c" else [8 * 32 * 4]), layout
+    blocked = layers["nchw16c"]
+    default = tvm.compile(stage_module(blocked.name, blocked.stages), target=blocked.target)
+    assert _workspace_sizes(default) == [8 * 32 * 4]
 
 
 @T.prim_func

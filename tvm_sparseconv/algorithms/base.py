@@ -351,6 +351,12 @@ def is_read(spec: Conv2DSpec, axis: int, i):
     return tvm.tirx.any(*conds)
 
 
+# a kernel with this attribute keeps its scratch buffers where TVM puts them (a workspace
+# allocation per parallel task) instead of on the stack (passes/stack_scratch.py): set where
+# the stack measured slower
+SCRATCH_IN_WORKSPACE = "tvm_sparseconv.scratch_in_workspace"
+
+
 def prim(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """A hand-scheduled stage as every stage needs it: noalias, its body in a block.
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
+from ..algorithms.base import SCRATCH_IN_WORKSPACE
+
 TIR_PIPELINE = "tvm_sparseconv"
 STACK_BUFFER_BYTES = 16 * 1024
 STACK_FRAME_BYTES = 64 * 1024
@@ -77,6 +79,8 @@ def _walk(s: tirx.Stmt, budget: _Budget) -> tirx.Stmt:
 
 @tirx.transform.prim_func_pass(opt_level=0, name="tvm_sparseconv.StackScratch")
 def StackScratch(func: tirx.PrimFunc, mod, ctx) -> tirx.PrimFunc:
+    if func.attrs is not None and func.attrs.get(SCRATCH_IN_WORKSPACE, False):
+        return func
     budget = _Budget()
     body = _walk(func.body, budget)
     return func if budget.left == STACK_FRAME_BYTES else func.with_body(body)
