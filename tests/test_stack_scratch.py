@@ -6,9 +6,12 @@ import re
 
 import numpy as np
 import tvm
+from tvm import relax
 from tvm.script import tirx as T
 
+from test_residual import block_module
 from tvm_sparseconv.build import CompiledLayer, stage_module
+from tvm_sparseconv.compile import pipeline
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.layer import synthesize_activation, synthesize_weight
 from tvm_sparseconv.passes.stack_scratch import STACK_BUFFER_BYTES, STACK_FRAME_BYTES, TIR_PIPELINE
@@ -86,3 +89,16 @@ def test_the_caps_per_buffer_and_per_function():
     ex.mod["main"](tvm.runtime.tensor(x), y)
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(y.numpy(), np.roll(x64, -4, axis=1) + 15 * x64, rtol=1e-5, atol=1e-5)
+
+
+def test_a_relax_module_through_tvm_compile_with_either_tir_pipeline():
+    """A user's Relax module (a residual block) through ``tvm.compile(mod, target,
+    relax_pipeline=pipeline(...))``: with tir_pipeline "tvm_sparseconv" and with TVM's default,
+    the NumPy float64 reference's output."""
+    mod, reference = block_module(projection=True)
+    x = np.random.default_rng(2).standard_normal((1, 8, 9, 9)).astype("float32")
+    for tir_pipeline in (TIR_PIPELINE, "default"):
+        ex = tvm.compile(mod, target=make_target(None), relax_pipeline=pipeline(algorithm="dense"),
+                         tir_pipeline=tir_pipeline)
+        y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(y, reference(x), rtol=1e-4, atol=1e-4)
