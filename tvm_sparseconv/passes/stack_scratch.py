@@ -54,6 +54,8 @@ class _Budget:
         self.left = STACK_FRAME_BYTES
 
     def take(self, alloc: tirx.AllocBuffer) -> bool:
+        """Whether ``alloc`` goes on the stack (a constant size within both caps, not
+        annotated yet); if so, its bytes are charged to the function's frame."""
         n = _constant_bytes(alloc.buffer)
         if n is None or not 0 < n <= min(STACK_BUFFER_BYTES, self.left) or _KEY in alloc.annotations:
             return False
