@@ -54,7 +54,7 @@ def test_a_register_tile_stays_out_of_the_workspace():
 
 
 @T.prim_func
-def _five_buffers(x: T.Buffer((4, 4096), "float32"), y: T.Buffer((4, 4096), "float32")):
+def _six_live_buffers(x: T.Buffer((4, 4096), "float32"), y: T.Buffer((4, 4096), "float32")):
     """Per task, six buffers live at once (StorageRewrite merges none): one of 16 KB + 16
     bytes, five of 16 KB."""
     T.func_attr({"tirx.noalias": True})
@@ -82,7 +82,7 @@ def test_the_caps_per_buffer_and_per_function():
     four fit STACK_FRAME_BYTES and the fifth is allocated from the workspace. Each thread's
     buffers are its own: the sums are right."""
     assert STACK_BUFFER_BYTES == 16384 and STACK_FRAME_BYTES == 4 * 16384
-    ex = tvm.compile(tvm.IRModule({"main": _five_buffers}), target=make_target(None), tir_pipeline=TIR_PIPELINE)
+    ex = tvm.compile(tvm.IRModule({"main": _six_live_buffers}), target=make_target(None), tir_pipeline=TIR_PIPELINE)
     assert _workspace_sizes(ex) == [16384, 16400]
     x = np.random.default_rng(0).standard_normal((4, 4096)).astype("float32")
     y = tvm.runtime.tensor(np.zeros_like(x))
