@@ -67,7 +67,8 @@ def test_every_kernel_clips(algorithm):
 
 def test_a_leaky_slope_needs_relu_no_clip_and_a_fraction():
     assert Epilogue(relu=True, slope=0.1).slope == 0.1
-    for bad in (dict(slope=0.1), dict(relu=True, slope=0.0), dict(relu=True, slope=1.5), dict(relu=True, clip=6.0, slope=0.1)):
+    for bad in (dict(slope=0.1), dict(relu=True, slope=0.0), dict(relu=True, slope=1.5),
+                dict(relu=True, clip=6.0, slope=0.1)):
         with pytest.raises(ConvSpecError, match="slope"):
             Epilogue(**bad)
 
@@ -359,7 +360,8 @@ def test_leaky_relu_is_fused_into_the_kernels(tmp_path):
     path = str(tmp_path / "leaky.onnx")
     torch.onnx.export(LeakyBlock().eval(), (torch.zeros(SHAPE),), path, dynamo=False, opset_version=14,
                       input_names=["x"])
-    for sites in (load_model(path).sites, load_model(torch.export.export(LeakyBlock().eval(), (torch.zeros(SHAPE),))).sites):
+    exported = torch.export.export(LeakyBlock().eval(), (torch.zeros(SHAPE),))
+    for sites in (load_model(path).sites, load_model(exported).sites):
         assert [(s.relu, s.slope) for s in sites] == [(True, pytest.approx(0.1)), (False, None), (False, None)]
         assert sites[1].residual_add is not None and sites[1].residual_add.slope == pytest.approx(0.2)
     y, want, ops, applied = _run_model(path, None, ["pixcsr", "dense", "dense"])

@@ -148,7 +148,8 @@ def test_every_layout_pair(name, lin, lout):
                                       dict(bias=True, relu=False, residual=True, gate="hard_sigmoid"),
                                       dict(bias=True, relu=False, residual=True, gate="sigmoid"),
                                       dict(bias=True, relu=True, clip=None, residual=True, slope=0.1)],
-                         ids=["none", "bias", "bias-relu", "residual-no-activation", "hard-swish", "silu", "leaky-relu"])
+                         ids=["none", "bias", "bias-relu", "residual-no-activation", "hard-swish", "silu",
+                              "leaky-relu"])
 def test_each_epilogue_blocked(epilogue):
     spec, knobs = LAYERS["window-3x3-batch8"]
     check_layer(spec, {**knobs, "layout_in": BLOCKED, "layout_out": BLOCKED}, densities=(0.5,), **epilogue)

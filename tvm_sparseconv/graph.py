@@ -91,7 +91,8 @@ class ConvSite:
     def describe(self) -> dict:
         s = self.spec
         return {"key": self.key, "spec": s.to_dict(), "bias": self.bias is not None, "relu": self.relu,
-                "clip": self.clip, "gate": self.gate, "slope": self.slope, "residual_add": self.residual_add is not None,
+                "clip": self.clip, "gate": self.gate, "slope": self.slope,
+                "residual_add": self.residual_add is not None,
                 "data_layout": self.data_layout, "why_dense": self.why_dense, "input_relu": self.input_relu}
 
 

@@ -33,9 +33,9 @@ def dense_conv2d(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarra
 
     x: N x C x H x W, w: M x C/G x Kh x Kw, bias: M, residual: N x M x Oh x Ow. The epilogue is
     conv.Epilogue's, in its order (docs/algorithms.md 12): + bias, + residual, max(., 0) with
-    ``relu`` (y * slope below 0 with ``slope``), min(., clip), or y * gate_of(y) with ``gate``. NaN and Inf propagate as in any
-    dense convolution (0 * Inf = NaN where a padded or zero input meets an Inf weight), and NaN
-    passes the bounds.
+    ``relu`` (y * slope below 0 with ``slope``), min(., clip), or y * gate_of(y) with ``gate``.
+    NaN and Inf propagate as in any dense convolution (0 * Inf = NaN where a padded or zero
+    input meets an Inf weight), and NaN passes the bounds.
     """
     assert x.shape == spec.x_shape and w.shape == spec.w_shape, (x.shape, w.shape, spec)
     xp = pad_input(spec, x.astype(np.float64))
@@ -58,7 +58,8 @@ def dense_conv2d(spec: Conv2DSpec, x: np.ndarray, w: np.ndarray, bias: np.ndarra
             assert residual.shape == y.shape, (residual.shape, y.shape)
             y += residual.astype(np.float64)
         if relu:
-            y = np.where(y < 0, 0.0 if slope is None else y * slope, y)  # NaN stays NaN, as select(v < 0, 0, v) in the kernels
+            # NaN stays NaN, as select(v < 0, 0, v) in the kernels
+            y = np.where(y < 0, 0.0 if slope is None else y * slope, y)
         if clip is not None:
             y = np.where(y > clip, float(clip), y)
         if gate is not None:
