@@ -510,14 +510,18 @@ def test_predicted_layouts_follow_the_predictions_and_the_plan_runs(mixed, monke
     plan = model_plan(m, cost, AVX2_TARGET)
     _assert_valid(plan, m, AVX2_TARGET)
     moved = [l for l in plan.layers if "nchw_knobs" in l.note]
-    if blocked_speed > 1:
-        assert not moved and plan.model["layouts"].startswith("nchw (channel blocks predicted")
-        return
     dense = [l for l in plan.layers if l.algorithm == "dense"]
     # dense layers, and a grouped one whose groups are whole vectors (32 channels in 2 groups:
     # 16 outputs a group, two AVX2 vectors)
     takers = [l for l in plan.layers if l in dense or (l.algorithm == "grouped" and blocks_layouts(
         Conv2DSpec.from_dict(l.spec), cpu_of(AVX2_TARGET).lanes))]
+    offered = [l for l in plan.layers if "blocks_knobs" in l.note]  # for refine's "all blocks" build
+    if blocked_speed > 1:
+        assert not moved and plan.model["layouts"].startswith("nchw (channel blocks predicted")
+        assert offered == takers and all(get_algorithm(l.algorithm).layouts(
+            Conv2DSpec.from_dict(l.spec), l.note["blocks_knobs"]) == ("nchw8c", "nchw8c") for l in offered)
+        return
+    assert not offered
     assert dense and moved == takers and plan.model["layouts"].startswith(f"{len(takers)} of {len(takers)} layers")
     assert all(l.knobs["layout_in"] == "nchw8c" or l.knobs["layout_out"] == "nchw8c" for l in moved)
     x = np.maximum(np.random.default_rng(3).standard_normal((1, 8, 16, 16)), 0).astype(np.float32)

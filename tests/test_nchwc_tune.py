@@ -16,7 +16,7 @@ from tvm_sparseconv.cpu import cpu_of
 from tvm_sparseconv.layout import NCHW, lanes_layout
 from tvm_sparseconv.passes import LayerChoice, LayoutGraph, layout_transforms
 from tvm_sparseconv.plan import Plan
-from tvm_sparseconv.tune.layouts import TRANSFORM, assign, fastest_per_pair, pair_candidates, pairs
+from tvm_sparseconv.tune.layouts import TRANSFORM, assign, blocks_knobs, fastest_per_pair, pair_candidates, pairs
 from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
 
 from conftest import HOST
@@ -105,6 +105,18 @@ def test_fastest_per_pair_lets_a_sparse_layer_go_dense_only_in_blocks():
         {pair: (ms, "dense", k) for pair, (ms, k) in dense.items()}
 
 
+def test_blocks_knobs_are_the_layers_own_algorithm_in_blocks_on_both_sides():
+    """What refine's "all blocks" build takes for a layer left in NCHW: its own algorithm's knobs
+    in the pair with blocks on both sides, not a pair with NCHW on one side (faster or not), not
+    another algorithm's."""
+    b = BLOCKED
+    per_pair = {(NCHW, NCHW): (1.0, "dense", {"a": 0}), (NCHW, b): (0.5, "dense", {"a": 1}),
+                (b, NCHW): (0.6, "dense", {"a": 3}), (b, b): (0.9, "dense", {"a": 2})}
+    assert blocks_knobs("dense", per_pair) == {"a": 2}
+    assert blocks_knobs("pixcsr", {(NCHW, NCHW): (1.0, "pixcsr", {}), (b, b): (0.9, "dense", {"a": 2})}) is None
+    assert blocks_knobs("dense", {pair: per_pair[pair] for pair in [(NCHW, NCHW), (NCHW, b)]}) is None
+
+
 @pytest.mark.slow
 def test_layouts_phase_offers_dense_blocks_to_sparse_layers(block_model, tmp_path):
     """A tune with a sparse algorithm that the selection prefers (margin -10: sparse unless 11x
@@ -188,4 +200,28 @@ def test_refine_checks_the_layouts_end_to_end(block_model):
     back = apply_report(plan, {**report, "chosen": NCHW_BUILD, "splits": {}})
     assert set(back.layouts().values()) == {(NCHW, NCHW)}
     out = build(m, refined, None).vm()["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose((out if hasattr(out, "numpy") else out[0]).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_refine_checks_blocks_for_the_layers_left_in_nchw(block_model):
+    """A plan in NCHW whose layers could take blocks (their blocked knobs in the note, as the
+    layouts phase leaves them): refine builds it in blocks too ("all blocks") and times it end
+    to end; the plan it returns is the chosen build's, in_nchw undoes in_blocks, and the
+    blocked plan matches onnxruntime."""
+    from tvm_sparseconv.tune.refine import BLOCKS_BUILD, apply_report, in_nchw, refine_plan
+
+    m, x, ref = block_model
+    plan = Plan.uniform(m.sites, "dense")
+    for l in plan.layers:
+        l.note = {"blocks_knobs": {"layout_in": BLOCKED, "layout_out": BLOCKED}}
+    refined, report = refine_plan(m, plan, x, None, rounds=1, runs=2)
+    assert BLOCKS_BUILD in {b["name"] for b in report["builds"]}
+    want = {(BLOCKED, BLOCKED)} if report["chosen"] == BLOCKS_BUILD else {(NCHW, NCHW)}
+    assert set(refined.layouts().values()) == want
+    there = apply_report(plan, {**report, "chosen": BLOCKS_BUILD, "splits": {}})
+    assert set(there.layouts().values()) == {(BLOCKED, BLOCKED)}
+    assert not any("blocks_knobs" in l.note for l in there.layers)
+    assert set(in_nchw(there).layouts().values()) == {(NCHW, NCHW)}
+    out = build(m, there, None).vm()["main"](tvm.runtime.tensor(x))
     np.testing.assert_allclose((out if hasattr(out, "numpy") else out[0]).numpy(), ref, rtol=1e-4, atol=1e-5)

@@ -110,6 +110,16 @@ def fastest_per_pair(algorithm: str, knobs: Mapping, nchw_ms: float | None,
     return out
 
 
+def blocks_knobs(algorithm: str, per_pair: Mapping[tuple[str, str], tuple[float, str, dict]]) -> dict | None:
+    """The knobs of ``algorithm`` in the fastest of its pairs with blocks on both sides in
+    ``per_pair`` (fastest_per_pair's {pair: (ms, algorithm, knobs)}), None if it has none: what
+    a layer the assignment leaves in NCHW is built with in refine's "all blocks" build. Times
+    alone miss what blocks save inside a model (VGG-16 on the Emerald Rapids: every 3x3 layer
+    in blocks 5-16 % faster there, the same layers alone equal), so refine checks that too."""
+    both = [(ms, k) for (i, o), (ms, a, k) in per_pair.items() if a == algorithm and NCHW not in (i, o)]
+    return dict(min(both, key=lambda t: t[0])[1]) if both else None
+
+
 def takes_blocks(cands: Mapping[tuple[str, str], list]) -> bool:
     """pair_candidates found a candidate with channel blocks on some side."""
     return any(c for pair, c in cands.items() if pair != (NCHW, NCHW))
