@@ -195,6 +195,53 @@ def test_a_concat_of_whole_blocks_stays_in_blocks(tmp_path):
     np.testing.assert_allclose(run(build(m, plan, None), x), ref, rtol=1e-4, atol=1e-5)
 
 
+def upsample_onnx(path, mode: str):
+    """x (1, 4, 10, 10) -> conv 3x3 -> 16 + LeakyRelu (y) -> conv 3x3 / 2 -> 16 -> conv 1x1 -> 16
+    -> Resize x2 (``mode``: "nearest", as YOLO's upsample, or "linear") concatenated with y (32
+    channels) -> conv 3x3 -> 8: a YOLO / FPN neck."""
+    rng = np.random.default_rng(7)
+    shapes = {"w1": (16, 4, 3, 3), "w2": (16, 16, 3, 3), "w3": (16, 16, 1, 1), "w4": (8, 32, 3, 3)}
+    init = [numpy_helper.from_array((0.4 * rng.standard_normal(s)).astype("float32"), n) for n, s in shapes.items()]
+    init.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("LeakyRelu", ["c1"], ["y1"], alpha=0.1),
+             helper.make_node("Conv", ["y1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4, strides=[2, 2]),
+             helper.make_node("Conv", ["c2", "w3"], ["c3"], kernel_shape=[1, 1]),
+             helper.make_node("Resize", ["c3", "", "scales"], ["u"], mode=mode,
+                              coordinate_transformation_mode="asymmetric" if mode == "nearest" else "half_pixel",
+                              nearest_mode="floor"),
+             helper.make_node("Concat", ["u", "y1"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "w4"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)]
+    return save_onnx(path, "upsample", nodes, [1, 4, 10, 10], [1, 8, 10, 10], init)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_a_nearest_upsample_stays_in_blocks(tmp_path, mode):
+    """With every layer in blocks, a nearest-neighbour resize runs on blocks (a block's lanes
+    move together), and so does the concat after it: the only transforms are the model's
+    input and output. A bilinear one reads NCHW (passes/separable_resize.py computes it there),
+    so transforms stand around it. LayoutGraph counts what the rewrite inserts; the output,
+    NaN and negatives included, is onnxruntime's."""
+    path = upsample_onnx(tmp_path / "up.onnx", mode)
+    m = load_model(path)
+    layouts = {s.key: (BLOCKED, BLOCKED) for s in m.sites}
+    plan = plan_with(m, layouts)
+    mod, _ = lower(m, plan, None)
+    moves = [t for _, _, t in layout_transforms(mod)]
+    graph = LayoutGraph(m.mod["main"], plan.choices(m.sites), m.sites)
+    assert [f"{a}->{b}" for _, a, b in graph.transforms(layouts)] == moves
+    if mode == "nearest":
+        assert moves == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"]
+    else:
+        assert len(moves) > 2
+    x = np.random.default_rng(8).standard_normal((1, 4, 10, 10)).astype(np.float32)
+    x[0, 2, 3, 3] = np.nan
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y = run(build(m, plan, None), x)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
 def dense_block_onnx(path):
     """x (1, 4, 28, 28) -> conv 3x3 -> 64 + ReLU -> a DenseNet layer (BatchNormalization, ReLU,
     conv 1x1 -> 32, ReLU, conv 3x3 -> 64) concatenated with its input (128 channels) ->

@@ -35,6 +35,10 @@ _MEAN = tvm.ir.Op.get("relax.mean")
 # concat along the channels (a SqueezeNet fire module's, a DenseNet block's): in blocks, along
 # the block axis, when every operand fills whole blocks (_blocked_layout)
 _CONCAT = tvm.ir.Op.get("relax.concat")
+# nearest-neighbour resize of NCHW data (a YOLO or FPN upsample before a concat): in blocks, a
+# block's lanes move together. A bilinear one stays in NCHW, where passes/separable_resize.py
+# computes it in two passes (TVM's legalization in blocks recomputes the weights per element)
+_RESIZE = tvm.ir.Op.get("relax.image.resize2d")
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,13 @@ class _Rewriter(relax.PyExprMutator):
         tvm_layout = f"NCHW{channel_block(layout)}c"
         if call.op == _CONCAT:
             y = self._blocked_concat([self.blocked[a][layout] for a in operands])
+        elif call.op == _RESIZE:
+            a = call.attrs
+            y = relax.op.image.resize2d(
+                self.blocked[operands[0]][layout], call.args[1], roi=[float(v) for v in a.roi], layout=tvm_layout,
+                method=str(a.method), coordinate_transformation_mode=str(a.coordinate_transformation_mode),
+                rounding_method=str(a.rounding_method), cubic_alpha=float(a.cubic_alpha),
+                cubic_exclude=int(a.cubic_exclude), extrapolation_value=float(a.extrapolation_value))
         elif call.op == _MEAN:
             y = relax.op.nn.adaptive_avg_pool2d(self.blocked[operands[0]][layout], (1, 1), layout=tvm_layout,
                                                 out_layout=tvm_layout)
@@ -207,10 +218,11 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
     _ELEMENTWISE op whose operands are scalars, vars of its 4-D float32 output's shape, or
     per-channel vars (N x C x 1 x 1, an SE block's scales: broadcast alike in blocks) and
     per-channel constants (_channel_constant: a batch norm's scale and shift); a _POOLS
-    op of NCHW data; a _MEAN over H and W that keeps them; or a _CONCAT of 4-D vars along the
-    channels. None of them the NHWC output of a layer (``nhwc``). None for any other binding."""
+    op of NCHW data; a _MEAN over H and W that keeps them; a _CONCAT of 4-D vars along the
+    channels; or a nearest-neighbour _RESIZE of NCHW float32 data. None of them the NHWC output
+    of a layer (``nhwc``). None for any other binding."""
     op = value.op if isinstance(value, relax.Call) else None
-    if op not in _ELEMENTWISE and op not in _POOLS and op not in (_MEAN, _CONCAT):
+    if op not in _ELEMENTWISE and op not in _POOLS and op not in (_MEAN, _CONCAT, _RESIZE):
         return None
     ty = var.ty
     if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None or ty.ndim != 4:
@@ -218,6 +230,10 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
     if value.op in _POOLS:
         a = value.attrs
         operands = [value.args[0]] if str(a.layout) == "NCHW" and str(a.out_layout or "NCHW") == "NCHW" else None
+    elif value.op == _RESIZE:
+        a = value.attrs
+        operands = [value.args[0]] if str(a.layout) == "NCHW" and str(a.method) == "nearest_neighbor" and str(
+            a.out_dtype or "float32") in ("float32", "") else None
     elif value.op == _MEAN:
         a = value.attrs
         axes = sorted(int(v) % 4 for v in a.axis) if a.axis is not None else None
