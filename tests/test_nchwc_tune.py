@@ -16,7 +16,8 @@ from tvm_sparseconv.cpu import cpu_of
 from tvm_sparseconv.layout import NCHW, lanes_layout
 from tvm_sparseconv.passes import LayerChoice, LayoutGraph, layout_transforms
 from tvm_sparseconv.plan import Plan
-from tvm_sparseconv.tune.layouts import TRANSFORM, assign, blocks_knobs, fastest_per_pair, pair_candidates, pairs
+from tvm_sparseconv.tune.layouts import (TRANSFORM, assign, blocked_notes, blocks_knobs, fastest_per_pair,
+                                         pair_candidates, pairs)
 from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
 
 from conftest import HOST
@@ -115,6 +116,29 @@ def test_blocks_knobs_are_the_layers_own_algorithm_in_blocks_on_both_sides():
     assert blocks_knobs("dense", per_pair) == {"a": 2}
     assert blocks_knobs("pixcsr", {(NCHW, NCHW): (1.0, "pixcsr", {}), (b, b): (0.9, "dense", {"a": 2})}) is None
     assert blocks_knobs("dense", {pair: per_pair[pair] for pair in [(NCHW, NCHW), (NCHW, b)]}) is None
+
+
+def test_a_sparse_layer_left_in_nchw_is_offered_dense_in_blocks(block_model):
+    """blocked_notes: a dense layer left in NCHW keeps its knobs in blocks for "all blocks"; a
+    sparse one keeps dense's in blocks, which refine's "sparse layers dense" build takes (its
+    NCHW dense knobs only without them)."""
+    from tvm_sparseconv.tune.refine import with_dense
+
+    b = BLOCKED
+    assert blocked_notes("dense", {(NCHW, NCHW): (1.0, "dense", {}), (b, b): (0.9, "dense", {"a": 2})}) == \
+        {"blocks_knobs": {"a": 2}}
+    notes = blocked_notes("pixcsr", {(NCHW, NCHW): (1.0, "pixcsr", {"rows": 2}), (b, b): (0.9, "dense", {"a": 2})})
+    assert notes == {"dense_blocks_knobs": {"a": 2}}
+    assert blocked_notes("pixcsr", {(NCHW, NCHW): (1.0, "pixcsr", {"rows": 2})}) == {}
+    m, _, _ = block_model
+    plan = Plan.uniform(m.sites, "pixcsr")
+    first, second = plan.layers[0].key, plan.layers[1].key
+    plan.layers[0].note = {"dense_knobs": {"kernel": "window"}, **notes}
+    plan.layers[1].note = {"dense_knobs": {"kernel": "window"}}
+    got = {l.key: l for l in with_dense(plan, [first, second]).layers}
+    assert got[first].algorithm == got[second].algorithm == "dense"
+    assert got[first].knobs == {"a": 2} and got[second].knobs == {"kernel": "window"}
+    assert got[first].note["sparse"]["algorithm"] == plan.layers[0].algorithm
 
 
 @pytest.mark.slow

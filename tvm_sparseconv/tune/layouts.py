@@ -120,6 +120,18 @@ def blocks_knobs(algorithm: str, per_pair: Mapping[tuple[str, str], tuple[float,
     return dict(min(both, key=lambda t: t[0])[1]) if both else None
 
 
+def blocked_notes(algorithm: str, per_pair: Mapping[tuple[str, str], tuple[float, str, dict]]) -> dict:
+    """What a layer on ``algorithm`` that the assignment leaves in NCHW keeps in its note for
+    refine's builds in blocks: "blocks_knobs" (its own algorithm in blocks: the "all blocks"
+    build) and, for a sparse layer, "dense_blocks_knobs" (dense in blocks: the "sparse layers
+    dense" build takes them there, where no transform surrounds them; ResNet-50-half's three
+    hybrid layers on the Emerald Rapids cost 1.2x the all-dense build in blocks end to end)."""
+    notes = {"blocks_knobs": blocks_knobs(algorithm, per_pair)}
+    if get_algorithm(algorithm).sparse:
+        notes["dense_blocks_knobs"] = blocks_knobs("dense", per_pair)
+    return {k: v for k, v in notes.items() if v is not None}
+
+
 def takes_blocks(cands: Mapping[tuple[str, str], list]) -> bool:
     """pair_candidates found a candidate with channel blocks on some side."""
     return any(c for pair, c in cands.items() if pair != (NCHW, NCHW))

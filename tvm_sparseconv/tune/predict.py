@@ -27,7 +27,7 @@ from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
-from .layouts import assign, blocks_knobs, fastest_per_pair, layout_options, nchw_cost
+from .layouts import assign, blocked_notes, fastest_per_pair, layout_options, nchw_cost
 from .space import KNOB_TRIALS, MARGIN, candidates, choose, dense_alternative, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
@@ -192,8 +192,8 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     CostModel.transform_ms, and layouts.assign chooses for the whole model. ``layers`` are
     changed in place (a blocked
     layer's NCHW knobs kept in its note, as the tuner keeps them) when the assignment is
-    predicted faster than all NCHW by MARGIN (a layer left in NCHW that its algorithm could hold
-    in blocks keeps those knobs in its note, "blocks_knobs", for refine's "all blocks" build);
+    predicted faster than all NCHW by MARGIN (a layer left in NCHW keeps its knobs in blocks in
+    its note for refine's builds in blocks: layouts.blocked_notes);
     without ``change_algorithm`` (a forced algorithm),
     a layer keeps its algorithm (no dense in blocks for a sparse one). Returns what was done, for
     the plan's info."""
@@ -229,9 +229,9 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     blocked = [k for k, pair in chosen.items() if pair != (NCHW, NCHW)]
     if not total < (1 - MARGIN) * nchw:
         blocked = []
-    for l in layers:  # refine's "all blocks" build puts those left in NCHW in blocks (refine.in_blocks)
-        if l.key in pick and l.key not in blocked and (alt := blocks_knobs(l.algorithm, pick[l.key])) is not None:
-            l.note = {**l.note, "blocks_knobs": alt}
+    for l in layers:  # refine builds those left in NCHW in blocks too (refine.in_blocks, refine.with_dense)
+        if l.key in pick and l.key not in blocked:
+            l.note = {**l.note, **blocked_notes(l.algorithm, pick[l.key])}
     if not blocked:
         return f"nchw (channel blocks predicted {total:.3f} ms against {nchw:.3f} ms)"
     for l in layers:

@@ -9,8 +9,9 @@ splits, so it is chosen with all of them compiled together:
 
 1. the model compiled once per split in ``dense.DENSE_SPLITS``, every dense-kernel layer on it,
    and the plan itself; when the plan has sparse layers, also with each of them on the dense
-   kernel ("sparse layers dense": in NCHW, on the dense knobs measured fastest alone, its
-   note's "dense_knobs"), since a sparse kernel slows down more inside the model than a dense
+   kernel ("sparse layers dense": in channel blocks where the layouts phase timed dense so, its
+   note's "dense_blocks_knobs", else in NCHW on the dense knobs measured fastest alone, its
+   "dense_knobs"), since a sparse kernel slows down more inside the model than a dense
    one (ResNet-50-half's pixcsr layers on the Zen 3: a median 1.3-1.8x their time alone, the
    dense layers 1.13-1.22x). These builds compile side by side, one per core
    (compile.build_many);
@@ -105,13 +106,15 @@ def with_splits(plan: Plan, splits: dict[str, str]) -> Plan:
 
 
 def with_dense(plan: Plan, keys) -> Plan:
-    """A copy of ``plan`` with the sparse layers ``keys`` on the dense kernel in NCHW, on their
-    note's "dense_knobs" (their sparse choice kept in the note as "sparse")."""
+    """A copy of ``plan`` with the sparse layers ``keys`` on the dense kernel: in channel blocks
+    on their note's "dense_blocks_knobs" when the layouts phase timed them so (no transform
+    around them then), else in NCHW on its "dense_knobs" (their sparse choice kept in the note
+    as "sparse")."""
     p = copy.deepcopy(plan)
     for l in p.layers:
         if l.key in keys:
             l.note = {**l.note, "sparse": {"algorithm": l.algorithm, "knobs": l.knobs}}
-            l.algorithm, l.knobs = "dense", dict(l.note["dense_knobs"])
+            l.algorithm, l.knobs = "dense", dict(l.note.get("dense_blocks_knobs") or l.note["dense_knobs"])
     return p
 
 
@@ -154,6 +157,7 @@ def apply_report(plan: Plan, report: dict) -> Plan:
     note."""
     chosen = {"splits": report["splits"], "dense": report.get("dense", [])}
     out = variant(LAYOUT_BUILDS.get(report["chosen"], lambda p: p)(plan), chosen)
+    out.model = {**out.model, "refined": report["chosen"]}  # the build refine kept, end to end
     layer = next((b["layer_ms"] for b in report["builds"] if b["name"] == report["chosen"]), {})
     for l in out.layers:
         if (l.key in chosen["splits"] or l.key in chosen["dense"]) and l.key in layer:
@@ -273,7 +277,8 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
                "why": "no layer on the dense kernel, and no sparse layer with dense knobs"}
     applied = {l.key: l.algorithm for l in plan.layers}  # what the plan asks for, before any build
     requested = dense_splits(model, plan, applied, target)
-    sparse = [l.key for l in plan.layers if get_algorithm(l.algorithm).sparse and "dense_knobs" in l.note]
+    sparse = [l.key for l in plan.layers if get_algorithm(l.algorithm).sparse
+              and ("dense_knobs" in l.note or "dense_blocks_knobs" in l.note)]
     if not requested and not sparse:  # nothing to compile for
         return plan, saved.finish(nothing)
     xt = tvm.runtime.tensor(x)

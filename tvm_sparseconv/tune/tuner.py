@@ -57,7 +57,7 @@ from ..profile import channel_stats, profile
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
-from .layouts import TRANSFORM, assign, blocks_knobs, fastest_per_pair, finite, layout_options, nchw_cost
+from .layouts import TRANSFORM, assign, blocked_notes, fastest_per_pair, finite, layout_options, nchw_cost
 from .log import TuningLog, write_atomically
 from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, dense_alternative, in_nchw, supports
 from .workloads import Workload, extract_workloads
@@ -479,8 +479,8 @@ class Tuner:
                     l.note["nchw_knobs"] = l.knobs
                     if algorithm != l.algorithm:
                         l.note["nchw_algorithm"] = l.algorithm
-                elif (alt := blocks_knobs(l.algorithm, pick[l.key])) is not None:  # and in blocks (refine.in_blocks)
-                    l.note["blocks_knobs"] = alt
+                else:  # refine builds it in blocks too (refine.in_blocks, refine.with_dense)
+                    l.note.update(blocked_notes(l.algorithm, pick[l.key]))
                 l.algorithm, l.knobs = algorithm, knobs
         moves = graph.transforms(chosen)
         to_dense = sum(1 for l in out.layers if "nchw_algorithm" in l.note)
