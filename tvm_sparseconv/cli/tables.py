@@ -190,12 +190,13 @@ def forced_line(asked: str, plan) -> str:
 
 def predicted_line(model: str, key: str, plan) -> str:
     """The one line a command says when it takes a predicted plan (tune/predict.py): what it is
-    and how to tune for more."""
+    and how to refine or tune it for more."""
     how = plan.model.get("plan")
     what = "predicted by the cost model" if how == "predicted" else \
         f"of the fixed rule ({plan.model.get('why') or 'no cost model'})"
     return (f"no plan shipped for {model} on {key}: using a plan {what} ({_layer_counts(plan)}; "
-            f"densities: {plan.model.get('densities')}); for a faster one, tune it: "
+            f"densities: {plan.model.get('densities')}); for a faster one, check its splits and layouts "
+            f"in the model (minutes): tvm-sparseconv refine {model} --images ... -o plan.json, or tune it: "
             f"tvm-sparseconv tune {model} --images ... (then --plan RUN/plan.json)")
 
 
