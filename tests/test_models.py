@@ -170,6 +170,22 @@ def test_mixed_plan_exported_library_runs_in_a_fresh_process(model, tmp_path):
     np.testing.assert_array_equal(run_exported_in_a_fresh_process(ex, xs[1], tmp_path), y)
 
 
+def test_shipped_plans_fit_and_this_cpus_matches_onnxruntime(model):
+    """Every plan shipped for the model (for any CPU) fits its layers; the one shipped for this
+    machine's target key, which compile and bench take with no --plan, compiles here and gives
+    onnxruntime's output on a real photo (the CPUs without one check the fit only)."""
+    from tvm_sparseconv.shipped import shipped_plan
+
+    name, m, xs, refs = model
+    paths = sorted(SHIPPED.glob(f"*/{name}/plan.json"))
+    assert paths
+    for path in paths:
+        Plan.load(str(path)).choices(m.sites)
+    found = shipped_plan(name, None)
+    if found is not None:
+        assert_matches_onnxruntime(run(tvms_compile(m, plan=found[0]), xs[1]), refs[1])
+
+
 def run_exported_in_a_fresh_process(ex, x, tmp_path) -> np.ndarray:
     """The output of ``ex`` exported and run on ``x`` by a fresh Python that imports only tvm."""
     lib = tmp_path / "model.so"
