@@ -206,46 +206,29 @@ def test_tuner_chooses_layouts_that_compile_and_match_onnxruntime(block_model, t
 
 
 @pytest.mark.slow
-def test_refine_checks_the_layouts_end_to_end(block_model):
-    """A plan whose layers the layouts phase put in blocks (their NCHW knobs in the note): refine
-    builds it back in NCHW too and times it end to end with the split variants; the plan it
-    returns is the chosen build's, blocked or NCHW."""
-    from tvm_sparseconv.tune.refine import NCHW_BUILD, apply_report, refine_plan
+@pytest.mark.parametrize("start", ["blocks", "nchw"])
+def test_refine_checks_the_layouts_end_to_end(block_model, start):
+    """A plan whose layers the layouts phase put in blocks (their NCHW knobs in the note), or
+    left in NCHW though they could take blocks (their blocked knobs in the note): refine builds
+    it in the other layouts too ("all nchw", "all blocks") and times it end to end with the
+    split variants; the plan it returns is the chosen build's, in_nchw undoes either, and the
+    plan in the other layouts matches onnxruntime."""
+    from tvm_sparseconv.tune.refine import BLOCKS_BUILD, NCHW_BUILD, apply_report, in_nchw, refine_plan
 
     m, x, ref = block_model
+    blocks, nchw = {(BLOCKED, BLOCKED)}, {(NCHW, NCHW)}
+    knobs = {"layout_in": BLOCKED, "layout_out": BLOCKED}
     plan = Plan.uniform(m.sites, "dense")
     for l in plan.layers:
-        l.note = {"nchw_knobs": {}}
-        l.knobs = {"layout_in": BLOCKED, "layout_out": BLOCKED}
+        l.note, l.knobs = ({"nchw_knobs": {}}, knobs) if start == "blocks" else ({"blocks_knobs": knobs}, {})
+    other, own = (NCHW_BUILD, blocks) if start == "blocks" else (BLOCKS_BUILD, nchw)
+    others = nchw if start == "blocks" else blocks
     refined, report = refine_plan(m, plan, x, None, rounds=1, runs=2)
-    assert NCHW_BUILD in {b["name"] for b in report["builds"]}
-    want = {(NCHW, NCHW)} if report["chosen"] == NCHW_BUILD else {(BLOCKED, BLOCKED)}
-    assert set(refined.layouts().values()) == want
-    back = apply_report(plan, {**report, "chosen": NCHW_BUILD, "splits": {}})
-    assert set(back.layouts().values()) == {(NCHW, NCHW)}
-    out = build(m, refined, None).vm()["main"](tvm.runtime.tensor(x))
-    np.testing.assert_allclose((out if hasattr(out, "numpy") else out[0]).numpy(), ref, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_refine_checks_blocks_for_the_layers_left_in_nchw(block_model):
-    """A plan in NCHW whose layers could take blocks (their blocked knobs in the note, as the
-    layouts phase leaves them): refine builds it in blocks too ("all blocks") and times it end
-    to end; the plan it returns is the chosen build's, in_nchw undoes in_blocks, and the
-    blocked plan matches onnxruntime."""
-    from tvm_sparseconv.tune.refine import BLOCKS_BUILD, apply_report, in_nchw, refine_plan
-
-    m, x, ref = block_model
-    plan = Plan.uniform(m.sites, "dense")
-    for l in plan.layers:
-        l.note = {"blocks_knobs": {"layout_in": BLOCKED, "layout_out": BLOCKED}}
-    refined, report = refine_plan(m, plan, x, None, rounds=1, runs=2)
-    assert BLOCKS_BUILD in {b["name"] for b in report["builds"]}
-    want = {(BLOCKED, BLOCKED)} if report["chosen"] == BLOCKS_BUILD else {(NCHW, NCHW)}
-    assert set(refined.layouts().values()) == want
-    there = apply_report(plan, {**report, "chosen": BLOCKS_BUILD, "splits": {}})
-    assert set(there.layouts().values()) == {(BLOCKED, BLOCKED)}
-    assert not any("blocks_knobs" in l.note for l in there.layers)
-    assert set(in_nchw(there).layouts().values()) == {(NCHW, NCHW)}
-    out = build(m, there, None).vm()["main"](tvm.runtime.tensor(x))
+    assert other in {b["name"] for b in report["builds"]}
+    assert set(refined.layouts().values()) == (others if report["chosen"] == other else own)
+    moved = apply_report(plan, {**report, "chosen": other, "splits": {}})
+    assert set(moved.layouts().values()) == others
+    assert not any("blocks_knobs" in l.note for l in moved.layers)
+    assert set(in_nchw(moved).layouts().values()) == nchw
+    out = build(m, moved, None).vm()["main"](tvm.runtime.tensor(x))
     np.testing.assert_allclose((out if hasattr(out, "numpy") else out[0]).numpy(), ref, rtol=1e-4, atol=1e-5)
