@@ -124,8 +124,8 @@ def blocked_notes(algorithm: str, per_pair: Mapping[tuple[str, str], tuple[float
     """What a layer on ``algorithm`` that the assignment leaves in NCHW keeps in its note for
     refine's builds in blocks: "blocks_knobs" (its own algorithm in blocks: the "all blocks"
     build) and, for a sparse layer, "dense_blocks_knobs" (dense in blocks: the "sparse layers
-    dense" build takes them there, where no transform surrounds them; ResNet-50-half's three
-    hybrid layers on the Emerald Rapids cost 1.2x the all-dense build in blocks end to end)."""
+    dense" build takes them there, where no transform surrounds them between blocked
+    neighbours)."""
     notes = {"blocks_knobs": blocks_knobs(algorithm, per_pair)}
     if get_algorithm(algorithm).sparse:
         notes["dense_blocks_knobs"] = blocks_knobs("dense", per_pair)
