@@ -216,7 +216,7 @@ def upsample_onnx(path, mode: str):
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
-def test_a_nearest_upsample_stays_in_blocks(tmp_path, mode):
+def test_a_nearest_upsample_stays_in_blocks_a_bilinear_one_reads_nchw(tmp_path, mode):
     """With every layer in blocks, a nearest-neighbour resize runs on blocks (a block's lanes
     move together), and so does the concat after it: the only transforms are the model's
     input and output. A bilinear one reads NCHW (passes/separable_resize.py computes it there),

@@ -219,7 +219,7 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
     per-channel vars (N x C x 1 x 1, an SE block's scales: broadcast alike in blocks) and
     per-channel constants (_channel_constant: a batch norm's scale and shift); a _POOLS
     op of NCHW data; a _MEAN over H and W that keeps them; a _CONCAT of 4-D vars along the
-    channels; or a nearest-neighbour _RESIZE of NCHW float32 data. None of them the NHWC output
+    channels; or a nearest-neighbour _RESIZE of NCHW data. None of them the NHWC output
     of a layer (``nhwc``). None for any other binding."""
     op = value.op if isinstance(value, relax.Call) else None
     if op not in _ELEMENTWISE and op not in _POOLS and op not in (_MEAN, _CONCAT, _RESIZE):
@@ -232,8 +232,7 @@ def _passes_blocks(value: relax.Expr, var: relax.Var, nhwc: set) -> list | None:
         operands = [value.args[0]] if str(a.layout) == "NCHW" and str(a.out_layout or "NCHW") == "NCHW" else None
     elif value.op == _RESIZE:
         a = value.attrs
-        operands = [value.args[0]] if str(a.layout) == "NCHW" and str(a.method) == "nearest_neighbor" and str(
-            a.out_dtype or "float32") in ("float32", "") else None
+        operands = [value.args[0]] if str(a.layout) == "NCHW" and str(a.method) == "nearest_neighbor" else None
     elif value.op == _MEAN:
         a = value.attrs
         axes = sorted(int(v) % 4 for v in a.axis) if a.axis is not None else None
