@@ -189,13 +189,27 @@ def assign(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],
     return min(found, key=lambda f: f[1]) if found else ({}, 0.0)
 
 
-def nchw_cost(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],
-              transform_ms: Callable[[tuple, str, str], float]) -> float:
-    """What ``assign``'s cost is with every layer of ``layer_ms`` in NCHW: the baseline its
-    choice is compared with (the transforms at the model's edges and around other layers
-    counted)."""
-    return sum(ms.get((NCHW, NCHW), math.inf) for ms in layer_ms.values() if ms) + sum(
-        transform_ms(*t) for t in graph.transforms({}))
+def assignment_cost(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],
+                    transform_ms: Callable[[tuple, str, str], float], assignment: Mapping[str, tuple] = {}) -> float:
+    """``assign``'s cost of ``assignment`` ({key: pair}; the layers of ``layer_ms`` it leaves out
+    in NCHW), the transforms at the model's edges and around other layers counted. With no
+    assignment: all NCHW, the baseline a choice is compared with."""
+    a = {k: assignment.get(k, (NCHW, NCHW)) for k, ms in layer_ms.items() if ms}
+    return sum(layer_ms[k].get(p, math.inf) for k, p in a.items()) + sum(
+        transform_ms(*t) for t in graph.transforms(a))
+
+
+def own_blocks(algorithms: Mapping[str, str], per_layer: Mapping[str, Mapping[tuple, tuple]]) -> dict:
+    """{key: pair}: each layer of ``per_layer`` ({key: fastest_per_pair's {pair: (ms, algorithm,
+    knobs)}}) in the fastest pair with blocks on both sides on its own algorithm
+    (``algorithms[key]``), the layers without one left out: the assignment of refine's "all
+    blocks" build (blocks_knobs)."""
+    out = {}
+    for k, per_pair in per_layer.items():
+        both = [(ms, pair) for pair, (ms, a, _) in per_pair.items() if a == algorithms[k] and NCHW not in pair]
+        if both:
+            out[k] = min(both)[1]
+    return out
 
 
 def finite(ms) -> bool:

@@ -57,7 +57,7 @@ from ..profile import channel_stats, profile
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
-from .layouts import TRANSFORM, assign, blocked_notes, fastest_per_pair, finite, layout_options, nchw_cost
+from .layouts import TRANSFORM, assign, assignment_cost, blocked_notes, fastest_per_pair, finite, layout_options
 from .log import TuningLog, write_atomically
 from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, dense_alternative, in_nchw, supports
 from .workloads import Workload, extract_workloads
@@ -468,7 +468,7 @@ class Tuner:
             return self._transform_ms(shape, src, dst, transforms)
 
         chosen, total = assign(graph, layer_ms, transform_ms)
-        nchw_total = nchw_cost(graph, layer_ms, transform_ms)
+        nchw_total = assignment_cost(graph, layer_ms, transform_ms)
         out = copy.deepcopy(plan)
         for l in out.layers:
             if l.key in chosen:
