@@ -199,16 +199,18 @@ def assignment_cost(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, fl
         transform_ms(*t) for t in graph.transforms(a))
 
 
-def own_blocks(algorithms: Mapping[str, str], per_layer: Mapping[str, Mapping[tuple, tuple]]) -> dict:
-    """{key: pair}: each layer of ``per_layer`` ({key: fastest_per_pair's {pair: (ms, algorithm,
-    knobs)}}) in the fastest pair with blocks on both sides on its own algorithm
-    (``algorithms[key]``), the layers without one left out: the assignment of refine's "all
-    blocks" build (blocks_knobs)."""
+def blocked_outputs(algorithms: Mapping[str, str],
+                    per_layer: Mapping[str, Mapping[tuple, tuple]]) -> dict[str, dict[tuple, float]]:
+    """``assign``'s layer times for an assignment in which every layer writes blocks on its own
+    algorithm: of ``per_layer`` ({key: fastest_per_pair's {pair: (ms, algorithm, knobs)}}) the
+    pairs with blocks on the output side on ``algorithms[key]`` (the input as the times and
+    transforms decide: a first layer may read the image in NCHW), the layers without one left
+    out (they stay in NCHW)."""
     out = {}
     for k, per_pair in per_layer.items():
-        both = [(ms, pair) for pair, (ms, a, _) in per_pair.items() if a == algorithms[k] and NCHW not in pair]
-        if both:
-            out[k] = min(both)[1]
+        ms = {pair: t for pair, (t, a, _) in per_pair.items() if a == algorithms[k] and pair[1] != NCHW}
+        if ms:
+            out[k] = ms
     return out
 
 

@@ -27,7 +27,7 @@ from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
-from .layouts import assign, assignment_cost, blocked_notes, fastest_per_pair, layout_options, own_blocks
+from .layouts import assign, assignment_cost, blocked_notes, fastest_per_pair, layout_options, blocked_outputs
 from .space import KNOB_TRIALS, MARGIN, candidates, choose, dense_alternative, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
@@ -191,9 +191,9 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     (layouts.layout_options, layouts.fastest_per_pair), each transform
     CostModel.transform_ms, and layouts.assign chooses for the whole model. ``layers`` are
     changed in place (a blocked layer's NCHW knobs kept in its note, as the tuner keeps them)
-    to that assignment when it is predicted faster than all NCHW by MARGIN; when it is not (a
-    tie), to every layer in blocks on its own algorithm (layouts.own_blocks, refine's "all
-    blocks") unless that is predicted slower than all NCHW by MARGIN. A layer left in NCHW
+    to that assignment when it is predicted faster than all NCHW by MARGIN; but a tie goes to
+    blocks: every layer writing blocks on its own algorithm (layouts.blocked_outputs) when that
+    is predicted within MARGIN of the choice. A layer left in NCHW
     keeps its knobs in blocks in its note for refine's builds in blocks
     (layouts.blocked_notes). Without ``change_algorithm`` (a forced algorithm),
     a layer keeps its algorithm (no dense in blocks for a sparse one). Returns what was done, for
@@ -226,24 +226,23 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     plan = Plan(layers, None, {}, cpu.to_dict())
     graph = LayoutGraph(model.mod["main"], plan.choices(model.sites), model.sites)
     transform_ms = lambda shape, src, dst: cost.transform_ms(shape)
-    chosen, total = assign(graph, layer_ms, transform_ms)
+    least, least_ms = assign(graph, layer_ms, transform_ms)
     nchw = assignment_cost(graph, layer_ms, transform_ms)
-    how = "the least predicted"
-    if not total < (1 - MARGIN) * nchw:
-        # A tie goes to blocks: inside a model the blocked kernels gained on NCHW what the
-        # predicted times (of kernels timed alone) do not show (VGG-16 and a YOLO-like net on the
-        # Emerald Rapids: refine's "all blocks" 4-8 % faster end to end where every layer was
-        # predicted within 3 %).
-        chosen = own_blocks({l.key: l.algorithm for l in layers if l.key in pick}, pick)
-        total, how = assignment_cost(graph, layer_ms, transform_ms, chosen), "a tie: all blocks"
-        if not total < (1 + MARGIN) * nchw:
-            chosen = {}
+    chosen, total, how = (least, least_ms, "the least predicted") if least_ms < (1 - MARGIN) * nchw else ({}, nchw, "")
+    # A tie goes to blocks: inside a model the blocked kernels gained on NCHW what the predicted
+    # times (of kernels timed alone) do not show (VGG-16 and a YOLO-like net on the Emerald
+    # Rapids: refine's "all blocks" 4-8 % faster end to end where it was predicted within 3 %)
+    blocks = assign(graph, blocked_outputs({l.key: l.algorithm for l in layers if l.key in pick}, pick),
+                    transform_ms)[0]
+    blocks_ms = assignment_cost(graph, layer_ms, transform_ms, blocks)
+    if blocks and blocks != chosen and blocks_ms < (1 + MARGIN) * total:
+        chosen, total, how = blocks, blocks_ms, "a tie: all blocks"
     blocked = [k for k, pair in chosen.items() if pair != (NCHW, NCHW)]
     for l in layers:  # refine builds those left in NCHW in blocks too (refine.in_blocks, refine.with_dense)
         if l.key in pick and l.key not in blocked:
             l.note = {**l.note, **blocked_notes(l.algorithm, pick[l.key])}
     if not blocked:
-        return f"nchw (channel blocks predicted {total:.3f} ms against {nchw:.3f} ms)"
+        return f"nchw (channel blocks predicted {min(least_ms, blocks_ms):.3f} ms against {nchw:.3f} ms)"
     for l in layers:
         if l.key in blocked:
             ms, algorithm, knobs = pick[l.key][chosen[l.key]]
