@@ -100,10 +100,30 @@ def test_cached_arrays_are_sent_once_and_replaced_when_they_change(worker):
     assert worker.call(pid_and_sum, Cached(c), Cached(b))[1] == 6.0
 
 
+def test_a_parent_killed_while_its_child_starts_leaves_no_file(tmp_path):
+    """The child's stderr file has no name from the start: a parent killed with SIGKILL while its
+    child imports TVM (a tune killed outright) leaves no file in the temp folder."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import sys, tempfile, numpy as np; tempfile.tempdir = sys.argv[1]\n"
+              "from tvm_sparseconv.worker import Worker\n"
+              "if __name__ == '__main__':\n"
+              "    print('calling', flush=True); Worker(timeout=60).call(np.add, 1, 2)\n")
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "calling"
+    time.sleep(0.3)  # the child is importing TVM (seconds): the window the file used to have a name
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    time.sleep(1)  # the child dies with its parent
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_child_that_never_starts_is_an_error_and_leaves_nothing(monkeypatch, tmp_path):
     """A spawn that fails before the child exists (a script without the __main__ guard) raises
     its error; the worker closes cleanly after it (it used to fail at exit, joining a process
-    that never started), removes its stderr file, and starts a child on the next job."""
+    that never started), leaves no stderr file, and starts a child on the next job."""
     import multiprocessing.context
     import tempfile
 

@@ -13,7 +13,7 @@ arguments (targets as JSON strings, arrays as NumPy arrays); :meth:`Worker.call`
 result, and an exception the job raises is raised again in the caller, the child kept. When
 the child dies (abort, segfault) or a job overruns its timeout, the call raises
 :class:`CandidateCrash`, one line naming the signal and the child's last error line on stderr
-(which goes to a temp file for that, nameless once the child has it open; the exception's
+(which goes to a nameless temp file for that, open in both processes; the exception's
 ``tail`` holds its last lines), and the next job starts a fresh child. On Linux the child dies
 with the thread that started it (the first job's caller; the main thread in this package), so
 that a tune killed outright leaves no child compiling on, nor a file behind.
@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import fcntl
 import math
 import multiprocessing
 import multiprocessing.util  # noqa: F401 (imported first so that our atexit hook runs before its)
+from multiprocessing import reduction
 import os
 import pickle
 import re
@@ -120,7 +122,7 @@ class Worker:
         raise _remote_error(*reply)
 
     def close(self) -> None:
-        """Ask the child to exit (killed if it does not within 5 s) and remove its stderr file."""
+        """Ask the child to exit (killed if it does not within 5 s) and close its stderr file."""
         self._stop(kill=False)
 
     def __enter__(self) -> "Worker":
@@ -134,11 +136,13 @@ class Worker:
         """A fresh child, waited for while it imports TVM (not part of any job's time)."""
         limit = max(self.timeout, START_TIMEOUT_S)
         ctx = multiprocessing.get_context("spawn")
-        fd, name = tempfile.mkstemp(prefix="tvms-worker-", suffix=".stderr")
-        self._log = os.fdopen(fd, "rb+")
+        # nameless from the start (and the child writes to the same open file), so no end of
+        # either process, a kill -9 included, leaves a file behind
+        self._log = tempfile.TemporaryFile(prefix="tvms-worker-", suffix=".stderr")
         self._conn, child = ctx.Pipe()
         # daemon: multiprocessing's own exit hook terminates it should ours not have run
-        self._proc = ctx.Process(target=_serve, args=(child, name, os.getpid()), name="tvms-worker", daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, _ChildFd(self._log.fileno()), os.getpid()),
+                                 name="tvms-worker", daemon=True)
         # SIGINT blocked while the child is made: it starts with the signal blocked (the mask
         # survives exec), so a Ctrl-C to the process group while it imports TVM is the parent's
         # alone; the parent gets it when the mask is restored
@@ -152,7 +156,6 @@ class Worker:
             self._conn.close()
             self._proc = self._conn = None
             self._stop(kill=True)
-            os.remove(name)
             raise
         finally:
             if masked:
@@ -165,13 +168,9 @@ class Worker:
             self._conn.recv_bytes()
         except (EOFError, OSError):
             raise self._crash() from None
-        except BaseException:  # Ctrl-C while it starts: the child goes before its stderr file does
+        except BaseException:  # Ctrl-C while it starts
             self._stop(kill=True)
             raise
-        finally:
-            # the child has it open now (or is dead): nameless, it goes with the last of the two
-            # processes however they end, a kill -9 included
-            os.remove(name)
 
     def _message(self, fn, args, kwargs) -> tuple[bytes, dict]:
         """The pickled job, each Cached value the child holds replaced by its key; and the
@@ -296,13 +295,29 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _serve(conn, log_path: str, parent: int) -> None:
-    """The child: stderr to ``log_path`` (C code's too: LLVM writes its fatal errors to fd 2),
-    then one job per message until an empty message or the parent's end of the pipe."""
+class _ChildFd:
+    """A file descriptor of the parent that the spawned child inherits, passed as multiprocessing
+    passes a Connection's (reduction.DupFd: the descriptor goes into the child's pass_fds)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _inherited_fd, (reduction.DupFd(self.fd),)
+
+
+def _inherited_fd(dup) -> int:
+    return dup.detach()
+
+
+def _serve(conn, log_fd: int, parent: int) -> None:
+    """The child: stderr to the parent's file ``log_fd`` (C code's too: LLVM writes its fatal
+    errors to fd 2), appending (the parent seeks in the same open file to read it), then one job
+    per message until an empty message or the parent's end of the pipe."""
     _die_with_parent(parent)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(fd, 2)
-    os.close(fd)
+    fcntl.fcntl(log_fd, fcntl.F_SETFL, fcntl.fcntl(log_fd, fcntl.F_GETFL) | os.O_APPEND)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
     faulthandler.enable()  # a segfault leaves "Fatal Python error: Segmentation fault" and a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     cache: dict = {}
