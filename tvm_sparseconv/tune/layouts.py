@@ -114,8 +114,9 @@ def blocks_knobs(algorithm: str, per_pair: Mapping[tuple[str, str], tuple[float,
     """The knobs of ``algorithm`` in the fastest of its pairs with blocks on both sides in
     ``per_pair`` (fastest_per_pair's {pair: (ms, algorithm, knobs)}), None if it has none: what
     a layer the assignment leaves in NCHW is built with in refine's "all blocks" build. Times
-    alone miss what blocks save inside a model (VGG-16 on the Emerald Rapids: every 3x3 layer
-    in blocks 5-16 % faster there, the same layers alone equal), so refine checks that too."""
+    alone, and the cost model's predictions of them, miss part of what blocks save inside a
+    model (VGG-16 on the Emerald Rapids: each 3x3 layer 6-27 % faster in blocks there, 9-16 %
+    alone where measured, the late ones predicted 5-8 % slower), so refine checks that too."""
     both = [(ms, k) for (i, o), (ms, a, k) in per_pair.items() if a == algorithm and NCHW not in (i, o)]
     return dict(min(both, key=lambda t: t[0])[1]) if both else None
 

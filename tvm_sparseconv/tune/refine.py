@@ -22,7 +22,7 @@ splits, so it is chosen with all of them compiled together:
    with them back in NCHW ("all nchw"), and when it left in NCHW layers that could take blocks,
    the plan with them in blocks ("all blocks"), so that the layouts, chosen from times alone,
    are checked end to end as the splits are (inside VGG-16 on the Emerald Rapids each 3x3
-   layer ran 5-16 % faster in blocks, where alone the late ones timed equal);
+   layer ran 6-27 % faster in blocks, where the cost model predicted the late ones slower);
 4. the plan, and each build whose calls sum to at most ``ROUND_SLACK`` more than the lowest
    sum, timed end to end in ``rounds`` interleaved rounds (a build further behind is left out:
    on ResNet-50-half such builds were not chosen, and each costs a second a round). The build
