@@ -107,11 +107,12 @@ def test_results_renders_the_tables_by_cpu(saved, capsys):
     header = rows["model"]
     names = [r["name"] for r in bench["rows"]]
     assert header == ["model", "input", "threads", "rounds"] + [f"{n} ms" for n in names] + \
-        ["plan speed-up over the best other"]
+        ["plan speed-up over the best other", "over the best peer"]
     row = rows[model]
     assert row[1:4] == ["1x4x9x9", str(bench["threads"]), "1"]
-    assert row[-1] == f"{bench['speedup_vs_best']:.2f}x"
-    for cell, r in zip(row[4:-1], bench["rows"]):
+    assert bench["speedup_vs_peers"] is None  # --no-peers
+    assert row[-2:] == [f"{bench['speedup_vs_best']:.2f}x", "-"]
+    for cell, r in zip(row[4:-2], bench["rows"]):
         assert float(cell) == pytest.approx(r["ms"], abs=0.01)
     assert f"- {model}: `{bench['command']}`" in lines
 

@@ -269,6 +269,7 @@ def test_bench_shows_a_peer_that_cannot_run_the_model_as_skipped(erf_bench):
         assert r["wrong"] is False
     assert rows["onnxruntime"]["max_abs_error"] == 0.0
     assert res["speedup_vs_best"] == min(rows[n]["ms"] for n in NAMES[1:3]) / rows[NAMES[0]]["ms"]
+    assert res["speedup_vs_peers"] == rows["onnxruntime"]["ms"] / rows[NAMES[0]]["ms"]  # PyTorch skipped
 
 
 def test_results_markdown_has_a_dash_for_the_skipped_peer(erf_bench, tmp_path, capsys):
@@ -279,6 +280,7 @@ def test_results_markdown_has_a_dash_for_the_skipped_peer(erf_bench, tmp_path, c
     header, row = ([c.strip() for c in l[2:-2].split(" | ")] for l in (lines[0], lines[1]))
     cells = dict(zip(header, row))
     assert cells["pytorch ms"] == "-"
+    assert cells["over the best peer"] == f"{res['speedup_vs_peers']:.2f}x"
     assert all(float(cells[f"{n} ms"]) > 0 for n in NAMES[:3])
 
 
@@ -290,6 +292,7 @@ def test_cli_bench_table_prints_the_skipped_row(erf_bench):
     lines = {l.split("  ")[0].strip(): l for l in buf.getvalue().splitlines() if l.startswith(tuple(NAMES))}
     assert list(lines) == NAMES
     assert lines["pytorch"].split(None, 1)[1] == f"skipped: {PYTORCH_SKIP}"
+    assert "plan vs the best peer: " in buf.getvalue()  # onnxruntime ran
     for name in NAMES[:3]:
         ms = lines[name][len(name):].split()[0]
         assert float(ms) > 0
@@ -316,6 +319,7 @@ def test_bench_skips_a_peer_that_fails_in_a_later_round(erf_bench, monkeypatch):
     assert peer["ms"] is None and peer["skipped"] == "crashed: SIGSEGV"
     assert plan["max_abs_error"] < 1e-4 and base["max_abs_error"] == 0.0  # checked against the baseline
     assert res["speedup_vs_best"] == base["ms"] / plan["ms"]
+    assert res["speedup_vs_peers"] is None  # no peer ran
 
 
 def test_layer_peer_killed_by_a_signal_is_skipped(tmp_path, monkeypatch, capsys):

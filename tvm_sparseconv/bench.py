@@ -50,7 +50,9 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
 
     A peer that cannot run the model (peers.PeerError, in any round) is a row with ``skipped``
     its one-line reason and None for ms, max_abs_error and the speed-ups; the other rows, and
-    ``speedup_vs_best`` over those that ran, are as without it. ``skipped`` is None on the rows
+    ``speedup_vs_best`` over those that ran, are as without it. ``speedup_vs_best`` is the
+    plan's over the fastest other row (the baseline build included), ``speedup_vs_peers`` over
+    the fastest peer that ran (onnxruntime, PyTorch; None if none did). ``skipped`` is None on the rows
     that ran. A build that fails is an error, not a skip: the builds are what is measured."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -99,7 +101,9 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
                      "plan_speedup_range": [float(ratios[:, k].min()), float(ratios[:, k].max())], "skipped": None})
     t_plan = rows[0]["ms"]
     best_other = min((r["ms"] for r in rows[1:] if r["ms"] is not None), default=t_plan)
-    res = {"rows": rows, "speedup_vs_best": best_other / t_plan, "input_shape": list(model.input_shape),
+    peer_ms = [r["ms"] for r in rows[len(built):] if r["ms"] is not None]
+    res = {"rows": rows, "speedup_vs_best": best_other / t_plan,
+           "speedup_vs_peers": min(peer_ms) / t_plan if peer_ms else None, "input_shape": list(model.input_shape),
            "threads": threads, "rounds": rounds, "cpu": cpu_of(target).to_dict()}
     if ops:
         res["ops"] = breakdown

@@ -136,6 +136,8 @@ def print_bench_table(res: dict, repeat: int) -> None:
         print(f"{r['name']:32} {r['ms']:10.2f} {r['plan_speedup']:13.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if spread else "")
               + f" {fmt(r['max_abs_error'], 6):>9}  {r['layers']}")
     print(f"plan vs the best of the others: {res['speedup_vs_best']:.2f}x")
+    if res.get("speedup_vs_peers") is not None:
+        print(f"plan vs the best peer: {res['speedup_vs_peers']:.2f}x")
     if "ops" in res:
         print("inside the plan's build, mean ms per inference (each call timed by a VM instrument):")
         for kind, ms in res["ops"].items():
@@ -331,12 +333,13 @@ def _bench_section(saved: list[tuple[str, dict]]) -> list[str]:
     for _, d in saved:
         names += [r["name"] for r in d["rows"] if r["name"] not in names]
     header = (["model", "input", "threads", "rounds"] + [f"{n} ms" for n in names]
-              + ["plan speed-up over the best other"])
+              + ["plan speed-up over the best other", "over the best peer"])
     rows = []
     for path, d in saved:
         ms = {r["name"]: r["ms"] for r in d["rows"]}
         rows.append([d.get("model") or path, _shape(d.get("input_shape")), fmt(d.get("threads")),
-                     fmt(d.get("rounds"))] + [_ms(ms.get(n)) for n in names] + [f"{d['speedup_vs_best']:.2f}x"])
+                     fmt(d.get("rounds"))] + [_ms(ms.get(n)) for n in names] + [f"{d['speedup_vs_best']:.2f}x"]
+                    + [f"{d['speedup_vs_peers']:.2f}x" if d.get("speedup_vs_peers") is not None else "-"])
     out = ["### End to end (`bench`)", "",
            markdown_table(header, rows, set(range(2, len(header)))), ""]
     return out + _commands(saved, lambda d: d.get("model"))
