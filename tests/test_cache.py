@@ -93,3 +93,27 @@ def test_another_version_is_removed_and_the_cache_can_be_off(cache_home, monkeyp
     cached_funcs("k", _builder(calls))
     cached_funcs("k", _builder(calls))
     assert calls == ["pixcsr"] * 3 and not os.path.exists(tmp_path / "off")
+
+
+def test_the_folder_is_capped_and_the_least_recently_used_entries_go(cache_home, monkeypatch):
+    """Past TVMS_KERNEL_CACHE_MB the entries used least recently are removed (to 3/4 of the cap);
+    one read since is kept, and what is left still loads."""
+    calls = []
+    for k in ("a", "b", "c"):
+        cached_funcs(k, _builder(calls))
+    size = max(p.stat().st_size for p in _entries(cache_home))
+    for i, p in enumerate(sorted(_entries(cache_home), key=lambda p: json.loads(p.read_text())["key"])):
+        os.utime(p, (1000 + i, 1000 + i))  # written in the order a, b, c
+    cached_funcs("a", _builder(calls))  # a hit: "a" is now the most recently used
+    assert calls == ["pixcsr"] * 3
+    # a cap that holds three entries but not four: the fourth write drops the oldest, "b"
+    # (3/4 of the cap then holds two), and keeps "a"
+    monkeypatch.setenv("TVMS_KERNEL_CACHE_MB", str(3.5 * size / 2**20))
+    cached_funcs("d", _builder(calls))
+    keys = {json.loads(p.read_text())["key"] for p in _entries(cache_home)}
+    assert "b" not in keys and {"a", "d"} <= keys and len(keys) <= 3
+    cached_funcs("a", _builder(calls))
+    assert calls == ["pixcsr"] * 4  # "a" loaded, not built
+    monkeypatch.setenv("TVMS_KERNEL_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="TVMS_KERNEL_CACHE_MB"):
+        cached_funcs("e", _builder(calls))

@@ -11,6 +11,10 @@ version is a digest of the package's Python source and TVM's version, so an entr
 used with other kernel code than made it; a new version removes the folders of the others.
 An entry that cannot be read is built again and replaced, and a failure to write one is
 ignored: the cache only saves time. ``TVMS_KERNEL_CACHE=0`` turns it off.
+
+The folder is capped at ``TVMS_KERNEL_CACHE_MB`` (default 1024; an entry is 50-500 KB, and a
+long tune builds thousands): after a write that takes it past the cap, the entries used least
+recently (a hit touches its file) go until it is under 3/4 of it.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Callable
 import tvm
 
 _FORMAT = 1
+DEFAULT_CAP_MB = 1024
 
 
 def cache_dir() -> Path:
@@ -72,7 +77,9 @@ def cached_funcs(key: str, build: Callable[[], tuple[list, object]]) -> tuple[li
         with open(path) as f:
             entry = json.load(f)
         if entry["key"] == key:
-            return [tvm.ir.load_json(s) for s in entry["funcs"]], entry["meta"]
+            funcs = [tvm.ir.load_json(s) for s in entry["funcs"]]
+            os.utime(path)  # used: the last to go when the folder is over its cap
+            return funcs, entry["meta"]
     except Exception:  # absent, torn, from a colliding key or unreadable to this TVM: built again
         pass
     funcs, meta = build()
@@ -85,4 +92,42 @@ def cached_funcs(key: str, build: Callable[[], tuple[list, object]]) -> tuple[li
     except OSError:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+    _trim(folder, _cap_bytes())
     return funcs, meta
+
+
+def _cap_bytes() -> int:
+    try:
+        mb = float(os.environ.get("TVMS_KERNEL_CACHE_MB", DEFAULT_CAP_MB))
+    except ValueError:
+        raise ValueError(f"TVMS_KERNEL_CACHE_MB must be a number of megabytes, "
+                         f"got {os.environ['TVMS_KERNEL_CACHE_MB']!r}") from None
+    return int(mb * 2**20)
+
+
+def _trim(folder: Path, cap: int) -> None:
+    """Remove the least recently used entries of ``folder`` until they total at most 3/4 of
+    ``cap`` bytes, when they total more than ``cap`` (another process may remove them too)."""
+    entries = []
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.endswith(".json"):
+                    try:
+                        st = e.stat()
+                    except OSError:
+                        continue
+                    entries.append((st.st_mtime, st.st_size, e.path))
+    except OSError:
+        return
+    total = sum(size for _, size, _ in entries)
+    if total <= cap:
+        return
+    for _, size, path in sorted(entries):
+        if total <= cap * 3 // 4:
+            break
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        total -= size
