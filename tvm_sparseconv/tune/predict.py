@@ -27,7 +27,7 @@ from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..target import make_target, target_key
 from .cost_model import Candidate, CostModel, CostModelError, Density, load_cost_model
-from .layouts import assign, assignment_cost, blocked_notes, fastest_per_pair, layout_options, blocked_outputs
+from .layouts import assign, assignment_cost, blocked_notes, blocked_outputs, fastest_per_pair, layout_options
 from .space import KNOB_TRIALS, MARGIN, candidates, choose, dense_alternative, supports
 
 RULE_DENSITY = 0.5  # the fixed rule: hybrid below this input density, the dense kernel at or above
