@@ -182,6 +182,23 @@ def _assert_valid(plan: Plan, m, target):
             a.constants(s.spec, np.zeros(s.spec.w_shape, np.float32), None, full)
 
 
+def test_compile_without_a_plan_takes_the_predicted_one(mixed, monkeypatch):
+    """tvm_sparseconv.compile(model) with neither plan nor algorithm builds the plan predicted
+    for the target (not TVM's conv2d), and matches onnxruntime."""
+    import tvm_sparseconv
+    import tvm_sparseconv.tune.predict as predict
+
+    path, m = mixed
+    asked, real = [], predict.predict_plan
+    monkeypatch.setattr(predict, "predict_plan", lambda *a, **k: asked.append(a) or real(*a, **k))
+    x = np.maximum(np.random.default_rng(2).standard_normal((1, 8, 16, 16)), 0).astype(np.float32)
+    y = relax.VirtualMachine(tvm_sparseconv.compile(path), tvm.cpu())["main"](tvm.runtime.tensor(x))
+    assert len(asked) == 1 and [s.spec for s in asked[0][0].sites] == [s.spec for s in m.sites]
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose((y if hasattr(y, "numpy") else y[0]).numpy(), ref, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(ref).max()))
+
+
 def test_predicted_plan_on_a_cpu_without_a_shipped_plan(mixed, tmp_path):
     path, m = mixed
     plan = predict_plan(m, FOREIGN)

@@ -291,7 +291,10 @@ def compile(model, target=None, plan=None, algorithm: str | None = None, databas
     """tvm.compile a model (ONNX path, ExportedProgram, Relax IRModule or Model) with a plan.
 
     ``plan`` is a Plan, a plan file or dict; or ``algorithm`` names one algorithm for every
-    layer that supports it ("dense", "cpo", ...; "direct" = TVM's own conv2d everywhere).
+    layer that supports it ("dense", "cpo", ...; "direct" = TVM's own conv2d everywhere), with
+    its default knobs in NCHW. Neither: the plan predicted for the target
+    (``predict_plan(model, target)``: the cost model, default densities), as the command line
+    takes when no plan ships for the model.
     The result runs with ``relax.VirtualMachine(ex, tvm.cpu())`` and exports with
     ``ex.export_library("model.so")``; for a target of another architecture (``{"kind": "llvm",
     "mtriple": "aarch64-linux-gnu", ...}``) with ``tvm_sparseconv.export_library(ex, "model.so",
@@ -302,6 +305,10 @@ def compile(model, target=None, plan=None, algorithm: str | None = None, databas
     (build_isolated), where such a crash is an error naming the layer or algorithm.
     """
     m = model if isinstance(model, Model) else load_model(model, input_shape)
+    if plan is None and algorithm is None:
+        from .tune.predict import predict_plan  # the cost model's layer, imported for this default alone
+
+        plan = predict_plan(m, target)
     return build(m, resolve_plan(m, plan, algorithm, target), target, database).module
 
 
