@@ -1,6 +1,7 @@
 """Whole models: real VGG-16, half-width ResNet-50 and MobileNet-V2 on real images, against onnxruntime."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -345,3 +346,20 @@ def test_wrong_input_shape_and_bad_images(tmp_path):
         load_inputs(m, images=[str(tmp_path / "img.png")])
     with pytest.raises(ImageError, match="not found"):
         load_inputs(m, images=[str(tmp_path / "missing.jpg")])
+
+
+def test_the_python_api_example_runs_as_a_script(tmp_path):
+    """examples/python_api.py (the README's Python API, on ResNet-50-half) run as a user runs it:
+    profile and compile build in worker processes that import the script again, so it needs its
+    __main__ guard; its library classifies the photo as onnxruntime does."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "python_api.py")
+    out = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    probs = [float(v) for v in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", out.stdout.split("sfw/nsfw:", 1)[1])]
+    path = model_path("resnet50-nsfw")
+    m = load_model(path)
+    x = load_inputs(m, ["skimage:astronaut"], preprocess=known_preprocess("resnet50-nsfw"))[0]
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ref = s.run(None, {s.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(np.array(probs), ref.ravel(), atol=1e-4)
+    assert (tmp_path / "resnet50_nsfw.so").is_file()
