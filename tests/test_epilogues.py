@@ -11,7 +11,8 @@ from tvm import relax
 
 from tvm_sparseconv.algorithms import ALGORITHMS
 from tvm_sparseconv.build import CompiledLayer
-from tvm_sparseconv.compile import compile as tvms_compile, lower, resolve_plan
+from tvm_sparseconv.api import compile as tvms_compile
+from tvm_sparseconv.compile import lower, resolve_plan
 from tvm_sparseconv.conv import GATES, Conv2DSpec, ConvSpecError, Epilogue
 from tvm_sparseconv.frontend import load_model
 from tvm_sparseconv.passes.clamps_as_ops import scalar_clamp

@@ -15,7 +15,8 @@ from tvm import relax
 
 from tvm_sparseconv.algorithms import get_algorithm
 from tvm_sparseconv.build import CompiledLayer
-from tvm_sparseconv.compile import compile as tvms_compile, lower, resolve_plan
+from tvm_sparseconv.api import compile as tvms_compile
+from tvm_sparseconv.compile import lower, resolve_plan
 from tvm_sparseconv.conv import Conv2DSpec, UnsupportedConvError
 from tvm_sparseconv.cpu import cpu_of
 from tvm_sparseconv.frontend import load_model

@@ -18,7 +18,7 @@ from tvm import relax
 
 from conftest import activation, weight
 from tvm_sparseconv.conv import Conv2DSpec
-from tvm_sparseconv.compile import compile as tvms_compile
+from tvm_sparseconv.api import compile as tvms_compile
 from tvm_sparseconv.frontend import Model
 from tvm_sparseconv.plan import Plan
 from tvm_sparseconv.tune.log import TuningLog, drop_torn_tail

@@ -15,7 +15,8 @@ import tvm
 from tvm import relax
 
 from tvm_sparseconv.algorithms import ALGORITHMS, get_algorithm
-from tvm_sparseconv.compile import build, compile as tvms_compile, lower
+from tvm_sparseconv.api import compile as tvms_compile
+from tvm_sparseconv.compile import build, lower
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.layout import lanes_layout
 from tvm_sparseconv.frontend import ModelError, load_model

@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvm_sparseconv.compile import compile as tvms_compile
+from tvm_sparseconv.api import compile as tvms_compile
 from tvm_sparseconv.conv import Conv2DSpec, UnsupportedConvError
 from tvm_sparseconv.graph import find_conv_sites
 from tvm_sparseconv.passes import LayerChoice, RewriteConv2D, applied_layers

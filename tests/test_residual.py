@@ -6,7 +6,7 @@ from tvm import relax
 
 from tvm_sparseconv.algorithms import ALGORITHMS, get_algorithm
 from tvm_sparseconv.build import CompiledLayer
-from tvm_sparseconv.compile import compile as tvms_compile
+from tvm_sparseconv.api import compile as tvms_compile
 from tvm_sparseconv.conv import Conv2DSpec, ConvSpecError, UnsupportedConvError
 from tvm_sparseconv.graph import find_conv_sites
 from tvm_sparseconv.compile import lower, resolve_plan

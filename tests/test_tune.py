@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 from tvm_sparseconv.algorithms import get_algorithm
-from tvm_sparseconv.compile import compile as tvms_compile
+from tvm_sparseconv.api import compile as tvms_compile
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.plan import Plan
 from tvm_sparseconv.tune.log import TuningLog, TuningLogError

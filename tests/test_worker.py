@@ -285,7 +285,7 @@ def test_compile_command_writes_a_library_that_runs_alone(tmp_path, capsys):
     from tvm import relax
 
     from conftest import small_onnx
-    from tvm_sparseconv.compile import compile as tvms_compile
+    from tvm_sparseconv.api import compile as tvms_compile
 
     model = small_onnx(tmp_path / "small.onnx")
     x = activation(Conv2DSpec.from_shapes((1, 4, 9, 9), (8, 4, 3, 3), 1, 1), 0.5)

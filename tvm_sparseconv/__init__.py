@@ -12,7 +12,9 @@ from .algorithms import ALGORITHMS, SPARSE, get_algorithm  # noqa: E402
 from .build import CompiledLayer  # noqa: E402
 from .frontend import Model, ModelError, load_model  # noqa: E402
 from .plan import Plan, PlanError  # noqa: E402
-from .compile import compile, lower, pipeline  # noqa: E402
+from .compile import lower, pipeline  # noqa: E402
+from .api import compile  # noqa: E402
+from .tune.predict import predict_plan  # noqa: E402
 from .target import export_library  # noqa: E402
 
 __version__ = "0.1.0"
@@ -21,12 +23,3 @@ __all__ = ["Conv2DSpec", "ConvSpecError", "Epilogue", "UnsupportedConvError", "A
            "get_algorithm", "CompiledLayer", "Model", "ModelError", "load_model", "Plan", "PlanError",
            "compile", "lower", "pipeline", "export_library", "predict_plan"]
 
-
-def __getattr__(name):
-    # predict_plan lives with the tuner (tune/predict.py, the cost model): imported on first use,
-    # so that importing the package imports the core only
-    if name == "predict_plan":
-        from .tune.predict import predict_plan
-
-        return predict_plan
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Compile a whole model: rewrite its conv layers per plan, schedule the rest, build, export.
 
-This is the one compile path; ``compile``, ``bench``, ``profile``, ``refine``, the tuner and the
-CLI all go through it:
+This is the one compile path; ``compile`` (api.py), ``bench``, ``profile``, ``refine``, the
+tuner and the CLI all go through it:
 
     lower:  RewriteConv2D (the plan's layers become their algorithms' stages)
             -> LegalizeOps (sigmoid, SiLU and erf in registers: passes/fast_math.py; bilinear
@@ -33,7 +33,7 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
-from .frontend import Model, load_model
+from .frontend import Model
 from .graph import find_conv_sites
 from .passes import RewriteConv2D, applied_layers, fast_math, layout_transforms, separable_resize
 from .passes.parallelize_rest import ParallelizeRest
@@ -284,32 +284,6 @@ def build_many(model: Model, plans: dict[str, Plan], target, database=None, path
             shared_worker().close()
         for w in spare:
             w.close()
-
-
-def compile(model, target=None, plan=None, algorithm: str | None = None, database=None,
-            input_shape=None) -> tvm.runtime.Executable:
-    """tvm.compile a model (ONNX path, ExportedProgram, Relax IRModule or Model) with a plan.
-
-    ``plan`` is a Plan, a plan file or dict; or ``algorithm`` names one algorithm for every
-    layer that supports it ("dense", "cpo", ...; "direct" = TVM's own conv2d everywhere), with
-    its default knobs in NCHW. Neither: the plan predicted for the target
-    (``predict_plan(model, target)``: the cost model, default densities), as the command line
-    takes when no plan ships for the model.
-    The result runs with ``relax.VirtualMachine(ex, tvm.cpu())`` and exports with
-    ``ex.export_library("model.so")``; for a target of another architecture (``{"kind": "llvm",
-    "mtriple": "aarch64-linux-gnu", ...}``) with ``tvm_sparseconv.export_library(ex, "model.so",
-    target)``, which links it with a cross compiler (docs/arm.md).
-
-    It compiles in this process, so a fatal LLVM error (an abort) ends the process. The
-    ``tvm-sparseconv compile`` and ``profile`` commands build in a worker process instead
-    (build_isolated), where such a crash is an error naming the layer or algorithm.
-    """
-    m = model if isinstance(model, Model) else load_model(model, input_shape)
-    if plan is None and algorithm is None:
-        from .tune.predict import predict_plan  # the cost model's layer, imported for this default alone
-
-        plan = predict_plan(m, target)
-    return build(m, resolve_plan(m, plan, algorithm, target), target, database).module
 
 
 @relax.register_pipeline("tvm_sparseconv")
