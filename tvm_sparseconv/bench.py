@@ -52,8 +52,9 @@ def bench_model(model: Model, x: np.ndarray, plan=None, algorithm: str | None = 
     its one-line reason and None for ms, max_abs_error and the speed-ups; the other rows, and
     ``speedup_vs_best`` over those that ran, are as without it. ``speedup_vs_best`` is the
     plan's over the fastest other row (the baseline build included), ``speedup_vs_peers`` over
-    the fastest peer that ran (onnxruntime, PyTorch; None if none did). ``skipped`` is None on the rows
-    that ran. A build that fails is an error, not a skip: the builds are what is measured."""
+    the fastest peer that ran (onnxruntime, PyTorch; None if none did). ``skipped`` is None on
+    the rows that ran. A build that fails is an error, not a skip: the builds are what is
+    measured."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     target = make_target(target)

@@ -191,11 +191,12 @@ def assign(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],
 
 
 def assignment_cost(graph: LayoutGraph, layer_ms: Mapping[str, Mapping[tuple, float]],
-                    transform_ms: Callable[[tuple, str, str], float], assignment: Mapping[str, tuple] = {}) -> float:
+                    transform_ms: Callable[[tuple, str, str], float],
+                    assignment: Mapping[str, tuple] | None = None) -> float:
     """``assign``'s cost of ``assignment`` ({key: pair}; the layers of ``layer_ms`` it leaves out
     in NCHW), the transforms at the model's edges and around other layers counted. With no
     assignment: all NCHW, the baseline a choice is compared with."""
-    a = {k: assignment.get(k, (NCHW, NCHW)) for k, ms in layer_ms.items() if ms}
+    a = {k: (assignment or {}).get(k, (NCHW, NCHW)) for k, ms in layer_ms.items() if ms}
     return sum(layer_ms[k].get(p, math.inf) for k, p in a.items()) + sum(
         transform_ms(*t) for t in graph.transforms(a))
 

