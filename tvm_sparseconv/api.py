@@ -18,6 +18,7 @@ def compile(model, target=None, plan=None, algorithm: str | None = None, databas
     its default knobs in NCHW. Neither: the plan predicted for the target
     (``predict_plan(model, target)``: the cost model, default densities), as the command line
     takes when no plan ships for the model.
+
     The result runs with ``relax.VirtualMachine(ex, tvm.cpu())`` and exports with
     ``ex.export_library("model.so")``; for a target of another architecture (``{"kind": "llvm",
     "mtriple": "aarch64-linux-gnu", ...}``) with ``tvm_sparseconv.export_library(ex, "model.so",

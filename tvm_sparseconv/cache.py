@@ -72,6 +72,7 @@ def cached_funcs(key: str, build: Callable[[], tuple[list, object]]) -> tuple[li
     folder = _folder()
     if folder is None:
         return build()
+    cap = _cap_bytes()  # a bad setting is said before the build, not after
     path = folder / (hashlib.sha1(key.encode()).hexdigest() + ".json")
     try:
         with open(path) as f:
@@ -92,7 +93,7 @@ def cached_funcs(key: str, build: Callable[[], tuple[list, object]]) -> tuple[li
     except OSError:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-    _trim(folder, _cap_bytes())
+    _trim(folder, cap)
     return funcs, meta
 
 
