@@ -15,7 +15,7 @@ from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.plan import Plan
 from tvm_sparseconv.tune.log import TuningLog, TuningLogError
 from tvm_sparseconv.tune.report import write_report
-from tvm_sparseconv.tune.space import settled
+from tvm_sparseconv.tune.space import choose, contenders, settled
 from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
 
 from conftest import free_port
@@ -28,6 +28,7 @@ def run_tuner(m, xs, run_dir, log=lambda s: None, **cfg):
     cfg.setdefault("layouts", False)  # tested on its own: tests/test_nchwc_tune.py
     cfg.setdefault("search", "exhaustive")  # a known number of candidates per algorithm (the model
     # search: test_model_search_measures_top_k)
+    cfg.setdefault("recheck_rounds", 2)  # the phase runs in every tune here; its rounds in test_recheck_*
     t = Tuner(m, xs, str(run_dir), config=TuneConfig(**cfg), model_name="r50_first3", log=log)
     return t, t.run()
 
@@ -42,8 +43,8 @@ def test_tune_produces_database_log_plan_that_compile_and_run(small_model, tmp_p
     assert os.path.getsize(tmp_path / "run" / "database" / "database_tuning_record.json") > 0
     # the selection picks the measured fastest, or a dense one / an algorithm's defaults that
     # the fastest does not beat by the margin (test_selection_margins)
-    for l in plan.layers:
-        recs = [r for r in t.trials.records if r["workload"] == l.note["workload"] and r.get("time_ms")]
+    for l in plan.layers:  # by the times the selection saw: the recheck's medians where it ran
+        recs = [r for r in t.trials.timed(l.note["workload"]) if r.get("time_ms")]
         assert best_time(recs) >= l.note["time_ms"] * 0.97 ** 2
     ex = tvms_compile(m, plan=str(tmp_path / "run" / "plan.json"), database=str(tmp_path / "run" / "database"))
     y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs[0])).numpy()
@@ -93,6 +94,88 @@ def test_selection_margins():
     far = [rec("dense", dflt, 1.0), rec("dense", other, 0.96)]
     assert settled(far, spec, 0.03, None) == [far[1]]
     assert settled(close, spec, 0.0, None) == [close[1], close[2]]
+
+
+def test_recheck_contenders_and_the_times_the_selection_sees(tmp_path):
+    """The candidates re-timed in rounds are those within the band of the fastest, the fastest
+    dense one and their algorithms' defaults; their medians replace every single time logged
+    before the recheck, and decide the choice."""
+    spec = Conv2DSpec.from_shapes((1, 64, 28, 28), (64, 64, 3, 3))
+    hd, dd = get_algorithm("hybrid").knobs(spec, None), get_algorithm("dense").knobs(spec, None)
+    h2 = {**hd, "rows": 4 if hd["rows"] != 4 else 2}
+    p2 = {**get_algorithm("pixcsr").knobs(spec, None), "rows": 1}
+
+    def rec(a, knobs, ms):
+        return {"workload": "w", "algorithm": a, "knobs": knobs, "time_ms": ms}
+
+    recs = [rec("hybrid", h2, 1.0), rec("hybrid", hd, 1.2), rec("pixcsr", p2, 1.3), rec("dense", dd, 2.0),
+            {**rec("halo", get_algorithm("halo").knobs(spec, None), None), "error": "LLVM ERROR"}]
+    assert contenders(recs, spec, None) == recs[:2] + [recs[3]]  # pixcsr is past the band; halo failed
+    assert contenders(recs, spec, None, band=0.5, most=1) == [recs[0], recs[3], recs[1]]
+    assert contenders(recs[3:4], spec, None) == []  # one alone has nothing to be ranked against
+
+    log = TuningLog(str(tmp_path / "t.jsonl"), {"model": "m", "target": "t"})
+    for r in recs:
+        log.append(r)
+    assert choose(log.timed("w"), spec, 0.03, None)[0]["knobs"] == h2  # alone: 1.0 against 1.2 ms
+    log.append({"recheck": "w", "rounds": 3, "candidates": [
+        {"algorithm": "hybrid", "knobs": h2, "times_ms": [1.5, 1.4, 1.6]},
+        {"algorithm": "hybrid", "knobs": hd, "times_ms": [1.3, 1.2, 1.25]},
+        {"algorithm": "dense", "knobs": dd, "error": "wrong result"}]})
+    log.append(rec("pixcsr", {**p2, "rows": 2}, 1.1))  # measured after the recheck (a resume with more budget)
+    timed = TuningLog(log.path, {"model": "m", "target": "t"}).timed("w")  # read back from the file
+    assert [(r["knobs"], r["time_ms"]) for r in timed] == [(h2, 1.5), (hd, 1.25), ({**p2, "rows": 2}, 1.1)]
+    assert timed[0]["single_ms"] == 1.0 and timed[0]["rounds_ms"] == [1.5, 1.4, 1.6]
+    assert choose(timed, spec, 0.03, None)[0]["algorithm"] == "pixcsr"
+    assert choose(timed[:2], spec, 0.03, None)[0]["knobs"] == hd  # in rounds, the defaults were faster
+    failed = TuningLog(str(tmp_path / "f.jsonl"), {"model": "m", "target": "t"})
+    failed.append(recs[0])
+    failed.append({"recheck": "w", "rounds": 3, "candidates": [{"algorithm": "hybrid", "knobs": h2, "error": "x"}]})
+    assert failed.timed("w") == [recs[0]]  # the job failed as a whole: the single times stand
+    with open(failed.path, "a") as f:
+        f.write(json.dumps({"recheck": "w", "candidates": [{"algorithm": "hybrid"}]}) + "\n")
+    with pytest.raises(TuningLogError, match="line 4 is not a recheck record"):
+        TuningLog(failed.path, {"model": "m", "target": "t"})
+
+
+def test_recheck_times_close_candidates_in_rounds_and_resumes(small_model, tmp_path):
+    """A tune re-times each layer's close candidates in interleaved rounds in one worker job, logs
+    every round, chooses by their medians, and a resumed run re-times nothing again."""
+    _, m, xs = small_model
+    cfg = dict(knob_trials=3, algorithms=("dense", "hybrid"), recheck_rounds=3)
+    said = []
+    t, plan = run_tuner(m, xs, tmp_path / "run", log=said.append, **cfg)
+    assert t.trials.rechecks, "no layer had two candidates within the band"
+    for wid, (_, rec) in t.trials.rechecks.items():
+        assert rec["rounds"] == 3 and len(rec["candidates"]) >= 2
+        assert all(len(c["times_ms"]) == 3 and min(c["times_ms"]) > 0 for c in rec["candidates"])
+    for l in plan.layers:
+        if l.note["workload"] in t.trials.rechecks:
+            cands = t.trials.rechecks[l.note["workload"]][1]["candidates"]
+            mine = next(c for c in cands if c["algorithm"] == l.algorithm and c["knobs"] == l.knobs)
+            assert l.note["time_ms"] == pytest.approx(float(np.median(mine["times_ms"])))
+    lines = (tmp_path / "run" / "trials.jsonl").read_text().count('"recheck"')
+    t2, plan2 = run_tuner(m, xs, tmp_path / "run", **cfg)
+    assert (tmp_path / "run" / "trials.jsonl").read_text().count('"recheck"') == lines
+    assert plan2.to_dict() == plan.to_dict()
+
+
+def test_time_in_rounds_keeps_going_past_a_failing_candidate():
+    """A candidate that fails its build or check in the recheck job is reported as failed; the
+    others are still timed in every round."""
+    from tvm_sparseconv.conv import Epilogue
+    from tvm_sparseconv.reference.dense import dense_conv2d
+    from tvm_sparseconv.tune.jobs import time_in_rounds
+
+    spec = Conv2DSpec.from_shapes((1, 16, 10, 10), (16, 16, 3, 3), padding=1)
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal(spec.x_shape), 0).astype(np.float32)
+    w = rng.standard_normal(spec.w_shape).astype(np.float32)
+    ref = dense_conv2d(spec, x, w)
+    out = time_in_rounds([("no-such-kernel", {}, None), ("pixcsr", {}, None), ("dense", {}, None)], spec, w, None,
+                         Epilogue(), "llvm", x, ref, 1e-3, 1, "warm", 3, None)
+    assert "no-such-kernel" in out[0]["error"]
+    assert [len(o["times_ms"]) for o in out[1:]] == [3, 3] and min(out[1]["times_ms"] + out[2]["times_ms"]) > 0
 
 
 def test_resume_repeats_no_finished_measurement(small_model, tmp_path):

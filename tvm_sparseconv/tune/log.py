@@ -3,7 +3,10 @@
 Line 1 is a header naming the format, version, model, target and cache ("fresh", "warm" or
 "cold": how candidates were timed, CompiledLayer.time); every later line is one
 measured candidate: {"workload", "algorithm", "knobs", "time_ms", "encode_ms",
-"multiply_ms", "max_abs_error", "error"} or a phase marker {"done": "<phase>"}. A crash
+"multiply_ms", "max_abs_error", "error"}, a phase marker {"done": "<phase>"}, or the
+interleaved re-timing of one workload's close candidates {"recheck": "<workload>", "rounds",
+"candidates": [{"algorithm", "knobs", "times_ms": [one per round]} or {..., "error"}]}
+(Tuner.recheck; ``timed`` gives the workload's records with those times). A crash
 or Ctrl-C loses at most the measurement under way; ``--resume`` reads the log back and
 repeats nothing it holds (a last line cut short by a kill is dropped, with a warning). A log
 of another format, model, target or cache is refused.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
 
 LOG_FORMAT = "tvm-sparseconv-tuning-log"
 LOG_VERSION = 1
@@ -71,6 +76,7 @@ class TuningLog:
         self.header = {"format": LOG_FORMAT, "version": LOG_VERSION, **header}
         self.records: list[dict] = []
         self.done_phases: set[str] = set()
+        self.rechecks: dict[str, tuple[int, dict]] = {}  # workload -> (len(records) when it was logged, record)
         if os.path.exists(path):
             self._read()
         else:
@@ -116,6 +122,10 @@ class TuningLog:
                 raise TuningLogError(f"{self.path}: line {i + 2} is corrupt ({e})") from e
             if "done" in rec:
                 self.done_phases.add(rec["done"])
+            elif "recheck" in rec:
+                if not _is_recheck(rec):
+                    raise TuningLogError(f"{self.path}: line {i + 2} is not a recheck record")
+                self.rechecks[rec["recheck"]] = (len(self.records), rec)
             elif not {"workload", "algorithm", "knobs"} <= set(rec):
                 raise TuningLogError(f"{self.path}: line {i + 2} is not a measurement record")
             else:
@@ -128,6 +138,8 @@ class TuningLog:
             os.fsync(f.fileno())
         if "done" in rec:
             self.done_phases.add(rec["done"])
+        elif "recheck" in rec:
+            self.rechecks[rec["recheck"]] = (len(self.records), rec)
         else:
             self.records.append(rec)
 
@@ -138,6 +150,37 @@ class TuningLog:
                 return r
         return None
 
+    def timed(self, workload: str) -> list[dict]:
+        """The records of ``workload``, as the selection sees them: where its close candidates were
+        re-timed in rounds (Tuner.recheck), those candidates, each with the median of its rounds as
+        "time_ms" ("single_ms": its first time, "rounds_ms": the rounds), in place of every record
+        logged before the recheck (those it left out were further from the fastest than its band);
+        the records logged after it (a resumed run with more budget) as they are."""
+        mine = [r for r in self.records if r["workload"] == workload]
+        if workload not in self.rechecks:
+            return mine
+        at, rec = self.rechecks[workload]
+        retimed = {(c["algorithm"], knob_key(c["knobs"])): c["times_ms"] for c in rec["candidates"]
+                   if c.get("times_ms")}
+        if not retimed:  # the recheck failed as a whole: the single times stand
+            return mine
+        before = {id(r) for r in self.records[:at]}
+        out = []
+        for r in mine:
+            times = retimed.get((r["algorithm"], knob_key(r["knobs"])))
+            if id(r) not in before:
+                out.append(r)
+            elif times is not None:
+                out.append({**r, "time_ms": float(np.median(times)), "single_ms": r.get("time_ms"), "rounds_ms": times})
+        return out
+
     def mark_done(self, phase: str) -> None:
         if phase not in self.done_phases:
             self.append({"done": phase})
+
+
+def _is_recheck(rec: dict) -> bool:
+    c = rec.get("candidates")
+    return isinstance(rec["recheck"], str) and isinstance(c, list) and all(
+        isinstance(x, dict) and isinstance(x.get("algorithm"), str) and isinstance(x.get("knobs"), dict)
+        and (isinstance(x.get("times_ms"), list) or "error" in x) for x in c)

@@ -14,6 +14,7 @@ KNOB_TRIALS = 6     # configs measured per (workload, hand-scheduled kernel) by 
 MARGIN = 0.03       # the share by which sparse must beat dense, and knobs their defaults (choose)
 TOP_K, EXPLORE = 4, 1  # the model search: per workload, the best predicted and the random others measured
 POOL_PER_TRIAL = 4  # a hand-scheduled kernel's pool: this many configs per measured one
+RECHECK_BAND, RECHECK_MOST = 0.25, 6  # re-timed in rounds: up to this many within this share of the fastest
 
 
 def in_nchw(algorithm: str, spec: Conv2DSpec, knobs: dict) -> bool:
@@ -65,6 +66,30 @@ def _completed(algorithm: str, spec, knobs: dict, target) -> dict | None:
         return get_algorithm(algorithm).knobs(spec, knobs, target)
     except ValueError:
         return None
+
+
+def contenders(recs: list[dict], spec, target, band: float = RECHECK_BAND, most: int = RECHECK_MOST) -> list[dict]:
+    """The timed records in NCHW of one layer that the tuner re-times in interleaved rounds
+    (Tuner.recheck) before it chooses: the ``most`` fastest within ``band`` of the fastest, then
+    the fastest dense one and the defaults' record of each algorithm among them (``choose``
+    weighs every candidate against both). Empty when that is fewer than two.
+
+    The band is wide because a single time can be that far off: on a VM, the same layer was
+    logged at 14 and at 27 ms a minute apart."""
+    timed = sorted((r for r in recs if r.get("time_ms") and r["time_ms"] < float("inf")
+                    and in_nchw(r["algorithm"], spec, r["knobs"])), key=lambda r: r["time_ms"])
+    if not timed:
+        return []
+    out = [r for r in timed if r["time_ms"] <= timed[0]["time_ms"] * (1 + band)][:most]
+    extra = [next((r for r in timed if r["algorithm"] in DENSE), None)]
+    for a in dict.fromkeys(r["algorithm"] for r in out):
+        defaults = get_algorithm(a).knobs(spec, None, target)
+        extra.append(next((r for r in timed if r["algorithm"] == a
+                           and _completed(a, spec, r["knobs"], target) == defaults), None))
+    for r in extra:
+        if r is not None and all(r is not o for o in out):
+            out.append(r)
+    return out if len(out) > 1 else []
 
 
 def choose(recs: list[dict], spec, margin: float, target,

@@ -14,7 +14,8 @@ inputs), ``trials.jsonl`` (every measured candidate, and each layout transform t
 ``database/`` (MetaSchedule JSON database), ``plan.json``, ``layouts.json`` (the layouts
 chosen and what they cost, layouts.py), ``refine.json`` and ``report.md`` with plots.
 
-The algorithms and tiles are chosen with every layer in NCHW; then the layouts (NCHW or
+The algorithms and tiles are chosen with every layer in NCHW, the close candidates of each layer
+re-timed in interleaved rounds first (recheck); then the layouts (NCHW or
 channel blocks) of the layers whose algorithm takes blocks (dense; grouped on depthwise
 layers) for the whole model, the transforms between them counted
 (layouts.py); then refine.
@@ -32,7 +33,6 @@ the records leave), each measurement (trials.jsonl), and each refine build, lap 
 from __future__ import annotations
 
 import copy
-import gc
 import hashlib
 import json
 import math
@@ -45,21 +45,22 @@ import numpy as np
 
 from .. import interrupt
 from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, get_algorithm
-from ..build import CACHE_MODES, CompiledLayer, CompiledTransform
-from ..conv import Epilogue
+from ..build import CACHE_MODES
 from ..cpu import cpu_of
 from ..frontend import Model
 from ..layout import NCHW
-from ..measure import Progress, max_abs_error, tolerance
+from ..measure import Progress, tolerance
 from ..passes import LayoutGraph
 from ..plan import Plan, PlanLayer
 from ..profile import channel_stats, profile
 from ..target import make_target
 from ..worker import Cached, CandidateCrash, shared_worker
+from .jobs import measure_candidate, measure_transform, time_in_rounds
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
 from .layouts import TRANSFORM, assign, assignment_cost, blocked_notes, fastest_per_pair, finite, layout_options
 from .log import TuningLog, write_atomically
-from .space import EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, dense_alternative, in_nchw, supports
+from .space import (EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, contenders, dense_alternative, in_nchw,
+                    supports)
 from .workloads import Workload, extract_workloads
 
 SEARCHES = ("model", "exhaustive")
@@ -83,50 +84,11 @@ class TuneConfig:
     layouts: bool = True           # then choose the layers' layouts, NCHW or channel blocks (layouts.py)
     refine: bool = True            # then choose the dense layers' thread splits inside the model
     refine_rounds: int = 7         # refine's interleaved end-to-end rounds
+    recheck_rounds: int = 5        # the close candidates of each layer re-timed in this many interleaved
+                                   # rounds before the selection (Tuner.recheck; < 2: not re-timed)
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
     candidate_timeout: float | None = None  # s per candidate; None: worker.py's default (600)
-
-
-def measure_transform(shape, src: str, dst: str, target: str, repeat: int, cache: str) -> dict:
-    """Build the layout transform of an NCHW tensor of ``shape`` from ``src`` to ``dst``, check it
-    against the NumPy twin and time it as a candidate's stage: the job Tuner._transform_ms runs
-    in the worker."""
-    from ..reference.layout import to_layout
-
-    t = CompiledTransform(shape, src, dst, target)
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    if not np.array_equal(t(x), to_layout(x, dst)):
-        return {"error": "wrong result"}
-    return {"time_ms": t.time(x, repeat=repeat, cache=cache).total_ms}
-
-
-def measure_candidate(a: str, spec, weight, bias, epilogue: Epilogue, target: str, knobs: dict, db: str | None,
-                      x: np.ndarray, ref: np.ndarray, tol: float, repeat: int, cache: str, rpc) -> dict:
-    """Build one candidate, check it against ``ref`` and time it: the job Tuner._measure_one runs
-    in the worker. Over RPC, ``rpc`` (host, port, key) opens a session from the tracker in this
-    process, one per candidate (a session does not cross processes, and its server-side timeout
-    then bounds one candidate, not the whole tune); the build still runs here, isolated."""
-    session = None
-    if rpc:
-        from tvm import rpc as tvm_rpc
-
-        host, port, key = rpc
-        session = tvm_rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=600)
-    try:
-        layer = CompiledLayer(a, spec, weight, bias, epilogue.relu, target, knobs, db, session, clip=epilogue.clip,
-                              gate=epilogue.gate, slope=epilogue.slope)
-        err = max_abs_error(layer(x), ref)
-        if not err <= tol:
-            return {"error": f"wrong result: max abs error {err:.3g}", "max_abs_error": err}
-        t = layer.time(x, repeat=repeat, cache=cache)
-        st = layer.storage()
-        return {"time_ms": t.total_ms, "encode_ms": t.encode_ms, "multiply_ms": t.multiply_ms,
-                "max_abs_error": err, "stored_elements": st.elements, "stored_bytes": st.bytes}
-    finally:
-        if session is not None:  # the remote module holds its session in a reference cycle: free
-            layer = session = None  # the server now, not at some later collection (the next
-            gc.collect()  # candidate would wait for a server until this one's session timed out)
 
 
 class Tuner:
@@ -140,6 +102,8 @@ class Tuner:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cfg.cache!r}")
         if self.cfg.refine_rounds < 1:
             raise ValueError(f"refine_rounds must be >= 1, got {self.cfg.refine_rounds}")
+        if self.cfg.recheck_rounds < 0:
+            raise ValueError(f"recheck_rounds must be >= 0 (0: no recheck), got {self.cfg.recheck_rounds}")
         if self.cfg.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.cfg.search!r}")
         if self.cfg.top_k < 1 or self.cfg.explore < 0:
@@ -190,6 +154,7 @@ class Tuner:
         if self.cfg.trials > 0 and any(a in METASCHEDULE for a in self.cfg.algorithms):
             self.metaschedule(workloads)
         self.measure(workloads)
+        self.recheck(workloads)
         plan = self.select(workloads)
         if self.cfg.layouts:
             plan = self.layouts(plan)
@@ -375,14 +340,58 @@ class Tuner:
                 self.say(f"{w.id} {a} {knobs}: candidate crashed, recorded as failed: {e}")
         return rec
 
+    def recheck(self, workloads: list[Workload]) -> None:
+        """Per workload, its close candidates (space.contenders) built side by side in one worker
+        job and timed in ``recheck_rounds`` interleaved rounds (jobs.time_in_rounds); the log keeps
+        each one's times, and the selection takes their medians (TuningLog.timed).
+
+        The measure phase times each candidate once, one after another, up to minutes apart; on a
+        machine whose speed drifts (a VM's neighbours), two candidates a few percent apart rank by
+        the minute they ran in. Timed in turn within seconds, they see the same machine."""
+        rounds = self.cfg.recheck_rounds
+        if rounds < 2:
+            return
+        todo = [(w, cs) for w in workloads if w.id not in self.trials.rechecks
+                for cs in [contenders([r for r in self.trials.records if r["workload"] == w.id], w.spec, self.target)]
+                if cs]
+        if not todo:
+            return
+        worker = shared_worker()
+        p = Progress("recheck", sum(len(cs) for _, cs in todo))
+        for w, cs in todo:
+            if self.deadline and time.monotonic() > self.deadline:
+                p.step(f"{w.id}: budget spent, not re-timed", n=len(cs))
+                continue
+            ref = w.reference()
+            try:
+                res = worker.call(time_in_rounds, [(r["algorithm"], r["knobs"], self.db_dir if r["algorithm"] in METASCHEDULE
+                                                    else None) for r in cs],
+                                  w.spec, Cached(w.weight), w.bias, w.epilogue, str(self.target), Cached(w.x), Cached(ref),
+                                  tolerance(w.spec, ref), self.cfg.repeat, self.cfg.cache, rounds, self.cfg.rpc,
+                                  timeout=(self.cfg.candidate_timeout or worker.timeout) * len(cs))
+            except Exception as e:  # a crash or hang of the job: the single times stand
+                interrupt.check()
+                err = f"{type(e).__name__}: {str(e).strip()[-300:]}"
+                self.say(f"{w.id}: recheck failed, the single times stand: {err}")
+                res = [{"error": err}] * len(cs)
+            before = choose(self.trials.timed(w.id), w.spec, self.cfg.margin, self.target)[0]
+            self.trials.append({"recheck": w.id, "rounds": rounds, "candidates": [
+                {"algorithm": r["algorithm"], "knobs": r["knobs"], **x} for r, x in zip(cs, res)]})
+            after = choose(self.trials.timed(w.id), w.spec, self.cfg.margin, self.target)[0]
+            changed = after is not None and before is not None and (after["algorithm"], after["knobs"]) != (
+                before["algorithm"], before["knobs"])
+            p.step(f"{w.id}: {len(cs)} candidates in {rounds} rounds"
+                   + (f", now {after['algorithm']} {after['knobs']} ({after['time_ms']:.3f} ms) in place of "
+                      f"{before['algorithm']} {before['knobs']} ({before['time_ms']:.3f} ms alone)" if changed else ""),
+                   n=len(cs))
+
     def select(self, workloads: list[Workload]) -> Plan:
-        """Per workload the fastest measured candidate with x and y in NCHW; sparse must win by
-        ``margin``."""
+        """Per workload the fastest measured candidate with x and y in NCHW, by the medians of its
+        recheck where it had one (TuningLog.timed); sparse must win by ``margin``."""
         sites = self.model.sites
         by_key = {}
         for w in workloads:
-            best, best_dense = choose([r for r in self.trials.records if r["workload"] == w.id], w.spec,
-                                      self.cfg.margin, self.target)
+            best, best_dense = choose(self.trials.timed(w.id), w.spec, self.cfg.margin, self.target)
             # (algorithm, knobs, the note's measured fields)
             choice = ("direct", {}, {"time_ms": None, "dense_ms": None})
             if best is not None:
@@ -496,7 +505,7 @@ class Tuner:
 
     def _dense_knobs(self, w: Workload) -> dict:
         """dense's fastest knobs measured on ``w`` in NCHW (its defaults if none was)."""
-        recs = [r for r in self.trials.records if r["workload"] == w.id and r["algorithm"] == "dense"
+        recs = [r for r in self.trials.timed(w.id) if r["algorithm"] == "dense"
                 and finite(r.get("time_ms")) and in_nchw("dense", w.spec, r["knobs"])]
         return min(recs, key=lambda r: r["time_ms"])["knobs"] if recs else {}
 
