@@ -199,6 +199,25 @@ def test_compile_without_a_plan_takes_the_predicted_one(mixed, monkeypatch):
                                atol=1e-5 * float(np.abs(ref).max()))
 
 
+def test_the_relax_pipeline_without_a_plan_takes_the_predicted_one(mixed, monkeypatch):
+    """tvm.compile(mod, relax_pipeline="tvm_sparseconv") on a Relax module of one's own rewrites
+    its convs with the plan predicted for the target, as compile(model) does, and matches
+    onnxruntime."""
+    import tvm_sparseconv.api as api
+    from tvm_sparseconv.target import make_target
+
+    path, m = mixed
+    asked = []
+    monkeypatch.setattr(api, "predict_plan", lambda *a, **k: asked.append(a) or predict_plan(*a, **k))
+    ex = tvm.compile(m.mod, target=make_target(None), relax_pipeline="tvm_sparseconv", tir_pipeline="tvm_sparseconv")
+    x = np.maximum(np.random.default_rng(3).standard_normal((1, 8, 16, 16)), 0).astype(np.float32)
+    y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    assert len(asked) == 1 and [s.spec for s in asked[0][0].sites] == [s.spec for s in m.sites]
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose((y if hasattr(y, "numpy") else y[0]).numpy(), ref, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(ref).max()))
+
+
 def test_predicted_plan_on_a_cpu_without_a_shipped_plan(mixed, tmp_path):
     path, m = mixed
     plan = predict_plan(m, FOREIGN)

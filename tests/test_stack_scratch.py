@@ -11,7 +11,7 @@ from tvm.script import tirx as T
 
 from test_residual import block_module
 from tvm_sparseconv.build import CompiledLayer, stage_module
-from tvm_sparseconv.compile import pipeline
+from tvm_sparseconv.api import pipeline
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv.layer import synthesize_activation, synthesize_weight
 from tvm_sparseconv.passes.stack_scratch import STACK_BUFFER_BYTES, STACK_FRAME_BYTES, TIR_PIPELINE

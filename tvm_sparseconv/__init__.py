@@ -12,8 +12,8 @@ from .algorithms import ALGORITHMS, SPARSE, get_algorithm  # noqa: E402
 from .build import CompiledLayer  # noqa: E402
 from .frontend import Model, ModelError, load_model  # noqa: E402
 from .plan import Plan, PlanError  # noqa: E402
-from .compile import lower, pipeline  # noqa: E402
-from .api import compile  # noqa: E402
+from .compile import lower  # noqa: E402
+from .api import compile, pipeline  # noqa: E402
 from .tune.predict import predict_plan  # noqa: E402
 from .target import export_library  # noqa: E402
 

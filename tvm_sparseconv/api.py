@@ -1,11 +1,14 @@
-"""The Python API's compile: a model to a TVM Executable with a plan, by default the plan the
-cost model predicts for the target (tune/predict.py), which sits above compile.py's builds."""
+"""The Python API's entry points to TVM's compile: ``compile`` (a model to a TVM Executable) and
+the Relax pipeline ``"tvm_sparseconv"`` (``pipeline``), each with a plan, by default the plan the
+cost model predicts for the target (tune/predict.py, which sits above compile.py's builds)."""
 from __future__ import annotations
 
 import tvm
+from tvm import relax
 
-from .compile import build, resolve_plan
+from .compile import build, resolve_plan, rewrite
 from .frontend import Model, load_model
+from .target import make_target
 from .tune.predict import predict_plan
 
 
@@ -32,3 +35,30 @@ def compile(model, target=None, plan=None, algorithm: str | None = None, databas
     if plan is None and algorithm is None:
         plan = predict_plan(m, target)
     return build(m, resolve_plan(m, plan, algorithm, target), target, database).module
+
+
+@relax.register_pipeline("tvm_sparseconv")
+def pipeline(plan=None, algorithm: str | None = None, database=None) -> tvm.transform.Pass:
+    """The tvm-sparseconv Relax pipeline: ``tvm.compile(mod, target,
+    relax_pipeline=pipeline(plan), tir_pipeline="tvm_sparseconv")``, or
+    ``relax_pipeline="tvm_sparseconv"`` for the default plan.
+
+    ``mod``'s ``main`` has its conv layers rewritten per ``plan`` (a Plan, plan file or dict
+    made for this module) or with ``algorithm`` on every layer that supports it, as in
+    ``compile``, the rest of the graph scheduled, then TVM's default pipeline. Neither: the plan
+    predicted for the target, on ``main`` as ``load_model`` imports it (one input of static
+    shape; the weights bound as constants). The kernels are built for the target tvm.compile
+    is given. ``tir_pipeline="tvm_sparseconv"`` (passes/stack_scratch.py) puts the kernels'
+    scratch buffers on the stack; with TVM's default TIR pipeline they compute the same, more
+    slowly."""
+
+    @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv")
+    def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        target = tvm.target.Target.current(allow_none=True) or make_target(None)
+        chosen = plan
+        if plan is None and algorithm is None:
+            m = load_model(mod)
+            mod, chosen = m.mod, predict_plan(m, target)
+        return relax.get_pipeline("default")(rewrite(mod, chosen, algorithm, target, database))
+
+    return run

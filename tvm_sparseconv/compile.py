@@ -13,9 +13,8 @@ tuner and the CLI all go through it:
     build:  lower -> tvm.compile (TVM's default Relax pipeline; the TIR pipeline
             "tvm_sparseconv": TVM's default with passes/stack_scratch.py) -> an Executable
 
-The same flow is the Relax pipeline ``"tvm_sparseconv"`` (``pipeline``), so that a TVM user
-can write ``tvm.compile(mod, target, relax_pipeline=pipeline(plan), tir_pipeline="tvm_sparseconv")``
-(with TVM's default TIR pipeline the kernels compute the same, more slowly).
+``rewrite`` is lower's part for a Relax module of one's own: the Relax pipeline
+``"tvm_sparseconv"`` (api.pipeline) runs it before TVM's default.
 """
 from __future__ import annotations
 
@@ -286,23 +285,13 @@ def build_many(model: Model, plans: dict[str, Plan], target, database=None, path
             w.close()
 
 
-@relax.register_pipeline("tvm_sparseconv")
-def pipeline(plan=None, algorithm: str | None = None, database=None) -> tvm.transform.Pass:
-    """The tvm-sparseconv Relax pipeline: ``tvm.compile(mod, target, relax_pipeline=pipeline(plan))``.
-
-    ``mod``'s ``main`` has its conv layers rewritten per ``plan`` (a Plan, plan file or dict made
-    for this model), or with ``algorithm`` on every layer that supports it (default "dense";
-    ``relax_pipeline="tvm_sparseconv"`` means that), the rest of the graph scheduled, then TVM's
-    default pipeline. The kernels are built for the target tvm.compile is given; pass
-    ``tir_pipeline="tvm_sparseconv"`` too (passes/stack_scratch.py), as ``compile`` does, for
-    their scratch buffers on the stack."""
-
-    @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv")
-    def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        target = tvm.target.Target.current(allow_none=True) or make_target(None)
-        sites = find_conv_sites(mod["main"])
-        chosen = _resolve(sites, plan, None if plan is not None else (algorithm or "dense"), target)
-        mod = _lowering(chosen, sites, target, database)(mod)  # a PlanError surfaces as a RuntimeError
-        return relax.get_pipeline("default")(mod)
-
-    return run
+def rewrite(mod: tvm.IRModule, plan=None, algorithm: str | None = None, target=None,
+            database=None) -> tvm.IRModule:
+    """``mod``'s ``main`` with its conv layers rewritten per ``plan`` (a Plan, plan file or dict
+    made for this module), or with ``algorithm`` on every layer that supports it (neither:
+    "direct", TVM's conv2d), and the rest of the graph scheduled: ``lower`` for a module of
+    one's own, the Relax pipeline's part before TVM's default (api.pipeline). Run it with
+    ``target`` entered."""
+    sites = find_conv_sites(mod["main"])
+    chosen = _resolve(sites, plan, algorithm, target)
+    return _lowering(chosen, sites, target, database)(mod)  # a PlanError surfaces as a RuntimeError
