@@ -327,6 +327,42 @@ def test_refine_makes_a_sparse_layer_dense_where_dense_is_faster_inside_the_mode
     assert refine.DENSE_BUILD not in [b["name"] for b in report["builds"]] and report["dense"] == []
 
 
+def test_refine_builds_all_blocks_with_the_sparse_layers_dense_in_blocks(small_model):
+    """A plan with a sparse layer in NCHW between dense layers the layouts phase left in NCHW:
+    refine also builds "all blocks" with the sparse layer on dense in blocks ("all dense in
+    blocks"), and a report choosing it gives every layer dense in blocks, which matches
+    onnxruntime."""
+    from tvm_sparseconv.compile import resolve_plan
+    from tvm_sparseconv.cpu import cpu_of
+    from tvm_sparseconv.layout import NCHW, lanes_layout
+    from tvm_sparseconv.tune import refine
+
+    path, m, xs = small_model
+    blocks = lanes_layout(cpu_of(None))
+    plan = resolve_plan(m, None, "dense")
+    for l, lin in zip(plan.layers, (NCHW, blocks, blocks)):  # the first reads the image in NCHW
+        l.note = {"blocks_knobs": {**l.knobs, "layout_in": lin, "layout_out": blocks}}
+    sparse = plan.layers[1]  # conv001, the 1x1 at 56x56
+    # pixcsr holds no blocks: only dense's knobs, in NCHW and in blocks
+    sparse.note = {"dense_knobs": dict(sparse.knobs), "dense_blocks_knobs": sparse.note["blocks_knobs"]}
+    sparse.algorithm, sparse.knobs = "pixcsr", {}
+    _, report = refine.refine_plan(m, plan, xs[0], None, rounds=1, runs=2)
+    names = [b["name"] for b in report["builds"]]
+    assert {refine.BLOCKS_BUILD, refine.DENSE_BUILD, refine.DENSE_BLOCKS_BUILD} <= set(names)
+    built = refine.apply_report(plan, {**report, "chosen": refine.DENSE_BLOCKS_BUILD, "dense": ["conv001"],
+                                       "splits": {}})
+    assert [(l.algorithm, l.knobs["layout_out"]) for l in built.layers] == [("dense", blocks)] * 3
+    assert built.layers[1].note["sparse"] == {"algorithm": "pixcsr", "knobs": {}}
+    y = relax.VirtualMachine(tvms_compile(m, plan=built), tvm.cpu())["main"](tvm.runtime.tensor(xs[0])).numpy()
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: xs[0]})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
+    # without a sparse layer there is no such build
+    plan.layers[1].algorithm, plan.layers[1].knobs = "dense", dict(plan.layers[1].note["dense_knobs"])
+    plan.layers[1].note = {"blocks_knobs": plan.layers[1].note["dense_blocks_knobs"]}
+    _, report = refine.refine_plan(m, plan, xs[0], None, rounds=1, runs=2)
+    assert refine.DENSE_BLOCKS_BUILD not in [b["name"] for b in report["builds"]]
+
+
 def test_corrupt_or_foreign_log_is_refused(tmp_path):
     p = tmp_path / "trials.jsonl"
     p.write_text("not json\n")

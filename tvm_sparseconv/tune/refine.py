@@ -23,6 +23,10 @@ splits, so it is chosen with all of them compiled together:
    the plan with them in blocks ("all blocks"), so that the layouts, chosen from times alone,
    are checked end to end as the splits are (inside VGG-16 on the Emerald Rapids each 3x3
    layer ran 6-27 % faster in blocks, where the cost model predicted the late ones slower);
+   and with sparse layers, "all blocks" with them dense in blocks too ("all dense in blocks":
+   a sparse layer in NCHW needs a transform on each side from blocked neighbours, and faster
+   alone it may still be slower in the model: on ResNet-50-half on the Emerald Rapids that
+   build was 0.84 of a plan whose 24 hybrid layers were faster alone);
 4. the plan, and each build whose calls sum to at most ``ROUND_SLACK`` more than the lowest
    sum, timed end to end in ``rounds`` interleaved rounds (a build further behind is left out:
    on ResNet-50-half such builds were not chosen, and each costs a second a round). The build
@@ -67,6 +71,7 @@ ROUND_SLACK = 0.05  # how much more than the fastest build's calls a build may s
 NCHW_BUILD = "all nchw"  # the plan with its blocked layers back in NCHW (in_nchw)
 BLOCKS_BUILD = "all blocks"  # the plan with its layers that could take blocks in blocks (in_blocks)
 DENSE_BUILD = "sparse layers dense"  # the plan with its sparse layers on the dense kernel (with_dense)
+DENSE_BLOCKS_BUILD = "all dense in blocks"  # "all blocks" with its sparse layers on the dense kernel too
 
 
 def in_model_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict:
@@ -143,7 +148,8 @@ def in_blocks(plan: Plan) -> Plan:
     return p
 
 
-LAYOUT_BUILDS = {NCHW_BUILD: in_nchw, BLOCKS_BUILD: in_blocks}  # the builds of another layout: their base plan
+# the builds of another layout: their base plan
+LAYOUT_BUILDS = {NCHW_BUILD: in_nchw, BLOCKS_BUILD: in_blocks, DENSE_BLOCKS_BUILD: in_blocks}
 
 
 def variant(plan: Plan, v: dict) -> Plan:
@@ -293,6 +299,9 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
         if any(note in l.note for l in plan.layers):
             bases[name] = LAYOUT_BUILDS[name](plan)
             variants[name] = {"splits": dense_splits(model, bases[name], applied, target), "dense": []}
+    if sparse and BLOCKS_BUILD in variants:
+        bases[DENSE_BLOCKS_BUILD] = bases[BLOCKS_BUILD]
+        variants[DENSE_BLOCKS_BUILD] = {"splits": variants[BLOCKS_BUILD]["splits"], "dense": sparse}
     p = Progress("refine", len(variants) + 3 + rounds)  # + the per-layer laps, the mix and its times
     builds = {}
 
