@@ -25,8 +25,8 @@ splits, so it is chosen with all of them compiled together:
    layer ran 6-27 % faster in blocks, where the cost model predicted the late ones slower);
    and with sparse layers, "all blocks" with them dense in blocks too ("all dense in blocks":
    a sparse layer in NCHW needs a transform on each side from blocked neighbours, and faster
-   alone it may still be slower in the model: on ResNet-50-half on the Emerald Rapids that
-   build was 0.84 of a plan whose 24 hybrid layers were faster alone);
+   alone it may still be slower in the model: on ResNet-50-half on the Emerald Rapids, refine
+   timed that build at 0.81 of a plan whose 24 hybrid layers, each faster alone, were in NCHW);
 4. the plan, and each build whose calls sum to at most ``ROUND_SLACK`` more than the lowest
    sum, timed end to end in ``rounds`` interleaved rounds (a build further behind is left out:
    on ResNet-50-half such builds were not chosen, and each costs a second a round). The build
