@@ -192,6 +192,13 @@ def test_resume_repeats_no_finished_measurement(small_model, tmp_path):
     assert any(s.endswith("trials.jsonl: its last line was cut short by an interrupt; dropped (23 bytes)")
                for s in said)
     assert any("reusing refine.json" in s for s in said) and p2.to_dict() == p1.to_dict()  # nor refined again
+    # refine built the plan the cost model predicts at the profiled densities beside the plan's
+    # variants, unless it was the plan
+    pred = t1._predicted()
+    assert [l.key for l in pred.layers] == [s.key for s in m.sites]
+    rep = json.load(open(tmp_path / "run" / "refine.json"))
+    assert ("predicted" in [b["name"] for b in rep["builds"]]) == (
+        [[l.key, l.algorithm, l.knobs] for l in pred.layers] != rep["base"])
     assert "## Refine" in (tmp_path / "run" / "report.md").read_text()
     (tmp_path / "run" / "refine.json").write_text('{"builds": [')  # cut short
     assert "refine.json is unreadable" in open(write_report(str(tmp_path / "run"))).read()
@@ -361,6 +368,33 @@ def test_refine_builds_all_blocks_with_the_sparse_layers_dense_in_blocks(small_m
     plan.layers[1].note = {"blocks_knobs": plan.layers[1].note["dense_blocks_knobs"]}
     _, report = refine.refine_plan(m, plan, xs[0], None, rounds=1, runs=2)
     assert refine.DENSE_BLOCKS_BUILD not in [b["name"] for b in report["builds"]]
+
+
+def test_refine_builds_other_plans_beside_the_plan_and_takes_one_it_chooses(small_model, tmp_path):
+    """refine's ``others`` (the tuner's predicted plan) are built and timed beside the plan's
+    variants; a report choosing one gives that plan, also when read back from the file, and
+    another ``others`` refines afresh."""
+    from tvm_sparseconv.compile import resolve_plan
+    from tvm_sparseconv.tune import refine
+
+    path, m, xs = small_model
+    plan, other = resolve_plan(m, None, "dense"), resolve_plan(m, None, "pixcsr")
+    save = str(tmp_path / "refine.json")
+    _, report = refine.refine_plan(m, plan, xs[0], None, rounds=2, runs=2, save_to=save, others={"predicted": other})
+    by = {b["name"]: b for b in report["builds"]}
+    assert by["predicted"]["calls_ms"] > 0 and set(by["predicted"]["layer_ms"]) == {l.key for l in other.layers}
+    chose = {**report, "chosen": "predicted", "splits": {}, "dense": []}
+    got = refine.apply_report(plan, chose, {"predicted": other})
+    assert [(l.algorithm, l.knobs) for l in got.layers] == [(l.algorithm, l.knobs) for l in other.layers]
+    said = []
+    again, _ = refine.refine_plan(m, plan, xs[0], None, rounds=2, runs=2, save_to=save, log=said.append,
+                                  others={"predicted": other})
+    assert any("done in an earlier run" in s for s in said)
+    assert [(l.algorithm, l.knobs) for l in again.layers] == [
+        (l.algorithm, l.knobs) for l in refine.apply_report(plan, report, {"predicted": other}).layers]
+    said.clear()
+    refine.refine_plan(m, plan, xs[0], None, rounds=1, runs=2, save_to=save, log=said.append)
+    assert any("made for another plan" in s for s in said)
 
 
 def test_corrupt_or_foreign_log_is_refused(tmp_path):

@@ -157,12 +157,16 @@ def variant(plan: Plan, v: dict) -> Plan:
     return with_splits(with_dense(plan, v["dense"]), v["splits"])
 
 
-def apply_report(plan: Plan, report: dict) -> Plan:
+def apply_report(plan: Plan, report: dict, others: dict[str, Plan] | None = None) -> Plan:
     """``plan`` with a refine report's chosen splits and sparse layers made dense (in the
     layouts of "all nchw" or "all blocks" if it chose one), each such layer's in-model ms in its
-    note."""
+    note; or, if it chose one of ``others`` (refine_plan's), that plan."""
     chosen = {"splits": report["splits"], "dense": report.get("dense", [])}
-    out = variant(LAYOUT_BUILDS.get(report["chosen"], lambda p: p)(plan), chosen)
+    if report["chosen"] in (others or {}):
+        base = others[report["chosen"]]
+    else:
+        base = LAYOUT_BUILDS.get(report["chosen"], lambda p: p)(plan)
+    out = variant(base, chosen)
     out.model = {**out.model, "refined": report["chosen"]}  # the build refine kept, end to end
     layer = next((b["layer_ms"] for b in report["builds"] if b["name"] == report["chosen"]), {})
     for l in out.layers:
@@ -260,8 +264,13 @@ class Saved:
 
 
 def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7, runs: int = 20,
-                margin: float = 0.02, log=lambda s: None, save_to: str | None = None) -> tuple[Plan, dict]:
+                margin: float = 0.02, log=lambda s: None, save_to: str | None = None,
+                others: dict[str, Plan] | None = None) -> tuple[Plan, dict]:
     """(the fastest of the plan and its variants end to end, a report).
+
+    ``others``: {name: plan} built and timed beside them as they are (the tuner's: the plan the
+    cost model predicts, so that a tune never ends slower than its prediction where refine can
+    tell).
 
     ``x``: one real input (the model's input shape). Report: ``builds``, per build its name,
     median ms end to end (None if it was left out of the rounds), the median ms of all its calls
@@ -275,17 +284,19 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     target = make_target(target)
     x = np.ascontiguousarray(x, np.float32)
     saved = Saved(save_to, {"base": [[l.key, l.algorithm, l.knobs] for l in plan.layers], "target": str(target),
-                            "input": hashlib.sha1(x.tobytes()).hexdigest(), "runs": runs, "format": FORMAT}, log)
+                            "input": hashlib.sha1(x.tobytes()).hexdigest(), "runs": runs, "format": FORMAT,
+                            "others": {n: [[l.key, l.algorithm, l.knobs] for l in o.layers]
+                                       for n, o in (others or {}).items()}}, log)
     if saved.report is not None:
         log(f"refine: done in an earlier run ({saved.report['chosen']}), reusing {os.path.basename(save_to)}")
-        return apply_report(plan, saved.report), saved.report
+        return apply_report(plan, saved.report, others), saved.report
     nothing = {"builds": [], "chosen": "plan", "splits": {}, "dense": [],
                "why": "no layer on the dense kernel, and no sparse layer with dense knobs"}
     applied = {l.key: l.algorithm for l in plan.layers}  # what the plan asks for, before any build
     requested = dense_splits(model, plan, applied, target)
     sparse = [l.key for l in plan.layers if get_algorithm(l.algorithm).sparse
               and ("dense_knobs" in l.note or "dense_blocks_knobs" in l.note)]
-    if not requested and not sparse:  # nothing to compile for
+    if not requested and not sparse and not others:  # nothing to compile for
         return plan, saved.finish(nothing)
     xt = tvm.runtime.tensor(x)
     variants = {"plan": {"splits": requested, "dense": []}}
@@ -302,6 +313,8 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
     if sparse and BLOCKS_BUILD in variants:
         bases[DENSE_BLOCKS_BUILD] = bases[BLOCKS_BUILD]
         variants[DENSE_BLOCKS_BUILD] = {"splits": variants[BLOCKS_BUILD]["splits"], "dense": sparse}
+    for name, other in (others or {}).items():
+        bases[name], variants[name] = other, {"splits": {}, "dense": []}
     p = Progress("refine", len(variants) + 3 + rounds)  # + the per-layer laps, the mix and its times
     builds = {}
 
@@ -395,4 +408,4 @@ def refine_plan(model: Model, plan: Plan, x: np.ndarray, target, rounds: int = 7
               "chosen": chosen, "splits": variants[chosen]["splits"], "dense": variants[chosen]["dense"],
               "mix": variants.get("mix", {}).get("splits", {}), "mix_dense": variants.get("mix", {}).get("dense", []),
               "round_ms": {n: times[:, j].tolist() for j, n in enumerate(names)}}
-    return apply_report(plan, report), saved.finish(report)
+    return apply_report(plan, report, others), saved.finish(report)
