@@ -24,6 +24,7 @@ from tvm_sparseconv.models import KNOWN_MODELS
 from tvm_sparseconv.plan import Plan
 from tvm_sparseconv.shipped import shipped_plan
 from tvm_sparseconv.tune import cost_model as cm
+from tvm_sparseconv.tune.log import TuningLog
 from tvm_sparseconv.tune.cost_model import (Candidate, CostModel, CostModelError, Density, RefitModel, TrainingRun,
                                             load_cost_model, roofline_ms, shipped_runs)
 from tvm_sparseconv.tune.evaluate import held_out_scores, offline
@@ -180,6 +181,24 @@ def _assert_valid(plan: Plan, m, target):
         assert full == l.knobs  # complete, every knob known
         if not a.metaschedule:
             a.constants(s.spec, np.zeros(s.spec.w_shape, np.float32), None, full)
+
+
+def test_a_retimed_candidate_trains_on_the_median_of_its_rounds(tmp_path):
+    """A tuning run whose log re-timed a candidate (Tuner.recheck) gives the cost model that
+    candidate's median as its time, the others their single times."""
+    import shutil
+
+    src = shipped_runs()[0]
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    before = TrainingRun.read(str(run))
+    log = TuningLog.read(str(run / "trials.jsonl"))
+    first = next(r for r in log.records if r.get("time_ms") and r["algorithm"] in REGISTRY)
+    log.append({"recheck": first["workload"], "rounds": 3, "candidates": [
+        {"algorithm": first["algorithm"], "knobs": first["knobs"], "times_ms": [7.0, 9.0, 8.0]}]})
+    after = TrainingRun.read(str(run))
+    changed = [(a[1], b[1]) for a, b in zip(before.rows, after.rows) if a[1] != b[1]]
+    assert len(after.rows) == len(before.rows) and changed == [(first["time_ms"], 8.0)]
 
 
 def test_compile_without_a_plan_takes_the_predicted_one(mixed, monkeypatch):

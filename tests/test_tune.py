@@ -126,6 +126,8 @@ def test_recheck_contenders_and_the_times_the_selection_sees(tmp_path):
     timed = TuningLog(log.path, {"model": "m", "target": "t"}).timed("w")  # read back from the file
     assert [(r["knobs"], r["time_ms"]) for r in timed] == [(h2, 1.5), (hd, 1.25), ({**p2, "rows": 2}, 1.1)]
     assert timed[0]["single_ms"] == 1.0 and timed[0]["rounds_ms"] == [1.5, 1.4, 1.6]
+    back = TuningLog(log.path, {"model": "m", "target": "t"})
+    assert [back.median_ms(r) for r in recs[:3]] == [1.5, 1.25, 1.3]  # pixcsr was not re-timed
     assert choose(timed, spec, 0.03, None)[0]["algorithm"] == "pixcsr"
     assert choose(timed[:2], spec, 0.03, None)[0]["knobs"] == hd  # in rounds, the defaults were faster
     failed = TuningLog(str(tmp_path / "f.jsonl"), {"model": "m", "target": "t"})

@@ -235,8 +235,10 @@ class TrainingRun:
                         float(np.mean([l["zero_channel_share"] for l in ls])))
             ep = Epilogue(bias=l0["bias"], relu=l0["relu"], clip=l0.get("clip"), gate=l0.get("gate"),
                           slope=l0.get("slope"))
+            # a re-timed candidate's label is the median of its rounds (Tuner.recheck): the single
+            # time of a candidate may be a slow minute's
             rows.append((Candidate(r["algorithm"], dict(r["knobs"]), Conv2DSpec.from_dict(l0["spec"]), d, cpu, ep),
-                         float(r["time_ms"]), r["workload"]))
+                         float(log.median_ms(r)), r["workload"]))
         try:
             name = "shipped/" + folder.resolve().relative_to(SHIPPED).as_posix()
         except ValueError:

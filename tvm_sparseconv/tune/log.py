@@ -150,6 +150,20 @@ class TuningLog:
                 return r
         return None
 
+    def _rounds(self, rec: dict) -> list[float] | None:
+        """The recheck rounds of a measured record (Tuner.recheck), None if it had none."""
+        entry = self.rechecks.get(rec["workload"])
+        key = knob_key(rec["knobs"])
+        return next((c["times_ms"] for c in (entry[1]["candidates"] if entry else [])
+                     if c.get("times_ms") and c["algorithm"] == rec["algorithm"] and knob_key(c["knobs"]) == key),
+                    None)
+
+    def median_ms(self, rec: dict) -> float | None:
+        """A measured record's time: the median of its recheck rounds if it was re-timed, else
+        its single time."""
+        rounds = self._rounds(rec)
+        return float(np.median(rounds)) if rounds else rec.get("time_ms")
+
     def timed(self, workload: str) -> list[dict]:
         """The records of ``workload``, as the selection sees them: where its close candidates were
         re-timed in rounds (Tuner.recheck), those candidates, each with the median of its rounds as
@@ -157,21 +171,16 @@ class TuningLog:
         logged before the recheck (those it left out were further from the fastest than its band);
         the records logged after it (a resumed run with more budget) as they are."""
         mine = [r for r in self.records if r["workload"] == workload]
-        if workload not in self.rechecks:
-            return mine
-        at, rec = self.rechecks[workload]
-        retimed = {(c["algorithm"], knob_key(c["knobs"])): c["times_ms"] for c in rec["candidates"]
-                   if c.get("times_ms")}
-        if not retimed:  # the recheck failed as a whole: the single times stand
-            return mine
-        before = {id(r) for r in self.records[:at]}
+        if workload not in self.rechecks or not any(c.get("times_ms") for c in self.rechecks[workload][1]["candidates"]):
+            return mine  # none, or it failed as a whole: the single times stand
+        before = {id(r) for r in self.records[: self.rechecks[workload][0]]}
         out = []
         for r in mine:
-            times = retimed.get((r["algorithm"], knob_key(r["knobs"])))
+            rounds = self._rounds(r)
             if id(r) not in before:
                 out.append(r)
-            elif times is not None:
-                out.append({**r, "time_ms": float(np.median(times)), "single_ms": r.get("time_ms"), "rounds_ms": times})
+            elif rounds:
+                out.append({**r, "time_ms": float(np.median(rounds)), "single_ms": r.get("time_ms"), "rounds_ms": rounds})
         return out
 
     def mark_done(self, phase: str) -> None:
