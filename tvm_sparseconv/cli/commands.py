@@ -301,7 +301,8 @@ def cmd_tune(args) -> int:
     algorithms = tuple(a.strip() for a in args.algorithms.split(",")) if args.algorithms != "all" else None
     cfg = TuneConfig(trials=args.trials, knob_trials=args.knob_trials, budget_minutes=args.budget_minutes,
                      rpc=rpc, cache=args.cache, layouts=not args.no_layouts, refine=not args.no_refine,
-                     refine_rounds=args.refine_rounds, recheck_rounds=args.recheck_rounds, search="exhaustive" if args.exhaustive else "model",
+                     refine_rounds=args.refine_rounds, recheck_rounds=args.recheck_rounds,
+                     search="exhaustive" if args.exhaustive else "model",
                      top_k=args.top_k, explore=args.explore, cost_model=args.cost_model,
                      **({"algorithms": algorithms} if algorithms else {}))
     _log(f"tuning {args.model} into {run_dir}")

@@ -171,16 +171,18 @@ class TuningLog:
         logged before the recheck (those it left out were further from the fastest than its band);
         the records logged after it (a resumed run with more budget) as they are."""
         mine = [r for r in self.records if r["workload"] == workload]
-        if workload not in self.rechecks or not any(c.get("times_ms") for c in self.rechecks[workload][1]["candidates"]):
+        at, rec = self.rechecks.get(workload, (0, {"candidates": []}))
+        if not any(c.get("times_ms") for c in rec["candidates"]):
             return mine  # none, or it failed as a whole: the single times stand
-        before = {id(r) for r in self.records[: self.rechecks[workload][0]]}
+        before = {id(r) for r in self.records[:at]}
         out = []
         for r in mine:
             rounds = self._rounds(r)
             if id(r) not in before:
                 out.append(r)
             elif rounds:
-                out.append({**r, "time_ms": float(np.median(rounds)), "single_ms": r.get("time_ms"), "rounds_ms": rounds})
+                out.append({**r, "time_ms": float(np.median(rounds)), "single_ms": r.get("time_ms"),
+                            "rounds_ms": rounds})
         return out
 
     def mark_done(self, phase: str) -> None:

@@ -365,12 +365,11 @@ class Tuner:
                 p.step(f"{w.id}: budget spent, not re-timed", n=len(cs))
                 continue
             ref = w.reference()
+            jobs = [(r["algorithm"], r["knobs"], self.db_dir if r["algorithm"] in METASCHEDULE else None) for r in cs]
             try:
-                res = worker.call(time_in_rounds, [(r["algorithm"], r["knobs"], self.db_dir if r["algorithm"] in METASCHEDULE
-                                                    else None) for r in cs],
-                                  w.spec, Cached(w.weight), w.bias, w.epilogue, str(self.target), Cached(w.x), Cached(ref),
-                                  tolerance(w.spec, ref), self.cfg.repeat, self.cfg.cache, rounds, self.cfg.rpc,
-                                  timeout=(self.cfg.candidate_timeout or worker.timeout) * len(cs))
+                res = worker.call(time_in_rounds, jobs, w.spec, Cached(w.weight), w.bias, w.epilogue, str(self.target),
+                                  Cached(w.x), Cached(ref), tolerance(w.spec, ref), self.cfg.repeat, self.cfg.cache,
+                                  rounds, self.cfg.rpc, timeout=(self.cfg.candidate_timeout or worker.timeout) * len(cs))
             except Exception as e:  # a crash or hang of the job: the single times stand
                 interrupt.check()
                 err = f"{type(e).__name__}: {str(e).strip()[-300:]}"
