@@ -29,7 +29,7 @@ SEED = int(os.environ.get("TVMS_INTERRUPT_SEED", "20261202"))  # a failure names
 # few candidates, refine with 2 rounds: the whole tune is about a minute on 2 cores
 SPEC = Conv2DSpec.from_shapes((1, 8, 10, 10), (16, 8, 3, 3), 1, 1, 1)
 TUNE = ["--images", "skimage:astronaut", "--knob-trials", "1", "--algorithms", "dense,halo", "--top-k", "2",
-        "--refine-rounds", "2"]
+        "--refine-rounds", "2", "--recheck-rounds", "2"]
 
 
 class Tune:
