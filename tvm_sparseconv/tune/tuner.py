@@ -87,7 +87,7 @@ class TuneConfig:
     refine: bool = True            # then choose the dense layers' thread splits inside the model
     refine_rounds: int = 7         # refine's interleaved end-to-end rounds
     recheck_rounds: int = 5        # the close candidates of each layer re-timed in this many interleaved
-                                   # rounds before the selection (Tuner.recheck; < 2: not re-timed)
+                                   # rounds before the selection (Tuner.recheck; 0: not re-timed)
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
     candidate_timeout: float | None = None  # s per candidate; None: worker.py's default (600)
@@ -351,7 +351,7 @@ class Tuner:
         machine whose speed drifts (a VM's neighbours), two candidates a few percent apart rank by
         the minute they ran in. Timed in turn within seconds, they see the same machine."""
         rounds = self.cfg.recheck_rounds
-        if rounds < 2:
+        if rounds < 1:
             return
         todo = [(w, cs) for w in workloads if w.id not in self.trials.rechecks
                 for cs in [contenders([r for r in self.trials.records if r["workload"] == w.id], w.spec, self.target)]
