@@ -265,12 +265,23 @@ def cmd_memory(args) -> int:
 
 
 def cmd_refine(args) -> int:
-    from ..tune.refine import refine_plan
+    from ..tune.cost_model import CostModelError
+    from ..tune.predict import predict_plan
+    from ..tune.refine import beside_prediction, refine_plan
 
     model, pre, _ = _load_model(args)
-    x = _samples(args, model, pre)[0]
+    samples = _samples(args, model, pre)
     plan = _plan_for(args, model, pre)
-    refined, report = refine_plan(model, plan, x, args.target, rounds=args.rounds, log=_log)
+    others = {}
+    if plan.model.get("plan") != "predicted":  # a given or shipped plan: is the prediction faster here?
+        try:
+            others = beside_prediction(plan, predict_plan(model, args.target, samples, args.cost_model,
+                                                          fallback=False))
+        except CostModelError as e:
+            if args.cost_model:  # named on the command line: an error, as everywhere
+                raise
+            _log(f"refine: no predicted plan to build beside the plan ({e})")
+    refined, report = refine_plan(model, plan, samples[0], args.target, rounds=args.rounds, log=_log, others=others)
     refined.save(args.output)
     with open(args.output + ".refine.json", "w") as f:
         json.dump(report, f, indent=1)

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(layers timed alone cannot see where their input sits); write a plan")
     _model_args(ref)
     ref.add_argument("--plan", default=None, help="plan JSON (default: the shipped plan for this model, else a "
-                     "predicted one)")
+                     "predicted one); a given or shipped plan is also timed against the predicted plan")
     _cost_model_arg(ref)
     ref.add_argument("--rounds", type=int, default=7, help="interleaved end-to-end rounds (default %(default)s)")
     ref.add_argument("-o", "--output", required=True, help="the refined plan's .json")

@@ -72,6 +72,7 @@ NCHW_BUILD = "all nchw"  # the plan with its blocked layers back in NCHW (in_nch
 BLOCKS_BUILD = "all blocks"  # the plan with its layers that could take blocks in blocks (in_blocks)
 DENSE_BUILD = "sparse layers dense"  # the plan with its sparse layers on the dense kernel (with_dense)
 DENSE_BLOCKS_BUILD = "all dense in blocks"  # "all blocks" with its sparse layers on the dense kernel too
+PREDICTED_BUILD = "predicted"  # the plan the cost model predicts, built beside a tuned or given one
 
 
 def in_model_ms(b: Build, x: tvm.runtime.Tensor, runs: int = 20) -> dict:
@@ -150,6 +151,15 @@ def in_blocks(plan: Plan) -> Plan:
 
 # the builds of another layout: their base plan
 LAYOUT_BUILDS = {NCHW_BUILD: in_nchw, BLOCKS_BUILD: in_blocks, DENSE_BLOCKS_BUILD: in_blocks}
+
+
+def beside_prediction(plan: Plan, predicted: Plan | None) -> dict[str, Plan]:
+    """refine_plan's ``others`` that put the cost model's prediction beside ``plan``: {} when
+    there is none or it is ``plan`` itself (the same algorithm and knobs on every layer)."""
+    if predicted is None or [(l.algorithm, l.knobs) for l in predicted.layers] == [
+            (l.algorithm, l.knobs) for l in plan.layers]:
+        return {}
+    return {PREDICTED_BUILD: predicted}
 
 
 def variant(plan: Plan, v: dict) -> Plan:

@@ -65,7 +65,6 @@ from .space import (EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, con
 from .workloads import Workload, extract_workloads
 
 SEARCHES = ("model", "exhaustive")
-PREDICTED_BUILD = "predicted"  # refine's build of the plan the cost model predicts (Tuner.refine)
 
 
 @dataclass
@@ -548,14 +547,12 @@ class Tuner:
         the plan's variants it builds the plan the cost model predicts ("predicted"): a tune
         whose times alone mislead it (on ResNet-50-half on the Emerald Rapids, its plan ran 1.10x
         the predicted one's time) ends no slower than the prediction, where refine can tell."""
-        from .refine import refine_plan
+        from .refine import beside_prediction, refine_plan
 
         if self.cfg.rpc:
             self.say("refine: skipped (it times the model on this machine, the candidates ran over RPC)")
             return plan
-        predicted = self._predicted()
-        others = {PREDICTED_BUILD: predicted} if predicted is not None and [
-            (l.algorithm, l.knobs) for l in predicted.layers] != [(l.algorithm, l.knobs) for l in plan.layers] else {}
+        others = beside_prediction(plan, self._predicted())
         refined, _ = refine_plan(self.model, plan, self.samples[0], self.target, rounds=self.cfg.refine_rounds,
                                  log=self.say, save_to=os.path.join(self.run_dir, "refine.json"), others=others)
         refined.save(os.path.join(self.run_dir, "plan.json"))
