@@ -151,10 +151,23 @@ def test_layouts_phase_offers_dense_blocks_to_sparse_layers(block_model, tmp_pat
 
     m, x, ref = block_model
     run = tmp_path / "run"
-    cfg = TuneConfig(knob_trials=1, algorithms=("dense", "pixcsr"), refine=False, repeat=2, margin=-10.0)
+    cfg = TuneConfig(knob_trials=1, algorithms=("dense", "pixcsr"), refine=False, repeat=2, margin=-10.0,
+                     recheck_rounds=2)
     tuner = Tuner(m, [x], str(run), config=cfg, model_name="block")
     plan = tuner.run()
     records = tuner.trials.records
+    # each layer's fastest candidate per pair and its own in NCHW were re-timed together in
+    # rounds, and the layouts chose by their medians
+    rechecked = tuner.trials.layout_rechecks
+    for l in plan.layers:
+        if "layout_ms" not in l.note:
+            continue
+        rec = rechecked[l.note["workload"]]
+        assert rec["rounds"] == 2 and all(len(c["times_ms"]) == 2 for c in rec["candidates"])
+        own = next(c for c in rec["candidates"] if c["algorithm"] == l.algorithm and c["knobs"] == l.knobs)
+        assert l.note["time_ms"] == pytest.approx(float(np.median(own["times_ms"])))
+        pair = f'{l.knobs.get("layout_in", NCHW)}->{l.knobs.get("layout_out", NCHW)}'
+        assert l.note["layout_ms"][pair] == l.note["time_ms"]
     sparse_wl = {r["workload"] for r in records if r["algorithm"] == "pixcsr" and r.get("time_ms")}
     assert sparse_wl
     for wl in sparse_wl:
@@ -180,7 +193,7 @@ def test_tuner_chooses_layouts_that_compile_and_match_onnxruntime(block_model, t
     output onnxruntime's; a second run measures nothing again."""
     m, x, ref = block_model
     run = tmp_path / "run"
-    cfg = TuneConfig(knob_trials=1, algorithms=("dense",), refine=False, repeat=2)
+    cfg = TuneConfig(knob_trials=1, algorithms=("dense",), refine=False, repeat=2, recheck_rounds=2)
     plan = Tuner(m, [x], str(run), config=cfg, model_name="block").run()
     lay = json.loads((run / "layouts.json").read_text())
     assert {k: tuple(v) for k, v in lay["layouts"].items()} == plan.layouts()

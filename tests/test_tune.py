@@ -130,6 +130,13 @@ def test_recheck_contenders_and_the_times_the_selection_sees(tmp_path):
     assert [back.median_ms(r) for r in recs[:3]] == [1.5, 1.25, 1.3]  # pixcsr was not re-timed
     assert choose(timed, spec, 0.03, None)[0]["algorithm"] == "pixcsr"
     assert choose(timed[:2], spec, 0.03, None)[0]["knobs"] == hd  # in rounds, the defaults were faster
+    # the layouts phase's recheck (its own rounds of pairs) is the later time of a candidate, but
+    # the selection's times stay those of its own recheck: a resumed run selects as the first did
+    log.append({"recheck": "w", "phase": "layouts", "rounds": 2, "candidates": [
+        {"algorithm": "hybrid", "knobs": hd, "times_ms": [0.9, 0.7]}]})
+    back = TuningLog(log.path, {"model": "m", "target": "t"})
+    assert back.median_ms(recs[1]) == 0.8 and back.median_ms(recs[0]) == 1.5
+    assert back.timed("w") == timed and set(back.layout_rechecks) == {"w"}
     failed = TuningLog(str(tmp_path / "f.jsonl"), {"model": "m", "target": "t"})
     failed.append(recs[0])
     failed.append({"recheck": "w", "rounds": 3, "candidates": [{"algorithm": "hybrid", "knobs": h2, "error": "x"}]})
@@ -138,6 +145,10 @@ def test_recheck_contenders_and_the_times_the_selection_sees(tmp_path):
         f.write(json.dumps({"recheck": "w", "candidates": [{"algorithm": "hybrid"}]}) + "\n")
     with pytest.raises(TuningLogError, match="line 4 is not a recheck record"):
         TuningLog(failed.path, {"model": "m", "target": "t"})
+    other = TuningLog(str(tmp_path / "o.jsonl"), {"model": "m", "target": "t"})
+    other.append({"recheck": "w", "phase": "refine", "rounds": 3, "candidates": []})
+    with pytest.raises(TuningLogError, match="line 2 is not a recheck record"):
+        TuningLog(other.path, {"model": "m", "target": "t"})
 
 
 def test_recheck_times_close_candidates_in_rounds_and_resumes(small_model, tmp_path):

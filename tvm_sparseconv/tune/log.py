@@ -6,7 +6,8 @@ measured candidate: {"workload", "algorithm", "knobs", "time_ms", "encode_ms",
 "multiply_ms", "max_abs_error", "error"}, a phase marker {"done": "<phase>"}, or the
 interleaved re-timing of one workload's close candidates {"recheck": "<workload>", "rounds",
 "candidates": [{"algorithm", "knobs", "times_ms": [one per round]} or {..., "error"}]}
-(Tuner.recheck; ``timed`` gives the workload's records with those times). A crash
+(Tuner.recheck; ``timed`` gives the workload's records with those times), or the same with
+"phase": "layouts", the re-timing of its fastest candidate per layout pair (Tuner.layouts). A crash
 or Ctrl-C loses at most the measurement under way; ``--resume`` reads the log back and
 repeats nothing it holds (a last line cut short by a kill is dropped, with a warning). A log
 of another format, model, target or cache is refused.
@@ -77,6 +78,7 @@ class TuningLog:
         self.records: list[dict] = []
         self.done_phases: set[str] = set()
         self.rechecks: dict[str, tuple[int, dict]] = {}  # workload -> (len(records) when it was logged, record)
+        self.layout_rechecks: dict[str, dict] = {}  # workload -> its "phase": "layouts" recheck record
         if os.path.exists(path):
             self._read()
         else:
@@ -125,7 +127,7 @@ class TuningLog:
             elif "recheck" in rec:
                 if not _is_recheck(rec):
                     raise TuningLogError(f"{self.path}: line {i + 2} is not a recheck record")
-                self.rechecks[rec["recheck"]] = (len(self.records), rec)
+                self._add_recheck(rec)
             elif not {"workload", "algorithm", "knobs"} <= set(rec):
                 raise TuningLogError(f"{self.path}: line {i + 2} is not a measurement record")
             else:
@@ -139,9 +141,15 @@ class TuningLog:
         if "done" in rec:
             self.done_phases.add(rec["done"])
         elif "recheck" in rec:
-            self.rechecks[rec["recheck"]] = (len(self.records), rec)
+            self._add_recheck(rec)
         else:
             self.records.append(rec)
+
+    def _add_recheck(self, rec: dict) -> None:
+        if rec.get("phase") == "layouts":
+            self.layout_rechecks[rec["recheck"]] = rec
+        else:
+            self.rechecks[rec["recheck"]] = (len(self.records), rec)
 
     def find(self, workload: str, algorithm: str, knobs: dict) -> dict | None:
         k = knob_key(knobs)
@@ -150,13 +158,18 @@ class TuningLog:
                 return r
         return None
 
-    def _rounds(self, rec: dict) -> list[float] | None:
-        """The recheck rounds of a measured record (Tuner.recheck), None if it had none."""
-        entry = self.rechecks.get(rec["workload"])
+    def _rounds(self, rec: dict, layouts: bool = True) -> list[float] | None:
+        """The recheck rounds of a measured record ({"workload", "algorithm", "knobs"}), None if
+        it had none: those of the layouts phase's recheck if it was in it (the later) and
+        ``layouts``, else those of Tuner.recheck."""
         key = knob_key(rec["knobs"])
-        return next((c["times_ms"] for c in (entry[1]["candidates"] if entry else [])
-                     if c.get("times_ms") and c["algorithm"] == rec["algorithm"] and knob_key(c["knobs"]) == key),
-                    None)
+        entry = self.rechecks.get(rec["workload"])
+        for r in ([self.layout_rechecks.get(rec["workload"])] if layouts else []) + [entry[1] if entry else None]:
+            found = next((c["times_ms"] for c in (r["candidates"] if r else []) if c.get("times_ms")
+                          and c["algorithm"] == rec["algorithm"] and knob_key(c["knobs"]) == key), None)
+            if found:
+                return found
+        return None
 
     def median_ms(self, rec: dict) -> float | None:
         """A measured record's time: the median of its recheck rounds if it was re-timed, else
@@ -177,7 +190,7 @@ class TuningLog:
         before = {id(r) for r in self.records[:at]}
         out = []
         for r in mine:
-            rounds = self._rounds(r)
+            rounds = self._rounds(r, layouts=False)
             if id(r) not in before:
                 out.append(r)
             elif rounds:
@@ -192,6 +205,6 @@ class TuningLog:
 
 def _is_recheck(rec: dict) -> bool:
     c = rec.get("candidates")
-    return isinstance(rec["recheck"], str) and isinstance(c, list) and all(
+    return isinstance(rec["recheck"], str) and rec.get("phase", "layouts") == "layouts" and isinstance(c, list) and all(
         isinstance(x, dict) and isinstance(x.get("algorithm"), str) and isinstance(x.get("knobs"), dict)
         and (isinstance(x.get("times_ms"), list) or "error" in x) for x in c)

@@ -58,7 +58,7 @@ from ..worker import Cached, CandidateCrash, shared_worker
 from .jobs import measure_candidate, measure_transform, time_in_rounds
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
 from .layouts import TRANSFORM, assign, assignment_cost, blocked_notes, fastest_per_pair, finite, layout_options
-from .log import TuningLog, write_atomically
+from .log import TuningLog, knob_key, write_atomically
 from .predict import model_plan
 from .space import (EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, contenders, dense_alternative, in_nchw,
                     supports)
@@ -357,23 +357,12 @@ class Tuner:
                 if cs]
         if not todo:
             return
-        worker = shared_worker()
         p = Progress("recheck", sum(len(cs) for _, cs in todo))
         for w, cs in todo:
             if self.deadline and time.monotonic() > self.deadline:
                 p.step(f"{w.id}: budget spent, not re-timed", n=len(cs))
                 continue
-            ref = w.reference()
-            jobs = [(r["algorithm"], r["knobs"], self.db_dir if r["algorithm"] in METASCHEDULE else None) for r in cs]
-            try:
-                res = worker.call(time_in_rounds, jobs, w.spec, Cached(w.weight), w.bias, w.epilogue, str(self.target),
-                                  Cached(w.x), Cached(ref), tolerance(w.spec, ref), self.cfg.repeat, self.cfg.cache,
-                                  rounds, self.cfg.rpc, timeout=(self.cfg.candidate_timeout or worker.timeout) * len(cs))
-            except Exception as e:  # a crash or hang of the job: the single times stand
-                interrupt.check()
-                err = f"{type(e).__name__}: {str(e).strip()[-300:]}"
-                self.say(f"{w.id}: recheck failed, the single times stand: {err}")
-                res = [{"error": err}] * len(cs)
+            res = self._in_rounds(w, [(r["algorithm"], r["knobs"]) for r in cs])
             before = choose(self.trials.timed(w.id), w.spec, self.cfg.margin, self.target)[0]
             self.trials.append({"recheck": w.id, "rounds": rounds, "candidates": [
                 {"algorithm": r["algorithm"], "knobs": r["knobs"], **x} for r, x in zip(cs, res)]})
@@ -384,6 +373,25 @@ class Tuner:
                    + (f", now {after['algorithm']} {after['knobs']} ({after['time_ms']:.3f} ms) in place of "
                       f"{before['algorithm']} {before['knobs']} ({before['time_ms']:.3f} ms alone)" if changed else ""),
                    n=len(cs))
+
+    def _in_rounds(self, w: Workload, cands: list[tuple[str, dict]]) -> list[dict]:
+        """jobs.time_in_rounds of the candidates [(algorithm, knobs)] of workload ``w`` in one
+        worker job, ``recheck_rounds`` rounds: per candidate {"times_ms"} or {"error"}. A crash
+        or hang of the whole job is said and gives every candidate its error: their single
+        times stand."""
+        worker = shared_worker()
+        ref = w.reference()
+        jobs = [(a, k, self.db_dir if a in METASCHEDULE else None) for a, k in cands]
+        try:
+            return worker.call(time_in_rounds, jobs, w.spec, Cached(w.weight), w.bias, w.epilogue, str(self.target),
+                               Cached(w.x), Cached(ref), tolerance(w.spec, ref), self.cfg.repeat, self.cfg.cache,
+                               self.cfg.recheck_rounds, self.cfg.rpc,
+                               timeout=(self.cfg.candidate_timeout or worker.timeout) * len(cands))
+        except Exception as e:
+            interrupt.check()
+            err = f"{type(e).__name__}: {str(e).strip()[-300:]}"
+            self.say(f"{w.id}: re-timing failed, the single times stand: {err}")
+            return [{"error": err}] * len(cands)
 
     def select(self, workloads: list[Workload]) -> Plan:
         """Per workload the fastest measured candidate with x and y in NCHW, by the medians of its
@@ -465,9 +473,11 @@ class Tuner:
                         rec = self._measure_one(w, algorithm, knobs, ref)
                         self.trials.append(rec)
                     p.step(f"{w.id} {pair[0]}->{pair[1]} {rec.get('time_ms') or rec.get('error')}")
-                    if finite(rec.get("time_ms")) and rec["time_ms"] < best.get(wid, {}).get(pair, (math.inf,))[0]:
-                        best.setdefault(wid, {})[pair] = (rec["time_ms"], knobs)
-        pick = {k: fastest_per_pair(l.algorithm, l.knobs, l.note.get("time_ms"),
+                    ms = self.trials.median_ms(rec)
+                    if finite(ms) and ms < best.get(wid, {}).get(pair, (math.inf,))[0]:
+                        best.setdefault(wid, {})[pair] = (ms, knobs)
+        nchw_ms = self._recheck_pairs(work, best, {k: (by_key[k].id, l.algorithm, l.knobs) for k, l in blocks.items()})
+        pick = {k: fastest_per_pair(l.algorithm, l.knobs, nchw_ms.get(k, l.note.get("time_ms")),
                                     {wid[1]: best.get(wid, {}) for wid in options[k]})
                 for k, l in blocks.items()}  # layer key -> {pair: (ms, algorithm, knobs)}
         layer_ms = {k: {pair: v[0] for pair, v in pk.items()} for k, pk in pick.items()}
@@ -502,6 +512,53 @@ class Tuner:
                            for sh, a, b in moves]}, f, indent=1))
         out.save(os.path.join(self.run_dir, "plan.json"))
         return out
+
+    def _recheck_pairs(self, work: dict, best: dict, own: dict) -> dict[str, float]:
+        """The layouts phase's recheck: per workload, the fastest candidate of each of its layout
+        pairs (``best``: {(workload id, algorithm): {pair: (ms, knobs)}}) and its layers' own
+        candidate in NCHW (``own``: {layer key: (workload id, algorithm, knobs)}) re-timed
+        together in interleaved rounds, as Tuner.recheck does. ``best`` takes their medians in
+        place, and loses a pair whose candidate failed while others were timed. Returns {layer
+        key: the median of its own candidate}.
+
+        The assignment weighs a layer's pairs against each other and against transforms, timed
+        minutes apart: on a VM one layer's times were 0.81-2.45x apart from one minute to the
+        next. A workload is re-timed once; a resumed run reads its rounds back."""
+        rounds = self.cfg.recheck_rounds
+        by_workload = {}  # workload id -> (workload, {(algorithm, knob key): (algorithm, knobs)})
+        for (wid, a), (w, _) in work.items():
+            cands = by_workload.setdefault(wid, (w, {}))[1]
+            for _, k in best.get((wid, a), {}).values():
+                cands.setdefault((a, knob_key(k)), (a, k))
+        for wid, a, k in own.values():
+            if wid in by_workload:
+                by_workload[wid][1].setdefault((a, knob_key(k)), (a, k))
+        todo = [(w, list(c.values())) for wid, (w, c) in by_workload.items()
+                if len(c) > 1 and wid not in self.trials.layout_rechecks]
+        if rounds >= 1 and todo:
+            p = Progress("layouts recheck", sum(len(cs) for _, cs in todo))
+            for w, cs in todo:
+                if self.deadline and time.monotonic() > self.deadline:
+                    p.step(f"{w.id}: budget spent, not re-timed", n=len(cs))
+                    continue
+                res = self._in_rounds(w, cs)
+                self.trials.append({"recheck": w.id, "phase": "layouts", "rounds": rounds, "candidates": [
+                    {"algorithm": a, "knobs": k, **x} for (a, k), x in zip(cs, res)]})
+                p.step(f"{w.id}: {len(cs)} layout candidates in {rounds} rounds", n=len(cs))
+
+        def median(wid, a, k):
+            return self.trials.median_ms({"workload": wid, "algorithm": a, "knobs": k})
+
+        for (wid, a), per_pair in best.items():
+            rec = self.trials.layout_rechecks.get(wid, {"candidates": []})
+            timed = any(c.get("times_ms") for c in rec["candidates"])
+            failed = {knob_key(c["knobs"]) for c in rec["candidates"] if c["algorithm"] == a and "error" in c}
+            for pair, (ms, k) in list(per_pair.items()):
+                if timed and knob_key(k) in failed:
+                    del per_pair[pair]
+                else:
+                    per_pair[pair] = (median(wid, a, k) or ms, k)
+        return {key: m for key, (wid, a, k) in own.items() for m in [median(wid, a, k)] if m}
 
     def _dense_knobs(self, w: Workload) -> dict:
         """dense's fastest knobs measured on ``w`` in NCHW (its defaults if none was)."""
