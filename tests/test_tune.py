@@ -298,24 +298,29 @@ def _measured_otherwise(monkeypatch, refine, name: str, change) -> None:
 
 def test_refine_times_only_the_builds_that_may_win_end_to_end(small_model, monkeypatch):
     """A build whose calls inside the model sum to more than ROUND_SLACK over the fastest one's
-    is not timed in the end-to-end rounds: it is reported, with no end-to-end time. The sums are
-    the measured ones, with one build's made 20 % slower."""
+    in the laps is not timed in the end-to-end rounds: it is reported, with no end-to-end time.
+    The plan and ``others`` are always timed, and the mix (timed in one lap of its own) sets no
+    bar. The sums are the measured ones, with some made slower or faster."""
     from tvm_sparseconv.compile import resolve_plan
     from tvm_sparseconv.tune import refine
 
     path, m, xs = small_model
-    _measured_otherwise(monkeypatch, refine, "all row_band",
-                        lambda t: t.update(calls=t["calls"] * 1.2 * (1 + refine.ROUND_SLACK)))
+    slower = lambda t: t.update(calls=t["calls"] * 1.2 * (1 + refine.ROUND_SLACK))
+    _measured_otherwise(monkeypatch, refine, "all row_band", slower)
+    _measured_otherwise(monkeypatch, refine, "predicted", slower)
+    _measured_otherwise(monkeypatch, refine, "mix", lambda t: t.update(calls=t["calls"] * 0.5))
     said = []
     _, report = refine.refine_plan(m, resolve_plan(m, None, "dense"), xs[0], None, rounds=1, runs=2,
-                                   log=said.append)
+                                   log=said.append, others={"predicted": resolve_plan(m, None, "pixcsr")})
     by = {b["name"]: b for b in report["builds"]}
     assert by["all row_band"]["ms"] is None and "all row_band" not in report["round_ms"]
-    assert by["plan"]["ms"] > 0 and "plan" in report["round_ms"]
-    fastest = min(b["calls_ms"] for b in report["builds"])
+    assert by["plan"]["ms"] > 0 and by["predicted"]["ms"] > 0 and by["mix"]["ms"] > 0
+    fastest = min(b["calls_ms"] for b in report["builds"] if b["name"] != "mix")
+    assert by["predicted"]["calls_ms"] > fastest * (1 + refine.ROUND_SLACK) > by["mix"]["calls_ms"]
     for name, b in by.items():  # the rest: timed end to end exactly when close enough
-        assert (b["ms"] is None) == (name != "plan" and b["calls_ms"] > fastest * (1 + refine.ROUND_SLACK))
-    assert any("left out of the rounds" in s and "all row_band" in s for s in said)
+        assert (b["ms"] is None) == (name not in ("plan", "predicted")
+                                     and b["calls_ms"] > fastest * (1 + refine.ROUND_SLACK))
+    assert any("left out of the rounds" in s and "all row_band" in s and "predicted" not in s for s in said)
 
 
 def test_refine_makes_a_sparse_layer_dense_where_dense_is_faster_inside_the_model(small_model, monkeypatch):
