@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--refine-rounds", type=int, default=7,
                      help="refine's interleaved end-to-end rounds (default %(default)s)")
     tun.add_argument("--recheck-rounds", type=int, default=5, help="the close candidates of each layer (within "
-                     "25 %% of its fastest) re-timed in this many interleaved rounds before the choice, which "
-                     "takes their medians (default %(default)s; 0: each candidate's single time)")
+                     "25 %% of its fastest), and its fastest per layout pair, re-timed in this many interleaved "
+                     "rounds before each choice, which takes their medians (default %(default)s; 0: each "
+                     "candidate's single time)")
     tun.add_argument("--algorithms", default="all")
     tun.add_argument("--out", default="tuning_logs", help="parent folder of the run folder (default %(default)s)")
     tun.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted or killed run: "

@@ -85,8 +85,9 @@ class TuneConfig:
     layouts: bool = True           # then choose the layers' layouts, NCHW or channel blocks (layouts.py)
     refine: bool = True            # then choose the dense layers' thread splits inside the model
     refine_rounds: int = 7         # refine's interleaved end-to-end rounds
-    recheck_rounds: int = 5        # the close candidates of each layer re-timed in this many interleaved
-                                   # rounds before the selection (Tuner.recheck; 0: not re-timed)
+    recheck_rounds: int = 5        # the close candidates of each layer, then its fastest per layout pair,
+                                   # re-timed in this many interleaved rounds (Tuner.recheck,
+                                   # Tuner._recheck_pairs; 0: not re-timed)
     rpc: tuple | None = None       # (host, port, key)
     seed: int = 0
     candidate_timeout: float | None = None  # s per candidate; None: worker.py's default (600)
