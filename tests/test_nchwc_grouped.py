@@ -262,10 +262,10 @@ def test_depthwise_keeps_the_blocks_between_dense_layers(tmp_path):
 
 def test_layouts_phase_puts_the_depthwise_layers_in_blocks(tmp_path):
     """The tuner's layouts phase on the model above with synthetic layer and transform times (no
-    measurement: Tuner._measure_one and _transform_ms replaced): every pair of the dense and the
-    grouped workloads is considered, the assignment puts the depthwise layers in blocks with
-    their neighbours (2 transforms, at the edges), the plan's grouped knobs are valid blocked
-    channels tiles with their NCHW knobs in the note, and the plan compiles and matches
+    measurement: Tuner._measure_one, _in_rounds and _transform_ms replaced): every pair of the
+    dense and the grouped workloads is considered, the assignment puts the depthwise layers in
+    blocks with their neighbours (2 transforms, at the edges), the plan's grouped knobs are valid
+    blocked channels tiles with their NCHW knobs in the note, and the plan compiles and matches
     onnxruntime."""
     from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
 
@@ -281,12 +281,15 @@ def test_layouts_phase_puts_the_depthwise_layers_in_blocks(tmp_path):
                  for s, a in zip(m.sites, algos)])
     timed = []
 
-    def synthetic(w, a, knobs, ref):  # a blocked side saves a quarter of the time
+    def ms(knobs):  # a blocked side saves a quarter of the time
+        return 1.0 - 0.25 * (knobs["layout_in"] != NCHW) - 0.25 * (knobs["layout_out"] != NCHW)
+
+    def synthetic(w, a, knobs, ref):
         timed.append((a, knobs["layout_in"], knobs["layout_out"]))
-        return {"workload": w.id, "algorithm": a, "knobs": knobs,
-                "time_ms": 1.0 - 0.25 * (knobs["layout_in"] != NCHW) - 0.25 * (knobs["layout_out"] != NCHW)}
+        return {"workload": w.id, "algorithm": a, "knobs": knobs, "time_ms": ms(knobs)}
 
     tuner._measure_one = synthetic
+    tuner._in_rounds = lambda w, cands: [{"times_ms": [ms(k)] * 3} for _, k in cands]  # the recheck's rounds
     tuner._transform_ms = lambda shape, src, dst, cache: cache.setdefault((tuple(shape), src, dst), 0.2)
     out = tuner.layouts(plan)
     assert {(a, i, o) for a in ("dense", "grouped") for i, o in pairs(HOST)} <= set(timed)
