@@ -308,8 +308,8 @@ def test_refine_times_only_the_builds_that_may_win_end_to_end(small_model, monke
     slower = lambda t: t.update(calls=t["calls"] * 1.2 * (1 + refine.ROUND_SLACK))
     _measured_otherwise(monkeypatch, refine, "all row_band", slower)
     _measured_otherwise(monkeypatch, refine, "predicted", slower)
-    # the mix far ahead (1 us): its one lap of 2 runs is cold, and at half its measured sum it was
-    # once still behind the bar
+    # the mix far ahead (1 us): it is timed in one lap of 2 runs (the others: the median of 3
+    # laps), and at half its measured sum it was once still behind the bar
     _measured_otherwise(monkeypatch, refine, "mix", lambda t: t.update(calls=1e-3))
     said = []
     _, report = refine.refine_plan(m, resolve_plan(m, None, "dense"), xs[0], None, rounds=1, runs=2,
