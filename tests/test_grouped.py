@@ -135,15 +135,21 @@ def test_refuses_what_it_does_not_compute():
 
 @pytest.mark.parametrize("target", [AVX512_TARGET, AVX2_TARGET, SSE_TARGET], ids=["avx512", "avx2", "sse"])
 def test_defaults_and_knob_space_follow_the_cpu(target):
-    """The channel block is the target's lanes; no default or candidate register tile leaves the
-    register band (docs/algorithms.md 13), and every candidate is a valid knob dict."""
+    """The channel block is the target's lanes; the default kernel is width where the channels
+    kernel would copy each input into the lanes of every output that reads it and a row fills a
+    vector (docs/algorithms.md 15.4); no default or candidate register tile leaves the register
+    band (docs/algorithms.md 13), and every candidate is a valid knob dict."""
     cpu = cpu_of(target)
     for kind, c, hw, k, s in (("dw", 144, (56, 56), (3, 3), 1), ("dw", 960, (7, 7), (5, 5), 1),
-                              ("dw", 96, (112, 112), (3, 3), 2), ("half", 38, (11, 10), (3, 5), 1)):
+                              ("dw", 96, (112, 112), (3, 3), 2), ("half", 38, (11, 10), (3, 5), 1),
+                              ("half", 64, (56, 56), (3, 3), 2), ("dw2", 32, (56, 56), (3, 3), 1),
+                              ("g16", 64, (56, 56), (3, 3), 1)):
         spec = layer_spec(kind, c, hw, k, s)
         space = GROUPED.knob_space(spec, cpu)
         assert space[0] == GROUPED.knobs(spec, None, cpu) and space[0]["c_block"] == cpu.lanes
-        assert {d["vector"] for d in space} == ({"channels", "width"} if s == 1 else {"channels"})
+        copies = kind in ("half", "dw2")  # input channels shared by the lanes of several outputs
+        assert space[0]["vector"] == ("width" if copies and spec.out_w >= cpu.lanes else "channels"), (kind, target)
+        assert {d["vector"] for d in space} == {"channels", "width"}
         for d in space + [GROUPED.knobs(spec, {"vector": "width"}, cpu)]:
             tile = min(d["block"], spec.out_w) * min(d["tile_rows"], spec.out_h)
             vectors = tile * d["c_block"] // cpu.lanes if d["vector"] == "channels" else \
@@ -188,6 +194,15 @@ def test_grid(kind, kernel, stride, vector):
 @pytest.mark.parametrize("vector", VECTORS)
 def test_batch8(vector, stride):
     check(layer_spec("dw", 37, (14, 14), (3, 3), stride, batch=8), {"vector": vector}, "bias-residual-relu6")
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (1, 3), (3, 2)], ids=lambda s: f"s{s[0]}x{s[1]}")
+def test_width_kernel_phases(stride):
+    """The width kernel's rows split by phase (docs/algorithms.md 15.2) at strides 2 and 3 along
+    W, with a dilation of 2 (taps of one phase at stride 2), asymmetric padding (a phase whose
+    first column is padding), a partial vector and a partial band."""
+    spec = Conv2DSpec.from_shapes((2, 12, 13, 23), (12, 4, 3, 3), stride, (2, 1, 2, 3), 2, 3)
+    check(spec, {"vector": "width", "block": 8, "tile_rows": 2, "rows": 3}, "bias-residual-relu6")
 
 
 @pytest.mark.slow

@@ -29,11 +29,14 @@ channels: tasks (n, channel block mb, band of ``rows`` output rows); xs Cg x Rin
     x lanes tiles into its channels' scalar rows (element by element when Cg is not whole
     vectors or W < lanes). y (and the residual) N x ceil(M/cb) x Oh x Ow x cb, one
     accumulator vector stored per pixel, zeros past M.
-width: tasks (n, group g, band); xs Cg x Rin x Wp, the group's input rows with zero borders;
-    for each of its Mg output channels a register tile is ``tile_rows`` rows x ``block``
-    pixels in vectors along W: acc[k, p] += xs[ci, i, s*Sw + q*Dw] * w[m, ci, l, q] (a
-    broadcast weight; w is the OIHW weight as given). Contiguous loads and stores at stride 1;
-    strided at Sw > 1 (correct, not fast: its knob space offers it at stride 1 only). NCHW
+width: tasks (n, group g, band); xs Cg x Rin x Sw x Wq, the group's input rows with zero
+    borders, each row's padded columns split by phase (Wq = ceil(Wp/Sw): xs[ci, i, ph, j] is
+    padded column j*Sw + ph; at stride 1 the row as it is); for each of its Mg output channels
+    a register tile is ``tile_rows`` rows x ``block`` pixels in vectors along W:
+    acc[k, p] += xs[ci, i, (q*Dw) % Sw, p + (q*Dw) // Sw] * w[m, ci, l, q] (a broadcast
+    weight; w is the OIHW weight as given): contiguous loads at every stride, the strided
+    reads once per input element in the packing (a stride-2 ResNeXt layer of 8 channels per
+    group read its taps with stride 2 in the multiply before: 2.5x onnxruntime's time). NCHW
     only.
 
 The epilogue (bias, residual, ReLU, clip) is applied in the store. Nothing is stored besides
@@ -103,10 +106,17 @@ def rows_in(spec: Conv2DSpec, rows: int) -> int:
     return (rows - 1) * spec.stride[0] + (spec.kernel_h - 1) * spec.dilation[0] + 1
 
 
+def phase_width(spec: Conv2DSpec) -> int:
+    """Wq: the columns of one phase of a packed row of the width kernel, ceil(Wp / Sw)."""
+    return _cdiv(spec.padded_w, spec.stride[1])
+
+
 def scratch_floats(spec: Conv2DSpec, vector: str, c_block: int, rows: int) -> int:
     """float32 elements of one task's packed input: Cg x Rin x Wp, x c_block for channels
-    unless the block lies in one group (shares_group: scalars)."""
-    lanes = c_block if vector == "channels" and not shares_group(spec, c_block) else 1
+    unless the block lies in one group (shares_group: scalars); Cg x Rin x Sw x Wq for width."""
+    if vector == "width":
+        return _per_group(spec)[0] * rows_in(spec, rows) * spec.stride[1] * phase_width(spec)
+    lanes = c_block if not shares_group(spec, c_block) else 1
     return _per_group(spec)[0] * rows_in(spec, rows) * spec.padded_w * lanes
 
 
@@ -135,7 +145,14 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, vector: str | None = None) -> dic
     """Knob defaults by layer shape and CPU (docs/algorithms.md 15.4): one accumulator register
     per (pixel, vector), cpu.accumulators of them.
 
-    - channels (the default): c_block one vector of the CPU's lanes; block up to
+    - the kernel: width where the channels kernel would copy each input element into the lanes
+      of every output channel that reads it (blocks_layouts is false: grouped layers whose
+      blocks span groups, depthwise layers with a multiplier) and the output row fills a vector;
+      else channels. Measured on the Zen 4 (default knobs, NCHW, 3x3 unless noted): 8 channels
+      per group at 56x56 2.75 -> 0.65 ms, at stride 2 2.21 -> 0.30; 2 per group 3-4x; a
+      depthwise multiplier of 2 3.2x; 4 per group 5x5 1.9x; at 28x28 1.2-1.4x; at 14x14 and
+      7x7 the channels kernel was 1.2-1.7x faster, and where a block lies in one group 2.5-3x;
+    - channels: c_block one vector of the CPU's lanes; block up to
       cpu.accumulators pixels, balanced over the row; tile_rows as many rows as the rest of
       the accumulators hold (Ow = 7 on AVX-512: 2 x 7);
     - width: block up to cpu.accumulators/2 vectors along the row, balanced over it;
@@ -144,8 +161,8 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, vector: str | None = None) -> dic
       loads LLVM keeps live across the tile (4 x 4 vectors spilled on AVX-512);
     - rows by default_rows (then tile_rows at most rows: parallel tasks come first).
     """
-    vector = vector or "channels"
     oh, ow, v, acc = spec.out_h, spec.out_w, cpu.lanes, cpu.accumulators
+    vector = vector or ("width" if not blocks_layouts(spec, v) and ow >= v else "channels")
     if vector == "channels":
         block = _balanced(min(acc, ow), ow)
         tile_rows = min(oh, max(1, acc // block))
@@ -216,6 +233,25 @@ def _copy_piece(x, xs, n, c, h, base, off, ln):
     """xs[base + off + j] = x[n, c, h, off + j] for j < ln (a vector copy of a row's piece)."""
     for j in T.vectorized(ln):
         xs[base + off + j] = x[n, c, h, off + j]
+
+
+def _phases(W: int, pl: int, sw: int, Wq: int, zero, copy) -> None:
+    """A packed row of the width kernel, phase by phase (a Python loop while a macro is parsed):
+    phase ph holds padded columns j*sw + ph, j < Wq; zero(off, count) where they are padding,
+    copy(off, count, col) for the ``count`` of them in x from its column ``col`` on."""
+    for ph in range(sw):
+        lo = min(Wq, _cdiv(max(pl - ph, 0), sw))  # the first j whose column is in x
+        hi = max(lo, min(Wq, _cdiv(W + pl - ph, sw)))  # past the last
+        zero(ph * Wq, lo)
+        copy(ph * Wq + lo, hi - lo, lo * sw + ph - pl)
+        zero(ph * Wq + hi, Wq - hi)
+
+
+@T.macro
+def _copy_strided(x, xs, n, c, h, base, col, step, off, ln):
+    """xs[base + off + j] = x[n, c, h, col + (off + j) * step] for j < ln."""
+    for j in T.vectorized(ln):
+        xs[base + off + j] = x[n, c, h, col + (off + j) * step]
 
 
 @T.macro
@@ -439,21 +475,23 @@ def _width_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     M, Kh, Kw, Oh, Ow = spec.out_channels, spec.kernel_h, spec.kernel_w, spec.out_h, spec.out_w
     (sh, sw), (dh, dw), pt, pl = spec.stride, spec.dilation, spec.padding[0], spec.padding[1]
     Cg, Mg = _per_group(spec)
-    Wp, B, TR, R, L = spec.padded_w, tl.block, tl.tile_rows, tl.rows, cpu.lanes
+    B, TR, R, L = tl.block, tl.tile_rows, tl.rows, cpu.lanes
+    Wq = phase_width(spec)
+    Wr = sw * Wq  # a packed row: its Sw phases one after the other
     Rin, bands = rows_in(spec, R), _cdiv(Oh, R)
 
     @T.macro
     def pack(x, xs, n, g, r0):
-        """xs[ci, ii, jj] = padded row r0*sh + ii, column jj of input channel g*Cg + ci."""
+        """xs[ci, ii, ph, j] = padded row r0*sh + ii, column j*sw + ph of input channel g*Cg + ci."""
         for ci, ii in T.grid(Cg, Rin):
-            base = (ci * Rin + ii) * Wp
+            base = (ci * Rin + ii) * Wr
             h = r0 * sh + ii - pt
             if h >= 0 and h < H:
-                _zero(xs, base, pl)
-                _loop_pieces(W, L, lambda off, ln: _copy_piece(x, xs, n, g * Cg + ci, h, base + pl, off, ln))
-                _zero(xs, base + pl + W, Wp - pl - W)
+                _phases(W, pl, sw, Wq, lambda off, count: _zero(xs, base + off, count),
+                        lambda off, count, col: _loop_pieces(count, L, lambda o, ln: _copy_strided(
+                            x, xs, n, g * Cg + ci, h, base + off, col, sw, o, ln)))
             else:
-                _zero(xs, base, Wp)
+                _zero(xs, base, Wr)
 
     @T.macro
     def zero_piece(acc, k, off, ln):
@@ -463,8 +501,8 @@ def _width_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     @T.macro
     def fma_piece(xs, w, acc, m, ci, rr, k, l, q, w0, off, ln):
         for p in T.vectorized(ln):
-            acc[k, off + p] = acc[k, off + p] + xs[(ci * Rin + (rr + k) * sh + l * dh) * Wp + (w0 + off + p) * sw
-                                                   + q * dw] * w[m, ci, l, q]
+            acc[k, off + p] = acc[k, off + p] + xs[(ci * Rin + (rr + k) * sh + l * dh) * Wr + q * dw % sw * Wq
+                                                   + w0 + off + p + q * dw // sw] * w[m, ci, l, q]
 
     @T.macro
     def store_piece(y, acc, bias, res, n, m, r, k, w0, off, ln):
@@ -488,7 +526,7 @@ def _width_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
     def body(x, w, bias, res, y):
         for t in T.parallel(N * spec.groups * bands):
             n, g, r0 = t // (spec.groups * bands), t // bands % spec.groups, t % bands * R
-            xs = T.alloc_buffer((Cg * Rin * Wp,), "float32")
+            xs = T.alloc_buffer((Cg * Rin * Wr,), "float32")
             acc = T.alloc_local((TR, B), "float32")
             pack(x, xs, n, g, r0)
             for mg in range(Mg):
@@ -598,9 +636,8 @@ class Grouped(Algorithm):
                 if registers_ok(cpu, k["block"] * k["tile_rows"], k["c_block"]) and k["block"] <= ow \
                         and k["tile_rows"] <= k["rows"]:
                     yield {**k, **io}
-        if spec.stride[1] == 1:  # strided vector loads and stores along W are slow: stride 1 only
-            for k in grid(vector=("width",), block=(v, 2 * v, 4 * v, 8 * v), tile_rows=(1, 2, 4), rows=rows):
-                vectors = _cdiv(min(k["block"], ow), v)
-                if k["block"] < ow + v and registers_ok(cpu, vectors * v * k["tile_rows"], v) \
-                        and k["tile_rows"] <= k["rows"]:
-                    yield k
+        for k in grid(vector=("width",), block=(v, 2 * v, 4 * v, 8 * v), tile_rows=(1, 2, 4), rows=rows):
+            vectors = _cdiv(min(k["block"], ow), v)
+            if k["block"] < ow + v and registers_ok(cpu, vectors * v * k["tile_rows"], v) \
+                    and k["tile_rows"] <= k["rows"]:
+                yield k
