@@ -35,9 +35,7 @@ width: tasks (n, group g, band); xs Cg x Rin x Sw x Wq, the group's input rows w
     a register tile is ``tile_rows`` rows x ``block`` pixels in vectors along W:
     acc[k, p] += xs[ci, i, (q*Dw) % Sw, p + (q*Dw) // Sw] * w[m, ci, l, q] (a broadcast
     weight; w is the OIHW weight as given): contiguous loads at every stride, the strided
-    reads once per input element in the packing (a stride-2 ResNeXt layer of 8 channels per
-    group read its taps with stride 2 in the multiply before: 2.5x onnxruntime's time). NCHW
-    only.
+    reads once per input element, in the packing. NCHW only.
 
 The epilogue (bias, residual, ReLU, clip) is applied in the store. Nothing is stored besides
 y: the scratch is per task, Rin = (rows-1)*Sh + (Kh-1)*Dh + 1 rows, sized by the knobs and the
@@ -148,10 +146,9 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, vector: str | None = None) -> dic
     - the kernel: width where the channels kernel would copy each input element into the lanes
       of every output channel that reads it (blocks_layouts is false: grouped layers whose
       blocks span groups, depthwise layers with a multiplier) and the output row fills a vector;
-      else channels. Measured on the Zen 4 (default knobs, NCHW, 3x3 unless noted): 8 channels
-      per group at 56x56 2.75 -> 0.65 ms, at stride 2 2.21 -> 0.30; 2 per group 3-4x; a
-      depthwise multiplier of 2 3.2x; 4 per group 5x5 1.9x; at 28x28 1.2-1.4x; at 14x14 and
-      7x7 the channels kernel was 1.2-1.7x faster, and where a block lies in one group 2.5-3x;
+      else channels (measured: width 1.2-7x faster on such layers at 28x28 and wider, channels
+      1.2-1.7x at 14x14 and 7x7 and 2.5-3x where a block lies in one group; the table in
+      docs/algorithms.md 15.4);
     - channels: c_block one vector of the CPU's lanes; block up to
       cpu.accumulators pixels, balanced over the row; tile_rows as many rows as the rest of
       the accumulators hold (Ow = 7 on AVX-512: 2 x 7);
@@ -228,13 +225,6 @@ def _loop_pieces(width: int, step: int, emit):
         emit(width // step * step, width % step)
 
 
-@T.macro
-def _copy_piece(x, xs, n, c, h, base, off, ln):
-    """xs[base + off + j] = x[n, c, h, off + j] for j < ln (a vector copy of a row's piece)."""
-    for j in T.vectorized(ln):
-        xs[base + off + j] = x[n, c, h, off + j]
-
-
 def _phases(W: int, pl: int, sw: int, Wq: int, zero, copy) -> None:
     """A packed row of the width kernel, phase by phase (a Python loop while a macro is parsed):
     phase ph holds padded columns j*sw + ph, j < Wq; zero(off, count) where they are padding,
@@ -249,7 +239,8 @@ def _phases(W: int, pl: int, sw: int, Wq: int, zero, copy) -> None:
 
 @T.macro
 def _copy_strided(x, xs, n, c, h, base, col, step, off, ln):
-    """xs[base + off + j] = x[n, c, h, col + (off + j) * step] for j < ln."""
+    """xs[base + off + j] = x[n, c, h, col + (off + j) * step] for j < ln (a vector copy of a
+    row's piece; a strided load at step > 1)."""
     for j in T.vectorized(ln):
         xs[base + off + j] = x[n, c, h, col + (off + j) * step]
 
@@ -352,7 +343,7 @@ def _channels_func(spec: Conv2DSpec, tl: GroupedTiling, cpu: CPU, ep: Epilogue):
             for j in range(W):
                 xs[base + pl + j] = x[n, c // tl.cb_in, h, j, c % tl.cb_in]
         else:
-            _loop_pieces(W, L, lambda off, ln: _copy_piece(x, xs, n, c, h, base + pl, off, ln))
+            _loop_pieces(W, L, lambda off, ln: _copy_strided(x, xs, n, c, h, base + pl, 0, 1, off, ln))
 
     @T.macro
     def pack_untransposed(x, xs, n, mb, r0):
