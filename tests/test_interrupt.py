@@ -176,7 +176,7 @@ def test_tune_killed_at_random_points_resumes_to_a_valid_plan(small_model, tmp_p
     built = {b["name"]: b for b in report["builds"]}
     for name, rec in units["builds"].items():
         if "crash" not in rec:
-            assert built[name]["built_at"] == rec["built_at"], f"{name} compiled again (seed {SEED})"
+            assert built[name]["built_at"] == rec["built_at"], f"{name} compiled again (seed {SEED}): " + "".join(t.err)
             assert any(l.rstrip().endswith(f"reused: {name}") for l in t.err)
             assert not any(l.rstrip().endswith(f"compiled: {name}") for l in t.err)
     for r, row in enumerate(units["round_ms"]):  # and the rounds timed before it kept
