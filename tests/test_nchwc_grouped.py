@@ -303,3 +303,42 @@ def test_layouts_phase_puts_the_depthwise_layers_in_blocks(tmp_path):
     assert [t for _, _, t in b.transforms] == [f"nchw->{BLOCKED}", f"{BLOCKED}->nchw"]
     y = b.vm()["main"](tvm.runtime.tensor(x))
     np.testing.assert_allclose((y if hasattr(y, "numpy") else y[0]).numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_resumed_layouts_phase_chooses_as_the_first_run(tmp_path):
+    """The layouts phase picks each pair's fastest candidate by the times it had before its own
+    recheck, in a resumed run too (which reads that recheck back): where the recheck made the
+    re-timed candidate slower than another of its pair, the resumed run's plan is still the
+    first run's (else refine's kept builds, made for the first plan, are thrown away). Synthetic
+    times: each candidate's single time grows with the order it was timed in; the recheck
+    triples them."""
+    from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
+
+    path = mobile_onnx(tmp_path / "mobile.onnx", L + L // 2)
+    m = load_model(path)
+    x = np.random.default_rng(3).standard_normal((1, 8, 9, 9)).astype(np.float32)
+    algos = ["dense", "grouped", "grouped", "dense"]
+    singles = {}
+
+    def synthetic(w, a, knobs, ref):
+        base = 1.0 - 0.25 * (knobs["layout_in"] != NCHW) - 0.25 * (knobs["layout_out"] != NCHW)
+        ms = singles.setdefault((w.id, a, json.dumps(knobs, sort_keys=True)), base * (1 + 0.01 * len(singles)))
+        return {"workload": w.id, "algorithm": a, "knobs": knobs, "time_ms": ms}
+
+    def run():
+        tuner = Tuner(m, [x], str(tmp_path / "run"), config=TuneConfig(search="exhaustive", recheck_rounds=3))
+        tuner.profile()
+        plan = Plan([PlanLayer(s.key, s.spec.to_dict(), a, get_algorithm(a).knobs(s.spec, None, HOST))
+                     for s, a in zip(m.sites, algos)])
+        tuner._measure_one = synthetic
+        tuner._in_rounds = lambda w, cands: [
+            {"times_ms": [3 * singles.get((w.id, a, json.dumps(k, sort_keys=True)), 1.0)] * 3} for a, k in cands]
+        tuner._transform_ms = lambda shape, src, dst, cache: cache.setdefault((tuple(shape), src, dst), 0.2)
+        return tuner, tuner.layouts(plan)
+
+    first_tuner, first = run()
+    assert first_tuner.trials.layout_rechecks  # the recheck ran and is in the log
+    per_pair = sum(1 for r in first_tuner.trials.records if r["algorithm"] in algos) > 2 * len(pairs(HOST))
+    assert per_pair  # some pair had more than one candidate: the recheck could reorder them
+    _, again = run()
+    assert [(l.algorithm, l.knobs) for l in again.layers] == [(l.algorithm, l.knobs) for l in first.layers]

@@ -171,10 +171,10 @@ class TuningLog:
                 return found
         return None
 
-    def median_ms(self, rec: dict) -> float | None:
-        """A measured record's time: the median of its recheck rounds if it was re-timed, else
-        its single time."""
-        rounds = self._rounds(rec)
+    def median_ms(self, rec: dict, layouts: bool = True) -> float | None:
+        """A measured record's time: the median of its recheck rounds if it was re-timed (those
+        of the layouts phase only with ``layouts``), else its single time."""
+        rounds = self._rounds(rec, layouts)
         return float(np.median(rounds)) if rounds else rec.get("time_ms")
 
     def timed(self, workload: str) -> list[dict]:

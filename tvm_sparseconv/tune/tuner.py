@@ -474,7 +474,10 @@ class Tuner:
                         rec = self._measure_one(w, algorithm, knobs, ref)
                         self.trials.append(rec)
                     p.step(f"{w.id} {pair[0]}->{pair[1]} {rec.get('time_ms') or rec.get('error')}")
-                    ms = self.trials.median_ms(rec)
+                    # the times this phase had before its own recheck, in a resumed run too: with
+                    # that recheck's medians, a pair's fastest could be another candidate than the
+                    # one re-timed, and the plan another than the one refine's kept builds were for
+                    ms = self.trials.median_ms(rec, layouts=False)
                     if finite(ms) and ms < best.get(wid, {}).get(pair, (math.inf,))[0]:
                         best.setdefault(wid, {})[pair] = (ms, knobs)
         nchw_ms = self._recheck_pairs(work, best, {k: (by_key[k].id, l.algorithm, l.knobs) for k, l in blocks.items()})
