@@ -260,6 +260,26 @@ def test_depthwise_keeps_the_blocks_between_dense_layers(tmp_path):
     assert moves == [(BLOCKED, NCHW), (NCHW, BLOCKED)], moves
 
 
+LAYOUTS_ALGOS = ["dense", "grouped", "grouped", "dense"]  # the mobile model's layers, as the layouts tests plan them
+
+
+def layouts_tuner(tmp_path, **config):
+    """(model path, model, sample, a Tuner on tmp_path/run (profiled; transforms 0.2 ms each,
+    not measured), the model's plan of LAYOUTS_ALGOS with their default knobs in NCHW): the
+    layouts phase on the mobile model with synthetic times."""
+    from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
+
+    path = mobile_onnx(tmp_path / "mobile.onnx", L + L // 2)
+    m = load_model(path)
+    x = np.random.default_rng(3).standard_normal((1, 8, 9, 9)).astype(np.float32)
+    tuner = Tuner(m, [x], str(tmp_path / "run"), config=TuneConfig(search="exhaustive", **config))
+    tuner.profile()
+    tuner._transform_ms = lambda shape, src, dst, cache: cache.setdefault((tuple(shape), src, dst), 0.2)
+    plan = Plan([PlanLayer(s.key, s.spec.to_dict(), a, get_algorithm(a).knobs(s.spec, None, HOST))
+                 for s, a in zip(m.sites, LAYOUTS_ALGOS)])
+    return path, m, x, tuner, plan
+
+
 def test_layouts_phase_puts_the_depthwise_layers_in_blocks(tmp_path):
     """The tuner's layouts phase on the model above with synthetic layer and transform times (no
     measurement: Tuner._measure_one, _in_rounds and _transform_ms replaced): every pair of the
@@ -267,18 +287,8 @@ def test_layouts_phase_puts_the_depthwise_layers_in_blocks(tmp_path):
     blocks with their neighbours (2 transforms, at the edges), the plan's grouped knobs are valid
     blocked channels tiles with their NCHW knobs in the note, and the plan compiles and matches
     onnxruntime."""
-    from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
-
-    c = L + L // 2
-    path = mobile_onnx(tmp_path / "mobile.onnx", c)
-    m = load_model(path)
-    x = np.random.default_rng(3).standard_normal((1, 8, 9, 9)).astype(np.float32)
+    path, m, x, tuner, plan = layouts_tuner(tmp_path)
     want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    tuner = Tuner(m, [x], str(tmp_path / "run"), config=TuneConfig(search="exhaustive"))
-    tuner.profile()
-    algos = ["dense", "grouped", "grouped", "dense"]
-    plan = Plan([PlanLayer(s.key, s.spec.to_dict(), a, get_algorithm(a).knobs(s.spec, None, HOST))
-                 for s, a in zip(m.sites, algos)])
     timed = []
 
     def ms(knobs):  # a blocked side saves a quarter of the time
@@ -290,7 +300,6 @@ def test_layouts_phase_puts_the_depthwise_layers_in_blocks(tmp_path):
 
     tuner._measure_one = synthetic
     tuner._in_rounds = lambda w, cands: [{"times_ms": [ms(k)] * 3} for _, k in cands]  # the recheck's rounds
-    tuner._transform_ms = lambda shape, src, dst, cache: cache.setdefault((tuple(shape), src, dst), 0.2)
     out = tuner.layouts(plan)
     assert {(a, i, o) for a in ("dense", "grouped") for i, o in pairs(HOST)} <= set(timed)
     assert list(out.layouts().values()) == [(BLOCKED, BLOCKED)] * 4
@@ -312,12 +321,6 @@ def test_a_resumed_layouts_phase_chooses_as_the_first_run(tmp_path):
     first run's (else refine's kept builds, made for the first plan, are thrown away). Synthetic
     times: each candidate's single time grows with the order it was timed in; the recheck
     triples them."""
-    from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
-
-    path = mobile_onnx(tmp_path / "mobile.onnx", L + L // 2)
-    m = load_model(path)
-    x = np.random.default_rng(3).standard_normal((1, 8, 9, 9)).astype(np.float32)
-    algos = ["dense", "grouped", "grouped", "dense"]
     singles = {}
 
     def synthetic(w, a, knobs, ref):
@@ -326,19 +329,15 @@ def test_a_resumed_layouts_phase_chooses_as_the_first_run(tmp_path):
         return {"workload": w.id, "algorithm": a, "knobs": knobs, "time_ms": ms}
 
     def run():
-        tuner = Tuner(m, [x], str(tmp_path / "run"), config=TuneConfig(search="exhaustive", recheck_rounds=3))
-        tuner.profile()
-        plan = Plan([PlanLayer(s.key, s.spec.to_dict(), a, get_algorithm(a).knobs(s.spec, None, HOST))
-                     for s, a in zip(m.sites, algos)])
+        _, _, _, tuner, plan = layouts_tuner(tmp_path, recheck_rounds=3)
         tuner._measure_one = synthetic
         tuner._in_rounds = lambda w, cands: [
             {"times_ms": [3 * singles.get((w.id, a, json.dumps(k, sort_keys=True)), 1.0)] * 3} for a, k in cands]
-        tuner._transform_ms = lambda shape, src, dst, cache: cache.setdefault((tuple(shape), src, dst), 0.2)
         return tuner, tuner.layouts(plan)
 
     first_tuner, first = run()
     assert first_tuner.trials.layout_rechecks  # the recheck ran and is in the log
-    per_pair = sum(1 for r in first_tuner.trials.records if r["algorithm"] in algos) > 2 * len(pairs(HOST))
+    per_pair = sum(1 for r in first_tuner.trials.records if r["algorithm"] in LAYOUTS_ALGOS) > 2 * len(pairs(HOST))
     assert per_pair  # some pair had more than one candidate: the recheck could reorder them
     _, again = run()
     assert [(l.algorithm, l.knobs) for l in again.layers] == [(l.algorithm, l.knobs) for l in first.layers]
