@@ -89,6 +89,20 @@ def test_cpu_descriptions():
     assert CPU.from_dict(arm.to_dict()) == arm
 
 
+def test_fma_units_per_family():
+    """Vector FMAs per cycle: two on cores with two FMA units of the widest width, one where a
+    512-bit FMA takes both 256-bit units (Zen 4) or one port (Rocket Lake); a family the table
+    lacks gets the generic two; a description saved before the field existed gets the table's."""
+    units = {m: cpu_of({"kind": "llvm", "mcpu": m, "num-cores": 2}).fma_units
+             for m in ("znver4", "znver5", "emeraldrapids", "rocketlake", "haswell", "znver3", "x86-64")}
+    assert units == {"znver4": 1, "znver5": 2, "emeraldrapids": 2, "rocketlake": 1, "haswell": 2,
+                     "znver3": 2, "x86-64": 2}
+    zen4 = cpu_of({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    old = {k: v for k, v in zen4.to_dict().items() if k != "fma_units"}
+    assert CPU.from_dict(old) == zen4
+    assert "1 FMA/cycle" in str(zen4)
+
+
 def test_host_description_reads_this_machine():
     if os.environ.get("TVMS_TARGET"):
         pytest.skip("TVMS_TARGET names the CPU to build for instead of this machine's")

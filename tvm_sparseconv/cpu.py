@@ -52,6 +52,23 @@ CACHE_DEFAULTS = {
 # mid-range core's, between a Cortex-A72 and a client x86 core
 GENERIC_CACHES = (32 * KB, 512 * KB, 8 * MB)
 
+# Vector FMAs a core issues per cycle at its widest ISA, from the vendors' optimization manuals:
+# what sets dense's peak against the sparse kernels' loads and gathers, which the lanes alone do
+# not tell (a Zen 4 splits a 512-bit FMA over its two 256-bit units: one a cycle; an Emerald
+# Rapids or Zen 5 core has two 512-bit units). A family missing here gets GENERIC_FMA_UNITS.
+FMA_UNITS = {
+    "haswell": 2, "broadwell": 2, "skylake": 2, "alderlake": 2, "raptorlake": 2,
+    "skylake-avx512": 2, "cascadelake": 2, "cooperlake": 2, "icelake-server": 2,
+    "sapphirerapids": 2, "emeraldrapids": 2, "graniterapids": 2,
+    "icelake-client": 1, "tigerlake": 1, "rocketlake": 1,
+    "znver1": 1, "znver2": 2, "znver3": 2, "znver4": 1, "znver5": 2,
+    # NEON: 128-bit FMA pipes
+    "neoverse-n1": 2, "neoverse-n2": 2, "neoverse-v1": 4, "neoverse-v2": 4, "ampere1": 2,
+    "cortex-a53": 0.5, "cortex-a55": 1, "cortex-a57": 1, "cortex-a72": 1, "cortex-a76": 2,
+    "cortex-a78": 2, "cortex-x1": 4, "carmel": 2, "apple-m1": 4, "apple-m2": 4,
+}
+GENERIC_FMA_UNITS = 2
+
 
 @dataclass(frozen=True)
 class CPU:
@@ -61,6 +78,7 @@ class CPU:
     registers     vector registers (32 on AVX-512 and NEON, 16 on AVX2/SSE)
     masked_store  the ISA stores a vector under a lane mask (AVX-512, AVX's vmaskmov)
     compress      the ISA packs selected lanes in one instruction (AVX-512's vcompress)
+    fma_units     vector FMAs a core issues per cycle at that width (FMA_UNITS)
     l1d, l2       bytes per core; l3: bytes in all (0: none)
     cores         cores the code runs on (the target's num-cores)
     """
@@ -71,6 +89,7 @@ class CPU:
     registers: int
     masked_store: bool
     compress: bool
+    fma_units: float
     l1d: int
     l2: int
     l3: int
@@ -90,10 +109,14 @@ class CPU:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CPU":
+        """The description ``to_dict`` wrote; one written before ``fma_units`` existed gets the
+        table's value for its name."""
+        d = {"fma_units": FMA_UNITS.get(d.get("name"), GENERIC_FMA_UNITS), **d}
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
     def __str__(self) -> str:
-        return (f"{self.name} ({self.isa}: {self.lanes} float32 lanes, {self.registers} registers; "
+        return (f"{self.name} ({self.isa}: {self.lanes} float32 lanes, {self.registers} registers, "
+                f"{self.fma_units:g} FMA/cycle; "
                 f"L1d {self.l1d // KB} KB, L2 {self.l2 // KB} KB, L3 {self.l3 // MB} MB; {self.cores} cores)")
 
 
@@ -146,7 +169,8 @@ def _cpu_of(target_str: str) -> CPU:
     name = str(target.attrs.get("mcpu", "") or "generic")
     caches = (_host_caches() if is_host(target) else None) or CACHE_DEFAULTS.get(name, GENERIC_CACHES)
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
-    return CPU(name, isa, lanes, regs, masked, compress, *caches, cores)
+    fma = FMA_UNITS.get(name, GENERIC_FMA_UNITS)
+    return CPU(name, isa, lanes, regs, masked, compress, fma, *caches, cores)
 
 
 def cpu_of(target=None) -> CPU:

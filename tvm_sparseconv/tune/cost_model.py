@@ -4,7 +4,7 @@ A candidate is an algorithm with its knobs on one conv layer, on an input of a g
 profile, built for a CPU (cpu.CPU). Its features (``features``) describe all four in terms that
 carry across CPUs: shapes and knobs relative to the CPU's vector lanes and registers, the
 layer's buffers relative to its caches. The target is the log of the time over a roofline of
-the CPU (``roofline_ms``: the layer's multiply-accumulates at ``lanes`` x 2 FMA ports x
+the CPU (``roofline_ms``: the layer's multiply-accumulates at ``lanes`` x ``fma_units`` x
 ``cores`` per cycle, at a nominal 1 GHz), so that one model serves layers of every size and
 CPUs of every width.
 
@@ -39,7 +39,6 @@ from .workloads import spec_workload_id
 MODEL_FORMAT = "tvm-sparseconv-cost-model"
 MODEL_VERSION = 1
 SHIPPED_MODEL = SHIPPED / "cost_model.json.gz"
-FMA_PORTS = 2  # vector FMAs per cycle on every x86 core the kernels target (and Neoverse)
 
 # XGBoost's parameters for the shipped model. One thread and exact splits: training is
 # deterministic, so retraining on the same logs reproduces the shipped predictions.
@@ -78,10 +77,10 @@ class Candidate:
 
 
 def roofline_ms(spec: Conv2DSpec, cpu: CPU) -> float:
-    """The layer's dense multiply-accumulates at every FMA port of every core busy, at 1 GHz:
+    """The layer's dense multiply-accumulates at every FMA unit of every core busy, at 1 GHz:
     the scale the model's target is relative to (the CPUs' clocks are not in their
     description; the constant cancels when candidates are compared)."""
-    return spec.macs / (cpu.lanes * FMA_PORTS * cpu.cores) / 1e6
+    return spec.macs / (cpu.lanes * cpu.fma_units * cpu.cores) / 1e6
 
 
 def _log2(v: float) -> float:
@@ -110,6 +109,7 @@ def features(c: Candidate) -> dict[str, float]:
         # the CPU, and the layer's buffers against its caches (L2 per core, the activations split
         # over the cores)
         "lanes": float(cpu.lanes), "registers": float(cpu.registers), "cores": float(cpu.cores),
+        "fma_units": float(cpu.fma_units),
         "compress": float(cpu.compress), "log_l1d": _log2(cpu.l1d), "log_l2": _log2(cpu.l2),
         "log_l3": _log2(max(cpu.l3, 1)),
         "x_per_l2": _log2(x_bytes / cpu.cores / cpu.l2), "y_per_l2": _log2(y_bytes / cpu.cores / cpu.l2),
