@@ -99,13 +99,13 @@ LAYERS = {
 
 
 def check_layer(spec, knobs, target=None, densities=(0.0, 0.4, 1.0), relu=True, clip=0.7, bias=True, residual=True,
-                specials=True, gate=None, slope=None):
-    """Build dense with ``knobs`` and the epilogue asked for, run it on each density (NaN, Inf
+                specials=True, gate=None, slope=None, algorithm="dense"):
+    """Build ``algorithm`` with ``knobs`` and the epilogue asked for, run it on each density (NaN, Inf
     and -0.0 in x and the residual when ``specials``), compare with dense_conv2d in float64; a
     blocked y's channels past M are zeros, although every buffer was NaN before the run."""
     w = weight(spec)
     b = np.linspace(-1, 1, spec.out_channels).astype(np.float32) if bias else None
-    layer = CompiledLayer("dense", spec, w, b, relu, target, knobs, residual=residual, clip=clip if relu else None,
+    layer = CompiledLayer(algorithm, spec, w, b, relu, target, knobs, residual=residual, clip=clip if relu else None,
                           gate=gate, slope=slope)
     rng = np.random.default_rng(11)
     for d in densities:

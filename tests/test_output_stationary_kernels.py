@@ -331,7 +331,7 @@ def test_pixcsr_defaults_keep_a_weight_block_near_64kb():
         assert 32 <= block_kb <= 128 or k["c_block"] == spec.in_channels, (k, block_kb)
         assert k["rows"] * spec.out_w >= 112 or k["rows"] == spec.out_h
     small = Conv2DSpec.from_shapes((1, 3, 4, 3), (5, 3, 3, 3), padding=1)
-    assert algo.knobs(small) == {"m_tile": 16, "c_block": 3, "rows": 4}
+    assert algo.knobs(small) == {"m_tile": 16, "c_block": 3, "rows": 4, "layout_in": "nchw", "layout_out": "nchw"}
     knobs = algo.knobs(small, {"c_block": np.int64(2), "rows": np.int32(3)})  # NumPy ints, as from arrays
     assert algo.constants(small, weight(small), None, knobs)["w"].shape == (1, 2 * 9 * 2, 16)
 

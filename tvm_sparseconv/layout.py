@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 NCHW = "nchw"
+NCHW_LAYOUTS = {"layout_in": NCHW, "layout_out": NCHW}  # the default knobs of an algorithm with layout knobs
 MAX_BLOCK = 64
 _BLOCKED = re.compile(r"nchw(\d+)c")
 

@@ -133,9 +133,9 @@ class Algorithm:
     # -- the compiled pipeline -------------------------------------------------------------
     def layouts(self, spec: Conv2DSpec, knobs: Mapping) -> tuple[str, str]:
         """(the layout of ``x``, the layout of ``y`` and ``res``) of the stages built with the
-        complete ``knobs`` (layout.py: "nchw" or "nchw{cb}c"); NCHW unless the algorithm has
-        layout knobs."""
-        return NCHW, NCHW
+        complete ``knobs`` (layout.py: "nchw" or "nchw{cb}c"): its knobs ``layout_in`` and
+        ``layout_out``, NCHW for an algorithm without them."""
+        return knobs.get("layout_in", NCHW), knobs.get("layout_out", NCHW)
 
     def constants(self, spec: Conv2DSpec, weight: np.ndarray, bias: np.ndarray | None,
                   knobs: Mapping) -> dict[str, np.ndarray]:
@@ -307,14 +307,15 @@ def drop_unused(func: tvm.tirx.PrimFunc, epilogue: Epilogue) -> tvm.tirx.PrimFun
     return tvm.tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs)
 
 
-def bias_constant(spec: Conv2DSpec, bias: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The ``bias`` constant (M float32) when there is one."""
+def bias_constant(spec: Conv2DSpec, bias: np.ndarray | None, length: int = 0) -> dict[str, np.ndarray]:
+    """The ``bias`` constant when there is one: M float32, padded with zeros to ``length`` when
+    it is longer (a kernel writing whole channel blocks reads bias 0 past M)."""
     if bias is None:
         return {}
     bias = np.asarray(bias, np.float32).reshape(-1)
     if bias.shape != (spec.out_channels,):
         raise ValueError(f"bias must have {spec.out_channels} values, got shape {bias.shape}")
-    return {"bias": bias}
+    return {"bias": np.pad(bias, (0, max(0, length - spec.out_channels)))}
 
 
 def nonzero(v):

@@ -610,15 +610,10 @@ class Dense(Algorithm):
             raise KnobError(f"{self.name} has no knob {unknown[0]!r} (knobs: {sorted(out)})")
         return {**out, **knobs}
 
-    def layouts(self, spec: Conv2DSpec, knobs) -> tuple[str, str]:
-        return knobs.get("layout_in", NCHW), knobs.get("layout_out", NCHW)
-
     def constants(self, spec, weight, bias, knobs):
         tl = make_tiling(spec, knobs)
-        consts = {"w": tile_weights(spec, weight, tl), **bias_constant(spec, bias)}
-        if tl.cb_out and "bias" in consts:  # the channels past M of a blocked y read bias 0
-            consts["bias"] = np.pad(consts["bias"], (0, tl.n_mt * tl.m_tile - spec.out_channels))
-        return consts
+        # the channels past M of a blocked y read bias 0
+        return {"w": tile_weights(spec, weight, tl), **bias_constant(spec, bias, tl.cb_out and tl.n_mt * tl.m_tile)}
 
     def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         tl, cpu = make_tiling(spec, knobs), cpu_of(cpu)

@@ -573,16 +573,10 @@ class Grouped(Algorithm):
             raise KnobError(f"{self.name} has no knob {unknown[0]!r} (knobs: {sorted(out)})")
         return {**out, **knobs}
 
-    def layouts(self, spec: Conv2DSpec, knobs) -> tuple[str, str]:
-        return knobs.get("layout_in", NCHW), knobs.get("layout_out", NCHW)
-
     def constants(self, spec, weight, bias, knobs):
         tl = make_tiling(spec, knobs)
         w = block_weights(spec, weight, tl.c_block) if tl.vector == "channels" else np.asarray(weight, np.float32)
-        consts = {"w": w, **bias_constant(spec, bias)}
-        if "bias" in consts:
-            consts["bias"] = np.pad(consts["bias"], (0, _bias_len(spec, tl) - spec.out_channels))
-        return consts
+        return {"w": w, **bias_constant(spec, bias, _bias_len(spec, tl))}
 
     def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         self.check(spec)

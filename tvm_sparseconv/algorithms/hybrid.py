@@ -29,6 +29,10 @@ per (channel block, kernel row), whose Kw*cb weight vectors stay in L1 for the t
 each group of B pixels loads its partial sums, walks the segment's halo entries, then for each
 pixel b the pixel entries of the offsets it reads (one pointer range when Dw = 1),
 acc[b, :] += v * w[mo, l, code - b*Sw, :], and stores them; then y through the epilogue.
+
+x is NCHW, or in channel blocks, and y (and the residual) too (knobs ``layout_in``,
+``layout_out``; docs/algorithms.md section 16): the encoder's channels-last copy of a block is
+then a plain copy, the store one vector of channels per pixel; the encoding is the same.
 """
 from __future__ import annotations
 
@@ -41,14 +45,15 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
+from ..layout import NCHW_LAYOUTS, layout_of_block, layout_shape
 from ..reference.halo import HaloGeometry, halo_geometry
 from ..reference.hybrid import hybrid_encode, hybrid_multiply, hybrid_storage, offset_reads
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, is_read,
-                   prim, register, registers_ok)
+                   knob_block, prim, register, registers_ok)
 from .halo import halo_entries, halo_weights, segment_column, segment_holds
 from .lanes import Lanes, channels_last_block
 from .pixcsr import row_task_defaults
-from .tiling import Tiling, finish_rows, start_rows, store_rows, tile_pixels, two_pass_encode
+from .tiling import Tiling, finish_rows, row_store, start_rows, tile_pixels, two_pass_encode
 
 # A pixel entry's FMA loads its weight vector; a halo entry's reuse it B times (~200 useful
 # GFLOP/s for pixcsr against ~400 for halo at density 1 here). With both in one kernel, a sweep
@@ -79,34 +84,38 @@ class Hybrid(Algorithm):
             most = 4
             knobs = row_task_defaults(spec, cpu, [t for t in (64, 32) if t <= 4 * cpu.lanes])
         knobs["block"] = min(tile_pixels(cpu, knobs["m_tile"], most), spec.out_w)
-        return {**knobs, "dense_from": max(1, math.ceil(DENSE_SHARE * knobs["block"] * spec.kernel_w))}
+        return {**knobs, "dense_from": max(1, math.ceil(DENSE_SHARE * knobs["block"] * spec.kernel_w)), **NCHW_LAYOUTS}
 
-    def _checked(self, knobs) -> tuple[int, int, int, int, int]:
+    def _checked(self, knobs) -> tuple[int, int, int, int, int, int, int]:
+        """(block, m_tile, c_block, rows, dense_from, x's channel block, y's channel block; 0: NCHW)."""
         names = ("block", "m_tile", "c_block", "rows", "dense_from")
         for name in names:
             v = knobs[name]
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise KnobError(f"{self.name}: knob {name} must be a positive int, got {v!r}")
-        return tuple(int(knobs[k]) for k in names)
+        return (*(int(knobs[k]) for k in names), *(knob_block(self.name, k, knobs[k]) for k in ("layout_in", "layout_out")))
 
     def constants(self, spec, weight, bias, knobs):
-        return {"w": halo_weights(weight, self._checked(knobs)[1]), **bias_constant(spec, bias)}
+        _, mt, *_, cbo = self._checked(knobs)
+        # the channels past M of a blocked y read bias 0
+        return {"w": halo_weights(weight, mt), **bias_constant(spec, bias, cbo and -(-spec.out_channels // mt) * mt)}
 
     def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
-        B, mt, cb, R, dense_from = self._checked(knobs)
+        B, mt, cb, R, dense_from, cbi, cbo = self._checked(knobs)
         f = _Format(spec, halo_geometry(spec, B), cb)
         outs = (Buffer("hyb_hptr", (f.hrows + 1,), "int32"), Buffer("hyb_hchan", (f.hcap,), "int32"),
                 Buffer("hyb_hval", (f.geo.seg_len, f.hcap)), Buffer("hyb_pptr", (f.prows + 1,), "int32"),
                 Buffer("hyb_pcode", (f.pcap,), "int32"), Buffer("hyb_pval", (f.pcap,)))
-        return [Stage("encode", "encode", prim(_encode_func(f, Lanes(cpu_of(cpu)), dense_from)), ("x",), outs),
-                Stage("multiply", "multiply", prim(_multiply_func(f, mt, R, epilogue)),
-                      tuple(b.name for b in outs) + ("w",) + epilogue_inputs(epilogue), (Buffer("y", spec.y_shape),))]
+        y = Buffer("y", layout_shape(spec.y_shape, layout_of_block(cbo)))
+        return [Stage("encode", "encode", prim(_encode_func(f, Lanes(cpu_of(cpu)), dense_from, cbi)), ("x",), outs),
+                Stage("multiply", "multiply", prim(_multiply_func(f, mt, R, epilogue, cbo)),
+                      tuple(b.name for b in outs) + ("w",) + epilogue_inputs(epilogue), (y,))]
 
     def storage(self, spec, knobs, produced):
         return hybrid_storage(spec, knobs["block"], produced["hyb_hptr"], produced["hyb_pptr"])
 
     def _encode(self, spec, knobs, x):
-        B, _, cb, _, dense_from = self._checked(knobs)
+        B, _, cb, _, dense_from, _, _ = self._checked(knobs)
         return hybrid_encode(spec, x, B, cb, dense_from)
 
     def reference_storage(self, spec, knobs, x):
@@ -155,7 +164,7 @@ class _Format:
         return self.hcap * sum(self.geo.read_offsets)
 
 
-def _encode_func(f: _Format, vec: Lanes, dense_from: int):
+def _encode_func(f: _Format, vec: Lanes, dense_from: int, cbi: int):
     spec, geo, cb = f.spec, f.geo, f.cb
     N, C, H, W = spec.x_shape
     L, nseg, Kw, per = geo.seg_len, geo.n_seg, spec.kernel_w, f.nkb * geo.n_seg  # per: halo rows per input row
@@ -219,7 +228,7 @@ def _encode_func(f: _Format, vec: Lanes, dense_from: int):
         xt = T.alloc_buffer((W * cw,), "float32")  # block kb channels-last: V channels are one load
         for kb in range(f.nkb):
             if is_read(spec, 0, h):
-                channels_last_block(vec, xt, x, n, h, kb, cb, C, W)
+                channels_last_block(vec, xt, x, n, h, kb, cb, C, W, cbi)
             for t in range(nseg):
                 row = u * per + kb * nseg + t  # halo pointer row (n, h, kb, t); its pixel rows row*L + o
                 hpos = T.alloc_buffer((1,), "int32", scope="global")
@@ -233,7 +242,8 @@ def _encode_func(f: _Format, vec: Lanes, dense_from: int):
                 finish_rows(pptr, ppos, row * L, L, fill, True)
 
     @T.prim_func
-    def encode(x: T.Buffer((N, C, H, W), "float32"), hptr: T.Buffer((f.hrows + 1,), "int32"),
+    def encode(x: T.Buffer(layout_shape(spec.x_shape, layout_of_block(cbi)), "float32"),
+               hptr: T.Buffer((f.hrows + 1,), "int32"),
                hchan: T.Buffer((f.hcap,), "int32"), hval: T.Buffer((L, f.hcap), "float32"),
                pptr: T.Buffer((f.prows + 1,), "int32"), pcode: T.Buffer((f.pcap,), "int32"),
                pval: T.Buffer((f.pcap,), "float32")):
@@ -244,7 +254,7 @@ def _encode_func(f: _Format, vec: Lanes, dense_from: int):
     return encode
 
 
-def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
+def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue, cbo: int):
     spec, geo = f.spec, f.geo
     N, C, H = spec.batch, spec.in_channels, spec.height
     M, Kh, Kw, Oh, B = spec.out_channels, spec.kernel_h, spec.kernel_w, spec.out_h, geo.block
@@ -253,6 +263,7 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
     tl = Tiling(B, mt, "fused", -(-M // mt), nseg, 0)  # the register tile halo_entries works on
     n_groups = -(-Oh // R)
     units = tl.n_tiles * N * n_groups
+    store = row_store(spec, mt, cbo)  # y through the epilogue, in y's layout
 
     @T.macro
     def pixel_entries(pptr, pcode, pval, w, acc, mo, l, b, lo, hi, shift):
@@ -294,16 +305,18 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue):
                 for b in T.unroll(B):
                     for j in T.vectorized(mt):
                         part[rr, t * B + b, j] = acc[b, j]
-        store_rows(y, part, bias, res, spec, ep, n, r0, R, mo * mt, mt)
+        store(y, part, bias, res, ep, n, r0, R, mo * mt)
 
     wshape = (tl.n_tiles, Kh, C * Kw, mt)
+    y_shape = layout_shape(spec.y_shape, layout_of_block(cbo))
+    bias_len = tl.n_tiles * mt if cbo else M  # padded to the tiles for a blocked y (row_store)
 
     @T.prim_func
     def multiply(hptr: T.Buffer((f.hrows + 1,), "int32"), hchan: T.Buffer((f.hcap,), "int32"),
                  hval: T.Buffer((L, f.hcap), "float32"), pptr: T.Buffer((f.prows + 1,), "int32"),
                  pcode: T.Buffer((f.pcap,), "int32"), pval: T.Buffer((f.pcap,), "float32"),
-                 w: T.Buffer(wshape, "float32"), bias: T.Buffer((M,), "float32"), res: T.Buffer(spec.y_shape, "float32"),
-                 y: T.Buffer(spec.y_shape, "float32")):
+                 w: T.Buffer(wshape, "float32"), bias: T.Buffer((bias_len,), "float32"),
+                 res: T.Buffer(y_shape, "float32"), y: T.Buffer(y_shape, "float32")):
         for u in T.parallel(units):
             out_rows(hptr, hchan, hval, pptr, pcode, pval, w, bias, res, y, u)
 

@@ -201,16 +201,32 @@ class Lanes:
 
 
 @T.macro
-def channels_last_block(vec: Lanes, xt, x, n, h, kb, cb: int, C: int, W: int):
-    """xt[j*cw + c] = x[n, kb*cb + c, h, j] for c < cw = vec.block_width(cb) where kb*cb + c < C,
-    else 0 (x: N x C x H x W; xt: W*cw floats, 7 KB for 32 channels of 56 pixels: it stays in L1).
+def channels_last_block(vec: Lanes, xt, x, n, h, kb, cb: int, C: int, W: int, cbi: int = 0):
+    """xt[j*cw + c] = channel kb*cb + c of pixel (n, h, j) of x for c < cw = vec.block_width(cb)
+    where kb*cb + c < C, else 0 (xt: W*cw floats, 7 KB for 32 channels of 56 pixels: it stays
+    in L1). x is N x C x H x W (``cbi`` 0), or in blocks of cbi channels (layout.py: N x
+    ceil(C/cbi) x H x W x cbi, zeros past C).
 
     Lanes past the block (c >= cb) hold the next block's channels: a reader masks them off
-    (block_lanes). lanes x lanes register transposes when C and cb are multiples of the lanes
-    and W >= lanes (the last column tile overlaps the one before it), else element by element."""
+    (block_lanes). From NCHW: lanes x lanes register transposes when C and cb are multiples of
+    the lanes and W >= lanes (the last column tile overlaps the one before it), else element by
+    element. From blocks that tile the block (cb a multiple of cbi): one contiguous copy of cbi
+    channels per pixel and x block, no transpose."""
     cw = vec.block_width(cb)
     L = vec.n
-    if C % L == 0 and cb % L == 0 and W >= L:
+    if cbi > 0:
+        nb = -(-C // cbi)
+        if cb % cbi == 0 and cw % cbi == 0:
+            for cv in range(cw // cbi):
+                for j in range(W):
+                    for c in T.vectorized(cbi):
+                        xt[j * cw + cv * cbi + c] = T.if_then_else(
+                            kb * (cb // cbi) + cv < nb, x[n, T.min(kb * (cb // cbi) + cv, nb - 1), h, j, c], T.float32(0))
+        else:
+            for j, c in T.grid(W, cw):
+                xt[j * cw + c] = T.if_then_else(kb * cb + c < C, x[n, T.min(kb * cb + c, C - 1) // cbi, h, j,
+                                                                   T.min(kb * cb + c, C - 1) % cbi], T.float32(0))
+    elif C % L == 0 and cb % L == 0 and W >= L:
         for cv in range(cw // L):
             if kb * cb + cv * L < C:
                 for jt in range(-(-W // L)):

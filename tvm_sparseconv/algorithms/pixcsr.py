@@ -25,6 +25,10 @@ pixels (R = the knob ``rows``) and then from L1; the partial sums wait in an R x
 buffer. Each FMA loads its own weight vector (no reuse across pixels, unlike halo), which
 halves the FMA rate, but no work is wasted on zeros: it wins at low density and on 1x1 and
 strided layers, whose halo segments share little.
+
+x is NCHW, or in channel blocks, and y (and the residual) too (knobs ``layout_in``,
+``layout_out``; docs/algorithms.md section 16): the encoder's channels-last copy of a block is
+then a plain copy, the store one vector of channels per pixel; the encoding is the same.
 """
 from __future__ import annotations
 
@@ -36,11 +40,12 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec, Epilogue
 from ..cpu import CPU, cpu_of
+from ..layout import NCHW_LAYOUTS, layout_of_block, layout_shape
 from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, is_read,
-                   nonzero, prim, register)
+                   knob_block, nonzero, prim, register)
 from .lanes import Lanes, channels_last_block
-from .tiling import default_m_tile, finish_rows, start_rows, store_rows, tile_weights, two_pass_encode
+from .tiling import default_m_tile, finish_rows, row_store, start_rows, tile_weights, two_pass_encode
 
 WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per (channel block, kernel row) by default
 ROW_PIXELS = 112  # output pixels per task by default: a weight block read from L2 serves at least these
@@ -71,34 +76,38 @@ class PixCSR(Algorithm):
         """m_tile up to 8 vectors (8 accumulators; on AVX-512 128, 1x1 256->1024 at 14x14: 9 %
         faster than 64), the largest that still makes enough parallel tasks; c_block the power
         of two nearest WEIGHT_BLOCK_FLOATS / (Kw*m_tile), at most C; rows ceil(ROW_PIXELS / Ow)."""
-        return row_task_defaults(spec, cpu, [t for t in (128, 64, 32) if t <= 8 * cpu.lanes])
+        return {**row_task_defaults(spec, cpu, [t for t in (128, 64, 32) if t <= 8 * cpu.lanes]), **NCHW_LAYOUTS}
 
-    def _checked(self, spec: Conv2DSpec, knobs) -> tuple[int, int, int]:
+    def _checked(self, spec: Conv2DSpec, knobs) -> tuple[int, int, int, int, int]:
+        """(m_tile, c_block, rows, x's channel block, y's channel block; 0: NCHW)."""
         for name in ("m_tile", "c_block", "rows"):
             v = knobs[name]
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise KnobError(f"{self.name}: knob {name} must be a positive int, got {v!r}")
-        return int(knobs["m_tile"]), int(knobs["c_block"]), int(knobs["rows"])
+        return (int(knobs["m_tile"]), int(knobs["c_block"]), int(knobs["rows"]),
+                *(knob_block(self.name, k, knobs[k]) for k in ("layout_in", "layout_out")))
 
     def constants(self, spec, weight, bias, knobs):
-        mt, cb, _ = self._checked(spec, knobs)
+        mt, cb, _, _, cbo = self._checked(spec, knobs)
         m, c, kh, kw = spec.w_shape
         nkb = pixcsr_blocks(spec, cb)
         wp = np.pad(weight.reshape(m, c, kh * kw), ((0, 0), (0, nkb * cb - c), (0, 0)))  # 0 for missing channels
         wr = wp.reshape(m, nkb, cb, kh * kw).transpose(1, 3, 2, 0).reshape(-1, m)  # rows (kb, l, q, cc)
-        return {"w": tile_weights(wr, mt), **bias_constant(spec, bias)}
+        # the channels past M of a blocked y read bias 0
+        return {"w": tile_weights(wr, mt), **bias_constant(spec, bias, cbo and -(-m // mt) * mt)}
 
     def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
-        mt, cb, R = self._checked(spec, knobs)
+        mt, cb, R, cbi, cbo = self._checked(spec, knobs)
         nkb = pixcsr_blocks(spec, cb)
         n, c, h, w = spec.x_shape
         ptr_rows, cap = n * h * nkb * w, n * c * h * w
         outs = (Buffer("pix_ptr", (ptr_rows + 1,), "int32"), Buffer("pix_code", (cap,), "int32"),
                 Buffer("pix_val", (cap,)))
-        return [Stage("encode", "encode", prim(_encode_func(spec, Lanes(cpu_of(cpu)), cb, nkb, ptr_rows, cap)), ("x",),
-                      outs),
-                Stage("multiply", "multiply", prim(_multiply_func(spec, mt, cb, R, nkb, ptr_rows, cap, epilogue)),
-                      ("pix_ptr", "pix_code", "pix_val", "w") + epilogue_inputs(epilogue), (Buffer("y", spec.y_shape),))]
+        encode = _encode_func(spec, Lanes(cpu_of(cpu)), cb, nkb, ptr_rows, cap, cbi)
+        multiply = _multiply_func(spec, mt, cb, R, nkb, ptr_rows, cap, epilogue, cbo)
+        return [Stage("encode", "encode", prim(encode), ("x",), outs),
+                Stage("multiply", "multiply", prim(multiply), ("pix_ptr", "pix_code", "pix_val", "w")
+                      + epilogue_inputs(epilogue), (Buffer("y", layout_shape(spec.y_shape, layout_of_block(cbo))),))]
 
     def storage(self, spec, knobs, produced):
         return pixcsr_storage(spec, produced["pix_ptr"])
@@ -117,7 +126,7 @@ class PixCSR(Algorithm):
                     and k["m_tile"] <= 8 * cpu.lanes:
                 yield k
 
-def _encode_func(spec: Conv2DSpec, vec: Lanes, cb: int, nkb: int, ptr_rows: int, cap: int):
+def _encode_func(spec: Conv2DSpec, vec: Lanes, cb: int, nkb: int, ptr_rows: int, cap: int, cbi: int):
     N, C, H, W = spec.x_shape
     per = nkb * W  # pointer rows per input row
     n_groups, cw, L = -(-cb // vec.n), vec.block_width(cb), vec.n
@@ -129,25 +138,34 @@ def _encode_func(spec: Conv2DSpec, vec: Lanes, cb: int, nkb: int, ptr_rows: int,
 
     @T.macro
     def row_pass(x, ptr, code, val, u, fill):
-        """Input row u = (n, h): count per (block, column) along the contiguous rows of x
-        (vectorised), or fill block by block from a channels-last copy of the block, L
+        """Input row u = (n, h): count per (block, column) along the contiguous rows of an NCHW
+        x (vectorised), or fill block by block from a channels-last copy of the block, L
         channels of a pixel at a time by compress stores of the lanes the count pass counted
-        (so each pointer row gets exactly its slots, and no branch depends on the data)."""
+        (so each pointer row gets exactly its slots, and no branch depends on the data). A
+        blocked x is counted as it is filled, by popcounts of the same vectors."""
         n, h = u // H, u % H
-        if fill:
+        if fill or cbi > 0:
+            if not fill:  # rows of pixels no output reads count 0
+                for k in range(per):
+                    ptr[u * per + k + 1] = 0
             if is_read(spec, 0, h):
                 xt = T.alloc_buffer((W * cw,), "float32")
                 for kb in range(nkb):
-                    channels_last_block(vec, xt, x, n, h, kb, cb, C, W)
+                    channels_last_block(vec, xt, x, n, h, kb, cb, C, W, cbi)
                     for j in range(W):
                         if is_read(spec, 1, j):
                             pos = T.alloc_buffer((1,), "int32", scope="global")  # the row's next slot: a register
-                            pos[0] = ptr[u * per + kb * W + j]
+                            pos[0] = 0
+                            if fill:
+                                pos[0] = ptr[u * per + kb * W + j]
                             for g in range(n_groups):
                                 v = xt[vec.ramp(j * cw + g * L)]
-                                vec.compress_store(code, pos[0], vec.ramp(j * cb + g * L), selected(v, kb, g))
-                                vec.compress_store(val, pos[0], v, selected(v, kb, g))
+                                if fill:
+                                    vec.compress_store(code, pos[0], vec.ramp(j * cb + g * L), selected(v, kb, g))
+                                    vec.compress_store(val, pos[0], v, selected(v, kb, g))
                                 pos[0] = pos[0] + vec.count(selected(v, kb, g))
+                            if not fill:
+                                ptr[u * per + kb * W + j + 1] = pos[0]
         else:
             pos = T.alloc_local((per,), "int32")
             start_rows(ptr, pos, u * per, per, fill)
@@ -160,7 +178,8 @@ def _encode_func(spec: Conv2DSpec, vec: Lanes, cb: int, nkb: int, ptr_rows: int,
             finish_rows(ptr, pos, u * per, per, fill)
 
     @T.prim_func
-    def encode(x: T.Buffer((N, C, H, W), "float32"), ptr: T.Buffer((ptr_rows + 1,), "int32"),
+    def encode(x: T.Buffer(layout_shape(spec.x_shape, layout_of_block(cbi)), "float32"),
+               ptr: T.Buffer((ptr_rows + 1,), "int32"),
                code: T.Buffer((cap,), "int32"), val: T.Buffer((cap,), "float32")):
         two_pass_encode(N * H, ptr_rows, ptr, lambda u, fill: row_pass(x, ptr, code, val, u, fill))
 
@@ -168,13 +187,14 @@ def _encode_func(spec: Conv2DSpec, vec: Lanes, cb: int, nkb: int, ptr_rows: int,
 
 
 def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, ptr_rows: int, cap: int,
-                   ep: Epilogue):
+                   ep: Epilogue, cbo: int):
     N, _, H, W = spec.x_shape
     M, Kh, Kw = spec.out_channels, spec.kernel_h, spec.kernel_w
     (sh, sw), (dh, dw), pt, pl = spec.stride, spec.dilation, spec.padding[0], spec.padding[1]
     Oh, Ow = spec.out_h, spec.out_w
     n_tiles, n_groups = -(-M // mt), -(-Oh // R)
     units = n_tiles * N * n_groups
+    store = row_store(spec, mt, cbo)  # y through the epilogue, in y's layout
 
     @T.macro
     def fma(acc, val, w, mo, e, k):
@@ -215,14 +235,17 @@ def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, ptr_row
                 tap_row(ptr, code, val, w, acc, mo, n, r0 + rr, s, kb, l)
                 for j in T.vectorized(mt):
                     part[rr, s, j] = acc[j]
-        store_rows(y, part, bias, res, spec, ep, n, r0, R, mo * mt, mt)
+        store(y, part, bias, res, ep, n, r0, R, mo * mt)
 
     wshape = (n_tiles, nkb * Kh * Kw * cb, mt)
+    y_shape = layout_shape(spec.y_shape, layout_of_block(cbo))
+    bias_len = n_tiles * mt if cbo else M  # padded to the tiles for a blocked y (row_store)
 
     @T.prim_func
     def multiply(ptr: T.Buffer((ptr_rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),
-                 val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"), bias: T.Buffer((M,), "float32"),
-                 res: T.Buffer(spec.y_shape, "float32"), y: T.Buffer(spec.y_shape, "float32")):
+                 val: T.Buffer((cap,), "float32"), w: T.Buffer(wshape, "float32"),
+                 bias: T.Buffer((bias_len,), "float32"), res: T.Buffer(y_shape, "float32"),
+                 y: T.Buffer(y_shape, "float32")):
         for f in T.parallel(units):
             out_rows(ptr, code, val, w, bias, res, y, f)
 

@@ -9,6 +9,7 @@ and each weight vector loaded serves the block's pixels. Also the two-pass encod
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from tvm.script import tirx as T
 
 from ..conv import Conv2DSpec
 from ..cpu import CPU
-from .base import KnobError, any_nonzero, store_output
+from .base import KnobError, any_nonzero, blocked_value, store_output
 
 # How the (m-tile, group) work is split across threads:
 #   tile_outer  for each m-tile (serial): all groups in parallel (the m-tile's weights stay in L2)
@@ -139,16 +140,42 @@ def prefix_sum(ptr, rows):
         ptr[g + 1] = ptr[g + 1] + ptr[g]
 
 
-@T.macro
-def store_rows(y, part, bias, res, spec, ep, n, r0, rows, m0, mt):
-    """y[n, m0 + j, r0 + rr, s] = epilogue(part[rr, s, j]) for the rows < Oh and channels < M
-    (part: rows x >= Ow x mt, partial sums of output rows r0 .. r0+rows-1; res: y-shaped
-    residual input, read when ep.residual)."""
-    for j in range(mt):
-        if spec.out_channels % mt == 0 or m0 + j < spec.out_channels:
-            for rr, s in T.grid(rows, spec.out_w):
-                if spec.out_h % rows == 0 or r0 + rr < spec.out_h:
-                    store_output(y, (n, m0 + j, r0 + rr, s), part[rr, s, j], bias, res, ep)
+def row_store(spec: Conv2DSpec, mt: int, cbo: int = 0):
+    """The macro store(y, part, bias, res, ep, n, r0, rows, m0): y[n, m0 + j, r0 + rr, s] =
+    epilogue(part[rr, s, j]) for the rows < Oh (part: rows x >= Ow x mt, partial sums of output
+    rows r0 .. r0+rows-1; res: the residual input in y's layout, read when ep.residual).
+
+    y in NCHW (``cbo`` 0): the channels < M, each a strided row of part. y in blocks of cbo
+    channels (N x ceil(M/cbo) x Oh x Ow x cbo): per pixel, vectors of gcd(mt, cbo) channels,
+    contiguous in part and in y (cbo a power of two: a vector never straddles two blocks); the
+    channels past M of the last block 0 (the layout's promise; bias is padded to the M tiles),
+    blocks past the last not stored."""
+    M, Oh, Ow = spec.out_channels, spec.out_h, spec.out_w
+    if cbo == 0:
+        @T.macro
+        def store(y, part, bias, res, ep, n, r0, rows, m0):
+            for j in range(mt):
+                if M % mt == 0 or m0 + j < M:
+                    for rr, s in T.grid(rows, Ow):
+                        if Oh % rows == 0 or r0 + rr < Oh:
+                            store_output(y, (n, m0 + j, r0 + rr, s), part[rr, s, j], bias, res, ep)
+
+        return store
+    vw = math.gcd(mt, cbo)
+    covered = -(-M // cbo) * cbo
+
+    @T.macro
+    def store_blocked(y, part, bias, res, ep, n, r0, rows, m0):
+        for jb in range(mt // vw):
+            if m0 + jb * vw < covered:
+                for rr, s in T.grid(rows, Ow):
+                    if Oh % rows == 0 or r0 + rr < Oh:
+                        for j in T.vectorized(vw):
+                            y[n, (m0 + jb * vw) // cbo, r0 + rr, s, (m0 + jb * vw) % cbo + j] = blocked_value(
+                                part[rr, s, jb * vw + j], m0 + jb * vw + j, bias, ep, res,
+                                (n, (m0 + jb * vw) // cbo, r0 + rr, s, (m0 + jb * vw) % cbo + j), M, M < covered)
+
+    return store_blocked
 
 
 @T.macro

@@ -77,14 +77,13 @@ def pair_candidates(spec: Conv2DSpec, knobs: Mapping, cpu: CPU,
 def layout_options(spec: Conv2DSpec, why_dense: str | None, algorithm: str, knobs: Mapping, dense_knobs: Mapping,
                    cpu: CPU, known=lambda a: True) -> dict[str, dict[tuple[str, str], list[dict]]]:
     """{algorithm: pair_candidates} to time (or predict) for one layer in the layouts phase:
-    its own algorithm's, and for a sparse layer (which holds no blocks) dense's from
-    ``dense_knobs`` (its fastest NCHW knobs); only those that take blocks, of the algorithms
-    ``known`` accepts."""
+    its own algorithm's, and for a sparse layer dense's too, from ``dense_knobs`` (its fastest
+    NCHW knobs: dense in blocks may beat the sparse kernel in blocks, or in NCHW between
+    transforms); only those that take blocks, of the algorithms ``known`` accepts."""
     out = {}
     if known(algorithm):
         out[algorithm] = pair_candidates(spec, knobs, cpu, algorithm)
-    if not takes_blocks(out.get(algorithm, {})) and get_algorithm(algorithm).sparse and known("dense") \
-            and supports("dense", spec, why_dense):
+    if get_algorithm(algorithm).sparse and known("dense") and supports("dense", spec, why_dense):
         out["dense"] = pair_candidates(spec, dense_knobs, cpu, "dense")
     return {a: pairs for a, pairs in out.items() if takes_blocks(pairs)}
 
@@ -95,8 +94,7 @@ def fastest_per_pair(algorithm: str, knobs: Mapping, nchw_ms: float | None,
     timed at ``nchw_ms`` in NCHW: per pair the fastest of ``timed`` ({algorithm: {pair: (ms,
     knobs)}}, the layouts phase's times alone). Another algorithm than the plan's takes only
     pairs with blocks (in NCHW the tuner's selection already chose, a sparse one by a margin):
-    a sparse layer, which holds no blocks, may go to dense in blocks, where no transform
-    surrounds it. ``nchw_ms`` stands for the plan's algorithm in NCHW when ``timed`` has no
+    a sparse layer may go to dense in blocks, where no transform surrounds it. ``nchw_ms`` stands for the plan's algorithm in NCHW when ``timed`` has no
     time of it there."""
     out = {}
     if algorithm not in timed and nchw_ms is not None and finite(nchw_ms):
