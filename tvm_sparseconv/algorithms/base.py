@@ -279,13 +279,15 @@ def blocked_value(v, m, bias_buf, epilogue: Epilogue, res_buf, at, M: int, pad: 
     return tvm.tirx.Select(m < M, v, tvm.tirx.const(0.0, "float32")) if pad else v
 
 
-def knob_block(algorithm: str, knob: str, layout) -> int:
-    """The channel block of the layout knob ``knob`` (layout.channel_block: 0 for NCHW); a
-    KnobError naming the algorithm and the knob for anything else."""
-    try:
-        return channel_block(layout)
-    except LayoutError as e:
-        raise KnobError(f"{algorithm}: {knob}: {e}") from None
+def knob_blocks(algorithm: str, knobs: Mapping) -> tuple[int, int]:
+    """The channel blocks of the knobs ``layout_in`` and ``layout_out`` (layout.channel_block: 0
+    for NCHW); a KnobError naming the algorithm and the knob for anything else."""
+    def block(knob):
+        try:
+            return channel_block(knobs[knob])
+        except LayoutError as e:
+            raise KnobError(f"{algorithm}: {knob}: {e}") from None
+    return block("layout_in"), block("layout_out")
 
 
 @T.macro

@@ -37,7 +37,7 @@ from ..layout import NCHW, channel_block, lanes_layout, layout_of_block, layout_
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
 from .base import (SCRATCH_IN_WORKSPACE, Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value,
-                   drop_unused, epilogue_inputs, grid, knob_block, prim, register, registers_ok, store_output)
+                   drop_unused, epilogue_inputs, grid, knob_blocks, prim, register, registers_ok, store_output)
 
 KERNELS = ("window", "gemm")
 # the kernel "window" was called "direct" (the name of another algorithm); plans written then
@@ -157,7 +157,7 @@ def _three_vectors(m: int, v: int) -> bool:
 def make_tiling(spec: Conv2DSpec, knobs) -> DenseTiling:
     kernel, block, m_tile, c_block, split, pad = (
         knobs[k] for k in ("kernel", "block", "m_tile", "c_block", "split", "pad"))
-    cb_in, cb_out = (knob_block("dense", k, knobs[k]) for k in ("layout_in", "layout_out"))
+    cb_in, cb_out = knob_blocks("dense", knobs)
     if kernel not in KERNELS:
         raise KnobError(f"dense: kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "gemm" and not gemm_applies(spec, cb_in):

@@ -55,7 +55,7 @@ from ..layout import NCHW, lanes_layout, layout_of_block, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value, drop_unused, epilogue_inputs,
-                   grid, knob_block, prim, register, registers_ok, spread, store_output)
+                   grid, knob_blocks, prim, register, registers_ok, spread, store_output)
 from .lanes import Lanes
 
 VECTORS = ("channels", "width")  # the axis the vector lanes run along: output channels, or output pixels of a row
@@ -182,7 +182,7 @@ def make_tiling(spec: Conv2DSpec, knobs) -> GroupedTiling:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or (top and v > top):
             raise KnobError(f"grouped: knob {name} must be {f'an int in 1..{top}' if top else 'a positive int'}, "
                             f"got {v!r}")
-    cb_in, cb_out = (knob_block("grouped", k, knobs[k]) for k in ("layout_in", "layout_out"))
+    cb_in, cb_out = knob_blocks("grouped", knobs)
     if cb_in or cb_out:
         if vector != "channels":
             raise KnobError("grouped: blocked layouts (layout_in, layout_out) need vector='channels' "

@@ -49,7 +49,7 @@ from ..layout import NCHW_LAYOUTS, layout_of_block, layout_shape
 from ..reference.halo import HaloGeometry, halo_geometry
 from ..reference.hybrid import hybrid_encode, hybrid_multiply, hybrid_storage, offset_reads
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, is_read,
-                   knob_block, prim, register, registers_ok)
+                   knob_blocks, prim, register, registers_ok)
 from .halo import halo_entries, halo_weights, segment_column, segment_holds
 from .lanes import Lanes, channels_last_block
 from .pixcsr import row_task_defaults
@@ -93,7 +93,7 @@ class Hybrid(Algorithm):
             v = knobs[name]
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise KnobError(f"{self.name}: knob {name} must be a positive int, got {v!r}")
-        return (*(int(knobs[k]) for k in names), *(knob_block(self.name, k, knobs[k]) for k in ("layout_in", "layout_out")))
+        return (*(int(knobs[k]) for k in names), *knob_blocks(self.name, knobs))
 
     def constants(self, spec, weight, bias, knobs):
         _, mt, *_, cbo = self._checked(knobs)

@@ -43,7 +43,7 @@ from ..cpu import CPU, cpu_of
 from ..layout import NCHW_LAYOUTS, layout_of_block, layout_shape
 from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pixcsr_storage
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, is_read,
-                   knob_block, nonzero, prim, register)
+                   knob_blocks, nonzero, prim, register)
 from .lanes import Lanes, channels_last_block
 from .tiling import default_m_tile, finish_rows, row_store, start_rows, tile_weights, two_pass_encode
 
@@ -85,7 +85,7 @@ class PixCSR(Algorithm):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise KnobError(f"{self.name}: knob {name} must be a positive int, got {v!r}")
         return (int(knobs["m_tile"]), int(knobs["c_block"]), int(knobs["rows"]),
-                *(knob_block(self.name, k, knobs[k]) for k in ("layout_in", "layout_out")))
+                *knob_blocks(self.name, knobs))
 
     def constants(self, spec, weight, bias, knobs):
         mt, cb, _, _, cbo = self._checked(spec, knobs)
