@@ -53,7 +53,7 @@ from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unus
 from .halo import halo_entries, halo_weights, segment_column, segment_holds
 from .lanes import Lanes, channels_last_block
 from .pixcsr import row_task_defaults
-from .tiling import Tiling, finish_rows, row_store, start_rows, tile_pixels, two_pass_encode
+from .tiling import Tiling, finish_rows, row_store, row_store_bias, start_rows, tile_pixels, two_pass_encode
 
 # A pixel entry's FMA loads its weight vector; a halo entry's reuse it B times (~200 useful
 # GFLOP/s for pixcsr against ~400 for halo at density 1 here). With both in one kernel, a sweep
@@ -97,8 +97,7 @@ class Hybrid(Algorithm):
 
     def constants(self, spec, weight, bias, knobs):
         _, mt, *_, cbo = self._checked(knobs)
-        # the channels past M of a blocked y read bias 0
-        return {"w": halo_weights(weight, mt), **bias_constant(spec, bias, cbo and -(-spec.out_channels // mt) * mt)}
+        return {"w": halo_weights(weight, mt), **bias_constant(spec, bias, row_store_bias(spec, mt, cbo))}
 
     def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         B, mt, cb, R, dense_from, cbi, cbo = self._checked(knobs)
@@ -309,7 +308,7 @@ def _multiply_func(f: _Format, mt: int, R: int, ep: Epilogue, cbo: int):
 
     wshape = (tl.n_tiles, Kh, C * Kw, mt)
     y_shape = layout_shape(spec.y_shape, layout_of_block(cbo))
-    bias_len = tl.n_tiles * mt if cbo else M  # padded to the tiles for a blocked y (row_store)
+    bias_len = row_store_bias(spec, mt, cbo)
 
     @T.prim_func
     def multiply(hptr: T.Buffer((f.hrows + 1,), "int32"), hchan: T.Buffer((f.hcap,), "int32"),

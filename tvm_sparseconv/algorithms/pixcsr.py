@@ -45,7 +45,7 @@ from ..reference.pixcsr import pixcsr_blocks, pixcsr_encode, pixcsr_multiply, pi
 from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, drop_unused, epilogue_inputs, grid, is_read,
                    knob_blocks, nonzero, prim, register)
 from .lanes import Lanes, channels_last_block
-from .tiling import default_m_tile, finish_rows, row_store, start_rows, tile_weights, two_pass_encode
+from .tiling import default_m_tile, finish_rows, row_store, row_store_bias, start_rows, tile_weights, two_pass_encode
 
 WEIGHT_BLOCK_FLOATS = 16384  # 64 KB of weights per (channel block, kernel row) by default
 ROW_PIXELS = 112  # output pixels per task by default: a weight block read from L2 serves at least these
@@ -93,8 +93,7 @@ class PixCSR(Algorithm):
         nkb = pixcsr_blocks(spec, cb)
         wp = np.pad(weight.reshape(m, c, kh * kw), ((0, 0), (0, nkb * cb - c), (0, 0)))  # 0 for missing channels
         wr = wp.reshape(m, nkb, cb, kh * kw).transpose(1, 3, 2, 0).reshape(-1, m)  # rows (kb, l, q, cc)
-        # the channels past M of a blocked y read bias 0
-        return {"w": tile_weights(wr, mt), **bias_constant(spec, bias, cbo and -(-m // mt) * mt)}
+        return {"w": tile_weights(wr, mt), **bias_constant(spec, bias, row_store_bias(spec, mt, cbo))}
 
     def build_stages(self, spec: Conv2DSpec, epilogue: Epilogue, knobs, cpu=None) -> list[Stage]:
         mt, cb, R, cbi, cbo = self._checked(spec, knobs)
@@ -239,7 +238,7 @@ def _multiply_func(spec: Conv2DSpec, mt: int, cb: int, R: int, nkb: int, ptr_row
 
     wshape = (n_tiles, nkb * Kh * Kw * cb, mt)
     y_shape = layout_shape(spec.y_shape, layout_of_block(cbo))
-    bias_len = n_tiles * mt if cbo else M  # padded to the tiles for a blocked y (row_store)
+    bias_len = row_store_bias(spec, mt, cbo)
 
     @T.prim_func
     def multiply(ptr: T.Buffer((ptr_rows + 1,), "int32"), code: T.Buffer((cap,), "int32"),

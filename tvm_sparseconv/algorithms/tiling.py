@@ -140,6 +140,12 @@ def prefix_sum(ptr, rows):
         ptr[g + 1] = ptr[g + 1] + ptr[g]
 
 
+def row_store_bias(spec: Conv2DSpec, mt: int, cbo: int = 0) -> int:
+    """The bias length row_store reads: M, or M padded to whole tiles when y is blocked (the
+    channels past M read bias 0)."""
+    return -(-spec.out_channels // mt) * mt if cbo else spec.out_channels
+
+
 def row_store(spec: Conv2DSpec, mt: int, cbo: int = 0):
     """The macro store(y, part, bias, res, ep, n, r0, rows, m0): y[n, m0 + j, r0 + rr, s] =
     epilogue(part[rr, s, j]) for the rows < Oh (part: rows x >= Ow x mt, partial sums of output
