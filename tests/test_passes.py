@@ -331,25 +331,31 @@ def _fused_head(batch: int, k: int, n: int, gelu: bool = False) -> tvm.tirx.Prim
 
 @pytest.mark.parametrize("batch,k,n,gelu", [(1, 1280, 1000, False), (8, 96, 1000, False), (2, 64, 5, False),
                                             (1, 25088, 64, False), (36, 40, 24, False), (3136, 48, 192, True),
-                                            (49, 384, 1536, True), (784, 384, 96, False)])
+                                            (49, 384, 1536, True), (784, 384, 96, False), (8, 2048, 512, True),
+                                            (3, 2050, 1000, False), (1, 4097, 1000, False)])
 def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n, gelu):
-    """A K x N matmul, a head or an MLP over many rows (pixels): each parallel task keeps a
-    tile of outputs of a group of rows in vectors and walks k (the old schedule read w down its
-    columns), so each row of w read feeds the whole group; the tiles and groups are one
-    parallel loop. The elementwise epilogue (bias, GELU) is computed on the accumulators as they
-    are stored: no buffer of the matmul's size is left in the function. The tile is written as
-    vectors of the CPU's width or a divisor of it (1000 outputs in tiles of 40 on AVX-512: 5
-    vectors of 8, not one 40-wide vector that LLVM takes apart). Values against NumPy float64,
-    the tile and group divisors of N and the rows (no tail)."""
+    """A K x N matmul, a head or an MLP over many rows (pixels). Tiled: each parallel task keeps
+    a tile of outputs of a group of rows in vectors and walks k (the old schedule read w down
+    its columns), so each row of w read feeds the whole group; the tiles and groups are one
+    parallel loop. Split-K (a w larger than the L2 caches, at most 8 rows; a k the cores divide:
+    not 4097): one task per range of k, each with its own partial outputs, its rows of w in
+    order, ``step`` at a time into a register tile; a serial loop adds the parts. The
+    elementwise epilogue (bias, GELU) is computed as the outputs are stored: no buffer of the
+    matmul's size is left in the tiled function, and in the split-K one only the parts' and
+    their sum. The tile is written as vectors of the CPU's width or a divisor of it (1000
+    outputs in tiles of 40 on AVX-512: 5 vectors of 8, not one 40-wide vector that LLVM takes
+    apart). Values against NumPy float64, the tile and group divisors of N and the rows (no
+    tail)."""
     from math import gcd
 
     from tvm_sparseconv.cpu import cpu_of
-    from tvm_sparseconv.schedule_rules import ColumnGEMV, matmul_tile
+    from tvm_sparseconv.schedule_rules import ColumnGEMV, matmul_tile, split_k
     from tvm_sparseconv.target import make_target
 
     target = make_target(None)
     cpu = cpu_of(target)
-    tile, group = matmul_tile(n, batch, cpu.lanes, cpu.accumulators, cpu.cores)
+    split = split_k(k, n, batch, cpu)
+    tile, group = matmul_tile(n, batch, cpu.lanes, cpu.accumulators, 1 if split else cpu.cores)
     assert n % tile == 0 and batch % group == 0
     width = gcd(tile, cpu.lanes)
     assert group * (tile // width) <= cpu.accumulators
@@ -357,12 +363,22 @@ def test_column_gemv_streams_the_weight_rows_in_vectors(batch, k, n, gelu):
     assert sch is not None
     func = sch.mod["main"]
     text = func.script()
-    tasks = n // tile * batch // group
-    assert f"T.parallel(T.int64({tasks}))" in text and f"T.vectorized(T.int64({width}))" in text
-    assert f"T.sblock_alloc_buffer((T.int64({batch}), T.int64({n})))" not in text  # only the local accumulators
-    loops = [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("matmul_update"))]
+    assert f"T.vectorized(T.int64({width}))" in text
     vectors = [tile // width, width]
-    assert loops == ([tasks, k, group, *vectors] if group > 1 else [tasks, k, *vectors])
+    if split:
+        parts, step = split
+        assert text.count("T.parallel(") == 1 and f"T.parallel(T.int64({parts}))" in text
+        assert k % (parts * step) == 0 and step in (1, 2, 4, 8)
+        assert f"T.sblock_alloc_buffer((T.int64({parts}), T.int64({batch}), T.int64({n})))" in text
+        loops = [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("matmul_rf_update"))]
+        groups = [batch // group, step, group] if group > 1 else [batch, step]
+        assert loops == [parts, k // parts // step, n // tile, *groups, *vectors]
+    else:
+        tasks = n // tile * batch // group
+        assert f"T.parallel(T.int64({tasks}))" in text
+        assert f"T.sblock_alloc_buffer((T.int64({batch}), T.int64({n})))" not in text  # only the local accumulators
+        loops = [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("matmul_update"))]
+        assert loops == ([tasks, k, group, *vectors] if group > 1 else [tasks, k, *vectors])
     f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     rng = np.random.default_rng(0)
     x, w, b = (rng.standard_normal(s).astype("float32") for s in ((batch, k), (k, n), (n,)))
@@ -386,6 +402,25 @@ def test_matmul_tiles_fill_the_registers_and_the_cores():
     assert matmul_tile(64, 1, 16, 16, 2) == (32, 1) and matmul_tile(64, 1, 16, 16, 1) == (64, 1)
     assert matmul_tile(64, 0, 16, 16, 2) == (32, 1)  # rows known at run time only: one at a time
     assert matmul_tile(1009, 5, 16, 16, 2) is None
+
+
+def test_split_k_takes_heads_whose_weight_outgrows_the_l2_caches():
+    """ColumnGEMV's split-K schedule: a w larger than the cores' L2 caches together, at most 8
+    rows of x, a k the cores divide; the step the largest of 8, 4, 2, 1 that divides each
+    core's range of k."""
+    from tvm_sparseconv.cpu import CPU
+    from tvm_sparseconv.schedule_rules import split_k
+
+    zen4 = CPU("znver4", "avx512", 16, 32, True, True, 1.0, 32 << 10, 1 << 20, 32 << 20, 2)
+    assert split_k(9216, 4096, 1, zen4) == (2, 8)  # AlexNet's 151 MB: 2 ranges of k, 8 rows a step
+    assert split_k(2050, 1000, 8, zen4) == (2, 1)
+    assert split_k(1280, 1000, 1, zen4) == (2, 8)  # MobileNet-V2's head, 5.1 MB
+    assert split_k(512, 1000, 1, zen4) is None  # 2.0 MB: within 2 x 1 MiB
+    assert split_k(9216, 4096, 9, zen4) is None  # more rows: the tiled schedule
+    assert split_k(9216, 4096, 0, zen4) is None  # rows known at run time only
+    assert split_k(4097, 1000, 1, zen4) is None  # k not divisible by the cores
+    one_core = CPU(**{**zen4.to_dict(), "cores": 1})
+    assert split_k(9216, 4096, 1, one_core) is None
 
 
 def test_column_gemv_with_a_batch_known_only_at_run_time():
