@@ -1,4 +1,4 @@
-"""passes/fast_math: sigmoid, SiLU, tanh and erf legalized to loops computed in registers, against
+"""passes/fast_math: exp, log, sigmoid, SiLU, tanh and erf legalized to loops computed in registers, against
 NumPy/math float64 over the whole float32 range and its special values, and built without a libm call,
 in vectors as wide as the target's."""
 import math
@@ -45,6 +45,10 @@ def _reference(name: str, x: np.ndarray) -> np.ndarray:
         return np.vectorize(math.erf)(x)
     if name == "tanh":
         return np.tanh(x)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if name in ("exp", "log"):
+            y = getattr(np, name)(x)
+            return np.where(np.abs(y) > np.finfo(np.float32).max, np.inf * np.sign(y), y)  # beyond float32: Inf
     with np.errstate(over="ignore", invalid="ignore"):
         s = 1.0 / (1.0 + np.exp(-x))
         return s if name == "sigmoid" else x * s
@@ -63,7 +67,7 @@ def _check(y: np.ndarray, ref: np.ndarray, x: np.ndarray):
 
 
 @pytest.mark.parametrize("name,op", [("sigmoid", relax.op.sigmoid), ("silu", relax.op.nn.silu), ("tanh", relax.op.tanh),
-                                     ("erf", relax.op.erf)])
+                                     ("erf", relax.op.erf), ("exp", relax.op.exp), ("log", relax.op.log)])
 def test_matches_float64_over_the_float32_range(name, op):
     x = _inputs()
     _, vm = _build(op, x)
@@ -91,6 +95,38 @@ def test_odd_functions_on_a_dense_grid(name, op, top, extra):
     assert np.array_equal(np.signbit(y.ravel()), np.signbit(x.ravel()))
 
 
+def test_exp_and_log_at_the_ends_of_the_float32_range():
+    """exp: +Inf from ln(FLT_MAX) up, subnormals down to e^-103.3 and 0 below, exact 1 at 0;
+    log: every power of two from the least subnormal to 2^127 exactly (e ln 2 to float32's
+    rounding), each step of 2^-12 around 1 against float64, -Inf at +-0, NaN below 0."""
+    x = np.array([88.72, 88.7228, 88.7229, 89.0, 100.0, -87.0, -87.5, -95.0, -103.0, -103.5, -104.0, -200.0, 0.0, -0.0,
+                  1.0, -1.0], np.float32).reshape(1, 1, 4, 4)
+    _, vm = _build(relax.op.exp, x)
+    y = vm["main"](tvm.runtime.tensor(x)).numpy().ravel()
+    ref = np.exp(x.ravel().astype(np.float64))
+    with np.errstate(over="ignore"):
+        ref32 = ref.astype(np.float32)
+    assert np.array_equal(np.isinf(y), np.isinf(ref32))
+    fin = np.isfinite(ref32)
+    assert np.all(np.abs(y[fin] - ref[fin]) <= 1e-6 * ref[fin] + 2.0 ** -149)  # the subnormals to their last bit
+    assert y[12] == 1.0 and y[13] == 1.0 and y[11] == 0.0
+
+    powers = [2.0 ** e for e in range(-149, 128)]
+    grid = list(1.0 + np.arange(-2048, 2048) / 4096)
+    x = np.array(powers + grid + [0.0, -0.0, -1e-30, -np.inf, np.inf, np.nan], np.float32)
+    x = np.pad(x, (0, -len(x) % 64), constant_values=1.0).reshape(1, 16, -1, 4)
+    _, vm = _build(relax.op.log, x)
+    y = vm["main"](tvm.runtime.tensor(x)).numpy().ravel()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = np.log(x.ravel().astype(np.float64))
+    n = len(powers)
+    assert np.all(np.abs(y[:n] - ref[:n]) <= 1e-6 * np.abs(ref[:n]))
+    _check(y.reshape(x.shape), ref.reshape(x.shape), x)
+    specials = y[n + len(grid):n + len(grid) + 6]
+    assert list(specials[:2]) == [-np.inf, -np.inf] and np.isnan(specials[2]) and np.isnan(specials[3])
+    assert specials[4] == np.inf and np.isnan(specials[5])
+
+
 def test_sigmoid_limits_are_exact():
     """0 and 1 at the ends as in IEEE arithmetic, so SiLU(-Inf) = -Inf * 0 is NaN as in onnxruntime."""
     x = np.array([-np.inf, -1e30, -89.0, np.inf, 1e30, 89.0, 20.0, np.nan] * 2, np.float32).reshape(1, 1, 4, 4)
@@ -99,9 +135,9 @@ def test_sigmoid_limits_are_exact():
     assert list(y[:6]) == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] and y[6] == np.float32(1.0) and np.isnan(y[7])
 
 
-@pytest.mark.parametrize("op", [relax.op.sigmoid, relax.op.tanh, relax.op.erf])
+@pytest.mark.parametrize("op", [relax.op.sigmoid, relax.op.tanh, relax.op.erf, relax.op.exp, relax.op.log])
 def test_built_without_a_libm_call(op):
-    """The loop is vectorized: no call to expf, tanhf or erff (one per lane) remains in the object code."""
+    """The loop is vectorized: no call to expf, logf, tanhf or erff (one per lane) remains in the object code."""
     x = _inputs()
     mod, _ = _build(op, x)
     (gv, f), = [(g, f) for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
@@ -109,7 +145,7 @@ def test_built_without_a_libm_call(op):
                          target=make_target(None))
     asm = lib.inspect_source("asm")
     assert "vfmadd" in asm or "fmla" in asm or "mulps" in asm
-    assert "expf" not in asm and "erff" not in asm and "tanhf" not in asm
+    assert not any(f in asm for f in ("expf", "logf", "erff", "tanhf"))
 
 
 def test_other_dtypes_keep_tvm_legalization():
@@ -125,7 +161,7 @@ def test_other_dtypes_keep_tvm_legalization():
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference("sigmoid", x), rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["sigmoid_of", "tanh_of", "erf_of"])
+@pytest.mark.parametrize("name", ["sigmoid_of", "tanh_of", "erf_of", "exp_of", "log_of"])
 def test_the_functions_vectorize_at_the_targets_width(name):
     """A loop of 16 lanes of each function compiles to 16-lane vectors for an AVX-512 target
     (whatever the host: only compiled). An op TVM cannot vectorize (tirx.isnan) made the loop
