@@ -1,4 +1,4 @@
-"""passes/fast_math: exp, log, sigmoid, SiLU, tanh and erf legalized to loops computed in registers, against
+"""passes/fast_math: exp, log, sigmoid, SiLU, tanh, erf and powers by a constant legalized to loops computed in registers, against
 NumPy/math float64 over the whole float32 range and its special values, and built without a libm call,
 in vectors as wide as the target's."""
 import math
@@ -127,6 +127,39 @@ def test_exp_and_log_at_the_ends_of_the_float32_range():
     assert specials[4] == np.inf and np.isnan(specials[5])
 
 
+@pytest.mark.parametrize("c", [0.75, -0.75, 1.5, 3.0, -1.0, 2.0, 1.0, 0.0])
+def test_power_by_a_constant(c):
+    """x ** c for a scalar constant c (LocalResponseNorm's 0.75), against NumPy float64 (C's pow)
+    over magnitudes from e^-100 to e^88 of both signs and the special values: relative error
+    under 2e-7 max(2, |c log x|) (the log's rounding, scaled by c), the signs, infinities and
+    NaNs as C's (NaN for a finite negative x and a c that is not an integer; an odd c keeps
+    the sign, of -0.0 too), 1 for c = 0; and no libm powf call left."""
+    rng = np.random.default_rng(1)
+    mags = np.exp(rng.uniform(-100, 88, 2048))
+    x = np.concatenate([SPECIAL, [-2.0, -3.0, 0.5, 1.0, -1e-45], mags, -mags]).astype(np.float32)
+    x = np.pad(x, (0, -len(x) % 64), constant_values=1.0).reshape(1, 16, -1, 4)
+    mod, vm = _build(lambda v: relax.op.power(v, relax.const(c, "float32")), x)
+    y = vm["main"](tvm.runtime.tensor(x)).numpy().ravel()
+    xd = x.ravel().astype(np.float64)
+    with np.errstate(all="ignore"):
+        ref = np.power(xd, c)
+        ref = np.where(np.abs(ref) > np.finfo(np.float32).max, np.inf * np.sign(ref), ref)
+        scale = np.fmax(2.0, np.abs(c * np.log(np.abs(xd))))  # fmax: 0 * log(0) is NaN
+    normal = np.isfinite(ref) & (np.abs(ref) >= np.finfo(np.float32).tiny)
+    assert np.all(np.abs(y[normal] - ref[normal]) <= 2e-7 * scale[normal] * np.abs(ref[normal]))
+    small = np.isfinite(ref) & ~normal  # results in the subnormals: to a few of their steps
+    assert np.all(np.abs(y[small] - ref[small]) <= 1e-43)
+    assert np.array_equal(np.isnan(y), np.isnan(ref))
+    inf = np.isinf(ref)
+    assert np.array_equal(y[inf], ref[inf])
+    exact = ~np.isnan(ref)
+    assert np.array_equal(np.signbit(y[exact]), np.signbit(ref[exact]))
+    (gv, f), = [(g, f) for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    asm = tvm.tirx.build(tvm.IRModule({gv.name_hint: f.with_attr("global_symbol", gv.name_hint)}),
+                         target=make_target(None)).inspect_source("asm")
+    assert "powf" not in asm and "logf" not in asm and "expf" not in asm
+
+
 def test_sigmoid_limits_are_exact():
     """0 and 1 at the ends as in IEEE arithmetic, so SiLU(-Inf) = -Inf * 0 is NaN as in onnxruntime."""
     x = np.array([-np.inf, -1e30, -89.0, np.inf, 1e30, 89.0, 20.0, np.nan] * 2, np.float32).reshape(1, 1, 4, 4)
@@ -161,13 +194,14 @@ def test_other_dtypes_keep_tvm_legalization():
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference("sigmoid", x), rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["sigmoid_of", "tanh_of", "erf_of", "exp_of", "log_of"])
+@pytest.mark.parametrize("name", ["sigmoid_of", "tanh_of", "erf_of", "exp_of", "log_of", "pow_of"])
 def test_the_functions_vectorize_at_the_targets_width(name):
     """A loop of 16 lanes of each function compiles to 16-lane vectors for an AVX-512 target
     (whatever the host: only compiled). An op TVM cannot vectorize (tirx.isnan) made the loop
     scalar, and LLVM re-vectorized it in 8 lanes (ymm registers)."""
     a = te.placeholder((64, 16), name="a")
-    b = te.compute((64, 16), lambda i, j: getattr(tir_math, name)(a[i, j]), name="b")
+    value_of = (lambda v: tir_math.pow_of(v, 0.75)) if name == "pow_of" else getattr(tir_math, name)
+    b = te.compute((64, 16), lambda i, j: value_of(a[i, j]), name="b")
     sch = tvm.s_tir.Schedule(te.create_prim_func([a, b]))
     sch.vectorize(sch.get_loops(sch.get_sblock("b"))[1])
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "f")}),

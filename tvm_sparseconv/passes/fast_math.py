@@ -1,5 +1,5 @@
-"""exp, log, sigmoid, SiLU, tanh and erf legalized to loops that vectorize (tir_math.py says why and
-how they are computed).
+"""exp, log, sigmoid, SiLU, tanh, erf and a power by a constant legalized to loops that
+vectorize (tir_math.py says why and how they are computed).
 
 ``legalize_map()`` is the customize_legalize_map of relax.transform.LegalizeOps.
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te
 
-from ..tir_math import erf_of, exp_of, log_of, sigmoid_of, tanh_of
+from ..graph import const_value
+from ..tir_math import bound, erf_of, exp_of, log_of, pow_of, sigmoid_of, tanh_of
 
 # op -> (name, the float32 value of an element x in vectorizable TIR)
 _ELEMENTWISE = {"relax.exp": ("exp", exp_of),
@@ -20,8 +21,23 @@ _ELEMENTWISE = {"relax.exp": ("exp", exp_of),
 
 
 def legalize_map() -> dict:
-    """{op name: legalization} for float32 exp, log, sigmoid, SiLU, tanh and erf; other dtypes keep TVM's."""
-    return {op: _only_float32(name, value_of, op) for op, (name, value_of) in _ELEMENTWISE.items()}
+    """{op name: legalization} for float32 exp, log, sigmoid, SiLU, tanh, erf and a power by a
+    scalar constant; other dtypes keep TVM's."""
+    return {**{op: _only_float32(name, value_of, op) for op, (name, value_of) in _ELEMENTWISE.items()},
+            "relax.power": _power}
+
+
+def _power(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """x ** c for a float32 x and a scalar constant c (tir_math.pow_of); TVM's own (a libm
+    powf per element) for anything else."""
+    x, c = call.args
+    value = const_value(c)
+    if x.ty.dtype != "float32" or value is None or value.size != 1 or call.ty.shape is None \
+            or list(call.ty.shape) != list(x.ty.shape):
+        return tvm.ir.Op.get("relax.power").get_attr("FLegalize")(bb, call)
+    c = float(value.reshape(()))
+    return bb.call_te(lambda t: te.compute(t.shape, lambda *i: bound(t(*i), lambda v: pow_of(v, c)), name="pow"), x,
+                      primfunc_name_hint="tir_pow")
 
 
 def _only_float32(name: str, value_of, op_name: str):
@@ -32,15 +48,8 @@ def _only_float32(name: str, value_of, op_name: str):
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         if call.args[0].ty.dtype != "float32":
             return default(bb, call)
-        return bb.call_te(lambda t: te.compute(t.shape, lambda *i: _bound(value_of, t(*i)), name=name), call.args[0],
+        return bb.call_te(lambda t: te.compute(t.shape, lambda *i: bound(t(*i), value_of), name=name), call.args[0],
                           primfunc_name_hint=f"tir_{name}")
 
     return legalize
 
-
-def _bound(value_of, x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
-    """``value_of(x)`` with x bound to a variable once: the functions read their argument many
-    times, and once a chain of them is inlined into one loop (Mish's tanh of a log of an exp)
-    the copies multiply: unbound, the build of a CSPDarknet-like net with Mish ran out of 24 GB."""
-    v = tvm.tirx.Var("x", "float32")
-    return tvm.tirx.Let(v, x, value_of(v))
