@@ -10,7 +10,10 @@ hard-sigmoid SE), a DeepLab-like head (dilated convs, ASPP concat, bilinear upsa
 Inception-v3-like net (1x7 and 7x1 convs, stride-1 average pools, concats), a ResNeXt-like net
 (groups of 4 to 32 channels), a U-Net-like net (transposed convs, skip concats), a
 YOLO-like net (LeakyReLU, nearest upsampling, two outputs), a CycleGAN-like generator
-(reflection pads, instance norms, transposed convs, tanh) and ESPCN (tanh, pixel shuffle).
+(reflection pads, instance norms, transposed convs, tanh), ESPCN (tanh, pixel shuffle), AlexNet
+(LocalResponseNorm, 11x11 stride-4 conv, classifier layers of 4096), a CSPDarknet-like net
+(Mish), a ResNet with GroupNorm and PReLU, and an Xception-like net (separable convs, ELU,
+Hardtanh, a global max pool).
 
 They check coverage and speed, not accuracy: the weights are random, so the activations'
 densities are not those of a trained model, and a plan predicted or tuned on them says
@@ -323,10 +326,85 @@ class ESPCN(nn.Module):
                             nn.Conv2d(32, 3 * 9, 3, padding=1), nn.PixelShuffle(3))
     def forward(s, x): return s.f(x)
 
+class AlexNet(nn.Module):
+    """AlexNet: an 11x11 stride-4 conv, LocalResponseNorms (a power of 0.75), overlapping max
+    pools, classifier layers of 4096 (a 9216 x 4096 weight at 224 x 224: 151 MB)."""
+    def __init__(s):
+        super().__init__()
+        s.f = nn.Sequential(nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.LocalResponseNorm(5), nn.MaxPool2d(3, 2),
+                            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.LocalResponseNorm(5), nn.MaxPool2d(3, 2),
+                            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
+        s.c = nn.Sequential(nn.Dropout(), nn.LazyLinear(4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(),
+                            nn.Linear(4096, 1000))
+    def forward(s, x): return s.c(torch.flatten(s.f(x), 1))
+
+class Mish(nn.Module):
+    def forward(s, x): return x * torch.tanh(F.softplus(x))  # as YOLOv4 writes it (the exporter: Softplus, Tanh, Mul)
+
+class CSP(nn.Module):
+    def __init__(s, c, n):
+        super().__init__(); h = c // 2
+        s.a = cbr(c, h, 1, act=Mish); s.b = cbr(c, h, 1, act=Mish)
+        s.m = nn.Sequential(*[nn.Sequential(cbr(h, h, 1, act=Mish), cbr(h, h, 3, act=Mish)) for _ in range(n)])
+        s.o = cbr(2 * h, c, 1, act=Mish)
+    def forward(s, x): return s.o(torch.cat([s.m(s.a(x)), s.b(x)], 1))
+
+class CSPDarknet(nn.Module):
+    """CSPDarknet-like (YOLOv4's backbone, smaller): Mish, cross-stage partial concats, a
+    sigmoid 1x1 head."""
+    def __init__(s):
+        super().__init__()
+        L = [cbr(3, 32, 3, act=Mish)]; c = 32
+        for o, n in [(64, 1), (128, 2), (256, 2), (512, 1)]:
+            L += [cbr(c, o, 3, 2, act=Mish), CSP(o, n)]; c = o
+        s.f = nn.Sequential(*L); s.h = nn.Conv2d(c, 255, 1)
+    def forward(s, x): return torch.sigmoid(s.h(s.f(x)))
+
+class GNBlock(nn.Module):
+    def __init__(s, i, o, st):
+        super().__init__()
+        s.a = nn.Sequential(nn.Conv2d(i, o, 3, st, 1, bias=False), nn.GroupNorm(8, o), nn.PReLU(o))
+        s.b = nn.Sequential(nn.Conv2d(o, o, 3, 1, 1, bias=False), nn.GroupNorm(8, o))
+        s.sc = nn.Sequential(nn.Conv2d(i, o, 1, st, bias=False), nn.GroupNorm(8, o)) if st != 1 or i != o else nn.Identity()
+    def forward(s, x): return F.relu(s.b(s.a(x)) + s.sc(x))
+
+class GNResNet(nn.Module):
+    """A ResNet with GroupNorm (8 groups) and per-channel PReLUs, a softmax output."""
+    def __init__(s):
+        super().__init__()
+        L = [nn.Conv2d(3, 64, 7, 2, 3), nn.GroupNorm(8, 64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]; c = 64
+        for o, st in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            L.append(GNBlock(c, o, st)); c = o
+        s.f = nn.Sequential(*L); s.fc = nn.Linear(512, 10)
+    def forward(s, x): return F.softmax(s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(x), 1), 1)), 1)
+
+def sep(i, o):
+    return nn.Sequential(nn.Conv2d(i, i, 3, 1, 1, groups=i, bias=False), nn.Conv2d(i, o, 1, bias=False), bn(o))
+
+class XBlock(nn.Module):
+    def __init__(s, i, o, first_relu=True):
+        super().__init__()
+        s.m = nn.Sequential(nn.ReLU() if first_relu else nn.Identity(), sep(i, o), nn.ReLU(), sep(o, o), nn.MaxPool2d(3, 2, 1))
+        s.sc = nn.Sequential(nn.Conv2d(i, o, 1, 2, bias=False), bn(o))
+    def forward(s, x): return s.m(x) + s.sc(x)
+
+class Xception(nn.Module):
+    """Xception-like entry and exit flows: separable convs (depthwise then 1x1, ReLU before
+    them), max-pool residuals with 1x1 stride-2 shortcuts, an ELU and a Hardtanh(0, 6), a global
+    max pool."""
+    def __init__(s):
+        super().__init__()
+        s.f = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 64, 3), XBlock(64, 128, False), XBlock(128, 256), XBlock(256, 728),
+                            nn.ReLU(), sep(728, 728), nn.ELU(), sep(728, 1024), nn.Hardtanh(0, 6))
+        s.fc = nn.Linear(1024, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_max_pool2d(s.f(x), 1), 1))
+
 NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": ShuffleNetV2, "squeezenet": SqueezeNet,
         "densenet-small": DenseNetSmall, "convnext-small": ConvNeXtTiny, "regnetx": RegNetX, "mobilenet-v3ish": MobileNetV3ish,
         "deeplab-ish": Dilated, "inception-v3ish": Inception, "resnext": ResNeXt, "unet": UNet, "yolo-ish": YoloIsh,
-        "cyclegan-gen": CycleGen, "espcn": ESPCN}
+        "cyclegan-gen": CycleGen, "espcn": ESPCN, "alexnet": AlexNet, "cspdarknet-mish": CSPDarknet,
+        "gn-resnet": GNResNet, "xception-ish": Xception}
 
 
 def export(name: str, path: str, size: int = 224) -> str:
@@ -334,9 +412,12 @@ def export(name: str, path: str, size: int = 224) -> str:
     1 x 3 x size x size inputs."""
     torch.manual_seed(0)
     net = NETS[name]().eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        net(x)  # sizes the lazy layers (AlexNet's first classifier layer, whose input depends on size)
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the dynamo one needs onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(net, (torch.randn(1, 3, size, size),), path, opset_version=17, dynamo=False,
+        torch.onnx.export(net, (x,), path, opset_version=17, dynamo=False,
                           input_names=["x"])
     return path
 
