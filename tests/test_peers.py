@@ -101,6 +101,16 @@ CASES = [
     case("Constant-floats", [N("Constant", [], ["c"], value_floats=[0.5] * 10), y("Add", "x", "c")]),
     case("Dropout-opset13", [N("Dropout", ["x", "r"], ["y", "mask"])], {"r": F32(0.5)}),
     case("Dropout-opset10", [N("Dropout", ["x"], ["y"], ratio=0.3)], opset=10),
+    case("Elu", [y("Elu", "x", alpha=0.5)]),
+    case("Softplus", [y("Softplus", "x")]),
+    case("PRelu-channel", [y("PRelu", "x", "s")], {"s": a(0.1, -0.2, 0.3, dtype=F32).reshape(3, 1, 1)}),
+    case("PRelu-scalar", [y("PRelu", "x", "s")], {"s": a(0.25, dtype=F32)}),
+    case("Exp", [y("Exp", "x")]),
+    case("Log-Abs", [N("Abs", ["x"], ["b"]), y("Log", "b")]),
+    case("Sqrt-Abs", [N("Abs", ["x"], ["b"]), y("Sqrt", "b")]),
+    case("Neg", [y("Neg", "x")]),
+    case("Pow-0.75", [N("Abs", ["x"], ["b"]), y("Pow", "b", "e")], {"e": F32(0.75)}),
+    case("Pow-integer", [y("Pow", "x", "e")], {"e": F32(3.0)}),
     case("Softmax", [y("Softmax", "x")]),
     case("Softmax-axis1", [y("Softmax", "x", axis=1)]),
     case("Softmax-opset11-default", [y("Softmax", "x")], opset=11),  # over C*H*W at once
@@ -131,6 +141,10 @@ CASES = [
     case("Pad-axes-opset18", [y("Pad", "x", "p", "", "ax")], {"p": a(1, 2, 3, 4), "ax": a(-1, 2)}, opset=18),
     # dense
     case("BatchNormalization", [y("BatchNormalization", "x", "s", "b", "m", "v", epsilon=1e-3)], BN),
+    case("InstanceNormalization", [y("InstanceNormalization", "x", "s", "b", epsilon=1e-3)],
+         {"s": BN["s"], "b": BN["b"]}),
+    case("LRN", [y("LRN", "x", size=3, alpha=1e-2, beta=0.75, bias=2.0)], shape=(1, 6, 5, 4)),
+    case("LRN-defaults", [y("LRN", "x", size=5)], shape=(1, 7, 3, 3)),
     case("Gemm-transB-C", [y("Gemm", "x", "w", "c", transB=1, alpha=0.5, beta=2.0)],
          {"w": np.linspace(-1, 1, 24, dtype=F32).reshape(4, 6), "c": np.arange(4, dtype=F32)}, shape=(2, 6)),
     case("Gemm-transA", [y("Gemm", "x", "w", transA=1)], {"w": np.linspace(-1, 1, 8, dtype=F32).reshape(2, 4)},
@@ -209,6 +223,7 @@ REFUSED = [
          *resize(scales=[1, 1, 3, 3], coordinate_transformation_mode="asymmetric")),
     case("Pad mode reflect", [y("Pad", "x", "p", mode="reflect")], {"p": a(0, 0, 1, 1, 0, 0, 1, 1)}),
     case("AveragePool dilations", [y("AveragePool", "x", kernel_shape=[2, 2], dilations=[2, 2])], opset=19),
+    case("LRN an even size, 4", [y("LRN", "x", size=4)]),
 ]
 
 
@@ -220,9 +235,9 @@ def test_variants_without_a_torch_equivalent_are_refused_by_name(request, tmp_pa
         m(torch.zeros(shape))
 
 
-@pytest.mark.parametrize("op", ["Erf", "LRN"])
+@pytest.mark.parametrize("op", ["Erf", "Celu"])
 def test_other_ops_are_refused_by_name_at_load(tmp_path, op):
-    attrs = {"size": 3} if op == "LRN" else {}
+    attrs = {}
     with pytest.raises(NotImplementedError, match=f"does not run ONNX op {op}$"):
         OnnxTorch(save_graph(tmp_path / "m.onnx", [y(op, "x", **attrs)], SHAPE))
 

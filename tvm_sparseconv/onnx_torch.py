@@ -7,8 +7,9 @@ inputs, as Clip's bounds, Squeeze's axes or Pad's pads, are read from wherever t
 them):
 
 - Conv (1-3-D, groups, dilations, asymmetric pads, auto_pad), ConvTranspose (explicit pads
-  and output_padding), BatchNormalization, Gemm, MatMul, Relu, LeakyRelu, Sigmoid, Tanh,
-  HardSigmoid, HardSwish, Clip (ReLU6), Softmax;
+  and output_padding), BatchNormalization, InstanceNormalization, LRN (odd sizes), Gemm,
+  MatMul, Relu, LeakyRelu, PRelu, Elu, Sigmoid, Tanh, Softplus, HardSigmoid, HardSwish, Clip
+  (ReLU6), Softmax, Exp, Log, Sqrt, Abs, Neg, Pow;
 - MaxPool, AveragePool (ceil_mode, count_include_pad, asymmetric pads, auto_pad),
   GlobalAveragePool, GlobalMaxPool;
 - Add, Sub, Mul, Div (broadcasting), Concat, Flatten, Reshape, Transpose, Squeeze,
@@ -129,6 +130,15 @@ op("HardSigmoid")(lambda ins, a, opset: (a.get("alpha", 0.2) * ins[0] + a.get("b
 op("HardSwish")(lambda ins, a, opset: F.hardswish(ins[0]))  # x * HardSigmoid(x, 1/6, 1/2), as ONNX
 op("LeakyRelu")(lambda ins, a, opset: F.leaky_relu(ins[0], a.get("alpha", 0.01)))
 op("Tanh")(lambda ins, a, opset: ins[0].tanh())
+op("Elu")(lambda ins, a, opset: F.elu(ins[0], a.get("alpha", 1.0)))
+op("Softplus")(lambda ins, a, opset: F.softplus(ins[0]))  # log(1 + e^x); torch's linear part (x > 20) is exact in float32
+op("PRelu")(lambda ins, a, opset: torch.where(ins[0] < 0, ins[0] * ins[1], ins[0]))  # slope broadcast to x
+op("Exp")(lambda ins, a, opset: ins[0].exp())
+op("Log")(lambda ins, a, opset: ins[0].log())
+op("Sqrt")(lambda ins, a, opset: ins[0].sqrt())
+op("Abs")(lambda ins, a, opset: ins[0].abs())
+op("Neg")(lambda ins, a, opset: -ins[0])
+op("Pow")(lambda ins, a, opset: torch.pow(ins[0], ins[1]))
 op("Identity")(lambda ins, a, opset: ins[0])
 op("Add")(lambda ins, a, opset: ins[0] + ins[1])  # torch broadcasts as ONNX (numpy's rules)
 op("Sub")(lambda ins, a, opset: ins[0] - ins[1])
@@ -320,6 +330,24 @@ def _bn(ins, a, opset):
     """Inference: (x - mean) / sqrt(var + epsilon) * scale + B, per channel (axis 1)."""
     x, scale, bias, mean, var = ins[:5]
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))
+
+
+@op("InstanceNormalization")
+def _instance_norm(ins, a, opset):
+    """(x - mean) / sqrt(var + epsilon) * scale + B over each channel's pixels (torch exports
+    GroupNorm as one between two reshapes)."""
+    x, scale, bias = ins[:3]
+    return F.instance_norm(x, weight=scale, bias=bias, eps=a.get("epsilon", 1e-5))
+
+
+@op("LRN")
+def _lrn(ins, a, opset):
+    """x / (bias + alpha / size * sum of x^2 over ``size`` channels around)^beta. ONNX centres an
+    even window one channel later than torch does: refused."""
+    size = a["size"]
+    if size % 2 == 0:
+        _refuse("LRN", f"an even size, {size}")
+    return F.local_response_norm(ins[0], size, a.get("alpha", 1e-4), a.get("beta", 0.75), a.get("bias", 1.0))
 
 
 @op("Gemm")
