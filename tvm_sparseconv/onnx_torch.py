@@ -13,7 +13,8 @@ them):
 - MaxPool, AveragePool (ceil_mode, count_include_pad, asymmetric pads, auto_pad),
   GlobalAveragePool, GlobalMaxPool;
 - Add, Sub, Mul, Div (broadcasting), Concat, Flatten, Reshape, Transpose, Squeeze,
-  Unsqueeze, ReduceMean, Pad (constant), Identity, Dropout (inference: the identity), Constant;
+  Unsqueeze, ReduceMean, Pad (constant), Identity, Dropout (inference: the identity), Constant,
+  Shape;
 - Resize, nearest and linear, where F.interpolate computes what ONNX defines (see _resize).
 
 Any other op, or a variant whose semantics torch does not have (Pad reflect, Resize cubic,
@@ -139,6 +140,7 @@ op("Sqrt")(lambda ins, a, opset: ins[0].sqrt())
 op("Abs")(lambda ins, a, opset: ins[0].abs())
 op("Neg")(lambda ins, a, opset: -ins[0])
 op("Pow")(lambda ins, a, opset: torch.pow(ins[0], ins[1]))
+op("Shape")(lambda ins, a, opset: torch.tensor(ins[0].shape[a.get("start", 0):a.get("end")], dtype=torch.int64))
 op("Identity")(lambda ins, a, opset: ins[0])
 op("Add")(lambda ins, a, opset: ins[0] + ins[1])  # torch broadcasts as ONNX (numpy's rules)
 op("Sub")(lambda ins, a, opset: ins[0] - ins[1])
