@@ -382,7 +382,7 @@ class GNResNet(nn.Module):
 def sep(i, o):
     return nn.Sequential(nn.Conv2d(i, i, 3, 1, 1, groups=i, bias=False), nn.Conv2d(i, o, 1, bias=False), bn(o))
 
-class XBlock(nn.Module):
+class XceptionBlock(nn.Module):
     def __init__(s, i, o, first_relu=True):
         super().__init__()
         s.m = nn.Sequential(nn.ReLU() if first_relu else nn.Identity(), sep(i, o), nn.ReLU(), sep(o, o), nn.MaxPool2d(3, 2, 1))
@@ -395,7 +395,8 @@ class Xception(nn.Module):
     max pool."""
     def __init__(s):
         super().__init__()
-        s.f = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 64, 3), XBlock(64, 128, False), XBlock(128, 256), XBlock(256, 728),
+        s.f = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 64, 3), XceptionBlock(64, 128, False), XceptionBlock(128, 256),
+                            XceptionBlock(256, 728),
                             nn.ReLU(), sep(728, 728), nn.ELU(), sep(728, 1024), nn.Hardtanh(0, 6))
         s.fc = nn.Linear(1024, 1000)
     def forward(s, x): return s.fc(torch.flatten(F.adaptive_max_pool2d(s.f(x), 1), 1))
