@@ -189,7 +189,7 @@ class ColumnGEMV(ScheduleRule):
         k = stmt.iter_vars[-1].dom.extent
         parts = split_k(int(k) if isinstance(k, tvm.tirx.IntImm) else 0, n, rows, cpu)
         if parts is not None:
-            split = _split_k(func, *parts, cpu)
+            split = _split_k(func, n, rows, *parts, cpu)
             if split is not None:
                 return split
         tile, group = found
@@ -241,9 +241,9 @@ def split_k(k: int, n: int, rows: int, cpu) -> tuple[int, int] | None:
     every run of a model) and x has at most 8 rows (a head at batch 1 to 8). The tiled schedule
     reads such a w down its columns, a tile's few cache lines per row of w, each row in another
     page; split-K reads each task's rows of w in order. Alone, with w flushed from the caches
-    (AMD EPYC Zen 4, 2 cores), AlexNet's 9216 -> 4096 at batch 1 took 3.8 ms against 10.3
-    tiled (onnxruntime 5.7), at batch 8 9.4 against 15.1; MobileNet-V2's 1280 -> 1000 0.17
-    against 0.25; 512 -> 1000 (2 MB) 0.12 against 0.13."""
+    (AMD EPYC Zen 4, 2 cores), AlexNet's 9216 -> 4096 at batch 1 took 4.1 ms against 10.6
+    tiled (onnxruntime 5.7), at batch 8 9.2 against 15.8; MobileNet-V2's 1280 -> 1000 0.25
+    against 0.28."""
     if not rows or not k or rows > 8 or k * n * 4 <= cpu.cores * cpu.l2:
         return None
     parts = cpu.cores
@@ -252,18 +252,15 @@ def split_k(k: int, n: int, rows: int, cpu) -> tuple[int, int] | None:
     return parts, max(d for d in (8, 4, 2, 1) if k % (parts * d) == 0)
 
 
-def _split_k(func, parts: int, step: int, cpu) -> s_tir.Schedule | None:
-    """ColumnGEMV's matmul block and its elementwise epilogue scheduled split-K (split_k): each
-    of ``parts`` parallel tasks sums its range of k into its own partial outputs
-    (rows x n, rfactor), ``step`` rows of w at a time into a tile of outputs of a group of rows
-    (matmul_tile) that LLVM keeps in registers across the unrolled step; then one serial loop
-    adds the parts and applies the epilogue (a parallel one was slower on 1000 outputs: the
-    launch costs more than the adds). None where the schedule does not apply."""
+def _split_k(func, n: int, rows: int, parts: int, step: int, cpu) -> s_tir.Schedule | None:
+    """ColumnGEMV's matmul block (``rows`` x ``n`` outputs) and its elementwise epilogue
+    scheduled split-K (split_k): each of ``parts`` parallel tasks sums its range of k into its
+    own partial outputs (rows x n, rfactor), ``step`` rows of w at a time into a tile of
+    outputs of a group of rows (matmul_tile) that LLVM keeps in registers across the unrolled
+    step; then one serial loop adds the parts and applies the epilogue (a parallel one was
+    slower on 1000 outputs: the launch costs more than the adds). None where the schedule does
+    not apply."""
     sch, (mm, *epilogue) = _scheduled_blocks(func)
-    stmt = sch.get(mm)
-    n, rows = int(stmt.iter_vars[-2].dom.extent), 1
-    for iv in stmt.iter_vars[:-2]:
-        rows *= int(iv.dom.extent)
     tile, group = matmul_tile(n, rows, cpu.lanes, cpu.accumulators)
     width = gcd(tile, cpu.lanes)
     try:

@@ -147,11 +147,11 @@ def log_of(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
 
 def pow_of(x: tvm.tirx.PrimExpr, c: float) -> tvm.tirx.PrimExpr:
     """x^c of a float32 expression for a constant exponent c (LocalResponseNorm's 0.75 in
-    AlexNet and GoogLeNet): x for 1, x * x for 2, else e^(c log|x|), negated for a negative x and an odd
-    integer c, NaN for a finite negative x and a c that is not an integer; 1 for c = 0 (NaN
-    too), as C's powf. Its relative error grows with |c log x| (the log's rounding, scaled by
-    c): measured under 3e-7 while |c log x| < 4, under 1.2e-7 |c log x| beyond (7e-6 for
-    c = 0.75 at float32's ends)."""
+    AlexNet and GoogLeNet): x for 1, x * x for 2, else e^(c log|x|), negated for a negative x
+    and an odd integer c, NaN for a finite negative x and a c that is not an integer; 1 for
+    c = 0 (NaN too), as C's powf. Its relative error grows with |c log x| (the log's rounding,
+    scaled by c): measured under 3e-7 while |c log x| < 4, under 1.6e-7 |c log x| beyond
+    (7e-6 for c = 0.75 at float32's ends)."""
     k = lanes_of(x)
     if c == 0:
         return splat(1.0, k)

@@ -52,4 +52,3 @@ def _only_float32(name: str, value_of, op_name: str):
                           primfunc_name_hint=f"tir_{name}")
 
     return legalize
-
