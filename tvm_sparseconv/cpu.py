@@ -69,6 +69,12 @@ FMA_UNITS = {
 }
 GENERIC_FMA_UNITS = 2
 
+# Host flags that only server cores with two 512-bit FMA units have. A hypervisor may show its
+# guest another CPU model than the host's: a Xeon with AMX (Sapphire Rapids and later, two units)
+# has been seen as family 6 model 167, which LLVM names rocketlake (a client core, one unit), and
+# the FMA_UNITS of that name halved the roofline of every layer (fma_peak.c measured two).
+SERVER_FMA_FLAGS = {"amx_tile": 2}
+
 
 @dataclass(frozen=True)
 class CPU:
@@ -153,6 +159,17 @@ def _host_caches() -> tuple[int, int, int] | None:
     return (sizes[1], sizes[2], sizes.get(3, 0)) if 1 in sizes and 2 in sizes else None
 
 
+def _host_fma_units(cpuinfo: str = "/proc/cpuinfo") -> float | None:
+    """FMA units the host's own flags prove, or None where they prove none (or there is no
+    /proc/cpuinfo)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return max((SERVER_FMA_FLAGS[f] for f in flags if f in SERVER_FMA_FLAGS), default=None)
+
+
 def is_host(target: tvm.target.Target) -> bool:
     """The target is this machine's CPU (same architecture and LLVM cpu name)."""
     return host_arch(target.attrs.get("mtriple")) and str(target.attrs.get("mcpu", "")) == host_cpu()
@@ -170,6 +187,8 @@ def _cpu_of(target_str: str) -> CPU:
     caches = (_host_caches() if is_host(target) else None) or CACHE_DEFAULTS.get(name, GENERIC_CACHES)
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
     fma = FMA_UNITS.get(name, GENERIC_FMA_UNITS)
+    if is_host(target):
+        fma = max(fma, _host_fma_units() or 0)
     return CPU(name, isa, lanes, regs, masked, compress, fma, *caches, cores)
 
 
