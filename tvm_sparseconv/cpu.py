@@ -184,10 +184,11 @@ def _cpu_of(target_str: str) -> CPU:
     triple = str(target.attrs.get("mtriple", "") or tvm.target.codegen.llvm_get_system_triple())
     isa, lanes, regs, masked, compress = _isa(features, triple.split("-")[0])
     name = str(target.attrs.get("mcpu", "") or "generic")
-    caches = (_host_caches() if is_host(target) else None) or CACHE_DEFAULTS.get(name, GENERIC_CACHES)
+    here = is_host(target)
+    caches = (_host_caches() if here else None) or CACHE_DEFAULTS.get(name, GENERIC_CACHES)
     cores = int(target.attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
     fma = FMA_UNITS.get(name, GENERIC_FMA_UNITS)
-    if is_host(target):
+    if here:
         fma = max(fma, _host_fma_units() or 0)
     return CPU(name, isa, lanes, regs, masked, compress, fma, *caches, cores)
 
