@@ -2,6 +2,7 @@
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -16,7 +17,7 @@ from tvm_sparseconv.plan import Plan
 from tvm_sparseconv.tune.log import TuningLog, TuningLogError
 from tvm_sparseconv.tune.report import write_report
 from tvm_sparseconv.tune.space import choose, contenders, settled
-from tvm_sparseconv.tune.tuner import TuneConfig, Tuner
+from tvm_sparseconv.tune.tuner import BUDGET_SHARES, TuneConfig, Tuner
 
 from conftest import free_port
 
@@ -73,6 +74,42 @@ def test_model_search_measures_top_k(small_model, tmp_path):
     t2, _ = run_tuner(m, xs, tmp_path / "run", search="model", top_k=2, explore=1, knob_trials=3,
                       algorithms=("dense", "halo", "pixcsr", "hybrid"))
     assert len(t2.trials.records) == len(t.trials.records)
+
+
+def test_model_search_measures_every_workload_before_the_rest_of_any(small_model, tmp_path):
+    """The measure phase's first pass gives each workload its best predicted candidate and a
+    dense one before any workload gets a third: a budget cut then leaves none unmeasured."""
+    path, m, xs = small_model
+    t, _ = run_tuner(m, xs, tmp_path / "run", search="model", top_k=2, explore=1, knob_trials=3,
+                     algorithms=("dense", "halo", "pixcsr", "hybrid"), recheck_rounds=0)
+    recs = [r for r in t.trials.records if "workload" in r]
+    order = [r["workload"] for r in recs]
+    firsts = [order.index(w) for w in dict.fromkeys(order)]
+    thirds = [i for i, w in enumerate(order) if order[:i + 1].count(w) == 3]
+    assert len(firsts) > 1 and thirds and max(firsts) < min(thirds)
+    first_pass = recs[:max(firsts) + 2]  # the last workload's first pick, then its dense one
+    assert all(any(r["algorithm"] == "dense" for r in first_pass if r["workload"] == w) for w in dict.fromkeys(order))
+
+
+def test_budget_spent_gives_each_phase_its_share_and_unmeasured_layers_dense(small_model, tmp_path):
+    """--budget-minutes: a phase stops starting measurements at its share of the budget
+    (BUDGET_SHARES); a layer left unmeasured takes the dense kernel's defaults, not TVM's
+    untuned conv2d, and the plan still matches onnxruntime."""
+    path, m, xs = small_model
+    said = []
+    t, plan = run_tuner(m, xs, tmp_path / "run", log=said.append, search="model", budget_minutes=1e-9,
+                        layouts=True, algorithms=("dense", "halo", "pixcsr"))
+    assert not [r for r in t.trials.records if "workload" in r and not r["workload"].startswith("transform-")]
+    assert {l.algorithm for l in plan.layers} == {"dense"} and all(l.note["time_ms"] is None for l in plan.layers)
+    ex = tvms_compile(m, plan=plan)
+    y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs[0])).numpy()
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {m.input_name: xs[0]})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
+    t.cfg = replace(t.cfg, budget_minutes=10)
+    t.start = time.monotonic() - 60 * 10 * (BUDGET_SHARES["measure"] + BUDGET_SHARES["recheck"]) / 2
+    assert t.spent("measure") and not t.spent("recheck") and not t.spent("layouts")
+    t.cfg = replace(t.cfg, budget_minutes=None)
+    assert not t.spent("layouts")
 
 
 def best_time(recs):
