@@ -135,6 +135,16 @@ def test_host_description_reads_this_machine():
         assert host.isa == "avx2"
 
 
+def test_a_bare_llvm_target_is_this_cpu():
+    """A bare "llvm" names this machine as {"kind": "llvm"} does: the mcpu that cpu_of assumes,
+    so LLVM builds the ISA the kernels are written for (pixcsr from a bare "llvm" on an AVX2
+    host aborted the process in LLVM's instruction selection); the kernel matches NumPy."""
+    assert make_target("llvm").attrs["mcpu"] == host_cpu() == make_target({"kind": "llvm"}).attrs["mcpu"]
+    spec = Conv2DSpec.from_shapes((1, 16, 10, 10), (16, 16, 3, 3), padding=1)
+    w, x = weight(spec), activation(spec, 0.4)
+    assert_conv_close(CompiledLayer("pixcsr", spec, w, target="llvm")(x), dense_conv2d(spec, x, w), spec)
+
+
 def test_a_foreign_triple_gets_no_host_cpu():
     t = make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
     assert "mcpu" not in t.attrs or str(t.attrs["mcpu"]) != HOST.name

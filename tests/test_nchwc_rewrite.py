@@ -239,7 +239,9 @@ def test_a_nearest_upsample_stays_in_blocks_a_bilinear_one_reads_nchw(tmp_path, 
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     y = run(build(m, plan, None), x)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    # outputs up to ~60 from 288-term float32 sums: an absolute error of the output's scale
+    # (another summation order left 3e-5 on an element of 0.05)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.nanmax(np.abs(ref)))))
 
 
 def dense_block_onnx(path):

@@ -38,6 +38,11 @@ def make_target(target=None) -> tvm.target.Target:
         return target
     if isinstance(target, str) and target.strip().startswith("{"):
         target = json.loads(target)
+    elif isinstance(target, str) and target.strip() == "llvm":
+        # as {"kind": "llvm"}: this CPU's mcpu, which cpu_of assumes; without it LLVM builds for
+        # generic x86-64 the vector code cpu_of's ISA asks for (pixcsr from "llvm" on an AVX2
+        # host aborted the process: "LLVM ERROR: Do not know how to split the result")
+        target = {"kind": "llvm"}
     if isinstance(target, dict) and target.get("kind") == "llvm":
         target = dict(target)
         if host_arch(target.get("mtriple")):  # never the host's cpu name in a foreign triple
