@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tvm_sparseconv.algorithms import KnobError, get_algorithm
-from tvm_sparseconv.algorithms.dense import DENSE_SPLITS, default_tiling, make_tiling, tile_weights
+from tvm_sparseconv.algorithms.dense import DENSE_SPLITS, default_tiling, make_tiling, tile_weights, weights_outer
 from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.conv import Conv2DSpec, Epilogue, UnsupportedConvError
 from tvm_sparseconv.reference import Storage, dense_conv2d, pad_input
@@ -187,6 +187,24 @@ def test_default_knobs_rule():
             tl = make_tiling(spec, default_tiling(spec, cpu))
             # accumulator vectors fit the registers with room for the operands
             assert tl.block * tl.m_tile // cpu.lanes <= cpu.registers * 3 // 4
+
+
+def test_window_tiles_that_loop_over_the_weights_outside_the_pixels():
+    """The window tiles whose accumulators, weight vectors and a broadcast overflow the
+    registers (3 x 32 on AVX2) loop over a tap's weight vectors outside its pixels; built for
+    AVX2 (every x86 host here runs it), in NCHW and blocks, with border tiles, against NumPy."""
+    avx2, avx512 = cpu_of(AVX2_TARGET), cpu_of(AVX512_TARGET)
+    assert weights_outer(3, 32, 8, avx2) and weights_outer(1, 64, 8, avx2)
+    assert not weights_outer(4, 16, 8, avx2) and not weights_outer(6, 16, 8, avx2)  # fit, or neither order fits
+    assert not any(weights_outer(b, m, 16, avx512) for b in (3, 4, 6, 8) for m in (16, 32, 64) if b * m // 16 <= 24)
+    spec = Conv2DSpec.from_shapes((1, 20, 6, 13), (40, 20, 3, 3), padding=1)  # 13 columns: a border tile of 1
+    w = weight(spec)
+    for layout in ("nchw", "nchw8c"):
+        layer = CompiledLayer("dense", spec, w, target=AVX2_TARGET, knobs={
+            "kernel": "window", "block": 3, "m_tile": 32, "layout_in": layout, "layout_out": layout})
+        for d in (0.0, 0.4, 1.0):
+            x = activation(spec, d)
+            assert_conv_close(layer(x), dense_conv2d(spec, x, w), spec)
 
 
 @settings(max_examples=6, deadline=None)

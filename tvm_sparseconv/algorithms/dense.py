@@ -308,6 +308,18 @@ def _output_views(spec: Conv2DSpec, tl: DenseTiling, ep: Epilogue, res, y):
             T.decl_buffer(shape, "float32", data=_residual_data(ep, res, y)))
 
 
+def weights_outer(block: int, m_tile: int, v: int, cpu: CPU) -> bool:
+    """Whether the window kernel's tap loops over its weight vectors outside its pixels (each
+    weight vector loaded once, then one FMA per pixel): where pixels outside overflow the
+    registers and weights outside do not. With pixels outside LLVM keeps every weight vector
+    of the tap live for all pixels, and block x m_tile/v accumulators + m_tile/v weights + a
+    broadcast (3 x 32 on AVX2: 12 + 4 + 1) spilled two accumulators in the channel loop, 2.3x
+    slower than the 4 x 16 tile; weights outside keep the pixels' broadcasts live instead
+    (12 + 3 + 1)."""
+    acc, vectors = block * m_tile // v, m_tile // v
+    return acc + vectors + 1 > cpu.registers >= acc + block + 1
+
+
 def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_shape, inplace: bool):
     """The multiply PrimFunc of the window kernel. ``inplace``: read x itself and skip the padded
     taps (a runtime test per kernel row, a compile-time one per border tile); otherwise read
@@ -326,6 +338,13 @@ def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_
     W = W if inplace else spec.padded_w  # columns of the buffer read
     interior, border = _tile_classes(spec, B, pl, W)
     store = _channel_vector_store(spec, tl, ep)
+    weights_first = weights_outer(B, mt, V, cpu)
+
+    @T.macro
+    def fma(xv, w, acc, n, mo, k, ci, i, l, w0, q, b, jv):
+        for j in T.vectorized(V):
+            acc[b, jv * V + j] = acc[b, jv * V + j] + \
+                xv[n, k, i, (w0 + b) * sw + q * dw - pl, ci] * w[mo, l, k * cbi + ci, q, jv * V + j]
 
     @T.macro
     def channel_taps(xv, w, acc, n, mo, k, ci, i, l, w0, BT, col_check):
@@ -333,12 +352,16 @@ def _window_func(spec: Conv2DSpec, tl: DenseTiling, cpu: CPU, ep: Epilogue, xin_
         c = k*cbi + ci (xv: x viewed as N x C/cbi x H x W x cbi, layout_in's blocks or cbi = 1).
         In a border tile (col_check) w0 is a constant, so the column test folds per (b, q)."""
         for q in T.unroll(Kw):
-            for b in T.unroll(BT):
-                if _when(col_check, _in_range((w0 + b) * sw + q * dw - pl, W)):
-                    for jv in T.unroll(mt // V):
-                        for j in T.vectorized(V):
-                            acc[b, jv * V + j] = acc[b, jv * V + j] + \
-                                xv[n, k, i, (w0 + b) * sw + q * dw - pl, ci] * w[mo, l, k * cbi + ci, q, jv * V + j]
+            if weights_first:
+                for jv in T.unroll(mt // V):
+                    for b in T.unroll(BT):
+                        if _when(col_check, _in_range((w0 + b) * sw + q * dw - pl, W)):
+                            fma(xv, w, acc, n, mo, k, ci, i, l, w0, q, b, jv)
+            else:
+                for b in T.unroll(BT):
+                    if _when(col_check, _in_range((w0 + b) * sw + q * dw - pl, W)):
+                        for jv in T.unroll(mt // V):
+                            fma(xv, w, acc, n, mo, k, ci, i, l, w0, q, b, jv)
 
     @T.macro
     def taps(xv, w, acc, n, mo, c0, c1, i, l, w0, BT, col_check):
