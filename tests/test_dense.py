@@ -162,10 +162,15 @@ def test_default_knobs_rule():
     vgg = Conv2DSpec.from_shapes((1, 256, 56, 56), (256, 256, 3, 3), padding=1)
     assert default_tiling(vgg, avx512)["kernel"] == "window" and default_tiling(vgg, avx512)["block"] == 8
     assert default_tiling(vgg, avx512)["split"] == "m_outer"  # 2.4 MB of weights: keep an M tile's in cache
-    # AVX2: 4 pixels x 2 vectors = 8 of the 16 ymm registers
-    assert (default_tiling(vgg, avx2)["block"], default_tiling(vgg, avx2)["m_tile"]) == (4, 16)
+    # AVX2 at stride 1: 5 pixels x 2 vectors = 10 of the 16 ymm registers
+    assert (default_tiling(vgg, avx2)["block"], default_tiling(vgg, avx2)["m_tile"]) == (5, 16)
     res5 = Conv2DSpec.from_shapes((1, 512, 7, 7), (512, 512, 3, 3), padding=1)
     assert default_tiling(res5, avx512)["block"] == 7  # never wider than the row
+    assert default_tiling(res5, avx2)["block"] == 4  # balanced over it: 4 + 3 columns, not 5 + 2
+    row14 = Conv2DSpec.from_shapes((1, 64, 14, 14), (64, 64, 3, 3), padding=1)
+    assert default_tiling(row14, avx512)["block"] == 7  # 7 + 7, not 8 + 6
+    strided = Conv2DSpec.from_shapes((1, 32, 56, 56), (32, 32, 3, 3), padding=1, stride=2)
+    assert (default_tiling(strided, avx2)["block"], default_tiling(strided, avx2)["m_tile"]) == (4, 16)
     res = Conv2DSpec.from_shapes((1, 256, 14, 14), (1024, 256, 1, 1))
     assert default_tiling(res, avx512)["kernel"] == "gemm" and default_tiling(res, avx512)["split"] == "m_outer"
     assert (default_tiling(res, avx2)["block"], default_tiling(res, avx2)["m_tile"]) == (16, 6)
@@ -196,7 +201,7 @@ def test_window_tiles_that_loop_over_the_weights_outside_the_pixels():
     avx2, avx512 = cpu_of(AVX2_TARGET), cpu_of(AVX512_TARGET)
     assert weights_outer(3, 32, 8, avx2) and weights_outer(1, 64, 8, avx2)
     assert not weights_outer(4, 16, 8, avx2) and not weights_outer(6, 16, 8, avx2)  # fit, or neither order fits
-    assert not any(weights_outer(b, m, 16, avx512) for b in (3, 4, 6, 8) for m in (16, 32, 64) if b * m // 16 <= 24)
+    assert not any(weights_outer(b, m, 16, avx512) for b in (3, 4, 5, 6, 8) for m in (16, 32, 64) if b * m // 16 <= 24)
     spec = Conv2DSpec.from_shapes((1, 20, 6, 13), (40, 20, 3, 3), padding=1)  # 13 columns: a border tile of 1
     w = weight(spec)
     for layout in ("nchw", "nchw8c"):

@@ -233,6 +233,12 @@ def grid(**axes) -> Iterable[dict]:
         yield dict(zip(keys, vals))
 
 
+def balanced(most: int, size: int) -> int:
+    """The smallest tile that cuts ``size`` into as many tiles as tiles of ``most`` do (size 14,
+    most 8: 7, not 8 with 2 wasted)."""
+    return -(-size // -(-size // most))
+
+
 def registers_ok(cpu: CPU, pixels: int, m_tile: int) -> bool:
     """A register tile of ``pixels`` x ``m_tile`` accumulators fits the knob spaces' band: more
     than 3/4 of the CPU's vector registers spills (24 on AVX-512, 12 on AVX2) and fewer than

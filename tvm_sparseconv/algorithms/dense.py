@@ -36,8 +36,8 @@ from ..cpu import CPU, cpu_of
 from ..layout import NCHW, channel_block, lanes_layout, layout_of_block, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import (SCRATCH_IN_WORKSPACE, Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value,
-                   drop_unused, epilogue_inputs, grid, knob_blocks, prim, register, registers_ok, store_output)
+from .base import (SCRATCH_IN_WORKSPACE, Algorithm, Buffer, KnobError, Stage, balanced, bias_constant,
+                   blocked_value, drop_unused, epilogue_inputs, grid, knob_blocks, prim, register, registers_ok, store_output)
 
 KERNELS = ("window", "gemm")
 # the kernel "window" was called "direct" (the name of another algorithm); plans written then
@@ -118,11 +118,12 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout
     - gemm from channel blocks: 2 vectors of output channels (fewer when M is smaller; 3 when M
       is a multiple of 3 vectors but not of 2) x as many pixels as fill 3/4 of cpu.registers;
       the split as from NCHW;
-    - window: block x m_tile = cpu.accumulators // 2 pixels x 2 vectors (one vector when M is a
-      multiple of one but not of two; a third of the accumulators x 3 vectors when M is a
-      multiple of 3 vectors but not of 2); at stride 2 with C >= 64, a quarter of the
-      accumulators x 4 vectors in blocks of 64 channels; split row_outer when all the weights
-      fit in half of cpu.l2, else m_outer.
+    - window: block x m_tile = half the accumulators in pixels x 2 vectors (one vector when M
+      is a multiple of one but not of two; a third of the accumulators x 3 vectors when M is a
+      multiple of 3 vectors but not of 2), the pixels balanced over the row; the accumulators
+      are cpu.accumulators, or registers - 6 at stride 1 on 16-register ISAs; at stride 2
+      with C >= 64, a quarter of cpu.accumulators x 4 vectors in blocks of 64 channels; split
+      row_outer when all the weights fit in half of cpu.l2, else m_outer.
     """
     ow, m, c, v = spec.out_w, spec.out_channels, spec.in_channels, cpu.lanes
     layouts = {"layout_in": layout_in, "layout_out": NCHW}
@@ -137,14 +138,20 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout
         return {"kernel": "gemm", "block": block, "m_tile": m_tile, "c_block": 0, "split": split,
                 "pad": "inplace", **layouts}
     split = "row_outer" if 4 * m * c * spec.kernel_h * spec.kernel_w <= cpu.l2 // 2 else "m_outer"
-    block, m_tile, c_block = cpu.accumulators // 2, 2 * v, 0
+    acc = cpu.accumulators
+    if cpu.registers <= 16 and spec.stride[1] == 1:
+        # 10 of 16: the tile, the tap's weight vectors and a broadcast fit with 3 to spare (12
+        # spilled); 5 x 2 vectors ran at 165-205 GFLOP/s against 4 x 2's 147-191 on VGG's and
+        # ResNet's 3x3 layers on the Zen 3, 4 x 2 ahead at stride 2 (docs/algorithms.md 10.4)
+        acc = cpu.registers - 6
+    block, m_tile, c_block = acc // 2, 2 * v, 0
     if _three_vectors(m, v):
-        block, m_tile = cpu.accumulators // 3, 3 * v
+        block, m_tile = acc // 3, 3 * v
     elif m <= v or (m % (2 * v) and m % v == 0):
         m_tile = v
     if spec.stride[1] > 1 and c >= 64 and m % (4 * v) == 0:
         block, m_tile, c_block = cpu.accumulators // 4, 4 * v, 64
-    return {"kernel": "window", "block": min(block, ow), "m_tile": m_tile, "c_block": c_block, "split": split,
+    return {"kernel": "window", "block": balanced(min(block, ow), ow), "m_tile": m_tile, "c_block": c_block, "split": split,
             "pad": "inplace", **layouts}
 
 
@@ -670,7 +677,7 @@ class Dense(Algorithm):
         # 3 vectors where they cover M exactly (M = 24 on AVX2)
         m_tiles = (16, 32, 64) + ((3 * cpu.lanes,) if spec.out_channels % (3 * cpu.lanes) == 0 else ())
         for io in grid(layout_in=(NCHW, lanes), layout_out=(NCHW, lanes)):
-            for k in grid(kernel=("window",), block=(3, 4, 6, 8), m_tile=m_tiles, split=DENSE_SPLITS,
+            for k in grid(kernel=("window",), block=(3, 4, 5, 6, 8), m_tile=m_tiles, split=DENSE_SPLITS,
                           pad=PADS):
                 if registers_ok(cpu, k["block"], k["m_tile"]) and k["block"] <= spec.out_w:
                     yield {**k, **io}

@@ -54,8 +54,8 @@ from ..cpu import CPU, cpu_of
 from ..layout import NCHW, lanes_layout, layout_of_block, layout_shape
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
-from .base import (Algorithm, Buffer, KnobError, Stage, bias_constant, blocked_value, drop_unused, epilogue_inputs,
-                   grid, knob_blocks, prim, register, registers_ok, spread, store_output)
+from .base import (Algorithm, Buffer, KnobError, Stage, balanced, bias_constant, blocked_value, drop_unused,
+                   epilogue_inputs, grid, knob_blocks, prim, register, registers_ok, spread, store_output)
 from .lanes import Lanes
 
 VECTORS = ("channels", "width")  # the axis the vector lanes run along: output channels, or output pixels of a row
@@ -118,12 +118,6 @@ def scratch_floats(spec: Conv2DSpec, vector: str, c_block: int, rows: int) -> in
     return _per_group(spec)[0] * rows_in(spec, rows) * spec.padded_w * lanes
 
 
-def _balanced(most: int, size: int) -> int:
-    """The smallest tile that cuts ``size`` into as many tiles as tiles of ``most`` do (size 14,
-    most 8: 7, not 8 with 2 wasted)."""
-    return _cdiv(size, _cdiv(size, most))
-
-
 def default_rows(spec: Conv2DSpec, cpu: CPU, vector: str, c_block: int, tile_rows: int) -> int:
     """Output rows per task: the rows cut into as few bands as keep MIN_TASKS_PER_CORE tasks
     per core and one task's scratch within half the L2 (bands of equal height; a multiple of
@@ -161,11 +155,11 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, vector: str | None = None) -> dic
     oh, ow, v, acc = spec.out_h, spec.out_w, cpu.lanes, cpu.accumulators
     vector = vector or ("width" if not blocks_layouts(spec, v) and ow >= v else "channels")
     if vector == "channels":
-        block = _balanced(min(acc, ow), ow)
+        block = balanced(min(acc, ow), ow)
         tile_rows = min(oh, max(1, acc // block))
     else:
         vectors = _cdiv(ow, v)
-        per_tile = _balanced(min(acc // 2, vectors), vectors)
+        per_tile = balanced(min(acc // 2, vectors), vectors)
         block, tile_rows = min(per_tile * v, ow), min(oh, max(1, acc // 2 // per_tile))
     rows = default_rows(spec, cpu, vector, v, tile_rows)
     return {"vector": vector, "c_block": v, "block": block, "tile_rows": min(tile_rows, rows), "rows": rows,
