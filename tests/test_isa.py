@@ -7,15 +7,21 @@ checked against the float64 reference, and the sparse encoders' arrays against t
 twins (the per-ISA compactions must write exactly the format).
 """
 import os
+import platform
 
 import numpy as np
 import pytest
+import tvm
+from tvm import relax
 
+from test_residual import block_module
 from tvm_sparseconv.algorithms import ALGORITHMS, get_algorithm
+from tvm_sparseconv.api import pipeline
 from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.conv import Conv2DSpec
 from tvm_sparseconv import cpu as cpu_mod
 from tvm_sparseconv.cpu import CPU, cpu_of
+from tvm_sparseconv.passes.stack_scratch import TIR_PIPELINE
 from tvm_sparseconv.reference import dense_conv2d
 from tvm_sparseconv.target import host_cpu, make_target
 
@@ -140,14 +146,39 @@ def test_a_bare_llvm_target_is_this_cpu():
     so LLVM builds the ISA the kernels are written for (pixcsr from a bare "llvm" on an AVX2
     host aborted the process in LLVM's instruction selection); the kernel matches NumPy."""
     assert make_target("llvm").attrs["mcpu"] == host_cpu() == make_target({"kind": "llvm"}).attrs["mcpu"]
+    # so is any llvm target of this architecture without mcpu, in every form, and cpu_of agrees
+    forms = (tvm.target.Target("llvm"), tvm.target.Target({"kind": "llvm", "num-cores": 3, "mattr": ["+fma"]}))
+    for form in forms:
+        t = make_target(form)
+        assert t.attrs["mcpu"] == host_cpu() and int(t.attrs["num-cores"]) > 0
+        assert cpu_of(form).name == host_cpu()
+    kept = make_target(forms[1])  # what a target names is kept
+    assert int(kept.attrs["num-cores"]) == 3 and list(kept.attrs["mattr"]) == ["+fma"]
+    assert make_target(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).attrs["mcpu"] == "haswell"
     spec = Conv2DSpec.from_shapes((1, 16, 10, 10), (16, 16, 3, 3), padding=1)
     w, x = weight(spec), activation(spec, 0.4)
     assert_conv_close(CompiledLayer("pixcsr", spec, w, target="llvm")(x), dense_conv2d(spec, x, w), spec)
 
 
+def test_tvm_compile_for_a_target_without_mcpu():
+    """tvm.compile(mod, target="llvm", relax_pipeline=pipeline(...)) builds every function for
+    LLVM's generic CPU, whatever the pass does; the kernels are written for that CPU (SSE2 on
+    x86-64: pixcsr written for this AVX2 host aborted the process in LLVM) and say so."""
+    mod, reference = block_module(projection=True)
+    x = np.random.default_rng(2).standard_normal((1, 8, 9, 9)).astype("float32")
+    x[x < 0.3] = 0  # sparse enough that pixcsr's encoder has work to skip
+    for algorithm in ("pixcsr", "dense"):
+        with pytest.warns(UserWarning, match="names no mcpu"):
+            ex = tvm.compile(mod, target="llvm", relax_pipeline=pipeline(algorithm=algorithm), tir_pipeline=TIR_PIPELINE)
+        y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(y, reference(x), rtol=1e-4, atol=1e-4)
+
+
 def test_a_foreign_triple_gets_no_host_cpu():
-    t = make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
-    assert "mcpu" not in t.attrs or str(t.attrs["mcpu"]) != HOST.name
+    foreign = "aarch64-linux-gnu" if platform.machine() != "aarch64" else "x86_64-linux-gnu"
+    for form in ({"kind": "llvm", "mtriple": foreign}, tvm.target.Target({"kind": "llvm", "mtriple": foreign})):
+        t = make_target(form)
+        assert "mcpu" not in t.attrs or str(t.attrs["mcpu"]) != HOST.name
 
 
 @pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "direct"])

@@ -3,12 +3,15 @@ the Relax pipeline ``"tvm_sparseconv"`` (``pipeline``), each with a plan, by def
 cost model predicts for the target (tune/predict.py, which sits above compile.py's builds)."""
 from __future__ import annotations
 
+import warnings
+
 import tvm
 from tvm import relax
 
 from .compile import build, resolve_plan, rewrite
 from .frontend import Model, load_model
-from .target import make_target
+from .cpu import cpu_of
+from .target import as_compiled, host_cpu, make_target
 from .tune.predict import predict_plan
 
 
@@ -54,7 +57,12 @@ def pipeline(plan=None, algorithm: str | None = None, database=None) -> tvm.tran
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv")
     def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        target = tvm.target.Target.current(allow_none=True) or make_target(None)
+        given = tvm.target.Target.current(allow_none=True)
+        if given is not None and given.kind.name == "llvm" and not given.attrs.get("mcpu"):
+            warnings.warn(f"tvm.compile's target names no mcpu: LLVM builds generic code, and the kernels are "
+                          f"written for it ({cpu_of(as_compiled(given))}); "
+                          f'{{"kind": "llvm", "mcpu": "{host_cpu()}"}} is this CPU')
+        target = make_target(None) if given is None else as_compiled(given)
         chosen = plan
         if plan is None and algorithm is None:
             m = load_model(mod)

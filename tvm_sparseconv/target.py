@@ -27,28 +27,45 @@ def default_target(num_cores: int | None = None) -> dict:
 
 def make_target(target=None) -> tvm.target.Target:
     """None -> the environment's TVMS_TARGET (a JSON dict) if set, else this CPU; a dict, a JSON
-    string, a bare kind ("llvm") or a Target.
+    string, a kind ("llvm") or a Target.
+
+    An llvm target of this machine's architecture without ``mcpu`` is this CPU: it gets
+    host_cpu() as its mcpu, which is what cpu_of describes (without it LLVM builds generic
+    x86-64 code for the vectors the kernels are written for: pixcsr from "llvm" on an AVX2 host
+    aborted the process, "LLVM ERROR: Do not know how to split the result"), and this
+    machine's cores as num-cores unless it names them.
 
     TVMS_TARGET lets a whole run (the tests, say) build for another CPU than the host's, e.g.
     '{"kind": "llvm", "mcpu": "haswell"}' for AVX2 code on an AVX-512 machine."""
     if target is None:
         env = os.environ.get("TVMS_TARGET", "").strip()
         return make_target(env) if env else tvm.target.Target(default_target())
-    if isinstance(target, tvm.target.Target):
-        return target
-    if isinstance(target, str) and target.strip().startswith("{"):
-        target = json.loads(target)
-    elif isinstance(target, str) and target.strip() == "llvm":
-        # as {"kind": "llvm"}: this CPU's mcpu, which cpu_of assumes; without it LLVM builds for
-        # generic x86-64 the vector code cpu_of's ISA asks for (pixcsr from "llvm" on an AVX2
-        # host aborted the process: "LLVM ERROR: Do not know how to split the result")
-        target = {"kind": "llvm"}
-    if isinstance(target, dict) and target.get("kind") == "llvm":
-        target = dict(target)
+    target = _as_dict(target)
+    if target.get("kind") == "llvm":
         if host_arch(target.get("mtriple")):  # never the host's cpu name in a foreign triple
             target.setdefault("mcpu", host_cpu())
         target.setdefault("num-cores", os.cpu_count() or 1)
     return tvm.target.Target(target)
+
+
+def _as_dict(target) -> dict:
+    """A dict, JSON string, kind or Target as a new dict; a Target's without the features TVM
+    derived from its mcpu (another mcpu derives its own)."""
+    if isinstance(target, str):
+        target = json.loads(target) if target.strip().startswith("{") else tvm.target.Target(target)
+    if isinstance(target, tvm.target.Target):  # TVM 0.27 prints a target as its JSON
+        return {k: v for k, v in json.loads(str(target)).items() if not k.startswith("feature.")}
+    return dict(target)
+
+
+def as_compiled(target) -> tvm.target.Target:
+    """``target`` as tvm.compile builds for it: an llvm target without mcpu is LLVM's generic
+    CPU there (SSE2 on x86-64), where make_target makes it this CPU. Kernels that
+    tvm.compile builds for such a target are written for what cpu_of says of this one."""
+    target = _as_dict(target)
+    if target.get("kind") == "llvm" and not target.get("mcpu"):
+        target["mcpu"] = "generic"
+    return make_target(target)
 
 
 def host_arch(triple) -> bool:
