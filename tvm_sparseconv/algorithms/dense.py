@@ -141,7 +141,7 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout
     acc = cpu.accumulators
     if cpu.registers <= 16 and spec.stride[1] == 1:
         # 10 of 16: the tile, the tap's weight vectors and a broadcast fit with 3 to spare (12
-        # spilled); 5 x 2 vectors ran at 165-205 GFLOP/s against 4 x 2's 147-191 on VGG's and
+        # spilled); 5 x 2 vectors ran at 177-205 GFLOP/s against 4 x 2's 154-191 on VGG's and
         # ResNet's 3x3 layers on the Zen 3, 4 x 2 ahead at stride 2 (docs/algorithms.md 10.4)
         acc = cpu.registers - 6
     block, m_tile, c_block = acc // 2, 2 * v, 0
