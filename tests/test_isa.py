@@ -169,7 +169,8 @@ def test_tvm_compile_for_a_target_without_mcpu():
     x[x < 0.3] = 0  # sparse enough that pixcsr's encoder has work to skip
     for algorithm in ("pixcsr", "dense"):
         with pytest.warns(UserWarning, match="names no mcpu"):
-            ex = tvm.compile(mod, target="llvm", relax_pipeline=pipeline(algorithm=algorithm), tir_pipeline=TIR_PIPELINE)
+            ex = tvm.compile(mod, target="llvm", relax_pipeline=pipeline(algorithm=algorithm),
+                             tir_pipeline=TIR_PIPELINE)
         y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
         np.testing.assert_allclose(y, reference(x), rtol=1e-4, atol=1e-4)
 

@@ -37,7 +37,8 @@ from ..layout import NCHW, channel_block, lanes_layout, layout_of_block, layout_
 from ..reference import dense_conv2d
 from ..reference.storage import Storage
 from .base import (SCRATCH_IN_WORKSPACE, Algorithm, Buffer, KnobError, Stage, balanced, bias_constant,
-                   blocked_value, drop_unused, epilogue_inputs, grid, knob_blocks, prim, register, registers_ok, store_output)
+                   blocked_value, drop_unused, epilogue_inputs, grid, knob_blocks, prim, register, registers_ok,
+                   store_output)
 
 KERNELS = ("window", "gemm")
 # the kernel "window" was called "direct" (the name of another algorithm); plans written then
@@ -151,8 +152,8 @@ def default_tiling(spec: Conv2DSpec, cpu: CPU, kernel: str | None = None, layout
         m_tile = v
     if spec.stride[1] > 1 and c >= 64 and m % (4 * v) == 0:
         block, m_tile, c_block = cpu.accumulators // 4, 4 * v, 64
-    return {"kernel": "window", "block": balanced(min(block, ow), ow), "m_tile": m_tile, "c_block": c_block, "split": split,
-            "pad": "inplace", **layouts}
+    return {"kernel": "window", "block": balanced(min(block, ow), ow), "m_tile": m_tile, "c_block": c_block,
+            "split": split, "pad": "inplace", **layouts}
 
 
 def _three_vectors(m: int, v: int) -> bool:
