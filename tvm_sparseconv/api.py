@@ -58,11 +58,10 @@ def pipeline(plan=None, algorithm: str | None = None, database=None) -> tvm.tran
     @tvm.transform.module_pass(opt_level=0, name="tvm_sparseconv")
     def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         given = tvm.target.Target.current(allow_none=True)
+        target = make_target(None) if given is None else as_compiled(given)
         if given is not None and given.kind.name == "llvm" and not given.attrs.get("mcpu"):
             warnings.warn(f"tvm.compile's target names no mcpu: LLVM builds generic code, and the kernels are "
-                          f"written for it ({cpu_of(as_compiled(given))}); "
-                          f'{{"kind": "llvm", "mcpu": "{host_cpu()}"}} is this CPU')
-        target = make_target(None) if given is None else as_compiled(given)
+                          f'written for it ({cpu_of(target)}); {{"kind": "llvm", "mcpu": "{host_cpu()}"}} is this CPU')
         chosen = plan
         if plan is None and algorithm is None:
             m = load_model(mod)
