@@ -60,8 +60,8 @@ def _as_dict(target) -> dict:
 
 def as_compiled(target) -> tvm.target.Target:
     """``target`` as tvm.compile builds for it: an llvm target without mcpu is LLVM's generic
-    CPU there (SSE2 on x86-64), where make_target makes it this CPU. Kernels that
-    tvm.compile builds for such a target are written for what cpu_of says of this one."""
+    CPU there (SSE2 on x86-64), where make_target makes it this CPU. cpu_of of the result is
+    the CPU to write kernels for that tvm.compile builds with ``target``."""
     target = _as_dict(target)
     if target.get("kind") == "llvm" and not target.get("mcpu"):
         target["mcpu"] = "generic"
