@@ -12,8 +12,10 @@ Inception-v3-like net (1x7 and 7x1 convs, stride-1 average pools, concats), a Re
 YOLO-like net (LeakyReLU, nearest upsampling, two outputs), a CycleGAN-like generator
 (reflection pads, instance norms, transposed convs, tanh), ESPCN (tanh, pixel shuffle), AlexNet
 (LocalResponseNorm, 11x11 stride-4 conv, classifier layers of 4096), a CSPDarknet-like net
-(Mish), a ResNet with GroupNorm and PReLU, and an Xception-like net (separable convs, ELU,
-Hardtanh, a global max pool).
+(Mish), a ResNet with GroupNorm and PReLU, an Xception-like net (separable convs, ELU,
+Hardtanh, a global max pool), a GhostNet-like net (concats of channel counts that are not
+whole blocks), an HRNet-like net (two resolutions exchanging features), a PSPNet-like head (pyramid
+pooling to 1, 2 and 4 bins) and an EfficientNetV2-like net (fused MBConvs).
 
 They check coverage and speed, not accuracy: the weights are random, so the activations'
 densities are not those of a trained model, and a plan predicted or tuned on them says
@@ -401,11 +403,102 @@ class Xception(nn.Module):
         s.fc = nn.Linear(1024, 1000)
     def forward(s, x): return s.fc(torch.flatten(F.adaptive_max_pool2d(s.f(x), 1), 1))
 
+class Ghost(nn.Module):
+    """GhostNet's module: half the channels from a 1x1 conv, half from a depthwise 3x3 of those,
+    concatenated (halves that are not whole channel blocks: 8, 12, 20, 36, ... channels)."""
+    def __init__(s, i, o, relu=True):
+        super().__init__(); h = o // 2
+        s.p = cbr(i, h, 1, act=nn.ReLU if relu else None)
+        s.c = cbr(h, h, 3, g=h, act=nn.ReLU if relu else None)
+    def forward(s, x):
+        y = s.p(x); return torch.cat([y, s.c(y)], 1)
+
+class GhostBneck(nn.Module):
+    def __init__(s, i, h, o, k, st, se):
+        super().__init__()
+        s.g1 = Ghost(i, h); s.dw = cbr(h, h, k, st, g=h, act=None) if st > 1 else nn.Identity()
+        s.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.ReLU(), nn.Conv2d(h // 4, h, 1), nn.Hardsigmoid()) if se else None
+        s.g2 = Ghost(h, o, relu=False)
+        s.sc = nn.Identity() if (st == 1 and i == o) else nn.Sequential(cbr(i, i, k, st, g=i, act=None), cbr(i, o, 1, act=None))
+    def forward(s, x):
+        y = s.dw(s.g1(x))
+        if s.se is not None: y = y * s.se(y)
+        return s.g2(y) + s.sc(x)
+
+class GhostNet(nn.Module):
+    """GhostNet-like: ghost bottlenecks with hard-sigmoid SE and depthwise stride-2 shortcuts."""
+    def __init__(s):
+        super().__init__()
+        cfg = [(16, 16, 16, 3, 1, 0), (16, 48, 24, 3, 2, 0), (24, 72, 24, 3, 1, 0), (24, 72, 40, 5, 2, 1),
+               (40, 120, 40, 5, 1, 1), (40, 240, 80, 3, 2, 0), (80, 200, 80, 3, 1, 0), (80, 480, 112, 3, 1, 1),
+               (112, 672, 160, 5, 2, 1), (160, 960, 160, 5, 1, 0)]
+        s.stem = cbr(3, 16, 3, 2)
+        s.blocks = nn.Sequential(*[GhostBneck(*c) for c in cfg])
+        s.head = cbr(160, 960, 1); s.fc = nn.Linear(960, 1000)
+    def forward(s, x):
+        return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.head(s.blocks(s.stem(x))), 1), 1))
+
+class HRNetish(nn.Module):
+    """HRNet-like: two resolutions exchanging features (a strided 3x3 down, a 1x1 and nearest
+    upsampling up, sums), then both concatenated at the higher one for a 17-channel heatmap head."""
+    def __init__(s):
+        super().__init__()
+        s.stem = nn.Sequential(cbr(3, 64, 3, 2), cbr(64, 64, 3, 2))
+        s.hi0 = cbr(64, 32, 3); s.lo0 = cbr(64, 64, 3, 2)
+        s.units = nn.ModuleList()
+        for _ in range(3):
+            s.units.append(nn.ModuleDict({"hb": nn.Sequential(cbr(32, 32), cbr(32, 32)), "lb": nn.Sequential(cbr(64, 64), cbr(64, 64)),
+                                          "down": cbr(32, 64, 3, 2, act=None), "up": cbr(64, 32, 1, act=None)}))
+        s.head = cbr(96, 64, 1); s.out = nn.Conv2d(64, 17, 1)
+    def forward(s, x):
+        x = s.stem(x); h, l = s.hi0(x), s.lo0(x)
+        for u in s.units:
+            h, l = u["hb"](h), u["lb"](l)
+            h, l = F.relu(h + F.interpolate(u["up"](l), scale_factor=2, mode="nearest")), F.relu(l + u["down"](h))
+        y = torch.cat([h, F.interpolate(l, scale_factor=2, mode="bilinear", align_corners=False)], 1)
+        return s.out(s.head(y))
+
+class PSPish(nn.Module):
+    """PSPNet-like: a dilated backbone at stride 8, pyramid pooling (adaptive average pools to
+    1, 2 and 4 bins, a 1x1 each, bilinear back up), a concat, a 3x3 and a classifier, bilinear x 8."""
+    def __init__(s):
+        super().__init__()
+        s.back = nn.Sequential(cbr(3, 64, 3, 2), cbr(64, 64, 3, 2), cbr(64, 128, 3, 2), cbr(128, 256), cbr(256, 256, d=2))
+        s.bins = (1, 2, 4)
+        s.stages = nn.ModuleList([cbr(256, 64, 1) for _ in s.bins])
+        s.fuse = cbr(256 + 64 * 3, 128); s.cls = nn.Conv2d(128, 21, 1)
+    def forward(s, x):
+        f = s.back(x); size = f.shape[2:]
+        ps = [F.interpolate(st(F.adaptive_avg_pool2d(f, b)), size=size, mode="bilinear", align_corners=False)
+              for st, b in zip(s.stages, s.bins)]
+        y = s.cls(s.fuse(torch.cat([f] + ps, 1)))
+        return F.interpolate(y, scale_factor=8, mode="bilinear", align_corners=False)
+
+class FusedMB(nn.Module):
+    """EfficientNetV2's fused MBConv: a full 3x3 expansion conv, a 1x1 projection, SiLU."""
+    def __init__(s, i, o, st, e):
+        super().__init__()
+        s.a = cbr(i, i * e, 3, st, act=nn.SiLU); s.b = cbr(i * e, o, 1, act=None); s.res = st == 1 and i == o
+    def forward(s, x):
+        y = s.b(s.a(x)); return x + y if s.res else y
+
+class EffV2ish(nn.Module):
+    """EfficientNetV2-like: fused MBConvs at the high resolutions, MBConvs with SE after."""
+    def __init__(s):
+        super().__init__()
+        s.stem = cbr(3, 24, 3, 2, act=nn.SiLU)
+        s.f = nn.Sequential(FusedMB(24, 24, 1, 1), FusedMB(24, 48, 2, 4), FusedMB(48, 48, 1, 4), FusedMB(48, 64, 2, 4), FusedMB(64, 64, 1, 4))
+        s.m = nn.Sequential(MBConv(64, 128, 3, 2, 4), MBConv(128, 128, 3, 1, 4), MBConv(128, 160, 3, 1, 6), MBConv(160, 256, 3, 2, 6))
+        s.head = cbr(256, 1280, 1, act=nn.SiLU); s.fc = nn.Linear(1280, 1000)
+    def forward(s, x):
+        return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.head(s.m(s.f(s.stem(x)))), 1), 1))
+
 NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": ShuffleNetV2, "squeezenet": SqueezeNet,
         "densenet-small": DenseNetSmall, "convnext-small": ConvNeXtTiny, "regnetx": RegNetX, "mobilenet-v3ish": MobileNetV3ish,
         "deeplab-ish": Dilated, "inception-v3ish": Inception, "resnext": ResNeXt, "unet": UNet, "yolo-ish": YoloIsh,
         "cyclegan-gen": CycleGen, "espcn": ESPCN, "alexnet": AlexNet, "cspdarknet-mish": CSPDarknet,
-        "gn-resnet": GNResNet, "xception-ish": Xception}
+        "gn-resnet": GNResNet, "xception-ish": Xception, "ghostnet": GhostNet, "hrnet-ish": HRNetish, "psp-ish": PSPish,
+        "efficientnetv2-ish": EffV2ish}
 
 
 def export(name: str, path: str, size: int = 224) -> str:

@@ -4,8 +4,9 @@ onnxruntime: what a user's model brings beyond the three shipped ones (SiLU and 
 squeeze-and-excitation, channel shuffle, long concats, 7x7 depthwise with LayerNorm and GELU,
 grouped convs of 16 and of 4 channels, dilated convs, bilinear and nearest upsampling, 1x7 and
 7x1 convs, transposed convs, LeakyReLU, two outputs, reflection pads, instance norms, tanh, a
-pixel shuffle, LocalResponseNorm, Mish, GroupNorm, PReLU, ELU, a global max pool) compiles and
-runs right, every output."""
+pixel shuffle, LocalResponseNorm, Mish, GroupNorm, PReLU, ELU, a global max pool, concats of
+partial channel blocks, multi-resolution exchanges, pyramid pooling, fused MBConvs) compiles
+and runs right, every output."""
 import importlib.util
 import os
 
