@@ -86,6 +86,11 @@ def bring_up(request, tracker: bool) -> Bench:
         return bench
     if os.geteuid() != 0:
         pytest.skip("no emulated ARM bench is up, and bringing one up (chroot, mount) needs root")
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        # every worker would start the one server on the same port and stop it when its own tests
+        # end, under the other worker's session
+        pytest.fail("the emulated ARM bench is not up and pytest-xdist runs several workers, which would each "
+                    "bring it up and take it down: run the arm tests without -n")
     if not (ROOT / ".tvms-venv").is_file() and os.environ.get("TVMS_ARM_BUILD") != "1":
         pytest.skip(f"no emulated ARM bench is up and no arm64 root is cached at {ROOT}: build it with "
                     "`tools/arm_rpc.sh root` (5-10 minutes, once) or set TVMS_ARM_BUILD=1")

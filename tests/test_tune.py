@@ -342,7 +342,8 @@ def test_refine_times_only_the_builds_that_may_win_end_to_end(small_model, monke
     from tvm_sparseconv.tune import refine
 
     path, m, xs = small_model
-    slower = lambda t: t.update(calls=t["calls"] * 1.2 * (1 + refine.ROUND_SLACK))
+    # 100x: on a VM whose speed moves, the measured sums of builds this alike were seen 3x apart
+    slower = lambda t: t.update(calls=t["calls"] * 100)
     _measured_otherwise(monkeypatch, refine, "all row_band", slower)
     _measured_otherwise(monkeypatch, refine, "predicted", slower)
     # the mix far ahead (1 us): it is timed in one lap of 2 runs (the others: the median of 3
