@@ -14,8 +14,8 @@ YOLO-like net (LeakyReLU, nearest upsampling, two outputs), a CycleGAN-like gene
 (LocalResponseNorm, 11x11 stride-4 conv, classifier layers of 4096), a CSPDarknet-like net
 (Mish), a ResNet with GroupNorm and PReLU, an Xception-like net (separable convs, ELU,
 Hardtanh, a global max pool), a GhostNet-like net (concats of channel counts that are not
-whole blocks), an HRNet-like net (two resolutions exchanging features), a PSPNet-like head (pyramid
-pooling to 1, 2 and 4 bins) and an EfficientNetV2-like net (fused MBConvs).
+whole blocks), an HRNet-like net (two resolutions exchanging features), a PSPNet-like head
+(pyramid pooling to 1, 2 and 4 bins) and an EfficientNetV2-like net (fused MBConvs).
 
 They check coverage and speed, not accuracy: the weights are random, so the activations'
 densities are not those of a trained model, and a plan predicted or tuned on them says
@@ -417,9 +417,11 @@ class GhostBneck(nn.Module):
     def __init__(s, i, h, o, k, st, se):
         super().__init__()
         s.g1 = Ghost(i, h); s.dw = cbr(h, h, k, st, g=h, act=None) if st > 1 else nn.Identity()
-        s.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.ReLU(), nn.Conv2d(h // 4, h, 1), nn.Hardsigmoid()) if se else None
+        s.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.ReLU(), nn.Conv2d(h // 4, h, 1),
+                             nn.Hardsigmoid()) if se else None
         s.g2 = Ghost(h, o, relu=False)
-        s.sc = nn.Identity() if (st == 1 and i == o) else nn.Sequential(cbr(i, i, k, st, g=i, act=None), cbr(i, o, 1, act=None))
+        s.sc = (nn.Identity() if (st == 1 and i == o) else
+                nn.Sequential(cbr(i, i, k, st, g=i, act=None), cbr(i, o, 1, act=None)))
     def forward(s, x):
         y = s.dw(s.g1(x))
         if s.se is not None: y = y * s.se(y)
@@ -447,7 +449,8 @@ class HRNetish(nn.Module):
         s.hi0 = cbr(64, 32, 3); s.lo0 = cbr(64, 64, 3, 2)
         s.units = nn.ModuleList()
         for _ in range(3):
-            s.units.append(nn.ModuleDict({"hb": nn.Sequential(cbr(32, 32), cbr(32, 32)), "lb": nn.Sequential(cbr(64, 64), cbr(64, 64)),
+            s.units.append(nn.ModuleDict({"hb": nn.Sequential(cbr(32, 32), cbr(32, 32)),
+                                          "lb": nn.Sequential(cbr(64, 64), cbr(64, 64)),
                                           "down": cbr(32, 64, 3, 2, act=None), "up": cbr(64, 32, 1, act=None)}))
         s.head = cbr(96, 64, 1); s.out = nn.Conv2d(64, 17, 1)
     def forward(s, x):
@@ -463,7 +466,8 @@ class PSPish(nn.Module):
     1, 2 and 4 bins, a 1x1 each, bilinear back up), a concat, a 3x3 and a classifier, bilinear x 8."""
     def __init__(s):
         super().__init__()
-        s.back = nn.Sequential(cbr(3, 64, 3, 2), cbr(64, 64, 3, 2), cbr(64, 128, 3, 2), cbr(128, 256), cbr(256, 256, d=2))
+        s.back = nn.Sequential(cbr(3, 64, 3, 2), cbr(64, 64, 3, 2), cbr(64, 128, 3, 2), cbr(128, 256),
+                               cbr(256, 256, d=2))
         s.bins = (1, 2, 4)
         s.stages = nn.ModuleList([cbr(256, 64, 1) for _ in s.bins])
         s.fuse = cbr(256 + 64 * 3, 128); s.cls = nn.Conv2d(128, 21, 1)
@@ -487,8 +491,10 @@ class EffV2ish(nn.Module):
     def __init__(s):
         super().__init__()
         s.stem = cbr(3, 24, 3, 2, act=nn.SiLU)
-        s.f = nn.Sequential(FusedMB(24, 24, 1, 1), FusedMB(24, 48, 2, 4), FusedMB(48, 48, 1, 4), FusedMB(48, 64, 2, 4), FusedMB(64, 64, 1, 4))
-        s.m = nn.Sequential(MBConv(64, 128, 3, 2, 4), MBConv(128, 128, 3, 1, 4), MBConv(128, 160, 3, 1, 6), MBConv(160, 256, 3, 2, 6))
+        s.f = nn.Sequential(FusedMB(24, 24, 1, 1), FusedMB(24, 48, 2, 4), FusedMB(48, 48, 1, 4), FusedMB(48, 64, 2, 4),
+                            FusedMB(64, 64, 1, 4))
+        s.m = nn.Sequential(MBConv(64, 128, 3, 2, 4), MBConv(128, 128, 3, 1, 4), MBConv(128, 160, 3, 1, 6),
+                            MBConv(160, 256, 3, 2, 6))
         s.head = cbr(256, 1280, 1, act=nn.SiLU); s.fc = nn.Linear(1280, 1000)
     def forward(s, x):
         return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.head(s.m(s.f(s.stem(x)))), 1), 1))
