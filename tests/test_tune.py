@@ -63,7 +63,9 @@ def test_model_search_measures_top_k(small_model, tmp_path):
     per = {}
     for r in t.trials.records:
         per.setdefault(r["workload"], []).append(r)
-    assert per and all(len(rs) <= 2 + 1 + 1 for rs in per.values())
+    # the second pass's picks (top_k, a dense one, explore), and the first pass's two where the
+    # model, corrected by their times, no longer picks them (Tuner.measure)
+    assert per and all(len(rs) <= 2 + 1 + 1 + 2 for rs in per.values())
     assert all(any(r["algorithm"] == "dense" for r in rs) for rs in per.values())  # the margin has a dense time
     assert t.cost.prior is not None and len(t.cost.y) == sum(1 for r in t.trials.records if r.get("time_ms"))
     ex = tvms_compile(m, plan=plan)
