@@ -188,11 +188,16 @@ class RegNetX(nn.Module):
         s.f = nn.Sequential(*L); s.fc = nn.Linear(c, 1000)
     def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(x), 1), 1))
 
+def hard_se(c):
+    """MobileNet-V3's squeeze-and-excitation: its scales through a hard sigmoid."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1),
+                         nn.Hardsigmoid())
+
 class MNv3Block(nn.Module):
     def __init__(s, i, h, o, k, st):
         super().__init__()
         s.e = cbr(i, h, 1, act=nn.Hardswish); s.d = cbr(h, h, k, st, g=h, act=nn.Hardswish)
-        s.sq = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.ReLU(), nn.Conv2d(h // 4, h, 1), nn.Hardsigmoid())
+        s.sq = hard_se(h)
         s.p = cbr(h, o, 1, act=None); s.res = st == 1 and i == o
     def forward(s, x):
         y = s.d(s.e(x)); y = s.p(y * s.sq(y)); return x + y if s.res else y
@@ -417,8 +422,7 @@ class GhostBneck(nn.Module):
     def __init__(s, i, h, o, k, st, se):
         super().__init__()
         s.g1 = Ghost(i, h); s.dw = cbr(h, h, k, st, g=h, act=None) if st > 1 else nn.Identity()
-        s.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.ReLU(), nn.Conv2d(h // 4, h, 1),
-                             nn.Hardsigmoid()) if se else None
+        s.se = hard_se(h) if se else None
         s.g2 = Ghost(h, o, relu=False)
         s.sc = (nn.Identity() if (st == 1 and i == o) else
                 nn.Sequential(cbr(i, i, k, st, g=i, act=None), cbr(i, o, 1, act=None)))
