@@ -59,11 +59,22 @@ def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, see
             tvm.IRModule(funcs), target, work_dir, max_trials_global=trials,
             num_trials_per_iter=min(16, trials),
             runner=runner,
-            # LocalBuilder's 30 s default kills builds on 2 loaded cores
-            builder=ms.builder.LocalBuilder(timeout_sec=300, f_export=export),
+            # a margin over LocalBuilder's 30 s default for a big stage's build on loaded cores
+            builder=ms.builder.LocalBuilder(timeout_sec=300, f_build=build_candidate, f_export=export),
             cost_model=ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                               adaptive_training=True),
             database="json", num_tuning_cores=int(target.attrs.get("num-cores", 1)), seed=seed)
+
+
+def build_candidate(mod: tvm.IRModule, target, _params=None):
+    """LocalBuilder's build of one scheduled candidate: MetaSchedule's default_build without
+    its ``import tvm.s_tir.tensor_intrin``. That import registers every GPU, ARM and Hexagon
+    tensor intrinsic (about half a minute) and LocalBuilder pays it in every batch, since it starts
+    a new process pool per batch; a candidate arrives scheduled, its tensorizations (if any)
+    already inlined, so building it needs none of them."""
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm.driver.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _export_linked(target: str, mod) -> str:
