@@ -11,7 +11,7 @@ from tvm import relax
 from .compile import build, resolve_plan, rewrite
 from .frontend import Model, load_model
 from .cpu import cpu_of
-from .target import as_compiled, host_cpu, make_target
+from .target import as_compiled, host_cpu, make_target, names_no_mcpu
 from .tune.predict import predict_plan
 
 
@@ -59,7 +59,7 @@ def pipeline(plan=None, algorithm: str | None = None, database=None) -> tvm.tran
     def run(mod: tvm.IRModule, ctx) -> tvm.IRModule:
         given = tvm.target.Target.current(allow_none=True)
         target = make_target(None) if given is None else as_compiled(given)
-        if given is not None and given.kind.name == "llvm" and not given.attrs.get("mcpu"):
+        if given is not None and names_no_mcpu(given):
             warnings.warn(f"tvm.compile's target names no mcpu: LLVM builds generic code, and the kernels are "
                           f'written for it ({cpu_of(target)}); {{"kind": "llvm", "mcpu": "{host_cpu()}"}} is this CPU')
         chosen = plan

@@ -63,9 +63,15 @@ def as_compiled(target) -> tvm.target.Target:
     CPU there (SSE2 on x86-64), where make_target makes it this CPU. cpu_of of the result is
     the CPU to write kernels for that tvm.compile builds with ``target``."""
     target = _as_dict(target)
-    if target.get("kind") == "llvm" and not target.get("mcpu"):
+    if names_no_mcpu(target):
         target["mcpu"] = "generic"
     return make_target(target)
+
+
+def names_no_mcpu(target) -> bool:
+    """An llvm target without mcpu: tvm.compile builds LLVM's generic CPU for it (as_compiled)."""
+    target = _as_dict(target)
+    return target.get("kind") == "llvm" and not target.get("mcpu")
 
 
 def host_arch(triple) -> bool:
