@@ -112,6 +112,21 @@ def test_fma_units_per_family():
     assert "1 FMA/cycle" in str(zen4)
 
 
+def test_every_x86_family_in_the_tables_is_an_llvm_cpu():
+    """Each x86 name of CACHE_DEFAULTS and FMA_UNITS is a CPU LLVM knows (a misspelt one would
+    never match a target's mcpu), has x86 vectors, and a target naming it (not this machine)
+    gets the table's caches and FMA units."""
+    known = set(tvm.get_global_func("target.llvm_get_cpu_archlist")(tvm.target.Target("llvm")))
+    arm = ("neoverse", "cortex", "apple", "ampere", "carmel")
+    x86 = sorted({n for n in [*cpu_mod.CACHE_DEFAULTS, *cpu_mod.FMA_UNITS] if not n.startswith(arm)} - {host_cpu()})
+    assert set(x86) <= known, set(x86) - known
+    for name in x86:
+        cpu = cpu_of({"kind": "llvm", "mcpu": name, "num-cores": 2})
+        assert cpu.isa in ("avx512", "avx2") and cpu.lanes in (8, 16), (name, cpu)
+        assert (cpu.l1d, cpu.l2, cpu.l3) == cpu_mod.CACHE_DEFAULTS.get(name, cpu_mod.GENERIC_CACHES), name
+        assert cpu.fma_units == cpu_mod.FMA_UNITS.get(name, cpu_mod.GENERIC_FMA_UNITS), name
+
+
 def test_fma_units_of_a_server_core_shown_as_another(tmp_path):
     """A guest shown a client model (LLVM rocketlake: one 512-bit FMA unit) on a Xeon with AMX
     gets the Xeon's two units from its flags; a host without such flags keeps the table's."""

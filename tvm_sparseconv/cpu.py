@@ -33,6 +33,13 @@ CACHE_DEFAULTS = {
     "icelake-server": (48 * KB, 1280 * KB, 48 * MB), "rocketlake": (48 * KB, 512 * KB, 16 * MB),
     "sapphirerapids": (48 * KB, 2 * MB, 64 * MB), "emeraldrapids": (48 * KB, 2 * MB, 64 * MB),
     "graniterapids": (48 * KB, 2 * MB, 128 * MB),
+    # client cores (the performance cores of hybrid parts) and the E-core-only families
+    "cannonlake": (32 * KB, 256 * KB, 4 * MB), "icelake-client": (48 * KB, 512 * KB, 8 * MB),
+    "tigerlake": (48 * KB, 1280 * KB, 12 * MB), "alderlake": (48 * KB, 1280 * KB, 30 * MB),
+    "raptorlake": (48 * KB, 2 * MB, 36 * MB), "meteorlake": (48 * KB, 2 * MB, 24 * MB),
+    "arrowlake": (48 * KB, 3 * MB, 36 * MB), "arrowlake-s": (48 * KB, 3 * MB, 36 * MB),
+    "lunarlake": (48 * KB, 2560 * KB, 12 * MB),
+    "gracemont": (32 * KB, 512 * KB, 6 * MB), "sierraforest": (32 * KB, 1 * MB, 108 * MB),
     "znver1": (32 * KB, 512 * KB, 8 * MB), "znver2": (32 * KB, 512 * KB, 16 * MB),
     "znver3": (32 * KB, 512 * KB, 32 * MB), "znver4": (32 * KB, 1 * MB, 32 * MB),
     "znver5": (48 * KB, 1 * MB, 32 * MB),
@@ -58,6 +65,9 @@ GENERIC_CACHES = (32 * KB, 512 * KB, 8 * MB)
 # Rapids or Zen 5 core has two 512-bit units). A family missing here gets GENERIC_FMA_UNITS.
 FMA_UNITS = {
     "haswell": 2, "broadwell": 2, "skylake": 2, "alderlake": 2, "raptorlake": 2,
+    "meteorlake": 2, "arrowlake": 2, "arrowlake-s": 2, "lunarlake": 2,
+    # Cannon Lake: one 512-bit unit; Gracemont and Sierra Forest (E-cores): two 128-bit units
+    "cannonlake": 1, "gracemont": 1, "sierraforest": 1,
     "skylake-avx512": 2, "cascadelake": 2, "cooperlake": 2, "icelake-server": 2,
     "sapphirerapids": 2, "emeraldrapids": 2, "graniterapids": 2,
     "icelake-client": 1, "tigerlake": 1, "rocketlake": 1,
