@@ -201,10 +201,44 @@ def load_model(model, input_shape: Sequence[int] | None = None, layout: str | No
     if type(model).__name__ == "ExportedProgram":
         from tvm.relax.frontend.torch import from_exported_program
 
-        mod = from_exported_program(model, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+        try:
+            mod = from_exported_program(model, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+                                        custom_convert_map={"adaptive_max_pool2d.default": _adaptive_max_pool2d})
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"TVM cannot import the torch.export program: {e}") from e
         return _from_relax(mod, "<torch.export>", layout)
     raise ModelError(f"cannot load a model from {type(model).__name__}: give an .onnx path, a torch "
                      "ExportedProgram or a Relax IRModule")
+
+
+def _adaptive_max_pool2d(node, importer) -> relax.Expr:
+    """torch.export's adaptive_max_pool2d (N x C x H x W -> N x C x oh x ow, and the indices),
+    which TVM's importer lacks: a max over H and W at 1 x 1 (as ONNX's GlobalMaxPool imports), a
+    max_pool2d when the bins tile the map, else the max of each bin (rows floor(i H / oh) to
+    ceil((i + 1) H / oh), as torch's). The indices are refused where anything reads them (their
+    slot holds the values only for the unread getitem torch.export leaves)."""
+    if any(getattr(u.target, "__name__", "") != "getitem" or (u.args[1] != 0 and u.users) for u in node.users):
+        raise ModelError(f"torch.export node {node.name}: adaptive_max_pool2d's indices are used; "
+                         "only its values are supported")
+    x, size = importer.env[node.args[0]], node.args[1]
+    h, w = (int(d) for d in list(x.ty.shape)[-2:])
+    oh, ow = (s if s is not None else d for s, d in zip(size, (h, w)))
+    bb, op = importer.block_builder, relax.op
+    if (oh, ow) == (1, 1):
+        out = op.max(x, axis=[-2, -1], keepdims=True)
+    elif h % oh == 0 and w % ow == 0:
+        out = op.nn.max_pool2d(x, (h // oh, w // ow), (h // oh, w // ow))
+    else:
+        def bins(n, o):
+            return [(i * n // o, -(-(i + 1) * n // o)) for i in range(o)]
+        rows = [bb.emit(op.concat([op.max(op.strided_slice(x, [-2, -1], [r0, c0], [r1, c1]), axis=[-2, -1],
+                                          keepdims=True) for c0, c1 in bins(w, ow)], axis=-1))
+                for r0, r1 in bins(h, oh)]
+        out = op.concat(rows, axis=-2)
+    out = bb.emit(out)
+    return relax.Tuple([out, out])
 
 
 def _from_relax(mod: tvm.IRModule, source: str, layout: str | None) -> Model:

@@ -1,0 +1,83 @@
+"""Models taken to Relax with torch.export (the Python API's other way in, beside ONNX): the
+architectures of examples/architectures.py against torch itself, and adaptive_max_pool2d, which
+TVM's torch.export importer lacks (frontend._adaptive_max_pool2d)."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+import tvm_sparseconv  # noqa: E402
+from tvm_sparseconv.frontend import ModelError  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location(
+    "architectures", os.path.join(os.path.dirname(__file__), "..", "examples", "architectures.py"))
+architectures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(architectures)
+
+# the default run's sample: a global max pool (adaptive_max_pool2d), hard-swish with SE, channel shuffle
+SAMPLE = ("xception-ish", "mobilenet-v3ish", "shufflenet-v2")
+
+
+def run(m, x: np.ndarray, **compile_args) -> list[np.ndarray]:
+    vm = relax.VirtualMachine(tvm_sparseconv.compile(m, **compile_args), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n if n in SAMPLE else pytest.param(n, marks=pytest.mark.extended)
+                                  for n in sorted(architectures.NETS)])
+def test_architecture_through_torch_export_matches_torch(name):
+    torch.manual_seed(0)
+    net = architectures.NETS[name]().eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ref = net(x)
+    refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    m = tvm_sparseconv.load_model(torch.export.export(net, (x,)))
+    ys = run(m, x.numpy(), plan=tvm_sparseconv.predict_plan(m))
+    assert [y.shape for y in ys] == [tuple(r.shape) for r in refs]
+    for y, r in zip(ys, refs):
+        r = r.numpy()
+        np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
+
+
+class Pooled(torch.nn.Module):
+    """conv 3x3 -> ReLU -> AdaptiveMaxPool2d(size); with ``indices`` the output also reads the
+    pool's indices."""
+
+    def __init__(self, size, indices=False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = torch.nn.AdaptiveMaxPool2d(size, return_indices=indices)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.conv(x)))
+        return y[0] + y[1].float() if isinstance(y, tuple) else y
+
+
+# 1 x 1 (a max over the map), bins that tile the map, bins that overlap (7 -> 3: rows 0-3, 2-5,
+# 4-7) or differ per axis, and None (that axis kept)
+@pytest.mark.parametrize("size,hw", [(1, 7), ((2, 2), 8), ((3, 3), 7), ((3, 2), 10), ((None, 3), 7)])
+def test_adaptive_max_pool2d_matches_torch(size, hw):
+    torch.manual_seed(0)
+    net = Pooled(size).eval()
+    x = torch.randn(1, 3, hw, hw)
+    ref = net(x).detach().numpy()
+    (y,) = run(tvm_sparseconv.load_model(torch.export.export(net, (x,))), x.numpy(), algorithm="dense")
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_max_pool2d_indices_are_refused():
+    """Its indices, where read, would need the argmax TVM has no op for: a clear error, not the
+    placeholder TVM's importer gives max_pool2d_with_indices."""
+    net = Pooled(2, indices=True).eval()
+    with pytest.raises(ModelError, match="indices are used"):
+        tvm_sparseconv.load_model(torch.export.export(net, (torch.randn(1, 3, 8, 8),)))
