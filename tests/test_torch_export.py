@@ -1,6 +1,8 @@
-"""Models taken to Relax with torch.export (the Python API's other way in, beside ONNX): the
-architectures of examples/architectures.py against torch itself, and adaptive_max_pool2d, which
-TVM's torch.export importer lacks (frontend._adaptive_max_pool2d)."""
+"""Models as torch gives them to a user, against torch itself: torch.export programs (the Python
+API's other way in, beside ONNX) and ONNX files from torch.onnx.export's default (dynamo)
+exporter, whose graphs differ from the TorchScript exporter's that examples/architectures.py
+uses; and adaptive_max_pool2d, which TVM's torch.export importer lacks
+(frontend._adaptive_max_pool2d)."""
 import importlib.util
 import os
 
@@ -20,8 +22,8 @@ _spec = importlib.util.spec_from_file_location(
 architectures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(architectures)
 
-# the default run's sample: a global max pool (adaptive_max_pool2d), hard-swish with SE, channel shuffle
-SAMPLE = ("xception-ish", "mobilenet-v3ish", "shufflenet-v2")
+# the default run's sample: a global max pool (adaptive_max_pool2d), hard-swish with SE
+SAMPLE = ("xception-ish", "mobilenet-v3ish")
 
 
 def run(m, x: np.ndarray, **compile_args) -> list[np.ndarray]:
@@ -33,14 +35,21 @@ def run(m, x: np.ndarray, **compile_args) -> list[np.ndarray]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n if n in SAMPLE else pytest.param(n, marks=pytest.mark.extended)
                                   for n in sorted(architectures.NETS)])
-def test_architecture_through_torch_export_matches_torch(name):
+@pytest.mark.parametrize("way", ["torch.export", "dynamo onnx"])
+def test_architecture_from_torch_matches_torch(name, way, tmp_path):
     torch.manual_seed(0)
     net = architectures.NETS[name]().eval()
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         ref = net(x)
     refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-    m = tvm_sparseconv.load_model(torch.export.export(net, (x,)))
+    if way == "torch.export":
+        m = tvm_sparseconv.load_model(torch.export.export(net, (x,)))
+    else:
+        pytest.importorskip("onnxscript")
+        path = str(tmp_path / f"{name}.onnx")
+        torch.onnx.export(net, (x,), path, input_names=["x"], dynamo=True)
+        m = tvm_sparseconv.load_model(path)
     ys = run(m, x.numpy(), plan=tvm_sparseconv.predict_plan(m))
     assert [y.shape for y in ys] == [tuple(r.shape) for r in refs]
     for y, r in zip(ys, refs):
