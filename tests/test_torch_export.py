@@ -2,7 +2,7 @@
 API's other way in, beside ONNX) and ONNX files from torch.onnx.export's default (dynamo)
 exporter, whose graphs differ from the TorchScript exporter's that examples/architectures.py
 uses; and adaptive_max_pool2d, which TVM's torch.export importer lacks
-(frontend._adaptive_max_pool2d)."""
+(frontend._adaptive_max_pool2d), checked with the average pools over the same bins."""
 import importlib.util
 import os
 
@@ -58,13 +58,14 @@ def test_architecture_from_torch_matches_torch(name, way, tmp_path):
 
 
 class Pooled(torch.nn.Module):
-    """conv 3x3 -> ReLU -> AdaptiveMaxPool2d(size); with ``indices`` the output also reads the
-    pool's indices."""
+    """conv 3x3 -> ReLU -> AdaptiveMaxPool2d(size) (AdaptiveAvgPool2d with ``kind`` "avg"); with
+    ``indices`` the output also reads the max pool's indices."""
 
-    def __init__(self, size, indices=False):
+    def __init__(self, size, indices=False, kind="max"):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.pool = torch.nn.AdaptiveMaxPool2d(size, return_indices=indices)
+        self.pool = (torch.nn.AdaptiveAvgPool2d(size) if kind == "avg"
+                     else torch.nn.AdaptiveMaxPool2d(size, return_indices=indices))
 
     def forward(self, x):
         y = self.pool(torch.relu(self.conv(x)))
@@ -72,11 +73,12 @@ class Pooled(torch.nn.Module):
 
 
 # 1 x 1 (a max over the map), bins that tile the map, bins that overlap (7 -> 3: rows 0-3, 2-5,
-# 4-7) or differ per axis, and None (that axis kept)
+# 4-7) or differ per axis, and None (that axis kept); the average pools (TVM's own import) alike
 @pytest.mark.parametrize("size,hw", [(1, 7), ((2, 2), 8), ((3, 3), 7), ((3, 2), 10), ((None, 3), 7)])
-def test_adaptive_max_pool2d_matches_torch(size, hw):
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_adaptive_pools_match_torch(size, hw, kind):
     torch.manual_seed(0)
-    net = Pooled(size).eval()
+    net = Pooled(size, kind=kind).eval()
     x = torch.randn(1, 3, hw, hw)
     ref = net(x).detach().numpy()
     (y,) = run(tvm_sparseconv.load_model(torch.export.export(net, (x,))), x.numpy(), algorithm="dense")
