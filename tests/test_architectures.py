@@ -27,16 +27,20 @@ architectures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(architectures)
 
 
+def outputs(model, x: np.ndarray, **compile_args) -> list[np.ndarray]:
+    """Every output of ``model`` compiled with ``compile_args`` (tvm_sparseconv.compile's), run on x."""
+    vm = relax.VirtualMachine(tvm_sparseconv.compile(model, **compile_args), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(architectures.NETS))
 def test_predicted_plan_matches_onnxruntime(name, tmp_path):
     path = architectures.export(name, str(tmp_path / f"{name}.onnx"), size=96)
     model = tvm_sparseconv.load_model(path)
-    plan = tvm_sparseconv.predict_plan(model)
-    vm = relax.VirtualMachine(tvm_sparseconv.compile(model, plan=plan), tvm.cpu())
     x = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)
-    out = vm["main"](tvm.runtime.tensor(x))
-    ys = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+    ys = outputs(model, x, plan=tvm_sparseconv.predict_plan(model))
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     refs = sess.run(None, {sess.get_inputs()[0].name: x})
     assert [y.shape for y in ys] == [r.shape for r in refs]

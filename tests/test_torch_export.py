@@ -3,33 +3,18 @@ API's other way in, beside ONNX) and ONNX files from torch.onnx.export's default
 exporter, whose graphs differ from the TorchScript exporter's that examples/architectures.py
 uses; and adaptive_max_pool2d, which TVM's torch.export importer lacks
 (frontend._adaptive_max_pool2d), checked with the average pools over the same bins."""
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-import tvm  # noqa: E402
-from tvm import relax  # noqa: E402
-
 import tvm_sparseconv  # noqa: E402
 from tvm_sparseconv.frontend import ModelError  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "architectures", os.path.join(os.path.dirname(__file__), "..", "examples", "architectures.py"))
-architectures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(architectures)
+from test_architectures import architectures, outputs  # noqa: E402
 
 # the default run's sample: a global max pool (adaptive_max_pool2d), hard-swish with SE
 SAMPLE = ("xception-ish", "mobilenet-v3ish")
-
-
-def run(m, x: np.ndarray, **compile_args) -> list[np.ndarray]:
-    vm = relax.VirtualMachine(tvm_sparseconv.compile(m, **compile_args), tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x))
-    return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
 
 
 @pytest.mark.slow
@@ -50,7 +35,7 @@ def test_architecture_from_torch_matches_torch(name, way, tmp_path):
         path = str(tmp_path / f"{name}.onnx")
         torch.onnx.export(net, (x,), path, input_names=["x"], dynamo=True)
         m = tvm_sparseconv.load_model(path)
-    ys = run(m, x.numpy(), plan=tvm_sparseconv.predict_plan(m))
+    ys = outputs(m, x.numpy(), plan=tvm_sparseconv.predict_plan(m))
     assert [y.shape for y in ys] == [tuple(r.shape) for r in refs]
     for y, r in zip(ys, refs):
         r = r.numpy()
@@ -81,7 +66,7 @@ def test_adaptive_pools_match_torch(size, hw, kind):
     net = Pooled(size, kind=kind).eval()
     x = torch.randn(1, 3, hw, hw)
     ref = net(x).detach().numpy()
-    (y,) = run(tvm_sparseconv.load_model(torch.export.export(net, (x,))), x.numpy(), algorithm="dense")
+    (y,) = outputs(tvm_sparseconv.load_model(torch.export.export(net, (x,))), x.numpy(), algorithm="dense")
     assert y.shape == ref.shape
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
