@@ -23,8 +23,10 @@ nothing about the sparse algorithms on real weights.
 
     python examples/architectures.py                    # all, bench --rounds 5 --repeat 5
     python examples/architectures.py regnetx --rounds 3 # one; further arguments go to bench
+    python examples/architectures.py resnet18 --batch 8 # exported with a dynamic batch axis
 
-The ONNX files and the bench JSON go to build/architectures/ (or $OUT).
+The ONNX files and the bench JSON go to build/architectures/ (or $OUT); with ``--batch`` the
+files are exported with a dynamic batch axis and named NAME-batch.onnx / NAME-bN.json.
 """
 import os
 import subprocess
@@ -511,18 +513,22 @@ NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": Shuf
         "efficientnetv2-ish": EffV2ish}
 
 
-def export(name: str, path: str, size: int = 224) -> str:
+def export(name: str, path: str, size: int = 224, dynamic_batch: bool = False) -> str:
     """NETS[name] with torch.manual_seed(0) weights, exported to ``path`` (opset 17) for
-    1 x 3 x size x size inputs."""
+    1 x 3 x size x size inputs, or N x 3 x size x size with ``dynamic_batch`` (every output's
+    first axis N too)."""
     torch.manual_seed(0)
     net = NETS[name]().eval()
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        net(x)  # sizes the lazy layers (AlexNet's first classifier layer, whose input depends on size)
+        outs = net(x)  # sizes the lazy layers (AlexNet's first classifier layer, whose input depends on size)
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the dynamo one needs onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
+        n_out = len(outs) if isinstance(outs, (tuple, list)) else 1
+        names = [f"y{i}" for i in range(n_out)]
+        axes = {n: {0: "batch"} for n in ["x", *names]} if dynamic_batch else None
         torch.onnx.export(net, (x,), path, opset_version=17, dynamo=False,
-                          input_names=["x"])
+                          input_names=["x"], output_names=names, dynamic_axes=axes)
     return path
 
 
@@ -531,15 +537,17 @@ def main(argv: list[str]) -> None:
     extra = [a for a in argv if a not in NETS] or ["--rounds", "5", "--repeat", "5"]
     out = os.environ.get("OUT", "build/architectures")
     os.makedirs(out, exist_ok=True)
+    batch = extra[extra.index("--batch") + 1] if "--batch" in extra[:-1] else None
     for name in names:
-        path = os.path.join(out, f"{name}.onnx")
+        path = os.path.join(out, f"{name}-batch.onnx" if batch else f"{name}.onnx")
         if not os.path.exists(path):
-            export(name, path)
+            export(name, path, dynamic_batch=batch is not None)
         print(f"== {name}", flush=True)
-        with open(os.path.join(out, f"{name}.json"), "w") as f:
+        result = os.path.join(out, f"{name}-b{batch}.json" if batch else f"{name}.json")
+        with open(result, "w") as f:
             subprocess.run(["tvm-sparseconv", "bench", path, "--images", "skimage:astronaut", "sklearn:china", "--json",
                             *extra], stdout=f, check=True)
-        subprocess.run(["tvm-sparseconv", "results", os.path.join(out, f"{name}.json")], check=False)
+        subprocess.run(["tvm-sparseconv", "results", result], check=False)
 
 
 if __name__ == "__main__":
