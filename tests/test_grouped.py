@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 from tvm import relax
 
 from tvm_sparseconv.algorithms import get_algorithm
+from tvm_sparseconv.algorithms.grouped import shares_group
 from tvm_sparseconv.build import CompiledLayer
 from tvm_sparseconv.api import compile as tvms_compile
 from tvm_sparseconv.compile import lower, resolve_plan
@@ -150,6 +151,11 @@ def test_defaults_and_knob_space_follow_the_cpu(target):
         copies = kind in ("half", "dw2")  # input channels shared by the lanes of several outputs
         assert space[0]["vector"] == ("width" if copies and spec.out_w >= cpu.lanes else "channels"), (kind, target)
         assert {d["vector"] for d in space} == {"channels", "width"}
+        # no block spans groups where one vector of lanes would not (each input copied per lane)
+        assert all(shares_group(spec, d["c_block"]) for d in space
+                   if d["vector"] == "channels" and shares_group(spec, cpu.lanes)), (kind, target)
+        if kind == "g16" and cpu.lanes == 16:
+            assert {d["c_block"] for d in space if d["vector"] == "channels"} == {16}
         for d in space + [GROUPED.knobs(spec, {"vector": "width"}, cpu)]:
             tile = min(d["block"], spec.out_w) * min(d["tile_rows"], spec.out_h)
             vectors = tile * d["c_block"] // cpu.lanes if d["vector"] == "channels" else \

@@ -602,13 +602,17 @@ class Grouped(Algorithm):
     def knob_grid(self, spec, cpu):
         """The tiles below in NCHW; for a depthwise layer without a multiplier, the channels
         kernel's tiles of one vector also with x and y each in NCHW or in blocks of the CPU's
-        lanes (the block is c_block: make_tiling)."""
+        lanes (the block is c_block: make_tiling). No block of two vectors where it would span
+        two groups and one vector would not: each input element would then be copied into the
+        lanes of every output that reads it (shares_group), which took 1.5x (stride 1) to 11x
+        (stride 2) the one-vector block's time on groups of 16 channels."""
         ow, oh, v = spec.out_w, spec.out_h, cpu.lanes
+        c_blocks = (v,) if shares_group(spec, v) and not shares_group(spec, 2 * v) else (v, 2 * v)
         rows = sorted({r for r in (1, 2, 4, 8, 16) if r <= oh} | ({oh} if oh <= 16 else set()))
         layouts = grid(layout_in=(NCHW, lanes_layout(cpu)), layout_out=(NCHW, lanes_layout(cpu))) \
             if blocks_layouts(spec, v) else [{"layout_in": NCHW, "layout_out": NCHW}]
         for io in layouts:
-            for k in grid(vector=("channels",), c_block=(v, 2 * v), block=(4, 7, 8, 14, 16), tile_rows=(1, 2),
+            for k in grid(vector=("channels",), c_block=c_blocks, block=(4, 7, 8, 14, 16), tile_rows=(1, 2),
                           rows=rows):
                 if io != {"layout_in": NCHW, "layout_out": NCHW} and k["c_block"] != v:
                     continue
