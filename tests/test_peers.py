@@ -2,7 +2,7 @@
 
 Every op of onnx_torch runs on a tiny graph built with onnx.helper, in its attribute and opset
 variants, and must match onnxruntime; a variant torch has no equivalent for is refused by name.
-A model with an op the interpreter refuses (Erf) still benches: the PyTorch row says why it was
+A model with an op the interpreter refuses (Softsign) still benches: the PyTorch row says why it was
 skipped, every other row has its times."""
 import contextlib
 import io
@@ -106,6 +106,7 @@ CASES = [
     case("PRelu-channel", [y("PRelu", "x", "s")], {"s": a(0.1, -0.2, 0.3, dtype=F32).reshape(3, 1, 1)}),
     case("PRelu-scalar", [y("PRelu", "x", "s")], {"s": a(0.25, dtype=F32)}),
     case("Exp", [y("Exp", "x")]),
+    case("Erf", [y("Erf", "x")]),
     case("Log-Abs", [N("Abs", ["x"], ["b"]), y("Log", "b")]),
     case("Sqrt-Abs", [N("Abs", ["x"], ["b"]), y("Sqrt", "b")]),
     case("Neg", [y("Neg", "x")]),
@@ -143,6 +144,42 @@ CASES = [
     case("Pad-crop", [y("Pad", "x", "p")], {"p": a(0, 0, -1, 1, 0, 0, 1, -2)}),
     case("Pad-attr-opset2", [y("Pad", "x", pads=[0, 0, 2, 1, 0, 0, 0, 1], value=-1.0)], opset=2),
     case("Pad-axes-opset18", [y("Pad", "x", "p", "", "ax")], {"p": a(1, 2, 3, 4), "ax": a(-1, 2)}, opset=18),
+    case("Pad-reflect", [y("Pad", "x", "p", mode="reflect")], {"p": a(0, 0, 1, 2, 0, 0, 3, 1)}),
+    case("Pad-edge-axes-opset18", [y("Pad", "x", "p", "", "ax", mode="edge")], {"p": a(2, 0, 1, 3), "ax": a(2, 3)},
+         opset=18),
+    case("Gather-scalar-index", [N("Shape", ["x"], ["s"]), N("Gather", ["s", "i"], ["d"]), N("Cast", ["d"], ["f"], to=1),
+                                 y("Mul", "x", "f")], {"i": np.array(-1, np.int64)}),
+    case("Gather-axis1", [y("Gather", "x", "i", axis=1)], {"i": a([2, 0], [-1, 1])}),
+    case("ConstantOfShape-Cast", [N("Shape", ["x"], ["s"]), N("ConstantOfShape", ["s"], ["z"],
+                                   value=numpy_helper.from_array(np.array([3], np.int64))),
+                                  N("Cast", ["z"], ["f"], to=1), y("Add", "x", "f")]),
+    case("ConstantOfShape-default", [N("Shape", ["x"], ["s"]), N("ConstantOfShape", ["s"], ["z"]),
+                                     y("Sub", "x", "z")]),
+    # Split: sizes as an input, an attribute, equal parts by outputs or num_outputs (the last part
+    # smaller); the parts joined again in another order, so that a wrong size or order shows
+    case("Split-input", [N("Split", ["x", "s"], ["p0", "p1", "p2"], axis=1), y("Concat", "p2", "p0", "p1", axis=1)],
+         {"s": a(1, 2, 3)}, shape=(1, 6, 4, 5)),
+    case("Split-equal", [N("Split", ["x"], ["p0", "p1", "p2"], axis=1), y("Concat", "p1", "p2", "p0", axis=1)],
+         shape=(1, 6, 4, 5)),
+    case("Split-attr-opset11", [N("Split", ["x"], ["p0", "p1"], axis=-1, split=[3, 7]),
+                                y("Concat", "p1", "p0", axis=-1)], opset=11),
+    case("Split-num-outputs-opset18", [N("Split", ["x"], ["p0", "p1", "p2", "p3"], axis=1, num_outputs=4),
+                                       y("Concat", "p3", "p1", "p0", "p2", axis=1)], opset=18, shape=(1, 7, 3, 2)),
+    case("Slice-steps-clamped", [y("Slice", "x", "b", "e", "ax", "st")],
+         {"b": a(-7, 1), "e": a(2**62, -1), "ax": a(3, 1), "st": a(2, 1)}),
+    case("Slice-negative-steps", [y("Slice", "x", "b", "e", "ax", "st")],
+         {"b": a(-1, 100, 6), "e": a(-2**62, 0, 1), "ax": a(3, 2, 1), "st": a(-1, -3, -2)}, shape=(1, 8, 8, 10)),
+    case("Slice-reflect-pad-as-exported", [N("Slice", ["x", "b", "e", "ax", "st"], ["r"]),
+                                           y("Concat", "r", "x", axis=3)],
+         {"b": a(3), "e": a(0), "ax": a(-1), "st": a(-1)}),
+    case("Slice-no-axes", [y("Slice", "x", "b", "e")], {"b": a(0, 1, 2, -3), "e": a(1, 3, 7, 10)}),
+    case("Slice-attr-opset9", [y("Slice", "x", starts=[1, -12], ends=[-1, 4], axes=[2, 3])], opset=9),
+    case("DepthToSpace-DCR", [y("DepthToSpace", "x", blocksize=2)], shape=(1, 8, 3, 4)),
+    case("DepthToSpace-CRD", [y("DepthToSpace", "x", blocksize=2, mode="CRD")], shape=(1, 12, 3, 2)),
+    case("LayerNormalization-last", [y("LayerNormalization", "x", "s", "b", epsilon=1e-3)],
+         {"s": np.linspace(0.5, 2, 10, dtype=F32), "b": np.linspace(-1, 1, 10, dtype=F32)}, opset=17),
+    case("LayerNormalization-chw-no-bias", [y("LayerNormalization", "x", "s", axis=1)],
+         {"s": np.linspace(0.5, 2, 240, dtype=F32).reshape(3, 8, 10)}, opset=17),
     # dense
     case("BatchNormalization", [y("BatchNormalization", "x", "s", "b", "m", "v", epsilon=1e-3)], BN),
     case("InstanceNormalization", [y("InstanceNormalization", "x", "s", "b", epsilon=1e-3)],
@@ -225,7 +262,9 @@ REFUSED = [
     # asymmetric: source dst / 3 rounded half down; torch floors dst / 3 or (dst + 0.5) / 3
     case("Resize nearest asymmetric round_prefer_floor",
          *resize(scales=[1, 1, 3, 3], coordinate_transformation_mode="asymmetric")),
-    case("Pad mode reflect", [y("Pad", "x", "p", mode="reflect")], {"p": a(0, 0, 1, 1, 0, 0, 1, 1)}),
+    case("Pad mode reflect on the batch or channel axis, or cropping", [y("Pad", "x", "p", mode="reflect")],
+         {"p": a(0, 1, 1, 1, 0, 0, 1, 1)}),
+    case("Pad mode wrap", [y("Pad", "x", "p", mode="wrap")], {"p": a(0, 0, 1, 1, 0, 0, 1, 1)}, opset=19),
     case("AveragePool dilations", [y("AveragePool", "x", kernel_shape=[2, 2], dilations=[2, 2])], opset=19),
     case("LRN an even size, 4", [y("LRN", "x", size=4)]),
 ]
@@ -239,7 +278,7 @@ def test_variants_without_a_torch_equivalent_are_refused_by_name(request, tmp_pa
         m(torch.zeros(shape))
 
 
-@pytest.mark.parametrize("op", ["Erf", "Celu"])
+@pytest.mark.parametrize("op", ["Softsign", "Celu"])
 def test_other_ops_are_refused_by_name_at_load(tmp_path, op):
     attrs = {}
     with pytest.raises(NotImplementedError, match=f"does not run ONNX op {op}$"):
@@ -248,36 +287,36 @@ def test_other_ops_are_refused_by_name_at_load(tmp_path, op):
 
 # -- peers that fail softly -------------------------------------------------------------------------
 
-def erf_onnx(path) -> str:
-    """x (1, 4, 9, 9) -> conv 3x3 + bias -> relu -> conv 1x1 -> Erf: TVM and onnxruntime run it,
-    the PyTorch peer refuses Erf."""
+def softsign_onnx(path) -> str:
+    """x (1, 4, 9, 9) -> conv 3x3 + bias -> relu -> conv 1x1 -> Softsign: TVM and onnxruntime run
+    it, the PyTorch peer refuses Softsign."""
     rng = np.random.default_rng(0)
     consts = {n: rng.standard_normal(s).astype(F32) for n, s in (("w1", (8, 4, 3, 3)), ("b1", (8,)),
                                                                    ("w2", (8, 8, 1, 1)))}
     nodes = [N("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-             N("Relu", ["c1"], ["r1"]), N("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1]), y("Erf", "c2")]
+             N("Relu", ["c1"], ["r1"]), N("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1]), y("Softsign", "c2")]
     return save_graph(path, nodes, (1, 4, 9, 9), consts, y_shape=[1, 8, 9, 9])
 
 
-PYTORCH_SKIP = "NotImplementedError: the PyTorch peer does not run ONNX op Erf"
+PYTORCH_SKIP = "NotImplementedError: the PyTorch peer does not run ONNX op Softsign"
 NAMES = ["tvm-sparseconv plan", "tvm-sparseconv all dense", "onnxruntime", "pytorch"]
 
 
 @pytest.fixture(scope="module")
-def erf_bench(tmp_path_factory):
-    """The Erf model, its input (saved), and bench_model's result on them with both peers."""
+def softsign_bench(tmp_path_factory):
+    """The Softsign model, its input (saved), and bench_model's result on them with both peers."""
     if set(available_peers()) != {"onnxruntime", "pytorch"}:
         pytest.skip("needs both peers installed")
-    d = tmp_path_factory.mktemp("erf")
-    path = erf_onnx(d / "erf.onnx")
+    d = tmp_path_factory.mktemp("softsign")
+    path = softsign_onnx(d / "softsign.onnx")
     x = np.random.default_rng(1).standard_normal((1, 4, 9, 9)).astype(F32)
     np.save(d / "x.npy", x)
     # threads=0 (the library's default): every peer's own default
     return path, str(d / "x.npy"), bench.bench_model(load_model(path), x, algorithm="dense", repeat=2)
 
 
-def test_bench_shows_a_peer_that_cannot_run_the_model_as_skipped(erf_bench):
-    *_, res = erf_bench
+def test_bench_shows_a_peer_that_cannot_run_the_model_as_skipped(softsign_bench):
+    *_, res = softsign_bench
     rows = {r["name"]: r for r in res["rows"]}
     assert list(rows) == NAMES
     assert rows["pytorch"] == {"name": "pytorch", "ms": None, "layers": "", "max_abs_error": None, "wrong": None,
@@ -291,8 +330,8 @@ def test_bench_shows_a_peer_that_cannot_run_the_model_as_skipped(erf_bench):
     assert res["speedup_vs_peers"] == rows["onnxruntime"]["ms"] / rows[NAMES[0]]["ms"]  # PyTorch skipped
 
 
-def test_results_markdown_has_a_dash_for_the_skipped_peer(erf_bench, tmp_path, capsys):
-    *_, res = erf_bench
+def test_results_markdown_has_a_dash_for_the_skipped_peer(softsign_bench, tmp_path, capsys):
+    *_, res = softsign_bench
     (tmp_path / "bench.json").write_text(json.dumps(res))
     assert main(["results", str(tmp_path / "bench.json")]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
@@ -303,8 +342,8 @@ def test_results_markdown_has_a_dash_for_the_skipped_peer(erf_bench, tmp_path, c
     assert all(float(cells[f"{n} ms"]) > 0 for n in NAMES[:3])
 
 
-def test_cli_bench_table_prints_the_skipped_row(erf_bench):
-    path, x_path, _ = erf_bench
+def test_cli_bench_table_prints_the_skipped_row(softsign_bench):
+    path, x_path, _ = softsign_bench
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["bench", path, "--inputs", x_path, "--algorithm", "dense", "--repeat", "2"]) == 0
@@ -317,11 +356,11 @@ def test_cli_bench_table_prints_the_skipped_row(erf_bench):
         assert float(ms) > 0
 
 
-def test_bench_skips_a_peer_that_fails_in_a_later_round(erf_bench, monkeypatch):
+def test_bench_skips_a_peer_that_fails_in_a_later_round(softsign_bench, monkeypatch):
     """A peer that fails in any round is skipped; an earlier round's output is no reference (the
     plan is then checked against the baseline build). Scripted peers: onnxruntime runs in round
     1 and fails in round 2."""
-    path, x_path, _ = erf_bench
+    path, x_path, _ = softsign_bench
     calls = []
 
     def scripted(peer, onnx_path, x, threads, repeat):

@@ -8,17 +8,18 @@ them):
 
 - Conv (1-3-D, groups, dilations, asymmetric pads, auto_pad), ConvTranspose (explicit pads
   and output_padding), BatchNormalization, InstanceNormalization, LRN (odd sizes), Gemm,
-  MatMul, Relu, LeakyRelu, PRelu, Elu, Sigmoid, Tanh, Softplus, HardSigmoid, HardSwish, Clip
-  (ReLU6), Softmax, Exp, Log, Sqrt, Abs, Neg, Pow;
+  MatMul, LayerNormalization, Relu, LeakyRelu, PRelu, Elu, Sigmoid, Tanh, Softplus,
+  HardSigmoid, HardSwish, Clip (ReLU6), Softmax, Erf (GELU), Exp, Log, Sqrt, Abs, Neg, Pow;
 - MaxPool, AveragePool (ceil_mode, count_include_pad, asymmetric pads, auto_pad),
   GlobalAveragePool, GlobalMaxPool;
-- Add, Sub, Mul, Div (broadcasting), Concat, Flatten, Reshape, Transpose, Squeeze,
-  Unsqueeze, ReduceMean, Pad (constant), Identity, Dropout (inference: the identity), Constant,
-  Shape;
+- Add, Sub, Mul, Div (broadcasting), Concat, Split, Slice (negative steps too), Gather,
+  Flatten, Reshape, Transpose, Squeeze, Unsqueeze, DepthToSpace, ReduceMean, Pad (constant; reflect
+  and edge on the spatial axes), Identity, Dropout (inference: the identity), Constant,
+  ConstantOfShape, Cast, Shape;
 - Resize, nearest and linear, where F.interpolate computes what ONNX defines (see _resize).
 
-Any other op, or a variant whose semantics torch does not have (Pad reflect, Resize cubic,
-...), raises NotImplementedError naming it: the other op at load, the variant when it runs.
+Any other op, or a variant whose semantics torch does not have (Pad reflect on the channel
+axis, Resize cubic, ...), raises NotImplementedError naming it: the other op at load, the variant when it runs.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class OnnxTorch:
                 _refuse(n.op_type if standard else f"{n.domain}.{n.op_type}")
             # attributes decoded once, so that a timed call pays only for the ops themselves
             attrs = {a.name: _decode(helper.get_attribute_value(a)) for a in n.attribute}
+            if n.op_type == "Split":  # equal parts, as many as outputs, unless sizes are given
+                attrs.setdefault("num_outputs", len(n.output))
             if n.op_type == "Constant":
                 self.consts[n.output[0]] = _constant(attrs)
             else:
@@ -134,6 +137,7 @@ op("Tanh")(lambda ins, a, opset: ins[0].tanh())
 op("Elu")(lambda ins, a, opset: F.elu(ins[0], a.get("alpha", 1.0)))
 op("Softplus")(lambda ins, a, opset: F.softplus(ins[0]))  # log(1 + e^x); torch's linear part (x > 20) is exact in float32
 op("PRelu")(lambda ins, a, opset: torch.where(ins[0] < 0, ins[0] * ins[1], ins[0]))  # slope broadcast to x
+op("Erf")(lambda ins, a, opset: torch.erf(ins[0]))  # GELU, as the exporters write it
 op("Exp")(lambda ins, a, opset: ins[0].exp())
 op("Log")(lambda ins, a, opset: ins[0].log())
 op("Sqrt")(lambda ins, a, opset: ins[0].sqrt())
@@ -186,6 +190,87 @@ op("Concat")(lambda ins, a, opset: torch.cat(ins, a["axis"]))
 op("Flatten")(lambda ins, a, opset: ins[0].reshape(math.prod(ins[0].shape[:a.get("axis", 1)]), -1))
 
 
+@op("Cast")
+def _cast(ins, a, opset):
+    from onnx import helper
+
+    return ins[0].to(torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(a["to"]))).dtype)
+
+
+@op("ConstantOfShape")
+def _constant_of_shape(ins, a, opset):
+    """A tensor of the first input's shape filled with ``value`` (a one-element tensor; float32 0
+    when absent)."""
+    value = _constant({"value": a["value"]}) if "value" in a else torch.zeros(1)
+    return value.reshape(()).expand([int(v) for v in ins[0].tolist()]).clone()
+
+
+@op("Gather")
+def _gather(ins, a, opset):
+    """x's slices at ``indices`` (any shape, negative ones from the end) along ``axis``."""
+    x, idx, ax = ins[0], ins[1], a.get("axis", 0) % ins[0].dim()
+    picked = torch.index_select(x, ax, idx.reshape(-1) % x.shape[ax])
+    return picked.reshape(x.shape[:ax] + idx.shape + x.shape[ax + 1:])
+
+
+@op("Split")
+def _split(ins, a, opset):
+    """Sizes from the attribute ``split`` before opset 13, the second input since; without them,
+    ``num_outputs`` (opset 18; before it, the node's output count) equal parts, the last one
+    smaller."""
+    x, ax = ins[0], a.get("axis", 0)
+    sizes = a.get("split") if opset < 13 else (None if (v := _given(ins, 1)) is None else v.tolist())
+    if sizes is None:
+        sizes = -(-x.shape[ax] // a["num_outputs"])  # torch.split's chunks of this size, the last one smaller
+    return tuple(torch.split(x, sizes, ax))
+
+
+@op("Slice")
+def _slice(ins, a, opset):
+    """starts, ends, axes and steps: attributes before opset 10, inputs since. Negative starts and
+    ends count from the end; then both are clamped as ONNX clamps them: to [0, dim] for a
+    positive step, to [0, dim - 1] and [-1, dim - 1] for a negative one (what a reflection pad
+    exports to), whose elements are picked by index."""
+    x = ins[0]
+    if opset < 10:
+        starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+    else:
+        starts, ends = ins[1].tolist(), ins[2].tolist()
+        axes, steps = (None if (v := _given(ins, i)) is None else v.tolist() for i in (3, 4))
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    for b, e, ax, st in zip(starts, ends, axes, steps):
+        ax, dim = ax % x.dim(), x.shape[ax]
+        b, e = (v + dim if v < 0 else v for v in (b, e))
+        if st > 0:
+            index = [slice(None)] * x.dim()
+            index[ax] = slice(min(max(b, 0), dim), min(max(e, 0), dim), st)
+            x = x[tuple(index)]
+        else:
+            x = torch.index_select(x, ax, torch.arange(min(max(b, 0), dim - 1), min(max(e, -1), dim - 1), st))
+    return x
+
+
+@op("DepthToSpace")
+def _depth_to_space(ins, a, opset):
+    """DCR (the default): the depth read as (block, block, C); CRD: as (C, block, block), torch's
+    pixel_shuffle."""
+    x, b = ins[0], a["blocksize"]
+    if a.get("mode", "DCR") == "CRD":
+        return F.pixel_shuffle(x, b)
+    n, c, h, w = x.shape
+    return x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c // (b * b), h * b, w * b)
+
+
+@op("LayerNormalization")
+def _layer_norm(ins, a, opset):
+    """Over the axes from ``axis`` (default -1) on, scaled by the second input and shifted by the
+    optional third; the mean and inverse deviation outputs are not computed."""
+    x = ins[0]
+    shape = x.shape[a.get("axis", -1) % x.dim():]
+    return F.layer_norm(x, shape, ins[1].expand(shape), _given(ins, 2), a.get("epsilon", 1e-5))
+
+
 @op("Transpose")
 def _transpose(ins, a, opset):
     return ins[0].permute(*a.get("perm", reversed(range(ins[0].dim()))))
@@ -228,7 +313,7 @@ def _reduce_mean(ins, a, opset):
 def _pad(ins, a, opset):
     """ONNX pads are (begin of each axis..., end of each axis...); negative ones crop."""
     x, mode = ins[0], a.get("mode", "constant")
-    if mode != "constant":
+    if mode not in ("constant", "reflect", "edge"):
         _refuse("Pad", f"mode {mode}")
     if opset < 11:
         pads, value, axes = a["pads"], a.get("value", 0.0), None
@@ -239,7 +324,12 @@ def _pad(ins, a, opset):
     begin, end = [0] * x.dim(), [0] * x.dim()
     for i, ax in enumerate(axes):
         begin[ax], end[ax] = pads[i], pads[len(axes) + i]
-    return F.pad(x, _torch_pads(begin, end), value=value)
+    if mode == "constant":
+        return F.pad(x, _torch_pads(begin, end), value=value)
+    # torch reflects and replicates the trailing axes of a batch of channels only
+    if x.dim() < 3 or any(begin[:2] + end[:2]) or min(begin + end) < 0:
+        _refuse("Pad", f"mode {mode} on the batch or channel axis, or cropping")
+    return F.pad(x, _torch_pads(begin[2:], end[2:]), mode="reflect" if mode == "reflect" else "replicate")
 
 
 # -- conv, pools, dense ---------------------------------------------------------------------------
