@@ -15,7 +15,9 @@ YOLO-like net (LeakyReLU, nearest upsampling, two outputs), a CycleGAN-like gene
 (Mish), a ResNet with GroupNorm and PReLU, an Xception-like net (separable convs, ELU,
 Hardtanh, a global max pool), a GhostNet-like net (concats of channel counts that are not
 whole blocks), an HRNet-like net (two resolutions exchanging features), a PSPNet-like head
-(pyramid pooling to 1, 2 and 4 bins) and an EfficientNetV2-like net (fused MBConvs).
+(pyramid pooling to 1, 2 and 4 bins), an EfficientNetV2-like net (fused MBConvs),
+DeepLabV3's MobileNet-V2 backbone (dilated depthwise convs), a ResNet-D-like net (average-pool
+shortcuts) and a MixNet-like net (channel splits, depthwise kernels of 3 to 9).
 
 They check coverage and speed, not accuracy: the weights are random, so the activations'
 densities are not those of a trained model, and a plan predicted or tuned on them says
@@ -505,12 +507,85 @@ class EffV2ish(nn.Module):
     def forward(s, x):
         return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.head(s.m(s.f(s.stem(x)))), 1), 1))
 
+class DilatedMB(nn.Module):
+    """MobileNet-V2's inverted residual (ReLU6) with a dilated depthwise conv."""
+    def __init__(s, i, o, st, e, d):
+        super().__init__(); h = i * e
+        s.a = cbr(i, h, 1, act=nn.ReLU6); s.dw = cbr(h, h, 3, st, g=h, act=nn.ReLU6, d=d)
+        s.p = cbr(h, o, 1, act=None); s.res = st == 1 and i == o
+    def forward(s, x):
+        y = s.p(s.dw(s.a(x))); return x + y if s.res else y
+
+class DeepLabMNv2(nn.Module):
+    """DeepLabV3's MobileNet-V2 backbone at output stride 8 (depthwise convs dilated 2 and 4
+    instead of the last strides), a 1x1 classifier of 21 classes and a bilinear upsampling."""
+    def __init__(s):
+        super().__init__()
+        L = [cbr(3, 32, 3, 2, act=nn.ReLU6), DilatedMB(32, 16, 1, 1, 1)]; c = 16
+        for o, n, st, d in [(24, 2, 2, 1), (32, 3, 2, 1), (64, 4, 1, 2), (96, 3, 1, 2), (160, 3, 1, 4), (320, 1, 1, 4)]:
+            for j in range(n):
+                L.append(DilatedMB(c, o, st if j == 0 else 1, 6, d)); c = o
+        s.f = nn.Sequential(*L); s.head = nn.Conv2d(c, 21, 1)
+    def forward(s, x):
+        return F.interpolate(s.head(s.f(x)), scale_factor=8, mode="bilinear", align_corners=False)
+
+class ResDBlock(nn.Module):
+    """A bottleneck whose downsampling shortcut is an average pool (ceil mode, padding not
+    counted) and a 1x1 conv, as in ResNet-D."""
+    def __init__(s, i, m, o, st):
+        super().__init__()
+        s.a = cbr(i, m, 1); s.b = cbr(m, m, 3, st); s.c = cbr(m, o, 1, act=None)
+        pool = nn.AvgPool2d(st, st, ceil_mode=True, count_include_pad=False) if st > 1 else nn.Identity()
+        s.sc = nn.Identity() if (st == 1 and i == o) else nn.Sequential(pool, cbr(i, o, 1, act=None))
+    def forward(s, x):
+        return F.relu(s.c(s.b(s.a(x))) + s.sc(x))
+
+class ResNetD(nn.Module):
+    """ResNet-D-like: a stem of three 3x3 convs, then ResDBlocks."""
+    def __init__(s):
+        super().__init__()
+        s.stem = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 32, 3), cbr(32, 64, 3), nn.MaxPool2d(3, 2, 1))
+        L = []; c = 64
+        for m, n, st in [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 1, 2)]:
+            for j in range(n):
+                L.append(ResDBlock(c, m, 2 * m, st if j == 0 else 1)); c = 2 * m
+        s.f = nn.Sequential(*L); s.fc = nn.Linear(c, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(s.stem(x)), 1), 1))
+
+class MixConv(nn.Module):
+    """MixNet's depthwise conv: the channels split in parts, one kernel size per part."""
+    def __init__(s, c, ks, st):
+        super().__init__(); n = len(ks); s.parts = [c // n] * (n - 1) + [c - c // n * (n - 1)]
+        s.convs = nn.ModuleList(nn.Conv2d(p, p, k, st, k // 2, groups=p, bias=False) for p, k in zip(s.parts, ks))
+    def forward(s, x):
+        return torch.cat([cv(t) for cv, t in zip(s.convs, torch.split(x, s.parts, 1))], 1)
+
+class MixBlock(nn.Module):
+    def __init__(s, i, o, st, e, ks):
+        super().__init__(); h = i * e
+        s.a = cbr(i, h, 1, act=nn.SiLU); s.m = nn.Sequential(MixConv(h, ks, st), bn(h), nn.SiLU())
+        s.p = cbr(h, o, 1, act=None); s.res = st == 1 and i == o
+    def forward(s, x):
+        y = s.p(s.m(s.a(x))); return x + y if s.res else y
+
+class MixNet(nn.Module):
+    """MixNet-like: depthwise convs of mixed kernel sizes (3 to 9) over channel splits."""
+    def __init__(s):
+        super().__init__()
+        s.stem = cbr(3, 16, 3, 2)
+        s.f = nn.Sequential(MixBlock(16, 24, 2, 3, (3,)), MixBlock(24, 24, 1, 3, (3,)), MixBlock(24, 40, 2, 6, (3, 5, 7)),
+                            MixBlock(40, 40, 1, 6, (3, 5)), MixBlock(40, 80, 2, 6, (3, 5, 7)),
+                            MixBlock(80, 80, 1, 6, (3, 5, 7, 9)), MixBlock(80, 120, 1, 6, (3, 5, 7)),
+                            MixBlock(120, 200, 2, 6, (3, 5, 7, 9)), MixBlock(200, 200, 1, 6, (3, 5, 7, 9)))
+        s.head = cbr(200, 1536, 1); s.fc = nn.Linear(1536, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.head(s.f(s.stem(x))), 1), 1))
+
 NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": ShuffleNetV2, "squeezenet": SqueezeNet,
         "densenet-small": DenseNetSmall, "convnext-small": ConvNeXtTiny, "regnetx": RegNetX, "mobilenet-v3ish": MobileNetV3ish,
         "deeplab-ish": Dilated, "inception-v3ish": Inception, "resnext": ResNeXt, "unet": UNet, "yolo-ish": YoloIsh,
         "cyclegan-gen": CycleGen, "espcn": ESPCN, "alexnet": AlexNet, "cspdarknet-mish": CSPDarknet,
         "gn-resnet": GNResNet, "xception-ish": Xception, "ghostnet": GhostNet, "hrnet-ish": HRNetish, "psp-ish": PSPish,
-        "efficientnetv2-ish": EffV2ish}
+        "efficientnetv2-ish": EffV2ish, "deeplab-mnv2": DeepLabMNv2, "resnet-d": ResNetD, "mixnet": MixNet}
 
 
 def export(name: str, path: str, size: int = 224, dynamic_batch: bool = False) -> str:
