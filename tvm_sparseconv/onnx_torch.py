@@ -19,7 +19,8 @@ them):
 - Resize, nearest and linear, where F.interpolate computes what ONNX defines (see _resize).
 
 Any other op, or a variant whose semantics torch does not have (Pad reflect on the channel
-axis, Resize cubic, ...), raises NotImplementedError naming it: the other op at load, the variant when it runs.
+axis, Resize cubic, ...), raises NotImplementedError naming it: the other op at load, the
+variant when it runs.
 """
 from __future__ import annotations
 
