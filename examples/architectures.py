@@ -507,14 +507,18 @@ class EffV2ish(nn.Module):
     def forward(s, x):
         return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.head(s.m(s.f(s.stem(x)))), 1), 1))
 
-class DilatedMB(nn.Module):
-    """MobileNet-V2's inverted residual (ReLU6) with a dilated depthwise conv."""
-    def __init__(s, i, o, st, e, d):
+class InvertedResidual(nn.Module):
+    """An expanding 1x1 (``act``), the depthwise stage ``dw(h)`` builds, a projecting 1x1, and the
+    residual where the shapes allow."""
+    def __init__(s, i, o, st, e, dw, act):
         super().__init__(); h = i * e
-        s.a = cbr(i, h, 1, act=nn.ReLU6); s.dw = cbr(h, h, 3, st, g=h, act=nn.ReLU6, d=d)
-        s.p = cbr(h, o, 1, act=None); s.res = st == 1 and i == o
+        s.a = cbr(i, h, 1, act=act); s.dw = dw(h); s.p = cbr(h, o, 1, act=None); s.res = st == 1 and i == o
     def forward(s, x):
         y = s.p(s.dw(s.a(x))); return x + y if s.res else y
+
+def DilatedMB(i, o, st, e, d):
+    """MobileNet-V2's inverted residual (ReLU6) with a dilated depthwise conv."""
+    return InvertedResidual(i, o, st, e, lambda h: cbr(h, h, 3, st, g=h, act=nn.ReLU6, d=d), nn.ReLU6)
 
 class DeepLabMNv2(nn.Module):
     """DeepLabV3's MobileNet-V2 backbone at output stride 8 (depthwise convs dilated 2 and 4
@@ -560,13 +564,9 @@ class MixConv(nn.Module):
     def forward(s, x):
         return torch.cat([cv(t) for cv, t in zip(s.convs, torch.split(x, s.parts, 1))], 1)
 
-class MixBlock(nn.Module):
-    def __init__(s, i, o, st, e, ks):
-        super().__init__(); h = i * e
-        s.a = cbr(i, h, 1, act=nn.SiLU); s.m = nn.Sequential(MixConv(h, ks, st), bn(h), nn.SiLU())
-        s.p = cbr(h, o, 1, act=None); s.res = st == 1 and i == o
-    def forward(s, x):
-        y = s.p(s.m(s.a(x))); return x + y if s.res else y
+def MixBlock(i, o, st, e, ks):
+    """MixNet's inverted residual (SiLU): its depthwise stage a MixConv of kernel sizes ``ks``."""
+    return InvertedResidual(i, o, st, e, lambda h: nn.Sequential(MixConv(h, ks, st), bn(h), nn.SiLU()), nn.SiLU)
 
 class MixNet(nn.Module):
     """MixNet-like: depthwise convs of mixed kernel sizes (3 to 9) over channel splits."""
