@@ -310,11 +310,14 @@ def _reduce_mean(ins, a, opset):
     return x.mean(dim=tuple(axes), keepdim=bool(a.get("keepdims", 1)))
 
 
+_TORCH_PAD_MODES = {"reflect": "reflect", "edge": "replicate"}  # ONNX's non-constant modes: torch's names
+
+
 @op("Pad")
 def _pad(ins, a, opset):
     """ONNX pads are (begin of each axis..., end of each axis...); negative ones crop."""
     x, mode = ins[0], a.get("mode", "constant")
-    if mode not in ("constant", "reflect", "edge"):
+    if mode != "constant" and mode not in _TORCH_PAD_MODES:
         _refuse("Pad", f"mode {mode}")
     if opset < 11:
         pads, value, axes = a["pads"], a.get("value", 0.0), None
@@ -330,7 +333,7 @@ def _pad(ins, a, opset):
     # torch reflects and replicates the trailing axes of a batch of channels only
     if x.dim() < 3 or any(begin[:2] + end[:2]) or min(begin + end) < 0:
         _refuse("Pad", f"mode {mode} on the batch or channel axis, or cropping")
-    return F.pad(x, _torch_pads(begin[2:], end[2:]), mode="reflect" if mode == "reflect" else "replicate")
+    return F.pad(x, _torch_pads(begin[2:], end[2:]), mode=_TORCH_PAD_MODES[mode])
 
 
 # -- conv, pools, dense ---------------------------------------------------------------------------
