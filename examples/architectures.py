@@ -17,7 +17,10 @@ Hardtanh, a global max pool), a GhostNet-like net (concats of channel counts tha
 whole blocks), an HRNet-like net (two resolutions exchanging features), a PSPNet-like head
 (pyramid pooling to 1, 2 and 4 bins), an EfficientNetV2-like net (fused MBConvs),
 DeepLabV3's MobileNet-V2 backbone (dilated depthwise convs), a ResNet-D-like net (average-pool
-shortcuts) and a MixNet-like net (channel splits, depthwise kernels of 3 to 9).
+shortcuts), a MixNet-like net (channel splits, depthwise kernels of 3 to 9), a ResNeSt-like net
+(split attention: a softmax over the radix axis of a 5-D tensor) and a RetinaNet-like
+detector (a feature pyramid, heads whose weights the four levels share, NHWC reshapes and
+concats to anchors, two outputs).
 
 They check coverage and speed, not accuracy: the weights are random, so the activations'
 densities are not those of a trained model, and a plan predicted or tuned on them says
@@ -580,21 +583,87 @@ class MixNet(nn.Module):
         s.head = cbr(200, 1536, 1); s.fc = nn.Linear(1536, 1000)
     def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.head(s.f(s.stem(x))), 1), 1))
 
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention (radix 2): a grouped 3x3 makes two splits of ``c`` channels;
+    their sum's global average, through two 1x1s, gives per-channel weights softmaxed over the
+    splits; the output is the weighted sum of the splits. The reshapes read the traced shape,
+    as the exported models do (Shape, Gather, Concat, Reshape in the ONNX)."""
+    def __init__(s, c, r=2):
+        super().__init__(); s.r = r
+        s.conv = cbr(c, c * r, 3, g=r); s.fc1 = cbr(c, c // 2, 1); s.fc2 = nn.Conv2d(c // 2, c * r, 1)
+    def forward(s, x):
+        y = s.conv(x); n, _, h, w = y.shape
+        splits = y.reshape(n, s.r, -1, h, w)
+        a = s.fc2(s.fc1(F.adaptive_avg_pool2d(splits.sum(1), 1))).reshape(n, s.r, -1, 1, 1).softmax(1)
+        return (splits * a).sum(1)
+
+class ResNeStBlock(nn.Module):
+    """A bottleneck with split attention, a 3x3 average pool for the stride, and ResNet-D's
+    shortcut."""
+    def __init__(s, i, m, o, st):
+        super().__init__()
+        s.a = cbr(i, m, 1); s.sa = SplitAttention(m)
+        s.pool = nn.AvgPool2d(3, st, 1) if st > 1 else nn.Identity(); s.c = cbr(m, o, 1, act=None)
+        pool = nn.AvgPool2d(st, st, ceil_mode=True, count_include_pad=False) if st > 1 else nn.Identity()
+        s.sc = nn.Identity() if (st == 1 and i == o) else nn.Sequential(pool, cbr(i, o, 1, act=None))
+    def forward(s, x):
+        return F.relu(s.c(s.pool(s.sa(s.a(x)))) + s.sc(x))
+
+class ResNeSt(nn.Module):
+    """ResNeSt-like: split-attention bottlenecks (softmax over the radix axis of a 5-D tensor)."""
+    def __init__(s):
+        super().__init__()
+        s.stem = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 32, 3), cbr(32, 64, 3), nn.MaxPool2d(3, 2, 1))
+        L = []; c = 64
+        for m, n, st in [(64, 2, 1), (128, 2, 2), (256, 1, 2), (512, 1, 2)]:
+            for j in range(n):
+                L.append(ResNeStBlock(c, m, 2 * m, st if j == 0 else 1)); c = 2 * m
+        s.f = nn.Sequential(*L); s.fc = nn.Linear(c, 1000)
+    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(s.stem(x)), 1), 1))
+
+class RetinaNetish(nn.Module):
+    """RetinaNet-like: a ResNet backbone, a feature pyramid (lateral 1x1s, nearest upsampling
+    and adds, 3x3 smoothing, a stride-2 level on top), and box and class heads whose weights
+    are shared by the four levels, each level's map permuted to NHWC and reshaped to anchors
+    before the concat. Two outputs: 1 x anchors x 4 boxes, 1 x anchors x 20 sigmoid scores."""
+    def __init__(s, a=3, k=20):
+        super().__init__(); s.a, s.k = a, k
+        s.stem = nn.Sequential(cbr(3, 32, 3, 2), nn.MaxPool2d(3, 2, 1), Basic(32, 32, 1))
+        s.c3 = nn.Sequential(Basic(32, 64, 2), Basic(64, 64, 1))
+        s.c4 = Basic(64, 128, 2); s.c5 = Basic(128, 256, 2)
+        s.lat = nn.ModuleList(nn.Conv2d(c, 64, 1) for c in (64, 128, 256))
+        s.smooth = nn.ModuleList(nn.Conv2d(64, 64, 3, 1, 1) for _ in range(3))
+        s.p6 = nn.Conv2d(256, 64, 3, 2, 1)
+        s.box = nn.Sequential(cbr(64, 64, 3), nn.Conv2d(64, a * 4, 3, 1, 1))
+        s.cls = nn.Sequential(cbr(64, 64, 3), nn.Conv2d(64, a * k, 3, 1, 1))
+    def forward(s, x):
+        c3 = s.c3(s.stem(x)); c4 = s.c4(c3); c5 = s.c5(c4)
+        p5 = s.lat[2](c5)
+        p4 = s.lat[1](c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
+        p3 = s.lat[0](c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
+        levels = [s.smooth[0](p3), s.smooth[1](p4), s.smooth[2](p5), s.p6(c5)]
+        flat = lambda t, d: t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, d)
+        boxes = torch.cat([flat(s.box(p), 4) for p in levels], 1)
+        scores = torch.cat([flat(s.cls(p), s.k) for p in levels], 1)
+        return boxes, torch.sigmoid(scores)
+
 NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": ShuffleNetV2, "squeezenet": SqueezeNet,
         "densenet-small": DenseNetSmall, "convnext-small": ConvNeXtTiny, "regnetx": RegNetX, "mobilenet-v3ish": MobileNetV3ish,
         "deeplab-ish": Dilated, "inception-v3ish": Inception, "resnext": ResNeXt, "unet": UNet, "yolo-ish": YoloIsh,
         "cyclegan-gen": CycleGen, "espcn": ESPCN, "alexnet": AlexNet, "cspdarknet-mish": CSPDarknet,
         "gn-resnet": GNResNet, "xception-ish": Xception, "ghostnet": GhostNet, "hrnet-ish": HRNetish, "psp-ish": PSPish,
-        "efficientnetv2-ish": EffV2ish, "deeplab-mnv2": DeepLabMNv2, "resnet-d": ResNetD, "mixnet": MixNet}
+        "efficientnetv2-ish": EffV2ish, "deeplab-mnv2": DeepLabMNv2, "resnet-d": ResNetD, "mixnet": MixNet,
+        "resnest-ish": ResNeSt, "retinanet-ish": RetinaNetish}
 
 
-def export(name: str, path: str, size: int = 224, dynamic_batch: bool = False) -> str:
+def export(name: str, path: str, size: int | tuple[int, int] = 224, dynamic_batch: bool = False) -> str:
     """NETS[name] with torch.manual_seed(0) weights, exported to ``path`` (opset 17) for
-    1 x 3 x size x size inputs, or N x 3 x size x size with ``dynamic_batch`` (every output's
-    first axis N too)."""
+    1 x 3 x H x W inputs (``size`` is H = W, or (H, W)), or N x 3 x H x W with ``dynamic_batch``
+    (every output's first axis N too)."""
     torch.manual_seed(0)
     net = NETS[name]().eval()
-    x = torch.randn(1, 3, size, size)
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(1, 3, h, w)
     with torch.no_grad():
         outs = net(x)  # sizes the lazy layers (AlexNet's first classifier layer, whose input depends on size)
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the dynamo one needs onnxscript

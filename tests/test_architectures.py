@@ -1,12 +1,12 @@
 """The common CNN architectures of examples/architectures.py (plain torch, seeded random weights),
-exported to ONNX at 1 x 3 x 96 x 96, compiled with the plan the cost model predicts, against
-onnxruntime: what a user's model brings beyond the three shipped ones (SiLU and hard-swish,
+exported to ONNX at 1 x 3 x 64 x 96 (height and width differ: no swap of the two passes),
+compiled with the plan the cost model predicts, against onnxruntime: what a user's model brings beyond the three shipped ones (SiLU and hard-swish,
 squeeze-and-excitation, channel shuffle, long concats, 7x7 depthwise with LayerNorm and GELU,
 grouped convs of 16 and of 4 channels, dilated convs, bilinear and nearest upsampling, 1x7 and
 7x1 convs, transposed convs, LeakyReLU, two outputs, reflection pads, instance norms, tanh, a
 pixel shuffle, LocalResponseNorm, Mish, GroupNorm, PReLU, ELU, a global max pool, concats of
-partial channel blocks, multi-resolution exchanges, pyramid pooling, fused MBConvs) compiles
-and runs right, every output."""
+partial channel blocks, multi-resolution exchanges, pyramid pooling, fused MBConvs, split
+attention, shared-weight detection heads) compiles and runs right, every output."""
 import importlib.util
 import os
 
@@ -37,9 +37,9 @@ def outputs(model, x: np.ndarray, **compile_args) -> list[np.ndarray]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(architectures.NETS))
 def test_predicted_plan_matches_onnxruntime(name, tmp_path):
-    path = architectures.export(name, str(tmp_path / f"{name}.onnx"), size=96)
+    path = architectures.export(name, str(tmp_path / f"{name}.onnx"), size=(64, 96))
     model = tvm_sparseconv.load_model(path)
-    x = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 96)).astype(np.float32)
     ys = outputs(model, x, plan=tvm_sparseconv.predict_plan(model))
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     refs = sess.run(None, {sess.get_inputs()[0].name: x})
