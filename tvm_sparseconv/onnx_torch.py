@@ -13,9 +13,9 @@ them):
 - MaxPool, AveragePool (ceil_mode, count_include_pad, asymmetric pads, auto_pad),
   GlobalAveragePool, GlobalMaxPool;
 - Add, Sub, Mul, Div (broadcasting), Concat, Split, Slice (negative steps too), Gather,
-  Flatten, Reshape, Transpose, Squeeze, Unsqueeze, DepthToSpace, ReduceMean, Pad (constant; reflect
-  and edge on the spatial axes), Identity, Dropout (inference: the identity), Constant,
-  ConstantOfShape, Cast, Shape;
+  Flatten, Reshape, Transpose, Squeeze, Unsqueeze, DepthToSpace, ReduceMean, ReduceSum,
+  ReduceMax, ReduceMin, Pad (constant; reflect and edge on the spatial axes), Identity,
+  Dropout (inference: the identity), Constant, ConstantOfShape, Cast, Shape;
 - Resize, nearest and linear, where F.interpolate computes what ONNX defines (see _resize).
 
 Any other op, or a variant whose semantics torch does not have (Pad reflect on the channel
@@ -300,14 +300,22 @@ def _unsqueeze(ins, a, opset):
     return x
 
 
-@op("ReduceMean")
-def _reduce_mean(ins, a, opset):
-    x, axes = ins[0], _axes(ins, a, opset, 18)
+# ONNX reduction: torch's function, the first opset that gives the axes as an input
+_REDUCTIONS = {"ReduceMean": (torch.mean, 18), "ReduceSum": (torch.sum, 13), "ReduceMax": (torch.amax, 18),
+               "ReduceMin": (torch.amin, 18)}
+
+
+def _reduce(ins, a, opset, fn, axes_input_since):
+    x, axes = ins[0], _axes(ins, a, opset, axes_input_since)
     if not axes:
         if a.get("noop_with_empty_axes", 0):
             return x
         axes = range(x.dim())
-    return x.mean(dim=tuple(axes), keepdim=bool(a.get("keepdims", 1)))
+    return fn(x, dim=tuple(axes), keepdim=bool(a.get("keepdims", 1)))
+
+
+for _name, (_fn, _since) in _REDUCTIONS.items():
+    op(_name)(functools.partial(_reduce, fn=_fn, axes_input_since=_since))
 
 
 _TORCH_PAD_MODES = {"reflect": "reflect", "edge": "replicate"}  # ONNX's non-constant modes: torch's names
