@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -124,40 +125,79 @@ def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: st
     return out, inp.name, shape
 
 
-def refuse_inexact_resize(proto, path: str) -> None:
-    """Raise ModelError for a Resize whose ``scales`` do not divide its input evenly.
+def prepare_resizes(proto, path: str) -> None:
+    """Put each Resize of ``proto`` (the static model: static_onnx's output) in the form TVM's
+    importer reads as onnxruntime computes it, in place; raise ModelError for what it would
+    compute differently.
 
-    ONNX maps an output coordinate back through the given scale (x_in = (x_out + 0.5) / scale
-    - 0.5 for half_pixel); TVM's importer uses the ratio of the sizes, in / out. The two agree
-    only when in * scale is whole (e.g. 8 x 0.75 = 6, but not 10 x 0.75 = 7.5 -> 7, where the
-    outputs differ by whole pixels' worth), so such a model is refused rather than run wrong.
-    ``proto``: the static model (shapes fixed, constants folded: static_onnx's output)."""
+    - roi, scales or sizes given as empty tensors (opset 11 always has the four inputs, the
+      unused ones empty) become absent inputs: TVM takes an empty scales beside sizes for two
+      given and refuses the model;
+    - an ``axes`` attribute (opset 18) is expanded to scales or sizes of every axis (1, or the
+      input's size, on the others): TVM reads them as given for every axis;
+    - refused: scales that do not give a whole size (ONNX maps an output coordinate back
+      through the scale, x_in = (x_out + 0.5) / scale - 0.5 for half_pixel; TVM through the
+      ratio of the sizes, in / out; they agree only where in * scale is whole: 8 x 0.75 = 6, not
+      10 x 0.75 = 7.5 -> 7, where the outputs differ by whole pixels' worth), and antialias on a
+      downscaled axis, keep_aspect_ratio_policy other than stretch, or tf_crop_and_resize, which
+      TVM's importer ignores (antialias: outputs 0.77 off on a linear halving of 16 x 12)."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
-    resizes = [n for n in proto.graph.node if n.op_type == "Resize" and len(n.input) > 2 and n.input[2]]
+    resizes = [n for n in proto.graph.node if n.op_type == "Resize"]
     if not resizes:
         return
     consts = {t.name: t for t in proto.graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(proto).graph
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*inferred.input, *inferred.value_info, *inferred.output]}
-    for n in resizes:
-        scales, shape = consts.get(n.input[2]), shapes.get(n.input[0])
+
+    def const(n, i):
+        return numpy_helper.to_array(consts[n.input[i]]) if len(n.input) > i and n.input[i] in consts else None
+
+    def refuse(n, why):
+        raise ModelError(f"{path}: Resize {n.name or n.output[0]!r} {why}")
+
+    for k, n in enumerate(resizes):
+        for i in (1, 2, 3):
+            v = const(n, i)
+            if v is not None and v.size == 0:
+                n.input[i] = ""
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        shape = shapes.get(n.input[0]) or []
+        if "axes" in attrs:
+            axes = [a % len(shape) for a in attrs["axes"]] if shape else None
+            for i, fill in ((2, [1.0] * len(shape)), (3, list(shape))):
+                v = const(n, i)
+                if v is None or axes is None or None in fill:
+                    continue
+                full = np.array(fill, v.dtype)
+                full[axes] = v
+                name = f"{n.input[i]}.all_axes.{k}"
+                proto.graph.initializer.append(numpy_helper.from_array(full, name))
+                consts[name] = proto.graph.initializer[-1]
+                n.input[i] = name
+            if all(const(n, i) is None or const(n, i).size == len(shape) for i in (2, 3)):
+                n.attribute.remove(next(a for a in n.attribute if a.name == "axes"))
+        if any(a.name == "axes" for a in n.attribute):
+            continue  # not constant: TVM's importer refuses it
+        if attrs.get("coordinate_transformation_mode", b"") == b"tf_crop_and_resize":
+            refuse(n, "uses tf_crop_and_resize, which TVM's importer does not compute as onnxruntime does")
+        if attrs.get("keep_aspect_ratio_policy", b"stretch") != b"stretch":
+            refuse(n, "has a keep_aspect_ratio_policy other than stretch, which TVM's importer ignores")
+        scales, sizes = const(n, 2), const(n, 3)
+        if scales is None and sizes is not None and shape and None not in shape and sizes.size == len(shape):
+            scales = sizes / np.array(shape, float)  # only for antialias's test: a downscale is a scale below 1
         if scales is None or not shape:
             continue
-        scales = numpy_helper.to_array(scales).astype(float).ravel()
-        if not scales.size:
-            continue
-        axes = next((list(a.ints) for a in n.attribute if a.name == "axes"), range(len(shape)))
-        for axis, sc in zip(axes, scales):
-            size = shape[axis]
-            if size is not None and sc != 1 and abs(size * sc - round(size * sc)) > 1e-6:
-                raise ModelError(
-                    f"{path}: Resize {n.name or n.output[0]!r} scales axis {axis} of size {size} by {sc:g}, which "
-                    f"does not give a whole size; TVM's importer would resize by {size} / {int(size * sc)} instead "
-                    "of the scale onnxruntime uses, a different result. Export the model with output sizes, or "
-                    "scales that divide the input evenly")
+        for axis, (size, sc) in enumerate(zip(shape, scales.astype(float).ravel())):
+            if attrs.get("antialias", 0) and sc < 1:
+                refuse(n, f"downscales axis {axis} with antialias, which TVM's importer ignores (a different result)")
+            if const(n, 2) is not None and size is not None and sc != 1 and abs(size * sc - round(size * sc)) > 1e-6:
+                refuse(n, f"scales axis {axis} of size {size} by {sc:g}, which does not give a whole size; TVM's "
+                          f"importer would resize by {size} / {int(size * sc)} instead of the scale onnxruntime "
+                          "uses, a different result. Export the model with output sizes, or scales that divide "
+                          "the input evenly")
 
 
 def fold(mod: tvm.IRModule) -> tvm.IRModule:
@@ -190,7 +230,7 @@ def load_model(model, input_shape: Sequence[int] | None = None, layout: str | No
         from tvm.relax.frontend.onnx import from_onnx
 
         proto = onnx.load(static)
-        refuse_inexact_resize(proto, path)
+        prepare_resizes(proto, path)
         try:
             mod = from_onnx(proto, shape_dict={name: list(shape)}, keep_params_in_input=False)
         except Exception as e:
