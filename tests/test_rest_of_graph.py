@@ -17,9 +17,15 @@ from test_peers import CASES, F32, SHAPE, a, case, resize, save_graph, y
 
 ort = pytest.importorskip("onnxruntime")
 
-# Resize variants the PyTorch peer does not run (so not in its CASES), with an attribute TVM's
-# importer ignores: tvm_sparseconv refuses those where onnxruntime's result differs
-TVM_IGNORES = [
+# Resize and Upsample forms the PyTorch peer does not run (so not in its CASES) that TVM's
+# importer reads otherwise than onnxruntime computes them: tvm_sparseconv converts them to a
+# form it reads right (frontend.upsamples_as_resizes) or refuses them (frontend.prepare_resizes)
+IMPORTER_CASES = [
+    case("Upsample-nearest-opset7", [y("Upsample", "x", mode="nearest", scales=[1.0, 1.0, 2.0, 3.0])], opset=7),
+    case("Upsample-nearest-opset9", [y("Upsample", "x", "s", mode="nearest")], {"s": a(1, 1, 1.5, 2.5, dtype=F32)},
+         opset=9),
+    case("Upsample-linear-opset9", [y("Upsample", "x", "s", mode="linear")], {"s": a(1, 1, 2, 2, dtype=F32)},
+         opset=9),
     case("Resize-linear-antialias-down", *resize(18, scales=[1, 1, 0.5, 0.5], mode="linear", antialias=1)),
     case("Resize-linear-antialias-up", *resize(18, scales=[1, 1, 2, 1.5], mode="linear", antialias=1)),
     case("Resize-linear-keep-aspect", *resize(18, sizes=[5, 5], axes=[2, 3], mode="linear",
@@ -36,7 +42,7 @@ REFUSED = {"Resize-linear-half-pixel-down": "does not give a whole size",
 # one case per kind of op runs in the fast tier, the variants in the extended run
 FAST = {"Sigmoid", "Softmax-axis1", "Concat-channels", "BatchNormalization", "MaxPool-pad1", "AveragePool-ceil",
         "GlobalAveragePool", "Resize-linear-half-pixel", "Resize-linear-half-pixel-down",
-        "Resize-nearest-sizes-opset11", "Resize-linear-axes-opset18", *(c.id for c in TVM_IGNORES)}
+        "Resize-nearest-sizes-opset11", "Resize-linear-axes-opset18", *(c.id for c in IMPORTER_CASES)}
 
 
 def _marked(c):
@@ -45,7 +51,7 @@ def _marked(c):
 
 # the cases whose input is the 4-D activation a conv makes (not opset 2: onnxruntime has no
 # Relu kernel that old)
-ACTIVATION_CASES = [_marked(c) for c in [*CASES, *TVM_IGNORES] if tuple(c.values[3]) == SHAPE and c.values[2] >= 6]
+ACTIVATION_CASES = [_marked(c) for c in [*CASES, *IMPORTER_CASES] if tuple(c.values[3]) == SHAPE and c.values[2] >= 6]
 
 
 def after_conv(path, nodes, consts, opset) -> str:
@@ -78,3 +84,25 @@ def test_op_after_a_sparse_conv_matches_onnxruntime(request, tmp_path, nodes, co
     out = (out if hasattr(out, "numpy") else out[0]).numpy()
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_upsample_conversion_that_changes_the_outputs_is_refused(tmp_path, monkeypatch):
+    """onnxruntime refuses the Upsample forms ONNX's converter gets wrong (downscales), so the
+    converter is made to get one wrong: its Resize linear where the Upsample was nearest."""
+    from onnx import version_converter
+
+    convert = version_converter.convert_version
+
+    def wrong(model, opset):
+        out = convert(model, opset)
+        for n in out.graph.node:
+            for attr in n.attribute:
+                if n.op_type == "Resize" and attr.name == "mode":
+                    attr.s = b"linear"
+        return out
+
+    monkeypatch.setattr(version_converter, "convert_version", wrong)
+    nodes, consts, opset, _ = IMPORTER_CASES[1].values  # Upsample nearest, opset 9, scales 1.5 and 2.5
+    path = after_conv(tmp_path / "m.onnx", nodes, consts, opset)
+    with pytest.raises(tvm_sparseconv.ModelError, match="conversion of its Upsample ops .* changes the outputs"):
+        tvm_sparseconv.load_model(path)
