@@ -537,27 +537,34 @@ class DeepLabMNv2(nn.Module):
         return F.interpolate(s.head(s.f(x)), scale_factor=8, mode="bilinear", align_corners=False)
 
 class ResDBlock(nn.Module):
-    """A bottleneck whose downsampling shortcut is an average pool (ceil mode, padding not
-    counted) and a 1x1 conv, as in ResNet-D."""
-    def __init__(s, i, m, o, st):
+    """A bottleneck whose middle stage ``mid(m, st)`` builds (a 3x3 conv of stride st by default)
+    and whose downsampling shortcut is an average pool (ceil mode, padding not counted) and a 1x1
+    conv, as in ResNet-D."""
+    def __init__(s, i, m, o, st, mid=lambda m, st: cbr(m, m, 3, st)):
         super().__init__()
-        s.a = cbr(i, m, 1); s.b = cbr(m, m, 3, st); s.c = cbr(m, o, 1, act=None)
+        s.a = cbr(i, m, 1); s.b = mid(m, st); s.c = cbr(m, o, 1, act=None)
         pool = nn.AvgPool2d(st, st, ceil_mode=True, count_include_pad=False) if st > 1 else nn.Identity()
         s.sc = nn.Identity() if (st == 1 and i == o) else nn.Sequential(pool, cbr(i, o, 1, act=None))
     def forward(s, x):
         return F.relu(s.c(s.b(s.a(x))) + s.sc(x))
 
-class ResNetD(nn.Module):
-    """ResNet-D-like: a stem of three 3x3 convs, then ResDBlocks."""
-    def __init__(s):
+class DeepStemResNet(nn.Module):
+    """A stem of three 3x3 convs and a max pool, then ResDBlocks (``mid``, their middle stage) of
+    m -> 2m channels for each (m, blocks, stride of the first) of ``stages``, a global average
+    pool and a classifier."""
+    def __init__(s, stages, mid=lambda m, st: cbr(m, m, 3, st)):
         super().__init__()
         s.stem = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 32, 3), cbr(32, 64, 3), nn.MaxPool2d(3, 2, 1))
         L = []; c = 64
-        for m, n, st in [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 1, 2)]:
+        for m, n, st in stages:
             for j in range(n):
-                L.append(ResDBlock(c, m, 2 * m, st if j == 0 else 1)); c = 2 * m
+                L.append(ResDBlock(c, m, 2 * m, st if j == 0 else 1, mid)); c = 2 * m
         s.f = nn.Sequential(*L); s.fc = nn.Linear(c, 1000)
     def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(s.stem(x)), 1), 1))
+
+def ResNetD():
+    """ResNet-D-like: average-pool shortcuts."""
+    return DeepStemResNet([(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 1, 2)])
 
 class MixConv(nn.Module):
     """MixNet's depthwise conv: the channels split in parts, one kernel size per part."""
@@ -597,29 +604,13 @@ class SplitAttention(nn.Module):
         a = s.fc2(s.fc1(F.adaptive_avg_pool2d(splits.sum(1), 1))).reshape(n, s.r, -1, 1, 1).softmax(1)
         return (splits * a).sum(1)
 
-class ResNeStBlock(nn.Module):
-    """A bottleneck with split attention, a 3x3 average pool for the stride, and ResNet-D's
-    shortcut."""
-    def __init__(s, i, m, o, st):
-        super().__init__()
-        s.a = cbr(i, m, 1); s.sa = SplitAttention(m)
-        s.pool = nn.AvgPool2d(3, st, 1) if st > 1 else nn.Identity(); s.c = cbr(m, o, 1, act=None)
-        pool = nn.AvgPool2d(st, st, ceil_mode=True, count_include_pad=False) if st > 1 else nn.Identity()
-        s.sc = nn.Identity() if (st == 1 and i == o) else nn.Sequential(pool, cbr(i, o, 1, act=None))
-    def forward(s, x):
-        return F.relu(s.c(s.pool(s.sa(s.a(x)))) + s.sc(x))
+def split_attention_stage(m, st):
+    """ResNeSt's middle stage: split attention, then a 3x3 average pool for the stride."""
+    return nn.Sequential(SplitAttention(m), nn.AvgPool2d(3, st, 1) if st > 1 else nn.Identity())
 
-class ResNeSt(nn.Module):
+def ResNeSt():
     """ResNeSt-like: split-attention bottlenecks (softmax over the radix axis of a 5-D tensor)."""
-    def __init__(s):
-        super().__init__()
-        s.stem = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 32, 3), cbr(32, 64, 3), nn.MaxPool2d(3, 2, 1))
-        L = []; c = 64
-        for m, n, st in [(64, 2, 1), (128, 2, 2), (256, 1, 2), (512, 1, 2)]:
-            for j in range(n):
-                L.append(ResNeStBlock(c, m, 2 * m, st if j == 0 else 1)); c = 2 * m
-        s.f = nn.Sequential(*L); s.fc = nn.Linear(c, 1000)
-    def forward(s, x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.f(s.stem(x)), 1), 1))
+    return DeepStemResNet([(64, 2, 1), (128, 2, 2), (256, 1, 2), (512, 1, 2)], split_attention_stage)
 
 class RetinaNetish(nn.Module):
     """RetinaNet-like: a ResNet backbone, a feature pyramid (lateral 1x1s, nearest upsampling
