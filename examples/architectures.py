@@ -647,8 +647,9 @@ NETS = {"resnet18": ResNet18, "efficientnet-b0": EffNetB0, "shufflenet-v2": Shuf
         "resnest-ish": ResNeSt, "retinanet-ish": RetinaNetish}
 
 
-def export(name: str, path: str, size: int | tuple[int, int] = 224, dynamic_batch: bool = False) -> str:
-    """NETS[name] with torch.manual_seed(0) weights, exported to ``path`` (opset 17) for
+def export(name: str, path: str, size: int | tuple[int, int] = 224, dynamic_batch: bool = False,
+           opset: int = 17) -> str:
+    """NETS[name] with torch.manual_seed(0) weights, exported to ``path`` (ONNX ``opset``) for
     1 x 3 x H x W inputs (``size`` is H = W, or (H, W)), or N x 3 x H x W with ``dynamic_batch``
     (every output's first axis N too)."""
     torch.manual_seed(0)
@@ -662,7 +663,7 @@ def export(name: str, path: str, size: int | tuple[int, int] = 224, dynamic_batc
         n_out = len(outs) if isinstance(outs, (tuple, list)) else 1
         names = [f"y{i}" for i in range(n_out)]
         axes = {n: {0: "batch"} for n in ["x", *names]} if dynamic_batch else None
-        torch.onnx.export(net, (x,), path, opset_version=17, dynamo=False,
+        torch.onnx.export(net, (x,), path, opset_version=opset, dynamo=False,
                           input_names=["x"], output_names=names, dynamic_axes=axes)
     return path
 
