@@ -231,14 +231,16 @@ def prepare_resizes(proto, path: str) -> None:
         if attrs.get("keep_aspect_ratio_policy", b"stretch") != b"stretch":
             refuse(n, "has a keep_aspect_ratio_policy other than stretch, which TVM's importer ignores")
         scales, sizes = const(n, 2), const(n, 3)
-        if scales is None and sizes is not None and shape and None not in shape and sizes.size == len(shape):
-            scales = sizes / np.array(shape, float)  # only for antialias's test: a downscale is a scale below 1
-        if scales is None or not shape:
+        if scales is not None:
+            ratios = scales.astype(float).ravel()
+        elif sizes is not None and shape and None not in shape and sizes.size == len(shape):
+            ratios = sizes / np.array(shape, float)
+        else:
             continue
-        for axis, (size, sc) in enumerate(zip(shape, scales.astype(float).ravel())):
+        for axis, (size, sc) in enumerate(zip(shape, ratios)):
             if attrs.get("antialias", 0) and sc < 1:
                 refuse(n, f"downscales axis {axis} with antialias, which TVM's importer ignores (a different result)")
-            if const(n, 2) is not None and size is not None and sc != 1 and abs(size * sc - round(size * sc)) > 1e-6:
+            if scales is not None and size is not None and sc != 1 and abs(size * sc - round(size * sc)) > 1e-6:
                 refuse(n, f"scales axis {axis} of size {size} by {sc:g}, which does not give a whole size; TVM's "
                           f"importer would resize by {size} / {int(size * sc)} instead of the scale onnxruntime "
                           "uses, a different result. Export the model with output sizes, or scales that divide "
