@@ -210,22 +210,21 @@ def prepare_resizes(proto, path: str) -> None:
                 n.input[i] = ""
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         shape = shapes.get(n.input[0]) or []
-        if "axes" in attrs:
-            axes = [a % len(shape) for a in attrs["axes"]] if shape else None
+        computed = any(len(n.input) > i and n.input[i] and n.input[i] not in consts for i in (2, 3))
+        if "axes" in attrs and shape and None not in shape and not computed:
+            axes = [a % len(shape) for a in attrs["axes"]]
             for i, fill in ((2, [1.0] * len(shape)), (3, list(shape))):
                 v = const(n, i)
-                if v is None or axes is None or None in fill:
-                    continue
-                full = np.array(fill, v.dtype)
-                full[axes] = v
-                name = f"{n.input[i]}.all_axes.{k}"
-                proto.graph.initializer.append(numpy_helper.from_array(full, name))
-                consts[name] = proto.graph.initializer[-1]
-                n.input[i] = name
-            if all(const(n, i) is None or const(n, i).size == len(shape) for i in (2, 3)):
-                n.attribute.remove(next(a for a in n.attribute if a.name == "axes"))
+                if v is not None:
+                    full = np.array(fill, v.dtype)
+                    full[axes] = v
+                    name = f"{n.input[i]}.all_axes.{k}"
+                    proto.graph.initializer.append(numpy_helper.from_array(full, name))
+                    consts[name] = proto.graph.initializer[-1]
+                    n.input[i] = name
+            n.attribute.remove(next(a for a in n.attribute if a.name == "axes"))
         if any(a.name == "axes" for a in n.attribute):
-            continue  # not constant: TVM's importer refuses it
+            continue  # scales or sizes computed in the graph: TVM's importer refuses the node
         if attrs.get("coordinate_transformation_mode", b"") == b"tf_crop_and_resize":
             refuse(n, "uses tf_crop_and_resize, which TVM's importer does not compute as onnxruntime does")
         if attrs.get("keep_aspect_ratio_policy", b"stretch") != b"stretch":
