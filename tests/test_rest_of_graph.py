@@ -13,19 +13,32 @@ from tvm import relax
 
 import tvm_sparseconv
 
-from test_peers import CASES, F32, SHAPE, a, case, resize, save_graph, y
+from test_peers import CASES, F32, SHAPE, N, a, case, resize, save_graph, y
 
 ort = pytest.importorskip("onnxruntime")
 
-# Resize and Upsample forms the PyTorch peer does not run (so not in its CASES) that TVM's
-# importer reads otherwise than onnxruntime computes them: tvm_sparseconv converts them to a
-# form it reads right (frontend.upsamples_as_resizes) or refuses them (frontend.prepare_resizes)
+# forms the PyTorch peer does not run (so not in its CASES) that TVM's importer refuses or reads
+# otherwise than onnxruntime computes them: tvm_sparseconv converts them to a form it reads right
+# (old_opsets.as_opset13: every model below opset 11) or refuses them (frontend.prepare_resizes)
 IMPORTER_CASES = [
     case("Upsample-nearest-opset7", [y("Upsample", "x", mode="nearest", scales=[1.0, 1.0, 2.0, 3.0])], opset=7),
     case("Upsample-nearest-opset9", [y("Upsample", "x", "s", mode="nearest")], {"s": a(1, 1, 1.5, 2.5, dtype=F32)},
          opset=9),
     case("Upsample-linear-opset9", [y("Upsample", "x", "s", mode="linear")], {"s": a(1, 1, 2, 2, dtype=F32)},
          opset=9),
+    case("Resize-nearest-opset10-up", [y("Resize", "x", "s", mode="nearest")], {"s": a(1, 1, 1.5, 2.5, dtype=F32)},
+         opset=10),
+    case("Resize-nearest-opset10-down", [y("Resize", "x", "s", mode="nearest")],
+         {"s": a(1, 1, 0.75, 0.6, dtype=F32)}, opset=10),
+    case("Resize-linear-opset10", [y("Resize", "x", "s", mode="linear")], {"s": a(1, 1, 2, 1.5, dtype=F32)},
+         opset=10),
+    case("ImageScaler-opset8", [y("ImageScaler", "x", scale=0.5, bias=[1.0, -2.0, 3.0])], opset=8),
+    case("BatchNormalization-spatial-opset7", [y("BatchNormalization", "x", "g", "b", "m", "v", spatial=1)],
+         {"g": a(1.5, 0.5, 1, dtype=F32), "b": a(0.1, -1, 2, dtype=F32), "m": a(1, 0, -1, dtype=F32),
+          "v": a(0.5, 2, 1, dtype=F32)}, opset=7),
+    case("Gemm-opset7", [N("Flatten", ["x"], ["f"]), y("Gemm", "f", "w", "c", transB=1)],
+         {"w": np.random.default_rng(2).standard_normal((5, int(np.prod(SHAPE)))).astype(F32),
+          "c": a(1, 2, 3, 4, 5, dtype=F32)}, opset=7),
     case("Resize-linear-antialias-down", *resize(18, scales=[1, 1, 0.5, 0.5], mode="linear", antialias=1)),
     case("Resize-linear-antialias-up", *resize(18, scales=[1, 1, 2, 1.5], mode="linear", antialias=1)),
     case("Resize-linear-keep-aspect", *resize(18, sizes=[5, 5], axes=[2, 3], mode="linear",
@@ -37,12 +50,11 @@ IMPORTER_CASES = [
 # what tvm_sparseconv refuses with a ModelError, by case: a form TVM's importer cannot read; a
 # scale that does not divide the input evenly, or an attribute TVM's importer ignores, would run
 # wrong in TVM (frontend.prepare_resizes)
-REFUSED = {"Slice-attr-opset9": "TVM cannot import",  # TVM's importer has no Slice-1 (starts, ends as attributes)
-           "Resize-linear-half-pixel-down": "does not give a whole size",
+REFUSED = {"Resize-linear-half-pixel-down": "does not give a whole size",
            "Resize-linear-antialias-down": "with antialias", "Resize-linear-keep-aspect": "keep_aspect_ratio_policy",
            "Resize-linear-tf-crop": "tf_crop_and_resize"}
 # one case per kind of op runs in the fast tier, the variants in the extended run
-FAST = {"Sigmoid", "Softmax-axis1", "Concat-channels", "BatchNormalization", "MaxPool-pad1", "AveragePool-ceil",
+FAST = {"Sigmoid", "Softmax-axis1", "Slice-attr-opset9", "Concat-channels", "BatchNormalization", "MaxPool-pad1", "AveragePool-ceil",
         "GlobalAveragePool", "Resize-linear-half-pixel", "Resize-linear-half-pixel-down",
         "Resize-nearest-sizes-opset11", "Resize-linear-axes-opset18", *(c.id for c in IMPORTER_CASES)}
 
@@ -88,6 +100,10 @@ def test_op_after_a_sparse_conv_matches_onnxruntime(request, tmp_path, nodes, co
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _importer_case(name):
+    return next(c.values[:3] for c in IMPORTER_CASES if c.id == name)
+
+
 def test_an_upsample_conversion_that_changes_the_outputs_is_refused(tmp_path, monkeypatch):
     """onnxruntime refuses the Upsample forms ONNX's converter gets wrong (downscales), so the
     converter is made to get one wrong: its Resize linear where the Upsample was nearest."""
@@ -104,7 +120,31 @@ def test_an_upsample_conversion_that_changes_the_outputs_is_refused(tmp_path, mo
         return out
 
     monkeypatch.setattr(version_converter, "convert_version", wrong)
-    nodes, consts, opset, _ = IMPORTER_CASES[1].values  # Upsample nearest, opset 9, scales 1.5 and 2.5
-    path = after_conv(tmp_path / "m.onnx", nodes, consts, opset)
-    with pytest.raises(tvm_sparseconv.ModelError, match="conversion of its Upsample ops .* changes the outputs"):
+    path = after_conv(tmp_path / "m.onnx", *_importer_case("Upsample-nearest-opset9"))  # scales 1.5 and 2.5
+    with pytest.raises(tvm_sparseconv.ModelError, match="Upsample, which TVM's importer cannot read right .* "
+                                                        "changes the outputs"):
         tvm_sparseconv.load_model(path)
+
+
+@pytest.mark.parametrize("name,refused", [("Resize-nearest-opset10-up", True), ("ImageScaler-opset8", True),
+                                          ("BatchNormalization-spatial-opset7", False)])
+def test_a_failed_conversion_refuses_only_forms_tvm_cannot_read(tmp_path, monkeypatch, name, refused):
+    """Where ONNX's converter fails, a model holding a form TVM's importer cannot read right is
+    refused, and any other is imported in its own opset, still right."""
+    from onnx import version_converter
+
+    def fails(model, opset):
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(version_converter, "convert_version", fails)
+    path = after_conv(tmp_path / "m.onnx", *_importer_case(name))
+    if refused:
+        with pytest.raises(tvm_sparseconv.ModelError, match="cannot read right .* fails \\(no adapter\\)"):
+            tvm_sparseconv.load_model(path)
+        return
+    x = (np.random.default_rng(0).standard_normal(SHAPE) * 2).astype(F32)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"in": x})[0]
+    model = tvm_sparseconv.load_model(path)
+    assert onnx.load(model.onnx_path).opset_import[0].version == 7
+    vm = relax.VirtualMachine(tvm_sparseconv.compile(model, algorithm="hybrid"), tvm.cpu())
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ref, rtol=1e-5, atol=1e-5)

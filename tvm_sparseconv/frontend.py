@@ -19,6 +19,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from . import old_opsets
 from .cache import cache_dir
 
 class ModelError(ValueError):
@@ -59,51 +60,12 @@ def guess_layout(shape: Sequence[int]) -> str:
     return "NCHW"
 
 
-_STATIC_FORMAT = 2  # in the cache key of static_onnx's files: a change to what it writes makes new ones
-
-
-def upsamples_as_resizes(model, path: str, input_name: str, shape: Sequence[int]):
-    """``model`` (ONNX, input shape fixed) with its Upsample nodes (opsets 7 to 9) as Resize:
-    converted to opset 13 by ONNX's version converter, each former Upsample given Upsample's
-    coordinates (asymmetric; nearest: floor), which the converter leaves at Resize's defaults.
-    TVM's importer cannot read opset 9's Upsample (scales as an input) and reads opset 7's with
-    another rounding of nearest (a YOLO-like net's upsampled output 1.6 % off). The conversion is
-    checked: onnxruntime must give both the same outputs for a random input, else ModelError."""
-    import onnxruntime as ort
-    from onnx import helper, version_converter
-
-    upsampled = {n.input[0] for n in model.graph.node if n.op_type == "Upsample"}  # the converter renames outputs
-    try:
-        converted = version_converter.convert_version(model, 13)
-    except Exception as e:
-        raise ModelError(f"{path}: its Upsample ops (opset {_opset(model)}) cannot be converted to Resize, which "
-                         f"TVM reads: {e}") from e
-    for n in converted.graph.node:
-        if n.op_type == "Resize" and n.input[0] in upsampled:
-            kept = [a for a in n.attribute if a.name not in ("coordinate_transformation_mode", "nearest_mode")]
-            del n.attribute[:]
-            n.attribute.extend([*kept, helper.make_attribute("coordinate_transformation_mode", "asymmetric"),
-                                helper.make_attribute("nearest_mode", "floor")])
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    try:
-        before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                         .run(None, {input_name: x}) for m in (model, converted))
-    except Exception as e:
-        raise ModelError(f"onnxruntime cannot run {path} or its opset 13 form: {e}") from e
-    for b, a in zip(before, after):
-        scale = max(float(np.abs(b).max()), 1e-30)
-        if b.shape != a.shape or not np.allclose(a, b, rtol=1e-5, atol=1e-5 * scale):
-            raise ModelError(f"{path}: ONNX's conversion of its Upsample ops (opset {_opset(model)}) to Resize "
-                             "changes the outputs, and TVM cannot read Upsample right; export it at opset 11 or later")
-    return converted
-
-
-def _opset(model) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+_STATIC_FORMAT = 3  # in the cache key of static_onnx's files: a change to what it writes makes new ones
 
 
 def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: str | None = None):
-    """Fix the input shape and fold constants; returns (static .onnx path, input name, shape).
+    """Fix the input shape, bring a model below opset 11 to opset 13 (old_opsets.as_opset13) and
+    fold constants; returns (static .onnx path, input name, shape).
 
     The static file goes to ``out_dir`` when given, else to ``cache_dir()/static-onnx`` under a
     name keyed by the source file (path, size, mtime), the shape and onnxruntime's version: a
@@ -135,8 +97,6 @@ def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: st
     for d, v in zip(dims, shape):
         d.ClearField("dim_param")
         d.dim_value = v
-    if any(n.op_type == "Upsample" for n in model.graph.node):
-        model = upsamples_as_resizes(model, path, inp.name, shape)
     stem = os.path.splitext(os.path.basename(path))[0]
     if out_dir is None:
         st = os.stat(path)
@@ -147,6 +107,11 @@ def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: st
             return out, inp.name, shape
     else:
         out = os.path.join(out_dir, stem + ".static.onnx")
+    if old_opsets.opset(model) < 11:
+        try:
+            model = old_opsets.as_opset13(model, inp.name, shape)
+        except old_opsets.ConversionError as e:
+            raise ModelError(f"{path}: {e}") from e
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
