@@ -6,6 +6,7 @@ from tvm import relax
 
 from tvm_sparseconv.passes import LayerChoice, RewriteConv2D
 from tvm_sparseconv.target import make_target
+from tvm_sparseconv.tune.metaschedule import import_tensor_intrinsics
 
 from test_relax_rewrite import reference, small_module
 
@@ -18,6 +19,7 @@ def test_tuning_a_module_keeps_the_kernels_as_written(tmp_path):
     mod, w1, w2, b1 = small_module()
     rewritten = RewriteConv2D({"conv000": LayerChoice("halo"), "conv001": LayerChoice("dense")})(mod)
     target = make_target(None)
+    import_tensor_intrinsics()  # as the tuner does: the pipeline's TuneContext imports them, slower
     with target:  # one trial: TVM's builder spends half a minute per batch importing its intrinsics
         tuned = relax.pipeline.static_shape_tuning_pipeline(total_trials=1, target=target,
                                                             work_dir=str(tmp_path))(rewritten)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import sys
 import tempfile
@@ -37,6 +38,18 @@ def stdout_to_stderr():
         os.close(saved)
 
 
+def import_tensor_intrinsics() -> None:
+    """Import tvm.s_tir.tensor_intrin, which MetaSchedule's TuneContext imports once per process,
+    in about 4 s rather than 25 (more in a process holding torch). Each of its ~500 TVMScript
+    functions calls inspect.stack(), and inspect.getmodule scans all of sys.modules for every
+    frame of a frozen module (importlib's, whose file names no path) as it finds none: their
+    names go into inspect's file cache first, where the scan would find nothing."""
+    for name, module in list(sys.modules.items()):
+        if getattr(getattr(module, "__spec__", None), "origin", None) == "frozen":
+            inspect.modulesbyfile.setdefault(inspect.getabsfile(module, f"<frozen {name}>"), name)
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
 def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, seed: int = 0,
                 runner="local", names: Iterable[str] | None = None):
     """Tune every tunable stage with ``trials`` trials in all; returns the database (or None).
@@ -53,6 +66,7 @@ def tune_stages(stages: Iterable[Stage], target, work_dir: str, trials: int, see
     if not funcs or trials <= 0:
         return None
     os.makedirs(work_dir, exist_ok=True)
+    import_tensor_intrinsics()
     export = None if runs_here(target) else functools.partial(_export_linked, str(target))
     with stdout_to_stderr():
         return ms.tune_tir(
