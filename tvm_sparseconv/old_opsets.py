@@ -25,7 +25,9 @@ import numpy as np
 
 
 class ConversionError(ValueError):
-    """The model holds a form TVM cannot read right, and ONNX's conversion of it fails."""
+    """onnxruntime cannot run the model, or it holds a form TVM cannot read right and ONNX's
+    conversion of it fails or changes its outputs."""
+
 
 TARGET = 13
 # ops whose form below opset 11 TVM's importer refuses or reads wrong
@@ -48,9 +50,9 @@ def as_opset13(model, input_name: str, shape: Sequence[int]):
 
     def keep_or_refuse(why: str):
         if unreadable:
-            raise ConversionError(f"opset {old} with {', '.join(unreadable)}, which TVM's importer cannot read "
-                             f"right in that opset, and ONNX's conversion to opset {TARGET} {why}; export the "
-                             "model at opset 11 or later")
+            raise ConversionError(f"opset {old} with {', '.join(unreadable)}, which TVM's importer cannot "
+                                  f"read right in that opset, and ONNX's conversion to opset {TARGET} {why}; "
+                                  "export the model at opset 11 or later")
         return model
 
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
