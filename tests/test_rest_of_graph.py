@@ -148,3 +148,24 @@ def test_a_failed_conversion_refuses_only_forms_tvm_cannot_read(tmp_path, monkey
     assert onnx.load(model.onnx_path).opset_import[0].version == 7
     vm = relax.VirtualMachine(tvm_sparseconv.compile(model, algorithm="hybrid"), tvm.cpu())
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_old_model_with_a_byte_input_is_converted_and_matches_onnxruntime(tmp_path):
+    """The conversion's check feeds the input's own type: an opset-9 model reading image bytes
+    (uint8 -> Cast -> conv + ReLU -> an attribute Slice, which TVM reads only converted)."""
+    from onnx import TensorProto
+
+    w = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(F32)
+    nodes = [N("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), N("Conv", ["xf", "w"], ["c"], pads=[1, 1, 1, 1]),
+             N("Relu", ["c"], ["r"]), N("Slice", ["r"], ["y"], starts=[1], ends=[7], axes=[2])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, list(SHAPE))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w")])
+    path = str(tmp_path / "bytes.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)], ir_version=8), path)
+    x = np.random.default_rng(0).integers(0, 256, SHAPE).astype(np.uint8)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    model = tvm_sparseconv.load_model(path)
+    vm = relax.VirtualMachine(tvm_sparseconv.compile(model, algorithm="hybrid"), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

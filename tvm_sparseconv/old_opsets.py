@@ -55,7 +55,7 @@ def as_opset13(model, input_name: str, shape: Sequence[int]):
                                   "export the model at opset 11 or later")
         return model
 
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    x = _random_input(model, input_name, shape)
 
     def run(m):
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -79,6 +79,19 @@ def as_opset13(model, input_name: str, shape: Sequence[int]):
         if b.shape != a.shape or not np.allclose(a, b, rtol=1e-5, atol=1e-5 * scale):
             return keep_or_refuse("changes the outputs")
     return converted
+
+
+def _random_input(model, input_name: str, shape: Sequence[int]) -> np.ndarray:
+    """A seeded random array for the graph input ``input_name``, in its element type (whole
+    numbers 0-255 for an integer input, such as an image's bytes)."""
+    from onnx import helper
+
+    inp = next(i for i in model.graph.input if i.name == input_name)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+    rng = np.random.default_rng(0)
+    if dtype.kind in "iub":
+        return rng.integers(0, 2 if dtype.kind == "b" else 256, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
 
 
 def _without_image_scalers(model):
