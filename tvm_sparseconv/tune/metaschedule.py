@@ -44,9 +44,10 @@ def import_tensor_intrinsics() -> None:
     functions calls inspect.stack(), and inspect.getmodule scans all of sys.modules for every
     frame of a frozen module (importlib's, whose file names no path) as it finds none: their
     names go into inspect's file cache first, where the scan would find nothing."""
-    for name, module in list(sys.modules.items()):
+    cache = getattr(inspect, "modulesbyfile", None)  # CPython's, not a documented name: used if there
+    for name, module in list(sys.modules.items()) if isinstance(cache, dict) else []:
         if getattr(getattr(module, "__spec__", None), "origin", None) == "frozen":
-            inspect.modulesbyfile.setdefault(inspect.getabsfile(module, f"<frozen {name}>"), name)
+            cache.setdefault(inspect.getabsfile(module, f"<frozen {name}>"), name)
     import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
