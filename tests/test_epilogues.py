@@ -256,7 +256,10 @@ def test_every_algorithm_on_the_block(inverted_onnx, algorithm):
         pytest.skip(f"{algorithm} computes none of the block's layers (groups 1)")
     y, want, ops, applied = _run_model(inverted_onnx, algorithm)
     assert set(applied.values()) == {algorithm}
-    assert not ops, ops
+    if algorithm == "direct":  # TVM's conv2d is left to Relax: its FuseOps takes each layer's epilogue in
+        assert len(ops) == len(applied) and all(n.startswith("fused_conv2d") for n in ops), ops
+    else:
+        assert not ops, ops
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
