@@ -65,11 +65,10 @@ def as_opset13(model, input_name: str, shape: Sequence[int]):
         before = run(model)
     except Exception as e:
         raise ConversionError(f"onnxruntime cannot run it: {e}") from e
-    resampled = {n.input[0]: n for n in model.graph.node if n.op_type in ("Upsample", "Resize")}
     try:
         converted = version_converter.convert_version(_without_image_scalers(model), TARGET)
-        for n in converted.graph.node:  # the converter renames outputs, not the inputs it reads
-            if n.op_type == "Resize" and n.input[0] in resampled:
+        for n in converted.graph.node:  # below opset 11, every Resize was an Upsample or a Resize-10
+            if n.op_type == "Resize":
                 _asymmetric(n, _scales(converted, n))
         after = run(converted)
     except Exception as e:

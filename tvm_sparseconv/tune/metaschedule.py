@@ -40,14 +40,15 @@ def stdout_to_stderr():
 
 def import_tensor_intrinsics() -> None:
     """Import tvm.s_tir.tensor_intrin, which MetaSchedule's TuneContext imports once per process,
-    in about 4 s rather than 25 (more in a process holding torch). Each of its ~500 TVMScript
-    functions calls inspect.stack(), and inspect.getmodule scans all of sys.modules for every
-    frame of a frozen module (importlib's, whose file names no path) as it finds none: their
-    names go into inspect's file cache first, where the scan would find nothing."""
+    in 4-7 s rather than 25-34. Each of its ~500 TVMScript functions calls inspect.stack(), and
+    inspect.getmodule scans all of sys.modules for every frame of a frozen module (importlib's,
+    whose file names no path) as it finds none: their names go into inspect's file cache first,
+    where the scan would find nothing."""
     cache = getattr(inspect, "modulesbyfile", None)  # CPython's, not a documented name: used if there
-    for name, module in list(sys.modules.items()) if isinstance(cache, dict) else []:
-        if getattr(getattr(module, "__spec__", None), "origin", None) == "frozen":
-            cache.setdefault(inspect.getabsfile(module, f"<frozen {name}>"), name)
+    if isinstance(cache, dict):
+        for name, module in list(sys.modules.items()):
+            if getattr(getattr(module, "__spec__", None), "origin", None) == "frozen":
+                cache.setdefault(inspect.getabsfile(module, f"<frozen {name}>"), name)
     import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
