@@ -54,8 +54,8 @@ REFUSED = {"Resize-linear-half-pixel-down": "does not give a whole size",
            "Resize-linear-antialias-down": "with antialias", "Resize-linear-keep-aspect": "keep_aspect_ratio_policy",
            "Resize-linear-tf-crop": "tf_crop_and_resize"}
 # one case per kind of op runs in the fast tier, the variants in the extended run
-FAST = {"Sigmoid", "Softmax-axis1", "Slice-attr-opset9", "Concat-channels", "BatchNormalization", "MaxPool-pad1", "AveragePool-ceil",
-        "GlobalAveragePool", "Resize-linear-half-pixel", "Resize-linear-half-pixel-down",
+FAST = {"Sigmoid", "Softmax-axis1", "Slice-attr-opset9", "Concat-channels", "BatchNormalization", "MaxPool-pad1",
+        "AveragePool-ceil", "GlobalAveragePool", "Resize-linear-half-pixel", "Resize-linear-half-pixel-down",
         "Resize-nearest-sizes-opset11", "Resize-linear-axes-opset18", *(c.id for c in IMPORTER_CASES)}
 
 
