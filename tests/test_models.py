@@ -349,6 +349,29 @@ def test_wrong_input_shape_and_bad_images(tmp_path):
         load_inputs(m, images=[str(tmp_path / "missing.jpg")])
 
 
+def test_free_image_dims_need_the_input_shape(tmp_path):
+    """A free batch is 1; a free height or width has no default (at 1 the model would compile
+    for 1 x 1 images): a ModelError until the shape is given, then the model matches
+    onnxruntime at it."""
+    from onnx import helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                               helper.make_node("Relu", ["c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    path = str(tmp_path / "free.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    with pytest.raises(ModelError, match=r"declared \('\?', 3, '\?', '\?'\).*give the input shape"):
+        load_model(path)
+    x = np.random.default_rng(1).standard_normal((1, 3, 7, 5)).astype(np.float32)
+    m = load_model(path, input_shape=x.shape)
+    got = relax.VirtualMachine(tvms_compile(m, algorithm="hybrid"), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_the_python_api_example_runs_as_a_script(tmp_path):
     """examples/python_api.py (the README's Python API, on ResNet-50-half) run as a user runs it:
     profile and compile build in worker processes that import the script again, so it needs its

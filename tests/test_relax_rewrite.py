@@ -14,12 +14,15 @@ from tvm_sparseconv.passes import LayerChoice, RewriteConv2D, applied_layers
 from tvm_sparseconv.reference import dense_conv2d
 
 
-def small_module(groups=1, data_layout="NCHW", relu=True, bias=True, seed=0):
+def small_module(groups=1, data_layout="NCHW", relu=True, bias=True, seed=0, non_finite=False):
     """x -> conv(3x3, pad 1) [+ bias] [-> relu] -> conv(1x1, groups) -> relu; the weights from
-    ``seed`` (the same module whatever ran before). test_bench and test_schedules use it too."""
+    ``seed`` (the same module whatever ran before), with ``non_finite`` an Inf and a NaN in the
+    second. test_bench and test_schedules use it too."""
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((8, 4, 3, 3)).astype("float32")
     w2 = rng.standard_normal((8, 8 // groups, 1, 1)).astype("float32")
+    if non_finite:
+        w2[1, 2, 0, 0], w2[3, 5, 0, 0] = np.inf, np.nan
     b1 = rng.standard_normal((1, 8, 1, 1)).astype("float32")
     bb = relax.BlockBuilder()
     shape = (1, 4, 9, 9) if data_layout == "NCHW" else (1, 9, 9, 4)
@@ -86,6 +89,30 @@ def test_grouped_conv_falls_back_to_direct_or_errors_when_strict():
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(UnsupportedConvError, match="conv001.*groups=2"):
         RewriteConv2D({"conv001": LayerChoice("cpo")}, strict=True).select(mod["main"])
+
+
+def test_a_layer_whose_weights_hold_nan_or_inf_runs_on_tvms_conv2d():
+    """0 x Inf and 0 x NaN are NaN: the sparse kernels skip zero inputs and dense skips padded
+    taps, so such a layer falls back to TVM's conv2d (the other layer keeps its algorithm). Its
+    convolution is the float64 reference's, NaN and Inf where it has them (the Inf weight gives
+    NaN where it meets a zero of the ReLU before, Inf elsewhere); the ReLU after it is then
+    TVM's, which maps NaN to 0 (LLVM's maxnum), as TVM's ReLU does anywhere in a model."""
+    mod, w1, w2, b1 = small_module(non_finite=True)
+    x = np.maximum(np.random.default_rng(4).standard_normal((1, 4, 9, 9)), 0).astype("float32")
+    s1 = Conv2DSpec.from_shapes(x.shape, w1.shape, padding=1)
+    h = dense_conv2d(s1, x, w1, b1.reshape(-1), relu=True)
+    conv = dense_conv2d(Conv2DSpec.from_shapes(h.shape, w2.shape), h, w2)
+    assert np.isnan(conv[0, 1]).any() and np.isposinf(conv[0, 1]).any() and np.isnan(conv[0, 3]).all()
+    want = np.where(np.isnan(conv), 0, np.maximum(conv, 0))
+    rw = RewriteConv2D({"conv000": LayerChoice("hybrid"), "conv001": LayerChoice("hybrid")})
+    assert applied_layers(rw(mod), find_conv_sites(mod["main"])) == {"conv000": "hybrid", "conv001": "direct"}
+    with pytest.raises(UnsupportedConvError, match="conv001: the weight holds NaN or Inf"):
+        RewriteConv2D({"conv001": LayerChoice("hybrid")}, strict=True).select(mod["main"])
+    for algorithm in (None, "pixcsr", "dense"):  # None: the predicted plan
+        y = run(tvms_compile(mod, algorithm=algorithm), x)
+        np.testing.assert_array_equal(np.isposinf(y), np.isposinf(want))
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(y[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
 def test_nhwc_conv_is_rewritten_through_layout_transposes():

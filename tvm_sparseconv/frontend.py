@@ -2,7 +2,8 @@
 
 ONNX graphs with dynamic dims (e.g. a free batch size that feeds Shape -> Reshape, which
 TVM's importer rejects) are made static first: the input shape is fixed (the user's, or
-the file's with free dims set to 1) and onnxruntime's basic graph optimisation folds the
+the file's with a free batch set to 1; other free dims need the
+user's) and onnxruntime's basic graph optimisation folds the
 constants. Weights become Relax constants and constant expressions are folded, so each
 conv's bias is a plain constant the rewrite pass can fuse.
 """
@@ -87,6 +88,12 @@ def static_onnx(path: str, input_shape: Sequence[int] | None = None, out_dir: st
     dims = inp.type.tensor_type.shape.dim
     declared = [d.dim_value if d.dim_value > 0 else None for d in dims]
     if input_shape is None:
+        # a free batch is 1; any other free dim (an image's height or width) has no default:
+        # at 1 the model would compile for 1 x 1 images and refuse every real one
+        free = [i for i, d in enumerate(declared) if d is None and i > 0]
+        if free:
+            raise ModelError(f"{path}: input {inp.name!r} is declared {tuple(d or '?' for d in declared)}, with free "
+                             f"dims besides the batch: give the input shape (--input-shape, input_shape=)")
         shape = tuple(v or 1 for v in declared)
     else:
         shape = tuple(int(v) for v in input_shape)

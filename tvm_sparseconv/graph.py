@@ -203,6 +203,10 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
         weight = np.ascontiguousarray(weight.transpose(t) if t else weight)
     if why is None and weight is None:
         why = "the weight is not a constant"
+    if why is None and not np.isfinite(weight).all():
+        # 0 x Inf and 0 x NaN are NaN: a kernel that skips zero inputs or padded taps would not
+        # give them, TVM's conv2d (explicit padding, every product) gives what onnxruntime does
+        why = "the weight holds NaN or Inf"
     if why is None and (x.ty.dtype != "float32" or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))):
         why = f"dtype {x.ty.dtype} (the kernels are float32)"
     root, absorbed, bias, relu, clip, gate, slope = var, [], None, False, None, None, None
