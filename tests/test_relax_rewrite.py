@@ -115,6 +115,29 @@ def test_a_layer_whose_weights_hold_nan_or_inf_runs_on_tvms_conv2d():
         np.testing.assert_allclose(y[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
+def test_a_plan_made_for_another_cpu_is_applied_with_a_warning():
+    """A plan records the CPU it was made for; on another (name, ISA, vector width or cores)
+    it computes the same, and compile says whose knobs they are."""
+    import warnings
+
+    from tvm_sparseconv.cpu import cpu_of
+    from tvm_sparseconv.plan import Plan
+
+    mod, w1, w2, b1 = small_module()
+    x = np.maximum(np.random.default_rng(5).standard_normal((1, 4, 9, 9)), 0).astype("float32")
+    target = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+    plan = Plan.uniform(find_conv_sites(mod["main"]), "hybrid")
+    for made_for, warned in (("skylake-avx512", True), ("haswell", False), (None, False)):
+        plan.cpu = made_for and cpu_of({**target, "mcpu": made_for}).to_dict()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ex = tvms_compile(mod, plan=plan, target=target)
+        said = [str(w.message) for w in seen if "the plan was made for" in str(w.message)]
+        assert len(said) == warned, said
+        assert not warned or "made for skylake-avx512 (avx512, 16 lanes, 2 cores), the target is haswell" in said[0]
+        np.testing.assert_allclose(run(ex, x), reference(x, w1, w2, b1), rtol=1e-4, atol=1e-4)
+
+
 def test_nhwc_conv_is_rewritten_through_layout_transposes():
     mod, w1, w2, b1 = small_module(data_layout="NHWC")
     x = np.maximum(np.random.default_rng(3).standard_normal((1, 9, 9, 4)), 0).astype("float32")

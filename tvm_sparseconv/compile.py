@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
+from .cpu import cpu_of
 from .frontend import Model
 from .graph import find_conv_sites
 from .passes import RewriteConv2D, applied_layers, fast_math, layout_transforms, separable_resize
@@ -54,13 +56,13 @@ def resolve_plan(model: Model, plan=None, algorithm: str | None = None, target=N
 def _resolve(sites, plan, algorithm, target, model_info=None) -> Plan:
     if plan is not None and algorithm is not None:
         raise ValueError("give a plan or an algorithm, not both")
-    if isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, dict):
-        return Plan.from_dict(plan)
-    if plan is not None:
-        return Plan.load(str(plan))
-    return Plan.uniform(sites, algorithm or "direct", target, model_info)
+    if plan is None:
+        return Plan.uniform(sites, algorithm or "direct", target, model_info)
+    plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(str(plan))
+    why = plan.other_cpu(cpu_of(target))
+    if why:
+        warnings.warn(why)
+    return plan
 
 
 def _lowering(plan: Plan, sites, target, database) -> tvm.transform.Pass:

@@ -120,6 +120,19 @@ class Plan:
             model["input_shape"] = [batch, *model["input_shape"][1:]]
         return Plan(layers, self.target, model, self.cpu)
 
+    def other_cpu(self, cpu) -> str | None:
+        """Why the plan was not made for ``cpu`` (cpu.CPU): it records another CPU name, ISA,
+        vector width or core count; None when it records none. Its knobs and layouts compute
+        the same on any CPU, but they were chosen for that one (a Zen 4 plan's 16-lane channel
+        blocks with AVX2 code ran ResNet-50-half at 0.57x the all-dense build)."""
+        made = self.cpu or {}
+        keys = ("name", "isa", "lanes", "cores")
+        if not made or all(made.get(k) == getattr(cpu, k) for k in keys):
+            return None
+        return (f"the plan was made for {made.get('name')} ({made.get('isa')}, {made.get('lanes')} lanes, "
+                f"{made.get('cores')} cores), the target is {cpu}: its knobs and layouts were chosen for that "
+                f"CPU (tvm-sparseconv tune makes a plan for this one; no plan: the cost model's)")
+
     def layouts(self) -> dict[str, tuple[str, str]]:
         """{layer key: (layout of its input, of its output and residual)} as the knobs say;
         ("nchw", "nchw") for a layer without layout knobs."""
