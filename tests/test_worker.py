@@ -306,6 +306,20 @@ def test_compile_command_writes_a_library_that_runs_alone(tmp_path, capsys):
     ref = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
+    # `run` on a library cut short (dlopen would die of SIGBUS), on a file that is no library,
+    # and on the library with its sidecar corrupt: clear errors
+    bad = tmp_path / "bad" / "model.so"
+    bad.parent.mkdir()
+    whole = lib.read_bytes()
+    for content, said in ((whole[:4096], "is cut short (its headers reach byte"), (whole[:-1], "is cut short"),
+                          (b"not a library", "is not a library this TVM can run: ")):
+        bad.write_bytes(content)
+        code, err = run_main(["run", str(bad), "--inputs", str(tmp_path / "x.npy")], capsys)
+        assert code == 2 and err[-1].startswith(f"tvm-sparseconv: error: {bad} {said}"), err[-3:]
+    (tmp_path / "out" / "model.so.json").write_text("{not json")
+    code, err = run_main(["run", str(lib), "--inputs", str(tmp_path / "x.npy")], capsys)
+    assert code == 2 and err[-1].startswith(f"tvm-sparseconv: error: {lib}.json is not a tvm-sparseconv model description")
+
 
 def meet_then_compile(rendezvous: str, model, plan, target, database, path, cc=None):
     """compile._compile_to that first waits (up to 2 minutes) until the other build has started

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 
 import numpy as np
 import tvm
@@ -58,17 +59,47 @@ class LoadedModel:
         return float(np.median(fe(tvm.runtime.tensor(np.ascontiguousarray(x, np.float32))).results)) * 1e3
 
 
+def elf_cut_short(path: str) -> str | None:
+    """Why the ELF file at ``path`` is shorter than its own headers say (a copy or download cut
+    short), else None; None for a file that is not a 64-bit little-endian ELF (dlopen then says
+    what it is). The dynamic loader maps a truncated library's segments past the end of the file
+    and the process dies of SIGBUS on the first read, so this is checked before it is loaded."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:6] != b"\x7fELF\x02\x01":  # ELF, 64-bit, little endian
+            return None
+        phoff, shoff = struct.unpack_from("<QQ", head, 32)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 54)
+        ends = [phoff + phentsize * phnum, shoff + shentsize * shnum]
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(len(table) // phentsize if phentsize >= 56 else 0):
+            offset, filesz = struct.unpack_from("<Q16xQ", table, i * phentsize + 8)  # p_offset, p_filesz
+            ends.append(offset + filesz)
+    end = max(ends)
+    return f"its headers reach byte {end}, the file has {size}" if end > size else None
+
+
 def load(path: str) -> LoadedModel:
     """Load an exported library (and its sidecar, when there is one)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"library not found: {path}")
-    lib = tvm.runtime.load_module(path)
-    vm = relax.VirtualMachine(lib, tvm.cpu())
+    short = elf_cut_short(path)
+    if short:
+        raise ValueError(f"{path} is cut short ({short}): compile or copy it again")
+    try:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    except (RuntimeError, AttributeError) as e:  # TVM's: a truncated file, another architecture, no Relax VM
+        raise ValueError(f"{path} is not a library this TVM can run: {str(e).strip().splitlines()[-1]}") from e
     meta = {}
     if os.path.isfile(sidecar_path(path)):
         with open(sidecar_path(path)) as f:
-            meta = json.load(f)
-        if meta.get("format") != SIDECAR_FORMAT:
+            try:
+                meta = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{sidecar_path(path)} is not a tvm-sparseconv model description ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
             raise ValueError(f"{sidecar_path(path)} is not a tvm-sparseconv model description")
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()}) \
         if meta.get("preprocess") else None
