@@ -190,6 +190,15 @@ def test_tvm_compile_for_a_target_without_mcpu():
         np.testing.assert_allclose(y, reference(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_target_that_is_not_json_and_a_negative_thread_count_are_clear_errors():
+    from tvm_sparseconv.target import set_num_threads
+
+    with pytest.raises(ValueError, match=r"the target '\{\"kind\": llvm\}' is not valid JSON"):
+        make_target('{"kind": llvm}')
+    with pytest.raises(ValueError, match="threads must be a count of threads .0: all cores., got -3"):
+        set_num_threads(-3)
+
+
 def test_a_foreign_triple_gets_no_host_cpu():
     foreign = "aarch64-linux-gnu" if platform.machine() != "aarch64" else "x86_64-linux-gnu"
     for form in ({"kind": "llvm", "mtriple": foreign}, tvm.target.Target({"kind": "llvm", "mtriple": foreign})):

@@ -48,11 +48,20 @@ def make_target(target=None) -> tvm.target.Target:
     return tvm.target.Target(target)
 
 
+def target_json(text: str) -> dict:
+    """The dict target a JSON string gives; a ValueError that shows the string when it is not
+    JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the target {text!r} is not valid JSON ({e})") from e
+
+
 def _as_dict(target) -> dict:
     """A dict, JSON string, kind or Target as a new dict; a Target's without the features TVM
     derived from its mcpu (another mcpu derives its own)."""
     if isinstance(target, str):
-        target = json.loads(target) if target.strip().startswith("{") else tvm.target.Target(target)
+        target = target_json(target) if target.strip().startswith("{") else tvm.target.Target(target)
     if isinstance(target, tvm.target.Target):  # TVM 0.27 prints a target as its JSON
         return {k: v for k, v in json.loads(str(target)).items() if not k.startswith("feature.")}
     return dict(target)
@@ -149,7 +158,9 @@ def target_key(target) -> str:
 
 
 def set_num_threads(n: int | None) -> int:
-    """Use ``n`` threads in TVM's pool (None: all cores). TVM defaults to half the vCPUs on x86."""
+    """Use ``n`` threads in TVM's pool (None or 0: all cores). TVM defaults to half the vCPUs on x86."""
+    if n is not None and (isinstance(n, bool) or int(n) < 0):
+        raise ValueError(f"threads must be a count of threads (0: all cores), got {n!r}")
     n = int(n or os.cpu_count() or 1)
     os.environ["TVM_NUM_THREADS"] = str(n)
     # the pool is created lazily; once it exists it can only be re-sized by config_threadpool

@@ -470,7 +470,7 @@ COMMANDS = {"layer": cmd_layer, "profile": cmd_profile, "compile": cmd_compile, 
 
 def run(args, argv: list[str]) -> int:
     """Ready ``args`` (parsed from ``argv``) and run its command."""
-    from ..target import default_target, set_num_threads
+    from ..target import default_target, set_num_threads, target_json
 
     args.argv = list(argv)
     args.threads = set_num_threads(getattr(args, "threads", 0))
@@ -478,7 +478,7 @@ def run(args, argv: list[str]) -> int:
         # no --target: TVMS_TARGET when it is set (make_target's default), else this CPU
         given = args.target or os.environ.get("TVMS_TARGET", "").strip() or None
         args.target_str = given or json.dumps(default_target())
-        args.target = json.loads(given) if given and given.strip().startswith("{") else (given or default_target())
+        args.target = target_json(given) if given and given.strip().startswith("{") else (given or default_target())
     for k in ("stride", "dilation"):
         if hasattr(args, k):
             setattr(args, k, ints(getattr(args, k), 2))
