@@ -318,7 +318,8 @@ def test_compile_command_writes_a_library_that_runs_alone(tmp_path, capsys):
         assert code == 2 and err[-1].startswith(f"tvm-sparseconv: error: {bad} {said}"), err[-3:]
     (tmp_path / "out" / "model.so.json").write_text("{not json")
     code, err = run_main(["run", str(lib), "--inputs", str(tmp_path / "x.npy")], capsys)
-    assert code == 2 and err[-1].startswith(f"tvm-sparseconv: error: {lib}.json is not a tvm-sparseconv model description")
+    assert code == 2 and err[-1].startswith(f"tvm-sparseconv: error: {lib}.json is not a tvm-sparseconv model "
+                                            "description")
 
 
 def meet_then_compile(rendezvous: str, model, plan, target, database, path, cc=None):

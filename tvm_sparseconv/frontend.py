@@ -235,7 +235,9 @@ def fold(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def load_model(model, input_shape: Sequence[int] | None = None, layout: str | None = None) -> Model:
-    """An ONNX path, a torch ExportedProgram or a Relax IRModule -> :class:`Model`."""
+    """An ONNX path or ModelProto, a torch ExportedProgram or a Relax IRModule -> :class:`Model`."""
+    if type(model).__name__ == "ModelProto":  # onnx's, in memory: read as the file it would be
+        return load_model(_proto_file(model), input_shape, layout)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.exists(path):
@@ -267,8 +269,27 @@ def load_model(model, input_shape: Sequence[int] | None = None, layout: str | No
         except Exception as e:
             raise ModelError(f"TVM cannot import the torch.export program: {e}") from e
         return _from_relax(mod, "<torch.export>", layout)
-    raise ModelError(f"cannot load a model from {type(model).__name__}: give an .onnx path, a torch "
+    raise ModelError(f"cannot load a model from {type(model).__name__}: give an .onnx path or ModelProto, a torch "
                      "ExportedProgram or a Relax IRModule")
+
+
+def _proto_file(proto) -> str:
+    """An in-memory ONNX model saved under ``cache_dir()/onnx-proto``, named by the digest of its
+    bytes (a model loaded again is not written again)."""
+    data = proto.SerializeToString()
+    out_dir = cache_dir() / "onnx-proto"
+    path = out_dir / f"{hashlib.sha256(data).hexdigest()[:16]}.onnx"
+    if not path.is_file():
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, partial = tempfile.mkstemp(suffix=".onnx", dir=out_dir)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(partial, path)
+        except OSError as e:
+            raise ModelError(f"cannot write the ONNX model into {out_dir} ({e}); set XDG_CACHE_HOME to a writable "
+                             "directory") from e
+    return str(path)
 
 
 def _adaptive_max_pool2d(node, importer) -> relax.Expr:
