@@ -2,10 +2,9 @@
 
 ONNX graphs with dynamic dims (e.g. a free batch size that feeds Shape -> Reshape, which
 TVM's importer rejects) are made static first: the input shape is fixed (the user's, or
-the file's with a free batch set to 1; other free dims need the
-user's) and onnxruntime's basic graph optimisation folds the
-constants. Weights become Relax constants and constant expressions are folded, so each
-conv's bias is a plain constant the rewrite pass can fuse.
+the file's with a free batch set to 1; other free dims need the user's) and onnxruntime's
+basic graph optimisation folds the constants. Weights become Relax constants and constant
+expressions are folded, so each conv's bias is a plain constant the rewrite pass can fuse.
 """
 from __future__ import annotations
 

@@ -205,7 +205,7 @@ def _site(index, var, call, bindings, uses, consumer) -> ConvSite:
         why = "the weight is not a constant"
     if why is None and not np.isfinite(weight).all():
         # 0 x Inf and 0 x NaN are NaN: a kernel that skips zero inputs or padded taps would not
-        # give them, TVM's conv2d (explicit padding, every product) gives what onnxruntime does
+        # give them; TVM's conv2d (explicit padding, every product) gives the float64 reference's
         why = "the weight holds NaN or Inf"
     if why is None and (x.ty.dtype != "float32" or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))):
         why = f"dtype {x.ty.dtype} (the kernels are float32)"
