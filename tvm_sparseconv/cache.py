@@ -33,6 +33,17 @@ _FORMAT = 1
 DEFAULT_CAP_MB = 1024
 
 
+def write_atomically(path: str, write, binary: bool = False) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, then rename it to ``path``: a kill
+    leaves the old file or the new one, never a part (at worst a stray temp file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb" if binary else "w") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/tvm_sparseconv`` (``~/.cache/tvm_sparseconv`` when it is unset)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 
 from . import old_opsets
-from .cache import cache_dir
+from .cache import cache_dir, write_atomically
 
 class ModelError(ValueError):
     """The model file is missing, corrupt, or cannot be imported."""
@@ -281,10 +281,7 @@ def _proto_file(proto) -> str:
     if not path.is_file():
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            fd, partial = tempfile.mkstemp(suffix=".onnx", dir=out_dir)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(partial, path)
+            write_atomically(str(path), lambda f: f.write(data), binary=True)
         except OSError as e:
             raise ModelError(f"cannot write the ONNX model into {out_dir} ({e}); set XDG_CACHE_HOME to a writable "
                              "directory") from e

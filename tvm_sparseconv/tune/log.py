@@ -12,7 +12,7 @@ or Ctrl-C loses at most the measurement under way; ``--resume`` reads the log ba
 repeats nothing it holds (a last line cut short by a kill is dropped, with a warning). A log
 of another format, model, target or cache is refused.
 
-The other files of a run folder are written whole or not at all (``write_atomically``), and
+The other files of a run folder are written whole or not at all (``cache.write_atomically``), and
 the JSON-lines files that others append to (MetaSchedule's database) are mended the same way
 on resume (``drop_torn_tail``).
 """
@@ -22,6 +22,8 @@ import json
 import os
 
 import numpy as np
+
+from ..cache import write_atomically
 
 LOG_FORMAT = "tvm-sparseconv-tuning-log"
 LOG_VERSION = 1
@@ -33,17 +35,6 @@ class TuningLogError(ValueError):
 
 def knob_key(knobs: dict) -> str:
     return json.dumps(knobs, sort_keys=True)
-
-
-def write_atomically(path: str, write, binary: bool = False) -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, then rename it to ``path``: a kill
-    leaves the old file or the new one, never a part (at worst a stray temp file)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb" if binary else "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def drop_torn_tail(path: str, warn=lambda s: None) -> None:

@@ -61,13 +61,13 @@ import tvm
 
 from ..algorithms import get_algorithm
 from ..algorithms.dense import DENSE_SPLITS
+from ..cache import write_atomically
 from ..compile import Build, build_many
 from ..frontend import Model
 from ..measure import Progress, time_calls
 from ..plan import Plan
 from ..target import make_target
 from ..worker import CandidateCrash
-from .log import write_atomically
 
 LAPS = 3  # interleaved rounds of per-layer times
 FORMAT = 3  # of refine.json's units: a file of another format is refined afresh

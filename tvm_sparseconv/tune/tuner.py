@@ -46,6 +46,7 @@ import numpy as np
 from .. import interrupt
 from ..algorithms import ALGORITHMS, DENSE, METASCHEDULE, dense_fallback, get_algorithm
 from ..build import CACHE_MODES
+from ..cache import write_atomically
 from ..cpu import cpu_of
 from ..frontend import Model
 from ..layout import NCHW
@@ -58,7 +59,7 @@ from ..worker import Cached, CandidateCrash, shared_worker
 from .jobs import measure_candidate, measure_transform, time_in_rounds
 from .cost_model import Candidate, CostModelError, Density, RefitModel, load_cost_model
 from .layouts import TRANSFORM, assign, assignment_cost, blocked_notes, fastest_per_pair, finite, layout_options
-from .log import TuningLog, knob_key, write_atomically
+from .log import TuningLog, knob_key
 from .predict import model_plan
 from .space import (EXPLORE, KNOB_TRIALS, MARGIN, TOP_K, candidates, choose, contenders, dense_alternative, in_nchw,
                     supports)
@@ -120,7 +121,7 @@ class Tuner:
             self.cfg = replace(self.cfg, cache="cold")
             log("RPC: candidates are timed cold (inputs cannot be refreshed on a remote server)")
         os.makedirs(run_dir, exist_ok=True)
-        for f in os.listdir(run_dir):  # a file a kill cut short while it was written (log.write_atomically)
+        for f in os.listdir(run_dir):  # a file a kill cut short while it was written (cache.write_atomically)
             if f.endswith(".tmp"):
                 os.remove(os.path.join(run_dir, f))
         self.db_dir = os.path.join(run_dir, "database")
