@@ -58,7 +58,10 @@ def _resolve(sites, plan, algorithm, target, model_info=None) -> Plan:
         raise ValueError("give a plan or an algorithm, not both")
     if plan is None:
         return Plan.uniform(sites, algorithm or "direct", target, model_info)
-    plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(str(plan))
+    if isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    elif not isinstance(plan, Plan):
+        plan = Plan.load(str(plan))
     why = plan.other_cpu(cpu_of(target))
     if why:
         warnings.warn(why)
